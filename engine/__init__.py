@@ -1,0 +1,1 @@
+"""tandem.engine: the one engine both worker kinds run."""

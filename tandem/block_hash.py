@@ -1,0 +1,36 @@
+"""The one block-hash function shared by engine, router and tests (DESIGN.md, "Block hashes").
+
+A block's hash is xxh3-64, with a fixed seed, over the parent block's hash (8 bytes, little endian;
+0 for the first block) followed by the block's token ids as little-endian u32. Chaining the parent
+makes a hash identify the whole prefix up to and including its block, so equal hashes mean equal
+prefixes. A partial last block is never hashed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import xxhash
+
+BLOCK_HASH_SEED = 0x7A6D_0001
+ROOT_PARENT_HASH = 0
+
+
+def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
+    """Hash of one full block chained to its parent's hash (None for the first block)."""
+    parent = ROOT_PARENT_HASH if parent_hash is None else parent_hash
+    payload = parent.to_bytes(8, "little") + np.asarray(token_ids, dtype="<u4").tobytes()
+    return xxhash.xxh3_64_intdigest(payload, seed=BLOCK_HASH_SEED)
+
+
+def hash_prompt_blocks(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """Chained hashes of every full block of `token_ids`, in order."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    hashes: list[int] = []
+    parent: int | None = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start:start + block_size])
+        hashes.append(parent)
+    return hashes
