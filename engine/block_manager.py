@@ -1,0 +1,169 @@
+"""Block manager: hands out KV-cache blocks, counts references and keeps a prefix cache.
+
+Ideas from nano-vllm's BlockManager and vLLM v1's KV cache manager:
+
+- Every block has a reference count. A block whose count drops to zero goes to the back of the free
+  queue; allocation takes from the front, so the queue is also the LRU eviction order.
+- A full block that has been computed is registered under its chained hash (tandem.block_hash).
+  When it is freed it keeps its hash and contents, so a later prompt with the same prefix can take it
+  back out of the free queue instead of recomputing it. Only when allocation reuses it for other
+  tokens is it evicted, and its hash forgotten.
+- A sequence frees its blocks last-first, so the tail of a prefix is evicted before its head: the
+  head is the part other prompts are most likely to share.
+- Every change to the set of cached hashes is published as a KV event (stored, removed, cleared)
+  with an increasing event id, to every subscriber.
+
+The manager does no I/O and knows nothing of sequences: callers hold block tables (lists of ids).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+from tandem.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
+logger = logging.getLogger(__name__)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hashes: list[int | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        # Blocks with no references, oldest first; an OrderedDict gives O(1) removal from the middle.
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.next_event_id = 0
+        self.subscribers: list[Callable[[KVEvent], None]] = []
+
+    # ---- queries -----------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be allocated now: never used, or cached with no references."""
+        return len(self.free_queue)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+    def match_prefix(self, block_hashes: list[int]) -> list[int]:
+        """Block ids of the longest cached prefix of `block_hashes` (no references taken)."""
+        if not self.enable_prefix_caching:
+            return []
+        matched = []
+        for block_hash in block_hashes:
+            block_id = self.hash_to_block.get(block_hash)
+            if block_id is None:
+                break
+            matched.append(block_id)
+        return matched
+
+    def cached_hashes(self) -> list[int]:
+        """Every hash in the prefix cache, for a snapshot of this worker's cache."""
+        return list(self.hash_to_block)
+
+    # ---- allocation --------------------------------------------------------------------------
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= len(self.free_queue)
+
+    def acquire(self, block_ids: list[int]) -> None:
+        """Take a reference on blocks found by match_prefix (they may be sitting in the free queue)."""
+        for block_id in block_ids:
+            if self.ref_counts[block_id] == 0:
+                del self.free_queue[block_id]
+            self.ref_counts[block_id] += 1
+
+    def allocate(self, num_blocks: int) -> list[int]:
+        """Fresh blocks with one reference each, evicting cached free blocks in LRU order."""
+        if num_blocks > len(self.free_queue):
+            raise RuntimeError(f"asked for {num_blocks} blocks, {len(self.free_queue)} free")
+        allocated = []
+        evicted = []
+        for _ in range(num_blocks):
+            block_id, _ = self.free_queue.popitem(last=False)
+            old_hash = self.block_hashes[block_id]
+            if old_hash is not None:
+                del self.hash_to_block[old_hash]
+                self.block_hashes[block_id] = None
+                evicted.append(old_hash)
+            self.ref_counts[block_id] = 1
+            allocated.append(block_id)
+        if evicted:
+            self._publish(lambda event_id: BlockRemoved(event_id, tuple(evicted)))
+        return allocated
+
+    def free(self, block_ids: list[int]) -> None:
+        """Drop one reference on each block, last block first (see the module docstring)."""
+        for block_id in reversed(block_ids):
+            assert self.ref_counts[block_id] > 0, f"block {block_id} freed twice"
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self.free_queue[block_id] = None
+
+    # ---- prefix cache ------------------------------------------------------------------------
+
+    def cache_blocks(self, block_ids: list[int], block_hashes: list[int],
+                     parent_hash: int | None) -> list[int]:
+        """Register computed full blocks under their chained hashes; returns the ids now cached.
+
+        `block_ids[i]` holds the block whose hash is `block_hashes[i]`, and `parent_hash` is the hash
+        of the block before the first one. A hash already cached under another block (two requests
+        computed the same prefix at once) keeps its first block; the duplicate stays uncached and is
+        simply freed later.
+        """
+        if not self.enable_prefix_caching or not block_ids:
+            return []
+        assert len(block_ids) == len(block_hashes)
+        cached = []
+        run: list[int] = []  # consecutive newly stored hashes, published as one chained event
+        run_parent = parent_hash
+        for block_id, block_hash in zip(block_ids, block_hashes):
+            if block_hash in self.hash_to_block or self.block_hashes[block_id] is not None:
+                self._publish_stored(run_parent, run)
+                run, run_parent = [], block_hash
+                continue
+            self.hash_to_block[block_hash] = block_id
+            self.block_hashes[block_id] = block_hash
+            cached.append(block_id)
+            run.append(block_hash)
+        self._publish_stored(run_parent, run)
+        return cached
+
+    def _publish_stored(self, parent_hash: int | None, block_hashes: list[int]) -> None:
+        if block_hashes:
+            stored = tuple(block_hashes)
+            self._publish(lambda event_id: BlockStored(event_id, parent_hash, stored))
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash; only possible while no block is referenced."""
+        if self.num_used_blocks:
+            return False
+        self.hash_to_block.clear()
+        self.block_hashes = [None] * self.num_blocks
+        self._publish(AllBlocksCleared)
+        return True
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[KVEvent], None]) -> None:
+        self.subscribers.append(callback)
+
+    def _publish(self, make_event: Callable[[int], KVEvent]) -> None:
+        event = make_event(self.next_event_id)
+        self.next_event_id += 1
+        for callback in self.subscribers:
+            callback(event)

@@ -1,0 +1,172 @@
+"""The engine: requests in, token ids out, one `step()` at a time.
+
+A step is schedule, run, postprocess. The engine works in token ids only; turning them into text and
+matching stop strings is the output processor's job (engine/output_processor.py), which calls
+`finish_request` when a stop string appears. That keeps detokenization out of the worker processes
+in disaggregated serving, where the frontend does it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tandem.engine.block_manager import BlockManager
+from tandem.engine.config import EngineConfig
+from tandem.engine.loader import build_model
+from tandem.engine.model_config import ModelConfig, load_model_config
+from tandem.engine.model_runner import ModelRunner, bytes_per_block
+from tandem.engine.presets import is_random_spec, preset_config
+from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.scheduler import Scheduler, SchedulerLimits, make_scheduler
+from tandem.engine.sequence import FinishReason, Sequence
+from tandem.engine.tokenizer import builtin_vocab_size
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SequenceUpdate:
+    """What one step did to one request."""
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[tuple[float, dict[int, float]]]
+    finished: bool
+    finish_reason: FinishReason | None
+    stop_reason: str | int | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model_dir = None if is_random_spec(config.model) else Path(config.model)
+        self.model_config = self._load_model_config()
+        self.max_model_len = self._max_model_len()
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill max_num_batched_tokens ({config.max_num_batched_tokens}) "
+                f"must be at least max_model_len ({self.max_model_len})")
+        model = build_model(self.model_config, self.device, self.dtype, self.model_dir,
+                            self.max_model_len, config.seed)
+        self.num_blocks = self._num_kv_blocks()
+        self.runner = ModelRunner(model, self.num_blocks, config.block_size, self.device,
+                                  self.dtype, config.seed)
+        self.block_manager = BlockManager(self.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens,
+                                 self.max_model_len, config.enable_chunked_prefill)
+        self.scheduler: Scheduler = make_scheduler(
+            config.role, limits, self.block_manager, set(self.model_config.eos_token_ids))
+        self.sequences: dict[str, Sequence] = {}
+        logger.info("engine ready: %s on %s (%s), role %s, KV cache %d blocks x %d tokens = %d "
+                    "tokens", config.model, self.device, self.dtype, config.role, self.num_blocks,
+                    config.block_size, self.num_blocks * config.block_size)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
+        seq = Sequence(request_id, list(prompt_token_ids), params, self.config.block_size)
+        seq.generator = self.runner.sampler.request_generator(params)
+        self.scheduler.add(seq)
+        self.sequences[request_id] = seq
+
+    def finish_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
+                       stop_reason: str | int | None = None) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq, reason, stop_reason)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def step(self) -> list[SequenceUpdate]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        out = self.runner.execute(batch)
+        advanced = self.scheduler.postprocess(batch, out.token_ids)
+        logprobs = {seq.request_id: lp for seq, lp in zip(batch.seqs, out.logprobs) if lp}
+        updates = []
+        for seq in advanced:
+            update = SequenceUpdate(
+                seq.request_id, [seq.token_ids[-1]],
+                [logprobs[seq.request_id]] if seq.request_id in logprobs else [],
+                seq.is_finished, seq.finish_reason, seq.stop_reason, seq.num_prompt_tokens,
+                seq.num_cached_prompt_tokens)
+            updates.append(update)
+            if seq.is_finished:
+                self.sequences.pop(seq.request_id, None)
+        return updates
+
+    # ---- set-up ------------------------------------------------------------------------------
+
+    def _load_model_config(self) -> ModelConfig:
+        if self.model_dir is None:
+            from tandem.engine.tokenizer import load_tokenizer
+            config = preset_config(self.config.model, builtin_vocab_size())
+            return config.with_eos((load_tokenizer(None).eos_token_id,))
+        if not self.model_dir.is_dir():
+            raise ValueError(f"model {str(self.model_dir)!r} is neither a directory nor a "
+                             "random:<preset> spec")
+        return load_model_config(self.model_dir)
+
+    def _max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        if self.model_config.sliding_window:
+            # Attention here is full; within the window the two agree exactly.
+            limit = min(limit, self.model_config.sliding_window)
+        if self.config.max_model_len is None:
+            return limit
+        if self.config.max_model_len > limit:
+            raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's "
+                             f"limit of {limit} positions")
+        return self.config.max_model_len
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        block_bytes = bytes_per_block(self.model_config, self.config.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = total * self.config.gpu_memory_utilization - used
+        else:
+            budget = self.config.cpu_kv_cache_gib * 2**30
+        num_blocks = int(budget // block_bytes)
+        if num_blocks < 1:
+            raise ValueError(f"no memory left for the KV cache: {budget / 2**30:.2f} GiB for "
+                             f"blocks of {block_bytes / 2**20:.2f} MiB")
+        return num_blocks

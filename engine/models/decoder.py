@@ -1,0 +1,129 @@
+"""The decoder-only transformer behind Llama, Mistral, Qwen2 and Qwen3.
+
+Pre-norm blocks of grouped-query attention and a SwiGLU MLP, with rotary position embeddings. The
+families differ in three switches of ModelConfig: a bias on the q/k/v projections (Qwen2), an
+RMSNorm on each head of q and k before rotary (Qwen3) and tied input/output embeddings.
+
+q/k/v are one fused projection and gate/up another (the loader stacks HF's separate weights), so a
+layer runs two matmuls where HF runs five. Attention reads and writes the paged KV cache
+(engine/attention.py); the model itself holds no cache state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tandem.engine import ops
+from tandem.engine.attention import AttentionMetadata
+from tandem.engine.layers import rope_cos_sin, rope_inv_freq
+from tandem.engine.model_config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.scale = config.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)      # (tokens, heads, head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)   # (tokens, kv_heads, head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)[0]
+            k = self.k_norm(k)[0]
+        q, k = ops.apply_rotary(q, k, positions, *rope)
+        kv_layer = kv_cache[:, self.layer_index]  # (blocks, 2, block_size, kv_heads, head_dim)
+        ops.store_kv(k, v, kv_layer, meta.slot_mapping)
+        out = ops.paged_attention(q, kv_layer, meta, self.scale)
+        return self.o_proj(out.view(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                meta: AttentionMetadata, kv_cache: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, meta, kv_cache, rope)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class DecoderModel(nn.Module):
+    """Takes a flat batch of tokens, returns their final hidden states."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def init_rope(self, max_positions: int, device: torch.device) -> None:
+        """cos/sin tables live outside the parameters: they are computed, never loaded."""
+        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta,
+                                 self.config.rope_scaling)
+        self.rope = rope_cos_sin(inv_freq, max_positions, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        assert self.rope is not None, "init_rope() must run before the first forward"
+        x = self.embed_tokens(input_ids)  # (num_tokens, hidden)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, meta, kv_cache, self.rope)
+        return self.norm(x, residual)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # (num_sampled, vocab)

@@ -1,0 +1,102 @@
+"""Sampling a batch of next tokens on the logits' device.
+
+Temperature, top-k, top-p and min-p filter each row; then a token is drawn by the exponential race
+(argmax of p / E with E ~ Exp(1)), which equals sampling from p and needs no host sync or
+`multinomial`. A request with a seed draws its noise from its own generator, so its tokens do not
+depend on what else is in the batch. Greedy rows take the argmax of the raw logits.
+
+Logprobs are those of the model's raw distribution (before temperature and filters), as in vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[tuple[float, dict[int, float]] | None]  # (sampled logprob, top-n) per row
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int):
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def request_generator(self, params: SamplingParams) -> torch.Generator | None:
+        if params.seed is None or params.is_greedy:
+            return None
+        return torch.Generator(device=self.device).manual_seed(params.seed)
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> SamplerOutput:
+        """logits: (num_rows, vocab) fp32, one row per sequence that samples this step."""
+        token_ids = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if random_rows:
+            rows = torch.tensor(random_rows, device=logits.device)
+            sampled = self._sample(logits[rows], [params[i] for i in random_rows],
+                                   [generators[i] for i in random_rows])
+            token_ids[rows] = sampled
+        logprobs = self._logprobs(logits, token_ids, params)
+        return SamplerOutput(token_ids.tolist(), logprobs)
+
+    def _sample(self, logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        logits = logits / temperature[:, None]
+        logits = self._filter(logits, params)
+        probs = logits.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, generator in enumerate(generators):
+            if generator is not None:
+                noise[i].exponential_(generator=generator)
+        return (probs / noise).argmax(dim=-1)
+
+    def _filter(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Mask with -inf what top-k, top-p and min-p exclude; every row keeps its best token."""
+        device = logits.device
+        vocab = logits.shape[-1]
+        top_k = torch.tensor([p.top_k or vocab for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            ranks = torch.arange(vocab, device=device)[None, :]
+            drop = ranks >= top_k[:, None]
+            sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop |= mass_before > top_p[:, None]
+            drop[:, 0] = False
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        if bool((min_p > 0).any()):
+            probs = logits.softmax(dim=-1)
+            threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        return logits
+
+    def _logprobs(self, logits: torch.Tensor, token_ids: torch.Tensor,
+                  params: list[SamplingParams]) -> list[tuple[float, dict[int, float]] | None]:
+        wanted = [p.logprobs for p in params]
+        if all(n is None for n in wanted):
+            return [None] * len(params)
+        logprobs = logits.log_softmax(dim=-1)
+        chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1).tolist()
+        max_n = max(n or 0 for n in wanted)
+        top_values, top_ids = logprobs.topk(max_n, dim=-1) if max_n else (None, None)
+        top_values = top_values.tolist() if max_n else None
+        top_ids = top_ids.tolist() if max_n else None
+        out: list[tuple[float, dict[int, float]] | None] = []
+        for i, n in enumerate(wanted):
+            if n is None:
+                out.append(None)
+                continue
+            top = dict(zip(top_ids[i][:n], top_values[i][:n])) if n else {}
+            out.append((chosen[i], top))
+        return out

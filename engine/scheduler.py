@@ -1,0 +1,258 @@
+"""Continuous-batching scheduler with chunked prefill, prefix caching and preemption by recompute.
+
+Each step gets a token budget (`max_num_batched_tokens`). Running sequences are served first, in the
+order they were admitted: a decoding sequence takes one token, a sequence still in its prompt takes
+the next chunk that fits. Waiting sequences are admitted after that, oldest first, while budget,
+blocks and `max_num_seqs` allow; on admission the longest cached prefix of the prompt is taken from
+the block manager and only the rest is computed.
+
+When a running sequence needs a block and none is free, the most recently admitted running sequence
+is preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed from
+its tokens (its prefix-cached blocks usually make that cheap).
+
+The scheduler is pure: it decides, the model runner computes, and `postprocess` records the results.
+The role decides what happens once a token is sampled: `Scheduler` keeps decoding, while
+`PrefillScheduler` finishes the sequence after its first token and keeps its blocks pinned for a
+decode worker to pull.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from tandem.engine.block_manager import BlockManager
+from tandem.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]  # tokens each sequence computes this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Whether sequence i reaches the end of its tokens this step, and so samples one."""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, block_manager: BlockManager,
+                 eos_token_ids: set[int]):
+        self.limits = limits
+        self.block_manager = block_manager
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- public API --------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        if seq.num_tokens >= self.limits.max_model_len:
+            raise ValueError(
+                f"prompt has {seq.num_tokens} tokens; the model's context is "
+                f"{self.limits.max_model_len} tokens and at least one must be left to generate")
+        self.waiting.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch([], [])
+        budget = self.limits.max_num_batched_tokens
+        budget, preempted = self._schedule_running(batch, budget)
+        if not preempted:
+            self._schedule_waiting(batch, budget)
+        return batch
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
+        """Record one step's results; returns the sequences that got a token this step."""
+        advanced = []
+        for i, seq in enumerate(batch.seqs):
+            seq.num_computed_tokens += batch.num_new_tokens[i]
+            token_id = sampled[i]
+            if token_id is not None:
+                seq.append_token(token_id)
+                advanced.append(seq)
+            self._cache_computed_blocks(seq)
+            if token_id is not None:
+                self._check_stop(seq, token_id)
+        return advanced
+
+    def finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None
+               ) -> None:
+        """End a sequence (stop condition, stop string or abort) and release what it holds."""
+        if seq.is_finished:
+            return
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+
+    # ---- role hooks --------------------------------------------------------------------------
+
+    def _after_token(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        """The finish reason a freshly sampled token implies, if any."""
+        params = seq.params
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            return FinishReason.STOP
+        if token_id in params.stop_token_ids:
+            return FinishReason.STOP
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            return FinishReason.LENGTH
+        if seq.num_tokens >= self.limits.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.free(seq.block_table)
+        seq.block_table = []
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _check_stop(self, seq: Sequence, token_id: int) -> None:
+        reason = self._after_token(seq, token_id)
+        if reason is not None:
+            is_stop_token = reason == FinishReason.STOP and token_id in seq.params.stop_token_ids
+            self.finish(seq, reason, token_id if is_stop_token else None)
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> tuple[int, bool]:
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self._reserve_slots(seq, num_new):
+                preempted = True
+                if seq not in self.running:  # it was the victim itself
+                    break
+                continue  # a later sequence made room; try this one again
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+            i += 1
+        return budget, preempted
+
+    def _reserve_slots(self, seq: Sequence, num_new: int) -> bool:
+        """Allocate blocks for num_new more tokens, preempting the newest sequence if needed."""
+        num_needed = seq.num_blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_table)
+        if self.block_manager.can_allocate(num_needed):
+            seq.block_table.extend(self.block_manager.allocate(num_needed))
+            return True
+        self._preempt(self.running[-1])
+        return False
+
+    def _preempt(self, seq: Sequence) -> None:
+        logger.info("preempting request %s (%d tokens) to free KV blocks",
+                    seq.request_id, seq.num_tokens)
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_hashed_blocks_cached = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self._cached_prefix(seq)
+            num_computed = len(cached) * seq.block_size
+            num_new = min(seq.num_tokens - num_computed, budget)
+            if not self.limits.enable_chunked_prefill and num_new < seq.num_tokens - num_computed:
+                break
+            num_needed = seq.num_blocks_for(num_computed + num_new) - len(cached)
+            num_cached_free = sum(self.block_manager.ref_counts[b] == 0 for b in cached)
+            if not self.block_manager.can_allocate(num_needed + num_cached_free):
+                break
+            self.waiting.popleft()
+            self.block_manager.acquire(cached)
+            seq.block_table = cached + self.block_manager.allocate(num_needed)
+            seq.num_computed_tokens = num_computed
+            seq.num_hashed_blocks_cached = len(cached)
+            if seq.num_preemptions == 0:
+                seq.num_cached_prompt_tokens = num_computed
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        cached = self.block_manager.match_prefix(seq.block_hashes)
+        if len(cached) * seq.block_size >= seq.num_tokens:
+            cached = cached[:-1]  # compute at least the last token, to have logits to sample from
+        return cached
+
+    def _cache_computed_blocks(self, seq: Sequence) -> None:
+        num_full = min(seq.num_computed_tokens // seq.block_size, len(seq.block_hashes))
+        start = seq.num_hashed_blocks_cached
+        if num_full <= start:
+            return
+        parent = seq.block_hashes[start - 1] if start else None
+        self.block_manager.cache_blocks(
+            seq.block_table[start:num_full], seq.block_hashes[start:num_full], parent)
+        seq.num_hashed_blocks_cached = num_full
+
+
+class PrefillScheduler(Scheduler):
+    """Prefill role: a sequence ends at its first token and its blocks stay pinned.
+
+    The blocks are released by `release_pinned` once a decode worker has pulled them, or when their
+    lease expires.
+    """
+
+    def __init__(self, limits: SchedulerLimits, block_manager: BlockManager,
+                 eos_token_ids: set[int]):
+        super().__init__(limits, block_manager, eos_token_ids)
+        self.pinned: dict[str, list[int]] = {}
+
+    def _after_token(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        return FinishReason.REMOTE_DECODE
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.finish_reason == FinishReason.REMOTE_DECODE:
+            self.pinned[seq.request_id] = seq.block_table
+        else:
+            self.block_manager.free(seq.block_table)
+        seq.block_table = []
+
+    def release_pinned(self, request_id: str) -> bool:
+        block_ids = self.pinned.pop(request_id, None)
+        if block_ids is None:
+            return False
+        self.block_manager.free(block_ids)
+        return True
+
+
+def make_scheduler(role: str, limits: SchedulerLimits, block_manager: BlockManager,
+                   eos_token_ids: set[int]) -> Scheduler:
+    """The role picks the policy once, here (DESIGN.md, "Roles")."""
+    if role == "prefill":
+        return PrefillScheduler(limits, block_manager, eos_token_ids)
+    return Scheduler(limits, block_manager, eos_token_ids)

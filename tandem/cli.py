@@ -1,0 +1,73 @@
+"""The `tandem` command line: `tandem generate` runs offline generation."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="random:tiny",
+                        help="an HF model directory or random:<preset> (default: random:tiny)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    from tandem import LLM, SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
+        ignore_eos=args.ignore_eos)
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype,
+              max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
+              block_size=args.block_size)
+    for output in llm.generate(args.prompts, params):
+        completion = output.outputs[0]
+        print(f"prompt: {output.prompt!r}")
+        print(f"output: {completion.text!r}")
+        print(f"tokens: {len(completion.token_ids)}, finish reason: {completion.finish_reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="disaggregated LLM serving")
+    parser.add_argument("--log-level", default="WARNING")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate text offline")
+    _add_engine_args(gen)
+    _add_sampling_args(gen)
+    gen.add_argument("prompts", nargs="+", help="one or more prompts")
+    gen.set_defaults(func=generate_main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
