@@ -68,6 +68,11 @@ class Scheduler:
             raise ValueError(
                 f"prompt has {seq.num_tokens} tokens; the model's context is "
                 f"{self.limits.max_model_len} tokens and at least one must be left to generate")
+        num_blocks = seq.num_blocks_for(seq.num_tokens + 1)
+        if num_blocks > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt has {seq.num_tokens} tokens and needs {num_blocks} KV blocks; "
+                f"the KV cache has {self.block_manager.num_blocks}")
         self.waiting.append(seq)
 
     @property
@@ -163,6 +168,13 @@ class Scheduler:
         if self.block_manager.can_allocate(num_needed):
             seq.block_table.extend(self.block_manager.allocate(num_needed))
             return True
+        if self.running == [seq]:
+            # Alone and still out of blocks: the whole cache is too small for it. Recomputing would
+            # hit the same wall, so it ends here.
+            logger.warning("request %s filled the whole KV cache (%d blocks); finishing it",
+                           seq.request_id, self.block_manager.num_blocks)
+            self.finish(seq, FinishReason.LENGTH)
+            return False
         self._preempt(self.running[-1])
         return False
 
