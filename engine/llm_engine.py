@@ -17,13 +17,13 @@ import torch
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig
 from tandem.engine.loader import build_model
-from tandem.engine.model_config import ModelConfig, load_model_config
+from tandem.engine.model_config import ModelConfig, load_generation_defaults, load_model_config
 from tandem.engine.model_runner import ModelRunner, bytes_per_block
 from tandem.engine.presets import is_random_spec, preset_config
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler, SchedulerLimits, make_scheduler
 from tandem.engine.sequence import FinishReason, Sequence
-from tandem.engine.tokenizer import builtin_vocab_size
+from tandem.engine.tokenizer import BUILTIN_EOS_TOKEN_ID, builtin_vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,15 @@ class LLMEngine:
         if seq is not None:
             self.scheduler.finish(seq, reason, stop_reason)
 
+    def default_sampling_params(self) -> SamplingParams:
+        """Sampling defaults from the model's generation_config.json, as vLLM applies them."""
+        defaults = self.generation_defaults
+        keys = ("temperature", "top_p", "top_k", "min_p")
+        chosen = {key: defaults[key] for key in keys if defaults.get(key) is not None}
+        if defaults.get("do_sample") is False:
+            chosen["temperature"] = 0.0
+        return SamplingParams(**chosen)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
 
@@ -134,14 +143,18 @@ class LLMEngine:
     # ---- set-up ------------------------------------------------------------------------------
 
     def _load_model_config(self) -> ModelConfig:
+        self.generation_defaults: dict = {}
         if self.model_dir is None:
-            from tandem.engine.tokenizer import load_tokenizer
             config = preset_config(self.config.model, builtin_vocab_size())
-            return config.with_eos((load_tokenizer(None).eos_token_id,))
+            return config.with_eos((BUILTIN_EOS_TOKEN_ID,))
         if not self.model_dir.is_dir():
             raise ValueError(f"model {str(self.model_dir)!r} is neither a directory nor a "
                              "random:<preset> spec")
-        return load_model_config(self.model_dir)
+        config = load_model_config(self.model_dir)
+        self.generation_defaults = load_generation_defaults(self.model_dir)
+        extra_eos = self.generation_defaults.get("eos_token_id")
+        extra_eos = [extra_eos] if isinstance(extra_eos, int) else list(extra_eos or [])
+        return config.with_eos(tuple(dict.fromkeys([*config.eos_token_ids, *extra_eos])))
 
     def _max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings
