@@ -21,7 +21,8 @@ from tandem.engine.model_config import ModelConfig, load_generation_defaults, lo
 from tandem.engine.model_runner import ModelRunner, bytes_per_block
 from tandem.engine.presets import is_random_spec, preset_config
 from tandem.engine.sampling_params import SamplingParams
-from tandem.engine.scheduler import Scheduler, SchedulerLimits, make_scheduler
+from tandem.engine.scheduler import (DecodeScheduler, PrefillScheduler, Scheduler,
+                                     SchedulerLimits, make_scheduler)
 from tandem.engine.sequence import FinishReason, Sequence
 from tandem.engine.tokenizer import BUILTIN_EOS_TOKEN_ID, builtin_vocab_size
 
@@ -39,6 +40,21 @@ class SequenceUpdate:
     stop_reason: str | int | None
     num_prompt_tokens: int
     num_cached_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int     # of which were found
+    num_pinned_requests: int   # prefill role: finished requests whose blocks await a pull
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,6 +104,12 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
+        seq = self._new_sequence(request_id, prompt_token_ids, params)
+        self.scheduler.add(seq)
+        self.sequences[request_id] = seq
+
+    def _new_sequence(self, request_id: str, prompt_token_ids: list[int],
+                      params: SamplingParams) -> Sequence:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -98,14 +120,62 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
         seq = Sequence(request_id, list(prompt_token_ids), params, self.config.block_size)
         seq.generator = self.runner.sampler.request_generator(params)
-        self.scheduler.add(seq)
-        self.sequences[request_id] = seq
+        return seq
 
     def finish_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
                        stop_reason: str | int | None = None) -> None:
         seq = self.sequences.pop(request_id, None)
         if seq is not None:
             self.scheduler.finish(seq, reason, stop_reason)
+
+    # ---- disaggregation: the prefill side ----------------------------------------------------
+
+    def pinned_blocks(self, request_id: str) -> list[int] | None:
+        """Prefill role: the blocks holding a finished request's prompt KV, until released."""
+        return getattr(self.scheduler, "pinned", {}).get(request_id)
+
+    def release_pinned(self, request_id: str) -> bool:
+        scheduler = self.scheduler
+        return isinstance(scheduler, PrefillScheduler) and scheduler.release_pinned(request_id)
+
+    # ---- disaggregation: the decode side -----------------------------------------------------
+
+    def add_remote_request(self, request_id: str, prompt_token_ids: list[int],
+                           params: SamplingParams) -> tuple[int, list[int]] | None:
+        """Decode role: park a request whose prompt KV will be pulled from a prefill worker.
+
+        Returns (leading prompt blocks already cached here, local block ids to pull the remaining
+        prompt blocks into), or None when no blocks are free now.
+        """
+        scheduler = self._decode_scheduler()
+        seq = self._new_sequence(request_id, prompt_token_ids, params)
+        plan = scheduler.add_remote(seq)
+        if plan is not None:
+            self.sequences[request_id] = seq
+        return plan
+
+    def complete_remote_request(self, request_id: str, first_token_id: int,
+                                succeeded: bool) -> None:
+        """The pull finished (or failed: then the prompt is recomputed here)."""
+        self._decode_scheduler().complete_remote(request_id, first_token_id, succeeded)
+        seq = self.sequences[request_id]
+        if seq.is_finished:
+            self.sequences.pop(request_id)
+
+    def _decode_scheduler(self) -> DecodeScheduler:
+        if not isinstance(self.scheduler, DecodeScheduler):
+            raise ValueError(f"remote prefill needs an engine in the decode role, not "
+                             f"{self.config.role!r}")
+        return self.scheduler
+
+    def stats(self) -> EngineStats:
+        scheduler = self.scheduler
+        return EngineStats(
+            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            num_blocks=self.num_blocks, num_free_blocks=self.block_manager.num_free_blocks,
+            prefix_cache_queries=scheduler.prefix_cache_queries,
+            prefix_cache_hits=scheduler.prefix_cache_hits,
+            num_pinned_requests=len(getattr(scheduler, "pinned", {})))
 
     def default_sampling_params(self) -> SamplingParams:
         """Sampling defaults from the model's generation_config.json, as vLLM applies them."""

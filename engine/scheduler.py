@@ -60,6 +60,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0     # of which were found there
 
     # ---- public API --------------------------------------------------------------------------
 
@@ -209,6 +211,8 @@ class Scheduler:
             seq.num_hashed_blocks_cached = len(cached)
             if seq.num_preemptions == 0:
                 seq.num_cached_prompt_tokens = num_computed
+                self.prefix_cache_queries += seq.num_prompt_tokens
+                self.prefix_cache_hits += num_computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
@@ -262,9 +266,72 @@ class PrefillScheduler(Scheduler):
         return True
 
 
+class DecodeScheduler(Scheduler):
+    """Decode role: besides local prefill, takes requests whose prompt KV lives on a prefill worker.
+
+    `add_remote` allocates blocks for the part of the prompt this worker's prefix cache lacks and
+    parks the sequence until the pull finishes; `complete_remote` then starts it decoding from the
+    first token the prefill worker sampled, or, when the pull failed, queues it for a local
+    recompute of the prompt. Either way the parked blocks are accounted for.
+    """
+
+    def __init__(self, limits: SchedulerLimits, block_manager: BlockManager,
+                 eos_token_ids: set[int]):
+        super().__init__(limits, block_manager, eos_token_ids)
+        self.remote_pending: dict[str, Sequence] = {}
+
+    def add_remote(self, seq: Sequence) -> tuple[int, list[int]] | None:
+        """(number of leading prompt blocks cached here, local blocks to pull the rest into).
+
+        None when the blocks cannot be had now; the caller then prefills locally instead.
+        """
+        self.add(seq)  # validates lengths
+        self.waiting.remove(seq)
+        num_prompt_blocks = seq.num_blocks_for(seq.num_prompt_tokens)
+        cached = self.block_manager.match_prefix(seq.block_hashes)[:num_prompt_blocks]
+        num_needed = num_prompt_blocks - len(cached)
+        num_cached_free = sum(self.block_manager.ref_counts[b] == 0 for b in cached)
+        if not self.block_manager.can_allocate(num_needed + num_cached_free):
+            return None
+        self.block_manager.acquire(cached)
+        new_blocks = self.block_manager.allocate(num_needed)
+        seq.block_table = cached + new_blocks
+        seq.num_hashed_blocks_cached = len(cached)
+        seq.num_cached_prompt_tokens = min(len(cached) * seq.block_size, seq.num_prompt_tokens)
+        self.prefix_cache_queries += seq.num_prompt_tokens
+        self.prefix_cache_hits += seq.num_cached_prompt_tokens
+        self.remote_pending[seq.request_id] = seq
+        return len(cached), new_blocks
+
+    def complete_remote(self, request_id: str, first_token_id: int, succeeded: bool) -> None:
+        seq = self.remote_pending.pop(request_id)
+        if succeeded:
+            seq.num_computed_tokens = seq.num_prompt_tokens
+            self._cache_computed_blocks(seq)
+            seq.status = SequenceStatus.RUNNING
+            seq.append_token(first_token_id)
+            self.running.append(seq)
+            self._check_stop(seq, first_token_id)
+            return
+        # The pulled blocks may hold anything: drop them, keep only what was cached here before.
+        self.block_manager.free(seq.block_table)
+        seq.block_table = []
+        seq.num_hashed_blocks_cached = 0
+        seq.append_token(first_token_id)
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None
+               ) -> None:
+        if self.remote_pending.pop(seq.request_id, None) is not None:
+            seq.status = SequenceStatus.WAITING  # parked: not in running or waiting
+        super().finish(seq, reason, stop_reason)
+
+
 def make_scheduler(role: str, limits: SchedulerLimits, block_manager: BlockManager,
                    eos_token_ids: set[int]) -> Scheduler:
     """The role picks the policy once, here (DESIGN.md, "Roles")."""
     if role == "prefill":
         return PrefillScheduler(limits, block_manager, eos_token_ids)
+    if role == "decode":
+        return DecodeScheduler(limits, block_manager, eos_token_ids)
     return Scheduler(limits, block_manager, eos_token_ids)
