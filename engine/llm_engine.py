@@ -141,23 +141,23 @@ class LLMEngine:
     # ---- disaggregation: the decode side -----------------------------------------------------
 
     def add_remote_request(self, request_id: str, prompt_token_ids: list[int],
-                           params: SamplingParams) -> tuple[int, list[int]] | None:
+                           first_token_id: int, params: SamplingParams
+                           ) -> tuple[int, list[int]] | None:
         """Decode role: park a request whose prompt KV will be pulled from a prefill worker.
 
         Returns (leading prompt blocks already cached here, local block ids to pull the remaining
-        prompt blocks into), or None when no blocks are free now.
+        prompt blocks into). None means no blocks are free now, and the request was queued to
+        recompute its prompt here instead. Its stream continues after `first_token_id`.
         """
         scheduler = self._decode_scheduler()
         seq = self._new_sequence(request_id, prompt_token_ids, params)
-        plan = scheduler.add_remote(seq)
-        if plan is not None:
-            self.sequences[request_id] = seq
+        plan = scheduler.add_remote(seq, first_token_id)
+        self.sequences[request_id] = seq
         return plan
 
-    def complete_remote_request(self, request_id: str, first_token_id: int,
-                                succeeded: bool) -> None:
+    def complete_remote_request(self, request_id: str, succeeded: bool) -> None:
         """The pull finished (or failed: then the prompt is recomputed here)."""
-        self._decode_scheduler().complete_remote(request_id, first_token_id, succeeded)
+        self._decode_scheduler().complete_remote(request_id, succeeded)
         seq = self.sequences[request_id]
         if seq.is_finished:
             self.sequences.pop(request_id)

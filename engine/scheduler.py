@@ -279,19 +279,24 @@ class DecodeScheduler(Scheduler):
                  eos_token_ids: set[int]):
         super().__init__(limits, block_manager, eos_token_ids)
         self.remote_pending: dict[str, Sequence] = {}
+        self.first_tokens: dict[str, int] = {}  # sampled by the prefill worker, per parked request
 
-    def add_remote(self, seq: Sequence) -> tuple[int, list[int]] | None:
+    def add_remote(self, seq: Sequence, first_token_id: int) -> tuple[int, list[int]] | None:
         """(number of leading prompt blocks cached here, local blocks to pull the rest into).
 
-        None when the blocks cannot be had now; the caller then prefills locally instead.
+        None when the blocks cannot be had now: the sequence is then queued to recompute its prompt
+        here, as after a failed pull.
         """
         self.add(seq)  # validates lengths
         self.waiting.remove(seq)
+        self.first_tokens[seq.request_id] = first_token_id
         num_prompt_blocks = seq.num_blocks_for(seq.num_prompt_tokens)
         cached = self.block_manager.match_prefix(seq.block_hashes)[:num_prompt_blocks]
         num_needed = num_prompt_blocks - len(cached)
         num_cached_free = sum(self.block_manager.ref_counts[b] == 0 for b in cached)
+        self.remote_pending[seq.request_id] = seq
         if not self.block_manager.can_allocate(num_needed + num_cached_free):
+            self.complete_remote(seq.request_id, succeeded=False)
             return None
         self.block_manager.acquire(cached)
         new_blocks = self.block_manager.allocate(num_needed)
@@ -300,11 +305,11 @@ class DecodeScheduler(Scheduler):
         seq.num_cached_prompt_tokens = min(len(cached) * seq.block_size, seq.num_prompt_tokens)
         self.prefix_cache_queries += seq.num_prompt_tokens
         self.prefix_cache_hits += seq.num_cached_prompt_tokens
-        self.remote_pending[seq.request_id] = seq
         return len(cached), new_blocks
 
-    def complete_remote(self, request_id: str, first_token_id: int, succeeded: bool) -> None:
+    def complete_remote(self, request_id: str, succeeded: bool) -> None:
         seq = self.remote_pending.pop(request_id)
+        first_token_id = self.first_tokens.pop(request_id)
         if succeeded:
             seq.num_computed_tokens = seq.num_prompt_tokens
             self._cache_computed_blocks(seq)
@@ -317,12 +322,14 @@ class DecodeScheduler(Scheduler):
         self.block_manager.free(seq.block_table)
         seq.block_table = []
         seq.num_hashed_blocks_cached = 0
+        seq.num_cached_prompt_tokens = 0
         seq.append_token(first_token_id)
         self.waiting.append(seq)
 
     def finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None
                ) -> None:
         if self.remote_pending.pop(seq.request_id, None) is not None:
+            self.first_tokens.pop(seq.request_id)
             seq.status = SequenceStatus.WAITING  # parked: not in running or waiting
         super().finish(seq, reason, stop_reason)
 

@@ -1,1 +1,87 @@
-"""Triton kernels; each has a torch reference in engine/attention.py or engine/layers.py."""
+"""The engine's kernel surface: each function runs a Triton kernel on CUDA tensors and the torch
+reference from engine/attention.py or engine/layers.py everywhere else.
+
+The model calls only these four (plus `is_triton_usable`). Each Triton module imports triton at
+its top, so they are imported here lazily, on the first CUDA call: importing this package works on
+a CPU machine with no triton installed, where every call takes the reference path. Results agree
+with the references to bf16 rounding; the tests in tests/engine/kernels/ hold them to it.
+
+One difference from the references: on CUDA, `apply_rotary` rotates q and k in place. Always use the
+tensors it returns.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from tandem.engine.attention import (AttentionMetadata, paged_attention_reference,
+                                     store_kv_reference)
+from tandem.engine.layers import apply_rotary_reference, rms_norm_reference
+
+__all__ = ["apply_rotary", "is_triton_usable", "paged_attention", "rms_norm", "store_kv"]
+
+
+@functools.lru_cache(maxsize=1)
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def is_triton_usable(tensor: torch.Tensor) -> bool:
+    """True when `tensor` lives on a CUDA device and triton can be imported."""
+    return tensor.is_cuda and _has_triton()
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_layer: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write key, value (num_tokens, num_kv_heads, head_dim) at slot_mapping; slots < 0 are
+    padding and skipped."""
+    if not is_triton_usable(kv_layer):
+        keep = slot_mapping >= 0  # the reference has no notion of padding slots
+        store_kv_reference(key[keep], value[keep], kv_layer, slot_mapping[keep])
+        return
+    from tandem.engine.kernels.kv_store import store_kv as store_kv_triton
+    store_kv_triton(key, value, kv_layer, slot_mapping)
+
+
+def paged_attention(query: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
+                    scale: float, out: torch.Tensor | None = None,
+                    num_splits: int | None = None) -> torch.Tensor:
+    """Causal attention of query (num_tokens, num_heads, head_dim) over the paged context.
+
+    Decode-only batches take the split-KV decode kernel (num_splits: see
+    decode_attention.choose_num_splits; fix it when capturing a CUDA graph), others the prefill
+    kernel. Writes into `out` when given.
+    """
+    if not is_triton_usable(query):
+        result = paged_attention_reference(query, kv_layer, meta, scale)
+        return result if out is None else out.copy_(result)
+    if out is None:
+        out = torch.empty_like(query)
+    if meta.is_decode_only:
+        from tandem.engine.kernels.decode_attention import decode_attention
+        return decode_attention(query, kv_layer, meta.block_tables, meta.seq_lens, scale, out,
+                                meta.max_seq_len, num_splits=num_splits)
+    from tandem.engine.kernels.prefill_attention import prefill_attention
+    return prefill_attention(query, kv_layer, meta, scale, out)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (norm(x + residual) * weight, x + residual); residual None means zero."""
+    if not is_triton_usable(x):
+        return rms_norm_reference(x, weight, eps, residual)
+    from tandem.engine.kernels.rmsnorm import rms_norm as rms_norm_triton
+    return rms_norm_triton(x, weight, eps, residual)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q (num_tokens, num_heads, head_dim) and k (num_tokens, num_kv_heads,
+    head_dim) at `positions`; in place on CUDA, so use the returned tensors."""
+    if not is_triton_usable(q):
+        return apply_rotary_reference(q, k, positions, cos, sin)
+    from tandem.engine.kernels.rotary import apply_rotary as apply_rotary_triton
+    return apply_rotary_triton(q, k, positions, cos, sin)

@@ -43,11 +43,11 @@ def test_remote_prefill_then_local_decode_equals_one_engine(expected):
     p, d = engine("prefill"), engine("decode")
     first, remote_blocks = prefill(p, "r")
     assert first == expected[0] and len(remote_blocks) == 10
-    num_cached, local_blocks = d.add_remote_request("r", PROMPT, PARAMS)
+    num_cached, local_blocks = d.add_remote_request("r", PROMPT, first, PARAMS)
     assert num_cached == 0 and len(local_blocks) == 10
     d.runner.kv_cache[local_blocks] = p.runner.kv_cache[remote_blocks]
     assert p.release_pinned("r") and p.block_manager.num_used_blocks == 0
-    d.complete_remote_request("r", first, succeeded=True)
+    d.complete_remote_request("r", succeeded=True)
     assert [first] + run(d)["r"] == expected
     assert d.block_manager.num_used_blocks == 0
 
@@ -57,10 +57,10 @@ def test_decode_pulls_only_blocks_its_prefix_cache_lacks(expected):
     d.add_request("warm", PROMPT[:20], SamplingParams(temperature=0, max_tokens=1))
     run(d)  # the decode worker now caches the first 5 blocks
     first, remote_blocks = prefill(p, "r")
-    num_cached, local_blocks = d.add_remote_request("r", PROMPT, PARAMS)
+    num_cached, local_blocks = d.add_remote_request("r", PROMPT, first, PARAMS)
     assert num_cached == 5 and len(local_blocks) == 5
     d.runner.kv_cache[local_blocks] = p.runner.kv_cache[remote_blocks[num_cached:]]
-    d.complete_remote_request("r", first, succeeded=True)
+    d.complete_remote_request("r", succeeded=True)
     assert [first] + run(d)["r"] == expected
     assert d.stats().prefix_cache_hits == 20
 
@@ -68,16 +68,16 @@ def test_decode_pulls_only_blocks_its_prefix_cache_lacks(expected):
 def test_failed_pull_recomputes_locally(expected):
     p, d = engine("prefill"), engine("decode")
     first, _ = prefill(p, "r")
-    _, local_blocks = d.add_remote_request("r", PROMPT, PARAMS)
+    _, local_blocks = d.add_remote_request("r", PROMPT, first, PARAMS)
     d.runner.kv_cache[local_blocks] = 7.0  # a half-finished transfer left garbage behind
-    d.complete_remote_request("r", first, succeeded=False)
+    d.complete_remote_request("r", succeeded=False)
     assert [first] + run(d)["r"] == expected
     assert d.block_manager.num_used_blocks == 0
 
 
 def test_abort_while_waiting_for_the_pull_frees_blocks():
     d = engine("decode")
-    d.add_remote_request("r", PROMPT, PARAMS)
+    d.add_remote_request("r", PROMPT, 5, PARAMS)
     assert d.block_manager.num_used_blocks == 10
     d.finish_request("r")
     assert d.block_manager.num_used_blocks == 0 and not d.has_unfinished_requests()
@@ -85,12 +85,24 @@ def test_abort_while_waiting_for_the_pull_frees_blocks():
 
 def test_first_token_that_ends_the_request_finishes_it_at_once():
     d = engine("decode")
-    d.add_remote_request("r", PROMPT, SamplingParams(temperature=0, max_tokens=1))
-    d.complete_remote_request("r", 5, succeeded=True)
+    d.add_remote_request("r", PROMPT, 5, SamplingParams(temperature=0, max_tokens=1))
+    d.complete_remote_request("r", succeeded=True)
     assert d.block_manager.num_used_blocks == 0 and not d.has_unfinished_requests()
 
 
 def test_roles_refuse_the_other_side():
     with pytest.raises(ValueError, match="decode role"):
-        engine("both").add_remote_request("r", PROMPT, PARAMS)
+        engine("both").add_remote_request("r", PROMPT, 5, PARAMS)
     assert engine("both").release_pinned("r") is False
+
+
+def test_no_free_blocks_for_the_pull_queues_a_local_recompute(expected):
+    p = engine("prefill")
+    first, _ = prefill(p, "r")
+    d = LLMEngine(EngineConfig(model="random:tiny", role="decode", block_size=4, num_kv_blocks=14))
+    d.add_request("hog", list(range(200, 240)), SamplingParams(temperature=0, max_tokens=5))
+    d.step()  # the hog holds 10 of 14 blocks until it finishes
+    assert d.add_remote_request("r", PROMPT, first, PARAMS) is None
+    tokens = run(d)
+    assert [first] + tokens["r"] == expected
+    assert d.block_manager.num_used_blocks == 0
