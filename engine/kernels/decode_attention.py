@@ -1,0 +1,207 @@
+"""Triton decode attention over the paged KV cache: one new token per sequence, split along the
+context (flash-decoding).
+
+Same result as `paged_attention_reference` in engine/attention.py when every query_len is 1.
+Decode attention reads the whole KV of every sequence and does little arithmetic on it, so its speed
+is bytes over HBM bandwidth, and the two things that decide it are:
+
+- GQA grouping. One program owns one KV head and computes all `group = num_heads // num_kv_heads`
+  query heads that share it, so each K/V byte is read once, not `group` times. The group's query
+  rows are padded to 16 so that q @ K^T and p @ V are tensor-core dots (the padding rows cost
+  arithmetic, which decode has to spare, not bytes).
+- Enough programs to fill the GPU. Batch 1 with 8 KV heads is 8 programs, a few percent of an
+  H100's 132 SMs. As in flash-decoding (Dao et al., 2023), the context is cut into `num_splits`
+  pieces, each piece gets its own program and writes a partial output with its log-sum-exp, and a
+  small second kernel merges the pieces with the usual softmax rescaling.
+
+Each split's token range is computed on the device from that sequence's seq_len, so the launch
+depends only on Python ints (batch size, num_splits): a CUDA graph captured once replays correctly
+for any context lengths. With num_splits == 1 the first kernel writes the final output itself and
+the merge kernel is not launched.
+
+Scores live in the log2 domain (the softmax scale is premultiplied by log2(e)) so every exponential
+is a single exp2.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2_E = 1.4426950408889634
+_MIN_TOKENS_PER_SPLIT = 64  # one tile: below this a split is only merge overhead
+_MAX_SPLITS = 64  # past this the merge costs more than the extra parallelism gains (H200 sweep)
+_WAVES = 4  # programs per SM to aim for: batch-1 decode is latency-bound, more in flight helps
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    stride_q_seq, stride_q_head,
+    stride_cache_block, stride_cache_kv, stride_cache_slot, stride_cache_head,
+    stride_bt_seq, stride_out_seq, stride_out_head,
+    qk_scale, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Whole tiles per split, so only the last tile of a split is ragged.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+
+    group_rows = tl.arange(0, BLOCK_G)
+    heads = kv_head * GROUP + group_rows
+    is_head = group_rows < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
+                mask=is_head[:, None], other=0.0)          # (BLOCK_G, HEAD_DIM)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    block_table = block_tables_ptr + seq * stride_bt_seq
+    kv_base = cache_ptr + kv_head * stride_cache_head
+    for tile_start in range(start, end, BLOCK_N):
+        tokens = tile_start + tl.arange(0, BLOCK_N)
+        is_token = tokens < end
+        page = tl.load(block_table + tokens // BLOCK_SIZE, mask=is_token, other=0).to(tl.int64)
+        rows = page * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_slot
+        k = tl.load(kv_base + rows[:, None] + dims[None, :], mask=is_token[:, None], other=0.0)
+        v = tl.load(kv_base + stride_cache_kv + rows[:, None] + dims[None, :],
+                    mask=is_token[:, None], other=0.0)     # (BLOCK_N, HEAD_DIM)
+        scores = tl.dot(q, tl.trans(k))                     # (BLOCK_G, BLOCK_N), unscaled
+        scores = tl.where(is_token[None, :], scores, float("-inf"))
+        # Every tile holds at least one real token, so m_new is finite from the first tile on.
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1) * qk_scale)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # An empty split (short sequence) or a padded sequence (seq_len 0) has l_i == 0: its output is
+    # 0 and its weight in the merge is 0, never 0/0.
+    has_keys = l_i > 0.0
+    partial = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if SINGLE_SPLIT:
+        dst = out_ptr + seq * stride_out_seq + heads[:, None] * stride_out_head + dims[None, :]
+        tl.store(dst, partial.to(out_ptr.dtype.element_ty), mask=is_head[:, None])
+    else:
+        part_row = (seq * num_heads + heads) * num_splits + split          # (BLOCK_G,)
+        tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], partial,
+                 mask=is_head[:, None])
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part_row, lse, mask=is_head)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, stride_out_seq, stride_out_head, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    splits = tl.arange(0, BLOCK_S)
+    is_split = splits < num_splits
+    dims = tl.arange(0, HEAD_DIM)
+    part_row = (seq * num_heads + head) * num_splits + splits            # (BLOCK_S,)
+    lse = tl.load(part_lse_ptr + part_row, mask=is_split, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all empty: padded sequence
+    weight = tl.exp2(lse - lse_max)
+    partial = tl.load(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :],
+                      mask=is_split[:, None], other=0.0)  # (BLOCK_S, HEAD_DIM)
+    total = tl.sum(weight, axis=0)
+    merged = tl.sum(partial * weight[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + seq * stride_out_seq + head * stride_out_head + dims,
+             merged.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
+                      device: torch.device) -> int:
+    """Enough splits for about _WAVES programs per SM, but no split shorter than
+    _MIN_TOKENS_PER_SPLIT tokens. A CUDA-graph caller should pick it once, from the longest
+    context it will serve, and pass it in on every replay."""
+    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    to_fill = math.ceil(_WAVES * num_sms / max(num_seqs * num_kv_heads, 1))
+    by_length = math.ceil(max_seq_len / _MIN_TOKENS_PER_SPLIT)
+    return max(1, min(to_fill, by_length, _MAX_SPLITS))
+
+
+def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, out: torch.Tensor, max_seq_len: int,
+                     num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
+                     num_stages: int = 2) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged context; writes and returns `out`.
+
+    query, out: (num_seqs, num_heads, head_dim); kv_layer: (num_blocks, 2, block_size,
+    num_kv_heads, head_dim), any strides with head_dim contiguous; block_tables: (num_seqs,
+    max_blocks) int32; seq_lens: (num_seqs,) int32, including the new token, whose K/V must already
+    be stored. max_seq_len only sizes num_splits when num_splits is None.
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = kv_layer.shape[2], kv_layer.shape[3]
+    check_attention_shapes(query, kv_layer, block_tables, out)
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, query.device)
+    group = num_heads // num_kv_heads
+    single = num_splits == 1
+    if single:
+        part_out = part_lse = out  # unused by the kernel; any tensor of the device will do
+    else:
+        part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32,
+                               device=query.device)
+        part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32,
+                               device=query.device)
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, kv_layer, block_tables, seq_lens, out, part_out, part_lse,
+        query.stride(0), query.stride(1),
+        kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        scale * _LOG2_E, num_splits,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, SINGLE_SPLIT=single,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not single:
+        _decode_merge_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
+            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out
+
+
+def check_attention_shapes(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                           out: torch.Tensor) -> None:
+    """Raises ValueError for shapes and layouts the attention kernels do not handle."""
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = kv_layer.shape[3]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if head_dim < 16 or head_dim & (head_dim - 1) or kv_layer.shape[4] != head_dim:
+        raise ValueError(f"head_dim must be a power of two >= 16 and match the cache, got "
+                         f"{head_dim} and {kv_layer.shape[4]}")
+    if query.stride(-1) != 1 or kv_layer.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("attention needs head_dim contiguous in query, cache and out")
+    if block_tables.stride(-1) != 1:
+        raise ValueError("attention needs each block table row contiguous")
+    if out.shape != query.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(query.shape)}")

@@ -1,0 +1,81 @@
+"""Triton kernel for rotary position embedding, applied to q and k in place.
+
+Same contract as `apply_rotary_reference` in engine/layers.py (HF's rotate-half convention:
+the first and second halves of head_dim form the rotated pairs, RoFormer / GPT-NeoX style), with
+the cos/sin tables from `rope_cos_sin`. Each program takes one token, looks up its position's cos
+and sin row once and rotates every q and k head of that token with it; q and k usually are strided
+views into one fused QKV projection output, so rotating them in place saves two allocations and a
+copy per layer.
+
+Math is fp32 and each result is rounded once to the activation dtype, as in the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(x_ptr, stride_head, num_heads, cos1, cos2, sin1, sin2,
+                  BLOCK_H: tl.constexpr, HALF: tl.constexpr):
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, HALF)[None, :]
+    mask = heads < num_heads
+    first = x_ptr + heads * stride_head + dims             # (BLOCK_H, HALF) pointers
+    x1 = tl.load(first, mask=mask).to(tl.float32)
+    x2 = tl.load(first + HALF, mask=mask).to(tl.float32)
+    # rotate_half(x) = cat(-x2, x1), so x * cos + rotate_half(x) * sin splits into these halves.
+    out1 = x1 * cos1 - x2 * sin1
+    out2 = x2 * cos2 + x1 * sin2
+    dtype = x_ptr.dtype.element_ty
+    tl.store(first, out1.to(dtype), mask=mask)
+    tl.store(first + HALF, out2.to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, positions_ptr, cos_ptr, sin_ptr,
+    stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_cos, stride_sin,
+    num_heads, num_kv_heads,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV_H: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    dims = tl.arange(0, HALF)[None, :]
+    # The reference multiplies by the full cos/sin rows, so both halves are read rather than
+    # assuming the table repeats itself (rope_cos_sin's tables do, others need not).
+    cos1 = tl.load(cos_ptr + position * stride_cos + dims).to(tl.float32)   # (1, HALF)
+    cos2 = tl.load(cos_ptr + position * stride_cos + HALF + dims).to(tl.float32)
+    sin1 = tl.load(sin_ptr + position * stride_sin + dims).to(tl.float32)
+    sin2 = tl.load(sin_ptr + position * stride_sin + HALF + dims).to(tl.float32)
+    _rotate_heads(q_ptr + token * stride_q_token, stride_q_head, num_heads,
+                  cos1, cos2, sin1, sin2, BLOCK_H, HALF)
+    _rotate_heads(k_ptr + token * stride_k_token, stride_k_head, num_kv_heads,
+                  cos1, cos2, sin1, sin2, BLOCK_KV_H, HALF)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q (num_tokens, num_heads, head_dim) and k (num_tokens, num_kv_heads, head_dim) in
+    place by the cos/sin rows (max_positions, head_dim) at `positions`; returns (q, k)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    half = head_dim // 2
+    if head_dim % 2 or half & (half - 1):
+        raise ValueError(f"apply_rotary needs head_dim = 2 * a power of two, got {head_dim}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("apply_rotary needs the last axis of q, k, cos and sin contiguous")
+    if num_tokens == 0:
+        return q, k
+    _rotary_kernel[(num_tokens,)](
+        q, k, positions, cos, sin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+        num_heads, num_kv_heads,
+        HALF=half,
+        BLOCK_H=triton.next_power_of_2(num_heads),
+        BLOCK_KV_H=triton.next_power_of_2(num_kv_heads),
+        num_warps=4,
+    )
+    return q, k

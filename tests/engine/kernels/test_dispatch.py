@@ -1,0 +1,59 @@
+"""The kernel dispatch surface: CPU tensors take the torch references (CPU test); CUDA tensors
+take the Triton kernels (GPU test)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem.engine import kernels
+from tandem.engine.attention import paged_attention_reference, store_kv_reference
+from tandem.engine.layers import (apply_rotary_reference, rms_norm_reference, rope_cos_sin,
+                                  rope_inv_freq)
+from tests.engine.kernels.paged_batch import make_paged_batch
+
+
+def test_cpu_tensors_fall_back_to_the_references():
+    batch = make_paged_batch([20, 9], [20, 1], 4, 2, 16, block_size=4, dtype=torch.float32,
+                             device="cpu")
+    scale = 0.25
+    assert not kernels.is_triton_usable(batch.query)
+    ref = paged_attention_reference(batch.query, batch.kv_layer, batch.meta, scale)
+    assert torch.equal(kernels.paged_attention(batch.query, batch.kv_layer, batch.meta, scale),
+                       ref)
+    out = torch.full_like(batch.query, float("nan"))
+    assert kernels.paged_attention(batch.query, batch.kv_layer, batch.meta, scale, out=out) is out
+    assert torch.equal(out, ref)
+
+    key, value = torch.randn(2, 21, 2, 16).unbind(0)
+    slots = batch.meta.slot_mapping.clone()
+    slots[3] = -1
+    expected = batch.kv_layer.clone()
+    keep = slots >= 0
+    store_kv_reference(key[keep], value[keep], expected, slots[keep])
+    kernels.store_kv(key, value, batch.kv_layer, slots)
+    assert torch.equal(batch.kv_layer, expected)
+
+    x, residual = torch.randn(2, 3, 64, dtype=torch.bfloat16).unbind(0)
+    weight = torch.randn(64, dtype=torch.bfloat16)
+    for got, want in zip(kernels.rms_norm(x, weight, 1e-5, residual),
+                         rms_norm_reference(x, weight, 1e-5, residual)):
+        assert torch.equal(got, want)
+
+    cos, sin = rope_cos_sin(rope_inv_freq(16, 10000.0, None), 32, "cpu")
+    q, k = torch.randn(21, 4, 16), torch.randn(21, 2, 16)
+    positions = torch.randint(0, 32, (21,))
+    for got, want in zip(kernels.apply_rotary(q, k, positions, cos, sin),
+                         apply_rotary_reference(q, k, positions, cos, sin)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [1, 30, 1]])
+def test_cuda_tensors_take_the_kernels(query_lens):
+    batch = make_paged_batch([500, 40, 3000], query_lens, 32, 8, 128)
+    assert kernels.is_triton_usable(batch.query)
+    got = kernels.paged_attention(batch.query, batch.kv_layer, batch.meta, 0.1)
+    ref = paged_attention_reference(batch.query, batch.kv_layer, batch.meta, 0.1)
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
