@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig
 from tandem.engine.loader import build_model
-from tandem.engine.model_config import ModelConfig, load_generation_defaults, load_model_config
+from tandem.engine.model_info import describe_model
 from tandem.engine.model_runner import ModelRunner, bytes_per_block
-from tandem.engine.presets import is_random_spec, preset_config
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import (DecodeScheduler, PrefillScheduler, Scheduler,
                                      SchedulerLimits, make_scheduler)
 from tandem.engine.sequence import FinishReason, Sequence
-from tandem.engine.tokenizer import BUILTIN_EOS_TOKEN_ID, builtin_vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +74,10 @@ class LLMEngine:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model_dir = None if is_random_spec(config.model) else Path(config.model)
-        self.model_config = self._load_model_config()
-        self.max_model_len = self._max_model_len()
+        self.model_info = describe_model(config.model, config.max_model_len)
+        self.model_dir = self.model_info.model_dir
+        self.model_config = self.model_info.config
+        self.max_model_len = self.model_info.max_model_len
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"without chunked prefill max_num_batched_tokens ({config.max_num_batched_tokens}) "
@@ -155,12 +153,18 @@ class LLMEngine:
         self.sequences[request_id] = seq
         return plan
 
-    def complete_remote_request(self, request_id: str, succeeded: bool) -> None:
-        """The pull finished (or failed: then the prompt is recomputed here)."""
+    def complete_remote_request(self, request_id: str, succeeded: bool) -> SequenceUpdate | None:
+        """The pull finished (or failed: then the prompt is recomputed here).
+
+        Returns the final update when the first token already ended the request.
+        """
         self._decode_scheduler().complete_remote(request_id, succeeded)
         seq = self.sequences[request_id]
-        if seq.is_finished:
-            self.sequences.pop(request_id)
+        if not seq.is_finished:
+            return None
+        self.sequences.pop(request_id)
+        return SequenceUpdate(request_id, [], [], True, seq.finish_reason, seq.stop_reason,
+                              seq.num_prompt_tokens, seq.num_cached_prompt_tokens)
 
     def _decode_scheduler(self) -> DecodeScheduler:
         if not isinstance(self.scheduler, DecodeScheduler):
@@ -178,13 +182,7 @@ class LLMEngine:
             num_pinned_requests=len(getattr(scheduler, "pinned", {})))
 
     def default_sampling_params(self) -> SamplingParams:
-        """Sampling defaults from the model's generation_config.json, as vLLM applies them."""
-        defaults = self.generation_defaults
-        keys = ("temperature", "top_p", "top_k", "min_p")
-        chosen = {key: defaults[key] for key in keys if defaults.get(key) is not None}
-        if defaults.get("do_sample") is False:
-            chosen["temperature"] = 0.0
-        return SamplingParams(**chosen)
+        return self.model_info.default_sampling_params()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
@@ -211,32 +209,6 @@ class LLMEngine:
         return updates
 
     # ---- set-up ------------------------------------------------------------------------------
-
-    def _load_model_config(self) -> ModelConfig:
-        self.generation_defaults: dict = {}
-        if self.model_dir is None:
-            config = preset_config(self.config.model, builtin_vocab_size())
-            return config.with_eos((BUILTIN_EOS_TOKEN_ID,))
-        if not self.model_dir.is_dir():
-            raise ValueError(f"model {str(self.model_dir)!r} is neither a directory nor a "
-                             "random:<preset> spec")
-        config = load_model_config(self.model_dir)
-        self.generation_defaults = load_generation_defaults(self.model_dir)
-        extra_eos = self.generation_defaults.get("eos_token_id")
-        extra_eos = [extra_eos] if isinstance(extra_eos, int) else list(extra_eos or [])
-        return config.with_eos(tuple(dict.fromkeys([*config.eos_token_ids, *extra_eos])))
-
-    def _max_model_len(self) -> int:
-        limit = self.model_config.max_position_embeddings
-        if self.model_config.sliding_window:
-            # Attention here is full; within the window the two agree exactly.
-            limit = min(limit, self.model_config.sliding_window)
-        if self.config.max_model_len is None:
-            return limit
-        if self.config.max_model_len > limit:
-            raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's "
-                             f"limit of {limit} positions")
-        return self.config.max_model_len
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:

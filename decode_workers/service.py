@@ -1,0 +1,144 @@
+"""The decode worker: generates tokens, after pulling the prompt's KV from a prefill worker or
+after prefilling the prompt itself.
+
+With a remote prefill, the worker looks the prompt's blocks up in its own prefix cache, allocates
+only the missing ones and READs them over NIXL from the prefill worker, whose agent metadata it
+fetches once per peer. A pull that fails or times out falls back to computing the prompt here, so
+the request still completes; the prefill worker's blocks are then released by RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from tandem.api.worker.v1 import worker_pb2 as wpb
+from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
+from tandem.engine.llm_engine import SequenceUpdate
+from tandem.kv_transfer import KVRegion, KVTransferError
+from tandem.wire import logprob_to_proto, sampling_from_proto
+from tandem.worker_base import KV_LAYOUT_VERSION, WorkerBase
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeWorker(WorkerBase):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.channels: dict[str, grpc.aio.Channel] = {}  # prefill worker address -> channel
+        self.peers: dict[str, str] = {}                  # prefill worker id -> NIXL agent name
+
+    async def Generate(self, request: wpb.WorkerGenerateRequest, context):
+        request_id = request.request_id
+        prompt = list(request.prompt_token_ids)
+        try:
+            params = sampling_from_proto(request.sampling)
+            stream = self.async_engine.open_stream(request_id)
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        first = wpb.TokenChunk()
+        try:
+            if request.HasField("remote"):
+                final = await self._pull_prompt(request, prompt, params, first)
+            else:
+                final = await self.async_engine.call(
+                    lambda: self.engine.add_request(request_id, prompt, params))
+        except ValueError as err:
+            self.async_engine.abort(request_id)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except BaseException:  # cancelled while pulling: nothing may stay parked
+            self.async_engine.abort(request_id)
+            raise
+        if final is not None:
+            self.async_engine.abort(request_id)  # only drops the stream: the request is done
+            yield self._chunk(final, first)
+            return
+        async for update in self.async_engine.iterate(request_id, stream):
+            yield self._chunk(update, first)
+            first = wpb.TokenChunk()
+
+    def _chunk(self, update: SequenceUpdate, first: wpb.TokenChunk) -> wpb.TokenChunk:
+        """One update as a chunk; the first chunk also carries how the prompt got here."""
+        chunk = wpb.TokenChunk()
+        chunk.CopyFrom(first)
+        chunk.token_ids.extend(update.new_token_ids)
+        chunk.logprobs.extend(logprob_to_proto(t, lp) for t, lp in zip(update.new_token_ids,
+                                                                        update.new_logprobs))
+        chunk.num_cached_tokens = max(chunk.num_cached_tokens, update.num_cached_tokens)
+        if update.finished:
+            chunk.finish_reason = update.finish_reason.value
+            if update.stop_reason is not None:
+                chunk.stop_reason = str(update.stop_reason)
+        return chunk
+
+    async def _pull_prompt(self, request: wpb.WorkerGenerateRequest, prompt: list[int], params,
+                           first: wpb.TokenChunk) -> SequenceUpdate | None:
+        """Park the request, pull its missing prompt blocks, then let it decode."""
+        request_id, remote = request.request_id, request.remote
+        if remote.kv.layout_version != KV_LAYOUT_VERSION:
+            raise ValueError(f"KV layout version {remote.kv.layout_version} from "
+                             f"{remote.kv.worker_id}; this worker has {KV_LAYOUT_VERSION}")
+        if remote.kv.block_size != self.engine.config.block_size:
+            raise ValueError(f"prefill worker {remote.kv.worker_id} uses {remote.kv.block_size}-"
+                             f"token blocks, this worker {self.engine.config.block_size}")
+        plan = await self.async_engine.call(lambda: self.engine.add_remote_request(
+            request_id, prompt, remote.first_token_id, params))
+        succeeded = pulled = False
+        if plan is not None:
+            num_cached, local_blocks = plan
+            first.num_cached_tokens = min(num_cached * self.engine.config.block_size, len(prompt))
+            succeeded = await self._read(remote, list(remote.kv.block_ids)[num_cached:],
+                                         local_blocks, request_id, first)
+            pulled = succeeded and bool(local_blocks)
+        first.recomputed = not succeeded
+        if not pulled:  # no READ completed, so no notification will free the remote blocks
+            asyncio.ensure_future(self._release_remote(remote, request_id))
+        return await self.async_engine.call(
+            lambda: self.engine.complete_remote_request(request_id, succeeded)
+            if request_id in self.engine.sequences else None)
+
+    async def _read(self, remote: wpb.RemotePrefill, remote_blocks: list[int],
+                    local_blocks: list[int], request_id: str, first: wpb.TokenChunk) -> bool:
+        if not local_blocks:
+            return True  # everything was cached here; the release below frees the remote copy
+        if self.agent is None:
+            return False
+        try:
+            peer = await self._peer(remote)
+            handle = await self.agent.read_blocks(peer, remote_blocks, local_blocks,
+                                                  request_id.encode(),
+                                                  timeout_s=self.options.transfer_timeout_s)
+        except (KVTransferError, ValueError, grpc.aio.AioRpcError) as err:
+            logger.warning("request %s: pulling KV from %s failed (%s); recomputing the prompt",
+                           request_id, remote.kv.worker_id, err)
+            return False
+        first.kv_transfer_bytes = handle.nbytes
+        first.kv_transfer_seconds = handle.elapsed_s or 0.0
+        self.transfers.bytes_total += handle.nbytes
+        self.transfers.seconds_total += first.kv_transfer_seconds
+        return True
+
+    async def _peer(self, remote: wpb.RemotePrefill) -> str:
+        worker_id = remote.kv.worker_id
+        if worker_id not in self.peers:
+            info = await self._stub(remote.worker_address).GetTransferInfo(
+                wpb.TransferInfoRequest(), timeout=10.0)
+            self.agent.add_peer(info.agent_name, info.agent_metadata,
+                                KVRegion.from_bytes(info.region))
+            self.peers[worker_id] = info.agent_name
+        return self.peers[worker_id]
+
+    def _stub(self, address: str) -> wgrpc.WorkerStub:
+        if address not in self.channels:
+            self.channels[address] = grpc.aio.insecure_channel(address)
+        return wgrpc.WorkerStub(self.channels[address])
+
+    async def _release_remote(self, remote: wpb.RemotePrefill, request_id: str) -> None:
+        try:
+            await self._stub(remote.worker_address).Release(
+                wpb.ReleaseRequest(request_id=request_id), timeout=5.0)
+        except grpc.aio.AioRpcError as err:
+            logger.info("request %s: could not release blocks on %s (%s); its lease will",
+                        request_id, remote.kv.worker_id, err.code().name)

@@ -1,0 +1,133 @@
+"""The engine behind an asyncio server: a step loop plus per-request update streams.
+
+Engine steps run in a worker thread (`asyncio.to_thread`), so the event loop keeps serving gRPC
+while the model computes. Everything that changes engine state (adding, aborting, releasing) is
+queued with `call` and applied by the loop between two steps, so the engine is only ever touched by
+one thread at a time and needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from tandem.engine.llm_engine import LLMEngine, SequenceUpdate
+from tandem.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class EngineDead(RuntimeError):
+    """The step loop failed; the message says why."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._ops: list[tuple[Callable[[], Any], asyncio.Future]] = []
+        self._streams: dict[str, asyncio.Queue[SequenceUpdate | BaseException]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="engine-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn()` on the engine between two steps and return its result."""
+        if self._error is not None:
+            raise EngineDead(f"engine stopped: {self._error}")
+        future = asyncio.get_running_loop().create_future()
+        self._ops.append((fn, future))
+        self._wake.set()
+        return await future
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[SequenceUpdate]:
+        """Add a request and stream its updates; leaving early aborts it."""
+        stream = self.open_stream(request_id)
+        try:
+            await self.call(lambda: self.engine.add_request(request_id, prompt_token_ids, params))
+        except BaseException:
+            self.abort(request_id)
+            raise
+        async for update in self.iterate(request_id, stream):
+            yield update
+
+    def open_stream(self, request_id: str) -> asyncio.Queue:
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        return stream
+
+    async def iterate(self, request_id: str, stream: asyncio.Queue
+                      ) -> AsyncIterator[SequenceUpdate]:
+        """Updates of a request added by the caller; closing early aborts the request."""
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise EngineDead(f"engine stopped: {item}") from item
+                finished = item.finished
+                yield item
+        finally:
+            if finished:
+                self._streams.pop(request_id, None)
+            else:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request's stream and, at the next step boundary, the request. Never blocks."""
+        self._streams.pop(request_id, None)
+        if self._error is None:
+            future = asyncio.get_running_loop().create_future()
+            self._ops.append((lambda: self.engine.finish_request(request_id), future))
+            self._wake.set()
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                self._apply_ops()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.clear()
+                    if not self._ops:
+                        await self._wake.wait()
+                    continue
+                updates = await asyncio.to_thread(self.engine.step)
+                for update in updates:
+                    stream = self._streams.get(update.request_id)
+                    if stream is not None:
+                        stream.put_nowait(update)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # a failed step must fail its requests, not hang them
+            logger.exception("engine step failed; failing every request")
+            self._error = err
+            for stream in self._streams.values():
+                stream.put_nowait(err)
+            for _, future in self._ops:
+                if not future.done():
+                    future.set_exception(EngineDead(f"engine stopped: {err}"))
+
+    def _apply_ops(self) -> None:
+        ops, self._ops = self._ops, []
+        for fn, future in ops:
+            try:
+                result = fn()
+            except Exception as err:
+                if not future.done():
+                    future.set_exception(err)
+                continue
+            if not future.done():
+                future.set_result(result)

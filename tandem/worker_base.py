@@ -1,0 +1,125 @@
+"""What every worker process shares, whatever its role: the engine behind an asyncio loop, the NIXL
+agent over its KV cache, the Worker gRPC methods that do not depend on the role, and registration
+with the frontend followed by heartbeats carrying the worker's load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from tandem.api.worker.v1 import worker_pb2 as wpb
+from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
+from tandem.engine.async_engine import AsyncEngine
+from tandem.engine.config import EngineConfig
+from tandem.engine.llm_engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+KV_LAYOUT_VERSION = 1  # bumped whenever the KV tensor layout changes; peers must agree
+
+
+@dataclass(slots=True)
+class WorkerOptions:
+    worker_id: str
+    role: str                    # prefill | decode
+    frontend: str                # host:port of the frontend's Control service
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 0                # 0: any free port
+    lease_s: float = 30.0        # prefill: pinned blocks are freed after this even if never pulled
+    transfer_timeout_s: float = 30.0  # decode: a pull slower than this falls back to recompute
+    enable_kv_transfer: bool = True
+
+
+@dataclass(slots=True)
+class TransferCounters:
+    bytes_total: int = 0
+    seconds_total: float = 0.0
+
+
+class WorkerBase(wgrpc.WorkerServicer):
+    """Worker methods common to both roles; subclasses add Prefill or Generate."""
+
+    def __init__(self, options: WorkerOptions, engine: LLMEngine, agent):
+        self.options = options
+        self.engine = engine
+        self.async_engine = AsyncEngine(engine)
+        self.agent = agent  # NixlKVAgent, or None when transfers are off
+        self.transfers = TransferCounters()
+
+    async def GetTransferInfo(self, request, context):
+        if self.agent is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"worker {self.options.worker_id} has KV transfer disabled")
+        return wpb.TransferInfo(agent_name=self.agent.name, agent_metadata=self.agent.metadata(),
+                                region=self.agent.region.to_bytes())
+
+    async def GetStats(self, request, context):
+        return await self.stats()
+
+    async def stats(self) -> wpb.WorkerStats:
+        s = await self.async_engine.call(self.engine.stats)
+        return wpb.WorkerStats(
+            num_running=s.num_running, num_waiting=s.num_waiting, num_blocks=s.num_blocks,
+            num_free_blocks=s.num_free_blocks, prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits, num_pinned_requests=s.num_pinned_requests,
+            kv_transfer_bytes=self.transfers.bytes_total,
+            kv_transfer_seconds=self.transfers.seconds_total)
+
+    async def background(self) -> None:
+        """Role-specific periodic work; runs for the life of the worker."""
+
+
+async def register_and_heartbeat(worker: WorkerBase, address: str,
+                                 max_silence_s: float = 10.0) -> None:
+    """Register with the frontend, then send heartbeats until cancelled.
+
+    A worker that cannot reach its frontend for `max_silence_s` exits: a frontend that died must not
+    leave workers behind.
+    """
+    options = worker.options
+    registration = wpb.RegisterRequest(
+        worker_id=options.worker_id, role=options.role, address=address,
+        block_size=worker.engine.config.block_size, model=worker.engine.config.model,
+        num_blocks=worker.engine.num_blocks)
+    async with grpc.aio.insecure_channel(options.frontend) as channel:
+        control = wgrpc.ControlStub(channel)
+        interval_s = await _register(control, registration, max_silence_s)
+        last_ok = time.monotonic()
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                reply = await control.Heartbeat(
+                    wpb.HeartbeatRequest(worker_id=options.worker_id, stats=await worker.stats()),
+                    timeout=max(interval_s * 2, 1.0))
+                last_ok = time.monotonic()
+                if not reply.known:
+                    logger.info("frontend forgot worker %s; registering again", options.worker_id)
+                    interval_s = await _register(control, registration, max_silence_s)
+            except grpc.aio.AioRpcError as err:
+                if time.monotonic() - last_ok > max_silence_s:
+                    raise SystemExit(f"frontend {options.frontend} unreachable for "
+                                     f"{max_silence_s:.0f} s ({err.code().name}); exiting")
+
+
+async def _register(control: wgrpc.ControlStub, request: wpb.RegisterRequest,
+                    max_wait_s: float) -> float:
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        try:
+            reply = await control.Register(request, timeout=5.0)
+            logger.info("worker %s registered as %s at %s", request.worker_id, request.role,
+                        request.address)
+            return reply.heartbeat_interval_ms / 1000.0
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise SystemExit(f"frontend refused worker {request.worker_id}: {err.details()}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"worker {request.worker_id} cannot register with its frontend: "
+                                 f"{err.code().name}")
+            await asyncio.sleep(0.2)
