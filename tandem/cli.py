@@ -1,10 +1,14 @@
-"""The `tandem` command line: `tandem generate` runs offline generation."""
+"""The `tandem` command line: `serve` (the main job), `generate` (offline), `worker` (one worker
+process, started by `serve`)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+
+from tandem.serve import add_serve_parser
+from tandem.worker_main import add_worker_parser
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.add_argument("prompts", nargs="+", help="one or more prompts")
     gen.set_defaults(func=generate_main)
+    add_serve_parser(commands)
+    add_worker_parser(commands)
     return parser
 
 

@@ -73,6 +73,7 @@ class WorkerBase(wgrpc.WorkerServicer):
 
     async def background(self) -> None:
         """Role-specific periodic work; runs for the life of the worker."""
+        await asyncio.Event().wait()
 
 
 async def register_and_heartbeat(worker: WorkerBase, address: str,

@@ -1,0 +1,130 @@
+"""The frontend process's servers: OpenAI HTTP, public gRPC (with health and reflection), and the
+internal Control API that workers register with. It owns the worker registry, the router and the
+request pipeline, and it drains: once draining, new requests are refused and health reports
+NOT_SERVING while requests in flight run to completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import uvicorn
+
+from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
+from tandem.engine.model_info import ModelInfo
+from tandem.router.control_service import ControlService
+from tandem.router.grpc_api import add_public_services, set_health
+from tandem.router.metrics import FrontendMetrics
+from tandem.router.openai_api import create_app
+from tandem.router.pipeline import Pipeline
+from tandem.router.policy import RoutingConfig, SimpleRouter
+from tandem.router.worker_registry import WorkerRegistry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendConfig:
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    control_port: int = 0            # the internal API; 0 picks a free port
+    block_size: int = 16
+    heartbeat_interval_s: float = 0.5
+    stale_after_s: float = 5.0       # a worker silent this long is dropped
+    routing: RoutingConfig = RoutingConfig()
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the serve command owns SIGINT and SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class Frontend:
+    def __init__(self, model: ModelInfo, tokenizer, config: FrontendConfig):
+        self.config = config
+        self.workers = WorkerRegistry(model.name, config.block_size, config.stale_after_s)
+        self.metrics = FrontendMetrics(self.workers)
+        self.router = SimpleRouter(config.routing)
+        self.pipeline = Pipeline(model, tokenizer, self.workers, self.router, self.metrics)
+        self.app = create_app(self.pipeline, tokenizer, self.metrics.registry)
+        self.http: _QuietServer | None = None
+        self.http_task: asyncio.Task | None = None
+        self.grpc_server: grpc.aio.Server | None = None
+        self.control_server: grpc.aio.Server | None = None
+        self.health = None
+        self.grpc_port = 0
+        self.control_address = ""
+
+    async def start(self) -> None:
+        config = self.config
+        self.control_server = grpc.aio.server()
+        wgrpc.add_ControlServicer_to_server(
+            ControlService(self.workers, config.heartbeat_interval_s), self.control_server)
+        control_port = self.control_server.add_insecure_port(f"127.0.0.1:{config.control_port}")
+        await self.control_server.start()
+        self.control_address = f"127.0.0.1:{control_port}"
+        self.grpc_server = grpc.aio.server()
+        self.health = add_public_services(self.grpc_server, self.pipeline)
+        self.grpc_port = self.grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+        await self.grpc_server.start()
+        self.http = _QuietServer(uvicorn.Config(self.app, host=config.host, port=config.http_port,
+                                                log_level="warning", access_log=False))
+        self.http_task = asyncio.create_task(self.http.serve())
+        while not self.http.started:
+            if self.http_task.done():
+                self.http_task.result()
+                raise RuntimeError(f"HTTP server could not start on port {config.http_port}")
+            await asyncio.sleep(0.02)
+        logger.info("frontend listening: http %s:%d, grpc %s:%d, control %s", config.host,
+                    config.http_port, config.host, self.grpc_port, self.control_address)
+
+    async def wait_for_workers(self, expected: dict[str, int], timeout_s: float,
+                               dead_workers) -> None:
+        """Until every expected worker has registered; raises when one died or time ran out."""
+        deadline = time.monotonic() + timeout_s
+        while any(self.workers.count(role) < n for role, n in expected.items()):
+            dead = dead_workers()
+            if dead:
+                raise RuntimeError(f"worker(s) {', '.join(dead)} exited before registering")
+            if time.monotonic() > deadline:
+                counts = {role: self.workers.count(role) for role in expected}
+                raise RuntimeError(f"workers not ready after {timeout_s:.0f} s: registered "
+                                   f"{counts}, expected {expected}")
+            await asyncio.sleep(0.05)
+        self.pipeline.ready = True
+        set_health(self.health, serving=True)
+
+    def forget_workers(self, worker_ids: list[str]) -> None:
+        for worker_id in worker_ids:
+            self.workers.deregister(worker_id)
+        self.workers.drop_stale(time.monotonic())
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and wait for those in flight; False if some were still running."""
+        self.pipeline.draining = True
+        set_health(self.health, serving=False)
+        try:
+            await asyncio.wait_for(self.pipeline.idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            logger.warning("%d requests still running after %.0f s of draining",
+                           self.pipeline.num_inflight, timeout_s)
+            return False
+
+    async def stop(self) -> None:
+        if self.http is not None:
+            self.http.should_exit = True
+            await asyncio.gather(self.http_task, return_exceptions=True)
+        for server in (self.grpc_server, self.control_server):
+            if server is not None:
+                await server.stop(1.0)
+        await self.pipeline.close()

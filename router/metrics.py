@@ -1,0 +1,65 @@
+"""Prometheus metrics of the frontend.
+
+Latencies are measured here, where the client sees them, and labelled by the worker that produced
+the tokens and its role. Worker-side gauges and counters (running, waiting, KV usage, prefix cache)
+come from the latest heartbeat of each worker, through a collector that reads the registry at
+scrape time. Names follow vLLM's where the meaning is the same.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from tandem.router.worker_registry import WorkerRegistry
+
+LABELS = ("worker", "role")
+LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class FrontendMetrics:
+    def __init__(self, workers: WorkerRegistry, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token",
+                              LABELS, buckets=LATENCY_BUCKETS_S, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between streamed tokens",
+                             LABELS, buckets=LATENCY_BUCKETS_S, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency, end to end",
+                             LABELS, buckets=LATENCY_BUCKETS_S, registry=r)
+        self.transfer_bytes = Counter("tandem_kv_transfer_bytes", "KV bytes pulled over NIXL",
+                                      LABELS, registry=r)
+        self.transfer_seconds = Histogram("tandem_kv_transfer_seconds", "Duration of one KV pull",
+                                          LABELS, buckets=LATENCY_BUCKETS_S, registry=r)
+        self.remote_prefill = Counter("tandem_remote_prefill", "Prompts prefilled on a prefill "
+                                      "worker", registry=r)
+        self.local_prefill = Counter("tandem_local_prefill", "Prompts prefilled on their decode "
+                                     "worker", registry=r)
+        self.recomputed = Counter("tandem_kv_transfer_fallback", "Remote prefills whose KV pull "
+                                  "failed and were recomputed on the decode worker", registry=r)
+        r.register(_WorkerStatsCollector(workers))
+
+
+class _WorkerStatsCollector:
+    def __init__(self, workers: WorkerRegistry):
+        self.workers = workers
+
+    def collect(self):
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests running", labels=LABELS)
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting", labels=LABELS)
+        usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1",
+                                  labels=LABELS)
+        queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in "
+                                      "the prefix cache", labels=LABELS)
+        hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix "
+                                   "cache", labels=LABELS)
+        for w in list(self.workers.workers.values()):
+            labels = [w.worker_id, w.role]
+            s = w.stats
+            running.add_metric(labels, s.num_running)
+            waiting.add_metric(labels, s.num_waiting)
+            usage.add_metric(labels, 1.0 - s.num_free_blocks / s.num_blocks if s.num_blocks else 0)
+            queries.add_metric(labels, s.prefix_cache_queries)
+            hits.add_metric(labels, s.prefix_cache_hits)
+        yield from (running, waiting, usage, queries, hits)

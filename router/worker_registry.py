@@ -1,0 +1,83 @@
+"""The frontend's view of its workers: who registered, where they listen, how loaded they are.
+
+Pure state with no I/O. Workers register once, then heartbeat with their stats; a worker whose
+heartbeats stop for `stale_after_s` is dropped. The router's own in-flight counts (what it routed
+and has not seen finish) are kept here too, since they are fresher than any heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from tandem.api.worker.v1 import worker_pb2 as wpb
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode")
+
+
+@dataclass(slots=True)
+class WorkerState:
+    worker_id: str
+    role: str
+    address: str
+    block_size: int
+    num_blocks: int
+    last_seen_s: float
+    stats: wpb.WorkerStats = field(default_factory=wpb.WorkerStats)
+    num_inflight: int = 0  # requests routed here that have not finished
+
+
+class WorkerRegistry:
+    def __init__(self, model: str, block_size: int, stale_after_s: float = 5.0):
+        self.model = model
+        self.block_size = block_size
+        self.stale_after_s = stale_after_s
+        self.workers: dict[str, WorkerState] = {}
+
+    def register(self, request: wpb.RegisterRequest, now_s: float) -> None:
+        """Raises ValueError when the worker cannot serve alongside this frontend."""
+        if request.role not in ROLES:
+            raise ValueError(f"worker {request.worker_id}: role must be prefill or decode, "
+                             f"got {request.role!r}")
+        if request.block_size != self.block_size:
+            raise ValueError(f"worker {request.worker_id} uses {request.block_size}-token KV "
+                             f"blocks but the frontend expects {self.block_size}")
+        if request.model != self.model:
+            raise ValueError(f"worker {request.worker_id} serves {request.model!r}, the frontend "
+                             f"{self.model!r}")
+        known = self.workers.get(request.worker_id)
+        self.workers[request.worker_id] = WorkerState(
+            request.worker_id, request.role, request.address, request.block_size,
+            request.num_blocks, now_s, num_inflight=known.num_inflight if known else 0)
+        logger.info("worker %s registered: %s at %s, %d blocks", request.worker_id,
+                    request.role, request.address, request.num_blocks)
+
+    def heartbeat(self, worker_id: str, stats: wpb.WorkerStats, now_s: float) -> bool:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return False
+        worker.stats = stats
+        worker.last_seen_s = now_s
+        return True
+
+    def deregister(self, worker_id: str) -> None:
+        if self.workers.pop(worker_id, None) is not None:
+            logger.info("worker %s deregistered", worker_id)
+
+    def drop_stale(self, now_s: float) -> list[str]:
+        stale = [w.worker_id for w in self.workers.values()
+                 if now_s - w.last_seen_s > self.stale_after_s]
+        for worker_id in stale:
+            logger.warning("worker %s missed its heartbeats; dropping it", worker_id)
+            del self.workers[worker_id]
+        return stale
+
+    def pool(self, role: str) -> list[WorkerState]:
+        """Workers of one role, in a stable order (by id)."""
+        return sorted((w for w in self.workers.values() if w.role == role),
+                      key=lambda w: w.worker_id)
+
+    def count(self, role: str) -> int:
+        return sum(w.role == role for w in self.workers.values())

@@ -1,0 +1,97 @@
+"""Deployment: starting and stopping worker processes.
+
+`Deployment` is the one small interface the frontend uses; `LocalDeployment` runs each worker as a
+child process of this machine (`tandem worker ...`), one GPU each when GPUs are used. A Ray
+implementation provides the same four methods with Ray actors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Protocol
+
+logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    worker_id: str
+    role: str                        # prefill | decode
+    frontend: str                    # host:port of the frontend's control API
+    model: str
+    device: str = "cpu"              # cpu, or cuda:N for the N-th visible GPU
+    args: tuple[str, ...] = field(default_factory=tuple)  # further `tandem worker` flags
+
+
+class Deployment(Protocol):
+    def start_worker(self, spec: WorkerSpec) -> None: ...
+
+    def stop_worker(self, worker_id: str, timeout_s: float) -> None: ...
+
+    def dead_workers(self) -> list[str]:
+        """Workers started here whose process has exited."""
+        ...
+
+    def stop_all(self, timeout_s: float) -> None: ...
+
+
+def _die_with_parent() -> None:
+    # A worker must not outlive the frontend that started it, even one killed with SIGKILL.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class LocalDeployment:
+    def __init__(self, log_level: str = "WARNING"):
+        self.log_level = log_level
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start_worker(self, spec: WorkerSpec) -> None:
+        env = dict(os.environ)
+        device = spec.device
+        if device.startswith("cuda:"):
+            # One GPU per worker: the worker sees only its own, as cuda:0.
+            env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+            device = "cuda"
+        command = [sys.executable, "-m", "tandem.cli", "--log-level", self.log_level, "worker",
+                   "--worker-id", spec.worker_id, "--role", spec.role, "--frontend", spec.frontend,
+                   "--model", spec.model, "--device", device, *spec.args]
+        logger.info("starting %s worker %s on %s", spec.role, spec.worker_id, spec.device)
+        self.processes[spec.worker_id] = subprocess.Popen(
+            command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+    def stop_worker(self, worker_id: str, timeout_s: float) -> None:
+        process = self.processes.pop(worker_id, None)
+        if process is not None:
+            _terminate([process], timeout_s)
+
+    def dead_workers(self) -> list[str]:
+        return [w for w, p in self.processes.items() if p.poll() is not None]
+
+    def stop_all(self, timeout_s: float) -> None:
+        processes = list(self.processes.values())
+        self.processes.clear()
+        _terminate(processes, timeout_s)
+
+
+def _terminate(processes: list[subprocess.Popen], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL whatever is still there after timeout_s."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("worker pid %d did not stop in %.0f s; killing it", process.pid,
+                           timeout_s)
+            process.kill()
+            process.wait()
