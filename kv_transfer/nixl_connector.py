@@ -1,0 +1,360 @@
+"""NixlKVAgent: pull KV blocks out of a peer worker's memory with NIXL over UCX.
+
+Every worker builds one agent around its KV tensor and registers the whole tensor once. The two
+sides of a remote prefill then play these parts (DESIGN.md, "One request, end to end", step 4):
+
+- the prefill worker owns the blocks. It hands `metadata()` and `region.to_bytes()` to the decode
+  worker (over gRPC, which is not this module's business), and calls `get_notifications()` to learn
+  which requests have been pulled, so that it can free their blocks;
+- the decode worker calls `add_peer()` with those bytes once per prefill worker, then
+  `start_read()` / `poll()` / `release()` (or `await read_blocks()`) with the block ids of both
+  sides and the request id as the notification. NIXL sends the notification after the READ's data
+  has moved, so receiving it means the prefill worker's blocks are no longer needed.
+
+Pull (READ) rather than push keeps the decode worker in charge of its own memory: it reads only
+once it has allocated the destination blocks, and a decode worker that is gone simply never reads.
+
+Transports. On one host UCX needs no settings, also inside a loopback-only network namespace
+(`unshare -n`, then `ip link set lo up`): it runs over TCP on `lo` plus cross-memory attach for
+host memory (CUDA IPC for GPU memory), and the namespace keeps both. `UCX_*` variables a user sets
+are left alone, with one caveat: NIXL's UCX backend asks UCX for peer failure detection, which the
+shared-memory transports lack, so a `UCX_TLS` without `tcp` (`sm`, or an empty string) makes
+creating the backend fail. Both agents in one process work but take a slow path (DESIGN.md).
+
+Threads: call an agent from one thread (the worker's event loop). The NIXL agent is still created
+with strict thread synchronisation, so a stray call from another thread cannot corrupt it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tandem.kv_transfer.descriptors import (
+    check_block_ids,
+    coalesce_block_runs,
+    dst_descriptors,
+    src_descriptors,
+)
+from tandem.kv_transfer.read_handle import KVReadHandle, KVTransferError, TransferState
+from tandem.kv_transfer.region import KVRegion
+
+logger = logging.getLogger(__name__)
+
+BACKEND = "UCX"
+# read_blocks' polling backoff: start fine-grained, since a pull of a few blocks finishes in tens
+# of microseconds, and cap it so that long pulls do not spin the event loop.
+POLL_FIRST_SLEEP_S = 50e-6
+POLL_MAX_SLEEP_S = 2e-3
+MAX_NOTIFY_NBYTES = 1024  # a request id; NIXL sends the notification as one small message
+
+
+@dataclass(frozen=True, slots=True)
+class _Peer:
+    agent_metadata: bytes
+    region: KVRegion
+
+
+class NixlKVAgent:
+    """A NIXL agent (UCX backend) with one KV tensor registered, pulling blocks from peers."""
+
+    def __init__(self, agent_name: str, kv_cache: torch.Tensor) -> None:
+        if not agent_name:
+            raise ValueError("agent_name must be a non-empty string, unique among the workers")
+        self.name = agent_name
+        self.region = KVRegion.from_tensor(kv_cache)
+        # NIXL holds raw addresses into this tensor: keep it alive as long as the registration.
+        self._kv_cache = kv_cache
+        self._peers: dict[str, _Peer] = {}
+        self._agent: Any = _create_agent(agent_name)
+        region = self.region
+        self._registration = self._agent.register_memory(
+            [(region.base_addr, region.total_nbytes, region.dev_id, "")],
+            mem_type=region.mem_type,
+            backends=[BACKEND],
+        )
+        logger.info(
+            "NIXL agent %s registered %d KV blocks of %d bytes in %s (device %d)",
+            agent_name, region.num_blocks, region.block_nbytes, region.mem_type, region.dev_id,
+        )
+
+    # -- metadata exchange -----------------------------------------------------------------------
+
+    def metadata(self) -> bytes:
+        """NIXL agent metadata for peers' `add_peer`; send `self.region.to_bytes()` with it."""
+        return self._live_agent().get_agent_metadata()
+
+    def add_peer(self, peer_name: str, agent_metadata: bytes, region: KVRegion) -> None:
+        """Make `peer_name`'s blocks readable. Adding the same peer again is a no-op; a peer
+        whose metadata changed (it restarted under the same name) is reloaded."""
+        agent = self._live_agent()
+        peer = _Peer(agent_metadata, region)
+        if self._peers.get(peer_name) == peer:
+            return
+        if peer_name == self.name:
+            raise ValueError(f"agent {self.name!r} cannot add itself as a peer")
+        if region.block_nbytes != self.region.block_nbytes:
+            raise ValueError(
+                f"peer {peer_name!r} has {region.block_nbytes}-byte KV blocks but this worker has "
+                f"{self.region.block_nbytes}-byte blocks: both must run the same model, block "
+                "size and KV dtype"
+            )
+        if peer_name in self._peers:
+            logger.info("peer %s changed its metadata, reloading it", peer_name)
+            self.remove_peer(peer_name)
+        try:
+            loaded_name = _as_str(agent.add_remote_agent(agent_metadata))
+        except Exception as e:
+            # Malformed metadata and an unreachable peer mean the same to the caller: this peer
+            # cannot be read from, so its prompts are recomputed.
+            raise KVTransferError(
+                f"NIXL could not load the metadata of peer {peer_name!r} ({e}): is the peer "
+                "running, and are the bytes the output of its metadata()?"
+            ) from e
+        if loaded_name != peer_name:
+            if loaded_name not in self._peers:  # never drop a peer that was added correctly
+                agent.remove_remote_agent(loaded_name)
+            raise ValueError(
+                f"the metadata given for peer {peer_name!r} belongs to agent {loaded_name!r}"
+            )
+        self._peers[peer_name] = peer
+        logger.info("added peer %s: %d blocks in %s", peer_name, region.num_blocks, region.mem_type)
+
+    def remove_peer(self, peer_name: str) -> None:
+        """Forget a peer and drop the connection to it; unknown names are ignored."""
+        if self._peers.pop(peer_name, None) is None:
+            return
+        try:
+            self._live_agent().remove_remote_agent(peer_name)
+        except Exception:
+            logger.warning("NIXL failed to remove peer %s", peer_name, exc_info=True)
+        logger.info("removed peer %s", peer_name)
+
+    @property
+    def peer_names(self) -> list[str]:
+        return list(self._peers)
+
+    # -- pulling blocks --------------------------------------------------------------------------
+
+    def start_read(
+        self,
+        peer_name: str,
+        remote_block_ids: list[int],
+        local_block_ids: list[int],
+        notify: bytes,
+    ) -> KVReadHandle:
+        """Post a READ of the peer's `remote_block_ids` into our `local_block_ids`, pairwise.
+
+        `notify` (the request id) reaches the peer once the READ is complete. Poll the handle to
+        DONE or ERR, then release it.
+        """
+        peer = self._peers.get(peer_name)
+        if peer is None:
+            raise ValueError(
+                f"unknown peer {peer_name!r}: call add_peer first (known: {self.peer_names})"
+            )
+        request_id = _check_notify(notify)
+        runs = coalesce_block_runs(remote_block_ids, local_block_ids)
+        check_block_ids(remote_block_ids, peer.region.num_blocks, f"remote ({peer_name})")
+        check_block_ids(local_block_ids, self.region.num_blocks, "local")
+        xfer = self._prepare_read(peer_name, peer.region, runs, notify, request_id)
+        handle = KVReadHandle(
+            peer_name=peer_name,
+            request_id=request_id,
+            num_blocks=len(local_block_ids),
+            num_descriptors=len(runs),
+            nbytes=len(local_block_ids) * self.region.block_nbytes,
+            started_s=time.perf_counter(),
+            xfer=xfer,
+        )
+        self._post(handle)
+        return handle
+
+    def poll(self, handle: KVReadHandle) -> TransferState:
+        """'DONE', 'PROC' (still moving) or 'ERR'. Never blocks."""
+        if handle.xfer is None:
+            raise ValueError(f"request {handle.request_id}: the READ was already released")
+        agent = self._live_agent()
+        try:
+            state = agent.check_xfer_state(handle.xfer)
+        except Exception:
+            logger.warning("request %s: NIXL could not report the READ's state",
+                           handle.request_id, exc_info=True)
+            state = "ERR"
+        if state == "DONE" and handle.finished_s is None:
+            handle.finished_s = time.perf_counter()
+        if state == "DONE":
+            logger.debug(
+                "request %s: read %d blocks (%d descriptors, %d bytes) from %s in %.3f ms",
+                handle.request_id, handle.num_blocks, handle.num_descriptors, handle.nbytes,
+                handle.peer_name, handle.elapsed_s * 1e3,
+            )
+        elif state == "ERR":
+            logger.warning("request %s: READ from %s failed", handle.request_id, handle.peer_name)
+        return state
+
+    def release(self, handle: KVReadHandle) -> bool:
+        """Free NIXL's handle, cancelling the READ if it is still moving. False when NIXL could
+        not cancel it: its destination blocks may still change. Releasing twice is a no-op."""
+        xfer, handle.xfer = handle.xfer, None
+        if xfer is None:
+            return True
+        try:
+            xfer.release()
+        except Exception:
+            # NIXL keeps a handle it could not release and frees it when the agent goes away.
+            logger.error("request %s: NIXL could not cancel the READ from %s; its destination "
+                         "blocks may still be written", handle.request_id, handle.peer_name,
+                         exc_info=True)
+            return False
+        return True
+
+    async def read_blocks(
+        self,
+        peer_name: str,
+        remote_block_ids: list[int],
+        local_block_ids: list[int],
+        notify: bytes,
+        timeout_s: float = 30.0,
+    ) -> KVReadHandle:
+        """Pull the blocks and wait; raise KVTransferError on an error or after `timeout_s`.
+
+        Returns the released handle: `elapsed_s` and `nbytes` give the achieved bandwidth.
+        """
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        handle = self.start_read(peer_name, remote_block_ids, local_block_ids, notify)
+        try:
+            await self._wait(handle, timeout_s)
+        except KVTransferError as e:
+            raise KVTransferError(str(e), in_flight=not self.release(handle)) from e
+        finally:
+            self.release(handle)
+        return handle
+
+    # -- the owner's side ------------------------------------------------------------------------
+
+    def get_notifications(self) -> list[tuple[str, bytes]]:
+        """(peer name, message) for every READ of our blocks completed since the last call."""
+        notifs = self._live_agent().get_new_notifs()
+        return [(_as_str(peer), msg) for peer, msgs in notifs.items() for msg in msgs]
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drop every peer and the registration. Safe to call twice."""
+        if self._agent is None:
+            return
+        for peer_name in list(self._peers):
+            self.remove_peer(peer_name)
+        try:
+            self._agent.deregister_memory(self._registration, backends=[BACKEND])
+        except Exception:
+            logger.warning("NIXL agent %s could not deregister its KV cache", self.name,
+                           exc_info=True)
+        self._agent = None
+        logger.info("NIXL agent %s closed", self.name)
+
+    def __enter__(self) -> NixlKVAgent:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _live_agent(self) -> Any:
+        if self._agent is None:
+            raise KVTransferError(f"NIXL agent {self.name!r} is closed")
+        return self._agent
+
+    def _prepare_read(
+        self, peer_name: str, remote: KVRegion, runs: list[tuple[int, int, int]],
+        notify: bytes, request_id: str,
+    ) -> Any:
+        agent, local = self._live_agent(), self.region
+        local_descs = dst_descriptors(runs, local.base_addr, local.block_nbytes, local.dev_id)
+        remote_descs = src_descriptors(runs, remote.base_addr, remote.block_nbytes, remote.dev_id)
+        try:
+            return agent.initialize_xfer(
+                "READ",
+                agent.get_xfer_descs(local_descs, local.mem_type),
+                agent.get_xfer_descs(remote_descs, remote.mem_type),
+                peer_name,
+                notify,
+                backends=[BACKEND],
+            )
+        except Exception as e:
+            raise KVTransferError(
+                f"request {request_id}: NIXL could not prepare the READ from {peer_name}: {e}"
+            ) from e
+
+    def _post(self, handle: KVReadHandle) -> None:
+        try:
+            state = self._live_agent().transfer(handle.xfer)
+        except Exception as e:
+            state, cause = "ERR", e
+        else:
+            cause = None
+        if state == "ERR":
+            self.release(handle)
+            raise KVTransferError(
+                f"request {handle.request_id}: posting the READ from {handle.peer_name} failed"
+                + (f": {cause}" if cause else "")
+            ) from cause
+        if state == "DONE":
+            handle.finished_s = time.perf_counter()
+
+    async def _wait(self, handle: KVReadHandle, timeout_s: float) -> None:
+        deadline = handle.started_s + timeout_s
+        sleep_s = POLL_FIRST_SLEEP_S
+        while True:
+            state = self.poll(handle)
+            if state == "DONE":
+                return
+            what = f"request {handle.request_id}: READ of {handle.num_blocks} blocks"
+            if state == "ERR":
+                raise KVTransferError(f"{what} from {handle.peer_name} failed; is the peer alive?")
+            if time.perf_counter() >= deadline:
+                raise KVTransferError(f"{what} from {handle.peer_name} took over {timeout_s} s")
+            await asyncio.sleep(sleep_s)
+            sleep_s = min(sleep_s * 2, POLL_MAX_SLEEP_S)
+
+
+def _create_agent(agent_name: str) -> Any:
+    try:
+        from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
+    except ImportError as e:
+        raise ImportError(
+            "tandem.kv_transfer needs NIXL. On a CUDA 12 or CPU-only machine: "
+            "`pip install nixl-cu12==1.5.1 && pip install --no-deps nixl==1.5.1`; "
+            "with CUDA 13, nixl-cu13 in place of nixl-cu12"
+        ) from e
+    config = nixl_agent_config(
+        backends=[BACKEND], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+    )
+    agent = nixl_agent(agent_name, config)
+    if BACKEND not in agent.backends:
+        raise KVTransferError(
+            f"NIXL has no {BACKEND} backend here (plugins found: {agent.get_plugin_list()}); "
+            "reinstall the nixl wheel, which ships it"
+        )
+    return agent
+
+
+def _check_notify(notify: bytes) -> str:
+    """The notification carries the request id, by which the owner frees its blocks."""
+    if not isinstance(notify, bytes) or not notify:
+        raise ValueError(f"notify must be the request id as non-empty bytes, got {notify!r}")
+    if len(notify) > MAX_NOTIFY_NBYTES:
+        raise ValueError(f"notify must be at most {MAX_NOTIFY_NBYTES} bytes, got {len(notify)}")
+    return notify.decode("utf-8", errors="replace")
+
+
+def _as_str(name: str | bytes) -> str:
+    return name.decode() if isinstance(name, bytes) else name

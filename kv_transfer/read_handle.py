@@ -1,0 +1,40 @@
+"""What a KV pull hands its caller: the handle of one READ, and the error of a failed one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# NIXL's transfer states: finished, still moving, failed.
+TransferState = Literal["DONE", "PROC", "ERR"]
+
+
+class KVTransferError(RuntimeError):
+    """A pull failed, timed out, or the agent is closed; the caller recomputes the prompt instead.
+
+    `in_flight` is True when NIXL could not cancel a READ that had not finished (after a timeout):
+    its destination blocks may still be written, so they must not be handed to another request.
+    """
+
+    def __init__(self, message: str, *, in_flight: bool = False) -> None:
+        super().__init__(message)
+        self.in_flight = in_flight
+
+
+@dataclass(slots=True)
+class KVReadHandle:
+    """One posted READ of `num_blocks` blocks from `peer_name`. `xfer` is NIXL's handle, None once
+    released; `started_s` and `finished_s` are `time.perf_counter()` readings."""
+
+    peer_name: str
+    request_id: str
+    num_blocks: int
+    num_descriptors: int
+    nbytes: int
+    started_s: float
+    xfer: Any
+    finished_s: float | None = None
+
+    @property
+    def elapsed_s(self) -> float | None:
+        return None if self.finished_s is None else self.finished_s - self.started_s

@@ -1,0 +1,222 @@
+"""The OpenAI-compatible HTTP API of tandem's frontend, on FastAPI.
+
+`create_app(pipeline, tokenizer)` serves:
+
+- `POST /v1/completions` and `POST /v1/chat/completions`, whole or streamed as server-sent events
+  (`data: {json}` per chunk, then `data: [DONE]`; with `stream_options.include_usage` a last chunk
+  with no choices carries the usage);
+- `GET /v1/models` (the one served model), `GET /health` (200, or 503 while the pipeline is not
+  ready or draining) and `GET /metrics` (Prometheus text format of the given registry).
+
+This module is the I/O shell. Validation and tokenization live in `openai_inputs`, response shapes in
+`openai_outputs`, disconnect handling in `openai_sse`, and everything past the `GenerateRequest`
+(routing, workers, detokenization) in the pipeline. Each request runs as: refuse with 503 if the
+pipeline cannot take work; read and validate the body and tokenize the prompt on the tokenizer
+thread; call `pipeline.generate`; collect or stream its chunks. A client that disconnects ends the
+iteration and closes the pipeline's generator, which aborts the request.
+
+Errors are OpenAI error objects (`openai_errors`). An unknown model is a 400 (`model_not_found`),
+like every other request the client must change. A `RequestRejected` from the pipeline, even one raised while iterating, keeps
+its status when no byte has been sent yet; once a stream has started, it arrives as a final
+`data: {"error": ...}` event before `[DONE]`, which OpenAI's clients raise as an APIError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from starlette.requests import ClientDisconnect
+from transformers import PreTrainedTokenizerBase
+
+from tandem.router.openai_errors import OpenAIError, error_response, install_error_handlers, internal_error
+from tandem.router.openai_inputs import (chat_request, check_model, check_supported, completion_request,
+                                         parse_body)
+from tandem.router.openai_outputs import ChatFormatter, CompletionFormatter, make_token_text
+from tandem.router.openai_protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from tandem.router.openai_sse import (SSE_DONE, ClientDisconnected, SSEResponse, close_iterator,
+                                      run_unless_disconnected, sse_event)
+from tandem.router.types import GenerateChunk, GenerateRequest, RequestPipeline, RequestRejected
+
+logger = logging.getLogger(__name__)
+
+Formatter = CompletionFormatter | ChatFormatter
+
+
+def create_app(pipeline: RequestPipeline, tokenizer: PreTrainedTokenizerBase,
+               metrics_registry: CollectorRegistry | None = None) -> FastAPI:
+    """The HTTP app serving `pipeline`; `tokenizer` must be the one the pipeline's model uses."""
+    server = _OpenAIServer(pipeline, tokenizer, metrics_registry or REGISTRY)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        server.tokenize_executor.shutdown(wait=False, cancel_futures=True)
+
+    # No generated docs: the routes parse their bodies themselves, so the schema would be empty.
+    app = FastAPI(title="tandem", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics, methods=["GET"])
+    return app
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    request: GenerateRequest
+    formatter: Formatter
+    stream: bool
+    include_usage: bool
+
+
+class _OpenAIServer:
+    def __init__(self, pipeline: RequestPipeline, tokenizer: PreTrainedTokenizerBase,
+                 registry: CollectorRegistry):
+        self.pipeline = pipeline
+        self.tokenizer = tokenizer
+        self.registry = registry
+        self.token_text = make_token_text(tokenizer)
+        self.started_s = int(time.time())
+        # One thread: Hugging Face tokenizers are not safe to share between threads, and long prompts
+        # must not stall the event loop that streams every other request.
+        self.tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-tokenize")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, f"cmpl-{uuid.uuid4().hex}", self._prepare_completion)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, f"chatcmpl-{uuid.uuid4().hex}", self._prepare_chat)
+
+    async def models(self, request: Request) -> Response:
+        card = ModelCard(id=self.pipeline.model_name, created=self.started_s)
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    async def health(self, request: Request) -> Response:
+        try:
+            self._check_serving()
+        except OpenAIError as error:
+            return error_response(error)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def _check_serving(self) -> None:
+        if self.pipeline.is_draining:
+            raise OpenAIError("the server is draining: it finishes the requests it has but takes no new "
+                              "ones; send this request to another replica", 503, code="server_draining")
+        if not self.pipeline.is_ready:
+            raise OpenAIError("the server is not ready yet: the model or its workers are still starting; "
+                              "retry shortly", 503, code="server_not_ready")
+
+    async def _serve(self, request: Request, request_id: str,
+                     prepare: Callable[[bytes, str], _Prepared]) -> Response:
+        try:
+            self._check_serving()
+            body = await request.body()
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(self.tokenize_executor, prepare, body, request_id)
+            logger.debug("request %s: %d prompt tokens, max_tokens %s, stream %s", request_id,
+                         len(prepared.request.prompt_token_ids), prepared.request.params.max_tokens,
+                         prepared.stream)
+            if prepared.stream:
+                return await self._stream(request, prepared)
+            return await self._complete(request, prepared)
+        except OpenAIError as error:
+            logger.debug("request %s refused (%d): %s", request_id, error.status, error.message)
+            return error_response(error)
+        except RequestRejected as exc:
+            logger.info("request %s rejected by the pipeline (%d): %s", request_id, exc.status, exc.message)
+            return error_response(OpenAIError.from_rejected(exc))
+        except (ClientDisconnected, ClientDisconnect):
+            logger.info("request %s: client disconnected; request abandoned", request_id)
+            return Response(status_code=499)   # nobody reads it; the status is for access logs
+        except Exception:
+            logger.exception("request %s failed", request_id)
+            return error_response(internal_error(request_id))
+
+    def _prepare_completion(self, body: bytes, request_id: str) -> _Prepared:
+        parsed = parse_body(body, CompletionRequest)
+        check_model(parsed.model, self.pipeline.model_name)
+        check_supported(parsed)
+        request = completion_request(parsed, request_id, self.tokenizer, self.pipeline.max_model_len)
+        return _Prepared(request, self._formatter(CompletionFormatter, request), bool(parsed.stream),
+                         parsed.include_usage)
+
+    def _prepare_chat(self, body: bytes, request_id: str) -> _Prepared:
+        parsed = parse_body(body, ChatCompletionRequest)
+        check_model(parsed.model, self.pipeline.model_name)
+        check_supported(parsed)
+        request = chat_request(parsed, request_id, self.tokenizer, self.pipeline.max_model_len)
+        return _Prepared(request, self._formatter(ChatFormatter, request), bool(parsed.stream),
+                         parsed.include_usage)
+
+    def _formatter(self, kind: type[Formatter], request: GenerateRequest) -> Formatter:
+        return kind(request.request_id, self.pipeline.model_name, len(request.prompt_token_ids),
+                    request.params.logprobs, self.token_text)
+
+    async def _complete(self, request: Request, prepared: _Prepared) -> Response:
+        chunks = self.pipeline.generate(prepared.request)
+        try:
+            await run_unless_disconnected(request.receive, _collect(chunks, prepared.formatter))
+        finally:
+            await close_iterator(chunks)
+        return JSONResponse(prepared.formatter.response())
+
+    async def _stream(self, request: Request, prepared: _Prepared) -> Response:
+        chunks = self.pipeline.generate(prepared.request)
+        try:
+            # Wait for the first chunk before answering: a rejection found by then keeps its status.
+            first = await run_unless_disconnected(request.receive, _next_chunk(chunks))
+        except BaseException:
+            await close_iterator(chunks)
+            raise
+        return SSEResponse(_events(chunks, first, prepared))
+
+
+async def _collect(chunks: AsyncIterator[GenerateChunk], formatter: Formatter) -> None:
+    async for chunk in chunks:
+        formatter.add(chunk)
+
+
+async def _next_chunk(chunks: AsyncIterator[GenerateChunk]) -> GenerateChunk | None:
+    return await anext(chunks, None)
+
+
+async def _events(chunks: AsyncIterator[GenerateChunk], first: GenerateChunk | None,
+                  prepared: _Prepared) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed request; closing it early closes the pipeline's generator."""
+    formatter = prepared.formatter
+    request_id = prepared.request.request_id
+    try:
+        for payload in formatter.prologue():
+            yield sse_event(payload)
+        chunk = first
+        while chunk is not None:
+            body = formatter.stream_body(formatter.add(chunk))
+            if body is not None:
+                yield sse_event(body)
+            chunk = await anext(chunks, None)
+        if prepared.include_usage:
+            yield sse_event(formatter.usage_chunk())
+    except RequestRejected as exc:
+        logger.info("request %s rejected mid-stream (%d): %s", request_id, exc.status, exc.message)
+        yield sse_event(OpenAIError.from_rejected(exc).body())
+    except Exception:
+        logger.exception("request %s failed mid-stream", request_id)
+        yield sse_event(internal_error(request_id).body())
+    finally:
+        await close_iterator(chunks)
+    yield SSE_DONE

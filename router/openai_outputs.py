@@ -1,0 +1,203 @@
+"""From the pipeline's `GenerateChunk`s to OpenAI response bodies, streamed or whole.
+
+One formatter per request. `add(chunk)` folds a chunk into the running totals (text, completion
+tokens, cached prompt tokens, finish reason, logprobs) and returns the choice that chunk contributes
+to a stream; `stream_body(choice)` wraps it as one SSE payload; `response()` is the whole body of a
+non-streamed request and `usage_chunk()` the last payload of a stream that asked for usage.
+
+Logprob conventions, as OpenAI documents them:
+- completions (`logprobs: n`): `top_logprobs[i]` maps token text to logprob for the n most likely
+  tokens, plus the sampled token when it is not among them (so up to n + 1 entries); `text_offset[i]`
+  is where token i starts in the returned text.
+- chat (`logprobs: true, top_logprobs: n`): each token has exactly the n most likely alternatives;
+  `bytes` are the UTF-8 bytes of the token's text (a token that is part of a multi-byte character
+  decodes to U+FFFD on its own, and its bytes are those of U+FFFD).
+Logprobs of -inf (tokens a top-k or top-p cut removed) are sent as -9999.0, since JSON has no
+infinities and clients reject them.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+from transformers import PreTrainedTokenizerBase
+
+from tandem.engine.outputs import Logprob
+from tandem.router.openai_protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionResponse,
+                                           ChatDelta, ChatLogprobs, ChatResponseMessage,
+                                           ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
+                                           CompletionLogprobs, CompletionResponse,
+                                           PromptTokensDetails, TopLogprob, UsageInfo)
+from tandem.router.types import GenerateChunk
+
+LOGPROB_FLOOR = -9999.0
+TokenText = Callable[[int], str]
+
+
+def make_token_text(tokenizer: PreTrainedTokenizerBase, cache_size: int = 1 << 16) -> TokenText:
+    """Token id -> its text, cached: logprob responses decode the same few ids over and over."""
+
+    @functools.lru_cache(maxsize=cache_size)
+    def token_text(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+
+    return token_text
+
+
+class _Formatter:
+    """What completions and chat share: the totals a request's chunks add up to."""
+
+    def __init__(self, request_id: str, model: str, num_prompt_tokens: int,
+                 num_top_logprobs: int | None, token_text: TokenText):
+        self.request_id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_top_logprobs = num_top_logprobs   # None: the request asked for no logprobs
+        self.token_text = token_text
+        self.text_parts: list[str] = []
+        self.num_text_chars = 0
+        self.num_completion_tokens = 0
+        self.num_cached_tokens = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.num_top_logprobs is not None
+
+    def usage(self) -> UsageInfo:
+        return UsageInfo(
+            prompt_tokens=self.num_prompt_tokens,
+            completion_tokens=self.num_completion_tokens,
+            total_tokens=self.num_prompt_tokens + self.num_completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens),
+        )
+
+    def prologue(self) -> list[dict]:
+        """Payloads a stream sends before the first token."""
+        return []
+
+    def _fold(self, chunk: GenerateChunk) -> None:
+        self.text_parts.append(chunk.text)
+        self.num_text_chars += len(chunk.text)
+        self.num_completion_tokens += len(chunk.token_ids)
+        # Only some chunks may carry the count; it never goes down.
+        self.num_cached_tokens = max(self.num_cached_tokens, chunk.num_cached_tokens)
+        if chunk.finish_reason is not None:
+            self.finish_reason, self.stop_reason = chunk.finish_reason, chunk.stop_reason
+
+    def _top(self, logprob: Logprob) -> list[tuple[str, float]]:
+        ranked = sorted(logprob.top_logprobs.items(), key=lambda item: item[1], reverse=True)
+        return [(self.token_text(t), finite_logprob(v)) for t, v in ranked[: self.num_top_logprobs]]
+
+
+class CompletionFormatter(_Formatter):
+    """`text_completion` objects for /v1/completions."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logprobs = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+
+    def add(self, chunk: GenerateChunk) -> CompletionChoice:
+        logprobs = self._logprobs(chunk.logprobs, self.num_text_chars) if self.wants_logprobs else None
+        self._fold(chunk)
+        if logprobs is not None:
+            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(self.logprobs, name).extend(getattr(logprobs, name))
+        return CompletionChoice(text=chunk.text, logprobs=logprobs, finish_reason=chunk.finish_reason,
+                                stop_reason=chunk.stop_reason)
+
+    def stream_body(self, choice: CompletionChoice) -> dict | None:
+        has_tokens = bool(choice.logprobs and choice.logprobs.tokens)
+        if not choice.text and choice.finish_reason is None and not has_tokens:
+            return None   # a step whose text is held back (partial character, possible stop string)
+        return self._body([choice], usage=None)
+
+    def usage_chunk(self) -> dict:
+        return self._body([], usage=self.usage())
+
+    def response(self) -> dict:
+        choice = CompletionChoice(text=self.text, logprobs=self.logprobs if self.wants_logprobs else None,
+                                  finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+        return self._body([choice], usage=self.usage())
+
+    def _body(self, choices: list[CompletionChoice], usage: UsageInfo | None) -> dict:
+        return CompletionResponse(id=self.request_id, created=self.created, model=self.model,
+                                  choices=choices, usage=usage).model_dump()
+
+    def _logprobs(self, logprobs: list[Logprob], text_offset: int) -> CompletionLogprobs:
+        out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        for logprob in logprobs:
+            token = self.token_text(logprob.token_id)
+            top: dict[str, float] = {}
+            for text, value in self._top(logprob):
+                top.setdefault(text, value)   # ids that decode alike: keep the likelier
+            top.setdefault(token, finite_logprob(logprob.logprob))
+            out.tokens.append(token)
+            out.token_logprobs.append(finite_logprob(logprob.logprob))
+            out.top_logprobs.append(top)
+            out.text_offset.append(text_offset)
+            text_offset += len(token)
+        return out
+
+
+class ChatFormatter(_Formatter):
+    """`chat.completion` and `chat.completion.chunk` objects for /v1/chat/completions."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logprobs: list[ChatTokenLogprob] = []
+
+    def prologue(self) -> list[dict]:
+        # OpenAI's streams open with the role alone; content follows in later chunks.
+        first = ChatStreamChoice(delta=ChatDelta(role="assistant", content=""))
+        return [self._chunk_body([first], usage=None)]
+
+    def add(self, chunk: GenerateChunk) -> ChatStreamChoice:
+        self._fold(chunk)
+        logprobs = None
+        if self.wants_logprobs:
+            content = [self._token_logprob(lp) for lp in chunk.logprobs]
+            self.logprobs.extend(content)
+            logprobs = ChatLogprobs(content=content)
+        return ChatStreamChoice(delta=ChatDelta(content=chunk.text), logprobs=logprobs,
+                                finish_reason=chunk.finish_reason, stop_reason=chunk.stop_reason)
+
+    def stream_body(self, choice: ChatStreamChoice) -> dict | None:
+        has_tokens = bool(choice.logprobs and choice.logprobs.content)
+        if not choice.delta.content and choice.finish_reason is None and not has_tokens:
+            return None
+        return self._chunk_body([choice], usage=None)
+
+    def usage_chunk(self) -> dict:
+        return self._chunk_body([], usage=self.usage())
+
+    def response(self) -> dict:
+        logprobs = ChatLogprobs(content=self.logprobs) if self.wants_logprobs else None
+        choice = ChatChoice(message=ChatResponseMessage(content=self.text), logprobs=logprobs,
+                            finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+        return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model,
+                                      choices=[choice], usage=self.usage()).model_dump()
+
+    def _chunk_body(self, choices: list[ChatStreamChoice], usage: UsageInfo | None) -> dict:
+        return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
+                                   choices=choices, usage=usage).model_dump()
+
+    def _token_logprob(self, logprob: Logprob) -> ChatTokenLogprob:
+        token = self.token_text(logprob.token_id)
+        top = [TopLogprob(token=text, logprob=value, bytes=list(text.encode("utf-8")))
+               for text, value in self._top(logprob)]
+        return ChatTokenLogprob(token=token, logprob=finite_logprob(logprob.logprob),
+                                bytes=list(token.encode("utf-8")), top_logprobs=top)
+
+
+def finite_logprob(value: float) -> float:
+    # `not >=` also catches NaN.
+    return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR

@@ -1,0 +1,76 @@
+"""Starts `tandem serve` as a real process for tests and stops it, leaving nothing behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    http_url: str
+    grpc_address: str
+    lines: list[str] = field(default_factory=list)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples whose labels include `labels` (0 when absent)."""
+        text = httpx.get(f"{self.http_url}/metrics", timeout=5).text
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout_s)
+
+
+def start_server(*args: str, timeout_s: float = 180.0) -> Server:
+    http_port, grpc_port = free_port(), free_port()
+    command = [sys.executable, "-m", "tandem.cli", "serve", "--http-port", str(http_port),
+               "--grpc-port", str(grpc_port), *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = Server(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+    ready = threading.Event()
+
+    def pump() -> None:
+        for line in process.stdout:
+            server.lines.append(line)
+            if line.startswith("tandem ready"):
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not ready.wait(0.2):
+        if process.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError("tandem serve did not become ready:\n" + "".join(server.lines[-60:]))
+    return server
+
+
+def worker_pids(server: Server) -> list[int]:
+    """Pids of the server's worker processes (its children)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(server.process.pid)],
+                         capture_output=True, text=True).stdout
+    return [int(p) for p in re.findall(r"\d+", out)]
