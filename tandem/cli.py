@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from tandem.bench import add_bench_parser
 from tandem.serve import add_serve_parser
 from tandem.worker_main import add_worker_parser
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="+", help="one or more prompts")
     gen.set_defaults(func=generate_main)
     add_serve_parser(commands)
+    add_bench_parser(commands)
     add_worker_parser(commands)
     return parser
 

@@ -1,0 +1,7 @@
+"""`python -m tandem.bench ...`: the same flags as `tandem bench`."""
+
+import sys
+
+from tandem.bench.cli import main
+
+sys.exit(main())

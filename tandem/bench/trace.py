@@ -1,0 +1,135 @@
+"""Replay of a Mooncake-format request trace (`--dataset trace:PATH`).
+
+Each JSONL row is `{timestamp (ms), input_length, output_length, hash_ids}`, one hash id per
+`trace_block_size` (512) tokens of input; equal ids at the same position mean an equal prefix.
+The trace holds no text, so each hash id becomes a deterministic run of `block_tokens` token ids,
+seeded by the id: the same id always yields the same tokens, which keeps the prefix structure, and
+with `block_tokens` equal to the server's KV block size each trace block maps to one cache block.
+
+Scaling, all stated by the caller:
+- input: `block_tokens / trace_block_size` tokens per trace token; the prompt is the hash ids'
+  token runs joined and cut to `ceil(input_length * scale)`, rounded up so that a prompt reaching
+  into its last trace block still shows that block.
+- output: `round(output_length * output_scale)`, at least 1.
+- time: arrival offsets are `(timestamp - first timestamp) * time_scale`; 0.5 replays twice as fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tandem.bench.datasets import random_token_ids
+from tandem.bench.records import BenchRequest
+
+MOONCAKE_BLOCK_SIZE = 512  # tokens per hash id in the Mooncake traces
+
+
+@dataclass(frozen=True)
+class TraceRow:
+    timestamp_ms: float
+    input_length: int
+    output_length: int
+    hash_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    path: str
+    num_requests: int | None = None      # None: the whole file
+    trace_block_size: int = MOONCAKE_BLOCK_SIZE
+    block_tokens: int | None = None      # None: trace_block_size, i.e. lengths as recorded
+    output_scale: float = 1.0
+    time_scale: float = 1.0
+    vocab_size: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.num_requests is not None and self.num_requests <= 0:
+            raise ValueError(f"--num-requests must be positive, got {self.num_requests}")
+        if self.trace_block_size <= 0:
+            raise ValueError(f"--trace-block-size must be positive, got {self.trace_block_size}")
+        if self.block_tokens is not None and self.block_tokens <= 0:
+            raise ValueError(f"--trace-block-tokens must be positive, got {self.block_tokens}")
+        if self.output_scale <= 0 or self.time_scale < 0:
+            raise ValueError("--output-scale must be positive and --time-scale non-negative")
+
+    @property
+    def tokens_per_block(self) -> int:
+        return self.block_tokens if self.block_tokens is not None else self.trace_block_size
+
+
+def load_trace_rows(path: str | Path, limit: int | None = None) -> list[TraceRow]:
+    """Read up to `limit` rows of a Mooncake JSONL trace."""
+    rows: list[TraceRow] = []
+    with open(path, encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if line.strip():
+                rows.append(_parse_row(line, f"{path}:{line_number}"))
+    return rows
+
+
+def trace_requests(rows: Iterable[TraceRow], config: TraceConfig, seed: int) -> list[BenchRequest]:
+    """Turn trace rows into requests, scaled as the module docstring says."""
+    rows = list(rows)
+    if not rows:
+        return []
+    first_ms = rows[0].timestamp_ms
+    length_scale = config.tokens_per_block / config.trace_block_size
+    blocks = _BlockTokens(seed, config.tokens_per_block, config.vocab_size)
+    requests = []
+    for row in rows:
+        input_len = min(math.ceil(row.input_length * length_scale),
+                        len(row.hash_ids) * config.tokens_per_block)
+        prompt: list[int] = []
+        for hash_id in row.hash_ids:
+            if len(prompt) >= input_len:
+                break
+            prompt.extend(blocks.tokens(hash_id))
+        requests.append(BenchRequest(
+            prompt_token_ids=tuple(prompt[:input_len]),
+            output_len=max(1, round(row.output_length * config.output_scale)),
+            arrival_offset_s=(row.timestamp_ms - first_ms) / 1e3 * config.time_scale))
+    return requests
+
+
+def load_trace_dataset(config: TraceConfig, seed: int) -> list[BenchRequest]:
+    return trace_requests(load_trace_rows(config.path, config.num_requests), config, seed)
+
+
+class _BlockTokens:
+    """Token ids for each hash id, drawn once from a generator seeded by (seed, id)."""
+
+    def __init__(self, seed: int, tokens_per_block: int, vocab_size: int) -> None:
+        self._seed = seed
+        self._tokens_per_block = tokens_per_block
+        self._vocab_size = vocab_size
+        self._cache: dict[int, tuple[int, ...]] = {}
+
+    def tokens(self, hash_id: int) -> tuple[int, ...]:
+        cached = self._cache.get(hash_id)
+        if cached is None:
+            rng = np.random.default_rng([self._seed, 3, hash_id])
+            cached = random_token_ids(rng, self._tokens_per_block, self._vocab_size)
+            self._cache[hash_id] = cached
+        return cached
+
+
+def _parse_row(line: str, where: str) -> TraceRow:
+    try:
+        raw = json.loads(line)
+        row = TraceRow(timestamp_ms=float(raw["timestamp"]),
+                       input_length=int(raw["input_length"]),
+                       output_length=int(raw["output_length"]),
+                       hash_ids=tuple(int(h) for h in raw["hash_ids"]))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{where}: not a Mooncake trace row ({err})") from err
+    if row.input_length <= 0 or not row.hash_ids or any(h < 0 for h in row.hash_ids):
+        raise ValueError(f"{where}: needs a positive input_length and non-negative hash_ids")
+    return row

@@ -1,0 +1,65 @@
+"""The clients' pure parts: SSE lines, which chunks carry tokens, and the request bodies."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem.bench.clients import make_client
+from tandem.bench.grpc_client import generate_request, grpc_target
+from tandem.bench.openai_client import (StreamError, chunk_token_count, chunk_usage,
+                                        completion_body, parse_sse_data)
+from tandem.bench.records import BenchRequest
+
+
+def test_parse_sse_data():
+    assert parse_sse_data('data: {"a": 1}') == '{"a": 1}'
+    assert parse_sse_data("data:[DONE]") == "[DONE]"
+    assert parse_sse_data(": keep-alive") is None
+    assert parse_sse_data("") is None
+
+
+def test_which_chunks_carry_tokens():
+    assert chunk_token_count({"choices": [{"text": "hi", "finish_reason": None}]}) == 1
+    assert chunk_token_count({"choices": [{"text": "end", "finish_reason": "length"}]}) == 1
+    # Text held back by the detokenizer still means a token was generated.
+    assert chunk_token_count({"choices": [{"text": "", "finish_reason": None}]}) == 1
+    assert chunk_token_count({"choices": [{"text": "", "finish_reason": "length"}]}) == 0
+    assert chunk_token_count({"choices": [], "usage": {"prompt_tokens": 3}}) == 0
+    with pytest.raises(StreamError):
+        chunk_token_count({"error": {"message": "boom"}})
+
+
+def test_chunk_usage_reads_cached_tokens():
+    usage = {"prompt_tokens": 40, "completion_tokens": 8,
+             "prompt_tokens_details": {"cached_tokens": 32}}
+    assert chunk_usage({"choices": [], "usage": usage}) == (40, 8, 32)
+    assert chunk_usage({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2,
+                                                 "prompt_tokens_details": None}}) == (4, 2, 0)
+    assert chunk_usage({"choices": [{"text": "x"}], "usage": None}) is None
+
+
+def test_completion_body_streams_with_usage_and_ignores_eos():
+    body = completion_body(BenchRequest((17, 18, 19), output_len=5), "m", temperature=0.0)
+    assert body == {"model": "m", "prompt": [17, 18, 19], "max_tokens": 5, "temperature": 0.0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    text_body = completion_body(BenchRequest((), 5, prompt_text="hello"), "m", 0.0)
+    assert text_body["prompt"] == "hello"
+
+
+def test_generate_request_fields():
+    message = generate_request(BenchRequest((17, 18), output_len=9), "", temperature=0.5)
+    assert list(message.token_ids.ids) == [17, 18]
+    assert message.sampling.max_tokens == 9 and message.sampling.ignore_eos
+    assert message.sampling.temperature == 0.5
+    text = generate_request(BenchRequest((), 3, prompt_text="hi"), "m", 0.0)
+    assert text.WhichOneof("prompt") == "text" and text.model == "m"
+
+
+def test_grpc_target_strips_a_scheme():
+    assert grpc_target("http://127.0.0.1:50051/") == "127.0.0.1:50051"
+    assert grpc_target("127.0.0.1:50051") == "127.0.0.1:50051"
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError, match="--backend"):
+        make_client("carrier-pigeon", None, None, 1.0, 0.0)
