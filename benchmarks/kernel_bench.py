@@ -27,27 +27,12 @@ from tandem.engine.kernels.prefill_attention import default_config, prefill_atte
 from tandem.engine.kernels.rmsnorm import rms_norm
 from tandem.engine.kernels.rotary import apply_rotary
 from tandem.engine.layers import rope_cos_sin, rope_inv_freq
+from benchmarks.hardware import copy_rate_gbs, matmul_tflops, median_us
 from tests.engine.kernels.paged_batch import make_paged_batch
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 L2_FLUSH_BYTES = 256 * 2**20  # several times an H100/H200 L2
-
-
-def median_us(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
-
-
-def copy_rate_gbs() -> float:
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / median_us(lambda: dst.copy_(src)) / 1e3
-
-
-def matmul_tflops() -> float:
-    a = torch.randn(8192, 8192, dtype=DTYPE, device="cuda")
-    b = torch.randn_like(a)
-    return 2 * 8192**3 / median_us(lambda: a @ b) / 1e6
 
 
 def graph_time_us(steps: list, replays: int = 20) -> float:

@@ -26,6 +26,7 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc_cpu: list[int]  # host copies, so the reference path never syncs
     seq_lens_cpu: list[int]
+    num_splits: int | None = None   # decode kernel's KV splits; fixed for a captured CUDA graph
 
     @property
     def num_seqs(self) -> int:

@@ -84,9 +84,11 @@ class LLMEngine:
                 f"must be at least max_model_len ({self.max_model_len})")
         model = build_model(self.model_config, self.device, self.dtype, self.model_dir,
                             self.max_model_len, config.seed)
+        self.runner = ModelRunner(model, config.block_size, self.device, self.dtype, config.seed)
         self.num_blocks = self._num_kv_blocks()
-        self.runner = ModelRunner(model, self.num_blocks, config.block_size, self.device,
-                                  self.dtype, config.seed)
+        self.runner.allocate_kv_cache(self.num_blocks)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_graphs(min(config.max_num_seqs, 256), self.max_model_len)
         self.block_manager = BlockManager(self.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens,
@@ -215,9 +217,14 @@ class LLMEngine:
             return self.config.num_kv_blocks
         block_bytes = bytes_per_block(self.model_config, self.config.block_size, self.dtype)
         if self.device.type == "cuda":
+            # Whatever else lives on the GPU (weights, other processes) is already out of `free`;
+            # the largest step's activations are measured, not guessed.
+            peak = self.runner.profile_peak_bytes(self.config.max_num_batched_tokens,
+                                                  self.config.max_num_seqs)
             free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = total * self.config.gpu_memory_utilization - used
+            budget = free - (1 - self.config.gpu_memory_utilization) * total - peak
+            logger.info("GPU memory: %.1f GiB total, %.1f GiB free after weights, %.2f GiB peak "
+                        "activations", total / 2**30, free / 2**30, peak / 2**30)
         else:
             budget = self.config.cpu_kv_cache_gib * 2**30
         num_blocks = int(budget // block_bytes)

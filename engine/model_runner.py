@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.engine.attention import AttentionMetadata
+from tandem.engine.cuda_graphs import DecodeGraphs
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.models.decoder import DecoderModel
 from tandem.engine.sampler import Sampler, SamplerOutput
@@ -46,25 +47,66 @@ def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) ->
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype, seed: int):
+    def __init__(self, model: DecoderModel, block_size: int, device: torch.device,
+                 dtype: torch.dtype, seed: int):
         self.model = model
         self.config = model.config
         self.block_size = block_size
         self.device = device
-        self.kv_cache = torch.zeros(kv_cache_shape(self.config, num_blocks, block_size),
-                                    dtype=dtype, device=device)
+        self.dtype = dtype
+        self.kv_cache = torch.empty(0, dtype=dtype, device=device)
         self.sampler = Sampler(device, seed)
+        self.graphs: DecodeGraphs | None = None
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.kv_cache = torch.zeros(kv_cache_shape(self.config, num_blocks, self.block_size),
+                                    dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def profile_peak_bytes(self, num_tokens: int, num_logit_rows: int) -> int:
+        """Peak activation memory of the largest step: a num_tokens-long prompt chunk (the step
+        token budget), with logits for num_logit_rows sequences."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        num_blocks = -(-num_tokens // self.block_size)
+        cache = torch.zeros(kv_cache_shape(self.config, num_blocks, self.block_size),
+                            dtype=self.dtype, device=self.device)
+        cache_bytes = cache.numel() * cache.element_size()
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32,
+                                      device=self.device)[None, :],
+            slot_mapping=torch.arange(num_tokens, dtype=torch.int64, device=self.device),
+            max_query_len=num_tokens, max_seq_len=num_tokens,
+            query_start_loc_cpu=[0, num_tokens], seq_lens_cpu=[num_tokens])
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), meta, cache)
+        self.model.compute_logits(hidden[:num_logit_rows])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline - cache_bytes
+        del cache, hidden
+        torch.cuda.empty_cache()
+        return peak
+
+    def capture_graphs(self, max_batch: int, max_seq_len: int) -> None:
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_seq_len,
+                                   self.block_size)
+        self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         """Run one step; a sampled token per sequence, None where the sequence does not sample."""
         inputs = self.prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
         out = StepOutput([None] * len(batch.seqs), [None] * len(batch.seqs))
-        if not inputs.sampling_rows:
-            return out
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        if self.graphs is not None and self.graphs.can_run(inputs.meta, len(batch.seqs)):
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
+            if not inputs.sampling_rows:
+                return out
+            logits = self.model.compute_logits(hidden[inputs.sample_indices])
         seqs = [batch.seqs[i] for i in inputs.sampling_rows]
         sampled: SamplerOutput = self.sampler(logits, [s.params for s in seqs],
                                               [s.generator for s in seqs])

@@ -63,7 +63,7 @@ def paged_attention(query: torch.Tensor, kv_layer: torch.Tensor, meta: Attention
     if meta.is_decode_only:
         from tandem.engine.kernels.decode_attention import decode_attention
         return decode_attention(query, kv_layer, meta.block_tables, meta.seq_lens, scale, out,
-                                meta.max_seq_len, num_splits=num_splits)
+                                meta.max_seq_len, num_splits=num_splits or meta.num_splits)
     from tandem.engine.kernels.prefill_attention import prefill_attention
     return prefill_attention(query, kv_layer, meta, scale, out)
 

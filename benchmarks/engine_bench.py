@@ -1,0 +1,193 @@
+"""Engine benchmark on one NVIDIA GPU, each figure next to the limit it is measured against.
+
+  python benchmarks/engine_bench.py [--only itl,throughput,prefill] [--hf]
+
+1. Batch-1 inter-token latency at 1k and 4k context (random:llama-3.1-8b, random:qwen3-0.6b), next
+   to the roofline: (weight bytes + KV bytes read) / HBM bandwidth measured by a 1 GiB copy.
+2. Offline throughput on nano-vllm's workload: 256 requests, input and output lengths uniform in
+   [100, 1024], ignore_eos, seed 0 (random:qwen3-0.6b). With --hf, HF transformers on the same
+   shapes, GPU and run: `generate` with static batches, and its continuous batching
+   (`generate_batch`) where the installed version has it.
+3. Prefill throughput at 1k and 4k tokens, next to FLOPs / measured bf16 matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import time
+
+import torch
+
+from benchmarks.hardware import copy_rate_gbs, matmul_tflops
+from tandem import LLM, SamplingParams
+
+ROWS: list[tuple[str, ...]] = []
+
+
+def row(*cells) -> None:
+    ROWS.append(tuple(str(c) for c in cells))
+    print(" | ".join(ROWS[-1]), flush=True)
+
+
+def weight_bytes(llm: LLM) -> int:
+    return sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+
+
+def kv_bytes(llm: LLM, context: int) -> int:
+    config = llm.engine.model_config
+    return config.kv_elements_per_token * context * llm.engine.dtype.itemsize
+
+
+def timed_steps(llm: LLM, prompt: list[int], num_decode: int) -> tuple[float, list[float]]:
+    """(prefill seconds, decode step seconds) of one request run alone."""
+    engine = llm.engine
+    engine.add_request("bench", prompt, SamplingParams(temperature=0, max_tokens=num_decode + 1,
+                                                       ignore_eos=True))
+    times = []
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        engine.step()  # reads back the sampled token, so the step is complete
+        times.append(time.perf_counter() - start)
+    return times[0], times[1:]
+
+
+def bench_itl(model: str, hbm_gbs: float) -> None:
+    llm = LLM(model=model, max_model_len=8192)
+    weights = weight_bytes(llm)
+    for context in (1024, 4096):
+        prompt = [random.randrange(16, 2000) for _ in range(context)]
+        timed_steps(llm, prompt[:64], 8)  # warm-up
+        _, steps = timed_steps(llm, prompt, 64)
+        itl_s = sorted(steps)[len(steps) // 2]
+        moved = weights + kv_bytes(llm, context)
+        roofline_s = moved / (hbm_gbs * 1e9)
+        row("itl", model, f"ctx {context}", f"{itl_s * 1e3:.2f} ms",
+            f"{moved / itl_s / 1e9:.0f} GB/s", f"roofline {roofline_s * 1e3:.2f} ms",
+            f"{roofline_s / itl_s:.0%} of roofline")
+    release(llm)
+
+
+def bench_prefill(model: str, tflops: float) -> None:
+    llm = LLM(model=model, max_model_len=8192, max_num_batched_tokens=4096)
+    config = llm.engine.model_config
+    linear_params = sum(p.numel() for name, p in llm.engine.runner.model.named_parameters()
+                        if "embed" not in name and p.dim() == 2)
+    for tokens in (1024, 4096):
+        prompt = [random.randrange(16, 2000) for _ in range(tokens)]
+        runs = []
+        for _ in range(4):  # the first run compiles the kernels for this shape
+            llm.engine.block_manager.reset_prefix_cache()  # a cache hit would skip the work
+            runs.append(timed_steps(llm, prompt, 0)[0])
+        seconds = min(runs[1:])
+        attention = 2 * 2 * config.num_layers * config.num_heads * config.head_dim * tokens**2 / 2
+        flops = 2 * linear_params * tokens + attention
+        achieved = flops / seconds / 1e12
+        row("prefill", model, f"{tokens} tokens", f"{seconds * 1e3:.1f} ms",
+            f"{achieved:.0f} TFLOP/s", f"matmul {tflops:.0f} TFLOP/s",
+            f"{achieved / tflops:.0%} of matmul rate")
+    release(llm)
+
+
+def workload(seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(16, 2000) for _ in range(rng.randint(100, 1024))],
+             rng.randint(100, 1024)) for _ in range(256)]
+
+
+def bench_throughput(model: str, hf: bool) -> None:
+    requests = workload()
+    llm = LLM(model=model)
+    llm.generate([p[:16] for p, _ in requests[:4]], SamplingParams(max_tokens=4))  # warm-up
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
+    start = time.perf_counter()
+    outputs = llm.generate([p for p, _ in requests], params)
+    seconds = time.perf_counter() - start
+    num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert num_out == sum(n for _, n in requests)
+    row("throughput", model, "256 req", f"{num_out / seconds:.0f} tok/s", f"{seconds:.1f} s",
+        f"{num_out} output tokens", "tandem")
+    if hf:
+        tandem_state = {k: v for k, v in llm.engine.runner.model.state_dict().items()}
+        config = llm.engine.model_config
+        release(llm)
+        bench_hf(config, tandem_state, requests)
+    else:
+        release(llm)
+
+
+def bench_hf(config, tandem_state: dict, requests, batch_size: int = 64) -> None:
+    import transformers
+    hf_config = transformers.Qwen3Config(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim, max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings, rope_theta=config.rope_theta)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
+    model.eval()
+    # Static batches: each batch is padded on the left and runs until its longest output is done.
+    subset = requests[:batch_size]
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(subset), batch_size):
+            chunk = subset[i:i + batch_size]
+            width = max(len(p) for p, _ in chunk)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in chunk], device="cuda")
+            mask = (torch.arange(width, device="cuda")[None, :]
+                    >= torch.tensor([width - len(p) for p, _ in chunk], device="cuda")[:, None])
+            model.generate(ids, attention_mask=mask.long(), do_sample=False,
+                           max_new_tokens=max(n for _, n in chunk),
+                           min_new_tokens=max(n for _, n in chunk), pad_token_id=0)
+    seconds = time.perf_counter() - start
+    useful = sum(n for _, n in subset)
+    row("throughput", "HF generate", f"{len(subset)} req, static batch {batch_size}",
+        f"{useful / seconds:.0f} tok/s", f"{seconds:.1f} s", f"{useful} useful output tokens",
+        f"transformers {transformers.__version__}")
+    if hasattr(model, "generate_batch"):
+        from transformers import GenerationConfig
+        gen = GenerationConfig(max_new_tokens=1024, do_sample=False, eos_token_id=-1,
+                               pad_token_id=0)
+        inputs = [p for p, _ in subset]
+        start = time.perf_counter()
+        try:
+            model.generate_batch(inputs=inputs, generation_config=gen)
+            seconds = time.perf_counter() - start
+            row("throughput", "HF generate_batch", f"{len(subset)} req, max_new 1024",
+                f"{len(subset) * 1024 / seconds:.0f} tok/s", f"{seconds:.1f} s", "", "")
+        except Exception as err:  # an API that differs by version: report, don't hide
+            row("throughput", "HF generate_batch", "failed", type(err).__name__, str(err)[:80])
+    del model
+    release(None)
+
+
+def release(llm: LLM | None) -> None:
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default="itl,prefill,throughput")
+    parser.add_argument("--hf", action="store_true")
+    args = parser.parse_args()
+    random.seed(0)
+    hbm, tflops = copy_rate_gbs(), matmul_tflops()
+    row("hardware", torch.cuda.get_device_name(), f"copy {hbm:.0f} GB/s",
+        f"bf16 matmul {tflops:.0f} TFLOP/s")
+    parts = args.only.split(",")
+    for model in ("random:llama-3.1-8b", "random:qwen3-0.6b"):
+        if "itl" in parts:
+            bench_itl(model, hbm)
+        if "prefill" in parts:
+            bench_prefill(model, tflops)
+    if "throughput" in parts:
+        bench_throughput("random:qwen3-0.6b", args.hf)
+    print("\n".join(" | ".join(r) for r in ROWS))
+
+
+if __name__ == "__main__":
+    main()

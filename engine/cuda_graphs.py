@@ -1,0 +1,101 @@
+"""CUDA graphs for decode steps.
+
+A decode step of a large model at small batch is a few hundred short kernels; launching them one by
+one from Python costs more than running them. Each batch-size bucket is captured once, model forward
+and LM head together, over static input buffers; a step copies its inputs into the buffers and
+replays the graph of the smallest bucket that fits. Padding rows get slot -1 (the KV store skips
+them) and seq_len 0 (the decode kernel writes zeros for them), so they touch nothing real.
+
+The decode kernel's number of KV splits is fixed per bucket at capture, from the longest context the
+engine serves; the split boundaries themselves are computed on the GPU from seq_lens, so one graph
+serves every context length.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tandem.engine.attention import AttentionMetadata
+from tandem.engine.models.decoder import DecoderModel
+
+logger = logging.getLogger(__name__)
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, max_batch + 1, 16))
+    return sorted({s for s in sizes if s <= max_batch} | {max_batch})
+
+
+class DecodeGraphs:
+    def __init__(self, model: DecoderModel, kv_cache: torch.Tensor, max_batch: int,
+                 max_seq_len: int, block_size: int):
+        from tandem.engine.kernels.decode_attention import choose_num_splits
+
+        self.model = model
+        self.kv_cache = kv_cache
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        device = kv_cache.device
+        max_blocks = -(-max_seq_len // block_size)
+        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.num_splits = {bs: choose_num_splits(bs, model.config.num_kv_heads, max_seq_len, device)
+                           for bs in bucket_sizes(max_batch)}
+        self.pool = None
+
+    def _meta(self, batch: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_start_loc=self.query_start_loc[:batch + 1], seq_lens=self.seq_lens[:batch],
+            block_tables=self.block_tables[:batch], slot_mapping=self.slot_mapping[:batch],
+            max_query_len=1, max_seq_len=self.max_seq_len, query_start_loc_cpu=[],
+            seq_lens_cpu=[], num_splits=self.num_splits[batch])
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:batch], self.positions[:batch], self._meta(batch),
+                            self.kv_cache)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        free_before = torch.cuda.mem_get_info()[0]
+        for batch in reversed(bucket_sizes(self.max_batch)):  # largest first: it sizes the pool
+            self._forward(batch)  # warm up: Triton compiles outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.logits[batch] = self._forward(batch)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[batch] = graph
+        torch.cuda.synchronize()
+        used_mib = (free_before - torch.cuda.mem_get_info()[0]) / 2**20
+        logger.info("captured decode CUDA graphs for batch sizes %s (%.0f MiB)",
+                    sorted(self.graphs), used_mib)
+
+    def can_run(self, meta: AttentionMetadata, num_seqs: int) -> bool:
+        return (meta.is_decode_only and num_seqs <= self.max_batch
+                and meta.max_seq_len <= self.max_seq_len
+                and meta.block_tables.shape[1] <= self.block_tables.shape[1])
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            meta: AttentionMetadata) -> torch.Tensor:
+        """Logits (num_seqs, vocab) of a decode-only batch."""
+        num_seqs = input_ids.shape[0]
+        batch = next(b for b in sorted(self.graphs) if b >= num_seqs)
+        self.input_ids[:num_seqs].copy_(input_ids)
+        self.positions[:num_seqs].copy_(positions)
+        self.slot_mapping[:num_seqs].copy_(meta.slot_mapping)
+        self.slot_mapping[num_seqs:batch].fill_(-1)
+        self.seq_lens[:num_seqs].copy_(meta.seq_lens)
+        self.seq_lens[num_seqs:batch].zero_()
+        self.block_tables[:num_seqs, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+        self.graphs[batch].replay()
+        return self.logits[batch][:num_seqs]
