@@ -124,16 +124,14 @@ def bench_throughput(model: str, hf: bool) -> None:
     assert num_out == sum(n for _, n in requests)
     row("throughput", model, "256 req", f"{num_out / seconds:.0f} tok/s", f"{seconds:.1f} s",
         f"{num_out} output tokens", "tandem")
+    config = llm.engine.model_config
+    del llm, outputs
+    release(None)
     if hf:
-        tandem_state = {k: v for k, v in llm.engine.runner.model.state_dict().items()}
-        config = llm.engine.model_config
-        release(llm)
-        bench_hf(config, tandem_state, requests)
-    else:
-        release(llm)
+        bench_hf(config, requests)
 
 
-def bench_hf(config, tandem_state: dict, requests, batch_size: int = 64) -> None:
+def bench_hf(config, requests, batch_size: int = 64) -> None:
     import transformers
     hf_config = transformers.Qwen3Config(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
