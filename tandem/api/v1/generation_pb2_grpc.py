@@ -5,7 +5,7 @@ import warnings
 
 from tandem.api.v1 import generation_pb2 as tandem_dot_api_dot_v1_dot_generation__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
