@@ -32,6 +32,9 @@ class FrontendMetrics:
                                       LABELS, registry=r)
         self.transfer_seconds = Histogram("tandem_kv_transfer_seconds", "Duration of one KV pull",
                                           LABELS, buckets=LATENCY_BUCKETS_S, registry=r)
+        self.prefill_seconds = Histogram("tandem_prefill_seconds", "Prefill time on a prefill "
+                                         "worker, arrival to first token", LABELS,
+                                         buckets=LATENCY_BUCKETS_S, registry=r)
         self.remote_prefill = Counter("tandem_remote_prefill", "Prompts prefilled on a prefill "
                                       "worker", registry=r)
         self.local_prefill = Counter("tandem_local_prefill", "Prompts prefilled on their decode "

@@ -117,6 +117,8 @@ class Pipeline:
             prefill = self.workers.workers[decision.prefill_worker]
             response = await self._prefill(prefill, worker_request)
             self.metrics.remote_prefill.inc()
+            self.metrics.prefill_seconds.labels(prefill.worker_id, prefill.role).observe(
+                response.prefill_seconds)
             progress.num_cached_tokens = response.num_cached_tokens
             progress.first_worker = (prefill.worker_id, "prefill")
             logprobs = ([logprob_from_proto(response.first_logprob)]
