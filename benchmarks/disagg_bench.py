@@ -49,15 +49,17 @@ def stream_two_tokens(url: str, prompt: list[int]) -> tuple[float, float]:
             "stream": True}
     start = time.perf_counter()
     times = []
+    lines = []
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
         for line in response.iter_lines():
+            lines.append(line)
             if line.startswith("data: {"):
                 event = json.loads(line[6:])
                 if event.get("choices") and (event["choices"][0]["text"] or
                                              event["choices"][0]["finish_reason"] is None):
                     times.append(time.perf_counter() - start)
     if len(times) < 2:
-        raise RuntimeError(f"expected 2 streamed tokens, got {len(times)}")
+        raise RuntimeError(f"expected 2 streamed tokens, got {len(times)}: {lines[:6]}")
     return times[0], times[1]
 
 
@@ -92,6 +94,9 @@ def main() -> None:
                     "tandem_prefill_seconds_sum"]
                 if attempt:  # the first of each length compiles kernels for its shapes
                     rows.append((length, moved, transfer_s, prefill_s, first_s, second_s))
+    except Exception:
+        print("".join(server.lines[-40:]))
+        raise
     finally:
         server.stop()
     print("tokens | MiB | transfer ms | NIXL GB/s | peer copy GB/s | of peer | TTFT to prefill "
