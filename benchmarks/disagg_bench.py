@@ -14,12 +14,14 @@ length, one at a time, each new (no prefix cache hit), asking for 2 tokens. Per 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 
-import httpx
+import grpc
 import torch
+
+from tandem.api.v1 import generation_pb2 as pb
+from tandem.api.v1 import generation_pb2_grpc as pbgrpc
 
 from tests.serving_harness import start_server
 
@@ -43,23 +45,18 @@ def peer_copy_gbs(num_bytes: int) -> float:
     return num_bytes / sorted(runs)[len(runs) // 2] / 1e9
 
 
-def stream_two_tokens(url: str, prompt: list[int]) -> tuple[float, float]:
-    """Seconds to the first and to the second streamed token."""
-    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    start = time.perf_counter()
+def stream_two_tokens(address: str, prompt: list[int]) -> tuple[float, float]:
+    """Seconds to the first and to the second streamed token, over the gRPC API (token ids: the
+    random models' tokens mostly have no text)."""
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingOptions(
+        max_tokens=2, temperature=0, ignore_eos=True))
     times = []
-    lines = []
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
-        for line in response.iter_lines():
-            lines.append(line)
-            if line.startswith("data: {"):
-                event = json.loads(line[6:])
-                if event.get("choices") and (event["choices"][0]["text"] or
-                                             event["choices"][0]["finish_reason"] is None):
-                    times.append(time.perf_counter() - start)
+    with grpc.insecure_channel(address) as channel:
+        start = time.perf_counter()
+        for response in pbgrpc.GenerationStub(channel).Generate(request, timeout=120):
+            times.extend([time.perf_counter() - start] * len(response.token_ids))
     if len(times) < 2:
-        raise RuntimeError(f"expected 2 streamed tokens, got {len(times)}: {lines[:6]}")
+        raise RuntimeError(f"expected 2 streamed tokens, got {len(times)}")
     return times[0], times[1]
 
 
@@ -78,14 +75,14 @@ def main() -> None:
     rows = []
     rng = random.Random(0)
     try:
-        stream_two_tokens(server.http_url, [rng.randrange(16, 2000) for _ in range(64)])  # warm-up
+        stream_two_tokens(server.grpc_address, [rng.randrange(16, 2000) for _ in range(64)])  # warm-up
         for length in lengths:
             for attempt in range(args.repeats + 1):
                 prompt = [rng.randrange(16, 2000) for _ in range(length)]
                 before = {name: server.metric(name) for name in (
                     "tandem_kv_transfer_bytes_total", "tandem_kv_transfer_seconds_sum",
                     "tandem_prefill_seconds_sum")}
-                first_s, second_s = stream_two_tokens(server.http_url, prompt)
+                first_s, second_s = stream_two_tokens(server.grpc_address, prompt)
                 moved = server.metric("tandem_kv_transfer_bytes_total") - before[
                     "tandem_kv_transfer_bytes_total"]
                 transfer_s = server.metric("tandem_kv_transfer_seconds_sum") - before[
