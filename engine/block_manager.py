@@ -10,6 +10,8 @@ Ideas from nano-vllm's BlockManager and vLLM v1's KV cache manager:
   tokens is it evicted, and its hash forgotten.
 - A sequence frees its blocks last-first, so the tail of a prefix is evicted before its head: the
   head is the part other prompts are most likely to share.
+- The blocks of one allocation are handed out in ascending id order, so a prompt's blocks tend to
+  form consecutive runs, which kv_transfer moves as single descriptors.
 - Every change to the set of cached hashes is published as a KV event (stored, removed, cleared)
   with an increasing event id, to every subscriber.
 
@@ -104,7 +106,9 @@ class BlockManager:
             allocated.append(block_id)
         if evicted:
             self._publish(lambda event_id: BlockRemoved(event_id, tuple(evicted)))
-        return allocated
+        # Which blocks are taken follows the LRU order; handing them out in ascending id order
+        # makes consecutive runs, which a KV transfer moves as one descriptor instead of many.
+        return sorted(allocated)
 
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference on each block, last block first (see the module docstring)."""

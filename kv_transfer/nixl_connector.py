@@ -50,7 +50,7 @@ BACKEND = "UCX"
 # read_blocks' polling backoff: start fine-grained, since a pull of a few blocks finishes in tens
 # of microseconds, and cap it so that long pulls do not spin the event loop.
 POLL_FIRST_SLEEP_S = 50e-6
-POLL_MAX_SLEEP_S = 2e-3
+POLL_MAX_SLEEP_S = 250e-6  # a pull of a few ms must not be overestimated by a long nap
 MAX_NOTIFY_NBYTES = 1024  # a request id; NIXL sends the notification as one small message
 
 

@@ -100,3 +100,9 @@ def test_invalid_sizes_are_refused():
         BlockManager(0, 4)
     with pytest.raises(ValueError, match="block_size"):
         BlockManager(4, 0)
+
+
+def test_one_allocation_is_handed_out_in_ascending_order():
+    manager, _ = make()
+    manager.free(manager.allocate(4))  # the free queue is now 3, 2, 1, 0
+    assert manager.allocate(3) == [1, 2, 3]  # the three LRU blocks, as one consecutive run
