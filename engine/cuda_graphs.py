@@ -18,6 +18,7 @@ import logging
 import torch
 
 from tandem.engine.attention import AttentionMetadata
+from tandem.engine.step_inputs import HostInputs
 from tandem.engine.models.decoder import DecoderModel
 
 logger = logging.getLogger(__name__)
@@ -39,16 +40,26 @@ class DecodeGraphs:
         self.max_seq_len = max_seq_len
         device = kv_cache.device
         max_blocks = -(-max_seq_len // block_size)
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+        self.sizes = bucket_sizes(max_batch)
+        # Staging: input ids, positions, slots and lengths side by side, max_batch each, so that
+        # one copy moves them; the graphs read views of it.
+        self.staged_pinned = torch.zeros(4 * max_batch, dtype=torch.int64, pin_memory=True)
+        self.staged_host = self.staged_pinned.numpy()
+        self.staged = torch.zeros(4 * max_batch, dtype=torch.int64, device=device)
+        self.staged[2 * max_batch:3 * max_batch] = -1
+        self.tables_pinned = torch.zeros(max_batch, max_blocks, dtype=torch.int32, pin_memory=True)
+        self.tables_host = self.tables_pinned.numpy()
+        self.input_ids = self.staged[0:max_batch]
+        self.positions = self.staged[max_batch:2 * max_batch]
+        self.slot_mapping = self.staged[2 * max_batch:3 * max_batch]
+        self.seq_lens_staged = self.staged[3 * max_batch:]
         self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.num_splits = {bs: choose_num_splits(bs, model.config.num_kv_heads, max_seq_len, device)
-                           for bs in bucket_sizes(max_batch)}
+                           for bs in self.sizes}
         self.pool = None
 
     def _meta(self, batch: int) -> AttentionMetadata:
@@ -59,6 +70,7 @@ class DecodeGraphs:
             seq_lens_cpu=[], num_splits=self.num_splits[batch])
 
     def _forward(self, batch: int) -> torch.Tensor:
+        self.seq_lens[:batch].copy_(self.seq_lens_staged[:batch])  # int64 -> int32, in the graph
         hidden = self.model(self.input_ids[:batch], self.positions[:batch], self._meta(batch),
                             self.kv_cache)
         return self.model.compute_logits(hidden)
@@ -66,7 +78,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         free_before = torch.cuda.mem_get_info()[0]
-        for batch in reversed(bucket_sizes(self.max_batch)):  # largest first: it sizes the pool
+        for batch in reversed(self.sizes):  # largest first: it sizes the pool
             self._forward(batch)  # warm up: Triton compiles outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -80,22 +92,29 @@ class DecodeGraphs:
         logger.info("captured decode CUDA graphs for batch sizes %s (%.0f MiB)",
                     sorted(self.graphs), used_mib)
 
-    def can_run(self, meta: AttentionMetadata, num_seqs: int) -> bool:
-        return (meta.is_decode_only and num_seqs <= self.max_batch
-                and meta.max_seq_len <= self.max_seq_len
-                and meta.block_tables.shape[1] <= self.block_tables.shape[1])
+    def can_run(self, host: HostInputs) -> bool:
+        return (host.is_decode_only and len(host.seq_lens) <= self.max_batch
+                and max(host.seq_lens) <= self.max_seq_len)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            meta: AttentionMetadata) -> torch.Tensor:
-        """Logits (num_seqs, vocab) of a decode-only batch."""
-        num_seqs = input_ids.shape[0]
-        batch = next(b for b in sorted(self.graphs) if b >= num_seqs)
-        self.input_ids[:num_seqs].copy_(input_ids)
-        self.positions[:num_seqs].copy_(positions)
-        self.slot_mapping[:num_seqs].copy_(meta.slot_mapping)
-        self.slot_mapping[num_seqs:batch].fill_(-1)
-        self.seq_lens[:num_seqs].copy_(meta.seq_lens)
-        self.seq_lens[num_seqs:batch].zero_()
-        self.block_tables[:num_seqs, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+    def run(self, host: HostInputs) -> torch.Tensor:
+        """Logits (num_seqs, vocab) of a decode-only batch.
+
+        The step's vectors go to the GPU as one copy from pinned memory, and its block table as
+        another; padding rows get slot -1 and length 0.
+        """
+        n = len(host.seq_lens)
+        batch = next(b for b in self.sizes if b >= n)
+        m = self.max_batch
+        staged = self.staged_host
+        staged[0:n] = host.input_ids
+        staged[m:m + n] = host.positions
+        staged[2 * m:2 * m + n] = host.slots
+        staged[2 * m + n:2 * m + batch] = -1
+        staged[3 * m:3 * m + n] = host.seq_lens
+        staged[3 * m + n:3 * m + batch] = 0
+        self.staged.copy_(self.staged_pinned, non_blocking=True)
+        width = len(host.block_tables[0])
+        self.tables_host[:n, :width] = host.block_tables
+        self.block_tables[:n, :width].copy_(self.tables_pinned[:n, :width], non_blocking=True)
         self.graphs[batch].replay()
-        return self.logits[batch][:num_seqs]
+        return self.logits[batch][:n]

@@ -15,21 +15,13 @@ import torch
 
 from tandem.engine.attention import AttentionMetadata
 from tandem.engine.cuda_graphs import DecodeGraphs
+from tandem.engine.step_inputs import HostInputs, ModelInputs, host_inputs
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.models.decoder import DecoderModel
 from tandem.engine.sampler import Sampler, SamplerOutput
 from tandem.engine.scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class ModelInputs:
-    input_ids: torch.Tensor   # (num_tokens,)
-    positions: torch.Tensor   # (num_tokens,)
-    meta: AttentionMetadata
-    sample_indices: torch.Tensor  # (num_sampling_seqs,) rows of the hidden states to sample from
-    sampling_rows: list[int]      # which sequences of the batch sample
 
 
 @dataclass(slots=True)
@@ -98,58 +90,46 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         """Run one step; a sampled token per sequence, None where the sequence does not sample."""
-        inputs = self.prepare(batch)
+        host = host_inputs(batch, self.block_size)
         out = StepOutput([None] * len(batch.seqs), [None] * len(batch.seqs))
-        if self.graphs is not None and self.graphs.can_run(inputs.meta, len(batch.seqs)):
-            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        if not host.sampling_rows:
+            self._forward(host)  # a prompt chunk that ends before the prompt does
+            return out
+        if self.graphs is not None and self.graphs.can_run(host):
+            logits = self.graphs.run(host)
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
-            if not inputs.sampling_rows:
-                return out
-            logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        seqs = [batch.seqs[i] for i in inputs.sampling_rows]
+            logits = self._forward(host)
+        seqs = [batch.seqs[i] for i in host.sampling_rows]
         sampled: SamplerOutput = self.sampler(logits, [s.params for s in seqs],
                                               [s.generator for s in seqs])
-        for k, row in enumerate(inputs.sampling_rows):
+        for k, row in enumerate(host.sampling_rows):
             out.token_ids[row] = sampled.token_ids[k]
             out.logprobs[row] = sampled.logprobs[k]
         return out
 
-    def prepare(self, batch: ScheduledBatch) -> ModelInputs:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        sampling_rows: list[int] = []
-        bs = self.block_size
-        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
-            query_start_loc.append(query_start_loc[-1] + num_new)
-            seq_lens.append(end)
-            if batch.samples(i):
-                sampling_rows.append(i)
-        max_blocks = max(len(seq.block_table) for seq in batch.seqs)
-        block_tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table))
-                        for seq in batch.seqs]
+    def _forward(self, host: HostInputs) -> torch.Tensor:
+        """Eager forward pass; logits of the sequences that sample."""
+        inputs = self.to_device(host)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
+        return self.model.compute_logits(hidden[inputs.sample_indices])
+
+    def to_device(self, host: HostInputs) -> ModelInputs:
         device = self.device
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         meta = AttentionMetadata(
-            query_start_loc=tensor(query_start_loc, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            block_tables=tensor(block_tables, torch.int32),
-            slot_mapping=tensor(slots, torch.int64),
-            max_query_len=max(batch.num_new_tokens),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
+            query_start_loc=tensor(host.query_start_loc, torch.int32),
+            seq_lens=tensor(host.seq_lens, torch.int32),
+            block_tables=tensor(host.block_tables, torch.int32),
+            slot_mapping=tensor(host.slots, torch.int64),
+            max_query_len=host.max_query_len,
+            max_seq_len=max(host.seq_lens),
+            query_start_loc_cpu=host.query_start_loc,
+            seq_lens_cpu=host.seq_lens,
         )
-        sample_indices = tensor([query_start_loc[i + 1] - 1 for i in sampling_rows], torch.int64)
-        return ModelInputs(tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta,
-                           sample_indices, sampling_rows)
+        sample_indices = tensor([host.query_start_loc[i + 1] - 1 for i in host.sampling_rows],
+                                torch.int64)
+        return ModelInputs(tensor(host.input_ids, torch.int64),
+                           tensor(host.positions, torch.int64), meta, sample_indices)

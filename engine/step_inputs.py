@@ -1,0 +1,58 @@
+"""The inputs of one engine step: as host lists first, then as device tensors.
+
+`host_inputs` flattens a scheduled batch: each sequence contributes the tokens it computes this
+step, at their positions, with the KV-cache slot each one is written to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.engine.attention import AttentionMetadata
+from tandem.engine.scheduler import ScheduledBatch
+
+
+@dataclass(slots=True)
+class HostInputs:
+    input_ids: list[int]         # (num_tokens,)
+    positions: list[int]         # (num_tokens,)
+    slots: list[int]             # (num_tokens,) block_id * block_size + offset
+    query_start_loc: list[int]   # (num_seqs + 1,)
+    seq_lens: list[int]          # (num_seqs,) context length including the new tokens
+    block_tables: list[list[int]]  # (num_seqs, max_blocks) padded with 0
+    sampling_rows: list[int]     # which sequences of the batch sample
+    max_query_len: int
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+@dataclass(slots=True)
+class ModelInputs:
+    input_ids: torch.Tensor   # (num_tokens,)
+    positions: torch.Tensor   # (num_tokens,)
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor  # (num_sampling_seqs,) rows of the hidden states to sample from
+
+
+
+def host_inputs(batch: ScheduledBatch, block_size: int) -> HostInputs:
+    """The step's inputs as host lists: flat tokens, positions, KV slots, per-sequence lengths."""
+    host = HostInputs([], [], [], [0], [], [], [], max(batch.num_new_tokens))
+    for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+        host.input_ids.extend(seq.token_ids[start:end])
+        host.positions.extend(range(start, end))
+        host.slots.extend(seq.block_table[p // block_size] * block_size + p % block_size
+                          for p in range(start, end))
+        host.query_start_loc.append(host.query_start_loc[-1] + num_new)
+        host.seq_lens.append(end)
+        if batch.samples(i):
+            host.sampling_rows.append(i)
+    width = max(len(seq.block_table) for seq in batch.seqs)
+    host.block_tables = [seq.block_table + [0] * (width - len(seq.block_table))
+                         for seq in batch.seqs]
+    return host
