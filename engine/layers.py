@@ -72,3 +72,9 @@ def apply_rotary_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Te
         return (x.float() * c + rotated.float() * s).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: x is (num_tokens, 2 * intermediate), gate first, then up."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

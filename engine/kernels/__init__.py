@@ -19,7 +19,8 @@ import torch
 
 from tandem.engine.attention import (AttentionMetadata, paged_attention_reference,
                                      store_kv_reference)
-from tandem.engine.layers import apply_rotary_reference, rms_norm_reference
+from tandem.engine.layers import (apply_rotary_reference, rms_norm_reference,
+                                  silu_and_mul_reference)
 
 __all__ = ["apply_rotary", "is_triton_usable", "paged_attention", "rms_norm", "store_kv"]
 
@@ -85,3 +86,11 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos:
         return apply_rotary_reference(q, k, positions, cos, sin)
     from tandem.engine.kernels.rotary import apply_rotary as apply_rotary_triton
     return apply_rotary_triton(q, k, positions, cos, sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = (num_tokens, 2 * intermediate), gate first."""
+    if not is_triton_usable(x):
+        return silu_and_mul_reference(x)
+    from tandem.engine.kernels.activation import silu_and_mul as silu_and_mul_triton
+    return silu_and_mul_triton(x)
