@@ -22,8 +22,9 @@ from tandem.router.grpc_api import add_public_services, set_health
 from tandem.router.metrics import FrontendMetrics
 from tandem.router.openai_api import create_app
 from tandem.router.pipeline import Pipeline
-from tandem.router.policy import RoutingConfig, SimpleRouter
-from tandem.router.worker_registry import WorkerRegistry
+from tandem.router.kv_follower import KVEventFollower
+from tandem.router.routing import Router, RoutingConfig
+from tandem.router.worker_registry import WorkerRegistry, WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ class Frontend:
         self.config = config
         self.workers = WorkerRegistry(model.name, config.block_size, config.stale_after_s)
         self.metrics = FrontendMetrics(self.workers)
-        self.router = SimpleRouter(config.routing)
+        self.router = Router(config.routing, config.block_size)
         self.pipeline = Pipeline(model, tokenizer, self.workers, self.router, self.metrics)
+        self.follower = KVEventFollower(self.router.indexes, self.pipeline.stub)
         self.app = create_app(self.pipeline, tokenizer, self.metrics.registry)
         self.http: _QuietServer | None = None
         self.http_task: asyncio.Task | None = None
@@ -68,7 +70,7 @@ class Frontend:
         config = self.config
         self.control_server = grpc.aio.server()
         wgrpc.add_ControlServicer_to_server(
-            ControlService(self.workers, config.heartbeat_interval_s), self.control_server)
+            ControlService(self.workers, config.heartbeat_interval_s, self), self.control_server)
         control_port = self.control_server.add_insecure_port(f"127.0.0.1:{config.control_port}")
         await self.control_server.start()
         self.control_address = f"127.0.0.1:{control_port}"
@@ -103,10 +105,26 @@ class Frontend:
         self.pipeline.ready = True
         set_health(self.health, serving=True)
 
-    def forget_workers(self, worker_ids: list[str]) -> None:
+    # ---- worker lifecycle (called by the Control service and the serve loop) ------------------
+
+    def on_registered(self, worker: WorkerState) -> None:
+        self.follower.follow(worker)
+
+    def on_heartbeat(self, worker: WorkerState) -> None:
+        self.router.on_worker_stats(worker)
+
+    def on_removed(self, worker_ids: list[str]) -> None:
         for worker_id in worker_ids:
-            self.workers.deregister(worker_id)
-        self.workers.drop_stale(time.monotonic())
+            worker = self.workers.workers.get(worker_id)
+            if worker is not None:
+                self.follower.forget(worker_id)
+                self.router.remove_worker(worker_id, worker.role)
+                self.workers.deregister(worker_id)
+
+    def forget_workers(self, dead_worker_ids: list[str]) -> None:
+        """Drop workers whose process died, and those whose heartbeats stopped."""
+        self.on_removed(dead_worker_ids)
+        self.on_removed(self.workers.stale(time.monotonic()))
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests and wait for those in flight; False if some were still running."""
@@ -127,4 +145,5 @@ class Frontend:
         for server in (self.grpc_server, self.control_server):
             if server is not None:
                 await server.stop(1.0)
+        await self.follower.close()
         await self.pipeline.close()

@@ -23,7 +23,7 @@ from tandem.block_hash import hash_prompt_blocks
 from tandem.engine.detokenizer import IncrementalDetokenizer
 from tandem.engine.model_info import ModelInfo
 from tandem.router.metrics import FrontendMetrics
-from tandem.router.policy import RouteDecision, SimpleRouter
+from tandem.router.routing import RouteDecision, Router
 from tandem.router.types import GenerateChunk, GenerateRequest, RequestRejected
 from tandem.router.worker_registry import WorkerRegistry, WorkerState
 from tandem.wire import logprob_from_proto, sampling_to_proto
@@ -38,6 +38,7 @@ class _Progress:
     num_prompt_tokens: int
     started_s: float
     decode_worker: str
+    request_id: str
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     last_token_s: float | None = None
@@ -46,7 +47,7 @@ class _Progress:
 
 class Pipeline:
     def __init__(self, model: ModelInfo, tokenizer, workers: WorkerRegistry,
-                 router: SimpleRouter, metrics: FrontendMetrics):
+                 router: Router, metrics: FrontendMetrics):
         self.model = model
         self.model_name = model.name
         self.max_model_len = model.max_model_len
@@ -89,6 +90,7 @@ class Pipeline:
             async for chunk in self._run(request, decision, decode):
                 yield chunk
         finally:
+            self.router.on_finished(request.request_id)
             decode.num_inflight -= 1
             self.num_inflight -= 1
             if self.num_inflight == 0:
@@ -97,9 +99,8 @@ class Pipeline:
     def _route(self, request: GenerateRequest) -> RouteDecision:
         hashes = hash_prompt_blocks(request.prompt_token_ids, self.workers.block_size)
         try:
-            return self.router.route(len(request.prompt_token_ids), hashes,
-                                     self.workers.block_size, self.workers.pool("decode"),
-                                     self.workers.pool("prefill"))
+            return self.router.route(request.request_id, len(request.prompt_token_ids), hashes,
+                                     self.workers.pool("decode"), self.workers.pool("prefill"))
         except LookupError as err:
             raise RequestRejected(str(err), 503, "service_unavailable") from err
 
@@ -109,7 +110,8 @@ class Pipeline:
         progress = _Progress(
             IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop,
                                    params.include_stop_str_in_output, params.skip_special_tokens),
-            len(request.prompt_token_ids), time.perf_counter(), decode.worker_id)
+            len(request.prompt_token_ids), time.perf_counter(), decode.worker_id,
+            request.request_id)
         worker_request = wpb.WorkerGenerateRequest(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             sampling=sampling_to_proto(params))
@@ -143,7 +145,7 @@ class Pipeline:
                        ) -> wpb.PrefillResponse:
         worker.num_inflight += 1
         try:
-            return await self._stub(worker).Prefill(wpb.PrefillRequest(
+            return await self.stub(worker).Prefill(wpb.PrefillRequest(
                 request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
                 sampling=request.sampling))
         except grpc.aio.AioRpcError as err:
@@ -153,7 +155,7 @@ class Pipeline:
 
     async def _decode(self, worker: WorkerState, request: wpb.WorkerGenerateRequest,
                       progress: _Progress) -> AsyncIterator[GenerateChunk]:
-        call = self._stub(worker).Generate(request)
+        call = self.stub(worker).Generate(request)
         try:
             async for message in call:
                 if message.kv_transfer_bytes:
@@ -210,6 +212,7 @@ class Pipeline:
         now = time.perf_counter()
         if progress.last_token_s is None:
             self.metrics.ttft.labels(*progress.first_worker).observe(now - progress.started_s)
+            self.router.on_first_token(progress.request_id)
         else:
             self.metrics.itl.labels(progress.decode_worker, "decode").observe(
                 now - progress.last_token_s)
@@ -222,12 +225,12 @@ class Pipeline:
 
     async def _release(self, worker: WorkerState, request_id: str) -> None:
         try:
-            await self._stub(worker).Release(wpb.ReleaseRequest(request_id=request_id), timeout=5)
+            await self.stub(worker).Release(wpb.ReleaseRequest(request_id=request_id), timeout=5)
         except grpc.aio.AioRpcError as err:
             logger.info("request %s: release on %s failed (%s)", request_id, worker.worker_id,
                         err.code().name)
 
-    def _stub(self, worker: WorkerState) -> wgrpc.WorkerStub:
+    def stub(self, worker: WorkerState) -> wgrpc.WorkerStub:
         channel = self.channels.get(worker.address)
         if channel is None:
             channel = self.channels[worker.address] = grpc.aio.insecure_channel(worker.address)

@@ -66,12 +66,12 @@ class WorkerRegistry:
         if self.workers.pop(worker_id, None) is not None:
             logger.info("worker %s deregistered", worker_id)
 
-    def drop_stale(self, now_s: float) -> list[str]:
+    def stale(self, now_s: float) -> list[str]:
+        """Workers whose heartbeats stopped more than stale_after_s ago."""
         stale = [w.worker_id for w in self.workers.values()
                  if now_s - w.last_seen_s > self.stale_after_s]
         for worker_id in stale:
-            logger.warning("worker %s missed its heartbeats; dropping it", worker_id)
-            del self.workers[worker_id]
+            logger.warning("worker %s missed its heartbeats", worker_id)
         return stale
 
     def pool(self, role: str) -> list[WorkerState]:

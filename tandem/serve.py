@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass, fields
 
@@ -40,6 +41,9 @@ class ServeConfig:
     gpu_memory_utilization: float = 0.9
     remote_prefill_min_tokens: int = 256
     max_prefill_queue: int = 8
+    router_mode: str = "kv"            # kv | round-robin | random | least-loaded
+    kv_overlap_weight: float = 1.0     # cost of one uncached prompt block against one active block
+    router_temperature: float = 0.0    # 0: always the cheapest worker; > 0: sample by cost
     kv_lease_s: float = 30.0
     transfer_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
@@ -82,6 +86,9 @@ def worker_specs(config: ServeConfig, frontend: str) -> list[WorkerSpec]:
         args += ["--max-model-len", str(config.max_model_len)]
     if config.num_prefill == 0:
         args.append("--no-kv-transfer")  # aggregated: nothing to pull
+    if devices and devices[0] == "cpu":
+        # Workers on one CPU share its cores instead of each spawning a thread per core.
+        args += ["--cpu-threads", str(max(1, (os.cpu_count() or 1) // len(roles)))]
     counters = {"prefill": 0, "decode": 0}
     specs = []
     for role, device in zip(roles, devices):
@@ -93,14 +100,17 @@ def worker_specs(config: ServeConfig, frontend: str) -> list[WorkerSpec]:
 
 async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
     from tandem.router.frontend import Frontend, FrontendConfig
-    from tandem.router.policy import RoutingConfig
+    from tandem.router.kv_policy import KVPolicyConfig
+    from tandem.router.routing import RoutingConfig
 
     model = describe_model(config.model, config.max_model_len)
     tokenizer = load_tokenizer(None if model.model_dir is None else str(model.model_dir))
     frontend = Frontend(model, tokenizer, FrontendConfig(
         host=config.host, http_port=config.http_port, grpc_port=config.grpc_port,
         block_size=config.block_size,
-        routing=RoutingConfig(config.remote_prefill_min_tokens, config.max_prefill_queue)))
+        routing=RoutingConfig(config.remote_prefill_min_tokens, config.max_prefill_queue,
+                              KVPolicyConfig(config.router_mode, config.kv_overlap_weight,
+                                             config.router_temperature))))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

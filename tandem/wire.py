@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from tandem.api.v1 import generation_pb2 as pb
+from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.engine.outputs import Logprob
 from tandem.engine.sampling_params import SamplingParams
+from tandem.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 
 def sampling_to_proto(params: SamplingParams) -> pb.SamplingOptions:
@@ -47,3 +49,28 @@ def logprob_to_proto(token_id: int, logprob: tuple[float, dict[int, float]]) -> 
 
 def logprob_from_proto(message: pb.TokenLogprob) -> Logprob:
     return Logprob(message.token_id, message.logprob, {t.token_id: t.logprob for t in message.top})
+
+
+def kv_event_to_proto(event: KVEvent) -> wpb.KVEvent:
+    if isinstance(event, BlockStored):
+        stored = wpb.BlocksStored(has_parent=event.parent_hash is not None,
+                                  parent_hash=event.parent_hash or 0,
+                                  block_hashes=event.block_hashes)
+        return wpb.KVEvent(event_id=event.event_id, stored=stored)
+    if isinstance(event, BlockRemoved):
+        return wpb.KVEvent(event_id=event.event_id,
+                           removed=wpb.BlocksRemoved(block_hashes=event.block_hashes))
+    return wpb.KVEvent(event_id=event.event_id, cleared=wpb.AllBlocksCleared())
+
+
+def kv_event_from_proto(message: wpb.KVEvent) -> KVEvent:
+    kind = message.WhichOneof("kind")
+    if kind == "stored":
+        stored = message.stored
+        parent = stored.parent_hash if stored.has_parent else None
+        return BlockStored(message.event_id, parent, tuple(stored.block_hashes))
+    if kind == "removed":
+        return BlockRemoved(message.event_id, tuple(message.removed.block_hashes))
+    if kind == "cleared":
+        return AllBlocksCleared(message.event_id)
+    raise ValueError(f"KV event {message.event_id} has no kind")

@@ -17,6 +17,7 @@ from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
+from tandem.wire import kv_event_to_proto
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,39 @@ class WorkerBase(wgrpc.WorkerServicer):
         self.async_engine = AsyncEngine(engine)
         self.agent = agent  # NixlKVAgent, or None when transfers are off
         self.transfers = TransferCounters()
+        self.kv_subscribers: list[asyncio.Queue] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        engine.block_manager.subscribe(self._on_kv_event)
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.async_engine.start()
+
+    def _on_kv_event(self, event) -> None:
+        """Called by the block manager, on the engine's step thread or on the loop."""
+        if self.loop is None:
+            return
+        for queue in list(self.kv_subscribers):
+            self.loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    async def StreamKVEvents(self, request, context):
+        queue: asyncio.Queue = asyncio.Queue()
+        self.kv_subscribers.append(queue)
+        try:
+            while True:
+                events = [await queue.get()]
+                while not queue.empty() and len(events) < 1024:  # batch what has piled up
+                    events.append(queue.get_nowait())
+                yield wpb.KVEventBatch(events=[kv_event_to_proto(e) for e in events])
+        finally:
+            self.kv_subscribers.remove(queue)
+
+    async def GetKVSnapshot(self, request, context):
+        manager = self.engine.block_manager
+        last_event_id, hashes = await self.async_engine.call(
+            lambda: (manager.next_event_id - 1, manager.cached_hashes()))
+        return wpb.KVSnapshot(last_event_id=last_event_id, block_hashes=hashes,
+                              block_size=manager.block_size)
 
     async def GetTransferInfo(self, request, context):
         if self.agent is None:

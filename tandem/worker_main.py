@@ -47,7 +47,7 @@ async def serve_worker(options: WorkerOptions) -> None:
     wgrpc.add_WorkerServicer_to_server(worker, server)
     port = server.add_insecure_port(f"{options.host}:{options.port}")
     await server.start()
-    worker.async_engine.start()
+    worker.start()
     address = f"{options.host}:{port}"
     logger.info("%s worker %s serving on %s", options.role, options.worker_id, address)
     stop = asyncio.Event()
@@ -88,10 +88,15 @@ def add_worker_parser(commands) -> None:
     parser.add_argument("--lease-s", type=float, default=30.0)
     parser.add_argument("--transfer-timeout-s", type=float, default=30.0)
     parser.add_argument("--no-kv-transfer", action="store_true")
+    parser.add_argument("--cpu-threads", type=int, default=None,
+                        help="torch threads on a CPU (default: torch's choice)")
     parser.set_defaults(func=worker_main)
 
 
 def worker_main(args: argparse.Namespace) -> int:
+    if args.cpu_threads:
+        import torch
+        torch.set_num_threads(args.cpu_threads)
     engine = EngineConfig(
         model=args.model, role=args.role, device=args.device, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,

@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from tandem.engine.tokenizer import load_tokenizer
 from tests.serving_harness import start_server, worker_pids
 
 pytest.importorskip("nixl")
@@ -29,19 +30,36 @@ def alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
-def test_aggregated_serving_from_a_yaml_config(tmp_path):
+def test_aggregated_serving_from_a_yaml_config_routes_by_kv_overlap(tmp_path):
     config = tmp_path / "serve.yaml"
-    config.write_text("num_prefill: 0\nnum_decode: 2\nnum_kv_blocks: 128\ndevice: cpu\n")
+    config.write_text("num_prefill: 0\nnum_decode: 2\nnum_kv_blocks: 128\ndevice: cpu\n"
+                      "router_mode: kv\n")
     server = start_server("--config", str(config))
     try:
         client = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="x", max_retries=0)
-        for _ in range(2):
-            out = client.completions.create(model="random:tiny", prompt=LONG_PROMPT, max_tokens=4)
-            assert out.usage.completion_tokens == 4
-        assert server.metric("tandem_local_prefill_total") == 2
+        first = client.completions.create(model="random:tiny", prompt=LONG_PROMPT, max_tokens=4)
+        assert first.usage.completion_tokens == 4
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        time.sleep(0.5)  # the worker's KV events reach the router
+        tokenizer = load_tokenizer(None)
+        base = tokenizer.encode(LONG_PROMPT)
+        for question in ("Why?", "How?", "When?"):
+            out = client.completions.create(model="random:tiny", prompt=LONG_PROMPT + question,
+                                            max_tokens=4)
+            ids = tokenizer.encode(LONG_PROMPT + question)
+            shared = next(i for i, (a, b) in enumerate(zip(base + [-1], ids)) if a != b)
+            # Every full block of the shared prompt is found on the worker that computed it.
+            assert out.usage.prompt_tokens_details.cached_tokens == shared // 16 * 16 >= 32
+        assert server.metric("tandem_local_prefill_total") == 4
         assert server.metric("tandem_remote_prefill_total") == 0
-        assert server.metric("vllm:num_requests_running", role="decode") == 0
-        assert "decode-1" in httpx.get(f"{server.http_url}/metrics").text
+        deadline = time.monotonic() + 5  # worker stats arrive with heartbeats
+        while time.monotonic() < deadline:
+            hits = [server.metric("vllm:prefix_cache_hits_total", worker=f"decode-{i}")
+                    for i in range(2)]
+            if max(hits) > 0:
+                break
+            time.sleep(0.2)
+        assert sorted(hits)[0] == 0 and sorted(hits)[1] >= 3 * 32  # all on one worker
     finally:
         assert server.stop() == 0
 

@@ -60,6 +60,16 @@ class WorkerStub:
                 request_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.WorkerStats.FromString,
                 _registered_method=True)
+        self.StreamKVEvents = channel.unary_stream(
+                '/tandem.worker.v1.Worker/StreamKVEvents',
+                request_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVEventsRequest.SerializeToString,
+                response_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVEventBatch.FromString,
+                _registered_method=True)
+        self.GetKVSnapshot = channel.unary_unary(
+                '/tandem.worker.v1.Worker/GetKVSnapshot',
+                request_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVSnapshotRequest.SerializeToString,
+                response_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVSnapshot.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -101,6 +111,20 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamKVEvents(self, request, context):
+        """The worker's prefix-cache changes, in event-id order, from the moment of the call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKVSnapshot(self, request, context):
+        """Every block hash cached now, and the id of the last event they include.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +152,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.WorkerStats.SerializeToString,
+            ),
+            'StreamKVEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamKVEvents,
+                    request_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVEventsRequest.FromString,
+                    response_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVEventBatch.SerializeToString,
+            ),
+            'GetKVSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKVSnapshot,
+                    request_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVSnapshotRequest.FromString,
+                    response_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVSnapshot.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +300,60 @@ class Worker:
             '/tandem.worker.v1.Worker/GetStats',
             tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
             tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.WorkerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamKVEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.worker.v1.Worker/StreamKVEvents',
+            tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVEventsRequest.SerializeToString,
+            tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVEventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKVSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.worker.v1.Worker/GetKVSnapshot',
+            tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVSnapshotRequest.SerializeToString,
+            tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVSnapshot.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,82 @@
+"""KV-aware routing against round-robin and least-loaded, at equal offered load, on a CPU.
+
+  python benchmarks/kv_routing_bench.py [--modes kv,round-robin,least-loaded] [--quick]
+
+For each router mode: `tandem serve` with 4 decode workers (aggregated, `--num-prefill 0`) on
+random:tiny with a KV cache of `--num-kv-blocks` blocks per worker, then `tandem bench` with the same
+seeded requests and arrival times: the shared-prefix dataset, and a replay of the Mooncake
+conversation trace scaled to 16-token blocks. The cache is sized so that one worker holds only a
+few of the shared prefixes: a router that spreads a prefix over every worker makes each of them
+evict it. Prints TTFT, prefix hit rate against the ideal (an infinite shared cache on the same
+requests) and throughput, per mode and dataset; JSON summaries go to --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.serving_harness import start_server
+
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "conversation_trace.jsonl"
+
+
+def datasets(quick: bool) -> dict[str, list[str]]:
+    shared = ["--dataset", "shared-prefix", "--num-groups", "8", "--prompts-per-group",
+              "8" if quick else "16", "--system-prompt-len", "1024", "--question-len", "32",
+              "--output-len", "8", "--request-rate", "4"]
+    sets = {"shared-prefix": shared}
+    if TRACE.is_file():
+        sets["trace"] = ["--dataset", f"trace:{TRACE}", "--trace-block-tokens", "16",
+                         "--num-requests", "60" if quick else "150", "--output-scale", "0.02",
+                         "--time-scale", "0.05"]
+    return sets
+
+
+def run_mode(mode: str, sets: dict[str, list[str]], num_kv_blocks: int, out_dir: Path) -> dict:
+    server = start_server("--num-prefill", "0", "--num-decode", "4", "--device", "cpu",
+                          "--num-kv-blocks", str(num_kv_blocks), "--router-mode", mode,
+                          "--max-num-batched-tokens", "1024")
+    results = {}
+    try:
+        for name, args in sets.items():
+            out = out_dir / f"{name}-{mode}.json"
+            subprocess.run([sys.executable, "-m", "tandem.cli", "bench", "--url", server.http_url,
+                            "--no-progress", "--seed", "0", "--out", str(out), *args], check=True,
+                           stdout=subprocess.DEVNULL)
+            results[name] = json.loads(out.read_text())
+    finally:
+        server.stop()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--modes", default="kv,round-robin,least-loaded")
+    parser.add_argument("--num-kv-blocks", type=int, default=256)
+    parser.add_argument("--out-dir", default="/tmp/kv_routing_bench")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sets = datasets(args.quick)
+    table = {mode: run_mode(mode, sets, args.num_kv_blocks, out_dir)
+             for mode in args.modes.split(",")}
+    print("dataset | mode | requests | errors | TTFT p50 ms | TTFT p99 ms | prefix hit rate | "
+          "ideal | of ideal | output tok/s")
+    for name in sets:
+        for mode, results in table.items():
+            r = results[name]
+            ideal = r.get("ideal_prefix_hit_rate") or 0.0
+            share = r["prefix_hit_rate"] / ideal if ideal else 0.0
+            print(f"{name} | {mode} | {r['num_requests']} | {r['num_errors']} | "
+                  f"{r['ttft_ms']['p50']:.1f} | {r['ttft_ms']['p99']:.1f} | "
+                  f"{r['prefix_hit_rate']:.3f} | {ideal:.3f} | {share:.0%} | "
+                  f"{r['output_token_throughput']:.1f}")
+
+
+if __name__ == "__main__":
+    main()

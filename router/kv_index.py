@@ -1,0 +1,340 @@
+"""KV index: which workers of one pool hold which prompt prefixes, kept from their KV event streams.
+
+The router keeps one index per pool (prefill, decode). Workers publish what their prefix caches
+gain and lose (tandem.kv_events); the index replays those events and answers one question per
+request: for a prompt's chained block hashes (tandem.block_hash), how many leading blocks does each
+worker already hold? A chained hash names its whole prefix, so a worker's overlap is the number of
+leading hashes it holds, counted up to its first miss; a worker holding a later block but not the
+first has overlap 0.
+
+Event contract. Every worker numbers its events 0, 1, 2, ... `apply` takes an event only when its
+id is exactly the last applied id + 1; otherwise it changes nothing and returns False, and the
+caller asks that worker for a snapshot (`load_snapshot`), after which events continue from the
+snapshot's id + 1. A worker just added expects event 0. Adding a worker id that is already known
+starts it afresh (a registration means a new process, whose cache is empty and whose ids restart).
+
+Representation, and why. Each worker owns one bit; each cached hash carries the bitmask of the
+workers holding it. A query ANDs the masks along the prompt and stops when no worker still matches;
+a worker's overlap is where its bit drops out. Looking every prompt hash up in a dict of millions
+of entries costs a cache miss or more per block (benchmarks/router_bench.py measures it), too slow
+for long prompts, so hashes live in *runs*: a hash stored right after the hash that ends a run is
+appended to that run, so a run follows a conversation's chain as it was cached. A query looks the
+prompt's hash up once, compares the prompt with the run's next hashes in bulk, and visits only the
+positions where the run's mask changes (`breaks`). Runs only predict which hash comes next; masks
+decide who holds what, so answers are exact whatever the order hashes arrived in (a snapshot in
+arbitrary order is exact too, only slower to query).
+
+The hash -> slot dict stores plain ints (run id and offset packed), which the garbage collector does
+not track: with millions of hashes, tracked tuples would make every full collection walk them all.
+Each worker keeps its block count and the ids of the runs it touched (for clearing, removal and
+snapshots), not a set of its hashes. When the last holder of a hash drops it, its slot stays in its
+run (mask 0) unless it is at the run's tail, which is trimmed; a run with no live slot is dropped.
+LRU eviction frees a prefix's tail first, so dead slots rarely linger.
+
+The index does no I/O and keeps no clock.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from tandem.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
+logger = logging.getLogger(__name__)
+
+_OFFSET_BITS = 32
+_OFFSET_MASK = (1 << _OFFSET_BITS) - 1
+_FIRST_WINDOW = 16  # hashes compared before trusting a run's prediction with longer windows
+
+
+@dataclass(slots=True, eq=False)
+class _Run:
+    """Hashes stored one after another, each with the bitmask of the workers holding it."""
+    run_id: int
+    hashes: list[int] = field(default_factory=list)
+    masks: list[int] = field(default_factory=list)
+    breaks: list[int] = field(default_factory=list)  # sorted positions p > 0: masks[p] != masks[p-1]
+    num_live_slots: int = 0                           # positions whose mask is not 0
+
+
+@dataclass(slots=True)
+class _Worker:
+    bit: int                                        # 1 << this worker's position in every mask
+    next_event_id: int = 0                          # the only event id `apply` accepts next
+    num_blocks: int = 0
+    run_ids: set[int] = field(default_factory=set)  # every run it may hold slots in (a superset)
+
+
+class KVIndex:
+    def __init__(self) -> None:
+        self._workers: dict[str, _Worker] = {}
+        self._worker_of_bit: dict[int, str] = {}
+        self._slots: dict[int, int] = {}           # hash -> run_id << 32 | offset in that run
+        self._runs: list[_Run | None] = []         # by run id; None: free
+        self._free_run_ids: list[int] = []
+        self._all_bits = 0
+
+    # ---- membership ----------------------------------------------------------------------------
+
+    def add_worker(self, worker_id: str) -> None:
+        """Start tracking a worker with an empty cache that will send event 0 next."""
+        self.remove_worker(worker_id)
+        bit = 1
+        while bit in self._worker_of_bit:
+            bit <<= 1
+        self._workers[worker_id] = _Worker(bit)
+        self._worker_of_bit[bit] = worker_id
+        self._all_bits |= bit
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget a worker and every block it held; unknown ids are ignored."""
+        worker = self._workers.pop(worker_id, None)
+        if worker is not None:
+            self._forget_all(worker)
+            del self._worker_of_bit[worker.bit]
+            self._all_bits &= ~worker.bit
+
+    def workers(self) -> list[str]:
+        """Tracked worker ids, in the order they were added."""
+        return list(self._workers)
+
+    def num_blocks(self, worker_id: str) -> int:
+        """Blocks the worker holds; 0 for a worker the index does not track."""
+        worker = self._workers.get(worker_id)
+        return worker.num_blocks if worker is not None else 0
+
+    def last_event_id(self, worker_id: str) -> int:
+        """Id of the last event applied for the worker (-1 before its first)."""
+        return self._worker(worker_id).next_event_id - 1
+
+    # ---- events and snapshots ------------------------------------------------------------------
+
+    def apply(self, worker_id: str, event: KVEvent) -> bool:
+        """Apply one event; False (and nothing changed) when its id does not follow the last one."""
+        worker = self._worker(worker_id)
+        if event.event_id != worker.next_event_id:
+            logger.debug("worker %s: KV event %d arrived, %d expected; a snapshot is needed",
+                         worker_id, event.event_id, worker.next_event_id)
+            return False
+        if isinstance(event, BlockStored):
+            self._store(worker, event.parent_hash, event.block_hashes)
+        elif isinstance(event, BlockRemoved):
+            self._forget(worker, event.block_hashes)
+        elif isinstance(event, AllBlocksCleared):
+            self._forget_all(worker)
+        else:
+            raise TypeError(f"not a KV event: {event!r}")
+        worker.next_event_id += 1
+        return True
+
+    def apply_many(self, worker_id: str, events: Iterable[KVEvent]) -> bool:
+        """Apply events in order; stops and returns False at the first one out of sequence."""
+        return all(self.apply(worker_id, event) for event in events)
+
+    def load_snapshot(self, worker_id: str, last_event_id: int,
+                      block_hashes: Iterable[int]) -> None:
+        """Replace the worker's blocks with exactly `block_hashes`, as of event `last_event_id`.
+
+        Pass -1 when the worker has sent no event yet. Hashes listed in the order they were cached
+        (BlockManager.cached_hashes) make the fastest runs; any order gives the same answers.
+        """
+        if last_event_id < -1:
+            raise ValueError(f"last_event_id must be -1 (no event yet) or more, got {last_event_id}")
+        worker = self._worker(worker_id)
+        self._forget_all(worker)
+        self._store(worker, None, block_hashes)
+        worker.next_event_id = last_event_id + 1
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    def overlaps(self, block_hashes: list[int]) -> dict[str, int]:
+        """Each worker's matched prefix length in blocks; workers matching 0 blocks are omitted."""
+        return self._walk(block_hashes, self._all_bits)
+
+    def overlap_blocks(self, worker_id: str, block_hashes: list[int]) -> int:
+        """How many leading blocks of the prompt one worker holds (0 for an unknown worker)."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return 0
+        return self._walk(block_hashes, worker.bit).get(worker_id, 0)
+
+    # ---- query internals -----------------------------------------------------------------------
+
+    def _worker(self, worker_id: str) -> _Worker:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            raise ValueError(f"worker {worker_id!r} is not in the KV index; call add_worker first")
+        return worker
+
+    def _walk(self, block_hashes: list[int], alive: int) -> dict[str, int]:
+        depths: dict[str, int] = {}
+        num_blocks = len(block_hashes)
+        position = 0
+        while alive and position < num_blocks:
+            code = self._slots.get(block_hashes[position])
+            if code is None:
+                break
+            run, offset = self._runs[code >> _OFFSET_BITS], code & _OFFSET_MASK
+            span = min(len(run.hashes) - offset, num_blocks - position)
+            matched = _agreeing_length(run.hashes, offset, block_hashes, position, span)
+            alive = self._narrow(alive, run, offset, matched, position, depths)
+            position += matched
+        self._record(alive, position, depths)
+        return depths
+
+    def _narrow(self, alive: int, run: _Run, offset: int, matched: int, position: int,
+                depths: dict[str, int]) -> int:
+        """AND in the masks of run[offset:offset + matched]; workers dropping out get their depth."""
+        masks, breaks = run.masks, run.breaks
+        changes = breaks[bisect_right(breaks, offset):bisect_left(breaks, offset + matched)]
+        for run_position in [offset, *changes]:
+            narrowed = alive & masks[run_position]
+            if narrowed != alive:
+                self._record(alive ^ narrowed, position + run_position - offset, depths)
+                alive = narrowed
+                if not alive:
+                    break
+        return alive
+
+    def _record(self, bits: int, depth: int, depths: dict[str, int]) -> None:
+        if depth == 0:
+            return
+        worker_of_bit = self._worker_of_bit
+        while bits:
+            lowest = bits & -bits
+            depths[worker_of_bit[lowest]] = depth
+            bits ^= lowest
+
+    # ---- event internals -----------------------------------------------------------------------
+
+    def _store(self, worker: _Worker, parent_hash: int | None, block_hashes: Iterable[int]) -> None:
+        bit, slots, runs = worker.bit, self._slots, self._runs
+        code = slots.get(parent_hash) if parent_hash is not None else None
+        run, offset = (runs[code >> _OFFSET_BITS], code & _OFFSET_MASK) if code is not None \
+            else (None, -1)
+        touched: dict[_Run, list[int]] = {}
+        for block_hash in block_hashes:
+            code = slots.get(block_hash)
+            if code is None:  # new to the index: after its predecessor if that ends a run
+                if run is None or offset != len(run.hashes) - 1:
+                    run = self._new_run()
+                run.hashes.append(block_hash)
+                run.masks.append(bit)
+                run.num_live_slots += 1
+                offset = len(run.hashes) - 1
+                slots[block_hash] = run.run_id << _OFFSET_BITS | offset
+            else:
+                run, offset = runs[code >> _OFFSET_BITS], code & _OFFSET_MASK
+                mask = run.masks[offset]
+                if mask & bit:
+                    continue
+                run.num_live_slots += mask == 0
+                run.masks[offset] = mask | bit
+            worker.num_blocks += 1
+            _touch(touched, run, offset)
+        for run, (low, high) in touched.items():
+            worker.run_ids.add(run.run_id)
+            _refresh_breaks(run, low, high)
+
+    def _forget(self, worker: _Worker, block_hashes: Iterable[int]) -> None:
+        bit, slots, runs = worker.bit, self._slots, self._runs
+        touched: dict[_Run, list[int]] = {}
+        for block_hash in block_hashes:
+            code = slots.get(block_hash)
+            if code is None:
+                continue
+            run, offset = runs[code >> _OFFSET_BITS], code & _OFFSET_MASK
+            mask = run.masks[offset]
+            if not mask & bit:
+                continue
+            run.masks[offset] = mask ^ bit
+            run.num_live_slots -= mask == bit
+            worker.num_blocks -= 1
+            _touch(touched, run, offset)
+        self._settle(touched)
+
+    def _forget_all(self, worker: _Worker) -> None:
+        bit = worker.bit
+        touched: dict[_Run, list[int]] = {}
+        for run_id in worker.run_ids:
+            run = self._runs[run_id]
+            masks = run.masks if run is not None else []
+            held = [p for p, mask in enumerate(masks) if mask & bit]
+            for p in held:
+                run.num_live_slots -= masks[p] == bit
+                masks[p] ^= bit
+            if held:
+                touched[run] = [held[0], held[-1]]
+        worker.run_ids.clear()
+        worker.num_blocks = 0
+        self._settle(touched)
+
+    def _settle(self, touched: dict[_Run, list[int]]) -> None:
+        """After bits were cleared: drop dead runs, trim dead tails, recompute breaks."""
+        for run, (low, high) in touched.items():
+            if run.num_live_slots == 0:
+                for block_hash in run.hashes:
+                    del self._slots[block_hash]
+                self._runs[run.run_id] = None
+                self._free_run_ids.append(run.run_id)
+                continue
+            while run.masks[-1] == 0:
+                del self._slots[run.hashes.pop()]
+                run.masks.pop()
+            del run.breaks[bisect_left(run.breaks, len(run.masks)):]
+            _refresh_breaks(run, low, high)
+
+    def _new_run(self) -> _Run:
+        if self._free_run_ids:
+            run = _Run(self._free_run_ids.pop())
+            self._runs[run.run_id] = run
+        else:
+            run = _Run(len(self._runs))
+            self._runs.append(run)
+        return run
+
+
+def _agreeing_length(run_hashes: list[int], offset: int, block_hashes: list[int], position: int,
+                     span: int) -> int:
+    """How many of run_hashes[offset:] and block_hashes[position:] agree before the first
+    difference, looking at most `span` far; the first pair is known to agree.
+
+    Windows grow fourfold while they agree, then the first difference is found by bisection on
+    "this whole window agrees", so the cost is about twice the agreeing length, in C list compares.
+    """
+    low, window = 1, _FIRST_WINDOW
+    while low < span:
+        high = min(low + window, span)
+        if run_hashes[offset + low:offset + high] != block_hashes[position + low:position + high]:
+            break
+        low, window = high, window * 4
+    else:
+        return span
+    while high - low > 1:  # everything before `low` agrees; something in [low, high) differs
+        middle = (low + high) // 2
+        if run_hashes[offset + low:offset + middle] == block_hashes[position + low:position + middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _touch(touched: dict[_Run, list[int]], run: _Run, offset: int) -> None:
+    span = touched.get(run)
+    if span is None:
+        touched[run] = [offset, offset]
+    elif offset < span[0]:
+        span[0] = offset
+    elif offset > span[1]:
+        span[1] = offset
+
+
+def _refresh_breaks(run: _Run, low: int, high: int) -> None:
+    """Recompute the breaks that masks[low:high + 1] can affect: positions low .. high + 1."""
+    masks, breaks = run.masks, run.breaks
+    first, last = max(low, 1), min(high + 1, len(masks) - 1)
+    changes = [p for p in range(first, last + 1) if masks[p] != masks[p - 1]]
+    breaks[bisect_left(breaks, first):bisect_right(breaks, last)] = changes

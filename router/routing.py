@@ -1,0 +1,107 @@
+"""Routing one request: which decode worker, whether to prefill remotely, which prefill worker.
+
+The decode worker is chosen by the router policy (router/kv_policy.py: KV overlap against load, or
+round-robin, random, least-loaded) over the decode pool's KV index. The prompt is then prefilled
+remotely only when its uncached length on that decode worker is at least
+`remote_prefill_min_tokens` (a short remainder costs less to compute where it is than to move) and
+some prefill worker has fewer than `max_prefill_queue` prefills in flight; otherwise the decode
+worker prefills it itself (conditional disaggregation). The prefill worker is chosen by the same
+policy over the prefill pool's own index and load.
+
+The router also keeps the active-load books both policies read: blocks added when a request is
+routed, prefill blocks dropped at its first token, everything dropped when it finishes or is
+aborted, and corrections from what workers report in their heartbeats. No I/O happens here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tandem.router.kv_index import KVIndex
+from tandem.router.kv_policy import ActiveLoadTracker, KVPolicyConfig, KVRouterPolicy
+from tandem.router.worker_registry import WorkerState
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    remote_prefill_min_tokens: int = 256  # shorter uncached prompts are prefilled on the decode worker
+    max_prefill_queue: int = 8            # prefills in flight per prefill worker before falling back
+    policy: KVPolicyConfig = KVPolicyConfig()
+
+    def __post_init__(self) -> None:
+        if self.remote_prefill_min_tokens < 0:
+            raise ValueError("remote_prefill_min_tokens must be >= 0, got "
+                             f"{self.remote_prefill_min_tokens}")
+        if self.max_prefill_queue < 1:
+            raise ValueError(f"max_prefill_queue must be >= 1, got {self.max_prefill_queue}")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    decode_worker: str
+    prefill_worker: str | None  # None: prefill on the decode worker
+    num_cached_tokens: int      # of the prompt, on the chosen decode worker
+    num_uncached_tokens: int
+
+
+class Router:
+    def __init__(self, config: RoutingConfig, block_size: int):
+        self.config = config
+        self.block_size = block_size
+        self.indexes = {"decode": KVIndex(), "prefill": KVIndex()}
+        self.loads = {"decode": ActiveLoadTracker(), "prefill": ActiveLoadTracker()}
+        self.policies = {"decode": KVRouterPolicy(config.policy),
+                         "prefill": KVRouterPolicy(config.policy)}
+        self._prefill_of: dict[str, str] = {}  # request id -> its prefill worker
+
+    def route(self, request_id: str, num_prompt_tokens: int, block_hashes: list[int],
+              decode_pool: list[WorkerState], prefill_pool: list[WorkerState]) -> RouteDecision:
+        """Raises LookupError when no decode worker is ready."""
+        if not decode_pool:
+            raise LookupError("no decode worker is ready")
+        num_blocks = -(-num_prompt_tokens // self.block_size)
+        decode = self._choose("decode", decode_pool, num_blocks, block_hashes)
+        cached = min(decode.overlap_blocks * self.block_size, num_prompt_tokens)
+        uncached = num_prompt_tokens - cached
+        prefill = None
+        if uncached >= self.config.remote_prefill_min_tokens:
+            open_pool = [w for w in prefill_pool if w.num_inflight < self.config.max_prefill_queue]
+            if open_pool:
+                prefill = self._choose("prefill", open_pool, num_blocks, block_hashes)
+        uncached_blocks = num_blocks - min(decode.overlap_blocks, num_blocks)
+        self.loads["decode"].on_routed(request_id, decode.worker_id, num_blocks,
+                                       0 if prefill else uncached_blocks)
+        if prefill is not None:
+            self.loads["prefill"].on_routed(request_id, prefill.worker_id, num_blocks,
+                                            num_blocks - min(prefill.overlap_blocks, num_blocks))
+            self._prefill_of[request_id] = prefill.worker_id
+        return RouteDecision(decode.worker_id, prefill.worker_id if prefill else None, cached,
+                             uncached)
+
+    def on_first_token(self, request_id: str) -> None:
+        self.loads["decode"].on_first_token(request_id)
+        if self._prefill_of.pop(request_id, None) is not None:
+            self.loads["prefill"].on_finished(request_id)
+
+    def on_finished(self, request_id: str) -> None:
+        """The request ended, however it ended; safe to call more than once."""
+        self.loads["decode"].on_finished(request_id)
+        if self._prefill_of.pop(request_id, None) is not None:
+            self.loads["prefill"].on_finished(request_id)
+
+    def on_worker_stats(self, worker: WorkerState) -> None:
+        stats = worker.stats
+        if stats.num_blocks:
+            self.loads[worker.role].correct(worker.worker_id,
+                                            stats.num_blocks - stats.num_free_blocks)
+
+    def remove_worker(self, worker_id: str, role: str) -> None:
+        self.loads[role].remove_worker(worker_id)
+
+    def _choose(self, role: str, pool: list[WorkerState], num_blocks: int,
+                block_hashes: list[int]):
+        candidates = [w.worker_id for w in pool]
+        tracker = self.loads[role]
+        overlaps = self.indexes[role].overlaps(block_hashes)
+        loads = {w: tracker.load(w) for w in candidates}
+        return self.policies[role].choose(candidates, num_blocks, overlaps, loads)
