@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import torch
 
 from tandem.api.v1 import generation_pb2 as pb
 from tandem.api.v1 import generation_pb2_grpc as pbgrpc
+
+
+# benchmarks/ and tests/ hold helpers; appended, so an installed tandem still wins.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from tests.serving_harness import start_server
 

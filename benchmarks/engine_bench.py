@@ -16,9 +16,15 @@ from __future__ import annotations
 import argparse
 import gc
 import random
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+
+# benchmarks/ and tests/ hold helpers; appended, so an installed tandem still wins.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.hardware import copy_rate_gbs, matmul_tflops
 from tandem import LLM, SamplingParams

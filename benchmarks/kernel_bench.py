@@ -17,6 +17,8 @@ Run from the repository root (it borrows the tests' batch builder):
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,10 @@ from tandem.engine.kernels.prefill_attention import default_config, prefill_atte
 from tandem.engine.kernels.rmsnorm import rms_norm
 from tandem.engine.kernels.rotary import apply_rotary
 from tandem.engine.layers import rope_cos_sin, rope_inv_freq
+
+# benchmarks/ and tests/ hold helpers; appended, so an installed tandem still wins.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
 from benchmarks.hardware import copy_rate_gbs, matmul_tflops, median_us
 from tests.engine.kernels.paged_batch import make_paged_batch
 

@@ -19,6 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+
+# benchmarks/ and tests/ hold helpers; appended, so an installed tandem still wins.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
 from tests.serving_harness import start_server
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "conversation_trace.jsonl"

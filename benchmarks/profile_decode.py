@@ -9,10 +9,16 @@ the same step and the HBM roofline (weight bytes / measured copy rate).
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+
+# benchmarks/ and tests/ hold helpers; appended, so an installed tandem still wins.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.hardware import copy_rate_gbs, median_us
 from tandem import LLM, SamplingParams

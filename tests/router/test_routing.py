@@ -1,0 +1,89 @@
+"""Routing decisions end to end in the pure core: index, policy, load books, disaggregation."""
+
+from __future__ import annotations
+
+from tandem.api.worker.v1 import worker_pb2 as wpb
+from tandem.block_hash import hash_prompt_blocks
+from tandem.kv_events import BlockStored
+from tandem.router.kv_policy import KVPolicyConfig, WorkerLoad
+from tandem.router.routing import Router, RoutingConfig
+from tandem.router.worker_registry import WorkerState
+
+BLOCK = 4
+
+
+def worker(worker_id: str, role: str = "decode", inflight: int = 0) -> WorkerState:
+    return WorkerState(worker_id, role, f"127.0.0.1:{hash(worker_id) % 1000 + 1000}", BLOCK, 64,
+                       0.0, num_inflight=inflight)
+
+
+def make(mode: str = "kv", min_tokens: int = 8, max_queue: int = 2) -> Router:
+    return Router(RoutingConfig(min_tokens, max_queue, KVPolicyConfig(mode)), BLOCK)
+
+
+PROMPT = list(range(100, 124))  # 6 full blocks
+HASHES = hash_prompt_blocks(PROMPT, BLOCK)
+
+
+def cache(router: Router, role: str, worker_id: str, hashes: list[int]) -> None:
+    router.indexes[role].add_worker(worker_id)
+    assert router.indexes[role].apply(worker_id, BlockStored(0, None, tuple(hashes)))
+
+
+def test_kv_mode_prefers_the_worker_holding_the_prefix_and_counts_its_load():
+    router = make()
+    pool = [worker("d0"), worker("d1")]
+    cache(router, "decode", "d1", HASHES[:4])
+    decision = router.route("r1", len(PROMPT), HASHES, pool, [])
+    assert decision.decode_worker == "d1"
+    assert decision.num_cached_tokens == 16 and decision.num_uncached_tokens == 8
+    # d1 now carries r1's 6 blocks; another prompt with no overlap anywhere goes to d0.
+    other = list(range(500, 524))
+    assert router.route("r2", 24, hash_prompt_blocks(other, BLOCK), pool, []).decode_worker == "d0"
+    router.on_finished("r1")
+    router.on_finished("r2")
+    assert router.loads["decode"].load("d1").active_blocks == 0
+
+
+def test_remote_prefill_only_for_long_uncached_prompts_with_room_in_the_pool():
+    router = make(min_tokens=12)
+    decode_pool = [worker("d0")]
+    prefill_pool = [worker("p0", "prefill"), worker("p1", "prefill", inflight=2)]
+    decision = router.route("r1", len(PROMPT), HASHES, decode_pool, prefill_pool)
+    assert decision.prefill_worker == "p0"  # p1's queue is full
+    cache(router, "decode", "d0", HASHES[:4])  # now only 8 tokens are uncached on d0
+    assert router.route("r2", len(PROMPT), HASHES, decode_pool, prefill_pool).prefill_worker is None
+    full = [worker("p0", "prefill", inflight=2)]
+    other = list(range(700, 724))
+    assert router.route("r3", 24, hash_prompt_blocks(other, BLOCK), decode_pool,
+                        full).prefill_worker is None
+
+
+def test_prefill_worker_chosen_by_its_own_overlap():
+    router = make(min_tokens=1)
+    prefill_pool = [worker("p0", "prefill"), worker("p1", "prefill")]
+    cache(router, "prefill", "p1", HASHES)
+    decision = router.route("r1", len(PROMPT), HASHES, [worker("d0")], prefill_pool)
+    assert decision.prefill_worker == "p1"
+    router.on_first_token("r1")
+    assert router.loads["prefill"].load("p1").active_blocks == 0
+
+
+def test_round_robin_ignores_the_cache():
+    router = make("round-robin")
+    pool = [worker("d0"), worker("d1")]
+    cache(router, "decode", "d1", HASHES)
+    chosen = [router.route(f"r{i}", len(PROMPT), HASHES, pool, []).decode_worker
+              for i in range(4)]
+    assert chosen == ["d0", "d1", "d0", "d1"]
+
+
+def test_heartbeat_stats_correct_the_books():
+    router = make()
+    w = worker("d0")
+    router.route("r1", len(PROMPT), HASHES, [w], [])
+    assert router.loads["decode"].load("d0") == WorkerLoad(6, 6)  # all 6 blocks to compute
+    w.stats = wpb.WorkerStats(num_blocks=64, num_free_blocks=60)
+    router.on_worker_stats(w)
+    # The worker's used blocks replace the router's decode estimate; pending prefill stays.
+    assert router.loads["decode"].load("d0") == WorkerLoad(6, 4)
