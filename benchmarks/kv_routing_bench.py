@@ -35,19 +35,22 @@ def datasets(quick: bool) -> dict[str, list[str]]:
     sets = {"shared-prefix": shared}
     if TRACE.is_file():
         sets["trace"] = ["--dataset", f"trace:{TRACE}", "--trace-block-tokens", "16",
-                         "--num-requests", "60" if quick else "150", "--output-scale", "0.02",
-                         "--time-scale", "0.05"]
+                         "--num-requests", "60" if quick else "500", "--output-scale", "0.02",
+                         "--time-scale", "0.2"]
     return sets
 
 
 def run_mode(mode: str, sets: dict[str, list[str]], num_kv_blocks: int, out_dir: Path) -> dict:
+    """`mode` is a router mode, or kv:W for kv with overlap weight W."""
+    router_mode, _, weight = mode.partition(":")
     server = start_server("--num-prefill", "0", "--num-decode", "4", "--device", "cpu",
-                          "--num-kv-blocks", str(num_kv_blocks), "--router-mode", mode,
+                          "--num-kv-blocks", str(num_kv_blocks), "--router-mode", router_mode,
+                          "--kv-overlap-weight", weight or "1.0",
                           "--max-num-batched-tokens", "1024")
     results = {}
     try:
         for name, args in sets.items():
-            out = out_dir / f"{name}-{mode}.json"
+            out = out_dir / f"{name}-{mode.replace(':', '-w')}.json"
             subprocess.run([sys.executable, "-m", "tandem.cli", "bench", "--url", server.http_url,
                             "--no-progress", "--seed", "0", "--out", str(out), *args], check=True,
                            stdout=subprocess.DEVNULL)
@@ -59,7 +62,8 @@ def run_mode(mode: str, sets: dict[str, list[str]], num_kv_blocks: int, out_dir:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--modes", default="kv,round-robin,least-loaded")
+    parser.add_argument("--modes", default="kv,kv:4,round-robin,least-loaded",
+                        help="router modes; kv:W is kv with --kv-overlap-weight W")
     parser.add_argument("--num-kv-blocks", type=int, default=256)
     parser.add_argument("--out-dir", default="/tmp/kv_routing_bench")
     parser.add_argument("--quick", action="store_true")

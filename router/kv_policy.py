@@ -126,11 +126,12 @@ class KVRouterPolicy:
               loads: Mapping[str, WorkerLoad]) -> list[float]:
         """The `kv` cost of every candidate, in candidate order."""
         weight = self.config.overlap_weight
+        overlap_of, load_of = overlaps.get, loads.get  # bound once: this runs per request
         costs = []
         for worker_id in candidates:
-            load = loads.get(worker_id, IDLE)
-            uncached_blocks = max(prompt_blocks - overlaps.get(worker_id, 0), 0)
-            costs.append(weight * uncached_blocks
+            load = load_of(worker_id, IDLE)
+            uncached_blocks = prompt_blocks - overlap_of(worker_id, 0)
+            costs.append(weight * (uncached_blocks if uncached_blocks > 0 else 0)
                          + load.active_decode_blocks + load.active_prefill_blocks)
         return costs
 

@@ -8,6 +8,12 @@ some prefill worker has fewer than `max_prefill_queue` prefills in flight; other
 worker prefills it itself (conditional disaggregation). The prefill worker is chosen by the same
 policy over the prefill pool's own index and load.
 
+A prompt's blocks count as held by the worker it was routed to from the moment of routing, until
+the request ends, whatever the worker's events say yet: a second request of the same prefix that
+arrives while the first is still being prefilled then follows it there instead of being spread by
+load (the worker's own prefix cache shares the blocks once computed). SGLang's cache-aware router
+inserts a prompt into its tree at routing time for the same reason.
+
 The router also keeps the active-load books both policies read: blocks added when a request is
 routed, prefill blocks dropped at its first token, everything dropped when it finishes or is
 aborted, and corrections from what workers report in their heartbeats. No I/O happens here.
@@ -15,6 +21,7 @@ aborted, and corrections from what workers report in their heartbeats. No I/O ha
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from tandem.router.kv_index import KVIndex
@@ -53,6 +60,9 @@ class Router:
         self.policies = {"decode": KVRouterPolicy(config.policy),
                          "prefill": KVRouterPolicy(config.policy)}
         self._prefill_of: dict[str, str] = {}  # request id -> its prefill worker
+        # Blocks routed but maybe not yet reported: (role, worker) -> hash -> requests holding it.
+        self._pending: dict[tuple[str, str], Counter[int]] = {}
+        self._pending_of: dict[str, list[tuple[tuple[str, str], list[int]]]] = {}
 
     def route(self, request_id: str, num_prompt_tokens: int, block_hashes: list[int],
               decode_pool: list[WorkerState], prefill_pool: list[WorkerState]) -> RouteDecision:
@@ -68,6 +78,9 @@ class Router:
             open_pool = [w for w in prefill_pool if w.num_inflight < self.config.max_prefill_queue]
             if open_pool:
                 prefill = self._choose("prefill", open_pool, num_blocks, block_hashes)
+        self._add_pending(request_id, "decode", decode.worker_id, block_hashes)
+        if prefill is not None:
+            self._add_pending(request_id, "prefill", prefill.worker_id, block_hashes)
         uncached_blocks = num_blocks - min(decode.overlap_blocks, num_blocks)
         self.loads["decode"].on_routed(request_id, decode.worker_id, num_blocks,
                                        0 if prefill else uncached_blocks)
@@ -85,6 +98,14 @@ class Router:
 
     def on_finished(self, request_id: str) -> None:
         """The request ended, however it ended; safe to call more than once."""
+        for key, hashes in self._pending_of.pop(request_id, []):
+            pending = self._pending[key]
+            pending.subtract(hashes)
+            for block_hash in hashes:
+                if pending[block_hash] <= 0:
+                    del pending[block_hash]
+            if not pending:
+                del self._pending[key]
         self.loads["decode"].on_finished(request_id)
         if self._prefill_of.pop(request_id, None) is not None:
             self.loads["prefill"].on_finished(request_id)
@@ -98,10 +119,25 @@ class Router:
     def remove_worker(self, worker_id: str, role: str) -> None:
         self.loads[role].remove_worker(worker_id)
 
+    def _add_pending(self, request_id: str, role: str, worker_id: str,
+                     block_hashes: list[int]) -> None:
+        if not block_hashes:
+            return
+        key = (role, worker_id)
+        self._pending.setdefault(key, Counter()).update(block_hashes)
+        self._pending_of.setdefault(request_id, []).append((key, block_hashes))
+
     def _choose(self, role: str, pool: list[WorkerState], num_blocks: int,
                 block_hashes: list[int]):
         candidates = [w.worker_id for w in pool]
         tracker = self.loads[role]
-        overlaps = self.indexes[role].overlaps(block_hashes)
+        overlaps = dict(self.indexes[role].overlaps(block_hashes))
+        for worker_id in candidates:
+            pending = self._pending.get((role, worker_id))
+            if pending:
+                held = 0
+                while held < len(block_hashes) and block_hashes[held] in pending:
+                    held += 1
+                overlaps[worker_id] = max(overlaps.get(worker_id, 0), held)
         loads = {w: tracker.load(w) for w in candidates}
         return self.policies[role].choose(candidates, num_blocks, overlaps, loads)

@@ -17,8 +17,10 @@ def worker(worker_id: str, role: str = "decode", inflight: int = 0) -> WorkerSta
                        0.0, num_inflight=inflight)
 
 
-def make(mode: str = "kv", min_tokens: int = 8, max_queue: int = 2) -> Router:
-    return Router(RoutingConfig(min_tokens, max_queue, KVPolicyConfig(mode)), BLOCK)
+def make(mode: str = "kv", min_tokens: int = 8, max_queue: int = 2,
+         overlap_weight: float = 1.0) -> Router:
+    return Router(RoutingConfig(min_tokens, max_queue, KVPolicyConfig(mode, overlap_weight)),
+                  BLOCK)
 
 
 PROMPT = list(range(100, 124))  # 6 full blocks
@@ -87,3 +89,18 @@ def test_heartbeat_stats_correct_the_books():
     router.on_worker_stats(w)
     # The worker's used blocks replace the router's decode estimate; pending prefill stays.
     assert router.loads["decode"].load("d0") == WorkerLoad(6, 4)
+
+
+def test_a_prefix_in_flight_counts_as_held_by_its_worker_until_the_request_ends():
+    router = make(overlap_weight=3.0)
+    pool = [worker("d0"), worker("d1")]
+    first = router.route("r1", len(PROMPT), HASHES, pool, [])
+    # Nothing is in the index yet, but the same prompt follows the first one: 3 x 0 uncached + 12
+    # active blocks there beats 3 x 6 uncached + 0 active on the idle worker.
+    second = router.route("r2", len(PROMPT), HASHES, pool, [])
+    assert second.decode_worker == first.decode_worker and second.num_cached_tokens == 24
+    router.on_finished("r1")
+    router.on_finished("r2")
+    assert router._pending == {} and router._pending_of == {}
+    third = router.route("r3", len(PROMPT), HASHES, pool, [])
+    assert third.num_cached_tokens == 0  # the index never confirmed the blocks
