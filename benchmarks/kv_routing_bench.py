@@ -9,6 +9,11 @@ conversation trace scaled to 16-token blocks. The cache is sized so that one wor
 few of the shared prefixes: a router that spreads a prefix over every worker makes each of them
 evict it. Prints TTFT, prefix hit rate against the ideal (an infinite shared cache on the same
 requests) and throughput, per mode and dataset; JSON summaries go to --out-dir.
+
+On GPUs (one decode worker per GPU), with real prefill costs:
+
+  python benchmarks/kv_routing_bench.py --device cuda --model random:qwen3-0.6b --no-trace \
+      --num-kv-blocks 1024 --system-prompt-len 4096 --request-rate 16 --modes kv:4,round-robin
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from tests.serving_harness import start_server
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "conversation_trace.jsonl"
 
 
-def datasets(quick: bool) -> dict[str, list[str]]:
+def datasets(args: argparse.Namespace) -> dict[str, list[str]]:
+    quick = args.quick
     shared = ["--dataset", "shared-prefix", "--num-groups", "8", "--prompts-per-group",
-              "8" if quick else "16", "--system-prompt-len", "1024", "--question-len", "32",
-              "--output-len", "8", "--request-rate", "4"]
+              str(args.prompts_per_group or (8 if quick else 16)), "--system-prompt-len",
+              str(args.system_prompt_len), "--question-len", "32", "--output-len", "8",
+              "--request-rate", str(args.request_rate)]
     sets = {"shared-prefix": shared}
     if TRACE.is_file():
         sets["trace"] = ["--dataset", f"trace:{TRACE}", "--trace-block-tokens", "16",
@@ -40,11 +47,13 @@ def datasets(quick: bool) -> dict[str, list[str]]:
     return sets
 
 
-def run_mode(mode: str, sets: dict[str, list[str]], num_kv_blocks: int, out_dir: Path) -> dict:
+def run_mode(mode: str, sets: dict[str, list[str]], args: argparse.Namespace) -> dict:
     """`mode` is a router mode, or kv:W for kv with overlap weight W."""
     router_mode, _, weight = mode.partition(":")
-    server = start_server("--num-prefill", "0", "--num-decode", "4", "--device", "cpu",
-                          "--num-kv-blocks", str(num_kv_blocks), "--router-mode", router_mode,
+    out_dir = Path(args.out_dir)
+    server = start_server("--model", args.model, "--num-prefill", "0", "--num-decode",
+                          str(args.num_decode), "--device", args.device,
+                          "--num-kv-blocks", str(args.num_kv_blocks), "--router-mode", router_mode,
                           "--kv-overlap-weight", weight or "1.0",
                           "--max-num-batched-tokens", "1024")
     results = {}
@@ -64,15 +73,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--modes", default="kv,kv:4,round-robin,least-loaded",
                         help="router modes; kv:W is kv with --kv-overlap-weight W")
-    parser.add_argument("--num-kv-blocks", type=int, default=256)
+    parser.add_argument("--num-kv-blocks", type=int, default=256, help="per worker")
+    parser.add_argument("--model", default="random:tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--num-decode", type=int, default=4)
+    parser.add_argument("--system-prompt-len", type=int, default=1024)
+    parser.add_argument("--prompts-per-group", type=int, default=None)
+    parser.add_argument("--request-rate", type=float, default=4.0)
+    parser.add_argument("--no-trace", action="store_true")
     parser.add_argument("--out-dir", default="/tmp/kv_routing_bench")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sets = datasets(args.quick)
-    table = {mode: run_mode(mode, sets, args.num_kv_blocks, out_dir)
-             for mode in args.modes.split(",")}
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    sets = datasets(args)
+    if args.no_trace:
+        sets.pop("trace", None)
+    table = {mode: run_mode(mode, sets, args) for mode in args.modes.split(",")}
     print("dataset | mode | requests | errors | TTFT p50 ms | TTFT p99 ms | prefix hit rate | "
           "ideal | of ideal | output tok/s")
     for name in sets:
