@@ -43,10 +43,15 @@ class Deployment(Protocol):
     def stop_all(self, timeout_s: float) -> None: ...
 
 
-def _die_with_parent() -> None:
-    # A worker must not outlive the frontend that started it, even one killed with SIGKILL.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def die_with_parent(parent_pid: int) -> None:
+    """Called by a worker at start: it must not outlive the frontend that started it, even one
+    killed with SIGKILL. (Set here, not in a preexec_fn: running Python between fork and exec in a
+    process with gRPC threads is unsafe.)"""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        raise SystemExit(f"parent process {parent_pid} is gone")
 
 
 class LocalDeployment:
@@ -63,10 +68,10 @@ class LocalDeployment:
             device = "cuda"
         command = [sys.executable, "-m", "tandem.cli", "--log-level", self.log_level, "worker",
                    "--worker-id", spec.worker_id, "--role", spec.role, "--frontend", spec.frontend,
-                   "--model", spec.model, "--device", device, *spec.args]
+                   "--model", spec.model, "--device", device, "--parent-pid", str(os.getpid()),
+                   *spec.args]
         logger.info("starting %s worker %s on %s", spec.role, spec.worker_id, spec.device)
-        self.processes[spec.worker_id] = subprocess.Popen(
-            command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        self.processes[spec.worker_id] = subprocess.Popen(command, env=env)
 
     def stop_worker(self, worker_id: str, timeout_s: float) -> None:
         process = self.processes.pop(worker_id, None)

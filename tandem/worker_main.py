@@ -15,6 +15,7 @@ import signal
 import grpc
 
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
+from tandem.deploy import die_with_parent
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.worker_base import WorkerBase, WorkerOptions, register_and_heartbeat
@@ -88,12 +89,16 @@ def add_worker_parser(commands) -> None:
     parser.add_argument("--lease-s", type=float, default=30.0)
     parser.add_argument("--transfer-timeout-s", type=float, default=30.0)
     parser.add_argument("--no-kv-transfer", action="store_true")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="exit when this process (the frontend) exits")
     parser.add_argument("--cpu-threads", type=int, default=None,
                         help="torch threads on a CPU (default: torch's choice)")
     parser.set_defaults(func=worker_main)
 
 
 def worker_main(args: argparse.Namespace) -> int:
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
     if args.cpu_threads:
         import torch
         torch.set_num_threads(args.cpu_threads)
