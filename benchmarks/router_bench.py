@@ -1,6 +1,6 @@
 """Router benchmark: KV event ingestion and routing decision latency, in process, on a CPU.
 
-  python benchmarks/router_bench.py [--workers 32] [--blocks-per-worker 100000] [--queries 500]
+  python benchmarks/router_bench.py [--workers 32] [--blocks-per-worker 100000] [--queries 1000]
 
 The workload is a pool of workers whose caches hold many conversations with chained block hashes:
 
@@ -25,12 +25,17 @@ the index only compares them, so this is what xxh3 would give at a fraction of t
    one full collection is reported beside.
 3. Baseline, same prompts, same run: one flat dict hash -> worker bitmask, walked block by block
    (what KVIndex's runs replace), to show where the time goes.
+4. Restart: a second index rebuilt from one snapshot per worker (its hashes in the order it cached
+   them, as BlockManager.cached_hashes lists them), its load rate, and the 1024-block queries
+   again: snapshot runs are compared hash by hash rather than bisected.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
+import platform
 import random
 import resource
 import time
@@ -56,8 +61,11 @@ def build_caches(rng: random.Random, num_workers: int, blocks_per_worker: int):
         held = {h for chain in worker_chains for h in chain}
         while len(held) < blocks_per_worker:
             base = rng.choice(systems) if rng.random() < 0.5 else rng.choice(documents)
-            room = blocks_per_worker - len(held) - sum(h not in held for h in base)
-            tail = fresh(min(rng.randint(32, 1536), room))
+            new_positions = [i for i, h in enumerate(base) if h not in held]
+            room = blocks_per_worker - len(held)
+            if len(new_positions) > room:  # the last chain: cut it to fit exactly
+                base = base[:new_positions[room]]
+            tail = fresh(min(rng.randint(32, 1536), room - min(room, len(new_positions))))
             worker_chains.append(base + tail)
             held.update(base + tail)
     return systems, documents, chains
@@ -188,7 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=32)
     parser.add_argument("--blocks-per-worker", type=int, default=100_000)
-    parser.add_argument("--queries", type=int, default=500, help="prompts per kind and size")
+    parser.add_argument("--queries", type=int, default=1000, help="prompts per kind and size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
@@ -210,9 +218,9 @@ def main() -> None:
     stored_s = time.perf_counter() - start
     index_rss_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kib) / 1024
     flat = flat_masks(chains)
-    print(f"{args.workers} workers x {args.blocks_per_worker} blocks: "
-          f"{sum(index.num_blocks(w) for w in workers)} held, {len(flat)} distinct; "
-          f"the index grew the peak RSS by {index_rss_mib:.0f} MiB")
+    print(f"Python {platform.python_version()}, {os.cpu_count()} CPUs; {args.workers} workers x "
+          f"{args.blocks_per_worker} blocks: {sum(index.num_blocks(w) for w in workers)} held, "
+          f"{len(flat)} distinct; the index grew the peak RSS by {index_rss_mib:.0f} MiB")
 
     start = time.perf_counter()
     gc.collect()
@@ -226,10 +234,27 @@ def main() -> None:
         for kind in KINDS:
             prompts = make_prompts(rng, kind, num_blocks, args.queries, systems, documents, chains)
             runs = time_decisions(prompts, index.overlaps, workers, policy, tracker)
-            flat = (time_decisions(prompts, lambda p: flat_overlaps(baseline, workers, p),
-                                   workers, policy, tracker) if baseline else [])
+            flat_runs = (time_decisions(prompts, lambda p: flat_overlaps(baseline, workers, p),
+                                        workers, policy, tracker) if baseline else [])
+            if baseline:
+                assert all(index.overlaps(p) == flat_overlaps(baseline, workers, p)
+                           for p in prompts), "the index and the flat baseline disagree"
             matched = sum(max(index.overlaps(p).values(), default=0) for p in prompts)
-            rows.append((num_blocks, kind, matched / len(prompts), runs, flat))
+            rows.append((num_blocks, kind, matched / len(prompts), runs, flat_runs))
+
+    restored = KVIndex()
+    start = time.perf_counter()
+    for position, worker_id in enumerate(workers):
+        restored.add_worker(worker_id)
+        order = [h for e in per_worker[position] for h in e.block_hashes]
+        restored.load_snapshot(worker_id, index.last_event_id(worker_id), order)
+    snapshot_s = time.perf_counter() - start
+    restored_rows = []
+    for kind in KINDS[2:]:
+        prompts = make_prompts(rng, kind, 1024, args.queries, systems, documents, chains)
+        restored_rows.append((kind, time_decisions(prompts, restored.overlaps, workers, policy,
+                                                   tracker)))
+    del restored
 
     removals = [eviction_events(rng, index, w, chains[i], index.last_event_id(w) + 1, 0.10)
                 for i, w in enumerate(workers)]
@@ -245,17 +270,22 @@ def main() -> None:
           f"{num_stored / stored_s:,.0f}")
     print(f"BlockRemoved | {len(departures)} | {num_removed} | {removed_s:.2f} | "
           f"{num_removed / removed_s:,.0f}")
+    print(f"load_snapshot | {len(workers)} | {num_stored} | {snapshot_s:.2f} | "
+          f"{num_stored / snapshot_s:,.0f}")
     print("\nprompt blocks | kind | mean best overlap | overlaps+choose p50 us | p99 us | "
           "flat-dict baseline p50 us | p99 us")
-    for num_blocks, kind, mean_overlap, runs, flat in rows:
-        baseline_cells = (f"{percentile(flat, 0.5):.0f} | {percentile(flat, 0.99):.0f}"
-                          if flat else "- | -")
+    for num_blocks, kind, mean_overlap, runs, flat_runs in rows:
+        baseline_cells = (f"{percentile(flat_runs, 0.5):.0f} | "
+                          f"{percentile(flat_runs, 0.99):.0f}" if flat_runs else "- | -")
         print(f"{num_blocks} | {kind} | {mean_overlap:.0f} | {percentile(runs, 0.5):.0f} | "
               f"{percentile(runs, 0.99):.0f} | {baseline_cells}")
     for num_blocks in (128, 1024):
         pooled = [v for n, _, _, runs, _ in rows if n == num_blocks for v in runs]
         print(f"{num_blocks} | all kinds | | {percentile(pooled, 0.5):.0f} | "
               f"{percentile(pooled, 0.99):.0f} |")
+    for kind, latencies in restored_rows:
+        print(f"1024 | {kind}, index from snapshots | | {percentile(latencies, 0.5):.0f} | "
+              f"{percentile(latencies, 0.99):.0f} |")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 _OFFSET_BITS = 32
 _OFFSET_MASK = (1 << _OFFSET_BITS) - 1
 _FIRST_WINDOW = 16  # hashes compared before trusting a run's prediction with longer windows
+_MAX_NAMED_MASKS = 4096  # memoised mask -> worker ids; few distinct sets drop out together
 
 
 @dataclass(slots=True, eq=False)
@@ -59,7 +60,7 @@ class _Run:
     run_id: int
     hashes: list[int] = field(default_factory=list)
     masks: list[int] = field(default_factory=list)
-    breaks: list[int] = field(default_factory=list)  # sorted positions p > 0: masks[p] != masks[p-1]
+    breaks: list[int] = field(default_factory=list)  # sorted p > 0 where masks[p] != masks[p-1]
     num_live_slots: int = 0                           # positions whose mask is not 0
     is_chain: bool = True  # each hash is the parent of the next (False once a snapshot appended)
 
@@ -76,6 +77,7 @@ class KVIndex:
     def __init__(self) -> None:
         self._workers: dict[str, _Worker] = {}
         self._worker_of_bit: dict[int, str] = {}
+        self._workers_in_mask: dict[int, tuple[str, ...]] = {}
         self._slots: dict[int, int] = {}           # hash -> run_id << 32 | offset in that run
         self._runs: list[_Run | None] = []         # by run id; None: free
         self._free_run_ids: list[int] = []
@@ -92,6 +94,7 @@ class KVIndex:
         self._workers[worker_id] = _Worker(bit)
         self._worker_of_bit[bit] = worker_id
         self._all_bits |= bit
+        self._workers_in_mask.clear()
 
     def remove_worker(self, worker_id: str) -> None:
         """Forget a worker and every block it held; unknown ids are ignored."""
@@ -100,6 +103,7 @@ class KVIndex:
             self._forget_all(worker)
             del self._worker_of_bit[worker.bit]
             self._all_bits &= ~worker.bit
+            self._workers_in_mask.clear()
 
     def workers(self) -> list[str]:
         """Tracked worker ids, in the order they were added."""
@@ -146,7 +150,8 @@ class KVIndex:
         (BlockManager.cached_hashes) make the fastest runs; any order gives the same answers.
         """
         if last_event_id < -1:
-            raise ValueError(f"last_event_id must be -1 (no event yet) or more, got {last_event_id}")
+            raise ValueError(f"last_event_id must be -1 (no event yet) or more, got "
+                             f"{last_event_id}")
         worker = self._worker(worker_id)
         self._forget_all(worker)
         self._store(worker, None, block_hashes, is_chain=False)
@@ -194,7 +199,7 @@ class KVIndex:
 
     def _narrow(self, alive: int, run: _Run, offset: int, matched: int, position: int,
                 depths: dict[str, int]) -> int:
-        """AND in the masks of run[offset:offset + matched]; workers dropping out get their depth."""
+        """AND in the masks of run[offset:offset + matched]; who drops out gets its depth."""
         masks, breaks = run.masks, run.breaks
         changes = breaks[bisect_right(breaks, offset):bisect_left(breaks, offset + matched)]
         for run_position in [offset, *changes]:
@@ -209,11 +214,23 @@ class KVIndex:
     def _record(self, bits: int, depth: int, depths: dict[str, int]) -> None:
         if depth == 0:
             return
-        worker_of_bit = self._worker_of_bit
-        while bits:
-            lowest = bits & -bits
-            depths[worker_of_bit[lowest]] = depth
-            bits ^= lowest
+        workers = self._workers_in_mask.get(bits)
+        if workers is None:
+            workers = self._name_workers(bits)
+        for worker_id in workers:
+            depths[worker_id] = depth
+
+    def _name_workers(self, bits: int) -> tuple[str, ...]:
+        if len(self._workers_in_mask) >= _MAX_NAMED_MASKS:
+            self._workers_in_mask.clear()
+        workers = []
+        remaining = bits
+        while remaining:
+            lowest = remaining & -remaining
+            workers.append(self._worker_of_bit[lowest])
+            remaining ^= lowest
+        self._workers_in_mask[bits] = tuple(workers)
+        return self._workers_in_mask[bits]
 
     # ---- event internals -----------------------------------------------------------------------
 

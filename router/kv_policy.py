@@ -79,7 +79,8 @@ class KVPolicyConfig:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0: always the cheapest "
                              f"worker), got {self.temperature}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        is_integer = isinstance(self.seed, int) and not isinstance(self.seed, bool)
+        if self.seed is not None and not is_integer:
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
 
 
@@ -159,7 +160,7 @@ class KVRouterPolicy:
 
 
 def sampling_weights(costs: list[float], temperature: float) -> list[float]:
-    """Unnormalised probabilities of temperature sampling; all equal costs are a tie (first wins)."""
+    """Unnormalised probabilities of temperature sampling; all costs equal: a tie, first wins."""
     lowest, highest = min(costs), max(costs)
     if highest == lowest:
         return [1.0] + [0.0] * (len(costs) - 1)
@@ -187,7 +188,7 @@ class ActiveLoadTracker:
     def __init__(self) -> None:
         self._requests: dict[str, _ActiveRequest] = {}
         self._totals: dict[str, _WorkerTotals] = {}
-        self._loads: dict[str, WorkerLoad] = {}  # kept current, so a routing decision copies nothing
+        self._loads: dict[str, WorkerLoad] = {}  # kept current: a routing decision copies nothing
 
     def on_routed(self, request_id: str, worker_id: str, prompt_blocks: int,
                   uncached_blocks: int) -> None:
