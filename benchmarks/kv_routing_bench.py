@@ -13,7 +13,8 @@ requests) and throughput, per mode and dataset; JSON summaries go to --out-dir.
 On GPUs (one decode worker per GPU), with real prefill costs:
 
   python benchmarks/kv_routing_bench.py --device cuda --model random:qwen3-0.6b --no-trace \
-      --num-kv-blocks 1024 --system-prompt-len 4096 --request-rate 16 --modes kv:4,round-robin
+      --num-kv-blocks 1024 --system-prompt-len 4096 --request-rate 16 --modes kv:4,round-robin \
+      --backend grpc
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ def run_mode(mode: str, sets: dict[str, list[str]], args: argparse.Namespace) ->
                           "--max-num-batched-tokens", "1024")
     results = {}
     try:
-        for name, args in sets.items():
+        for name, args_for_set in sets.items():
             out = out_dir / f"{name}-{mode.replace(':', '-w')}.json"
-            subprocess.run([sys.executable, "-m", "tandem.cli", "bench", "--url", server.http_url,
-                            "--no-progress", "--seed", "0", "--out", str(out), *args], check=True,
-                           stdout=subprocess.DEVNULL)
+            url = server.grpc_address if args.backend == "grpc" else server.http_url
+            subprocess.run([sys.executable, "-m", "tandem.cli", "bench", "--backend", args.backend,
+                            "--url", url, "--no-progress", "--seed", "0", "--out", str(out),
+                            *args_for_set], check=True, stdout=subprocess.DEVNULL)
             results[name] = json.loads(out.read_text())
     finally:
         server.stop()
@@ -81,6 +83,9 @@ def main() -> None:
     parser.add_argument("--prompts-per-group", type=int, default=None)
     parser.add_argument("--request-rate", type=float, default=4.0)
     parser.add_argument("--no-trace", action="store_true")
+    parser.add_argument("--backend", choices=("openai", "grpc"), default="openai",
+                        help="grpc for models whose tokens have no text (random presets with a "
+                             "large vocab): it streams token ids")
     parser.add_argument("--out-dir", default="/tmp/kv_routing_bench")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
