@@ -12,7 +12,7 @@ requests) and throughput, per mode and dataset; JSON summaries go to --out-dir.
 
 On GPUs (one decode worker per GPU), with real prefill costs:
 
-  python benchmarks/kv_routing_bench.py --device cuda --model random:qwen3-0.6b --no-trace \
+  python benchmarks/kv_routing_bench.py --device cuda --model random:qwen3-0.6b --datasets shared-prefix \
       --num-kv-blocks 1024 --system-prompt-len 4096 --request-rate 16 --modes kv:4,round-robin \
       --backend grpc
 """
@@ -82,7 +82,8 @@ def main() -> None:
     parser.add_argument("--system-prompt-len", type=int, default=1024)
     parser.add_argument("--prompts-per-group", type=int, default=None)
     parser.add_argument("--request-rate", type=float, default=4.0)
-    parser.add_argument("--no-trace", action="store_true")
+    parser.add_argument("--datasets", default="shared-prefix,trace",
+                        help="which of shared-prefix and trace to run")
     parser.add_argument("--backend", choices=("openai", "grpc"), default="openai",
                         help="grpc for models whose tokens have no text (random presets with a "
                              "large vocab): it streams token ids")
@@ -90,9 +91,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    sets = datasets(args)
-    if args.no_trace:
-        sets.pop("trace", None)
+    wanted = args.datasets.split(",")
+    sets = {name: flags for name, flags in datasets(args).items() if name in wanted}
     table = {mode: run_mode(mode, sets, args) for mode in args.modes.split(",")}
     print("dataset | mode | requests | errors | TTFT p50 ms | TTFT p99 ms | prefix hit rate | "
           "ideal | of ideal | output tok/s")
