@@ -49,10 +49,6 @@ class EngineStats:
     prefix_cache_hits: int     # of which were found
     num_pinned_requests: int   # prefill role: finished requests whose blocks await a pull
 
-    @property
-    def kv_usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

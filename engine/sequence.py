@@ -30,13 +30,6 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(slots=True)
-class TokenLogprobs:
-    token_id: int
-    logprob: float
-    top: dict[int, float]  # the top-n alternatives, token id to logprob
-
-
-@dataclass(slots=True)
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
@@ -52,7 +45,6 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
     generator: torch.Generator | None = None
     num_preemptions: int = 0
 
@@ -79,10 +71,6 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
-
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_computed_tokens < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -145,12 +145,10 @@ def add_serve_parser(commands) -> None:
     parser = commands.add_parser("serve", help="serve a model: frontend, prefill and decode workers")
     parser.add_argument("--config", help="YAML file whose keys mirror these flags")
     defaults = ServeConfig()
+    flag_types = {"int": int, "int | None": int, "float": float, "str": str}
     for f in fields(ServeConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str}.get(
-            str(f.type).split(" ")[0].replace("None", "").strip("| "), str)
-        parser.add_argument(flag, type=kind, default=None,
-                            help=f"default: {getattr(defaults, f.name)}")
+        parser.add_argument("--" + f.name.replace("_", "-"), type=flag_types[f.type],
+                            default=None, help=f"default: {getattr(defaults, f.name)}")
     parser.set_defaults(func=serve_main)
 
 
