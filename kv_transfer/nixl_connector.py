@@ -47,10 +47,11 @@ from tandem.kv_transfer.region import KVRegion
 logger = logging.getLogger(__name__)
 
 BACKEND = "UCX"
-# read_blocks' polling backoff: start fine-grained, since a pull of a few blocks finishes in tens
-# of microseconds, and cap it so that long pulls do not spin the event loop.
-POLL_FIRST_SLEEP_S = 50e-6
-POLL_MAX_SLEEP_S = 250e-6  # a pull of a few ms must not be overestimated by a long nap
+# read_blocks' polling interval. An asyncio timer cannot wait this little: the event loop's epoll
+# timeout has millisecond resolution, so asyncio.sleep(50e-6) really sleeps about 1.1 ms, which
+# added a millisecond to every pull. Between polls the loop gets one turn (asyncio.sleep(0)) and
+# the thread naps this long with time.sleep, which does keep microseconds and releases the GIL.
+POLL_INTERVAL_S = 20e-6
 MAX_NOTIFY_NBYTES = 1024  # a request id; NIXL sends the notification as one small message
 
 
@@ -312,7 +313,6 @@ class NixlKVAgent:
 
     async def _wait(self, handle: KVReadHandle, timeout_s: float) -> None:
         deadline = handle.started_s + timeout_s
-        sleep_s = POLL_FIRST_SLEEP_S
         while True:
             state = self.poll(handle)
             if state == "DONE":
@@ -322,8 +322,8 @@ class NixlKVAgent:
                 raise KVTransferError(f"{what} from {handle.peer_name} failed; is the peer alive?")
             if time.perf_counter() >= deadline:
                 raise KVTransferError(f"{what} from {handle.peer_name} took over {timeout_s} s")
-            await asyncio.sleep(sleep_s)
-            sleep_s = min(sleep_s * 2, POLL_MAX_SLEEP_S)
+            await asyncio.sleep(0)
+            time.sleep(POLL_INTERVAL_S)
 
 
 def _create_agent(agent_name: str) -> Any:
