@@ -38,7 +38,8 @@ class GenerationService(pbgrpc.GenerationServicer):
             async for chunk in stream:
                 num_output += len(chunk.token_ids)
                 response = pb.GenerateResponse(
-                    request_id=internal.request_id, token_ids=chunk.token_ids, text=chunk.text,
+                    request_id=request.request_id or internal.request_id,
+                    token_ids=chunk.token_ids, text=chunk.text,
                     logprobs=[logprob_to_proto(lp.token_id, (lp.logprob, lp.top_logprobs))
                               for lp in chunk.logprobs])
                 if chunk.finish_reason is not None:
@@ -86,7 +87,10 @@ class GenerationService(pbgrpc.GenerationServicer):
             raise RequestRejected(str(err)) from err
         if params.max_tokens is None:
             params.max_tokens = room
-        request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        # Internally every request gets a fresh id: two clients may well pick the same one.
+        request_id = f"grpc-{uuid.uuid4().hex}"
+        if request.request_id:
+            logger.info("request %s is the client's %r", request_id, request.request_id)
         return GenerateRequest(request_id, token_ids, params,
                                request.text if kind == "text" else None)
 

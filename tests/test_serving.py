@@ -203,3 +203,26 @@ def test_health_and_metrics(server):
                  "tandem_remote_prefill_total", "tandem_local_prefill_total"):
         assert name in text, name
     assert 'role="prefill",worker="prefill-0"' in text
+
+
+def test_grpc_clients_may_reuse_a_request_id(server):
+    """Two concurrent calls with the same client request id are two requests."""
+    request = pb.GenerateRequest(text="same id", request_id="mine",
+                                 sampling=pb.SamplingOptions(max_tokens=6, temperature=0))
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = pbgrpc.GenerationStub(channel)
+        first, second = stub.Generate(request, timeout=60), stub.Generate(request, timeout=60)
+        a, b = list(first), list(second)
+    assert [t for r in a for t in r.token_ids] == [t for r in b for t in r.token_ids]
+    assert a[-1].usage.completion_tokens == 6 and a[0].request_id == "mine"
+
+
+def test_grpc_cancel_frees_blocks(server):
+    request = pb.GenerateRequest(text=PROMPT * 2, sampling=pb.SamplingOptions(
+        max_tokens=300, temperature=0, ignore_eos=True))
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        call = pbgrpc.GenerationStub(channel).Generate(request, timeout=60)
+        for _, _ in zip(range(3), call):
+            pass
+        call.cancel()
+    wait_for_idle_workers(server)
