@@ -85,15 +85,16 @@ class DecodeWorker(WorkerBase):
                              f"token blocks, this worker {self.engine.config.block_size}")
         plan = await self.async_engine.call(lambda: self.engine.add_remote_request(
             request_id, prompt, remote.first_token_id, params))
-        succeeded = pulled = False
-        if plan is not None:
-            num_cached, local_blocks = plan
-            first.num_cached_tokens = min(num_cached * self.engine.config.block_size, len(prompt))
-            succeeded = await self._read(remote, list(remote.kv.block_ids)[num_cached:],
-                                         local_blocks, request_id, first)
-            pulled = succeeded and bool(local_blocks)
+        if plan is None:  # no free blocks to pull into: the engine queued a local recompute
+            first.recomputed = True
+            asyncio.ensure_future(self._release_remote(remote, request_id))
+            return None
+        num_cached, local_blocks = plan
+        first.num_cached_tokens = min(num_cached * self.engine.config.block_size, len(prompt))
+        succeeded = await self._read(remote, list(remote.kv.block_ids)[num_cached:],
+                                     local_blocks, request_id, first)
         first.recomputed = not succeeded
-        if not pulled:  # no READ completed, so no notification will free the remote blocks
+        if not (succeeded and local_blocks):  # no READ completed: no notification will come
             asyncio.ensure_future(self._release_remote(remote, request_id))
         return await self.async_engine.call(
             lambda: self.engine.complete_remote_request(request_id, succeeded)

@@ -8,10 +8,12 @@ import signal
 import threading
 import time
 
-import httpx
+import grpc
 import openai
 import pytest
 
+from tandem.api.v1 import generation_pb2 as pb
+from tandem.api.v1 import generation_pb2_grpc as pbgrpc
 from tandem.engine.tokenizer import load_tokenizer
 from tests.serving_harness import start_server, worker_pids
 
@@ -106,3 +108,30 @@ def test_dead_prefill_worker_fails_the_request_and_drain_leaves_nothing():
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in pids)
+
+
+def test_remote_prefill_without_free_decode_blocks_is_recomputed():
+    """The decode worker has no blocks to pull into: it recomputes the prompt once it has."""
+    server = start_server("--num-prefill", "1", "--num-decode", "1", "--device", "cpu",
+                          "--num-kv-blocks", "24", "--remote-prefill-min-tokens", "1")
+    hog_prompt = list(range(100, 164))  # 64 tokens; with 310 more it fills all 24 blocks
+    hog = pb.GenerateRequest(token_ids=pb.TokenIds(ids=hog_prompt), sampling=pb.SamplingOptions(
+        max_tokens=310, temperature=0, ignore_eos=True))
+    other = pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(300, 400))),
+                               sampling=pb.SamplingOptions(max_tokens=5, temperature=0))
+    try:
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            stub = pbgrpc.GenerationStub(channel)
+            hog_call = stub.Generate(hog, timeout=120)
+            num_hog_tokens = 0
+            for response in hog_call:
+                num_hog_tokens += len(response.token_ids)
+                if num_hog_tokens >= 250:  # the hog holds 20 blocks, the other prompt needs 7
+                    break
+            other_tokens = [t for r in stub.Generate(other, timeout=120) for t in r.token_ids]
+            num_hog_tokens += sum(len(r.token_ids) for r in hog_call)
+        assert len(other_tokens) == 5 and num_hog_tokens == 310
+        assert server.metric("tandem_kv_transfer_fallback_total") == 1
+        assert server.metric("tandem_remote_prefill_total") == 2
+    finally:
+        assert server.stop() == 0
