@@ -44,7 +44,7 @@ def datasets(args: argparse.Namespace) -> dict[str, list[str]]:
     if TRACE.is_file():
         sets["trace"] = ["--dataset", f"trace:{TRACE}", "--trace-block-tokens", "16",
                          "--num-requests", "60" if quick else "500", "--output-scale", "0.02",
-                         "--time-scale", "0.2"]
+                         "--time-scale", str(args.trace_time_scale)]
     return sets
 
 
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--system-prompt-len", type=int, default=1024)
     parser.add_argument("--prompts-per-group", type=int, default=None)
     parser.add_argument("--request-rate", type=float, default=4.0)
+    parser.add_argument("--trace-time-scale", type=float, default=0.2,
+                        help="trace arrival times are multiplied by this")
     parser.add_argument("--datasets", default="shared-prefix,trace",
                         help="which of shared-prefix and trace to run")
     parser.add_argument("--backend", choices=("openai", "grpc"), default="openai",
