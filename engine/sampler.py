@@ -38,20 +38,30 @@ class Sampler:
                  generators: list[torch.Generator | None]) -> SamplerOutput:
         """logits: (num_rows, vocab) fp32, one row per sequence that samples this step."""
         token_ids = logits.argmax(dim=-1)
-        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
-            sampled = self._sample(logits[rows], [params[i] for i in random_rows],
-                                   [generators[i] for i in random_rows])
-            token_ids[rows] = sampled
+        if not all(p.is_greedy for p in params):
+            # Every row is sampled (greedy rows at temperature 1, then discarded): one batched
+            # pass with no indexing by row, and no host sync before the tokens are read back.
+            rows = self._row_params(params, logits.shape[-1], logits.device)
+            sampled = self._sample(logits, rows, params, generators)
+            token_ids = torch.where(rows[:, 0] > 0, sampled, token_ids)
         logprobs = self._logprobs(logits, token_ids, params)
         return SamplerOutput(token_ids.tolist(), logprobs)
 
-    def _sample(self, logits: torch.Tensor, params: list[SamplingParams],
+    @staticmethod
+    def _row_params(params: list[SamplingParams], vocab: int, device: torch.device
+                    ) -> torch.Tensor:
+        """(num_rows, 4): temperature (0 for greedy), top-k, top-p, min-p; one pinned copy."""
+        rows = torch.tensor([[p.temperature, p.top_k or vocab, p.top_p, p.min_p] for p in params],
+                            dtype=torch.float32)
+        if device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(device, non_blocking=True)
+
+    def _sample(self, logits: torch.Tensor, rows: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        temperature = torch.where(rows[:, 0] > 0, rows[:, 0], 1.0)
         logits = logits / temperature[:, None]
-        logits = self._filter(logits, params)
+        logits = self._filter(logits, rows, params)
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, generator in enumerate(generators):
@@ -59,14 +69,16 @@ class Sampler:
                 noise[i].exponential_(generator=generator)
         return (probs / noise).argmax(dim=-1)
 
-    def _filter(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Mask with -inf what top-k, top-p and min-p exclude; every row keeps its best token."""
+    def _filter(self, logits: torch.Tensor, rows: torch.Tensor,
+                params: list[SamplingParams]) -> torch.Tensor:
+        """Mask with -inf what top-k, top-p and min-p exclude; every row keeps its best token.
+
+        Which filters run is decided from the host-side parameters, never from device values.
+        """
         device = logits.device
         vocab = logits.shape[-1]
-        top_k = torch.tensor([p.top_k or vocab for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
-        min_p = torch.tensor([p.min_p for p in params], device=device)
-        if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+        top_k, top_p, min_p = rows[:, 1], rows[:, 2], rows[:, 3]
+        if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             ranks = torch.arange(vocab, device=device)[None, :]
             drop = ranks >= top_k[:, None]
@@ -75,7 +87,7 @@ class Sampler:
             drop |= mass_before > top_p[:, None]
             drop[:, 0] = False
             logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-        if bool((min_p > 0).any()):
+        if any(p.min_p > 0 for p in params):
             probs = logits.softmax(dim=-1)
             threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
             logits = logits.masked_fill(probs < threshold, float("-inf"))
