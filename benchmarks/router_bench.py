@@ -26,8 +26,8 @@ the index only compares them, so this is what xxh3 would give at a fraction of t
 3. Baseline, same prompts, same run: one flat dict hash -> worker bitmask, walked block by block
    (what KVIndex's runs replace), to show where the time goes.
 4. Restart: a second index rebuilt from one snapshot per worker (its hashes in the order it cached
-   them, as BlockManager.cached_hashes lists them), its load rate, and the 1024-block queries
-   again: snapshot runs are compared hash by hash rather than bisected.
+   them, with their parents, as BlockManager.cached_hashes lists them), its load rate, and the
+   1024-block queries again.
 """
 
 from __future__ import annotations
@@ -247,7 +247,9 @@ def main() -> None:
     for position, worker_id in enumerate(workers):
         restored.add_worker(worker_id)
         order = [h for e in per_worker[position] for h in e.block_hashes]
-        restored.load_snapshot(worker_id, index.last_event_id(worker_id), order)
+        parents = [p for e in per_worker[position]
+                   for p in (e.parent_hash, *e.block_hashes[:-1])]
+        restored.load_snapshot(worker_id, index.last_event_id(worker_id), order, parents)
     snapshot_s = time.perf_counter() - start
     restored_rows = []
     for kind in KINDS[2:]:

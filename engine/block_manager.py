@@ -41,6 +41,7 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[int | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
+        self.parent_of: dict[int, int | None] = {}  # cached hash -> its parent's hash
         # Blocks with no references, oldest first; an OrderedDict gives O(1) removal from the middle.
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.next_event_id = 0
@@ -73,9 +74,9 @@ class BlockManager:
             matched.append(block_id)
         return matched
 
-    def cached_hashes(self) -> list[int]:
-        """Every hash in the prefix cache, for a snapshot of this worker's cache."""
-        return list(self.hash_to_block)
+    def cached_hashes(self) -> tuple[list[int], list[int | None]]:
+        """Every hash in the prefix cache, in the order cached, with its parent: a snapshot."""
+        return list(self.parent_of), list(self.parent_of.values())
 
     # ---- allocation --------------------------------------------------------------------------
 
@@ -100,6 +101,7 @@ class BlockManager:
             old_hash = self.block_hashes[block_id]
             if old_hash is not None:
                 del self.hash_to_block[old_hash]
+                del self.parent_of[old_hash]
                 self.block_hashes[block_id] = None
                 evicted.append(old_hash)
             self.ref_counts[block_id] = 1
@@ -135,12 +137,15 @@ class BlockManager:
         cached = []
         run: list[int] = []  # consecutive newly stored hashes, published as one chained event
         run_parent = parent_hash
+        parent = parent_hash
         for block_id, block_hash in zip(block_ids, block_hashes):
+            block_parent, parent = parent, block_hash
             if block_hash in self.hash_to_block or self.block_hashes[block_id] is not None:
                 self._publish_stored(run_parent, run)
                 run, run_parent = [], block_hash
                 continue
             self.hash_to_block[block_hash] = block_id
+            self.parent_of[block_hash] = block_parent
             self.block_hashes[block_id] = block_hash
             cached.append(block_id)
             run.append(block_hash)
@@ -157,6 +162,7 @@ class BlockManager:
         if self.num_used_blocks:
             return False
         self.hash_to_block.clear()
+        self.parent_of.clear()
         self.block_hashes = [None] * self.num_blocks
         self._publish(AllBlocksCleared)
         return True

@@ -80,5 +80,8 @@ class KVEventFollower:
     async def _snapshot(self, stub: wgrpc.WorkerStub, worker: WorkerState,
                         index: KVIndex) -> int:
         snapshot = await stub.GetKVSnapshot(wpb.KVSnapshotRequest(), timeout=30)
-        index.load_snapshot(worker.worker_id, snapshot.last_event_id, snapshot.block_hashes)
+        parents = [parent if has else None
+                   for parent, has in zip(snapshot.parent_hashes, snapshot.has_parent)]
+        index.load_snapshot(worker.worker_id, snapshot.last_event_id, snapshot.block_hashes,
+                            parents)
         return snapshot.last_event_id

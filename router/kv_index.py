@@ -142,19 +142,25 @@ class KVIndex:
         """Apply events in order; stops and returns False at the first one out of sequence."""
         return all(self.apply(worker_id, event) for event in events)
 
-    def load_snapshot(self, worker_id: str, last_event_id: int,
-                      block_hashes: Iterable[int]) -> None:
+    def load_snapshot(self, worker_id: str, last_event_id: int, block_hashes: Iterable[int],
+                      parent_hashes: Iterable[int | None] | None = None) -> None:
         """Replace the worker's blocks with exactly `block_hashes`, as of event `last_event_id`.
 
         Pass -1 when the worker has sent no event yet. Hashes listed in the order they were cached
         (BlockManager.cached_hashes) make the fastest runs; any order gives the same answers.
+        With `parent_hashes` (each hash's parent, None for a first block) the snapshot is replayed
+        as the chains it holds, so its runs are bisected like runs built from events.
         """
         if last_event_id < -1:
             raise ValueError(f"last_event_id must be -1 (no event yet) or more, got "
                              f"{last_event_id}")
         worker = self._worker(worker_id)
         self._forget_all(worker)
-        self._store(worker, None, block_hashes, is_chain=False)
+        if parent_hashes is None:
+            self._store(worker, None, block_hashes, is_chain=False)
+        else:
+            for parent, chain in _chains(block_hashes, parent_hashes):
+                self._store(worker, parent, chain)
         worker.next_event_id = last_event_id + 1
 
     # ---- queries -------------------------------------------------------------------------------
@@ -349,6 +355,20 @@ def _agreeing_length(run: _Run, offset: int, block_hashes: list[int], position: 
         else:
             high = middle
     return low
+
+
+def _chains(block_hashes: Iterable[int], parent_hashes: Iterable[int | None]
+            ) -> list[tuple[int | None, list[int]]]:
+    """Split hashes into chains: a hash whose parent is the hash before it extends the chain."""
+    chains: list[tuple[int | None, list[int]]] = []
+    previous = None
+    for block_hash, parent in zip(block_hashes, parent_hashes, strict=True):
+        if chains and parent is not None and parent == previous:
+            chains[-1][1].append(block_hash)
+        else:
+            chains.append((parent, [block_hash]))
+        previous = block_hash
+    return chains
 
 
 def _touch(touched: dict[_Run, list[int]], run: _Run, offset: int) -> None:

@@ -81,10 +81,12 @@ class WorkerBase(wgrpc.WorkerServicer):
 
     async def GetKVSnapshot(self, request, context):
         manager = self.engine.block_manager
-        last_event_id, hashes = await self.async_engine.call(
+        last_event_id, (hashes, parents) = await self.async_engine.call(
             lambda: (manager.next_event_id - 1, manager.cached_hashes()))
         return wpb.KVSnapshot(last_event_id=last_event_id, block_hashes=hashes,
-                              block_size=manager.block_size)
+                              block_size=manager.block_size,
+                              parent_hashes=[p or 0 for p in parents],
+                              has_parent=[p is not None for p in parents])
 
     async def GetTransferInfo(self, request, context):
         if self.agent is None:

@@ -106,3 +106,16 @@ def test_one_allocation_is_handed_out_in_ascending_order():
     manager, _ = make()
     manager.free(manager.allocate(4))  # the free queue is now 3, 2, 1, 0
     assert manager.allocate(3) == [1, 2, 3]  # the three LRU blocks, as one consecutive run
+
+
+def test_snapshot_lists_cached_hashes_with_their_parents_in_cache_order():
+    manager, _ = make()
+    first = manager.allocate(2)
+    manager.cache_blocks(first, [11, 12], parent_hash=None)
+    second = manager.allocate(1)
+    manager.cache_blocks(second, [13], parent_hash=12)
+    assert manager.cached_hashes() == ([11, 12, 13], [None, 11, 12])
+    manager.free(second)
+    manager.free(first)  # free queue: the unused block 3, then 2, 1, 0
+    manager.allocate(2)  # takes block 3 and evicts block 2 (hash 13)
+    assert manager.cached_hashes() == ([11, 12], [None, 11])

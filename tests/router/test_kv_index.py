@@ -292,7 +292,7 @@ def test_overlaps_agree_with_each_engines_own_prefix_match_under_eviction():
         for hashes in rng.sample(prompts, min(len(prompts), 8)):
             expected = {w: len(m.match_prefix(hashes)) for w, m in managers.items()}
             assert index.overlaps(hashes) == {w: n for w, n in expected.items() if n}
-    assert all(index.num_blocks(w) == len(m.cached_hashes()) for w, m in managers.items())
+    assert all(index.num_blocks(w) == len(m.cached_hashes()[0]) for w, m in managers.items())
 
 
 def assert_applied(index: KVIndex, worker_id: str, event) -> None:

@@ -230,11 +230,15 @@ class KVSnapshotRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class KVSnapshot(_message.Message):
-    __slots__ = ("last_event_id", "block_hashes", "block_size")
+    __slots__ = ("last_event_id", "block_hashes", "block_size", "parent_hashes", "has_parent")
     LAST_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PARENT_HASHES_FIELD_NUMBER: _ClassVar[int]
+    HAS_PARENT_FIELD_NUMBER: _ClassVar[int]
     last_event_id: int
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     block_size: int
-    def __init__(self, last_event_id: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ...) -> None: ...
+    parent_hashes: _containers.RepeatedScalarFieldContainer[int]
+    has_parent: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, last_event_id: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., parent_hashes: _Optional[_Iterable[int]] = ..., has_parent: _Optional[_Iterable[bool]] = ...) -> None: ...
