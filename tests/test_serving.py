@@ -226,3 +226,24 @@ def test_grpc_cancel_frees_blocks(server):
             pass
         call.cancel()
     wait_for_idle_workers(server)
+
+
+@pytest.mark.parametrize("backend", ["openai", "grpc"])
+def test_tandem_bench_against_the_real_server(server, model_dir, tmp_path, backend):
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "bench.json"
+    url = server.http_url if backend == "openai" else server.grpc_address
+    subprocess.run([sys.executable, "-m", "tandem.cli", "bench", "--backend", backend, "--url", url,
+                    "--model", model_dir, "--dataset", "shared-prefix", "--num-groups", "2",
+                    "--prompts-per-group", "3", "--system-prompt-len", "64", "--question-len", "8",
+                    "--output-len", "4", "--max-concurrency", "1", "--no-progress", "--out",
+                    str(out)], check=True, timeout=120, capture_output=True)
+    summary = json.loads(out.read_text())
+    assert summary["num_requests"] == 6 and summary["num_errors"] == 0
+    for key in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
+        assert set(summary[key]) == {"p50", "p90", "p99", "mean"}
+    assert summary["ttft_ms"]["p50"] > 0 and summary["output_token_throughput"] > 0
+    # One request at a time: every prompt after a group's first finds the system prompt cached.
+    assert summary["prefix_hit_rate"] > 0.5 * summary["ideal_prefix_hit_rate"] > 0
