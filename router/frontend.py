@@ -90,10 +90,13 @@ class Frontend:
                     config.http_port, config.host, self.grpc_port, self.control_address)
 
     async def wait_for_workers(self, expected: dict[str, int], timeout_s: float,
-                               dead_workers) -> None:
-        """Until every expected worker has registered; raises when one died or time ran out."""
+                               dead_workers, stopping: asyncio.Event) -> bool:
+        """Until every expected worker has registered: True then, False if `stopping` was set
+        first; raises when a worker died or time ran out."""
         deadline = time.monotonic() + timeout_s
         while any(self.workers.count(role) < n for role, n in expected.items()):
+            if stopping.is_set():
+                return False
             dead = dead_workers()
             if dead:
                 raise RuntimeError(f"worker(s) {', '.join(dead)} exited before registering")
@@ -104,6 +107,7 @@ class Frontend:
             await asyncio.sleep(0.05)
         self.pipeline.ready = True
         set_health(self.health, serving=True)
+        return True
 
     # ---- worker lifecycle (called by the Control service and the serve loop) ------------------
 

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the group; no traceback
+        return 130
 
 
 if __name__ == "__main__":

@@ -122,9 +122,11 @@ async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
     try:
         for spec in worker_specs(config, frontend.control_address):
             deployment.start_worker(spec)
-        await frontend.wait_for_workers({"prefill": config.num_prefill,
-                                         "decode": config.num_decode},
-                                        config.ready_timeout_s, deployment.dead_workers)
+        ready = await frontend.wait_for_workers(
+            {"prefill": config.num_prefill, "decode": config.num_decode},
+            config.ready_timeout_s, deployment.dead_workers, stop)
+        if not ready:
+            return 0  # interrupted while starting
         print(f"tandem ready: http://{config.host}:{config.http_port} grpc "
               f"{config.host}:{frontend.grpc_port} model {config.model} "
               f"({config.num_prefill} prefill, {config.num_decode} decode)", flush=True)
