@@ -148,19 +148,20 @@ class _OpenAIServer:
             return error_response(internal_error(request_id))
 
     def _prepare_completion(self, body: bytes, request_id: str) -> _Prepared:
-        parsed = parse_body(body, CompletionRequest)
-        check_model(parsed.model, self.pipeline.model_name)
-        check_supported(parsed)
-        request = completion_request(parsed, request_id, self.tokenizer, self.pipeline.max_model_len)
-        return _Prepared(request, self._formatter(CompletionFormatter, request), bool(parsed.stream),
-                         parsed.include_usage)
+        return self._prepare(body, request_id, CompletionRequest, completion_request,
+                             CompletionFormatter)
 
     def _prepare_chat(self, body: bytes, request_id: str) -> _Prepared:
-        parsed = parse_body(body, ChatCompletionRequest)
+        return self._prepare(body, request_id, ChatCompletionRequest, chat_request, ChatFormatter)
+
+    def _prepare(self, body: bytes, request_id: str, schema: type, build: Callable,
+                 formatter: type[Formatter]) -> _Prepared:
+        """Parse and check a body, and tokenize it into the pipeline's request."""
+        parsed = parse_body(body, schema)
         check_model(parsed.model, self.pipeline.model_name)
         check_supported(parsed)
-        request = chat_request(parsed, request_id, self.tokenizer, self.pipeline.max_model_len)
-        return _Prepared(request, self._formatter(ChatFormatter, request), bool(parsed.stream),
+        request = build(parsed, request_id, self.tokenizer, self.pipeline.max_model_len)
+        return _Prepared(request, self._formatter(formatter, request), bool(parsed.stream),
                          parsed.include_usage)
 
     def _formatter(self, kind: type[Formatter], request: GenerateRequest) -> Formatter:
