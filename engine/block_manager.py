@@ -80,8 +80,11 @@ class BlockManager:
 
     # ---- allocation --------------------------------------------------------------------------
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self.free_queue)
+    def can_allocate(self, num_blocks: int, reusing: list[int] = ()) -> bool:
+        """Whether num_blocks fresh blocks can be had after acquiring the cached blocks `reusing`:
+        those among them with no reference sit in the free queue and leave it when acquired."""
+        num_leaving = sum(self.ref_counts[b] == 0 for b in reusing)
+        return num_blocks + num_leaving <= len(self.free_queue)
 
     def acquire(self, block_ids: list[int]) -> None:
         """Take a reference on blocks found by match_prefix (they may be sitting in the free queue)."""

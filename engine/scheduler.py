@@ -201,8 +201,7 @@ class Scheduler:
             if not self.limits.enable_chunked_prefill and num_new < seq.num_tokens - num_computed:
                 break
             num_needed = seq.num_blocks_for(num_computed + num_new) - len(cached)
-            num_cached_free = sum(self.block_manager.ref_counts[b] == 0 for b in cached)
-            if not self.block_manager.can_allocate(num_needed + num_cached_free):
+            if not self.block_manager.can_allocate(num_needed, reusing=cached):
                 break
             self.waiting.popleft()
             self.block_manager.acquire(cached)
@@ -293,9 +292,8 @@ class DecodeScheduler(Scheduler):
         num_prompt_blocks = seq.num_blocks_for(seq.num_prompt_tokens)
         cached = self.block_manager.match_prefix(seq.block_hashes)[:num_prompt_blocks]
         num_needed = num_prompt_blocks - len(cached)
-        num_cached_free = sum(self.block_manager.ref_counts[b] == 0 for b in cached)
         self.remote_pending[seq.request_id] = seq
-        if not self.block_manager.can_allocate(num_needed + num_cached_free):
+        if not self.block_manager.can_allocate(num_needed, reusing=cached):
             self.complete_remote(seq.request_id, succeeded=False)
             return None
         self.block_manager.acquire(cached)

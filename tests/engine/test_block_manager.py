@@ -119,3 +119,13 @@ def test_snapshot_lists_cached_hashes_with_their_parents_in_cache_order():
     manager.free(first)  # free queue: the unused block 3, then 2, 1, 0
     manager.allocate(2)  # takes block 3 and evicts block 2 (hash 13)
     assert manager.cached_hashes() == ([11, 12], [None, 11])
+
+
+def test_can_allocate_counts_cached_free_blocks_that_will_be_reused():
+    manager, _ = make()
+    table = manager.allocate(2)
+    manager.cache_blocks(table, [1, 2], None)
+    manager.free(table)  # 4 free blocks, 2 of them cached
+    assert manager.can_allocate(2, reusing=[0, 1]) and not manager.can_allocate(3, reusing=[0, 1])
+    manager.acquire([0])
+    assert manager.can_allocate(2, reusing=[0]) and not manager.can_allocate(4)
