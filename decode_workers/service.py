@@ -15,11 +15,11 @@ import logging
 import grpc
 
 from tandem.api.worker.v1 import worker_pb2 as wpb
-from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.engine.llm_engine import SequenceUpdate
 from tandem.kv_transfer import KVRegion, KVTransferError
 from tandem.wire import logprob_to_proto, sampling_from_proto
 from tandem.worker_base import KV_LAYOUT_VERSION, WorkerBase
+from tandem.worker_client import WorkerClients
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 class DecodeWorker(WorkerBase):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.channels: dict[str, grpc.aio.Channel] = {}  # prefill worker address -> channel
+        self.clients = WorkerClients()  # to prefill workers
         self.peers: dict[str, str] = {}                  # prefill worker id -> NIXL agent name
 
     async def Generate(self, request: wpb.WorkerGenerateRequest, context):
@@ -87,7 +87,7 @@ class DecodeWorker(WorkerBase):
             request_id, prompt, remote.first_token_id, params))
         if plan is None:  # no free blocks to pull into: the engine queued a local recompute
             first.recomputed = True
-            asyncio.ensure_future(self._release_remote(remote, request_id))
+            asyncio.ensure_future(self.clients.release(remote.worker_address, request_id))
             return None
         num_cached, local_blocks = plan
         first.num_cached_tokens = min(num_cached * self.engine.config.block_size, len(prompt))
@@ -95,7 +95,7 @@ class DecodeWorker(WorkerBase):
                                      local_blocks, request_id, first)
         first.recomputed = not succeeded
         if not (succeeded and local_blocks):  # no READ completed: no notification will come
-            asyncio.ensure_future(self._release_remote(remote, request_id))
+            asyncio.ensure_future(self.clients.release(remote.worker_address, request_id))
         return await self.async_engine.call(
             lambda: self.engine.complete_remote_request(request_id, succeeded)
             if request_id in self.engine.sequences else None)
@@ -124,22 +124,10 @@ class DecodeWorker(WorkerBase):
     async def _peer(self, remote: wpb.RemotePrefill) -> str:
         worker_id = remote.kv.worker_id
         if worker_id not in self.peers:
-            info = await self._stub(remote.worker_address).GetTransferInfo(
+            info = await self.clients.stub(remote.worker_address).GetTransferInfo(
                 wpb.TransferInfoRequest(), timeout=10.0)
             self.agent.add_peer(info.agent_name, info.agent_metadata,
                                 KVRegion.from_bytes(info.region))
             self.peers[worker_id] = info.agent_name
         return self.peers[worker_id]
 
-    def _stub(self, address: str) -> wgrpc.WorkerStub:
-        if address not in self.channels:
-            self.channels[address] = grpc.aio.insecure_channel(address)
-        return wgrpc.WorkerStub(self.channels[address])
-
-    async def _release_remote(self, remote: wpb.RemotePrefill, request_id: str) -> None:
-        try:
-            await self._stub(remote.worker_address).Release(
-                wpb.ReleaseRequest(request_id=request_id), timeout=5.0)
-        except grpc.aio.AioRpcError as err:
-            logger.info("request %s: could not release blocks on %s (%s); its lease will",
-                        request_id, remote.kv.worker_id, err.code().name)

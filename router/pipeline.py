@@ -27,6 +27,7 @@ from tandem.router.routing import RouteDecision, Router
 from tandem.router.types import GenerateChunk, GenerateRequest, RequestRejected
 from tandem.router.worker_registry import WorkerRegistry, WorkerState
 from tandem.wire import logprob_from_proto, sampling_to_proto
+from tandem.worker_client import WorkerClients
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Pipeline:
         self.workers = workers
         self.router = router
         self.metrics = metrics
-        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.clients = WorkerClients()
         self.ready = False       # set once the expected workers have registered
         self.draining = False
         self.num_inflight = 0
@@ -129,7 +130,7 @@ class Pipeline:
                                self._first_token_finish(request, response.first_token_id), None)
             yield chunk
             if chunk.finish_reason is not None:
-                asyncio.ensure_future(self._release(prefill, request.request_id))
+                asyncio.ensure_future(self.clients.release(prefill.address, request.request_id))
                 self._observe_end(progress, decode)
                 return
             worker_request.remote.CopyFrom(wpb.RemotePrefill(
@@ -223,22 +224,11 @@ class Pipeline:
         self.metrics.e2e.labels(worker.worker_id, worker.role).observe(
             time.perf_counter() - progress.started_s)
 
-    async def _release(self, worker: WorkerState, request_id: str) -> None:
-        try:
-            await self.stub(worker).Release(wpb.ReleaseRequest(request_id=request_id), timeout=5)
-        except grpc.aio.AioRpcError as err:
-            logger.info("request %s: release on %s failed (%s)", request_id, worker.worker_id,
-                        err.code().name)
-
     def stub(self, worker: WorkerState) -> wgrpc.WorkerStub:
-        channel = self.channels.get(worker.address)
-        if channel is None:
-            channel = self.channels[worker.address] = grpc.aio.insecure_channel(worker.address)
-        return wgrpc.WorkerStub(channel)
+        return self.clients.stub(worker.address)
 
     async def close(self) -> None:
-        for channel in self.channels.values():
-            await channel.close()
+        await self.clients.close()
 
 
 def _worker_error(err: grpc.aio.AioRpcError, worker: WorkerState) -> RequestRejected:

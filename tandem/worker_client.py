@@ -1,0 +1,38 @@
+"""Calls to workers' gRPC API, shared by the frontend and decode workers: one channel per worker
+address, kept for the life of the caller, and the best-effort Release of pinned prefill blocks."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from tandem.api.worker.v1 import worker_pb2 as wpb
+from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerClients:
+    def __init__(self):
+        self.channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> wgrpc.WorkerStub:
+        channel = self.channels.get(address)
+        if channel is None:
+            channel = self.channels[address] = grpc.aio.insecure_channel(address)
+        return wgrpc.WorkerStub(channel)
+
+    async def release(self, address: str, request_id: str) -> None:
+        """Ask a prefill worker to free a request's pinned blocks; its lease frees them if this
+        fails."""
+        try:
+            await self.stub(address).Release(wpb.ReleaseRequest(request_id=request_id), timeout=5)
+        except grpc.aio.AioRpcError as err:
+            logger.info("request %s: release on %s failed (%s); its lease will free the blocks",
+                        request_id, address, err.code().name)
+
+    async def close(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+        self.channels.clear()
