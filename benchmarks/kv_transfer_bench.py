@@ -98,7 +98,7 @@ def run_owner(plan: Plan, to_reader: mp.Queue, from_reader: mp.Queue, results: m
 
 def run_reader(plan: Plan, from_owner: mp.Queue, to_owner: mp.Queue, results: mp.Queue) -> None:
     kv_cache = torch.zeros(plan.shape, dtype=DTYPES[plan.dtype_name], device=reader_device(plan))
-    agent = NixlKVAgent("bench-reader", kv_cache)
+    agent = NixlKVAgent("bench-reader", kv_cache, progress_thread=False)  # as decode workers
     metadata, region_bytes = from_owner.get(timeout=120)
     agent.add_peer("bench-owner", metadata, KVRegion.from_bytes(region_bytes))
     rows, num_reads = [], 0

@@ -24,7 +24,8 @@ class KVTransferError(RuntimeError):
 @dataclass(slots=True)
 class KVReadHandle:
     """One posted READ of `num_blocks` blocks from `peer_name`. `xfer` is NIXL's handle, None once
-    released; `started_s` and `finished_s` are `time.perf_counter()` readings."""
+    released; `started_s` (before the READ was built), `posted_s` (once handed to NIXL) and
+    `finished_s` are `time.perf_counter()` readings."""
 
     peer_name: str
     request_id: str
@@ -33,6 +34,7 @@ class KVReadHandle:
     nbytes: int
     started_s: float
     xfer: Any
+    posted_s: float | None = None
     finished_s: float | None = None
 
     @property

@@ -1,37 +1,47 @@
-"""Block ids to runs to NIXL descriptors: exact values, no NIXL needed."""
+"""A KV tensor's blocks as NIXL descriptors, and a pull's block ids: exact values, no NIXL needed."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from tandem.kv_transfer.descriptors import (
-    check_block_ids,
-    coalesce_block_runs,
-    dst_descriptors,
-    src_descriptors,
-)
+from tandem.kv_transfer.descriptors import block_descriptors, check_block_pairs, count_runs
+
+
+def test_block_descriptors_one_row_per_block() -> None:
+    rows = block_descriptors(base_addr=1000, block_nbytes=64, num_blocks=3, dev_id=1)
+    assert rows.dtype == np.int64
+    assert rows.tolist() == [[1000, 64, 1], [1064, 64, 1], [1128, 64, 1]]
+
+
+def test_block_descriptors_of_a_large_gpu_cache() -> None:
+    block_nbytes = 2 * 2**20  # llama-3.1-8b, 16-token blocks
+    rows = block_descriptors(2**47, block_nbytes, 60_000, 7)
+    assert rows[-1].tolist() == [2**47 + 59_999 * block_nbytes, block_nbytes, 7]
+    with pytest.raises(ValueError, match="needs blocks"):
+        block_descriptors(0, 64, 0, 0)
 
 
 @pytest.mark.parametrize(
-    ("src", "dst", "runs"),
+    ("src", "dst", "num_runs"),
     [
-        ([3, 4, 5, 9], [0, 1, 2, 7], [(3, 0, 3), (9, 7, 1)]),
-        ([0, 1, 2, 3], [10, 11, 12, 13], [(0, 10, 4)]),
-        ([7], [0], [(7, 0, 1)]),
+        ([3, 4, 5, 9], [0, 1, 2, 7], 2),
+        ([0, 1, 2, 3], [10, 11, 12, 13], 1),
+        ([7], [0], 1),
         # consecutive on one side only: nothing merges
-        ([1, 2, 3], [5, 4, 3], [(1, 5, 1), (2, 4, 1), (3, 3, 1)]),
-        ([0, 2, 4], [0, 1, 2], [(0, 0, 1), (2, 1, 1), (4, 2, 1)]),
+        ([1, 2, 3], [5, 4, 3], 3),
+        ([0, 2, 4], [0, 1, 2], 3),
         # the caller's order is kept: a jump back starts a new run
-        ([5, 6, 2, 3], [0, 1, 2, 3], [(5, 0, 2), (2, 2, 2)]),
-        ([2, 3, 0, 1], [2, 3, 0, 1], [(2, 2, 2), (0, 0, 2)]),
+        ([5, 6, 2, 3], [0, 1, 2, 3], 2),
+        ([2, 3, 0, 1], [2, 3, 0, 1], 2),
         # one source block may feed two destination blocks
-        ([4, 4], [0, 1], [(4, 0, 1), (4, 1, 1)]),
+        ([4, 4], [0, 1], 2),
+        (list(range(100, 1124)), list(range(1024)), 1),
     ],
 )
-def test_coalesce_block_runs(
-    src: list[int], dst: list[int], runs: list[tuple[int, int, int]]
-) -> None:
-    assert coalesce_block_runs(src, dst) == runs
+def test_count_runs(src: list[int], dst: list[int], num_runs: int) -> None:
+    check_block_pairs(src, dst, 2048, 2048)
+    assert count_runs(src, dst) == num_runs
 
 
 @pytest.mark.parametrize(
@@ -39,42 +49,18 @@ def test_coalesce_block_runs(
     [
         ([], [], "empty"),
         ([0, 1], [0], "2 source ids and 1 destination ids"),
-        ([-1], [0], "non-negative"),
-        ([0], [-3], "non-negative"),
-        ([0.0], [0], "non-negative ints"),
-        ([True], [0], "non-negative ints"),
+        ([-1], [0], r"remote block id -1 is out of range: .* 12 blocks \(valid ids 0..11\)"),
+        ([12], [0], "remote block id 12 is out of range"),
+        ([0], [-3], "destination block id -3 is out of range"),
+        ([0], [10], r"destination block id 10 is out of range: .* 10 blocks"),
+        ([0.0], [0], "remote block ids must be ints"),
+        ([True], [0], "remote block ids must be ints"),
+        (["3"], [0], "remote block ids must be ints"),
+        ([0], [[1]], "destination block ids must be ints"),
+        ([np.int64(1)], [0], "remote block ids must be ints"),
         ([0, 1], [5, 5], "distinct"),
     ],
 )
-def test_coalesce_block_runs_rejects(src: list, dst: list, message: str) -> None:
+def test_check_block_pairs_rejects(src: list, dst: list, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        coalesce_block_runs(src, dst)
-
-
-def test_descriptors_for_both_sides() -> None:
-    runs = [(3, 0, 3), (9, 7, 1)]
-    assert src_descriptors(runs, base_addr=1000, block_nbytes=64, dev_id=1) == [
-        (1000 + 3 * 64, 3 * 64, 1),
-        (1000 + 9 * 64, 64, 1),
-    ]
-    assert dst_descriptors(runs, base_addr=5000, block_nbytes=64, dev_id=0) == [
-        (5000, 3 * 64, 0),
-        (5000 + 7 * 64, 64, 0),
-    ]
-
-
-def test_two_mib_blocks_of_a_long_run() -> None:
-    block_nbytes = 2 * 2**20
-    runs = coalesce_block_runs(list(range(100, 1124)), list(range(1024)))
-    assert runs == [(100, 0, 1024)]
-    assert src_descriptors(runs, 2**40, block_nbytes, 0) == [(2**40 + 100 * block_nbytes, 2**31, 0)]
-
-
-def test_check_block_ids() -> None:
-    check_block_ids([0, 9, 4], num_blocks=10, side="local")
-    with pytest.raises(ValueError, match=r"local block id 10 is out of range: .* 10 blocks"):
-        check_block_ids([0, 10], num_blocks=10, side="local")
-    with pytest.raises(ValueError, match="out of range"):
-        check_block_ids([-1], num_blocks=10, side="remote")
-    with pytest.raises(ValueError, match="must be ints"):
-        check_block_ids(["3"], num_blocks=10, side="remote")
+        check_block_pairs(src, dst, num_src_blocks=12, num_dst_blocks=10, src_side="remote")

@@ -68,7 +68,7 @@ def test_read_non_consecutive_blocks_from_another_process(device: str) -> None:
     try:
         metadata, region_bytes = from_owner.get(timeout=STARTUP_TIMEOUT_S)
         kv_cache = torch.zeros(READER_SHAPE, device=reader_device(device))
-        with NixlKVAgent("decode-0", kv_cache) as agent:
+        with NixlKVAgent("decode-0", kv_cache, progress_thread=False) as agent:
             agent.add_peer("prefill-0", metadata, KVRegion.from_bytes(region_bytes))
             handle = asyncio.run(
                 agent.read_blocks("prefill-0", [3, 4, 5, 9], [0, 1, 2, 7], b"req-42", timeout_s=20)
@@ -98,7 +98,7 @@ def test_read_from_a_peer_that_is_gone_raises() -> None:
         metadata, region_bytes = from_owner.get(timeout=STARTUP_TIMEOUT_S)
         region = KVRegion.from_bytes(region_bytes)
         assert from_owner.get(timeout=30) == []
-        with NixlKVAgent("decode-0", kv_cache) as agent:
+        with NixlKVAgent("decode-0", kv_cache, progress_thread=False) as agent:
             agent.add_peer("prefill-0", metadata, region)
             to_owner.put("exit")
             owner.join(timeout=30)
