@@ -5,7 +5,8 @@
 For each router mode: `tandem serve` with 4 decode workers (aggregated, `--num-prefill 0`) on
 random:tiny with a KV cache of `--num-kv-blocks` blocks per worker, then `tandem bench` with the same
 seeded requests and arrival times: the shared-prefix dataset, and a replay of the Mooncake
-conversation trace scaled to 16-token blocks. The cache is sized so that one worker holds only a
+conversation trace scaled to 16-token blocks (its first --trace-requests requests, arrival times x
+--trace-time-scale). The cache is sized so that one worker holds only a
 few of the shared prefixes: a router that spreads a prefix over every worker makes each of them
 evict it. Prints TTFT, prefix hit rate against the ideal (an infinite shared cache on the same
 requests) and throughput, per mode and dataset; JSON summaries go to --out-dir.
@@ -43,7 +44,8 @@ def datasets(args: argparse.Namespace) -> dict[str, list[str]]:
     sets = {"shared-prefix": shared}
     if TRACE.is_file():
         sets["trace"] = ["--dataset", f"trace:{TRACE}", "--trace-block-tokens", "16",
-                         "--num-requests", "60" if quick else "500", "--output-scale", "0.02",
+                         "--num-requests", "60" if quick else str(args.trace_requests),
+                         "--output-scale", "0.02",
                          "--time-scale", str(args.trace_time_scale)]
     return sets
 
@@ -82,8 +84,12 @@ def main() -> None:
     parser.add_argument("--system-prompt-len", type=int, default=1024)
     parser.add_argument("--prompts-per-group", type=int, default=None)
     parser.add_argument("--request-rate", type=float, default=4.0)
-    parser.add_argument("--trace-time-scale", type=float, default=0.2,
+    parser.add_argument("--trace-time-scale", type=float, default=0.15,
                         help="trace arrival times are multiplied by this")
+    parser.add_argument("--trace-requests", type=int, default=1500,
+                        help="replay the trace's first N requests (more requests, more reuse: "
+                             "27%% of the first 1500 requests' blocks can be reused, 16%% of the "
+                             "first 500's)")
     parser.add_argument("--datasets", default="shared-prefix,trace",
                         help="which of shared-prefix and trace to run")
     parser.add_argument("--backend", choices=("openai", "grpc"), default="openai",

@@ -98,3 +98,17 @@ def test_closed_agent_refuses_work() -> None:
     agent.close()
     with pytest.raises(KVTransferError, match="is closed"):
         agent.metadata()
+
+
+def test_add_peer_rejects_a_region_larger_than_registered(
+    agents: tuple[NixlKVAgent, NixlKVAgent],
+) -> None:
+    owner, reader = agents
+    too_big = KVRegion(owner.region.base_addr, owner.region.block_nbytes, 40, 0, "DRAM")
+    try:
+        with pytest.raises(KVTransferError, match="could not prepare the blocks of peer"):
+            reader.add_peer(owner.name, owner.metadata(), too_big)
+        assert reader.peer_names == []
+    finally:
+        reader.add_peer(owner.name, owner.metadata(), owner.region)
+    assert reader.peer_names == [owner.name]
