@@ -5,8 +5,8 @@
 For each router mode: `tandem serve` with 4 decode workers (aggregated, `--num-prefill 0`) on
 random:tiny with a KV cache of `--num-kv-blocks` blocks per worker, then `tandem bench` with the same
 seeded requests and arrival times: the shared-prefix dataset, and a replay of the Mooncake
-conversation trace scaled to 16-token blocks (its first --trace-requests requests, arrival times x
---trace-time-scale). The cache is sized so that one worker holds only a
+conversation trace scaled to 16-token blocks (its first --trace-requests requests, arrival times
+x --trace-time-scale). The cache is sized so that one worker holds only a
 few of the shared prefixes: a router that spreads a prefix over every worker makes each of them
 evict it. Prints TTFT, prefix hit rate against the ideal (an infinite shared cache on the same
 requests) and throughput, per mode and dataset; JSON summaries go to --out-dir.

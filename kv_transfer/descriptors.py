@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+
 def block_descriptors(
     base_addr: int, block_nbytes: int, num_blocks: int, dev_id: int
 ) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""A KV tensor's blocks as NIXL descriptors, and a pull's block ids: exact values, no NIXL needed."""
+"""A KV tensor's blocks as NIXL descriptors, and a pull's block ids: exact values, no NIXL."""
 
 from __future__ import annotations
 
