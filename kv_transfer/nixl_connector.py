@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -50,7 +50,6 @@ import torch
 from tandem.kv_transfer.descriptors import (
     block_descriptors,
     check_block_pairs,
-    count_runs,
 )
 from tandem.kv_transfer.read_handle import KVReadHandle, KVTransferError, TransferState
 from tandem.kv_transfer.region import KVRegion
@@ -70,6 +69,8 @@ MAX_NOTIFY_NBYTES = 1024  # a request id; NIXL sends the notification as one sma
 class _Peer:
     agent_metadata: bytes
     region: KVRegion
+    # NIXL's prepared list of the peer's blocks; not part of what identifies the peer.
+    blocks: Any = field(default=None, compare=False)
 
 
 def _prepare_blocks(agent: Any, agent_name: str, region: KVRegion) -> Any:
@@ -95,7 +96,6 @@ class NixlKVAgent:
         # NIXL holds raw addresses into this tensor: keep it alive as long as the registration.
         self._kv_cache = kv_cache
         self._peers: dict[str, _Peer] = {}
-        self._peer_blocks: dict[str, Any] = {}  # peer name -> NIXL's prepared list of its blocks
         self._agent: Any = _create_agent(agent_name, progress_thread)
         region = self.region
         self._registration = self._agent.register_memory(
@@ -149,7 +149,7 @@ class NixlKVAgent:
                 f"the metadata given for peer {peer_name!r} belongs to agent {loaded_name!r}"
             )
         try:
-            self._peer_blocks[peer_name] = _prepare_blocks(agent, peer_name, region)
+            peer = replace(peer, blocks=_prepare_blocks(agent, peer_name, region))
         except Exception as e:
             agent.remove_remote_agent(peer_name)
             raise KVTransferError(
@@ -161,10 +161,11 @@ class NixlKVAgent:
 
     def remove_peer(self, peer_name: str) -> None:
         """Forget a peer and drop the connection to it; unknown names are ignored."""
-        if self._peers.pop(peer_name, None) is None:
+        peer = self._peers.pop(peer_name, None)
+        if peer is None:
             return
         try:
-            self._peer_blocks.pop(peer_name).release()
+            peer.blocks.release()
             self._live_agent().remove_remote_agent(peer_name)
         except Exception:
             logger.warning("NIXL failed to remove peer %s", peer_name, exc_info=True)
@@ -198,13 +199,13 @@ class NixlKVAgent:
         remote, local = list(remote_block_ids), list(local_block_ids)
         check_block_pairs(remote, local, peer.region.num_blocks, self.region.num_blocks,
                           f"remote ({peer_name})", "local")
-        xfer = self._prepare_read(peer_name, remote, local, notify, request_id)
+        xfer = self._prepare_read(peer_name, peer, remote, local, notify, request_id)
         handle = KVReadHandle(
             peer_name=peer_name,
             request_id=request_id,
-            num_blocks=len(local),
-            num_descriptors=count_runs(remote, local),
-            nbytes=len(local_block_ids) * self.region.block_nbytes,
+            remote_block_ids=remote,
+            local_block_ids=local,
+            nbytes=len(local) * self.region.block_nbytes,
             started_s=started_s,
             xfer=xfer,
         )
@@ -224,11 +225,13 @@ class NixlKVAgent:
             state = "ERR"
         if state == "DONE" and handle.finished_s is None:
             handle.finished_s = time.perf_counter()
-        if state == "DONE":
+        if state == "DONE" and logger.isEnabledFor(logging.DEBUG):
             logger.debug(
-                "request %s: read %d blocks (%d descriptors, %d bytes) from %s in %.3f ms",
+                "request %s: read %d blocks (%d descriptors, %d bytes) from %s in %.3f ms, "
+                "posted %.0f us after the call",
                 handle.request_id, handle.num_blocks, handle.num_descriptors, handle.nbytes,
                 handle.peer_name, handle.elapsed_s * 1e3,
+                (handle.posted_s - handle.started_s) * 1e6,
             )
         elif state == "ERR":
             logger.warning("request %s: READ from %s failed", handle.request_id, handle.peer_name)
@@ -311,12 +314,13 @@ class NixlKVAgent:
         return self._agent
 
     def _prepare_read(
-        self, peer_name: str, remote: list[int], local: list[int], notify: bytes, request_id: str,
+        self, peer_name: str, peer: _Peer, remote: list[int], local: list[int], notify: bytes,
+        request_id: str,
     ) -> Any:
         agent = self._live_agent()
         try:
             return agent.make_prepped_xfer(
-                "READ", self._local_blocks, local, self._peer_blocks[peer_name], remote, notify,
+                "READ", self._local_blocks, local, peer.blocks, remote, notify,
                 backends=[BACKEND],
             )
         except Exception as e:
@@ -343,13 +347,9 @@ class NixlKVAgent:
 
     async def _wait(self, handle: KVReadHandle, timeout_s: float) -> None:
         deadline = handle.started_s + timeout_s
-        polls = 0
         while True:
             state = self.poll(handle)
-            polls += 1
             if state == "DONE":
-                logger.debug("request %s: posted %.0f us after the call, DONE seen at poll %d",
-                             handle.request_id, (handle.posted_s - handle.started_s) * 1e6, polls)
                 return
             what = f"request {handle.request_id}: READ of {handle.num_blocks} blocks"
             if state == "ERR":

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tandem.kv_transfer.descriptors import count_runs
+
 # NIXL's transfer states: finished, still moving, failed.
 TransferState = Literal["DONE", "PROC", "ERR"]
 
@@ -23,19 +25,29 @@ class KVTransferError(RuntimeError):
 
 @dataclass(slots=True)
 class KVReadHandle:
-    """One posted READ of `num_blocks` blocks from `peer_name`. `xfer` is NIXL's handle, None once
-    released; `started_s` (before the READ was built), `posted_s` (once handed to NIXL) and
-    `finished_s` are `time.perf_counter()` readings."""
+    """One posted READ from `peer_name`: its `remote_block_ids[k]` into our `local_block_ids[k]`.
+    `xfer` is NIXL's handle, None once released; `started_s` (before the READ was built),
+    `posted_s` (once handed to NIXL) and `finished_s` are `time.perf_counter()` readings."""
 
     peer_name: str
     request_id: str
-    num_blocks: int
-    num_descriptors: int
+    remote_block_ids: list[int]
+    local_block_ids: list[int]
     nbytes: int
     started_s: float
     xfer: Any
     posted_s: float | None = None
     finished_s: float | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.local_block_ids)
+
+    @property
+    def num_descriptors(self) -> int:
+        """Descriptors NIXL moves once consecutive pairs merge; counted on demand, off the pull's
+        path."""
+        return count_runs(self.remote_block_ids, self.local_block_ids)
 
     @property
     def elapsed_s(self) -> float | None:
