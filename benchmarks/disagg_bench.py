@@ -15,10 +15,11 @@ the prompts are measured (0: an idle server; a loaded server is what serving loo
 prompts are shorter than --remote-prefill-min-tokens, so they are prefilled locally and move no
 KV that could be mistaken for the measured pulls.
 
-Baselines, from the same run: torch's peer copy from GPU 0 to GPU 1 of the same bytes, (a) back
-to back, the hardware's best, and (b) each copy after the GPUs sat idle for as long as the prompt's
-prefill took: on an otherwise idle server a pull starts after exactly such a pause, and idle GPUs
-and CPUs take a while to come back up to speed (clocks, caches).
+Baselines, from the same run, on idle GPUs once the server has stopped: torch's peer copy from
+GPU 0 to GPU 1 of the same bytes, (a) back to back, the hardware's best, and (b) each copy after a
+pause as long as the prompt's prefill: a pull starts after exactly such a pause, and GPUs and CPUs
+that sat idle in it take a while to come back up to speed (clocks, caches). With background load,
+also the peer copy made from this process while the load runs (see `loaded_copy_gbps`).
 """
 
 from __future__ import annotations
@@ -148,6 +149,15 @@ def measure(server, lengths: list[int], repeats: int, rng: random.Random) -> lis
     return rows
 
 
+def loaded_copy_gbps(rows: list[tuple]) -> dict[int, float]:
+    """Back-to-back peer-copy GB/s of each length's bytes, from this (third) process while the
+    background requests decode on GPU 1. GPU 1 then time-slices between this process's context and
+    the decode worker's, which a pull (issued from the decode worker's own context) does not: a
+    reference for what the load does to a copy, not a limit for the pull."""
+    return {length: moved / peer_copy_s(moved) / 1e9
+            for length, moved in sorted({(r[0], int(r[1])) for r in rows})}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="random:llama-3.1-8b")
@@ -166,6 +176,7 @@ def main() -> None:
                           timeout_s=540)
     results: dict[int, list[tuple]] = {}
     rates: dict[int, float] = {}  # background tokens/s while measuring
+    loaded_copies: dict[int, dict[int, float]] = {}  # level -> length -> copy GB/s under load
     rng = random.Random(0)
     try:
         stream_two_tokens(server.grpc_address, [rng.randrange(16, 2000) for _ in range(128)])
@@ -175,6 +186,8 @@ def main() -> None:
                 tokens_before, start = load.tokens, time.perf_counter()
                 results[level] = measure(server, lengths, args.repeats, rng)
                 rates[level] = (load.tokens - tokens_before) / (time.perf_counter() - start)
+                if level:
+                    loaded_copies[level] = loaded_copy_gbps(results[level])
     except Exception:
         print("".join(server.lines[-40:]))
         raise
@@ -183,8 +196,8 @@ def main() -> None:
     for level in levels:
         print(f"background {level}: {rates[level]:.0f} tokens/s decoded meanwhile")
     print("background | tokens | MiB | transfer ms | NIXL GB/s | peer copy GB/s (back to back) "
-          "| of it | peer copy GB/s (after idle) | of it | TTFT ms | prefill ms | transfer ms "
-          "| first decode step ms")
+          "| of it | peer copy GB/s (after a pause) | of it | peer copy GB/s (another process, "
+          "same load) | TTFT ms | prefill ms | transfer ms | first decode step ms")
     for level in levels:
         for length in lengths:
             mine = [r for r in results[level] if r[0] == length]
@@ -196,10 +209,12 @@ def main() -> None:
             nixl = moved / transfer / 1e9
             hot = moved / peer_copy_s(moved) / 1e9
             idle = moved / peer_copy_s(moved, idle_s=prefill, repeats=5) / 1e9
+            loaded = loaded_copies.get(level, {}).get(length)
+            loaded_text = "-" if loaded is None else f"{loaded:.0f}"
             print(f"{level} | {length} | {moved / 2**20:.0f} | {transfer * 1e3:.2f} | {nixl:.0f} "
                   f"| {hot:.0f} | {nixl / hot:.0%} | {idle:.0f} | {nixl / idle:.0%} "
-                  f"| {first * 1e3:.1f} | {prefill * 1e3:.1f} | {transfer * 1e3:.2f} "
-                  f"| {step * 1e3:.1f}")
+                  f"| {loaded_text} | {first * 1e3:.1f} | {prefill * 1e3:.1f} "
+                  f"| {transfer * 1e3:.2f} | {step * 1e3:.1f}")
 
 
 if __name__ == "__main__":

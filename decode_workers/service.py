@@ -4,17 +4,19 @@ after prefilling the prompt itself.
 With a remote prefill, the worker looks the prompt's blocks up in its own prefix cache, allocates
 only the missing ones and READs them over NIXL from the prefill worker, whose agent metadata it
 fetches once per peer. A pull that fails or times out falls back to computing the prompt here, so
-the request still completes; the prefill worker's blocks are then released by RPC.
+the request still completes; the prefill worker's blocks are then released by RPC. While the
+prompt is still prefilling, the frontend's `ExpectPull` lets the worker keep its path to that
+prefill worker hot (pull_warmer.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
 
 from tandem.api.worker.v1 import worker_pb2 as wpb
+from tandem.decode_workers.pull_warmer import PullWarmer
 from tandem.engine.llm_engine import SequenceUpdate
 from tandem.kv_transfer import KVRegion, KVTransferError
 from tandem.wire import logprob_to_proto, sampling_from_proto
@@ -29,6 +31,26 @@ class DecodeWorker(WorkerBase):
         super().__init__(*args, **kwargs)
         self.clients = WorkerClients()  # to prefill workers
         self.peers: dict[str, str] = {}                  # prefill worker id -> NIXL agent name
+        self.warmer = PullWarmer(self._warm) if self.agent is not None else None
+
+    async def ExpectPull(self, request: wpb.ExpectPullRequest, context):
+        if self.warmer is not None and not self.async_engine.is_open(request.request_id):
+            try:
+                peer = await self._peer(request.worker_id, request.worker_address)
+            except (KVTransferError, ValueError, grpc.aio.AioRpcError) as err:
+                logger.info("request %s: cannot reach prefill worker %s yet (%s)",
+                            request.request_id, request.worker_id, err)
+            else:
+                self.warmer.expect(request.request_id, peer)
+        return wpb.ExpectPullResponse()
+
+    def _warm(self, peer: str) -> None:
+        if self.agent.warm(peer):
+            self.transfers.warm_reads += 1
+
+    async def close(self) -> None:
+        if self.warmer is not None:
+            await self.warmer.close()
 
     async def Generate(self, request: wpb.WorkerGenerateRequest, context):
         request_id = request.request_id
@@ -51,6 +73,9 @@ class DecodeWorker(WorkerBase):
         except BaseException:  # cancelled while pulling: nothing may stay parked
             self.async_engine.abort(request_id)
             raise
+        finally:
+            if self.warmer is not None:
+                self.warmer.forget(request_id)  # the pull is over, or there was none
         if final is not None:
             self.async_engine.abort(request_id)  # only drops the stream: the request is done
             yield self._chunk(final, first)
@@ -87,7 +112,7 @@ class DecodeWorker(WorkerBase):
             request_id, prompt, remote.first_token_id, params))
         if plan is None:  # no free blocks to pull into: the engine queued a local recompute
             first.recomputed = True
-            asyncio.ensure_future(self.clients.release(remote.worker_address, request_id))
+            self.clients.send_soon(self.clients.release(remote.worker_address, request_id))
             return None
         num_cached, local_blocks = plan
         first.num_cached_tokens = min(num_cached * self.engine.config.block_size, len(prompt))
@@ -95,7 +120,7 @@ class DecodeWorker(WorkerBase):
                                      local_blocks, request_id, first)
         first.recomputed = not succeeded
         if not (succeeded and local_blocks):  # no READ completed: no notification will come
-            asyncio.ensure_future(self.clients.release(remote.worker_address, request_id))
+            self.clients.send_soon(self.clients.release(remote.worker_address, request_id))
         return await self.async_engine.call(
             lambda: self.engine.complete_remote_request(request_id, succeeded)
             if request_id in self.engine.sequences else None)
@@ -106,8 +131,10 @@ class DecodeWorker(WorkerBase):
             return True  # everything was cached here; the release below frees the remote copy
         if self.agent is None:
             return False
+        if self.warmer is not None:
+            self.warmer.forget(request_id)  # the pull itself now keeps the path hot
         try:
-            peer = await self._peer(remote)
+            peer = await self._peer(remote.kv.worker_id, remote.worker_address)
             handle = await self.agent.read_blocks(peer, remote_blocks, local_blocks,
                                                   request_id.encode(),
                                                   timeout_s=self.options.transfer_timeout_s)
@@ -121,10 +148,10 @@ class DecodeWorker(WorkerBase):
         self.transfers.seconds_total += first.kv_transfer_seconds
         return True
 
-    async def _peer(self, remote: wpb.RemotePrefill) -> str:
-        worker_id = remote.kv.worker_id
+    async def _peer(self, worker_id: str, address: str) -> str:
+        """The NIXL agent name of a prefill worker, fetching its transfer info the first time."""
         if worker_id not in self.peers:
-            info = await self.clients.stub(remote.worker_address).GetTransferInfo(
+            info = await self.clients.stub(address).GetTransferInfo(
                 wpb.TransferInfoRequest(), timeout=10.0)
             self.agent.add_peer(info.agent_name, info.agent_metadata,
                                 KVRegion.from_bytes(info.region))

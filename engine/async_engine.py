@@ -70,6 +70,10 @@ class AsyncEngine:
         self._streams[request_id] = stream
         return stream
 
+    def is_open(self, request_id: str) -> bool:
+        """Whether a stream is open for the request (from open_stream until it ends)."""
+        return request_id in self._streams
+
     async def iterate(self, request_id: str, stream: asyncio.Queue
                       ) -> AsyncIterator[SequenceUpdate]:
         """Updates of a request added by the caller; closing early aborts the request."""

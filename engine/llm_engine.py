@@ -82,7 +82,10 @@ class LLMEngine:
                             self.max_model_len, config.seed)
         self.runner = ModelRunner(model, config.block_size, self.device, self.dtype, config.seed)
         self.num_blocks = self._num_kv_blocks()
-        self.runner.allocate_kv_cache(self.num_blocks)
+        # One block past the block manager's is never given to a request: KV transfer may read
+        # scratch data into it (NixlKVAgent.warm) without touching any request's KV.
+        self.spare_block = self.num_blocks
+        self.runner.allocate_kv_cache(self.num_blocks + 1)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_graphs(min(config.max_num_seqs, 256), self.max_model_len)
         self.block_manager = BlockManager(self.num_blocks, config.block_size,

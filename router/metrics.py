@@ -57,6 +57,9 @@ class _WorkerStatsCollector:
                                       "the prefix cache", labels=LABELS)
         hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix "
                                    "cache", labels=LABELS)
+        warm_reads = CounterMetricFamily(
+            "tandem_kv_warm_reads", "One-block reads a decode worker made to keep its path to a "
+            "prefill worker hot while a pull from it was due", labels=LABELS)
         for w in list(self.workers.workers.values()):
             labels = [w.worker_id, w.role]
             s = w.stats
@@ -65,4 +68,5 @@ class _WorkerStatsCollector:
             usage.add_metric(labels, 1.0 - s.num_free_blocks / s.num_blocks if s.num_blocks else 0)
             queries.add_metric(labels, s.prefix_cache_queries)
             hits.add_metric(labels, s.prefix_cache_hits)
-        yield from (running, waiting, usage, queries, hits)
+            warm_reads.add_metric(labels, s.kv_warm_reads)
+        yield from (running, waiting, usage, queries, hits, warm_reads)

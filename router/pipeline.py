@@ -118,6 +118,9 @@ class Pipeline:
             sampling=sampling_to_proto(params))
         if decision.prefill_worker is not None:
             prefill = self.workers.workers[decision.prefill_worker]
+            self.clients.send_soon(self.clients.expect_pull(decode.address, wpb.ExpectPullRequest(
+                request_id=request.request_id, worker_id=prefill.worker_id,
+                worker_address=prefill.address)))
             response = await self._prefill(prefill, worker_request)
             self.metrics.remote_prefill.inc()
             self.metrics.prefill_seconds.labels(prefill.worker_id, prefill.role).observe(
@@ -130,7 +133,7 @@ class Pipeline:
                                self._first_token_finish(request, response.first_token_id), None)
             yield chunk
             if chunk.finish_reason is not None:
-                asyncio.ensure_future(self.clients.release(prefill.address, request.request_id))
+                self.clients.send_soon(self.clients.release(prefill.address, request.request_id))
                 self._observe_end(progress, decode)
                 return
             worker_request.remote.CopyFrom(wpb.RemotePrefill(

@@ -41,6 +41,7 @@ class WorkerOptions:
 class TransferCounters:
     bytes_total: int = 0
     seconds_total: float = 0.0
+    warm_reads: int = 0
 
 
 class WorkerBase(wgrpc.WorkerServicer):
@@ -105,7 +106,11 @@ class WorkerBase(wgrpc.WorkerServicer):
             num_free_blocks=s.num_free_blocks, prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits, num_pinned_requests=s.num_pinned_requests,
             kv_transfer_bytes=self.transfers.bytes_total,
-            kv_transfer_seconds=self.transfers.seconds_total)
+            kv_transfer_seconds=self.transfers.seconds_total,
+            kv_warm_reads=self.transfers.warm_reads)
+
+    async def close(self) -> None:
+        """Stop role-specific tasks before the agent closes."""
 
     async def background(self) -> None:
         """Role-specific periodic work; runs for the life of the worker."""

@@ -36,7 +36,7 @@ def make_agent(options: WorkerOptions, engine: LLMEngine):
     from tandem.kv_transfer import NixlKVAgent
     # Prefill workers own the blocks that are read; decode workers only read (nixl_connector.py).
     return NixlKVAgent(options.worker_id, engine.runner.kv_cache,
-                       progress_thread=options.role == "prefill")
+                       progress_thread=options.role == "prefill", spare_block=engine.spare_block)
 
 
 def make_worker(options: WorkerOptions) -> WorkerBase:
@@ -70,6 +70,7 @@ async def serve_worker(options: WorkerOptions) -> None:
         task.cancel()
     await server.stop(SHUTDOWN_GRACE_S)
     await worker.async_engine.stop()
+    await worker.close()
     if worker.agent is not None:
         worker.agent.close()
     for task in done:

@@ -74,6 +74,12 @@ def test_completion_equals_offline_and_moves_the_prompt_blocks(server, client, o
     assert server.metric("tandem_remote_prefill_total") == remote_before + 1
     moved = server.metric("tandem_kv_transfer_bytes_total") - before
     assert moved == num_blocks * block_bytes(offline)
+    # The frontend said a pull would follow, so the decode worker kept its path warm meanwhile
+    # (the count reaches the frontend with a heartbeat).
+    deadline = time.monotonic() + 10
+    while server.metric("tandem_kv_warm_reads_total") == 0:
+        assert time.monotonic() < deadline, "no warming read was counted"
+        time.sleep(0.2)
 
 
 def test_streaming_completion_and_chat_equal_offline(client, offline, model_dir):

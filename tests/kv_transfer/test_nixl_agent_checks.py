@@ -19,7 +19,7 @@ BLOCK_SHAPE = (2, 2, 4, 2, 8)  # (num_layers, 2, block_size, num_kv_heads, head_
 @pytest.fixture(scope="module")
 def agents() -> Iterator[tuple[NixlKVAgent, NixlKVAgent]]:
     owner = NixlKVAgent("checks-owner", torch.zeros(12, *BLOCK_SHAPE))
-    reader = NixlKVAgent("checks-reader", torch.zeros(10, *BLOCK_SHAPE))
+    reader = NixlKVAgent("checks-reader", torch.zeros(10, *BLOCK_SHAPE), spare_block=9)
     reader.add_peer(owner.name, owner.metadata(), owner.region)
     yield owner, reader
     reader.close()
@@ -83,6 +83,20 @@ def test_read_blocks_rejects_non_positive_timeout(agents: tuple[NixlKVAgent, Nix
     owner, reader = agents
     with pytest.raises(ValueError, match="timeout_s"):
         asyncio.run(reader.read_blocks(owner.name, [0], [0], b"r", timeout_s=0))
+
+
+def test_warm_rejects_an_unknown_peer(agents: tuple[NixlKVAgent, NixlKVAgent]) -> None:
+    _, reader = agents
+    with pytest.raises(ValueError, match="unknown peer 'nobody'"):
+        reader.warm("nobody")
+
+
+def test_warm_needs_a_spare_block(agents: tuple[NixlKVAgent, NixlKVAgent]) -> None:
+    owner, _ = agents
+    with pytest.raises(ValueError, match="no spare block"):
+        owner.warm("checks-reader")
+    with pytest.raises(ValueError, match="spare_block 10 is not a block"):
+        NixlKVAgent("checks-bad-spare", torch.zeros(10, *BLOCK_SHAPE), spare_block=10)
 
 
 def test_remove_unknown_peer_is_a_no_op(agents: tuple[NixlKVAgent, NixlKVAgent]) -> None:

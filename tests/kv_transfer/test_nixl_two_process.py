@@ -68,12 +68,14 @@ def test_read_non_consecutive_blocks_from_another_process(device: str) -> None:
     try:
         metadata, region_bytes = from_owner.get(timeout=STARTUP_TIMEOUT_S)
         kv_cache = torch.zeros(READER_SHAPE, device=reader_device(device))
-        with NixlKVAgent("decode-0", kv_cache, progress_thread=False) as agent:
+        with NixlKVAgent("decode-0", kv_cache, progress_thread=False, spare_block=9) as agent:
             agent.add_peer("prefill-0", metadata, KVRegion.from_bytes(region_bytes))
+            warm_twice(agent, "prefill-0")
             handle = asyncio.run(
                 agent.read_blocks("prefill-0", [3, 4, 5, 9], [0, 1, 2, 7], b"req-42", timeout_s=20)
             )
             notifications = from_owner.get(timeout=30)
+            check_no_warming_while_pulling(agent, "prefill-0")
             to_owner.put("exit")
             agent.release(handle)  # already released by read_blocks: a no-op
             with pytest.raises(ValueError, match="already released"):
@@ -84,11 +86,35 @@ def test_read_non_consecutive_blocks_from_another_process(device: str) -> None:
     kv_cache = kv_cache.cpu()
     expected = owner_kv_cache()
     assert torch.equal(kv_cache[[0, 1, 2, 7]], expected[[3, 4, 5, 9]])
-    assert torch.count_nonzero(kv_cache[[3, 4, 5, 6, 8, 9]]) == 0
+    assert torch.equal(kv_cache[9], expected[0])  # the spare block, where warming reads land
+    assert torch.equal(kv_cache[8], expected[1])
+    assert torch.count_nonzero(kv_cache[[3, 4, 5, 6]]) == 0
     assert (handle.num_blocks, handle.num_descriptors, handle.nbytes) == (4, 2, 4 * 1024)
     assert handle.xfer is None and handle.elapsed_s is not None
-    assert notifications == [("decode-0", b"req-42")]
+    assert notifications == [("decode-0", b"req-42")]  # warming READs notify nobody
     assert owner.exitcode == 0
+
+
+def check_no_warming_while_pulling(agent: NixlKVAgent, peer: str) -> None:
+    """Until a pull from the peer is released, warming it posts nothing."""
+    pull = agent.start_read(peer, [1], [8], b"req-43")
+    deadline = time.monotonic() + 20
+    while agent.poll(pull) != "DONE":
+        assert time.monotonic() < deadline, "the pull never finished"
+    for _ in range(5):
+        assert not agent.warm(peer)
+        time.sleep(0.01)  # a warming READ still moving from before has finished by now
+    agent.release(pull)
+    warm_twice(agent, peer)
+
+
+def warm_twice(agent: NixlKVAgent, peer: str) -> None:
+    """Warm until a second READ is posted, so the first has finished."""
+    assert agent.warm(peer)
+    deadline = time.monotonic() + 20
+    while not agent.warm(peer):
+        assert time.monotonic() < deadline, "the warming READ never finished"
+        time.sleep(0.001)
 
 
 def test_read_from_a_peer_that_is_gone_raises() -> None:
@@ -98,7 +124,7 @@ def test_read_from_a_peer_that_is_gone_raises() -> None:
         metadata, region_bytes = from_owner.get(timeout=STARTUP_TIMEOUT_S)
         region = KVRegion.from_bytes(region_bytes)
         assert from_owner.get(timeout=30) == []
-        with NixlKVAgent("decode-0", kv_cache, progress_thread=False) as agent:
+        with NixlKVAgent("decode-0", kv_cache, progress_thread=False, spare_block=9) as agent:
             agent.add_peer("prefill-0", metadata, region)
             to_owner.put("exit")
             owner.join(timeout=30)
@@ -106,6 +132,10 @@ def test_read_from_a_peer_that_is_gone_raises() -> None:
             # UCX sees the peer's connection drop, so this fails at once rather than timing out.
             with pytest.raises(KVTransferError, match="req-7"):
                 asyncio.run(agent.read_blocks("prefill-0", [0, 1], [0, 1], b"req-7", timeout_s=5))
+            with pytest.raises(KVTransferError, match="warming the path to prefill-0"):
+                for _ in range(100):  # posting may succeed before UCX notices the peer is gone
+                    agent.warm("prefill-0")
+                    time.sleep(0.01)
             agent.remove_peer("prefill-0")
             with pytest.raises(KVTransferError, match="is the peer running"):
                 agent.add_peer("prefill-0", metadata, region)

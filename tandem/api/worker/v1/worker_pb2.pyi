@@ -65,6 +65,20 @@ class WorkerGenerateRequest(_message.Message):
     remote: RemotePrefill
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingOptions, _Mapping]] = ..., remote: _Optional[_Union[RemotePrefill, _Mapping]] = ...) -> None: ...
 
+class ExpectPullRequest(_message.Message):
+    __slots__ = ("request_id", "worker_id", "worker_address")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    worker_id: str
+    worker_address: str
+    def __init__(self, request_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ...) -> None: ...
+
+class ExpectPullResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class TokenChunk(_message.Message):
     __slots__ = ("token_ids", "logprobs", "finish_reason", "stop_reason", "num_cached_tokens", "kv_transfer_bytes", "kv_transfer_seconds", "recomputed")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -116,7 +130,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_blocks", "num_free_blocks", "prefix_cache_queries", "prefix_cache_hits", "num_pinned_requests", "kv_transfer_bytes", "kv_transfer_seconds")
+    __slots__ = ("num_running", "num_waiting", "num_blocks", "num_free_blocks", "prefix_cache_queries", "prefix_cache_hits", "num_pinned_requests", "kv_transfer_bytes", "kv_transfer_seconds", "kv_warm_reads")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +140,7 @@ class WorkerStats(_message.Message):
     NUM_PINNED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_WARM_READS_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_blocks: int
@@ -135,7 +150,8 @@ class WorkerStats(_message.Message):
     num_pinned_requests: int
     kv_transfer_bytes: int
     kv_transfer_seconds: float
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_pinned_requests: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ...) -> None: ...
+    kv_warm_reads: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_pinned_requests: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_warm_reads: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("worker_id", "role", "address", "block_size", "model", "num_blocks")

@@ -45,6 +45,11 @@ class WorkerStub:
                 request_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
                 response_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.TokenChunk.FromString,
                 _registered_method=True)
+        self.ExpectPull = channel.unary_unary(
+                '/tandem.worker.v1.Worker/ExpectPull',
+                request_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.ExpectPullRequest.SerializeToString,
+                response_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.ExpectPullResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/tandem.worker.v1.Worker/Release',
                 request_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
@@ -86,6 +91,13 @@ class WorkerServicer:
     def Generate(self, request, context):
         """Decode role: generate, either prefilling locally or pulling the prompt's KV from a prefill
         worker. Streams token ids; cancelling the call aborts the request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExpectPull(self, request, context):
+        """Decode role: a pull of this request's KV from that prefill worker will follow; returns at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +149,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.WorkerGenerateRequest.FromString,
                     response_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.TokenChunk.SerializeToString,
+            ),
+            'ExpectPull': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExpectPull,
+                    request_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.ExpectPullRequest.FromString,
+                    response_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.ExpectPullResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -219,6 +236,33 @@ class Worker:
             '/tandem.worker.v1.Worker/Generate',
             tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
             tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.TokenChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExpectPull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.worker.v1.Worker/ExpectPull',
+            tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.ExpectPullRequest.SerializeToString,
+            tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.ExpectPullResponse.FromString,
             options,
             channel_credentials,
             insecure,
