@@ -35,7 +35,8 @@ instead of 22, and the copy itself slower), and a torch peer copy pays the same;
 the last one pays nothing of it. `warm` reads one block of a peer into a spare block of our own
 KV cache, one no request uses, so that a decode worker expecting a pull can keep the path hot at
 the price of a small copy per call. The destination matters: a read every millisecond into the KV
-cache brought that pull to 402 us, the same reads into a separately registered buffer to 483 us.
+cache brought that pull to 378-402 us, the same reads into a separately registered buffer to
+483 us.
 
 NIXL's progress thread (`progress_thread`) is for the owner's side only. Measured on 2x H200 over
 NVLink (benchmarks/RESULTS.md), a READ that carries a notification completes only once the
