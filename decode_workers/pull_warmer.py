@@ -3,8 +3,8 @@
 A pull that comes after milliseconds without traffic to its peer starts slowly (measured on 2x
 H200, kv_transfer/nixl_connector.py): a 1k-token pull after a 50 ms pause took 646 us, and
 378-402 us when one-block reads had gone the same way every millisecond before it. A prompt's
-prefill is exactly such a pause. So the frontend tells the decode worker, as it sends the prompt to a
-prefill worker, that a pull from there will follow (`ExpectPull`); until the pull starts, or
+prefill is exactly such a pause. So the frontend tells the decode worker, as it sends the prompt to
+a prefill worker, that a pull from there will follow (`ExpectPull`); until the pull starts, or
 `horizon_s` passes, the warmer has the agent read one block from that peer every `interval_s`.
 
 The cost, only while some pull is expected: one small READ per expected prefill worker per
