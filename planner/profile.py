@@ -1,0 +1,142 @@
+"""`tandem profile`: measure a model's step times on this device into a profile file.
+
+The profile is what the performance model (planner/perf_model.py) is fitted from, and so what the
+simulator and `tandem plan` believe about time. It holds raw measured points, one list per step
+kind, with the inputs of each step and its median wall time in seconds:
+
+- prefill: a prompt's last chunk of `num_new_tokens` after `num_cached_tokens` already in KV;
+- decode: `batch_size` sequences one token each, `num_context_tokens` summed over the batch,
+  through the CUDA graphs serving replays;
+- mixed: a prefill chunk scheduled after a decode batch in one step, as chunked prefill runs them;
+- transfer: bytes of consecutive KV blocks copied to a second device (planner/profile_transfer.py).
+
+The grids reach the context length (prefill), the KV memory limit and 256 sequences (decode), and
+the engine's step token budget. A grid point that does not fit this engine is skipped, not clipped,
+so every point is a shape serving can run. The engine is built as serving builds it (role `both`,
+memory-sized KV cache, CUDA graphs on a GPU); the settings used are recorded beside the points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.llm_engine import LLMEngine, resolve_device, resolve_dtype
+from tandem.engine.model_info import describe_model
+from tandem.planner.profile_grid import ProfileGrid, default_grid, plan_points
+from tandem.planner.profile_points import StepProbe
+from tandem.planner.profile_transfer import measure_transfer, peer_device
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "tandem.profile/1"
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSettings:
+    model: str = "random:tiny"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None    # None: the model's, as `tandem serve` defaults to
+    block_size: int = 16
+    num_kv_blocks: int | None = None    # None: sized from memory, as serving sizes it
+    max_num_seqs: int = 256
+    transfer_peer: str = "auto"         # auto: the other of two GPUs; none; or a device name
+    quick: bool = False                 # a few points per kind: for tests and smoke runs
+    seed: int = 0
+
+
+def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
+    """Measure every point of the grid on settings.device; returns the profile (a JSON dict)."""
+    start = time.perf_counter()
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    info = describe_model(settings.model, settings.max_model_len)
+    grid = default_grid(device.type, settings.quick)
+    kv_bytes_per_token = info.config.kv_elements_per_token * dtype.itemsize
+    # Before the engine takes the GPU's memory: the copy needs two large buffers.
+    transfer = _transfer(device, settings, kv_bytes_per_token * settings.block_size, grid)
+    engine = LLMEngine(EngineConfig(
+        model=settings.model, role="both", device=settings.device, dtype=settings.dtype,
+        seed=settings.seed, block_size=settings.block_size, num_kv_blocks=settings.num_kv_blocks,
+        max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=grid.max_step_tokens,
+        max_model_len=settings.max_model_len))
+    probe = StepProbe(engine, settings.seed)
+    points = plan_points(grid, engine.num_blocks, settings.block_size, engine.max_model_len,
+                         settings.max_num_seqs)
+    results: dict[str, list[dict]] = {"prefill": [], "decode": [], "mixed": []}
+    bar = tqdm(points, desc=f"profile {settings.model}", unit="point", disable=not progress)
+    for kind, args in bar:
+        bar.set_postfix_str(f"{kind} {args}")
+        results[kind].append(getattr(probe, kind)(*args, grid.repeats[kind]))
+    bar.close()
+    profile = {
+        "schema": SCHEMA,
+        "model": settings.model,
+        "device": str(device),
+        "device_name": device_name(device),
+        "tandem_version": _version(),
+        "torch_version": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "block_size": settings.block_size,
+        "kv_bytes_per_token": kv_bytes_per_token,
+        "engine": _engine_settings(engine),
+        "grid": dataclasses.asdict(grid),
+        "timing": "wall time of LLMEngine.step() between device synchronizations; "
+                  "median of the timed repeats after warm-up",
+        **results,
+        "transfer": transfer,
+    }
+    profile["wall_s"] = round(time.perf_counter() - start, 2)
+    del probe, engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return profile
+
+
+def _transfer(device: torch.device, settings: ProfileSettings, block_bytes: int,
+              grid: ProfileGrid) -> dict:
+    peer = peer_device(device, settings.transfer_peer)
+    if device.type == "cuda" and peer is None:
+        return {"method": None, "points": [],
+                "note": "one device: no transfer between workers was measured"}
+    return measure_transfer(device, peer, block_bytes, grid.transfer_max_blocks)
+
+
+def _engine_settings(engine: LLMEngine) -> dict:
+    settings = dataclasses.asdict(engine.config)
+    settings.update(resolved_device=str(engine.device), resolved_dtype=str(engine.dtype),
+                    resolved_num_kv_blocks=engine.num_blocks,
+                    resolved_max_model_len=engine.max_model_len,
+                    cuda_graphs=engine.runner.graphs is not None, sampling="greedy")
+    return settings
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tandem")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,142 @@
+"""Measuring one profile point with the real engine: the step serving runs, timed.
+
+Reaching a given step shape by feeding requests (prefill 256 prompts of 8k tokens to time one
+decode step) would take longer than the whole profile may. So the state is placed directly: each
+sequence gets its tokens, KV blocks from the block manager for the tokens counted as computed, and a
+place in the scheduler's running list. Then `LLMEngine.step()` runs exactly as it does in serving:
+the scheduler forms the batch (decodes take one token each, the prefill sequence its chunk), the
+runner executes it (through the captured CUDA graphs for decode-only batches), the sampler reads the
+tokens back, and postprocess records them. What the KV cache holds does not change a step's time,
+so the placed blocks keep whatever the cache held before (random values, filled once).
+
+A step is timed with a host clock after `torch.cuda.synchronize` on both sides: the wall time of a
+step is what a serving loop waits for. Each point is warmed up first and reports the median.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import time
+
+import torch
+
+from tandem.contracts.sampling_params import SamplingParams
+from tandem.engine.llm_engine import LLMEngine
+from tandem.engine.sequence import Sequence, SequenceStatus
+from tandem.planner.profile_grid import Repeats
+
+logger = logging.getLogger(__name__)
+
+
+class StepProbe:
+    """Places sequences into an engine and times its steps."""
+
+    def __init__(self, engine: LLMEngine, seed: int = 0):
+        self.engine = engine
+        self.params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+        rng = random.Random(seed)
+        vocab = engine.model_config.vocab_size
+        # One pool of token ids, sliced per sequence: building a 1M-token list per point is slow.
+        self.token_pool = [rng.randrange(vocab) for _ in range(engine.max_model_len + 1)]
+        self.next_id = 0
+        self._fill_kv_cache()
+
+    def _fill_kv_cache(self) -> None:
+        cache = self.engine.runner.kv_cache
+        with torch.inference_mode():
+            for chunk in cache.split(1024, dim=0):  # bounded scratch memory
+                chunk.normal_(0.0, 0.5)
+
+    def sync(self) -> None:
+        if self.engine.device.type == "cuda":
+            torch.cuda.synchronize(self.engine.device)
+
+    def place(self, num_tokens: int, num_computed_tokens: int) -> Sequence:
+        """A running sequence of num_tokens tokens, the first num_computed_tokens already in KV."""
+        engine = self.engine
+        request_id = f"profile-{self.next_id}"
+        self.next_id += 1
+        offset = self.next_id % 997
+        tokens = self.token_pool[offset:offset + num_tokens]
+        if len(tokens) < num_tokens:
+            tokens += self.token_pool[:num_tokens - len(tokens)]
+        seq = Sequence(request_id, tokens, self.params, engine.config.block_size)
+        num_blocks = seq.num_blocks_for(num_computed_tokens)
+        if not engine.block_manager.can_allocate(num_blocks):
+            raise RuntimeError(f"no room for {num_tokens} tokens in the KV cache")
+        seq.block_table = engine.block_manager.allocate(num_blocks)
+        seq.num_computed_tokens = num_computed_tokens
+        # The placed prefix counts as registered already, as it would be after a real prefill.
+        seq.num_hashed_blocks_cached = min(num_computed_tokens // seq.block_size,
+                                           len(seq.block_hashes))
+        seq.status = SequenceStatus.RUNNING
+        engine.scheduler.running.append(seq)
+        engine.sequences[request_id] = seq
+        return seq
+
+    def remove(self, seq: Sequence) -> None:
+        self.engine.finish_request(seq.request_id)
+
+    def clear(self) -> None:
+        for request_id in list(self.engine.sequences):
+            self.engine.finish_request(request_id)
+
+    def step_s(self, expect_tokens: int) -> float:
+        """Time one engine step; checks that it ran the batch that was placed."""
+        self.sync()
+        start = time.perf_counter()
+        updates = self.engine.step()
+        self.sync()
+        seconds = time.perf_counter() - start
+        if len(updates) != expect_tokens:
+            raise RuntimeError(f"the step sampled {len(updates)} tokens, {expect_tokens} expected: "
+                               "the placed batch did not run as placed (out of KV blocks?)")
+        return seconds
+
+    # ---- the three step kinds ----------------------------------------------------------------
+
+    def prefill(self, num_new: int, num_cached: int, repeats: Repeats) -> dict:
+        times = []
+        for i in range(repeats.warmup + repeats.timed):
+            seq = self.place(num_cached + num_new, num_cached)
+            seconds = self.step_s(expect_tokens=1)
+            self.remove(seq)
+            if i >= repeats.warmup:
+                times.append(seconds)
+        return {"num_new_tokens": num_new, "num_cached_tokens": num_cached,
+                "seconds": statistics.median(times)}
+
+    def decode(self, batch_size: int, context_tokens: int, repeats: Repeats) -> dict:
+        """Decode steps of batch_size sequences of context_tokens each (they grow by one a step)."""
+        seqs = [self.place(context_tokens, context_tokens - 1) for _ in range(batch_size)]
+        times, contexts = [], []
+        for i in range(repeats.warmup + repeats.timed):
+            context = sum(s.num_tokens for s in seqs)
+            seconds = self.step_s(expect_tokens=batch_size)
+            if i >= repeats.warmup:
+                times.append(seconds)
+                contexts.append(context)
+        self.clear()
+        return {"batch_size": batch_size, "num_context_tokens": round(statistics.mean(contexts)),
+                "seconds": statistics.median(times)}
+
+    def mixed(self, num_new: int, num_cached: int, batch_size: int, context_tokens: int,
+              repeats: Repeats) -> dict:
+        """A prefill chunk scheduled after a decode batch, as the running list orders them."""
+        decodes = [self.place(context_tokens, context_tokens - 1) for _ in range(batch_size)]
+        times, contexts = [], []
+        for i in range(repeats.warmup + repeats.timed):
+            context = sum(s.num_tokens for s in decodes)
+            seq = self.place(num_cached + num_new, num_cached)
+            seconds = self.step_s(expect_tokens=batch_size + 1)
+            self.remove(seq)
+            if i >= repeats.warmup:
+                times.append(seconds)
+                contexts.append(context)
+        self.clear()
+        return {"num_prefill_tokens": num_new, "num_prefill_cached_tokens": num_cached,
+                "num_decode_seqs": batch_size,
+                "num_decode_context_tokens": round(statistics.mean(contexts)),
+                "seconds": statistics.median(times)}

@@ -1,0 +1,150 @@
+"""The performance model against synthetic profiles whose true step times are known formulas."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import timeit
+
+import pytest
+
+from tandem.planner.perf_model import PerfModel, holdout_error
+
+# Known formulas, in seconds, shaped like a real device: a flat weight-read floor for short
+# prefills, attention work growing with cached context, decode linear in batch and KV read.
+WEIGHTS_S, PER_TOKEN_S, ATTN_S = 4e-3, 2.5e-5, 1e-10
+DECODE_A_S, DECODE_B_S, DECODE_C_S = 5e-3, 2e-5, 4e-9
+MIXED_A_S, MIXED_B_S, MIXED_C_S = 3e-4, 1e-5, 2e-9
+LATENCY_S, BYTES_PER_S = 1.5e-5, 4e11
+
+
+def prefill_true(new: int, cached: int) -> float:
+    return max(WEIGHTS_S, PER_TOKEN_S * new) + ATTN_S * new * (cached + new / 2)
+
+
+def decode_true(batch: int, context: int) -> float:
+    return DECODE_A_S + DECODE_B_S * batch + DECODE_C_S * context
+
+
+def mixed_true(new: int, cached: int, batch: int, context: int) -> float:
+    return prefill_true(new + batch, cached) + MIXED_A_S + MIXED_B_S * batch + MIXED_C_S * context
+
+
+def synthetic_profile() -> dict:
+    news = [16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192]
+    cacheds = [0, 1024, 4096, 16384, 65536]
+    batches = [1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256]
+    contexts = [128, 512, 2048, 8192, 32768]
+    mixed = [(n, c, b, l) for n in (128, 512, 2048) for c in (0, 4096) for b in (8, 64, 192)
+             for l in (1024, 4096)]
+    return {
+        "model": "synthetic", "block_size": 16, "kv_bytes_per_token": 131072,
+        "prefill": [{"num_new_tokens": n, "num_cached_tokens": c, "seconds": prefill_true(n, c)}
+                    for c in cacheds for n in news],
+        "decode": [{"batch_size": b, "num_context_tokens": b * l,
+                    "seconds": decode_true(b, b * l)} for b in batches for l in contexts],
+        "mixed": [{"num_prefill_tokens": n, "num_prefill_cached_tokens": c, "num_decode_seqs": b,
+                   "num_decode_context_tokens": b * l, "seconds": mixed_true(n, c, b, b * l)}
+                  for n, c, b, l in mixed],
+        "transfer": {"method": "synthetic", "points": [
+            {"num_bytes": 2**21 * k, "seconds": LATENCY_S + 2**21 * k / BYTES_PER_S}
+            for k in (1, 2, 4, 16, 64, 256, 1024)]},
+    }
+
+
+@pytest.fixture(scope="module")
+def model() -> PerfModel:
+    return PerfModel.from_profile(synthetic_profile())
+
+
+def test_reproduces_the_measured_points(model: PerfModel):
+    profile = synthetic_profile()
+    for p in profile["prefill"]:
+        assert model.prefill_s(p["num_new_tokens"], p["num_cached_tokens"]) == \
+            pytest.approx(p["seconds"], rel=1e-9)
+    for p in profile["decode"]:
+        assert model.decode_s(p["batch_size"], p["num_context_tokens"]) == \
+            pytest.approx(p["seconds"], rel=1e-9)
+    for p in profile["mixed"]:
+        # the residual is exact for this formula; the prefill of N + B rides the curves, which
+        # round the formula's sharp knee (a max) by a few percent
+        predicted = model.step_s(p["num_prefill_tokens"], p["num_prefill_cached_tokens"],
+                                 p["num_decode_seqs"], p["num_decode_context_tokens"])
+        assert predicted == pytest.approx(p["seconds"], rel=0.05)
+    assert model.block_size == 16 and model.kv_bytes_per_token == 131072
+
+
+@pytest.mark.parametrize("new,cached", [(20, 0), (100, 500), (700, 2000), (5000, 10000),
+                                        (8192, 100000), (12000, 0)])
+def test_prefill_between_and_beyond_the_grid(model: PerfModel, new: int, cached: int):
+    assert model.prefill_s(new, cached) == pytest.approx(prefill_true(new, cached), rel=0.06)
+
+
+@pytest.mark.parametrize("batch,context", [(3, 300), (50, 50 * 3000), (200, 200 * 700),
+                                           (256, 256 * 40000), (300, 300 * 100)])
+def test_decode_is_exact_for_a_linear_device(model: PerfModel, batch: int, context: int):
+    assert model.decode_s(batch, context) == pytest.approx(decode_true(batch, context), rel=1e-9)
+
+
+def test_step_dispatches_by_kind(model: PerfModel):
+    assert model.step_s(0, 0, 0, 0) == 0.0
+    assert model.step_s(512, 1024, 0, 0) == model.prefill_s(512, 1024)
+    assert model.step_s(0, 0, 32, 32 * 1000) == model.decode_s(32, 32 * 1000)
+    assert model.step_s(300, 0, 20, 20 * 2000) == \
+        pytest.approx(mixed_true(300, 0, 20, 20 * 2000), rel=0.03)
+    # more work never takes less time
+    assert model.step_s(1024, 0, 64, 64 * 4096) > model.step_s(1024, 0, 0, 0)
+
+
+def test_transfer_is_latency_plus_bandwidth(model: PerfModel):
+    for num_bytes in (2**20, 3 * 2**21, 2**30, 2**33):
+        assert model.transfer_s(num_bytes) == \
+            pytest.approx(LATENCY_S + num_bytes / BYTES_PER_S, rel=1e-6)
+    assert model.transfer_s(0) == 0.0
+
+
+def test_no_transfer_points_says_so():
+    profile = synthetic_profile()
+    profile["transfer"] = {"points": [], "note": "one device"}
+    with pytest.raises(ValueError, match="transfer"):
+        PerfModel.from_profile(profile).transfer_s(2**21)
+
+
+def test_holdout_error_is_small_on_a_smooth_device():
+    report = holdout_error(synthetic_profile(), fraction=0.2, seed=0)
+    assert set(report) == {"prefill", "decode", "mixed", "transfer"}
+    assert report["prefill"]["num_points"] == 15
+    assert report["decode"]["max"] < 1e-6
+    assert report["prefill"]["p90"] < 0.1
+    assert report["mixed"]["max"] < 0.05
+    for kind in report.values():
+        assert 0.0 <= kind["p90"] <= kind["max"] and kind["mean"] <= kind["max"]
+
+
+def test_holdout_error_sees_a_misfit():
+    profile = synthetic_profile()
+    for p in profile["decode"][::3]:
+        p["seconds"] *= 2  # a device that is not linear: held-back points must show it
+    assert holdout_error(profile, seed=1)["decode"]["max"] > 0.2
+
+
+def test_prediction_is_fast(model: PerfModel):
+    per_call_s = timeit.timeit(lambda: model.step_s(700, 3000, 40, 40 * 1500), number=20000) / 20000
+    assert per_call_s < 50e-6  # a few microseconds on a quiet machine; generous for CI
+
+
+def test_load_reads_a_file(tmp_path):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(synthetic_profile()))
+    assert PerfModel.load(str(path)).decode_s(8, 8000) == pytest.approx(decode_true(8, 8000))
+
+
+def test_imports_without_torch_or_grpc():
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['grpc'] = None\n"
+            "from tandem.planner.perf_model import PerfModel, holdout_error\n"
+            "print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -1,0 +1,68 @@
+"""`tandem profile` on a CPU: the grid it plans, and a real profile of random:tiny."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tandem.planner.perf_model import PerfModel
+from tandem.planner.profile_grid import default_grid, plan_points
+
+
+def test_grid_skips_what_does_not_fit():
+    grid = default_grid("cuda")
+    # 2048 blocks of 16 tokens, 8192-token context, 64 sequences at most
+    points = plan_points(grid, num_kv_blocks=2048, block_size=16, max_model_len=8192,
+                         max_num_seqs=64)
+    for kind, args in points:
+        if kind == "prefill":
+            new, cached = args
+            assert new + cached < 8192
+        elif kind == "decode":
+            batch, context = args
+            assert batch <= 64 and context < 8192
+            assert batch * -(-(context + 11) // 16) <= 2048
+        else:
+            new, cached, batch, context = args
+            assert batch + 1 <= 64 and new + cached < 8192
+    kinds = {kind for kind, _ in points}
+    assert kinds == {"prefill", "decode", "mixed"}
+    assert ("prefill", (8192, 0)) not in points and ("prefill", (6144, 1024)) in points
+    assert not any(kind == "decode" and args[0] > 64 for kind, args in points)
+
+
+def test_grid_reaches_the_memory_limit():
+    grid = default_grid("cuda")
+    points = plan_points(grid, num_kv_blocks=50_000, block_size=16, max_model_len=131072,
+                         max_num_seqs=256)
+    batch_one = [args[1] for kind, args in points if kind == "decode" and args[0] == 1]
+    assert max(batch_one) > 100_000  # the context limit, beyond the 32k grid
+    biggest = max(args[0] * args[1] for kind, args in points if kind == "decode")
+    assert biggest > 0.8 * 50_000 * 16
+
+
+@pytest.mark.slow
+def test_profile_writes_a_valid_profile_on_cpu(tmp_path, capsys):
+    from tandem.planner.profile_cli import main
+
+    out = tmp_path / "tiny.json"
+    assert main(["--model", "random:tiny", "--device", "cpu", "--out", str(out), "--quick",
+                 "--num-kv-blocks", "256", "--no-progress"]) == 0
+    profile = json.loads(out.read_text())
+    for key in ("model", "device_name", "tandem_version", "date", "block_size", "engine",
+                "kv_bytes_per_token", "wall_s", "fit"):
+        assert key in profile, key
+    assert profile["model"] == "random:tiny" and profile["block_size"] == 16
+    assert profile["engine"]["resolved_device"] == "cpu"
+    # tiny: 4 layers x K and V x 2 KV heads x 32 dims x 4 bytes (float32 on a CPU)
+    assert profile["kv_bytes_per_token"] == 4 * 2 * 2 * 32 * 4
+    assert len(profile["prefill"]) == 6 and len(profile["mixed"]) == 4
+    assert {p["batch_size"] for p in profile["decode"]} == {1, 4}
+    for kind in ("prefill", "decode", "mixed"):
+        assert all(p["seconds"] > 0 for p in profile[kind])
+    assert profile["transfer"]["method"].startswith("local_copy")
+    assert set(profile["fit"]) == {"prefill", "decode", "mixed", "transfer"}
+    model = PerfModel.from_profile(profile)
+    assert model.step_s(64, 0, 4, 4 * 64) > 0
+    assert "held-back error" in capsys.readouterr().out
