@@ -64,7 +64,7 @@ def run_mode(mode: str, sets: dict[str, list[str]], args: argparse.Namespace) ->
         for name, args_for_set in sets.items():
             out = out_dir / f"{name}-{mode.replace(':', '-w')}.json"
             url = server.grpc_address if args.backend == "grpc" else server.http_url
-            subprocess.run([sys.executable, "-m", "tandem.cli", "bench", "--backend", args.backend,
+            subprocess.run([sys.executable, "-m", "tandem.launcher.cli", "bench", "--backend", args.backend,
                             "--url", url, "--no-progress", "--seed", "0", "--out", str(out),
                             *args_for_set], check=True, stdout=subprocess.DEVNULL)
             results[name] = json.loads(out.read_text())

@@ -41,7 +41,7 @@ import resource
 import time
 from collections import deque
 
-from tandem.kv_events import BlockRemoved, BlockStored
+from tandem.contracts.kv_events import BlockRemoved, BlockStored
 from tandem.router.kv_index import KVIndex
 from tandem.router.kv_policy import ActiveLoadTracker, KVPolicyConfig, KVRouterPolicy
 

@@ -19,9 +19,10 @@ from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.decode_workers.pull_warmer import PullWarmer
 from tandem.engine.llm_engine import SequenceUpdate
 from tandem.kv_transfer import KVRegion, KVTransferError
-from tandem.wire import logprob_to_proto, sampling_from_proto
-from tandem.worker_base import KV_LAYOUT_VERSION, WorkerBase
-from tandem.worker_client import WorkerClients
+from tandem.contracts.wire import logprob_to_proto, sampling_from_proto
+from tandem.contracts.kv_layout import KV_LAYOUT_VERSION
+from tandem.worker.base import WorkerBase
+from tandem.worker.clients import WorkerClients
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class DecodeWorker(WorkerBase):
             self.clients.send_soon(self.clients.release(remote.worker_address, request_id))
         return await self.async_engine.call(
             lambda: self.engine.complete_remote_request(request_id, succeeded)
-            if request_id in self.engine.sequences else None)
+            if self.engine.has_request(request_id) else None)
 
     async def _read(self, remote: wpb.RemotePrefill, remote_blocks: list[int],
                     local_blocks: list[int], request_id: str, first: wpb.TokenChunk) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from tandem.engine.llm_engine import LLMEngine, SequenceUpdate
-from tandem.engine.sampling_params import SamplingParams
+from tandem.contracts.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Ideas from nano-vllm's BlockManager and vLLM v1's KV cache manager:
 
 - Every block has a reference count. A block whose count drops to zero goes to the back of the free
   queue; allocation takes from the front, so the queue is also the LRU eviction order.
-- A full block that has been computed is registered under its chained hash (tandem.block_hash).
+- A full block that has been computed is registered under its chained hash (tandem.contracts.block_hash).
   When it is freed it keeps its hash and contents, so a later prompt with the same prefix can take it
   back out of the free queue instead of recomputing it. Only when allocation reuses it for other
   tokens is it evicted, and its hash forgotten.
@@ -24,7 +24,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 
-from tandem.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from tandem.contracts.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,8 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.loader import build_model
 from tandem.engine.model_info import describe_model
 from tandem.engine.model_runner import ModelRunner, bytes_per_block
-from tandem.engine.sampling_params import SamplingParams
-from tandem.engine.scheduler import (DecodeScheduler, PrefillScheduler, Scheduler,
-                                     SchedulerLimits, make_scheduler)
+from tandem.contracts.sampling_params import SamplingParams
+from tandem.engine.scheduler import DecodeScheduler, Scheduler, SchedulerLimits, make_scheduler
 from tandem.engine.sequence import FinishReason, Sequence
 
 logger = logging.getLogger(__name__)
@@ -131,11 +130,10 @@ class LLMEngine:
 
     def pinned_blocks(self, request_id: str) -> list[int] | None:
         """Prefill role: the blocks holding a finished request's prompt KV, until released."""
-        return getattr(self.scheduler, "pinned", {}).get(request_id)
+        return self.scheduler.pinned_blocks(request_id)
 
     def release_pinned(self, request_id: str) -> bool:
-        scheduler = self.scheduler
-        return isinstance(scheduler, PrefillScheduler) and scheduler.release_pinned(request_id)
+        return self.scheduler.release_pinned(request_id)
 
     # ---- disaggregation: the decode side -----------------------------------------------------
 
@@ -180,7 +178,26 @@ class LLMEngine:
             num_blocks=self.num_blocks, num_free_blocks=self.block_manager.num_free_blocks,
             prefix_cache_queries=scheduler.prefix_cache_queries,
             prefix_cache_hits=scheduler.prefix_cache_hits,
-            num_pinned_requests=len(getattr(scheduler, "pinned", {})))
+            num_pinned_requests=scheduler.num_pinned_requests)
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether the request is still unfinished here."""
+        return request_id in self.sequences
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """The whole KV cache tensor (DESIGN.md, "KV layout"), spare block included."""
+        return self.runner.kv_cache
+
+    def subscribe_kv_events(self, callback) -> None:
+        """`callback(event)` for every KV event of the block manager (stored, removed, cleared)."""
+        self.block_manager.subscribe(callback)
+
+    def kv_snapshot(self) -> tuple[int, list[int], list[int | None]]:
+        """(id of the last KV event, cached block hashes, their parents), taken together."""
+        manager = self.block_manager
+        hashes, parents = manager.cached_hashes()
+        return manager.next_event_id - 1, hashes, parents
 
     def default_sampling_params(self) -> SamplingParams:
         return self.model_info.default_sampling_params()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tandem.engine.model_config import ModelConfig, load_generation_defaults, load_model_config
 from tandem.engine.presets import is_random_spec, preset_config
-from tandem.engine.sampling_params import SamplingParams
+from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.tokenizer import BUILTIN_EOS_TOKEN_ID, builtin_vocab_size
 
 

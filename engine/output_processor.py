@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from tandem.engine.detokenizer import IncrementalDetokenizer
 from tandem.engine.llm_engine import SequenceUpdate
-from tandem.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from tandem.engine.sampling_params import SamplingParams
+from tandem.contracts.outputs import CompletionOutput, Logprob, RequestOutput
+from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.sequence import FinishReason
 
 

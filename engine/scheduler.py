@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.sequence import FinishReason, Sequence, SequenceStatus
+from tandem.engine.stop_rule import finish_after_token, stop_reason_of
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,19 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    @property
+    def num_pinned_requests(self) -> int:
+        """Prefill role: finished requests whose blocks await a pull (0 in other roles)."""
+        return 0
+
+    def pinned_blocks(self, request_id: str) -> list[int] | None:
+        """Prefill role: the blocks holding a finished request's prompt KV, until released."""
+        return None
+
+    def release_pinned(self, request_id: str) -> bool:
+        """Prefill role: free a finished request's pinned blocks; False when none are pinned."""
+        return False
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -111,29 +125,25 @@ class Scheduler:
         """End a sequence (stop condition, stop string or abort) and release what it holds."""
         if seq.is_finished:
             return
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self._dequeue(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
         self._release(seq)
 
     # ---- role hooks --------------------------------------------------------------------------
 
     def _after_token(self, seq: Sequence, token_id: int) -> FinishReason | None:
         """The finish reason a freshly sampled token implies, if any."""
-        params = seq.params
-        if not params.ignore_eos and token_id in self.eos_token_ids:
-            return FinishReason.STOP
-        if token_id in params.stop_token_ids:
-            return FinishReason.STOP
-        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
-            return FinishReason.LENGTH
-        if seq.num_tokens >= self.limits.max_model_len:
-            return FinishReason.LENGTH
-        return None
+        return finish_after_token(seq.params, token_id, seq.num_output_tokens, seq.num_tokens,
+                                  self.eos_token_ids, self.limits.max_model_len)
+
+    def _dequeue(self, seq: Sequence) -> None:
+        """Take a finishing sequence out of any queue a role keeps besides waiting and running."""
 
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq.block_table)
@@ -144,8 +154,7 @@ class Scheduler:
     def _check_stop(self, seq: Sequence, token_id: int) -> None:
         reason = self._after_token(seq, token_id)
         if reason is not None:
-            is_stop_token = reason == FinishReason.STOP and token_id in seq.params.stop_token_ids
-            self.finish(seq, reason, token_id if is_stop_token else None)
+            self.finish(seq, reason, stop_reason_of(reason, seq.params, token_id))
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> tuple[int, bool]:
         preempted = False
@@ -257,6 +266,13 @@ class PrefillScheduler(Scheduler):
             self.block_manager.free(seq.block_table)
         seq.block_table = []
 
+    @property
+    def num_pinned_requests(self) -> int:
+        return len(self.pinned)
+
+    def pinned_blocks(self, request_id: str) -> list[int] | None:
+        return self.pinned.get(request_id)
+
     def release_pinned(self, request_id: str) -> bool:
         block_ids = self.pinned.pop(request_id, None)
         if block_ids is None:
@@ -269,16 +285,16 @@ class DecodeScheduler(Scheduler):
     """Decode role: besides local prefill, takes requests whose prompt KV lives on a prefill worker.
 
     `add_remote` allocates blocks for the part of the prompt this worker's prefix cache lacks and
-    parks the sequence until the pull finishes; `complete_remote` then starts it decoding from the
-    first token the prefill worker sampled, or, when the pull failed, queues it for a local
-    recompute of the prompt. Either way the parked blocks are accounted for.
+    parks the sequence in its own queue, status `WAITING_FOR_REMOTE_KVS`, until the pull finishes;
+    `complete_remote` then starts it decoding from the first token the prefill worker sampled, or,
+    when the pull failed, queues it for a local recompute of the prompt. Either way the parked
+    blocks are accounted for.
     """
 
     def __init__(self, limits: SchedulerLimits, block_manager: BlockManager,
                  eos_token_ids: set[int]):
         super().__init__(limits, block_manager, eos_token_ids)
-        self.remote_pending: dict[str, Sequence] = {}
-        self.first_tokens: dict[str, int] = {}  # sampled by the prefill worker, per parked request
+        self.waiting_for_remote_kvs: dict[str, Sequence] = {}
 
     def add_remote(self, seq: Sequence, first_token_id: int) -> tuple[int, list[int]] | None:
         """(number of leading prompt blocks cached here, local blocks to pull the rest into).
@@ -288,11 +304,12 @@ class DecodeScheduler(Scheduler):
         """
         self.add(seq)  # validates lengths
         self.waiting.remove(seq)
-        self.first_tokens[seq.request_id] = first_token_id
+        seq.status = SequenceStatus.WAITING_FOR_REMOTE_KVS
+        seq.remote_first_token_id = first_token_id
+        self.waiting_for_remote_kvs[seq.request_id] = seq
         num_prompt_blocks = seq.num_blocks_for(seq.num_prompt_tokens)
         cached = self.block_manager.match_prefix(seq.block_hashes)[:num_prompt_blocks]
         num_needed = num_prompt_blocks - len(cached)
-        self.remote_pending[seq.request_id] = seq
         if not self.block_manager.can_allocate(num_needed, reusing=cached):
             self.complete_remote(seq.request_id, succeeded=False)
             return None
@@ -306,8 +323,9 @@ class DecodeScheduler(Scheduler):
         return len(cached), new_blocks
 
     def complete_remote(self, request_id: str, succeeded: bool) -> None:
-        seq = self.remote_pending.pop(request_id)
-        first_token_id = self.first_tokens.pop(request_id)
+        seq = self.waiting_for_remote_kvs.pop(request_id)
+        first_token_id = seq.remote_first_token_id
+        seq.remote_first_token_id = None
         if succeeded:
             seq.num_computed_tokens = seq.num_prompt_tokens
             self._cache_computed_blocks(seq)
@@ -322,14 +340,12 @@ class DecodeScheduler(Scheduler):
         seq.num_hashed_blocks_cached = 0
         seq.num_cached_prompt_tokens = 0
         seq.append_token(first_token_id)
+        seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None
-               ) -> None:
-        if self.remote_pending.pop(seq.request_id, None) is not None:
-            self.first_tokens.pop(seq.request_id)
-            seq.status = SequenceStatus.WAITING  # parked: not in running or waiting
-        super().finish(seq, reason, stop_reason)
+    def _dequeue(self, seq: Sequence) -> None:
+        if seq.status == SequenceStatus.WAITING_FOR_REMOTE_KVS:
+            del self.waiting_for_remote_kvs[seq.request_id]
 
 
 def make_scheduler(role: str, limits: SchedulerLimits, block_manager: BlockManager,

@@ -10,14 +10,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
-from tandem.block_hash import hash_block
-from tandem.engine.sampling_params import SamplingParams
+from tandem.contracts.block_hash import hash_block
+from tandem.contracts.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = "waiting"
+    WAITING = "waiting"                  # queued to be scheduled (prefill, or recompute)
+    WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"  # decode role: its prompt KV is being pulled
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -45,7 +44,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    generator: torch.Generator | None = None
+    generator: object | None = None    # the sampler's torch.Generator for a seeded request
+    remote_first_token_id: int | None = None  # decode role: sampled by the prefill worker
     num_preemptions: int = 0
 
     def __post_init__(self) -> None:

@@ -15,8 +15,9 @@ import grpc
 
 from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.engine.llm_engine import SequenceUpdate
-from tandem.wire import logprob_to_proto, sampling_from_proto
-from tandem.worker_base import KV_LAYOUT_VERSION, WorkerBase
+from tandem.contracts.wire import logprob_to_proto, sampling_from_proto
+from tandem.contracts.kv_layout import KV_LAYOUT_VERSION
+from tandem.worker.base import WorkerBase
 
 logger = logging.getLogger(__name__)
 

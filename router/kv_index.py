@@ -1,8 +1,8 @@
 """KV index: which workers of one pool hold which prompt prefixes, kept from their KV event streams.
 
 The router keeps one index per pool (prefill, decode). Workers publish what their prefix caches
-gain and lose (tandem.kv_events); the index replays those events and answers one question per
-request: for a prompt's chained block hashes (tandem.block_hash), how many leading blocks does each
+gain and lose (tandem.contracts.kv_events); the index replays those events and answers one question per
+request: for a prompt's chained block hashes (tandem.contracts.block_hash), how many leading blocks does each
 worker already hold? A chained hash names its whole prefix, so a worker's overlap is the number of
 leading hashes it holds, counted up to its first miss; a worker holding a later block but not the
 first has overlap 0.
@@ -44,7 +44,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tandem.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from tandem.contracts.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class KVIndex:
     def overlaps(self, block_hashes: list[int]) -> dict[str, int]:
         """Each worker's matched prefix length in blocks; workers matching 0 blocks are omitted.
 
-        `block_hashes` are a prompt's chained hashes in order (tandem.block_hash).
+        `block_hashes` are a prompt's chained hashes in order (tandem.contracts.block_hash).
         """
         return self._walk(block_hashes, self._all_bits)
 

@@ -180,6 +180,7 @@ class _WorkerTotals:
     prefill_blocks: int = 0
     decode_blocks: int = 0          # sum over this worker's tracked requests
     decode_offset_blocks: int = 0   # last report minus the tracked sum at that moment
+    num_requests: int = 0           # routed here and not yet finished
 
 
 class ActiveLoadTracker:
@@ -200,6 +201,7 @@ class ActiveLoadTracker:
             raise ValueError(f"request {request_id}: need 0 <= uncached_blocks <= prompt_blocks, "
                              f"got {uncached_blocks} and {prompt_blocks}")
         self._requests[request_id] = _ActiveRequest(worker_id, uncached_blocks, prompt_blocks)
+        self._totals.setdefault(worker_id, _WorkerTotals()).num_requests += 1
         self._add(worker_id, uncached_blocks, prompt_blocks)
 
     def on_first_token(self, request_id: str) -> None:
@@ -222,6 +224,7 @@ class ActiveLoadTracker:
         """Finished or aborted: drop what the request added. Idempotent."""
         request = self._requests.pop(request_id, None)
         if request is not None:
+            self._totals[request.worker_id].num_requests -= 1
             self._add(request.worker_id, -request.prefill_blocks, -request.decode_blocks)
 
     def correct(self, worker_id: str, active_blocks_reported: int) -> None:
@@ -242,6 +245,11 @@ class ActiveLoadTracker:
 
     def num_active_requests(self) -> int:
         return len(self._requests)
+
+    def num_requests(self, worker_id: str) -> int:
+        """Requests routed to this worker that have not finished."""
+        totals = self._totals.get(worker_id)
+        return totals.num_requests if totals else 0
 
     def remove_worker(self, worker_id: str) -> None:
         """Forget a worker and its requests; their later events are ignored."""

@@ -14,9 +14,10 @@ arrives while the first is still being prefilled then follows it there instead o
 load (the worker's own prefix cache shares the blocks once computed). SGLang's cache-aware router
 inserts a prompt into its tree at routing time for the same reason.
 
-The router also keeps the active-load books both policies read: blocks added when a request is
-routed, prefill blocks dropped at its first token, everything dropped when it finishes or is
-aborted, and corrections from what workers report in their heartbeats. No I/O happens here.
+The router also keeps the active-load books both policies read, the frontend's only count of what
+is in flight: requests and blocks added when a request is routed, prefill blocks (and the prefill
+worker's request) dropped at its first token, everything dropped when it finishes or is aborted,
+and corrections from what workers report in their heartbeats. No I/O happens here.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ class Router:
         uncached = num_prompt_tokens - cached
         prefill = None
         if uncached >= self.config.remote_prefill_min_tokens:
-            open_pool = [w for w in prefill_pool if w.num_inflight < self.config.max_prefill_queue]
+            prefill_load = self.loads["prefill"]
+            open_pool = [w for w in prefill_pool
+                         if prefill_load.num_requests(w.worker_id) < self.config.max_prefill_queue]
             if open_pool:
                 prefill = self._choose("prefill", open_pool, num_blocks, block_hashes)
         self._add_pending(request_id, "decode", decode.worker_id, block_hashes)
@@ -109,6 +112,16 @@ class Router:
         self.loads["decode"].on_finished(request_id)
         if self._prefill_of.pop(request_id, None) is not None:
             self.loads["prefill"].on_finished(request_id)
+
+    def num_inflight(self, role: str, worker_id: str) -> int:
+        """Requests routed to this worker in this role and not yet done there (prefill: until the
+        first token)."""
+        return self.loads[role].num_requests(worker_id)
+
+    @property
+    def num_active_requests(self) -> int:
+        """Requests routed and not yet finished, across the deployment."""
+        return self.loads["decode"].num_active_requests()
 
     def on_worker_stats(self, worker: WorkerState) -> None:
         stats = worker.stats

@@ -1,8 +1,8 @@
-"""The frontend's view of its workers: who registered, where they listen, how loaded they are.
+"""The frontend's view of its workers: who registered, where they listen, what they last reported.
 
 Pure state with no I/O. Workers register once, then heartbeat with their stats; a worker whose
-heartbeats stop for `stale_after_s` is dropped. The router's own in-flight counts (what it routed
-and has not seen finish) are kept here too, since they are fresher than any heartbeat.
+heartbeats stop for `stale_after_s` is dropped. What the router itself routed to each worker (its
+load books) lives in the router (router/routing.py), not here.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from tandem.api.worker.v1 import worker_pb2 as wpb
+from tandem.contracts.worker_stats import Registration, WorkerStats
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +25,7 @@ class WorkerState:
     block_size: int
     num_blocks: int
     last_seen_s: float
-    stats: wpb.WorkerStats = field(default_factory=wpb.WorkerStats)
-    num_inflight: int = 0  # requests routed here that have not finished
+    stats: WorkerStats = field(default_factory=WorkerStats)
 
 
 class WorkerRegistry:
@@ -36,7 +35,7 @@ class WorkerRegistry:
         self.stale_after_s = stale_after_s
         self.workers: dict[str, WorkerState] = {}
 
-    def register(self, request: wpb.RegisterRequest, now_s: float) -> None:
+    def register(self, request: Registration, now_s: float) -> WorkerState:
         """Raises ValueError when the worker cannot serve alongside this frontend."""
         if request.role not in ROLES:
             raise ValueError(f"worker {request.worker_id}: role must be prefill or decode, "
@@ -47,14 +46,14 @@ class WorkerRegistry:
         if request.model != self.model:
             raise ValueError(f"worker {request.worker_id} serves {request.model!r}, the frontend "
                              f"{self.model!r}")
-        known = self.workers.get(request.worker_id)
-        self.workers[request.worker_id] = WorkerState(
-            request.worker_id, request.role, request.address, request.block_size,
-            request.num_blocks, now_s, num_inflight=known.num_inflight if known else 0)
+        worker = WorkerState(request.worker_id, request.role, request.address, request.block_size,
+                             request.num_blocks, now_s)
+        self.workers[request.worker_id] = worker
         logger.info("worker %s registered: %s at %s, %d blocks", request.worker_id,
                     request.role, request.address, request.num_blocks)
+        return worker
 
-    def heartbeat(self, worker_id: str, stats: wpb.WorkerStats, now_s: float) -> bool:
+    def heartbeat(self, worker_id: str, stats: WorkerStats, now_s: float) -> bool:
         worker = self.workers.get(worker_id)
         if worker is None:
             return False

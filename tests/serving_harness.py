@@ -47,7 +47,7 @@ class Server:
 
 def start_server(*args: str, timeout_s: float = 180.0) -> Server:
     http_port, grpc_port = free_port(), free_port()
-    command = [sys.executable, "-m", "tandem.cli", "serve", "--http-port", str(http_port),
+    command = [sys.executable, "-m", "tandem.launcher.cli", "serve", "--http-port", str(http_port),
                "--grpc-port", str(grpc_port), *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

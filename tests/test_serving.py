@@ -241,7 +241,7 @@ def test_tandem_bench_against_the_real_server(server, model_dir, tmp_path, backe
     import sys
     out = tmp_path / "bench.json"
     url = server.http_url if backend == "openai" else server.grpc_address
-    subprocess.run([sys.executable, "-m", "tandem.cli", "bench", "--backend", backend, "--url", url,
+    subprocess.run([sys.executable, "-m", "tandem.launcher.cli", "bench", "--backend", backend, "--url", url,
                     "--model", model_dir, "--dataset", "shared-prefix", "--num-groups", "2",
                     "--prompts-per-group", "3", "--system-prompt-len", "64", "--question-len", "8",
                     "--output-len", "4", "--max-concurrency", "1", "--no-progress", "--out",

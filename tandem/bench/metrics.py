@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 from tandem.bench.records import BenchRequest, RequestRecord
-from tandem.block_hash import hash_prompt_blocks
+from tandem.contracts.block_hash import hash_prompt_blocks
 
 SLO_METRICS = ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms")
 

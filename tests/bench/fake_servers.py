@@ -18,7 +18,7 @@ import grpc
 
 from tandem.api.v1 import generation_pb2 as pb
 from tandem.api.v1 import generation_pb2_grpc as pb_grpc
-from tandem.block_hash import hash_prompt_blocks
+from tandem.contracts.block_hash import hash_prompt_blocks
 
 BLOCK_SIZE = 16
 MODEL_NAME = "fake-model"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tandem.engine.block_manager import BlockManager
-from tandem.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from tandem.contracts.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 
 def make(num_blocks: int = 4) -> tuple[BlockManager, list]:

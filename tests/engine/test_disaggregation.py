@@ -7,7 +7,7 @@ import pytest
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sampling_params import SamplingParams
+from tandem.contracts.sampling_params import SamplingParams
 
 PROMPT = list(range(10, 47))  # 37 tokens: 9 full blocks of 4 and a partial one
 PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

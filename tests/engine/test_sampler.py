@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tandem.engine.sampler import Sampler
-from tandem.engine.sampling_params import SamplingParams
+from tandem.contracts.sampling_params import SamplingParams
 
 LOGITS = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tandem.engine.block_manager import BlockManager
-from tandem.engine.sampling_params import SamplingParams
+from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.scheduler import (PrefillScheduler, SchedulerLimits, make_scheduler)
 from tandem.engine.sequence import FinishReason, Sequence, SequenceStatus
 

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from tandem.block_hash import hash_prompt_blocks
+from tandem.contracts.block_hash import hash_prompt_blocks
 from tandem.engine.block_manager import BlockManager
-from tandem.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from tandem.contracts.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from tandem.router.kv_index import KVIndex
 
 BLOCK_SIZE = 4

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandem.block_hash import hash_prompt_blocks
+from tandem.contracts.block_hash import hash_prompt_blocks
 from tandem.engine.block_manager import BlockManager
 from tandem.router.kv_index import KVIndex
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tandem.api.worker.v1 import worker_pb2 as wpb
-from tandem.block_hash import hash_prompt_blocks
-from tandem.kv_events import BlockStored
+from tandem.contracts.block_hash import hash_prompt_blocks
+from tandem.contracts.kv_events import BlockStored
+from tandem.contracts.worker_stats import WorkerStats
 from tandem.router.kv_policy import KVPolicyConfig, WorkerLoad
 from tandem.router.routing import Router, RoutingConfig
 from tandem.router.worker_registry import WorkerState
@@ -12,9 +12,14 @@ from tandem.router.worker_registry import WorkerState
 BLOCK = 4
 
 
-def worker(worker_id: str, role: str = "decode", inflight: int = 0) -> WorkerState:
+def worker(worker_id: str, role: str = "decode") -> WorkerState:
     return WorkerState(worker_id, role, f"127.0.0.1:{hash(worker_id) % 1000 + 1000}", BLOCK, 64,
-                       0.0, num_inflight=inflight)
+                       0.0)
+
+
+def fill_prefill_queue(router: Router, worker_id: str, num_requests: int) -> None:
+    for i in range(num_requests):
+        router.loads["prefill"].on_routed(f"{worker_id}-filler-{i}", worker_id, 1, 1)
 
 
 def make(mode: str = "kv", min_tokens: int = 8, max_queue: int = 2,
@@ -50,12 +55,15 @@ def test_kv_mode_prefers_the_worker_holding_the_prefix_and_counts_its_load():
 def test_remote_prefill_only_for_long_uncached_prompts_with_room_in_the_pool():
     router = make(min_tokens=12)
     decode_pool = [worker("d0")]
-    prefill_pool = [worker("p0", "prefill"), worker("p1", "prefill", inflight=2)]
+    prefill_pool = [worker("p0", "prefill"), worker("p1", "prefill")]
+    fill_prefill_queue(router, "p1", 2)
     decision = router.route("r1", len(PROMPT), HASHES, decode_pool, prefill_pool)
     assert decision.prefill_worker == "p0"  # p1's queue is full
+    assert router.num_inflight("prefill", "p0") == 1 and router.num_inflight("decode", "d0") == 1
     cache(router, "decode", "d0", HASHES[:4])  # now only 8 tokens are uncached on d0
     assert router.route("r2", len(PROMPT), HASHES, decode_pool, prefill_pool).prefill_worker is None
-    full = [worker("p0", "prefill", inflight=2)]
+    fill_prefill_queue(router, "p0", 1)  # r1 and a filler: p0's queue is full too
+    full = [worker("p0", "prefill")]
     other = list(range(700, 724))
     assert router.route("r3", 24, hash_prompt_blocks(other, BLOCK), decode_pool,
                         full).prefill_worker is None
@@ -69,6 +77,9 @@ def test_prefill_worker_chosen_by_its_own_overlap():
     assert decision.prefill_worker == "p1"
     router.on_first_token("r1")
     assert router.loads["prefill"].load("p1").active_blocks == 0
+    assert router.num_inflight("prefill", "p1") == 0 and router.num_active_requests == 1
+    router.on_finished("r1")
+    assert router.num_active_requests == 0
 
 
 def test_round_robin_ignores_the_cache():
@@ -85,7 +96,7 @@ def test_heartbeat_stats_correct_the_books():
     w = worker("d0")
     router.route("r1", len(PROMPT), HASHES, [w], [])
     assert router.loads["decode"].load("d0") == WorkerLoad(6, 6)  # all 6 blocks to compute
-    w.stats = wpb.WorkerStats(num_blocks=64, num_free_blocks=60)
+    w.stats = WorkerStats(num_blocks=64, num_free_blocks=60)
     router.on_worker_stats(w)
     # The worker's used blocks replace the router's decode estimate; pending prefill stays.
     assert router.loads["decode"].load("d0") == WorkerLoad(6, 4)

@@ -8,8 +8,8 @@ import logging
 import sys
 
 from tandem.bench import add_bench_parser
-from tandem.serve import add_serve_parser
-from tandem.worker_main import add_worker_parser
+from tandem.launcher.serve import add_serve_parser
+from tandem.launcher.worker import add_worker_parser
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:

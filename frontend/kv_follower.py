@@ -19,7 +19,7 @@ from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.router.kv_index import KVIndex
 from tandem.router.worker_registry import WorkerState
-from tandem.wire import kv_event_from_proto
+from tandem.contracts.wire import kv_event_from_proto
 
 logger = logging.getLogger(__name__)
 

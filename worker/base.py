@@ -17,11 +17,10 @@ from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.wire import kv_event_to_proto
+from tandem.contracts.wire import kv_event_to_proto, registration_to_proto, worker_stats_to_proto
+from tandem.contracts.worker_stats import Registration, WorkerStats
 
 logger = logging.getLogger(__name__)
-
-KV_LAYOUT_VERSION = 1  # bumped whenever the KV tensor layout changes; peers must agree
 
 
 @dataclass(slots=True)
@@ -55,7 +54,7 @@ class WorkerBase(wgrpc.WorkerServicer):
         self.transfers = TransferCounters()
         self.kv_subscribers: list[asyncio.Queue] = []
         self.loop: asyncio.AbstractEventLoop | None = None
-        engine.block_manager.subscribe(self._on_kv_event)
+        engine.subscribe_kv_events(self._on_kv_event)
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -81,11 +80,9 @@ class WorkerBase(wgrpc.WorkerServicer):
             self.kv_subscribers.remove(queue)
 
     async def GetKVSnapshot(self, request, context):
-        manager = self.engine.block_manager
-        last_event_id, (hashes, parents) = await self.async_engine.call(
-            lambda: (manager.next_event_id - 1, manager.cached_hashes()))
+        last_event_id, hashes, parents = await self.async_engine.call(self.engine.kv_snapshot)
         return wpb.KVSnapshot(last_event_id=last_event_id, block_hashes=hashes,
-                              block_size=manager.block_size,
+                              block_size=self.engine.config.block_size,
                               parent_hashes=[p or 0 for p in parents],
                               has_parent=[p is not None for p in parents])
 
@@ -97,11 +94,11 @@ class WorkerBase(wgrpc.WorkerServicer):
                                 region=self.agent.region.to_bytes())
 
     async def GetStats(self, request, context):
-        return await self.stats()
+        return worker_stats_to_proto(await self.stats())
 
-    async def stats(self) -> wpb.WorkerStats:
+    async def stats(self) -> WorkerStats:
         s = await self.async_engine.call(self.engine.stats)
-        return wpb.WorkerStats(
+        return WorkerStats(
             num_running=s.num_running, num_waiting=s.num_waiting, num_blocks=s.num_blocks,
             num_free_blocks=s.num_free_blocks, prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits, num_pinned_requests=s.num_pinned_requests,
@@ -125,10 +122,10 @@ async def register_and_heartbeat(worker: WorkerBase, address: str,
     leave workers behind.
     """
     options = worker.options
-    registration = wpb.RegisterRequest(
+    registration = registration_to_proto(Registration(
         worker_id=options.worker_id, role=options.role, address=address,
         block_size=worker.engine.config.block_size, model=worker.engine.config.model,
-        num_blocks=worker.engine.num_blocks)
+        num_blocks=worker.engine.num_blocks))
     async with grpc.aio.insecure_channel(options.frontend) as channel:
         control = wgrpc.ControlStub(channel)
         interval_s = await _register(control, registration, max_silence_s)
@@ -137,7 +134,8 @@ async def register_and_heartbeat(worker: WorkerBase, address: str,
             await asyncio.sleep(interval_s)
             try:
                 reply = await control.Heartbeat(
-                    wpb.HeartbeatRequest(worker_id=options.worker_id, stats=await worker.stats()),
+                    wpb.HeartbeatRequest(worker_id=options.worker_id,
+                                         stats=worker_stats_to_proto(await worker.stats())),
                     timeout=max(interval_s * 2, 1.0))
                 last_ok = time.monotonic()
                 if not reply.known:

@@ -11,8 +11,8 @@ from tqdm import tqdm
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.output_processor import OutputProcessor
-from tandem.engine.outputs import RequestOutput
-from tandem.engine.sampling_params import SamplingParams
+from tandem.contracts.outputs import RequestOutput
+from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.sequence import FinishReason
 from tandem.engine.tokenizer import load_tokenizer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tandem import LLM, SamplingParams
-from tandem.cli import main
+from tandem.launcher.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,13 @@ from collections.abc import Callable
 
 from transformers import PreTrainedTokenizerBase
 
-from tandem.engine.outputs import Logprob
-from tandem.router.openai_protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionResponse,
+from tandem.contracts.outputs import Logprob
+from tandem.frontend.openai_protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionResponse,
                                            ChatDelta, ChatLogprobs, ChatResponseMessage,
                                            ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
                                            CompletionLogprobs, CompletionResponse,
                                            PromptTokensDetails, TopLogprob, UsageInfo)
-from tandem.router.types import GenerateChunk
+from tandem.frontend.types import GenerateChunk
 
 LOGPROB_FLOOR = -9999.0
 TokenText = Callable[[int], str]

@@ -19,15 +19,16 @@ import grpc
 
 from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
-from tandem.block_hash import hash_prompt_blocks
+from tandem.contracts.block_hash import hash_prompt_blocks
 from tandem.engine.detokenizer import IncrementalDetokenizer
 from tandem.engine.model_info import ModelInfo
-from tandem.router.metrics import FrontendMetrics
+from tandem.engine.stop_rule import finish_after_token, stop_reason_of
+from tandem.frontend.metrics import FrontendMetrics
 from tandem.router.routing import RouteDecision, Router
-from tandem.router.types import GenerateChunk, GenerateRequest, RequestRejected
+from tandem.frontend.types import GenerateChunk, GenerateRequest, RequestRejected
 from tandem.router.worker_registry import WorkerRegistry, WorkerState
-from tandem.wire import logprob_from_proto, sampling_to_proto
-from tandem.worker_client import WorkerClients
+from tandem.contracts.wire import logprob_from_proto, sampling_to_proto
+from tandem.worker.clients import WorkerClients
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Pipeline:
         self.model = model
         self.model_name = model.name
         self.max_model_len = model.max_model_len
+        self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self.tokenizer = tokenizer
         self.workers = workers
         self.router = router
@@ -59,8 +61,7 @@ class Pipeline:
         self.clients = WorkerClients()
         self.ready = False       # set once the expected workers have registered
         self.draining = False
-        self.num_inflight = 0
-        self.idle = asyncio.Event()
+        self.idle = asyncio.Event()  # set whenever the router's books hold no request
         self.idle.set()
 
     @property
@@ -70,6 +71,10 @@ class Pipeline:
     @property
     def is_draining(self) -> bool:
         return self.draining
+
+    @property
+    def num_inflight(self) -> int:
+        return self.router.num_active_requests
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         if self.draining:
@@ -84,17 +89,13 @@ class Pipeline:
                                   "generated token")
         decision = self._route(request)
         decode = self.workers.workers[decision.decode_worker]
-        decode.num_inflight += 1
-        self.num_inflight += 1
         self.idle.clear()
         try:
             async for chunk in self._run(request, decision, decode):
                 yield chunk
         finally:
             self.router.on_finished(request.request_id)
-            decode.num_inflight -= 1
-            self.num_inflight -= 1
-            if self.num_inflight == 0:
+            if self.router.num_active_requests == 0:
                 self.idle.set()
 
     def _route(self, request: GenerateRequest) -> RouteDecision:
@@ -130,7 +131,7 @@ class Pipeline:
             logprobs = ([logprob_from_proto(response.first_logprob)]
                         if response.HasField("first_logprob") else [])
             chunk = self._emit(progress, [response.first_token_id], logprobs,
-                               self._first_token_finish(request, response.first_token_id), None)
+                               *self._first_token_finish(request, response.first_token_id))
             yield chunk
             if chunk.finish_reason is not None:
                 self.clients.send_soon(self.clients.release(prefill.address, request.request_id))
@@ -147,15 +148,12 @@ class Pipeline:
 
     async def _prefill(self, worker: WorkerState, request: wpb.WorkerGenerateRequest
                        ) -> wpb.PrefillResponse:
-        worker.num_inflight += 1
         try:
             return await self.stub(worker).Prefill(wpb.PrefillRequest(
                 request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
                 sampling=request.sampling))
         except grpc.aio.AioRpcError as err:
             raise _worker_error(err, worker) from err
-        finally:
-            worker.num_inflight -= 1
 
     async def _decode(self, worker: WorkerState, request: wpb.WorkerGenerateRequest,
                       progress: _Progress) -> AsyncIterator[GenerateChunk]:
@@ -200,15 +198,16 @@ class Pipeline:
         return GenerateChunk(token_ids, text, finish_reason, stop_reason, logprobs,
                              progress.num_prompt_tokens, progress.num_cached_tokens)
 
-    def _first_token_finish(self, request: GenerateRequest, token_id: int) -> str | None:
-        """The finish reason a prefill worker's first token implies, checked before decoding."""
-        params = request.params
-        if (not params.ignore_eos and token_id in self.model.config.eos_token_ids) or \
-                token_id in params.stop_token_ids:
-            return "stop"
-        if params.max_tokens == 1 or len(request.prompt_token_ids) + 1 >= self.max_model_len:
-            return "length"
-        return None
+    def _first_token_finish(self, request: GenerateRequest, token_id: int
+                            ) -> tuple[str | None, int | None]:
+        """(finish reason, stop token) a prefill worker's first token implies, before decoding:
+        the scheduler's own rule."""
+        num_prompt = len(request.prompt_token_ids)
+        reason = finish_after_token(request.params, token_id, 1, num_prompt + 1,
+                                    self.eos_token_ids, self.max_model_len)
+        if reason is None:
+            return None, None
+        return reason.value, stop_reason_of(reason, request.params, token_id)
 
     def _observe_tokens(self, progress: _Progress, num_tokens: int) -> None:
         if not num_tokens:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from tandem.api.v1 import generation_pb2 as pb
 from tandem.api.worker.v1 import worker_pb2 as wpb
-from tandem.engine.outputs import Logprob
-from tandem.engine.sampling_params import SamplingParams
-from tandem.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from tandem.contracts.outputs import Logprob
+from tandem.contracts.sampling_params import SamplingParams
+from tandem.contracts.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from tandem.contracts.worker_stats import Registration, WorkerStats
+
+_STATS_FIELDS = tuple(WorkerStats.__dataclass_fields__)
+_REGISTRATION_FIELDS = tuple(Registration.__dataclass_fields__)
 
 
 def sampling_to_proto(params: SamplingParams) -> pb.SamplingOptions:
@@ -74,3 +78,20 @@ def kv_event_from_proto(message: wpb.KVEvent) -> KVEvent:
     if kind == "cleared":
         return AllBlocksCleared(message.event_id)
     raise ValueError(f"KV event {message.event_id} has no kind")
+
+
+def worker_stats_to_proto(stats: WorkerStats) -> wpb.WorkerStats:
+    return wpb.WorkerStats(**{name: getattr(stats, name) for name in _STATS_FIELDS})
+
+
+def worker_stats_from_proto(message: wpb.WorkerStats) -> WorkerStats:
+    return WorkerStats(**{name: getattr(message, name) for name in _STATS_FIELDS})
+
+
+def registration_to_proto(registration: Registration) -> wpb.RegisterRequest:
+    return wpb.RegisterRequest(**{name: getattr(registration, name)
+                                  for name in _REGISTRATION_FIELDS})
+
+
+def registration_from_proto(message: wpb.RegisterRequest) -> Registration:
+    return Registration(**{name: getattr(message, name) for name in _REGISTRATION_FIELDS})

@@ -13,9 +13,9 @@ from grpc_reflection.v1alpha import reflection
 
 from tandem.api.v1 import generation_pb2 as pb
 from tandem.api.v1 import generation_pb2_grpc as pbgrpc
-from tandem.router.pipeline import Pipeline
-from tandem.router.types import GenerateRequest, RequestRejected
-from tandem.wire import logprob_to_proto, sampling_from_proto
+from tandem.frontend.pipeline import Pipeline
+from tandem.frontend.types import GenerateRequest, RequestRejected
+from tandem.contracts.wire import logprob_to_proto, sampling_from_proto
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tandem.engine.outputs import Logprob
-from tandem.engine.sampling_params import SamplingParams
+from tandem.contracts.outputs import Logprob
+from tandem.contracts.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)

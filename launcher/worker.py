@@ -16,10 +16,10 @@ import sys
 import grpc
 
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
-from tandem.deploy import die_with_parent
+from tandem.launcher.deploy import die_with_parent
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.worker_base import WorkerBase, WorkerOptions, register_and_heartbeat
+from tandem.worker.base import WorkerBase, WorkerOptions, register_and_heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def make_agent(options: WorkerOptions, engine: LLMEngine):
         return None
     from tandem.kv_transfer import NixlKVAgent
     # Prefill workers own the blocks that are read; decode workers only read (nixl_connector.py).
-    return NixlKVAgent(options.worker_id, engine.runner.kv_cache,
+    return NixlKVAgent(options.worker_id, engine.kv_cache,
                        progress_thread=options.role == "prefill", spare_block=engine.spare_block)
 
 

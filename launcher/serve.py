@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 
 import yaml
 
-from tandem.deploy import Deployment, LocalDeployment, WorkerSpec
+from tandem.launcher.deploy import Deployment, LocalDeployment, WorkerSpec
 from tandem.engine.model_info import describe_model
 from tandem.engine.tokenizer import load_tokenizer
 
@@ -102,7 +102,7 @@ def worker_specs(config: ServeConfig, frontend: str) -> list[WorkerSpec]:
 
 
 async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
-    from tandem.router.frontend import Frontend, FrontendConfig
+    from tandem.frontend.server import Frontend, FrontendConfig
     from tandem.router.kv_policy import KVPolicyConfig
     from tandem.router.routing import RoutingConfig
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xxhash
 
-from tandem.block_hash import BLOCK_HASH_SEED, hash_block, hash_prompt_blocks
+from tandem.contracts.block_hash import BLOCK_HASH_SEED, hash_block, hash_prompt_blocks
 
 
 def test_matches_xxh3_over_parent_and_little_endian_u32_tokens():

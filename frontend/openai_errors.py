@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tandem.router.types import RequestRejected
+from tandem.frontend.types import RequestRejected
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import pytest
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter
 
-from tandem.engine.outputs import Logprob
+from tandem.contracts.outputs import Logprob
 from tandem.engine.tokenizer import apply_chat_template, load_tokenizer
-from tandem.router.openai_api import create_app
-from tandem.router.types import GenerateChunk, GenerateRequest, RequestRejected
+from tandem.frontend.openai_api import create_app
+from tandem.frontend.types import GenerateChunk, GenerateRequest, RequestRejected
 
 TOKENIZER = load_tokenizer(None)
 MODEL = "tandem-test"

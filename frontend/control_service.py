@@ -10,6 +10,7 @@ import grpc
 
 from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
+from tandem.contracts.wire import registration_from_proto, worker_stats_from_proto
 from tandem.router.worker_registry import WorkerRegistry, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -32,15 +33,16 @@ class ControlService(wgrpc.ControlServicer):
 
     async def Register(self, request, context):
         try:
-            self.workers.register(request, time.monotonic())
+            worker = self.workers.register(registration_from_proto(request), time.monotonic())
         except ValueError as err:
             logger.error("refusing worker: %s", err)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        self.listener.on_registered(self.workers.workers[request.worker_id])
+        self.listener.on_registered(worker)
         return wpb.RegisterResponse(heartbeat_interval_ms=int(self.heartbeat_interval_s * 1000))
 
     async def Heartbeat(self, request, context):
-        known = self.workers.heartbeat(request.worker_id, request.stats, time.monotonic())
+        known = self.workers.heartbeat(request.worker_id, worker_stats_from_proto(request.stats),
+                                       time.monotonic())
         if known:
             self.listener.on_heartbeat(self.workers.workers[request.worker_id])
         return wpb.HeartbeatResponse(known=known)

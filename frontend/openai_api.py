@@ -38,14 +38,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from starlette.requests import ClientDisconnect
 from transformers import PreTrainedTokenizerBase
 
-from tandem.router.openai_errors import OpenAIError, error_response, install_error_handlers, internal_error
-from tandem.router.openai_inputs import (chat_request, check_model, check_supported, completion_request,
+from tandem.frontend.openai_errors import OpenAIError, error_response, install_error_handlers, internal_error
+from tandem.frontend.openai_inputs import (chat_request, check_model, check_supported, completion_request,
                                          parse_body)
-from tandem.router.openai_outputs import ChatFormatter, CompletionFormatter, make_token_text
-from tandem.router.openai_protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from tandem.router.openai_sse import (SSE_DONE, ClientDisconnected, SSEResponse, close_iterator,
+from tandem.frontend.openai_outputs import ChatFormatter, CompletionFormatter, make_token_text
+from tandem.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from tandem.frontend.openai_sse import (SSE_DONE, ClientDisconnected, SSEResponse, close_iterator,
                                       run_unless_disconnected, sse_event)
-from tandem.router.types import GenerateChunk, GenerateRequest, RequestPipeline, RequestRejected
+from tandem.frontend.types import GenerateChunk, GenerateRequest, RequestPipeline, RequestRejected
 
 logger = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ class LocalDeployment:
             # One GPU per worker: the worker sees only its own, as cuda:0.
             env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
             device = "cuda"
-        command = [sys.executable, "-m", "tandem.cli", "--log-level", self.log_level, "worker",
+        command = [sys.executable, "-m", "tandem.launcher.cli", "--log-level", self.log_level, "worker",
                    "--worker-id", spec.worker_id, "--role", spec.role, "--frontend", spec.frontend,
                    "--model", spec.model, "--device", device, "--parent-pid", str(os.getpid()),
                    *spec.args]

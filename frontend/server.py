@@ -17,12 +17,12 @@ import uvicorn
 
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.engine.model_info import ModelInfo
-from tandem.router.control_service import ControlService
-from tandem.router.grpc_api import add_public_services, set_health
-from tandem.router.metrics import FrontendMetrics
-from tandem.router.openai_api import create_app
-from tandem.router.pipeline import Pipeline
-from tandem.router.kv_follower import KVEventFollower
+from tandem.frontend.control_service import ControlService
+from tandem.frontend.grpc_api import add_public_services, set_health
+from tandem.frontend.metrics import FrontendMetrics
+from tandem.frontend.openai_api import create_app
+from tandem.frontend.pipeline import Pipeline
+from tandem.frontend.kv_follower import KVEventFollower
 from tandem.router.routing import Router, RoutingConfig
 from tandem.router.worker_registry import WorkerRegistry, WorkerState
 

@@ -19,12 +19,12 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from tandem.engine.sampling_params import SamplingParams
+from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.tokenizer import apply_chat_template
-from tandem.router.openai_errors import OpenAIError
-from tandem.router.openai_protocol import (ChatCompletionRequest, CompletionRequest, brief_repr,
+from tandem.frontend.openai_errors import OpenAIError
+from tandem.frontend.openai_protocol import (ChatCompletionRequest, CompletionRequest, brief_repr,
                                            sampling_params)
-from tandem.router.types import GenerateRequest
+from tandem.frontend.types import GenerateRequest
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 

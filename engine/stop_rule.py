@@ -1,0 +1,34 @@
+"""The one rule for when a freshly sampled token ends a request.
+
+The scheduler applies it to every token it samples; the frontend applies it to the first token a
+prefill worker sampled, before it hands the request to a decode worker (a request may end there).
+Stop strings are not here: they need text, and text is made by the detokenizer.
+"""
+
+from __future__ import annotations
+
+from tandem.contracts.sampling_params import SamplingParams
+from tandem.engine.sequence import FinishReason
+
+
+def finish_after_token(params: SamplingParams, token_id: int, num_output_tokens: int,
+                       num_tokens: int, eos_token_ids: set[int] | frozenset[int],
+                       max_model_len: int) -> FinishReason | None:
+    """The finish reason `token_id` implies, given the counts that include it; None to go on."""
+    if not params.ignore_eos and token_id in eos_token_ids:
+        return FinishReason.STOP
+    if token_id in params.stop_token_ids:
+        return FinishReason.STOP
+    if params.max_tokens is not None and num_output_tokens >= params.max_tokens:
+        return FinishReason.LENGTH
+    if num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None
+
+
+def stop_reason_of(reason: FinishReason | None, params: SamplingParams,
+                   token_id: int) -> int | None:
+    """The stop token to report: the token itself when it was one of the request's stop tokens."""
+    if reason == FinishReason.STOP and token_id in params.stop_token_ids:
+        return token_id
+    return None
