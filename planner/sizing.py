@@ -1,0 +1,279 @@
+"""Pool sizing: the smallest pools that meet the SLO at a given load, by queueing arithmetic.
+
+The online planner calls this every tick, so it is closed-form reasoning over a performance model
+(planner.perf_model, seen here only through the `PerfModel` protocol), not a simulation. The
+simulator is where a shape is checked in detail; this picks the shape quickly.
+
+Load: request rate lambda (1/s), mean input length ISL, mean output length OSL, prefix hit rate h.
+A request prefills new = ISL * (1 - h) tokens over cached = ISL * h.
+
+Prefill pool of n workers (disaggregated). Each prompt is one deterministic job of
+S = prefill_s(new, cached) seconds; requests spread evenly, so one worker is an M/D/1 queue:
+
+    rho  = lambda * S / n                       (utilization, kept <= max_utilization)
+    Wq   = rho * S / (2 * (1 - rho))            (M/D/1 mean wait)
+    TTFT = Wq + S + transfer_s(KV bytes of the prompt's blocks)
+
+The first token streams from the prefill worker, but the second waits for the KV pull; counting
+the pull in TTFT keeps that first gap inside the SLO as well.
+
+Decode pool of n workers. With ctx = ISL + OSL / 2 the mean context of a running sequence, one step
+of a batch of b takes t(b) = decode_s(b, b * ctx). B* is the largest b <= max_batch_size with
+t(b) <= itl_ms. A worker then emits at most B* / t(B*) tokens/s within the ITL, and the pool must
+emit lambda * OSL:
+
+    n >= lambda * OSL * t(B*) / (B* * max_utilization)
+
+The ITL reported for n comes from Little's law: a worker runs b = (lambda * OSL / n) * t(b)
+sequences at once (arrival rate of tokens times the time each takes), solved by fixed-point
+iteration; b above max_batch_size means the pool cannot keep up.
+
+Aggregated pool of n workers (role `both`). A worker spends P = lambda / n * S of each second on
+prefill, and uses D = lambda / n * OSL * t(B*) / B* of its decode capacity (as in the decode pool:
+a small batch is not busy, more sequences join its steps almost free); P + D <= max_utilization, and
+TTFT is the M/D/1 wait at that utilization plus S. A prompt is prefilled in chunks of
+`chunk_tokens` mixed into decode steps; when prefill takes more than a tenth of the time, more than
+one gap in ten is a mixed step, so the ITL p90 is step_s(chunk, ..., b, b * ctx) instead of t(b).
+This is why 2048-token chunks lost the ITL SLO on 2x H200 where 512-token chunks held it
+(DESIGN.md).
+
+Bounds: every pool stays within its (min, max); when the disaggregated pools together exceed the
+GPU budget, workers are handed out one at a time to the pool furthest below its need, and the
+plan is marked as not meeting the SLO. With `layout="auto"` both layouts are sized and the one with
+fewer GPUs wins; a tie keeps the current layout, so the planner does not flip all workers over
+nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+MAX_FIXED_POINT_ITERATIONS = 50
+PREFILL_TAIL_FRACTION = 0.1  # p90: a tail quantile is set by what happens in more than 10% of gaps
+
+
+class PerfModel(Protocol):
+    block_size: int
+    kv_bytes_per_token: int
+
+    def prefill_s(self, num_new_tokens: int, num_cached_tokens: int = 0) -> float: ...
+
+    def decode_s(self, batch_size: int, num_context_tokens: int) -> float: ...
+
+    def step_s(self, num_prefill_tokens: int, num_prefill_cached_tokens: int,
+               num_decode_seqs: int, num_decode_context_tokens: int) -> float: ...
+
+    def transfer_s(self, num_bytes: int) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    request_rate_per_s: float
+    mean_input_tokens: float
+    mean_output_tokens: float
+    prefix_hit_rate: float = 0.0
+
+    @property
+    def num_new_tokens(self) -> int:
+        return max(1, round(self.mean_input_tokens * (1.0 - self.prefix_hit_rate)))
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return max(0, round(self.mean_input_tokens) - self.num_new_tokens)
+
+    @property
+    def mean_context_tokens(self) -> float:
+        return self.mean_input_tokens + self.mean_output_tokens / 2
+
+
+@dataclass(frozen=True, slots=True)
+class SizingTarget:
+    ttft_ms: float
+    itl_ms: float
+    max_utilization: float = 0.8
+    max_batch_size: int = 256          # the engine's max running sequences per worker
+    chunk_tokens: int = 512            # aggregated workers' prefill chunk
+
+
+@dataclass(frozen=True, slots=True)
+class PoolEstimate:
+    num_workers: int
+    utilization: float                 # busy fraction per worker; inf when it cannot keep up
+    ttft_ms: float                     # NaN for a decode pool
+    itl_ms: float                      # NaN for a prefill pool
+    meets_slo: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPlan:
+    layout: str                        # "disagg" or "agg"
+    num_prefill: int
+    num_decode: int
+    num_both: int
+    meets_slo: bool
+    note: str                          # what bound the plan, for the decision's reason
+
+    @property
+    def num_workers(self) -> int:
+        return self.num_prefill + self.num_decode + self.num_both
+
+
+def prefill_estimate(perf: PerfModel, load: Load, target: SizingTarget, n: int) -> PoolEstimate:
+    service_s = perf.prefill_s(load.num_new_tokens, load.num_cached_tokens)
+    rho = load.request_rate_per_s * service_s / n
+    num_blocks = math.ceil(load.mean_input_tokens / perf.block_size)
+    transfer_s = perf.transfer_s(num_blocks * perf.block_size * perf.kv_bytes_per_token)
+    ttft_ms = 1e3 * (_md1_wait_s(rho, service_s) + service_s + transfer_s)
+    ok = rho <= target.max_utilization and ttft_ms <= target.ttft_ms
+    return PoolEstimate(n, rho, ttft_ms, math.nan, ok)
+
+
+def decode_estimate(perf: PerfModel, load: Load, target: SizingTarget, n: int) -> PoolEstimate:
+    best = _max_batch_within_itl(perf, load, target)
+    step_s = _decode_step_s(perf, load, best)
+    utilization = load.request_rate_per_s * load.mean_output_tokens * step_s / (best * n)
+    batch = _little_batch(perf, load, target, n)
+    itl_ms = 1e3 * _decode_step_s(perf, load, batch) if batch else math.inf
+    ok = utilization <= target.max_utilization and itl_ms <= target.itl_ms
+    return PoolEstimate(n, utilization, math.nan, itl_ms, ok)
+
+
+def aggregated_estimate(perf: PerfModel, load: Load, target: SizingTarget,
+                        n: int) -> PoolEstimate:
+    rate = load.request_rate_per_s / n
+    service_s = perf.prefill_s(load.num_new_tokens, load.num_cached_tokens)
+    batch = _little_batch(perf, load, target, n)
+    if not batch:
+        return PoolEstimate(n, math.inf, math.inf, math.inf, False)
+    decode_step_s = _decode_step_s(perf, load, batch)
+    best = _max_batch_within_itl(perf, load, target)
+    prefill_busy = rate * service_s
+    decode_busy = rate * load.mean_output_tokens * _decode_step_s(perf, load, best) / best
+    utilization = prefill_busy + decode_busy
+    ttft_ms = 1e3 * (_md1_wait_s(utilization, service_s) + service_s)
+    itl_s = decode_step_s
+    if prefill_busy > PREFILL_TAIL_FRACTION:
+        chunk = min(target.chunk_tokens, load.num_new_tokens)
+        itl_s = perf.step_s(chunk, load.num_cached_tokens, batch,
+                            round(batch * load.mean_context_tokens))
+    ok = (utilization <= target.max_utilization and ttft_ms <= target.ttft_ms
+          and 1e3 * itl_s <= target.itl_ms)
+    return PoolEstimate(n, utilization, ttft_ms, 1e3 * itl_s, ok)
+
+
+def smallest_pool(estimate, perf: PerfModel, load: Load, target: SizingTarget,
+                  bounds: tuple[int, int]) -> PoolEstimate:
+    """The smallest n in bounds whose estimate meets the SLO.
+
+    When no n does (one request alone is slower than the SLO, or the pool is capped), the smallest
+    n within the utilization bound: more workers than that buy nothing but cost GPUs.
+    """
+    low, high = bounds
+    if high <= 0 or (low == 0 and load.request_rate_per_s <= 0):
+        return PoolEstimate(0, 0.0, math.nan, math.nan, True)
+    first_within_utilization = None
+    for n in range(max(low, 1), high + 1):
+        result = estimate(perf, load, target, n)
+        if result.meets_slo:
+            return result
+        if first_within_utilization is None and result.utilization <= target.max_utilization:
+            first_within_utilization = result
+    return first_within_utilization or result
+
+
+def plan_pools(perf: PerfModel, load: Load, target: SizingTarget, layout: str,
+               bounds: dict[str, tuple[int, int]], max_workers: int,
+               current_layout: str = "disagg") -> PoolPlan:
+    """Pools for `layout` ("disagg", "agg" or "auto"), within `bounds` and `max_workers`."""
+    disagg = _plan_disagg(perf, load, target, bounds, max_workers) if layout != "agg" else None
+    agg = _plan_agg(perf, load, target, bounds, max_workers) if layout != "disagg" else None
+    if disagg is None or agg is None:
+        return disagg or agg
+    if disagg.meets_slo != agg.meets_slo:
+        return disagg if disagg.meets_slo else agg
+    if disagg.num_workers == agg.num_workers:
+        return agg if current_layout == "agg" else disagg
+    return disagg if disagg.num_workers < agg.num_workers else agg
+
+
+def _plan_disagg(perf: PerfModel, load: Load, target: SizingTarget,
+                 bounds: dict[str, tuple[int, int]], max_workers: int) -> PoolPlan:
+    prefill = smallest_pool(prefill_estimate, perf, load, target, bounds["prefill"])
+    decode = smallest_pool(decode_estimate, perf, load, target, bounds["decode"])
+    ok = prefill.meets_slo and decode.meets_slo
+    note = (f"prefill {prefill.num_workers} at {prefill.utilization:.0%} busy, "
+            f"TTFT ~{prefill.ttft_ms:.0f} ms; decode {decode.num_workers}, "
+            f"ITL ~{decode.itl_ms:.1f} ms")
+    if prefill.num_workers + decode.num_workers <= max_workers:
+        return PoolPlan("disagg", prefill.num_workers, decode.num_workers, 0, ok, note)
+    num_prefill, num_decode = _split_budget(prefill.num_workers, decode.num_workers,
+                                            bounds, max_workers)
+    note = (f"GPU budget of {max_workers} workers binds: prefill needs {prefill.num_workers}, "
+            f"decode needs {decode.num_workers}")
+    return PoolPlan("disagg", num_prefill, num_decode, 0, False, note)
+
+
+def _plan_agg(perf: PerfModel, load: Load, target: SizingTarget,
+              bounds: dict[str, tuple[int, int]], max_workers: int) -> PoolPlan:
+    low, high = bounds["both"]
+    both = smallest_pool(aggregated_estimate, perf, load, target, (low, min(high, max_workers)))
+    note = (f"aggregated {both.num_workers} at {both.utilization:.0%} busy, "
+            f"TTFT ~{both.ttft_ms:.0f} ms, ITL ~{both.itl_ms:.1f} ms")
+    return PoolPlan("agg", 0, 0, both.num_workers, both.meets_slo, note)
+
+
+def _split_budget(need_prefill: int, need_decode: int, bounds: dict[str, tuple[int, int]],
+                  max_workers: int) -> tuple[int, int]:
+    """Hand out workers one at a time to the pool with the larger unmet share of its need."""
+    num_prefill, num_decode = bounds["prefill"][0], bounds["decode"][0]
+    while num_prefill + num_decode < max_workers:
+        prefill_share = num_prefill / need_prefill if need_prefill else math.inf
+        decode_share = num_decode / need_decode if need_decode else math.inf
+        if prefill_share <= decode_share and num_prefill < need_prefill:
+            num_prefill += 1
+        elif num_decode < need_decode:
+            num_decode += 1
+        else:
+            break
+    return num_prefill, num_decode
+
+
+def _md1_wait_s(rho: float, service_s: float) -> float:
+    if rho >= 1.0:
+        return math.inf
+    return rho * service_s / (2.0 * (1.0 - rho))
+
+
+def _decode_step_s(perf: PerfModel, load: Load, batch: int) -> float:
+    return perf.decode_s(batch, round(batch * load.mean_context_tokens))
+
+
+def _max_batch_within_itl(perf: PerfModel, load: Load, target: SizingTarget) -> int:
+    """Largest batch whose decode step meets itl_ms (binary search: step time grows with b)."""
+    itl_s = target.itl_ms / 1e3
+    low, high = 1, target.max_batch_size
+    if _decode_step_s(perf, load, high) <= itl_s:
+        return high
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _decode_step_s(perf, load, mid) <= itl_s:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _little_batch(perf: PerfModel, load: Load, target: SizingTarget, n: int) -> int:
+    """Running sequences per worker, b = (rate * OSL / n) * t(b); 0 if above max_batch_size."""
+    tokens_per_s = load.request_rate_per_s * load.mean_output_tokens / n
+    batch = 1
+    for _ in range(MAX_FIXED_POINT_ITERATIONS):
+        following = max(1, math.ceil(tokens_per_s * _decode_step_s(perf, load, batch)))
+        if following > target.max_batch_size:
+            return 0
+        if following == batch:
+            break
+        batch = following
+    return batch
