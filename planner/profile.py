@@ -75,11 +75,15 @@ def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
     points = plan_points(grid, engine.num_blocks, settings.block_size, engine.max_model_len,
                          settings.max_num_seqs)
     results: dict[str, list[dict]] = {"prefill": [], "decode": [], "mixed": []}
+    measure_s = dict.fromkeys(results, 0.0)
     bar = tqdm(points, desc=f"profile {settings.model}", unit="point", disable=not progress)
     for kind, args in bar:
         bar.set_postfix_str(f"{kind} {args}")
+        point_start = time.perf_counter()
         results[kind].append(getattr(probe, kind)(*args, grid.repeats[kind]))
+        measure_s[kind] += time.perf_counter() - point_start
     bar.close()
+    setup_s = time.perf_counter() - start - sum(measure_s.values())
     profile = {
         "schema": SCHEMA,
         "model": settings.model,
@@ -98,6 +102,9 @@ def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
         "transfer": transfer,
     }
     profile["wall_s"] = round(time.perf_counter() - start, 2)
+    # where the wall time went: transfer and engine start-up, then each kind's points
+    profile["phase_s"] = {"setup": round(setup_s, 2),
+                          **{kind: round(s, 2) for kind, s in measure_s.items()}}
     del probe, engine
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -63,8 +63,9 @@ def profile_main(args: argparse.Namespace) -> int:
 
 
 def print_summary(profile: dict, path: str) -> None:
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in profile.get("phase_s", {}).items())
     print(f"profile of {profile['model']} on {profile['device_name']}: {path} "
-          f"({profile['wall_s']:.1f} s)")
+          f"({profile['wall_s']:.1f} s: {phases})")
     print(f"{'kind':9s} {'points':>6s} {'fastest':>10s} {'slowest':>10s} "
           f"{'held-back error: mean':>22s} {'p90':>7s} {'max':>7s}")
     for kind in ("prefill", "decode", "mixed", "transfer"):

@@ -60,11 +60,11 @@ def default_grid(device_type: str, quick: bool = False) -> ProfileGrid:
             mixed_batch_sizes=(8, 64, 192), mixed_context_tokens=(1024, 4096),
             repeats={"prefill": Repeats(1, 3), "decode": Repeats(2, 8), "mixed": Repeats(1, 3)})
     return ProfileGrid(
-        prefill_new_tokens=(16, 64, 256, 1024), prefill_cached_tokens=(0, 1024),
-        decode_batch_sizes=(1, 4, 16, 64), decode_context_tokens=(64, 512),
-        mixed_new_tokens=(64, 256), mixed_cached_tokens=(0,), mixed_batch_sizes=(4, 16),
+        prefill_new_tokens=(16, 32, 64, 128, 256, 512, 1024), prefill_cached_tokens=(0, 1024, 3072),
+        decode_batch_sizes=(1, 2, 4, 8, 16, 32, 64), decode_context_tokens=(64, 256, 1024),
+        mixed_new_tokens=(64, 256), mixed_cached_tokens=(0, 1024), mixed_batch_sizes=(4, 16),
         mixed_context_tokens=(256,),
-        repeats={"prefill": Repeats(1, 3), "decode": Repeats(1, 5), "mixed": Repeats(1, 3)},
+        repeats={"prefill": Repeats(1, 5), "decode": Repeats(1, 5), "mixed": Repeats(1, 5)},
         transfer_max_blocks=256)
 
 
@@ -88,7 +88,7 @@ def plan_points(grid: ProfileGrid, num_kv_blocks: int, block_size: int, max_mode
         fits = [c for c in grid.decode_context_tokens
                 if _decode_fits(batch, c, decode_steps, num_kv_blocks, block_size, max_model_len)]
         fill = _fill_context(grid, batch, decode_steps, num_kv_blocks, block_size, max_model_len)
-        if fill > 0 and (not fits or fill >= 1.5 * fits[-1]):
+        if fill > 0 and (not fits or fill >= 1.25 * fits[-1]):
             fits.append(fill)
         points.extend(("decode", (batch, c)) for c in fits)
     mixed_steps = grid.repeats["mixed"].warmup + grid.repeats["mixed"].timed
