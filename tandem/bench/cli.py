@@ -52,7 +52,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "server's model (grpc)")
     server.add_argument("--temperature", type=float, default=0.0)
     server.add_argument("--timeout-s", type=float, default=600.0, help="per request")
+    add_workload_arguments(parser)
+    _add_output_arguments(parser)
 
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The dataset and load flags: shared by `tandem bench` and the planner's simulator, so a
+    simulated run is described by exactly the flags of the real one (`build_requests` reads them)."""
     data = parser.add_argument_group("dataset")
     data.add_argument("--dataset", default="random", help=f"one of {', '.join(DATASETS)}")
     data.add_argument("--num-requests", type=int, default=None,
@@ -88,6 +94,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--max-concurrency", type=int, default=None)
     load.add_argument("--seed", type=int, default=0)
 
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--slo", nargs="+", default=[], metavar="NAME=MS",
                      help="goodput bounds: ttft_ms, itl_ms (every gap), tpot_ms, e2e_ms")

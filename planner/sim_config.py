@@ -1,0 +1,91 @@
+"""What a simulated deployment is made of: its shape, each worker's engine knobs, the router's
+policy, and the frontend's own latencies.
+
+Every default comes from the real component's config dataclass: the engine's limits from
+`EngineConfig`, the routing policy from `RoutingConfig` / `KVPolicyConfig`. What a profile knows
+about the device (KV cache size, context length) comes from the profile's recorded engine settings
+(`profile["engine"]`), and flags may override it. Nothing here is a second copy of a default that
+lives elsewhere, with one exception named at its field.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from tandem.engine.config import EngineConfig
+from tandem.router.routing import RoutingConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    num_prefill: int                    # 0: aggregated (decode workers prefill locally)
+    num_decode: int
+    num_kv_blocks: int                  # per worker
+    max_model_len: int
+    engine: EngineConfig = field(default_factory=EngineConfig)  # block size, step budget, seqs
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    # The frontend's heartbeat period (FrontendConfig.heartbeat_interval_s, which lives a floor
+    # above the planner and so cannot be imported): how often workers' block counts correct the
+    # router's load books.
+    heartbeat_interval_s: float = 0.5
+    kv_event_delay_s: float = 0.0       # worker -> router KV event latency; 0: applied at once
+    frontend_overhead_s: float = 0.0    # tokenize, hash, route: before a request reaches a worker
+    rpc_s: float = 0.0                  # one gRPC hop (frontend <-> worker), each direction
+    token_vocab_size: int = 2000        # synthetic output token ids are drawn below this
+
+    def __post_init__(self) -> None:
+        if self.num_decode < 1:
+            raise ValueError(f"num_decode must be at least 1, got {self.num_decode}")
+        if self.num_prefill < 0:
+            raise ValueError(f"num_prefill must be 0 or more, got {self.num_prefill}")
+        if self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError(f"heartbeat_interval_s must be positive, got "
+                             f"{self.heartbeat_interval_s}")
+        for name in ("kv_event_delay_s", "frontend_overhead_s", "rpc_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.token_vocab_size <= 16:
+            raise ValueError(f"token_vocab_size must exceed 16, got {self.token_vocab_size}")
+
+    @property
+    def block_size(self) -> int:
+        return self.engine.block_size
+
+    @property
+    def num_workers(self) -> int:
+        return self.num_prefill + self.num_decode
+
+
+def sim_config_from_profile(profile: dict, num_prefill: int, num_decode: int,
+                            num_kv_blocks: int | None = None, max_model_len: int | None = None,
+                            engine_overrides: dict | None = None,
+                            routing: RoutingConfig | None = None, **timing) -> SimConfig:
+    """A SimConfig whose device facts come from the profile, with explicit overrides on top.
+
+    `engine_overrides` holds EngineConfig fields (max_num_batched_tokens, max_num_seqs, ...);
+    `timing` holds SimConfig's latency fields (heartbeat_interval_s, rpc_s, ...).
+    """
+    recorded = profile.get("engine") or {}
+    block_size = int(profile.get("block_size") or recorded.get("block_size")
+                     or EngineConfig().block_size)
+    engine = EngineConfig(block_size=block_size, **(engine_overrides or {}))
+    if num_kv_blocks is None:
+        num_kv_blocks = recorded.get("resolved_num_kv_blocks") or recorded.get("num_kv_blocks")
+    if num_kv_blocks is None:
+        raise ValueError("the profile records no KV cache size (engine.resolved_num_kv_blocks); "
+                         "give --num-kv-blocks")
+    if max_model_len is None:
+        max_model_len = recorded.get("resolved_max_model_len") or recorded.get("max_model_len")
+    if max_model_len is None:
+        raise ValueError("the profile records no context length "
+                         "(engine.resolved_max_model_len); give --max-model-len")
+    return SimConfig(num_prefill=num_prefill, num_decode=num_decode,
+                     num_kv_blocks=int(num_kv_blocks), max_model_len=int(max_model_len),
+                     engine=engine, routing=routing or RoutingConfig(), **timing)

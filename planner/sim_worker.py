@@ -1,0 +1,118 @@
+"""One simulated worker: tandem's real scheduler over its real block manager, timed by the model.
+
+A worker is what `engine/async_engine.py` makes of an engine: a loop of steps (schedule, run,
+postprocess) with operations from outside (add a request, park a remote one, complete a pull,
+release pinned blocks) applied between two steps, never during one. Here the "run" is a duration
+from the performance model instead of a forward pass, and the sampled token is synthetic.
+
+Step time. A batch is split the way the profile measured it: decode rows (one token after a prompt
+that is already in KV) and prefill rows (a prompt chunk, or a recompute after preemption). The
+batch's prefill tokens go to the model with the token-weighted mean of the prefix each row already
+has in KV, which keeps the attention term (sum of new x cached) of a batch of several chunks.
+
+Synthetic tokens. The trace holds no output text, so the token sampled at position p is a fixed
+function of p: requests are run with `ignore_eos` and `max_tokens` set to their output length, so
+lengths match the workload, and two identical prompts produce identical outputs, as greedy decoding
+does, which keeps the prefix cache honest about output blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from tandem.engine.block_manager import BlockManager
+from tandem.engine.scheduler import (DecodeScheduler, ScheduledBatch, SchedulerLimits,
+                                     make_scheduler)
+from tandem.engine.sequence import Sequence
+from tandem.planner.sim_config import SimConfig
+from tandem.router.worker_registry import WorkerState
+
+logger = logging.getLogger(__name__)
+
+FIRST_ORDINARY_TOKEN_ID = 16  # lower ids are special tokens in tandem's random models
+
+
+class SimWorker:
+    """A worker's engine state plus the step in flight, if any."""
+
+    __slots__ = ("worker_id", "role", "block_manager", "scheduler", "state", "model",
+                 "batch", "step_end_s", "ops", "num_steps", "busy_s", "_token_span")
+
+    def __init__(self, worker_id: str, role: str, config: SimConfig, model,
+                 state: WorkerState):
+        self.worker_id = worker_id
+        self.role = role
+        engine = config.engine
+        self.block_manager = BlockManager(config.num_kv_blocks, engine.block_size,
+                                          engine.enable_prefix_caching)
+        limits = SchedulerLimits(engine.max_num_seqs, engine.max_num_batched_tokens,
+                                 config.max_model_len, engine.enable_chunked_prefill)
+        # ignore_eos is set on every request: the stop rule never looks at the eos set.
+        self.scheduler = make_scheduler(role, limits, self.block_manager, set())
+        self.state = state
+        self.model = model
+        self.batch: ScheduledBatch | None = None
+        self.step_end_s: float | None = None  # None: idle, waiting for an operation
+        self.ops: list[Callable[[], None]] = []
+        self.num_steps = 0
+        self.busy_s = 0.0
+        self._token_span = config.token_vocab_size - FIRST_ORDINARY_TOKEN_ID
+
+    @property
+    def is_idle(self) -> bool:
+        return self.step_end_s is None
+
+    def start_step(self, now_s: float) -> float | None:
+        """Apply queued operations, schedule a batch; the step's end time, or None when idle."""
+        if self.ops:
+            ops, self.ops = self.ops, []
+            for op in ops:
+                op()
+        if not self.scheduler.has_work():
+            self.step_end_s = None
+            return None
+        batch = self.scheduler.schedule()
+        if not batch.seqs:  # waiting for blocks that only an operation (a release) can free
+            self.step_end_s = None
+            return None
+        duration_s = self.step_duration_s(batch)
+        self.batch = batch
+        self.num_steps += 1
+        self.busy_s += duration_s
+        self.step_end_s = now_s + duration_s
+        return self.step_end_s
+
+    def finish_step(self) -> list[Sequence]:
+        """Postprocess the step in flight; returns the sequences that got a token."""
+        batch = self.batch
+        self.batch = None
+        span = self._token_span
+        sampled = [FIRST_ORDINARY_TOKEN_ID + (seq.num_tokens * 2654435761) % span
+                   if seq.num_computed_tokens + n == seq.num_tokens else None
+                   for seq, n in zip(batch.seqs, batch.num_new_tokens)]
+        return self.scheduler.postprocess(batch, sampled)
+
+    def step_duration_s(self, batch: ScheduledBatch) -> float:
+        num_prefill = 0
+        weighted_cached = 0
+        num_decode = 0
+        num_context = 0
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            computed = seq.num_computed_tokens
+            if num_new == 1 and computed >= seq.num_prompt_tokens:
+                num_decode += 1
+                num_context += computed + 1
+            else:
+                num_prefill += num_new
+                weighted_cached += num_new * computed
+        cached = weighted_cached // num_prefill if num_prefill else 0
+        return self.model.step_s(num_prefill, cached, num_decode, num_context)
+
+    def is_drained(self) -> bool:
+        """No request left and every block back in the free queue (cached or not)."""
+        scheduler = self.scheduler
+        parked = (scheduler.waiting_for_remote_kvs if isinstance(scheduler, DecodeScheduler)
+                  else {})
+        return (not scheduler.has_work() and scheduler.num_pinned_requests == 0 and not parked
+                and self.block_manager.num_free_blocks == self.block_manager.num_blocks)

@@ -1,0 +1,309 @@
+"""Discrete-event simulation of a whole tandem deployment, driving tandem's real pure cores.
+
+What is real: each worker's scheduler, block manager and prefix cache (planner/sim_worker.py), the
+router with its KV indexes fed by the block managers' own KV events, its routing policy, load books
+and conditional disaggregation (tandem.router.routing), the worker registry's pool order, the stop
+rule. What is modelled: time. Step durations come from the performance model fitted from a
+profile, KV pulls from its transfer curve, and the frontend's own work from constant latencies.
+
+Event model. One heap of (time, sequence number, kind, payload); the sequence number keeps ties in
+the order they were made. Kinds, mirroring what the real processes do:
+
+- SEND: the client sends a request (arrival offset, after its session's previous turn finished and
+  a concurrency slot is free, as tandem.bench.runner does); routing follows after the frontend's
+  overhead (a CALL event): the router picks a decode worker and maybe a prefill worker (frontend/pipeline.py).
+- DELIVER: an operation reaches a worker one RPC hop later and is queued; the worker applies queued
+  operations between steps (engine/async_engine.py) or at once when idle, then starts a step.
+- STEP_END: the worker postprocesses its batch. A decode (or aggregated) worker streams each new
+  token to the client one hop later; a prefill worker's finished sequences (first token, blocks
+  pinned) go back to the frontend, which streams the first token and hands the request to its
+  decode worker: `add_remote` there, then after `transfer_s(missing blocks' bytes)` PULLED:
+  `complete_remote` on the decode worker and `release_pinned` on the prefill worker (the pull's
+  notification, decode_workers/service.py and prefill_workers/service.py).
+- KV_EVENT: with `kv_event_delay_s` > 0 a block manager's event reaches the router's index later;
+  otherwise it is applied as it happens. HEARTBEAT: every interval each worker's block count
+  corrects the router's load books (`on_worker_stats`), as frontend heartbeats do.
+
+Every step is simulated: no step is skipped or merged, so the schedule is exactly what the engine
+would run for the same arrivals (tests/planner/test_simulator.py checks it step by step).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence as Seq
+
+from tandem.bench.arrivals import session_predecessors
+from tandem.bench.records import BenchRequest
+from tandem.contracts.block_hash import hash_prompt_blocks
+from tandem.contracts.sampling_params import SamplingParams
+from tandem.contracts.worker_stats import Registration, WorkerStats
+from tandem.engine.sequence import Sequence
+from tandem.planner.sim_config import SimConfig
+from tandem.planner.sim_records import SimRequest, SimResult
+from tandem.planner.sim_worker import SimWorker
+from tandem.router.routing import Router
+from tandem.router.worker_registry import WorkerRegistry
+
+logger = logging.getLogger(__name__)
+
+SEND, DELIVER, STEP_END, PULLED, KV_EVENT, HEARTBEAT, CALL = range(7)
+MODEL_NAME = "simulated"
+
+
+class Simulator:
+    def __init__(self, config: SimConfig, model,
+                 on_step: Callable[[SimWorker, object], None] | None = None):
+        self.config = config
+        self.model = model
+        self.on_step = on_step  # test hook: sees every scheduled batch
+        self.router = Router(config.routing, config.block_size)
+        self.registry = WorkerRegistry(MODEL_NAME, config.block_size)
+        self.workers: dict[str, SimWorker] = {}
+        roles = ["prefill"] * config.num_prefill + ["decode"] * config.num_decode
+        counters = {"prefill": 0, "decode": 0}
+        for role in roles:
+            worker_id = f"{role}-{counters[role]}"
+            counters[role] += 1
+            state = self.registry.register(Registration(
+                worker_id, role, f"sim:{worker_id}", config.block_size, MODEL_NAME,
+                config.num_kv_blocks), 0.0)
+            worker = SimWorker(worker_id, role, config, model, state)
+            self.workers[worker_id] = worker
+            self.router.indexes[role].add_worker(worker_id)
+            worker.block_manager.subscribe(self._kv_listener(worker))
+        self.pools = {role: self.registry.pool(role) for role in ("decode", "prefill")}
+        self._heap: list = []
+        self._counter = 0
+        self.now_s = 0.0
+        self.num_remote_prefills = 0
+
+    # ---- public API ----------------------------------------------------------------------------
+
+    def run(self, requests: Seq[BenchRequest], offsets_s: Seq[float],
+            max_concurrency: int | None = None) -> SimResult:
+        if len(offsets_s) != len(requests):
+            raise ValueError("one arrival offset per request is needed")
+        if max_concurrency is not None and max_concurrency <= 0:
+            raise ValueError(f"--max-concurrency must be positive, got {max_concurrency}")
+        started = time.perf_counter()
+        self.requests = [SimRequest(i, r, offsets_s[i]) for i, r in enumerate(requests)]
+        self._successors: dict[int, list[int]] = {}
+        self._max_concurrency = max_concurrency
+        self._num_active = 0
+        self._slot_queue: deque[int] = deque()
+        self._num_unfinished = len(requests)
+        for index, previous in enumerate(session_predecessors(requests)):
+            if previous is None:
+                self._push(offsets_s[index], SEND, index)
+            else:
+                self._successors.setdefault(previous, []).append(index)
+        if requests:
+            self._push(self.config.heartbeat_interval_s, HEARTBEAT, None)
+        self._loop()
+        return SimResult(self.requests, self, time.perf_counter() - started)
+
+    # ---- the event loop --------------------------------------------------------------------------
+
+    def _push(self, time_s: float, kind: int, payload) -> None:
+        self._counter += 1
+        heapq.heappush(self._heap, (time_s, self._counter, kind, payload))
+
+    def _loop(self) -> None:
+        heap = self._heap
+        pop = heapq.heappop
+        while heap:
+            now_s, _, kind, payload = pop(heap)
+            self.now_s = now_s
+            if kind == STEP_END:
+                self._on_step_end(payload)
+            elif kind == DELIVER:
+                self._deliver(*payload)
+            elif kind == CALL:
+                payload()
+            elif kind == SEND:
+                self._on_send(payload)
+            elif kind == PULLED:
+                self._on_pulled(*payload)
+            elif kind == KV_EVENT:
+                worker, event = payload
+                self.router.indexes[worker.role].apply(worker.worker_id, event)
+            elif kind == HEARTBEAT:
+                self._on_heartbeat()
+
+    def _later(self, delay_s: float, fn: Callable[[], None]) -> None:
+        """Run fn at now + delay (at once when there is no delay)."""
+        if delay_s > 0:
+            self._push(self.now_s + delay_s, CALL, fn)
+        else:
+            fn()
+
+    def _send_op(self, worker: SimWorker, op: Callable[[], None]) -> None:
+        """An operation that reaches `worker` one RPC hop from now."""
+        if self.config.rpc_s > 0:
+            self._push(self.now_s + self.config.rpc_s, DELIVER, (worker, op))
+        else:
+            self._deliver(worker, op)
+
+    def _deliver(self, worker: SimWorker, op: Callable[[], None]) -> None:
+        worker.ops.append(op)
+        if worker.is_idle:
+            self._start_step(worker)
+
+    def _start_step(self, worker: SimWorker) -> None:
+        end_s = worker.start_step(self.now_s)
+        if end_s is not None:
+            if self.on_step is not None:
+                self.on_step(worker, worker.batch)
+            self._push(end_s, STEP_END, worker)
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def _on_send(self, index: int) -> None:
+        if self._max_concurrency is not None and self._num_active >= self._max_concurrency:
+            self._slot_queue.append(index)
+            return
+        self._num_active += 1
+        request = self.requests[index]
+        request.send_s = self.now_s
+        self._later(self.config.frontend_overhead_s, lambda: self._on_route(index))
+
+    def _on_route(self, index: int) -> None:
+        request = self.requests[index]
+        prompt = request.bench.prompt_token_ids
+        if len(prompt) >= self.config.max_model_len or not prompt:
+            self._fail(request, f"the prompt has {len(prompt)} tokens; the context is "
+                                f"{self.config.max_model_len}")
+            return
+        request.block_hashes = hash_prompt_blocks(prompt, self.config.block_size)
+        decision = self.router.route(request.request_id, len(prompt), request.block_hashes,
+                                     self.pools["decode"], self.pools["prefill"])
+        request.decode_worker = self.workers[decision.decode_worker]
+        if decision.prefill_worker is None:
+            worker = request.decode_worker
+        else:
+            self.num_remote_prefills += 1
+            worker = request.prefill_worker = self.workers[decision.prefill_worker]
+        self._send_op(worker, lambda: self._add_local(worker, request))
+
+    def _new_sequence(self, request: SimRequest) -> Sequence:
+        bench = request.bench
+        return Sequence(request.request_id, list(bench.prompt_token_ids),
+                        SamplingParams(max_tokens=bench.output_len, temperature=0.0,
+                                       ignore_eos=True),
+                        self.config.block_size, arrival_time=request.send_s,
+                        block_hashes=list(request.block_hashes))
+
+    def _add_local(self, worker: SimWorker, request: SimRequest) -> None:
+        seq = self._new_sequence(request)
+        try:
+            worker.scheduler.add(seq)
+        except ValueError as err:
+            self._fail(request, str(err))
+            return
+        request.seq = seq
+
+    def _on_step_end(self, worker: SimWorker) -> None:
+        advanced = worker.finish_step()
+        token_s = self.now_s + self.config.rpc_s
+        requests = self.requests
+        for seq in advanced:
+            request = requests[int(seq.request_id)]
+            if worker.role == "prefill":
+                self._later(self.config.rpc_s, lambda r=request, s=seq: self._on_prefilled(r, s))
+                continue
+            if not request.token_times_s:
+                request.cached_tokens = seq.num_cached_prompt_tokens
+                self._later(self.config.rpc_s,
+                            lambda rid=request.request_id: self.router.on_first_token(rid))
+            request.token_times_s.append(token_s)
+            if seq.is_finished:
+                self._later(self.config.rpc_s, lambda r=request: self._on_finished(r))
+        self._start_step(worker)
+
+    def _on_prefilled(self, request: SimRequest, prefill_seq: Sequence) -> None:
+        """The frontend has the prefill worker's answer: stream the first token, hand over."""
+        request.token_times_s.append(self.now_s)
+        request.cached_tokens = prefill_seq.num_cached_prompt_tokens
+        self.router.on_first_token(request.request_id)
+        prefill = request.prefill_worker
+        if request.bench.output_len <= 1:  # the first token ended it: free the pinned copy
+            self._send_op(prefill, lambda: prefill.scheduler.release_pinned(request.request_id))
+            self._on_finished(request)
+            return
+        first_token_id = prefill_seq.token_ids[-1]
+        decode = request.decode_worker
+        self._send_op(decode, lambda: self._add_remote(decode, prefill, request, first_token_id))
+
+    def _add_remote(self, decode: SimWorker, prefill: SimWorker, request: SimRequest,
+                    first_token_id: int) -> None:
+        seq = self._new_sequence(request)
+        try:
+            plan = decode.scheduler.add_remote(seq, first_token_id)
+        except ValueError as err:
+            self._send_op(prefill, lambda: prefill.scheduler.release_pinned(request.request_id))
+            self._fail(request, str(err))
+            return
+        request.seq = seq
+        if plan is None or not plan[1]:
+            # Queued for a local recompute, or everything was cached here: no READ, so the
+            # frontend-side release frees the prefill worker's copy.
+            self._send_op(prefill, lambda: prefill.scheduler.release_pinned(request.request_id))
+            if plan is not None:
+                decode.scheduler.complete_remote(request.request_id, True)
+            return
+        num_bytes = len(plan[1]) * self.config.block_size * self.model.kv_bytes_per_token
+        request.kv_transfer_bytes = num_bytes
+        self._push(self.now_s + self.model.transfer_s(num_bytes), PULLED,
+                   (decode, prefill, request))
+
+    def _on_pulled(self, decode: SimWorker, prefill: SimWorker, request: SimRequest) -> None:
+        rid = request.request_id
+        self._deliver(decode, lambda: decode.scheduler.complete_remote(rid, True))
+        self._deliver(prefill, lambda: prefill.scheduler.release_pinned(rid))
+
+    def _on_finished(self, request: SimRequest) -> None:
+        request.done = True
+        self.router.on_finished(request.request_id)
+        self._num_unfinished -= 1
+        self._num_active -= 1
+        if self._slot_queue:
+            self._push(self.now_s, SEND, self._slot_queue.popleft())
+        for index in self._successors.pop(request.index, ()):
+            self._push(max(self.now_s, self.requests[index].offset_s), SEND, index)
+
+    def _fail(self, request: SimRequest, error: str) -> None:
+        logger.warning("request %s failed: %s", request.request_id, error)
+        request.error = error
+        self._on_finished(request)
+
+    # ---- router feeds --------------------------------------------------------------------------
+
+    def _kv_listener(self, worker: SimWorker):
+        index = self.router.indexes[worker.role]
+        worker_id = worker.worker_id
+
+        def on_event(event) -> None:
+            if self.config.kv_event_delay_s > 0:
+                self._push(self.now_s + self.config.kv_event_delay_s, KV_EVENT, (worker, event))
+            else:
+                index.apply(worker_id, event)
+        return on_event
+
+    def _on_heartbeat(self) -> None:
+        for worker in self.workers.values():
+            scheduler = worker.scheduler
+            manager = worker.block_manager
+            stats = WorkerStats(
+                num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+                num_blocks=manager.num_blocks, num_free_blocks=manager.num_free_blocks,
+                prefix_cache_queries=scheduler.prefix_cache_queries,
+                prefix_cache_hits=scheduler.prefix_cache_hits,
+                num_pinned_requests=scheduler.num_pinned_requests)
+            self.registry.heartbeat(worker.worker_id, stats, self.now_s)
+            self.router.on_worker_stats(worker.state)
+        if self._num_unfinished > 0:
+            self._push(self.now_s + self.config.heartbeat_interval_s, HEARTBEAT, None)
