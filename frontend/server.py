@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import uvicorn
@@ -18,11 +18,13 @@ import uvicorn
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.engine.model_info import ModelInfo
 from tandem.frontend.control_service import ControlService
-from tandem.frontend.grpc_api import add_public_services, set_health
+from tandem.frontend.admission import AdmissionConfig, AdmissionGate
+from tandem.frontend.grpc_api import GenerationService, add_public_services, set_health
 from tandem.frontend.metrics import FrontendMetrics
-from tandem.frontend.openai_api import create_app
+from tandem.frontend.openai_api import create_app, default_rules, tokenizer_thread
 from tandem.frontend.pipeline import Pipeline
 from tandem.frontend.kv_follower import KVEventFollower
+from tandem.frontend.request_rules import RequestLimits
 from tandem.router.routing import Router, RoutingConfig
 from tandem.router.worker_registry import WorkerRegistry, WorkerState
 
@@ -31,14 +33,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class FrontendConfig:
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"          # loopback unless told otherwise (DESIGN.md, "Addresses")
     http_port: int = 8000
     grpc_port: int = 50051
     control_port: int = 0            # the internal API; 0 picks a free port
-    block_size: int = 16
     heartbeat_interval_s: float = 0.5
     stale_after_s: float = 5.0       # a worker silent this long is dropped
-    routing: RoutingConfig = RoutingConfig()
+    # Client-facing bounds, each explained where it is defined (request_rules, admission).
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("http_port", "grpc_port", "control_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be a TCP port in [0, 65535], got {port}")
+        if not 0 < self.heartbeat_interval_s < self.stale_after_s:
+            raise ValueError("need 0 < heartbeat_interval_s < stale_after_s, got "
+                             f"{self.heartbeat_interval_s} and {self.stale_after_s}")
 
 
 class _QuietServer(uvicorn.Server):
@@ -50,14 +62,22 @@ class _QuietServer(uvicorn.Server):
 
 
 class Frontend:
-    def __init__(self, model: ModelInfo, tokenizer, config: FrontendConfig):
+    def __init__(self, model: ModelInfo, tokenizer, config: FrontendConfig,
+                 routing: RoutingConfig, block_size: int):
         self.config = config
-        self.workers = WorkerRegistry(model.name, config.block_size, config.stale_after_s)
+        self.workers = WorkerRegistry(model.name, block_size, config.stale_after_s)
         self.metrics = FrontendMetrics(self.workers)
-        self.router = Router(config.routing, config.block_size)
+        self.router = Router(routing, block_size)
         self.pipeline = Pipeline(model, tokenizer, self.workers, self.router, self.metrics)
         self.follower = KVEventFollower(self.router.indexes, self.pipeline.stub)
-        self.app = create_app(self.pipeline, tokenizer, self.metrics.registry)
+        # Both APIs share one admission book, one set of rules and the one tokenizer thread.
+        self.gate = AdmissionGate(self.pipeline, config.admission)
+        self.rules = default_rules(self.pipeline, tokenizer, config.limits, model.config.vocab_size)
+        self.tokenize_executor = tokenizer_thread()
+        self.generation = GenerationService(self.gate, tokenizer, self.rules, self.tokenize_executor,
+                                            model.default_sampling_params())
+        self.app = create_app(self.gate, tokenizer, self.metrics.registry, limits=config.limits,
+                              rules=self.rules, tokenize_executor=self.tokenize_executor)
         self.http: _QuietServer | None = None
         self.http_task: asyncio.Task | None = None
         self.grpc_server: grpc.aio.Server | None = None
@@ -74,8 +94,11 @@ class Frontend:
         control_port = self.control_server.add_insecure_port(f"127.0.0.1:{config.control_port}")
         await self.control_server.start()
         self.control_address = f"127.0.0.1:{control_port}"
-        self.grpc_server = grpc.aio.server()
-        self.health = add_public_services(self.grpc_server, self.pipeline)
+        message_limit = config.limits.max_request_bytes
+        self.grpc_server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", message_limit),
+            ("grpc.max_send_message_length", message_limit)])
+        self.health = add_public_services(self.grpc_server, self.generation)
         self.grpc_port = self.grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}")
         await self.grpc_server.start()
         self.http = _QuietServer(uvicorn.Config(self.app, host=config.host, port=config.http_port,
@@ -151,3 +174,4 @@ class Frontend:
                 await server.stop(1.0)
         await self.follower.close()
         await self.pipeline.close()
+        self.tokenize_executor.shutdown(wait=False, cancel_futures=True)

@@ -13,13 +13,14 @@ from tandem.launcher.worker import add_worker_parser
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="random:tiny",
-                        help="an HF model directory or random:<preset> (default: random:tiny)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=16)
+    # Unset flags take EngineConfig's defaults: one place for each.
+    parser.add_argument("--model", help="an HF model directory or random:<preset> "
+                        "(default: random:tiny)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (default: auto)")
+    parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    parser.add_argument("--num-kv-blocks", type=int, help="KV blocks (default: sized from memory)")
+    parser.add_argument("--block-size", type=int, help="tokens per KV block (default: 16)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +41,9 @@ def generate_main(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
         ignore_eos=args.ignore_eos)
-    llm = LLM(model=args.model, device=args.device, dtype=args.dtype,
-              max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
-              block_size=args.block_size)
+    engine_flags = ("model", "device", "dtype", "max_model_len", "num_kv_blocks", "block_size")
+    llm = LLM(**{name: getattr(args, name) for name in engine_flags
+                 if getattr(args, name) is not None})
     for output in llm.generate(args.prompts, params):
         completion = output.outputs[0]
         print(f"prompt: {output.prompt!r}")

@@ -1,8 +1,8 @@
 """Deployment: starting and stopping worker processes.
 
-`Deployment` is the one small interface the frontend uses; `LocalDeployment` runs each worker as a
-child process of this machine (`tandem worker ...`), one GPU each when GPUs are used. A Ray
-implementation provides the same four methods with Ray actors.
+`Deployment` is the one small interface the launcher uses; `LocalDeployment` runs each worker as a
+child process of this machine (`tandem worker`, its spec in the environment), one GPU each when GPUs
+are used. A Ray implementation provides the same methods with Ray actors.
 """
 
 from __future__ import annotations
@@ -13,26 +13,19 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Protocol
+
+from tandem.worker.config import WorkerOptions
 
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSpec:
-    worker_id: str
-    role: str                        # prefill | decode
-    frontend: str                    # host:port of the frontend's control API
-    model: str
-    device: str = "cpu"              # cpu, or cuda:N for the N-th visible GPU
-    args: tuple[str, ...] = field(default_factory=tuple)  # further `tandem worker` flags
+SPEC_ENV = "TANDEM_WORKER_SPEC"  # the worker's spec travels here, not on its command line
 
 
 class Deployment(Protocol):
-    def start_worker(self, spec: WorkerSpec) -> None: ...
+    def start_worker(self, spec: WorkerOptions) -> None: ...
 
     def stop_worker(self, worker_id: str, timeout_s: float) -> None: ...
 
@@ -59,18 +52,17 @@ class LocalDeployment:
         self.log_level = log_level
         self.processes: dict[str, subprocess.Popen] = {}
 
-    def start_worker(self, spec: WorkerSpec) -> None:
+    def start_worker(self, spec: WorkerOptions) -> None:
         env = dict(os.environ)
-        device = spec.device
+        device = spec.engine.device
         if device.startswith("cuda:"):
             # One GPU per worker: the worker sees only its own, as cuda:0.
             env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-            device = "cuda"
-        command = [sys.executable, "-m", "tandem.launcher.cli", "--log-level", self.log_level, "worker",
-                   "--worker-id", spec.worker_id, "--role", spec.role, "--frontend", spec.frontend,
-                   "--model", spec.model, "--device", device, "--parent-pid", str(os.getpid()),
-                   *spec.args]
-        logger.info("starting %s worker %s on %s", spec.role, spec.worker_id, spec.device)
+            spec = replace(spec, engine=replace(spec.engine, device="cuda"))
+        env[SPEC_ENV] = spec.to_json()
+        command = [sys.executable, "-m", "tandem.launcher.cli", "--log-level", self.log_level,
+                   "worker", "--parent-pid", str(os.getpid())]
+        logger.info("starting %s worker %s on %s", spec.role, spec.worker_id, device)
         self.processes[spec.worker_id] = subprocess.Popen(command, env=env)
 
     def stop_worker(self, worker_id: str, timeout_s: float) -> None:

@@ -22,8 +22,12 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str = "random:tiny", **engine_options):
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
+    def __init__(self, model: str | None = None, **engine_options):
+        """`model`: an HF model directory or random:<preset> (None: EngineConfig's default);
+        `engine_options`: any other EngineConfig field."""
+        if model is not None:
+            engine_options["model"] = model
+        self.engine = LLMEngine(EngineConfig(**engine_options))
         self.tokenizer = load_tokenizer(self.engine.model_dir)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()

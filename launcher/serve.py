@@ -1,7 +1,8 @@
 """`tandem serve`: a frontend plus N prefill and M decode workers, each in its own process.
 
-Flags can also come from a YAML file (`--config`), whose keys mirror the flags (`num_prefill`,
-`http_port`, ...); flags given on the command line win. SIGINT or SIGTERM drains: new requests are
+Settings come from flags, `TANDEM_*` environment variables and a YAML file (`--config`), in that
+order of precedence, into one nested `ServeConfig` (launcher/config.py); each worker gets its spec
+serialized. SIGINT or SIGTERM drains: new requests are
 refused, requests in flight finish within `--drain-timeout-s`, then workers are stopped and the
 process exits with nothing left behind.
 """
@@ -13,52 +14,16 @@ import asyncio
 import logging
 import os
 import signal
-from dataclasses import dataclass, fields
+from dataclasses import replace
 
-import yaml
-
-from tandem.launcher.deploy import Deployment, LocalDeployment, WorkerSpec
+from tandem.launcher.config import SETTINGS, ServeConfig, build_serve_config, default_of, field_type
+from tandem.launcher.deploy import Deployment, LocalDeployment
 from tandem.engine.model_info import describe_model
 from tandem.engine.tokenizer import load_tokenizer
+from tandem.frontend.server import Frontend
+from tandem.worker.config import WorkerOptions
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class ServeConfig:
-    model: str = "random:tiny"
-    num_prefill: int = 1
-    num_decode: int = 1
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 50051
-    device: str = "auto"               # auto | cpu | cuda
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    gpu_memory_utilization: float = 0.9
-    remote_prefill_min_tokens: int = 256
-    max_prefill_queue: int = 8
-    router_mode: str = "kv"            # kv | round-robin | random | least-loaded
-    # Cost of one uncached prompt block against one active block. 4 rather than DESIGN.md's
-    # starting 1: it kept shared prefixes together (97% against 84% of the ideal hit rate) at a
-    # TTFT p50 within 3% or better in every run of benchmarks/RESULTS.md ("KV-aware routing").
-    kv_overlap_weight: float = 4.0
-    router_temperature: float = 0.0    # 0: always the cheapest worker; > 0: sample by cost
-    kv_lease_s: float = 30.0
-    transfer_timeout_s: float = 30.0
-    drain_timeout_s: float = 30.0
-    ready_timeout_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        if self.num_decode < 1:
-            raise ValueError(f"num_decode must be at least 1, got {self.num_decode}")
-        if self.num_prefill < 0:
-            raise ValueError(f"num_prefill must be 0 or more, got {self.num_prefill}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
 
 def worker_devices(device: str, num_workers: int) -> list[str]:
@@ -75,45 +40,31 @@ def worker_devices(device: str, num_workers: int) -> list[str]:
     return [f"cuda:{i}" for i in range(num_workers)]
 
 
-def worker_specs(config: ServeConfig, frontend: str) -> list[WorkerSpec]:
+def worker_specs(config: ServeConfig, frontend: str) -> list[WorkerOptions]:
+    """One spec per worker, each with the serve config's engine in the worker's role."""
     roles = ["prefill"] * config.num_prefill + ["decode"] * config.num_decode
     devices = worker_devices(config.device, len(roles))
-    args = ["--block-size", str(config.block_size), "--max-num-seqs", str(config.max_num_seqs),
-            "--max-num-batched-tokens", str(config.max_num_batched_tokens),
-            "--gpu-memory-utilization", str(config.gpu_memory_utilization),
-            "--lease-s", str(config.kv_lease_s),
-            "--transfer-timeout-s", str(config.transfer_timeout_s)]
-    if config.num_kv_blocks is not None:
-        args += ["--num-kv-blocks", str(config.num_kv_blocks)]
-    if config.max_model_len is not None:
-        args += ["--max-model-len", str(config.max_model_len)]
-    if config.num_prefill == 0:
-        args.append("--no-kv-transfer")  # aggregated: nothing to pull
-    if devices and devices[0] == "cpu":
-        # Workers on one CPU share its cores instead of each spawning a thread per core.
-        args += ["--cpu-threads", str(max(1, (os.cpu_count() or 1) // len(roles)))]
+    # Workers on one CPU share its cores instead of each spawning a thread per core.
+    cpu_threads = max(1, (os.cpu_count() or 1) // len(roles)) if devices[0] == "cpu" else None
+    worker_config = replace(config.worker, host=config.frontend.host)
     counters = {"prefill": 0, "decode": 0}
     specs = []
     for role, device in zip(roles, devices):
-        specs.append(WorkerSpec(f"{role}-{counters[role]}", role, frontend, config.model,
-                                device, tuple(args)))
+        engine = replace(config.engine, role=role, device=device)
+        specs.append(WorkerOptions(
+            f"{role}-{counters[role]}", role, frontend, engine, worker_config,
+            enable_kv_transfer=config.num_prefill > 0,  # aggregated: nothing to pull
+            cpu_threads=cpu_threads))
         counters[role] += 1
     return specs
 
 
 async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
-    from tandem.frontend.server import Frontend, FrontendConfig
-    from tandem.router.kv_policy import KVPolicyConfig
-    from tandem.router.routing import RoutingConfig
-
-    model = describe_model(config.model, config.max_model_len)
+    if config.planner.mode != "off":
+        raise ValueError(f"--planner {config.planner.mode}: only 'off' can be served so far")
+    model = describe_model(config.engine.model, config.engine.max_model_len)
     tokenizer = load_tokenizer(None if model.model_dir is None else str(model.model_dir))
-    frontend = Frontend(model, tokenizer, FrontendConfig(
-        host=config.host, http_port=config.http_port, grpc_port=config.grpc_port,
-        block_size=config.block_size,
-        routing=RoutingConfig(config.remote_prefill_min_tokens, config.max_prefill_queue,
-                              KVPolicyConfig(config.router_mode, config.kv_overlap_weight,
-                                             config.router_temperature))))
+    frontend = Frontend(model, tokenizer, config.frontend, config.router, config.engine.block_size)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -127,8 +78,9 @@ async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
             config.ready_timeout_s, deployment.dead_workers, stop)
         if not ready:
             return 0  # interrupted while starting
-        print(f"tandem ready: http://{config.host}:{config.http_port} grpc "
-              f"{config.host}:{frontend.grpc_port} model {config.model} "
+        host = config.frontend.host
+        print(f"tandem ready: http://{host}:{config.frontend.http_port} grpc "
+              f"{host}:{frontend.grpc_port} model {config.engine.model} "
               f"({config.num_prefill} prefill, {config.num_decode} decode)", flush=True)
         while not stop.is_set():
             frontend.forget_workers(deployment.dead_workers())
@@ -147,34 +99,25 @@ async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
 
 
 def add_serve_parser(commands) -> None:
-    parser = commands.add_parser("serve", help="serve a model: frontend, prefill and decode workers")
+    parser = commands.add_parser(
+        "serve", help="serve a model: frontend, prefill and decode workers",
+        description="Each setting is a flag, a TANDEM_<NAME> environment variable (TANDEM_NUM_DECODE=2) "
+                    "and a key of the --config YAML file (num_decode: 2). Precedence: flag > "
+                    "environment > YAML > default.")
     parser.add_argument("--config", help="YAML file whose keys mirror these flags")
-    defaults = ServeConfig()
-    flag_types = {"int": int, "int | None": int, "float": float, "str": str}
-    for f in fields(ServeConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=flag_types[f.type],
-                            default=None, help=f"default: {getattr(defaults, f.name)}")
+    for setting in SETTINGS:
+        kind = "str" if setting.name == "slo" else field_type(setting).split("|")[0].strip()
+        default = "unset" if setting.name == "slo" else default_of(setting)
+        parser.add_argument("--" + setting.name.replace("_", "-"), default=None,
+                            type={"int": int, "float": float}.get(kind, str),
+                            nargs="+" if setting.name == "slo" else None,
+                            help=f"{setting.help} (default: {default})")
     parser.set_defaults(func=serve_main)
 
 
 def load_serve_config(args: argparse.Namespace) -> ServeConfig:
-    values: dict = {}
-    if args.config:
-        with open(args.config) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config}: expected a mapping of settings")
-        known = {f.name for f in fields(ServeConfig)}
-        for key, value in loaded.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ValueError(f"{args.config}: unknown setting {key!r}")
-            values[name] = value
-    for f in fields(ServeConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            values[f.name] = value
-    return ServeConfig(**values)
+    flags = {s.name: getattr(args, s.name, None) for s in SETTINGS}
+    return build_serve_config(flags, args.config)
 
 
 def serve_main(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""A worker process: `tandem worker --role prefill|decode ...`, started by the deployment layer.
+"""A worker process: `tandem worker`, started by the deployment layer with its spec (a serialized
+`WorkerOptions`) in the environment variable TANDEM_WORKER_SPEC.
 
 It builds the engine, registers the whole KV cache with a NIXL agent, serves the Worker gRPC API,
 registers with the frontend and sends heartbeats. SIGTERM or SIGINT stops it: the gRPC server gets a
@@ -10,16 +11,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 import grpc
 
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
-from tandem.launcher.deploy import die_with_parent
-from tandem.engine.config import EngineConfig
+from tandem.launcher.deploy import SPEC_ENV, die_with_parent
 from tandem.engine.llm_engine import LLMEngine
-from tandem.worker.base import WorkerBase, WorkerOptions, register_and_heartbeat
+from tandem.worker.base import WorkerBase, register_and_heartbeat
+from tandem.worker.config import WorkerOptions
 
 logger = logging.getLogger(__name__)
 
@@ -80,45 +82,26 @@ async def serve_worker(options: WorkerOptions) -> None:
 
 
 def add_worker_parser(commands) -> None:
-    parser = commands.add_parser("worker", help="one worker process (started by `tandem serve`)")
-    parser.add_argument("--worker-id", required=True)
-    parser.add_argument("--role", choices=("prefill", "decode"), required=True)
-    parser.add_argument("--frontend", required=True, help="host:port of the frontend's control API")
-    parser.add_argument("--model", default="random:tiny")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--lease-s", type=float, default=30.0)
-    parser.add_argument("--transfer-timeout-s", type=float, default=30.0)
-    parser.add_argument("--no-kv-transfer", action="store_true")
+    parser = commands.add_parser(
+        "worker", help="one worker process (started by `tandem serve`)",
+        description=f"Reads its spec, a JSON WorkerOptions, from the environment variable "
+                    f"{SPEC_ENV} (not the command line, which every local user can read).")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="exit when this process (the frontend) exits")
-    parser.add_argument("--cpu-threads", type=int, default=None,
-                        help="torch threads on a CPU (default: torch's choice)")
     parser.set_defaults(func=worker_main)
 
 
 def worker_main(args: argparse.Namespace) -> int:
+    spec = os.environ.pop(SPEC_ENV, None)
+    if spec is None:
+        raise ValueError(f"no worker spec: `tandem worker` is started by `tandem serve`, which "
+                         f"passes it in {SPEC_ENV}")
+    options = WorkerOptions.from_json(spec)
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
-    if args.cpu_threads:
+    if options.cpu_threads:
         import torch
-        torch.set_num_threads(args.cpu_threads)
+        torch.set_num_threads(options.cpu_threads)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    engine = EngineConfig(
-        model=args.model, role=args.role, device=args.device, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization)
-    options = WorkerOptions(
-        worker_id=args.worker_id, role=args.role, frontend=args.frontend, engine=engine,
-        host=args.host, port=args.port, lease_s=args.lease_s,
-        transfer_timeout_s=args.transfer_timeout_s, enable_kv_transfer=not args.no_kv_transfer)
     asyncio.run(serve_worker(options))
     return 0

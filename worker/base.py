@@ -8,32 +8,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
 from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.engine.async_engine import AsyncEngine
-from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
+from tandem.worker.config import WorkerOptions
 from tandem.contracts.wire import kv_event_to_proto, registration_to_proto, worker_stats_to_proto
 from tandem.contracts.worker_stats import Registration, WorkerStats
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class WorkerOptions:
-    worker_id: str
-    role: str                    # prefill | decode
-    frontend: str                # host:port of the frontend's Control service
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    host: str = "127.0.0.1"
-    port: int = 0                # 0: any free port
-    lease_s: float = 30.0        # prefill: pinned blocks are freed after this even if never pulled
-    transfer_timeout_s: float = 30.0  # decode: a pull slower than this falls back to recompute
-    enable_kv_transfer: bool = True
 
 
 @dataclass(slots=True)

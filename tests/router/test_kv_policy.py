@@ -12,7 +12,8 @@ from tandem.router.kv_policy import (ActiveLoadTracker, KVPolicyConfig, KVRouter
 
 
 def policy(**config) -> KVRouterPolicy:
-    return KVRouterPolicy(KVPolicyConfig(**config))
+    """A policy whose overlap weight is 1 unless given: the cost arithmetic below reads plainly."""
+    return KVRouterPolicy(KVPolicyConfig(**{"overlap_weight": 1.0, **config}))
 
 
 @pytest.mark.parametrize("config, message", [
