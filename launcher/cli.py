@@ -1,5 +1,6 @@
-"""The `tandem` command line: `serve` (the main job), `generate` (offline), `worker` (one worker
-process, started by `serve`)."""
+"""The `tandem` command line: `serve` (the main job), `generate` (offline), `bench` (load against a
+server), `profile`, `simulate` and `plan` (capacity planning), `worker` (one worker process, started
+by `serve`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import logging
 import sys
 
 from tandem.bench import add_bench_parser
+from tandem.planner.profile_cli import add_profile_parser
+from tandem.planner.simulate_cli import add_simulate_parser
 from tandem.launcher.serve import add_serve_parser
 from tandem.launcher.worker import add_worker_parser
 
@@ -63,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=generate_main)
     add_serve_parser(commands)
     add_bench_parser(commands)
+    add_profile_parser(commands)
+    add_simulate_parser(commands)
     add_worker_parser(commands)
     return parser
 
