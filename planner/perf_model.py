@@ -49,7 +49,7 @@ class Curve:
         for x, t in points:
             merged.setdefault(float(x), []).append(float(t))
         xs = sorted(merged)
-        ys = [sum(merged[x]) / len(merged[x]) for x in xs]  # repeated x: their mean
+        ys = non_decreasing([sum(merged[x]) / len(merged[x]) for x in xs])
         self.log_log = log_log
         if log_log:
             xs = [math.log(max(x, 1.0)) for x in xs]
@@ -72,6 +72,23 @@ class Curve:
                 slope = 0.0  # never extrapolate a falling time
             y = y0 + slope * (x - x0)
         return math.exp(y) if self.log_log else max(y, 0.0)
+
+
+def non_decreasing(ys: list[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators).
+
+    More work never takes less time; where a measurement says otherwise it is noise (a host hiccup
+    in one of a few repeats), and pooling it with its neighbours keeps it from bending the curve.
+    """
+    blocks: list[list[float]] = []  # [mean, count]
+    for y in ys:
+        blocks.append([y, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            mean, count = blocks.pop()
+            prev = blocks[-1]
+            prev[0] = (prev[0] * prev[1] + mean * count) / (prev[1] + count)
+            prev[1] += count
+    return [mean for mean, count in blocks for _ in range(int(count))]
 
 
 class CurveFamily:

@@ -72,6 +72,7 @@ def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=grid.max_step_tokens,
         max_model_len=settings.max_model_len))
     probe = StepProbe(engine, settings.seed)
+    probe.warm_up(min(grid.max_step_tokens, 1024))
     points = plan_points(grid, engine.num_blocks, settings.block_size, engine.max_model_len,
                          settings.max_num_seqs)
     results: dict[str, list[dict]] = {"prefill": [], "decode": [], "mixed": []}
@@ -96,8 +97,8 @@ def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
         "kv_bytes_per_token": kv_bytes_per_token,
         "engine": _engine_settings(engine),
         "grid": dataclasses.asdict(grid),
-        "timing": "wall time of LLMEngine.step() between device synchronizations; "
-                  "median of the timed repeats after warm-up",
+        "timing": "wall time of LLMEngine.step() between device synchronizations, garbage "
+                  "collector paused; median of the timed repeats after warm-up",
         **results,
         "transfer": transfer,
     }

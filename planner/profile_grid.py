@@ -15,8 +15,14 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class Repeats:
-    warmup: int   # steps run first and discarded (kernel compilation, caches)
-    timed: int    # steps whose median is reported
+    warmup: int          # steps run first and discarded (kernel compilation, caches)
+    min_timed: int       # steps whose median is reported: at least this many,
+    max_timed: int       # and up to this many while their total stays under budget_s
+    budget_s: float = 0.5
+
+    @property
+    def max_steps(self) -> int:
+        return self.warmup + self.max_timed
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +53,8 @@ def default_grid(device_type: str, quick: bool = False) -> ProfileGrid:
             decode_batch_sizes=(1, 4), decode_context_tokens=(32, 128),
             mixed_new_tokens=(32, 64), mixed_cached_tokens=(0,), mixed_batch_sizes=(2, 4),
             mixed_context_tokens=(64,),
-            repeats={"prefill": Repeats(1, 3), "decode": Repeats(1, 3), "mixed": Repeats(1, 3)},
+            repeats={"prefill": Repeats(1, 3, 3), "decode": Repeats(1, 3, 3),
+                     "mixed": Repeats(1, 3, 3)},
             transfer_max_blocks=16)
     if device_type == "cuda":
         return ProfileGrid(
@@ -58,13 +65,15 @@ def default_grid(device_type: str, quick: bool = False) -> ProfileGrid:
             decode_context_tokens=(128, 512, 2048, 8192, 32768),
             mixed_new_tokens=(128, 512, 2048), mixed_cached_tokens=(0, 4096),
             mixed_batch_sizes=(8, 64, 192), mixed_context_tokens=(1024, 4096),
-            repeats={"prefill": Repeats(1, 3), "decode": Repeats(2, 8), "mixed": Repeats(1, 3)})
+            repeats={"prefill": Repeats(1, 3, 7), "decode": Repeats(2, 8, 8),
+                     "mixed": Repeats(1, 3, 7)})
     return ProfileGrid(
         prefill_new_tokens=(16, 32, 64, 128, 256, 512, 1024), prefill_cached_tokens=(0, 1024, 3072),
         decode_batch_sizes=(1, 2, 4, 8, 16, 32, 64), decode_context_tokens=(64, 256, 1024),
         mixed_new_tokens=(64, 256), mixed_cached_tokens=(0, 1024), mixed_batch_sizes=(4, 16),
         mixed_context_tokens=(256,),
-        repeats={"prefill": Repeats(1, 5), "decode": Repeats(1, 5), "mixed": Repeats(1, 5)},
+        repeats={"prefill": Repeats(1, 3, 7), "decode": Repeats(1, 5, 5),
+                 "mixed": Repeats(1, 3, 7)},
         transfer_max_blocks=256)
 
 
@@ -81,7 +90,7 @@ def plan_points(grid: ProfileGrid, num_kv_blocks: int, block_size: int, max_mode
             if cached + new < max_model_len and _blocks(cached + new + 1, block_size) \
                     <= num_kv_blocks:
                 points.append(("prefill", (new, cached)))
-    decode_steps = grid.repeats["decode"].warmup + grid.repeats["decode"].timed
+    decode_steps = grid.repeats["decode"].max_steps
     for batch in grid.decode_batch_sizes:
         if batch > max_num_seqs:
             continue
@@ -91,7 +100,7 @@ def plan_points(grid: ProfileGrid, num_kv_blocks: int, block_size: int, max_mode
         if fill > 0 and (not fits or fill >= 1.25 * fits[-1]):
             fits.append(fill)
         points.extend(("decode", (batch, c)) for c in fits)
-    mixed_steps = grid.repeats["mixed"].warmup + grid.repeats["mixed"].timed
+    mixed_steps = grid.repeats["mixed"].max_steps
     for batch in grid.mixed_batch_sizes:
         for context in grid.mixed_context_tokens:
             for cached in grid.mixed_cached_tokens:

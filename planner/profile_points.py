@@ -15,10 +15,12 @@ step is what a serving loop waits for. Each point is warmed up first and reports
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -86,57 +88,81 @@ class StepProbe:
     def step_s(self, expect_tokens: int) -> float:
         """Time one engine step; checks that it ran the batch that was placed."""
         self.sync()
-        start = time.perf_counter()
-        updates = self.engine.step()
-        self.sync()
-        seconds = time.perf_counter() - start
+        # The garbage collector would run on the profiler's own allocations (placed sequences),
+        # which serving does not make: pause it for the step, not for placement.
+        gc.disable()
+        try:
+            start = time.perf_counter()
+            updates = self.engine.step()
+            self.sync()
+            seconds = time.perf_counter() - start
+        finally:
+            gc.enable()
         if len(updates) != expect_tokens:
             raise RuntimeError(f"the step sampled {len(updates)} tokens, {expect_tokens} expected: "
                                "the placed batch did not run as placed (out of KV blocks?)")
         return seconds
 
+    def warm_up(self, num_new: int) -> None:
+        """Steps of each kind before the first point: clocks, allocator and caches settle."""
+        self.prefill(num_new, 0, Repeats(2, 1, 1))
+        self.mixed(num_new // 2, 0, 8, 128, Repeats(2, 1, 1))
+        self.decode(min(16, self.engine.config.max_num_seqs), 64, Repeats(8, 1, 1))
+
     # ---- the three step kinds ----------------------------------------------------------------
 
     def prefill(self, num_new: int, num_cached: int, repeats: Repeats) -> dict:
-        times = []
-        for i in range(repeats.warmup + repeats.timed):
+        def once() -> float:
             seq = self.place(num_cached + num_new, num_cached)
             seconds = self.step_s(expect_tokens=1)
             self.remove(seq)
-            if i >= repeats.warmup:
-                times.append(seconds)
+            return seconds
+
         return {"num_new_tokens": num_new, "num_cached_tokens": num_cached,
-                "seconds": statistics.median(times)}
+                "seconds": statistics.median(_repeat(once, repeats))}
 
     def decode(self, batch_size: int, context_tokens: int, repeats: Repeats) -> dict:
         """Decode steps of batch_size sequences of context_tokens each (they grow by one a step)."""
         seqs = [self.place(context_tokens, context_tokens - 1) for _ in range(batch_size)]
-        times, contexts = [], []
-        for i in range(repeats.warmup + repeats.timed):
-            context = sum(s.num_tokens for s in seqs)
-            seconds = self.step_s(expect_tokens=batch_size)
-            if i >= repeats.warmup:
-                times.append(seconds)
-                contexts.append(context)
+        contexts = []
+
+        def once() -> float:
+            contexts.append(sum(s.num_tokens for s in seqs))
+            return self.step_s(expect_tokens=batch_size)
+
+        times = _repeat(once, repeats)
         self.clear()
-        return {"batch_size": batch_size, "num_context_tokens": round(statistics.mean(contexts)),
+        return {"batch_size": batch_size,
+                "num_context_tokens": round(statistics.mean(contexts[-len(times):])),
                 "seconds": statistics.median(times)}
 
     def mixed(self, num_new: int, num_cached: int, batch_size: int, context_tokens: int,
               repeats: Repeats) -> dict:
         """A prefill chunk scheduled after a decode batch, as the running list orders them."""
         decodes = [self.place(context_tokens, context_tokens - 1) for _ in range(batch_size)]
-        times, contexts = [], []
-        for i in range(repeats.warmup + repeats.timed):
-            context = sum(s.num_tokens for s in decodes)
+        contexts = []
+
+        def once() -> float:
+            contexts.append(sum(s.num_tokens for s in decodes))
             seq = self.place(num_cached + num_new, num_cached)
             seconds = self.step_s(expect_tokens=batch_size + 1)
             self.remove(seq)
-            if i >= repeats.warmup:
-                times.append(seconds)
-                contexts.append(context)
+            return seconds
+
+        times = _repeat(once, repeats)
         self.clear()
         return {"num_prefill_tokens": num_new, "num_prefill_cached_tokens": num_cached,
                 "num_decode_seqs": batch_size,
-                "num_decode_context_tokens": round(statistics.mean(contexts)),
+                "num_decode_context_tokens": round(statistics.mean(contexts[-len(times):])),
                 "seconds": statistics.median(times)}
+
+
+def _repeat(once: Callable[[], float], repeats: Repeats) -> list[float]:
+    """Timed runs of `once` after the warm-up ones, as many as Repeats allows."""
+    for _ in range(repeats.warmup):
+        once()
+    times: list[float] = []
+    while len(times) < repeats.min_timed or (len(times) < repeats.max_timed
+                                            and sum(times) < repeats.budget_s):
+        times.append(once())
+    return times
