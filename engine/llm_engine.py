@@ -9,12 +9,12 @@ in disaggregated serving, where the frontend does it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from tandem.engine.block_manager import BlockManager
-from tandem.engine.config import EngineConfig
+from tandem.engine.config import ROLES, EngineConfig
 from tandem.engine.loader import build_model
 from tandem.engine.model_info import describe_model
 from tandem.engine.model_runner import ModelRunner, bytes_per_block
@@ -204,6 +204,33 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
+
+    # ---- role ------------------------------------------------------------------------------
+
+    def set_role(self, role: str) -> None:
+        """Switch to `role`'s scheduling policy in place, keeping the weights and the KV cache.
+
+        The role picks the scheduler (DESIGN.md, "Roles"); a flip builds the new role's scheduler
+        over the same block manager, so cached prefixes stay valid and no memory moves. Only an
+        idle engine flips: a request in flight (running, waiting, parked for a pull, or prefilled
+        with its blocks pinned) belongs to the old policy. Raises ValueError otherwise.
+        """
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if role == self.config.role:
+            return
+        old = self.scheduler
+        if self.sequences or old.has_work() or old.num_pinned_requests:
+            raise ValueError(f"cannot switch from {self.config.role} to {role} with requests in "
+                             f"flight: {len(self.sequences)} unfinished, "
+                             f"{old.num_pinned_requests} pinned; drain first")
+        self.scheduler = make_scheduler(role, old.limits, self.block_manager, old.eos_token_ids)
+        self.scheduler.prefix_cache_queries = old.prefix_cache_queries
+        self.scheduler.prefix_cache_hits = old.prefix_cache_hits
+        self.scheduler.num_preemptions = old.num_preemptions
+        self.config = replace(self.config, role=role)
+        logger.info("engine switched from %s to %s; %d KV blocks free of %d", old.__class__.__name__,
+                    role, self.block_manager.num_free_blocks, self.num_blocks)
 
     # ---- one step ----------------------------------------------------------------------------
 
