@@ -199,6 +199,44 @@ class DeregisterResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SetRoleRequest(_message.Message):
+    __slots__ = ("role", "drain_timeout_s")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    drain_timeout_s: float
+    def __init__(self, role: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
+
+class SetRoleResponse(_message.Message):
+    __slots__ = ("previous_role", "role", "drain_seconds", "switch_seconds", "pid")
+    PREVIOUS_ROLE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    previous_role: str
+    role: str
+    drain_seconds: float
+    switch_seconds: float
+    pid: int
+    def __init__(self, previous_role: _Optional[str] = ..., role: _Optional[str] = ..., drain_seconds: _Optional[float] = ..., switch_seconds: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("timeout_s",)
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    timeout_s: float
+    def __init__(self, timeout_s: _Optional[float] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("drained", "drain_seconds", "num_unfinished")
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_UNFINISHED_FIELD_NUMBER: _ClassVar[int]
+    drained: bool
+    drain_seconds: float
+    num_unfinished: int
+    def __init__(self, drained: _Optional[bool] = ..., drain_seconds: _Optional[float] = ..., num_unfinished: _Optional[int] = ...) -> None: ...
+
 class KVEventsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

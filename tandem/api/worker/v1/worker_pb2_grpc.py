@@ -75,6 +75,16 @@ class WorkerStub:
                 request_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVSnapshotRequest.SerializeToString,
                 response_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVSnapshot.FromString,
                 _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/tandem.worker.v1.Worker/SetRole',
+                request_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.SetRoleResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/tandem.worker.v1.Worker/Drain',
+                request_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.DrainRequest.SerializeToString,
+                response_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -137,6 +147,25 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRole(self, request, context):
+        """Drain (refuse new requests; those in flight finish, pinned blocks are pulled or their lease
+        ends), then switch role in place, keeping the weights and the KV memory, and register with the
+        frontend again in the new role. Returns once the worker serves in that role. A drain that
+        does not finish within drain_timeout_s fails with DEADLINE_EXCEEDED and the worker keeps
+        serving in its old role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Drain without switching, before the deployment stops the process: returns once nothing is in
+        flight (drained) or after timeout_s (not drained). New requests are refused from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +208,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetKVSnapshot,
                     request_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVSnapshotRequest.FromString,
                     response_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVSnapshot.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.SetRoleRequest.FromString,
+                    response_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.SetRoleResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.DrainRequest.FromString,
+                    response_serializer=tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +437,60 @@ class Worker:
             '/tandem.worker.v1.Worker/GetKVSnapshot',
             tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVSnapshotRequest.SerializeToString,
             tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.KVSnapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.worker.v1.Worker/SetRole',
+            tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.SetRoleRequest.SerializeToString,
+            tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.SetRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.worker.v1.Worker/Drain',
+            tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.DrainRequest.SerializeToString,
+            tandem_dot_api_dot_worker_dot_v1_dot_worker__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,
