@@ -20,6 +20,7 @@ from tandem.engine.model_info import ModelInfo
 from tandem.frontend.control_service import ControlService
 from tandem.frontend.admission import AdmissionConfig, AdmissionGate
 from tandem.frontend.grpc_api import GenerationService, add_public_services, set_health
+from tandem.frontend.kserve import KServeService, add_kserve_service
 from tandem.frontend.metrics import FrontendMetrics
 from tandem.frontend.openai_api import create_app, default_rules, tokenizer_thread
 from tandem.frontend.pipeline import Pipeline
@@ -37,6 +38,7 @@ class FrontendConfig:
     http_port: int = 8000
     grpc_port: int = 50051
     control_port: int = 0            # the internal API; 0 picks a free port
+    control_host: str = "127.0.0.1"  # where the internal API binds; 0.0.0.0 opens it to a cluster
     heartbeat_interval_s: float = 0.5
     stale_after_s: float = 5.0       # a worker silent this long is dropped
     # Client-facing bounds, each explained where it is defined (request_rules, admission).
@@ -76,6 +78,8 @@ class Frontend:
         self.tokenize_executor = tokenizer_thread()
         self.generation = GenerationService(self.gate, tokenizer, self.rules, self.tokenize_executor,
                                             model.default_sampling_params())
+        self.kserve = KServeService(self.gate, tokenizer, self.rules, self.tokenize_executor,
+                                    model.default_sampling_params())
         self.app = create_app(self.gate, tokenizer, self.metrics.registry, limits=config.limits,
                               rules=self.rules, tokenize_executor=self.tokenize_executor)
         self.http: _QuietServer | None = None
@@ -83,6 +87,7 @@ class Frontend:
         self.grpc_server: grpc.aio.Server | None = None
         self.control_server: grpc.aio.Server | None = None
         self.health = None
+        self._serving = False  # what the gRPC health service says
         self.grpc_port = 0
         self.control_address = ""
 
@@ -91,14 +96,16 @@ class Frontend:
         self.control_server = grpc.aio.server()
         wgrpc.add_ControlServicer_to_server(
             ControlService(self.workers, config.heartbeat_interval_s, self), self.control_server)
-        control_port = self.control_server.add_insecure_port(f"127.0.0.1:{config.control_port}")
+        control_port = self.control_server.add_insecure_port(
+            f"{config.control_host}:{config.control_port}")
         await self.control_server.start()
-        self.control_address = f"127.0.0.1:{control_port}"
+        self.control_address = f"{config.control_host}:{control_port}"
         message_limit = config.limits.max_request_bytes
         self.grpc_server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", message_limit),
             ("grpc.max_send_message_length", message_limit)])
         self.health = add_public_services(self.grpc_server, self.generation)
+        add_kserve_service(self.grpc_server, self.kserve)
         self.grpc_port = self.grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}")
         await self.grpc_server.start()
         self.http = _QuietServer(uvicorn.Config(self.app, host=config.host, port=config.http_port,
@@ -129,12 +136,17 @@ class Frontend:
                                    f"{counts}, expected {expected}")
             await asyncio.sleep(0.05)
         self.pipeline.ready = True
+        self._serving = True
         set_health(self.health, serving=True)
         return True
 
     # ---- worker lifecycle (called by the Control service and the serve loop) ------------------
 
     def on_registered(self, worker: WorkerState) -> None:
+        old_role = self.follower.roles.get(worker.worker_id)
+        if old_role is not None and old_role != worker.role:
+            # A role flip: the worker leaves the old pool's load books (its index goes in follow).
+            self.router.remove_worker(worker.worker_id, old_role)
         self.follower.follow(worker)
 
     def on_heartbeat(self, worker: WorkerState) -> None:
@@ -153,9 +165,20 @@ class Frontend:
         self.on_removed(dead_worker_ids)
         self.on_removed(self.workers.stale(time.monotonic()))
 
+    def report_pools(self, statuses: list[str]) -> None:
+        """The launcher's account of each pool that lacks workers ("decode pool has 0 of 1 workers
+        ready; decode-0 died (signal 9, SIGKILL), restarting in 2 s"): what /health and refused
+        requests say while no decode worker is ready. The gRPC health service follows too."""
+        self.pipeline.pool_status = "; ".join(statuses)
+        serving = self.pipeline.is_ready and not self.pipeline.is_draining
+        if serving != self._serving:
+            self._serving = serving
+            set_health(self.health, serving=serving)
+
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests and wait for those in flight; False if some were still running."""
         self.pipeline.draining = True
+        self._serving = False
         set_health(self.health, serving=False)
         try:
             await asyncio.wait_for(self.pipeline.idle.wait(), timeout_s)
