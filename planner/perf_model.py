@@ -3,7 +3,7 @@
 `tandem profile` (planner/profile.py) measures step times on a grid; this module turns those points
 into a predictor. The simulator calls it for every simulated step, hundreds of thousands of times
 a run, so a prediction is a few bisections and multiply-adds over small sorted Python lists: no
-torch, no grpc, no numpy on the prediction path (numpy only fits the mixed-step residual).
+torch, no grpc, no numpy on the prediction path (numpy only fits the mixed-step regression).
 
 The form follows what each step is bound by:
 
@@ -13,14 +13,19 @@ The form follows what each step is bound by:
   is interpolated linearly in C at the same N: attention over the cached prefix adds N * C work.
 - Decode (batch B, total context K): one curve over K per measured B, linear in K (the KV bytes
   read grow linearly), and linear in B between curves at the same K.
-- Mixed (a prefill chunk with a decode batch, as chunked prefill runs them): the prefill of N + B
-  tokens, plus a residual a + b * B + c * K fitted by least squares to the measured mixed steps
-  (weighted to minimise relative error): what the decode rows cost inside an eager prefill step.
+- Mixed (a prefill chunk of N tokens after C cached, beside a decode batch of B sequences holding
+  K context tokens, as chunked prefill runs them): one eager forward pass, so a regression over
+  what it computes, a + b * (N + B) + c * N * (C + N / 2) + d * B + e * K (tokens through the
+  weights, prefill attention, per-sequence work, the decode rows' KV read), fitted by least
+  squares on relative error with non-negative slopes. It is fitted on the mixed points alone:
+  eager steps are host-bound and noisy at small sizes, and leaning on the prefill curves carried
+  their noise into every mixed prediction (twice the held-back error on the H200 profiles). It is
+  never below the pure decode step of the same batch.
 - Transfer (bytes): piecewise linear in bytes (latency plus bytes over bandwidth).
 
 Outside the grid, the end segments extend, with slopes clamped at zero so that more work is never
-predicted to be faster. `holdout_error` reports how well this predicts profile points it was not
-fitted on.
+predicted to be faster; a curve left with one point takes its slope from the nearest curve.
+`holdout_error` reports how well this predicts profile points it was not fitted on.
 """
 
 from __future__ import annotations
@@ -49,12 +54,29 @@ class Curve:
         for x, t in points:
             merged.setdefault(float(x), []).append(float(t))
         xs = sorted(merged)
-        ys = non_decreasing([sum(merged[x]) / len(merged[x]) for x in xs])
+        # Repeated x: their mean. No monotone smoothing: pooling non-monotone neighbours (pool
+        # adjacent violators) raised the held-back error on all four H200 profiles.
+        ys = [sum(merged[x]) / len(merged[x]) for x in xs]
         self.log_log = log_log
         if log_log:
             xs = [math.log(max(x, 1.0)) for x in xs]
             ys = [math.log(max(y, 1e-12)) for y in ys]
         self.xs, self.ys = xs, ys
+
+    def slope_at(self, x: float) -> float:
+        """The slope of the segment over x, in the curve's own space (log-log or linear)."""
+        xs, ys = self.xs, self.ys
+        if len(xs) < 2:
+            return 0.0
+        x = (math.log(x) if x > 1.0 else 0.0) if self.log_log else x
+        i = min(max(bisect_right(xs, x) - 1, 0), len(xs) - 2)
+        return (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+
+    def borrow_slope(self, donor: "Curve") -> None:
+        """A one-point curve takes its slope from a neighbour instead of staying flat."""
+        x0, y0 = self.xs[0], self.ys[0]
+        raw_x = math.exp(x0) if self.log_log else x0
+        self.xs, self.ys = [x0, x0 + 1.0], [y0, y0 + max(donor.slope_at(raw_x), 0.0)]
 
     def __call__(self, x: float) -> float:
         xs, ys = self.xs, self.ys
@@ -74,23 +96,6 @@ class Curve:
         return math.exp(y) if self.log_log else max(y, 0.0)
 
 
-def non_decreasing(ys: list[float]) -> list[float]:
-    """The closest non-decreasing sequence in least squares (pool adjacent violators).
-
-    More work never takes less time; where a measurement says otherwise it is noise (a host hiccup
-    in one of a few repeats), and pooling it with its neighbours keeps it from bending the curve.
-    """
-    blocks: list[list[float]] = []  # [mean, count]
-    for y in ys:
-        blocks.append([y, 1.0])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            mean, count = blocks.pop()
-            prev = blocks[-1]
-            prev[0] = (prev[0] * prev[1] + mean * count) / (prev[1] + count)
-            prev[1] += count
-    return [mean for mean, count in blocks for _ in range(int(count))]
-
-
 class CurveFamily:
     """Curves over one axis, one per value of a second axis, interpolated linearly across it."""
 
@@ -102,6 +107,10 @@ class CurveFamily:
             by_key.setdefault(float(key), []).append((x, t))
         self.keys = sorted(by_key)
         self.curves = [Curve(by_key[k], log_log) for k in self.keys]
+        donors = [(k, c) for k, c in zip(self.keys, self.curves) if len(c.xs) > 1]
+        for key, curve in zip(self.keys, self.curves):
+            if len(curve.xs) == 1 and donors:
+                curve.borrow_slope(min(donors, key=lambda d: abs(d[0] - key))[1])
 
     def __call__(self, key: float, x: float) -> float:
         keys, curves = self.keys, self.curves
@@ -121,13 +130,14 @@ class PerfModel:
     """Step and transfer times, in seconds, for one model on one device."""
 
     def __init__(self, block_size: int, kv_bytes_per_token: int, prefill: CurveFamily,
-                 decode: CurveFamily, mixed_coef_s: tuple[float, float, float],
+                 decode: CurveFamily, mixed_coef: tuple[float, ...] | None,
                  transfer: Curve | None, meta: dict | None = None):
         self.block_size = block_size
         self.kv_bytes_per_token = kv_bytes_per_token
         self._prefill = prefill
         self._decode = decode
-        self._mixed_a, self._mixed_b, self._mixed_c = mixed_coef_s
+        # None: too few mixed points; then a mixed step is its prefill plus the decode rows' KV read
+        self._mixed = mixed_coef
         self._transfer = transfer
         self.meta = meta or {}
 
@@ -140,7 +150,7 @@ class PerfModel:
                                for p in profile["prefill"]), log_log=True)
         decode = CurveFamily(((p["batch_size"], p["num_context_tokens"], p["seconds"])
                               for p in profile["decode"]), log_log=False)
-        mixed = fit_mixed_residual(profile.get("mixed", []), prefill, decode)
+        mixed = fit_mixed(profile.get("mixed") or [])
         points = (profile.get("transfer") or {}).get("points") or []
         transfer = Curve(((p["num_bytes"], p["seconds"]) for p in points), log_log=False) \
             if points else None
@@ -169,12 +179,17 @@ class PerfModel:
         """Any step: pure prefill, pure decode, or a prefill chunk beside a decode batch."""
         if num_decode_seqs <= 0:
             return self.prefill_s(num_prefill_tokens, num_prefill_cached_tokens)
+        decode = self._decode(num_decode_seqs, num_decode_context_tokens)
         if num_prefill_tokens <= 0:
-            return self._decode(num_decode_seqs, num_decode_context_tokens)
-        residual = (self._mixed_a + self._mixed_b * num_decode_seqs
-                    + self._mixed_c * num_decode_context_tokens)
-        return (self._prefill(num_prefill_cached_tokens, num_prefill_tokens + num_decode_seqs)
-                + (residual if residual > 0.0 else 0.0))
+            return decode
+        n, b = num_prefill_tokens, num_decode_seqs
+        if self._mixed is None:
+            return (self._prefill(num_prefill_cached_tokens, n + b)
+                    + decode - self._decode(b, b))
+        a, per_token, per_attn, per_seq, per_context = self._mixed
+        t = (a + per_token * (n + b) + per_attn * n * (num_prefill_cached_tokens + 0.5 * n)
+             + per_seq * b + per_context * num_decode_context_tokens)
+        return t if t > decode else decode
 
     def transfer_s(self, num_bytes: int) -> float:
         if num_bytes <= 0:
@@ -184,21 +199,37 @@ class PerfModel:
         return self._transfer(num_bytes)
 
 
-def fit_mixed_residual(points: list[dict], prefill: CurveFamily, decode: CurveFamily
-                       ) -> tuple[float, float, float]:
-    """(a_s, b_s per decode seq, c_s per context token) of mixed - prefill(N + B, C)."""
-    if len(points) < 3:
-        # No mixed points: the decode batch's context-dependent cost, as a pure decode step pays it.
-        b1, b2 = decode(1, 1), decode(2, 2)
-        per_token = max(decode(1, 4097) - b1, 0.0) / 4096
-        return 0.0, max(b2 - b1, 0.0), per_token
-    rows = np.array([[1.0, p["num_decode_seqs"], p["num_decode_context_tokens"]] for p in points])
+def _mixed_features(p: dict) -> list[float]:
+    n, c = p["num_prefill_tokens"], p["num_prefill_cached_tokens"]
+    b, k = p["num_decode_seqs"], p["num_decode_context_tokens"]
+    return [1.0, n + b, n * (c + 0.5 * n), b, k]
+
+
+def fit_mixed(points: list[dict]) -> tuple[float, ...] | None:
+    """(a_s, per token, per attention pair, per decode seq, per context token), or None.
+
+    Least squares on relative error; a slope that comes out negative (more work, less time: noise)
+    is dropped and the rest refitted.
+    """
+    if len(points) < 6:
+        return None
+    features = np.array([_mixed_features(p) for p in points])
     measured = np.array([p["seconds"] for p in points])
-    base = np.array([prefill(p["num_prefill_cached_tokens"],
-                             p["num_prefill_tokens"] + p["num_decode_seqs"]) for p in points])
-    weights = 1.0 / measured  # relative error, so short steps count as much as long ones
-    coef, *_ = np.linalg.lstsq(rows * weights[:, None], (measured - base) * weights, rcond=None)
-    return float(coef[0]), float(coef[1]), float(coef[2])
+    weights = 1.0 / measured
+    active = list(range(features.shape[1]))
+    while True:
+        x = features[:, active] * weights[:, None]
+        scale = np.abs(x).max(axis=0)  # columns span 1 to 1e10: scale them for lstsq
+        coef, *_ = np.linalg.lstsq(x / scale, measured * weights, rcond=None)
+        coef = coef / scale
+        negative = [j for j, c in zip(active, coef) if j > 0 and c < 0]
+        if not negative:
+            break
+        active.remove(min(negative, key=lambda j: coef[active.index(j)]))
+    full = [0.0] * features.shape[1]
+    for j, c in zip(active, coef):
+        full[j] = float(c)
+    return tuple(full)
 
 
 def _predict(model: PerfModel, kind: str, p: dict) -> float:

@@ -24,6 +24,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import random
 import time
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from tandem.engine.llm_engine import LLMEngine, resolve_device, resolve_dtype
 from tandem.engine.model_info import describe_model
 from tandem.planner.profile_grid import ProfileGrid, default_grid, plan_points
 from tandem.planner.profile_points import StepProbe
+from tandem.planner.profile_sweep import sweep_decode, sweep_mixed, sweep_prefill
 from tandem.planner.profile_transfer import measure_transfer, peer_device
 
 logger = logging.getLogger(__name__)
@@ -75,14 +77,21 @@ def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
     probe.warm_up(min(grid.max_step_tokens, 1024))
     points = plan_points(grid, engine.num_blocks, settings.block_size, engine.max_model_len,
                          settings.max_num_seqs)
-    results: dict[str, list[dict]] = {"prefill": [], "decode": [], "mixed": []}
-    measure_s = dict.fromkeys(results, 0.0)
-    bar = tqdm(points, desc=f"profile {settings.model}", unit="point", disable=not progress)
-    for kind, args in bar:
-        bar.set_postfix_str(f"{kind} {args}")
-        point_start = time.perf_counter()
-        results[kind].append(getattr(probe, kind)(*args, grid.repeats[kind]))
-        measure_s[kind] += time.perf_counter() - point_start
+    bar = tqdm(total=_num_visits(grid, points), desc=f"profile {settings.model}", unit="step",
+               disable=not progress)
+    rng = random.Random(settings.seed)
+    results: dict[str, list[dict]] = {}
+    measure_s = {}
+    for kind in ("decode", "prefill", "mixed"):
+        kind_start = time.perf_counter()
+        bar.set_postfix_str(kind)
+        args = [a for k, a in points if k == kind]
+        if kind == "decode":
+            results[kind] = sweep_decode(probe, args, grid.repeats[kind], bar.update)
+        else:
+            sweep = sweep_prefill if kind == "prefill" else sweep_mixed
+            results[kind] = sweep(probe, args, grid.repeats[kind], rng, bar.update)
+        measure_s[kind] = time.perf_counter() - kind_start
     bar.close()
     setup_s = time.perf_counter() - start - sum(measure_s.values())
     profile = {
@@ -98,8 +107,10 @@ def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
         "engine": _engine_settings(engine),
         "grid": dataclasses.asdict(grid),
         "timing": "wall time of LLMEngine.step() between device synchronizations, garbage "
-                  "collector paused; median of the timed repeats after warm-up",
-        **results,
+                  "collector paused; prefill and mixed: median over interleaved passes of the "
+                  "grid in random order after a warm-up pass; decode: median of repeated steps "
+                  "of one placed batch after warm-up steps",
+        "prefill": results["prefill"], "decode": results["decode"], "mixed": results["mixed"],
         "transfer": transfer,
     }
     profile["wall_s"] = round(time.perf_counter() - start, 2)
@@ -110,6 +121,13 @@ def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return profile
+
+
+def _num_visits(grid: ProfileGrid, points: list[tuple[str, tuple]]) -> int:
+    """Progress bar length: decode points, and prefill and mixed points times their passes."""
+    counts = {kind: sum(1 for k, _ in points if k == kind) for kind in grid.repeats}
+    return counts["decode"] + sum(counts[kind] * grid.repeats[kind].max_steps
+                                  for kind in ("prefill", "mixed"))
 
 
 def _transfer(device: torch.device, settings: ProfileSettings, block_bytes: int,

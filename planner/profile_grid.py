@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class Repeats:
-    warmup: int          # steps run first and discarded (kernel compilation, caches)
-    min_timed: int       # steps whose median is reported: at least this many,
-    max_timed: int       # and up to this many while their total stays under budget_s
+    """Decode: steps of one placed batch. Prefill and mixed: passes over the whole grid."""
+    warmup: int          # run first and discarded (kernel compilation, caches)
+    min_timed: int       # the median is over at least this many,
+    max_timed: int       # and up to this many while their total time stays under budget_s
     budget_s: float = 0.5
 
     @property
@@ -65,15 +66,15 @@ def default_grid(device_type: str, quick: bool = False) -> ProfileGrid:
             decode_context_tokens=(128, 512, 2048, 8192, 32768),
             mixed_new_tokens=(128, 512, 2048), mixed_cached_tokens=(0, 4096),
             mixed_batch_sizes=(8, 64, 192), mixed_context_tokens=(1024, 4096),
-            repeats={"prefill": Repeats(1, 3, 7), "decode": Repeats(2, 8, 8),
-                     "mixed": Repeats(1, 3, 7)})
+            repeats={"prefill": Repeats(1, 3, 5, 45.0), "decode": Repeats(2, 8, 8),
+                     "mixed": Repeats(1, 3, 5, 20.0)})
     return ProfileGrid(
         prefill_new_tokens=(16, 32, 64, 128, 256, 512, 1024), prefill_cached_tokens=(0, 1024, 3072),
         decode_batch_sizes=(1, 2, 4, 8, 16, 32, 64), decode_context_tokens=(64, 256, 1024),
         mixed_new_tokens=(64, 256), mixed_cached_tokens=(0, 1024), mixed_batch_sizes=(4, 16),
         mixed_context_tokens=(256,),
-        repeats={"prefill": Repeats(1, 3, 7), "decode": Repeats(1, 5, 5),
-                 "mixed": Repeats(1, 3, 7)},
+        repeats={"prefill": Repeats(1, 3, 5, 10.0), "decode": Repeats(1, 5, 5),
+                 "mixed": Repeats(1, 3, 5, 5.0)},
         transfer_max_blocks=256)
 
 
@@ -100,7 +101,8 @@ def plan_points(grid: ProfileGrid, num_kv_blocks: int, block_size: int, max_mode
         if fill > 0 and (not fits or fill >= 1.25 * fits[-1]):
             fits.append(fill)
         points.extend(("decode", (batch, c)) for c in fits)
-    mixed_steps = grid.repeats["mixed"].max_steps
+    # a decode batch of a mixed group steps once per chunk of its group, in each pass
+    mixed_steps = len(grid.mixed_new_tokens) * len(grid.mixed_cached_tokens)
     for batch in grid.mixed_batch_sizes:
         for context in grid.mixed_context_tokens:
             for cached in grid.mixed_cached_tokens:

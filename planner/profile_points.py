@@ -105,25 +105,42 @@ class StepProbe:
 
     def warm_up(self, num_new: int) -> None:
         """Steps of each kind before the first point: clocks, allocator and caches settle."""
-        self.prefill(num_new, 0, Repeats(2, 1, 1))
-        self.mixed(num_new // 2, 0, 8, 128, Repeats(2, 1, 1))
+        for _ in range(2):
+            self.prefill_once(num_new, 0)
+        decodes = self.place_decodes(min(8, self.engine.config.max_num_seqs), 64)
+        for _ in range(2):
+            self.mixed_once(num_new // 2, 0, decodes)
+        self.clear()
         self.decode(min(16, self.engine.config.max_num_seqs), 64, Repeats(8, 1, 1))
 
     # ---- the three step kinds ----------------------------------------------------------------
 
-    def prefill(self, num_new: int, num_cached: int, repeats: Repeats) -> dict:
-        def once() -> float:
-            seq = self.place(num_cached + num_new, num_cached)
-            seconds = self.step_s(expect_tokens=1)
-            self.remove(seq)
-            return seconds
+    def prefill_once(self, num_new: int, num_cached: int) -> float:
+        """One prompt's last chunk: num_new tokens after num_cached already in KV."""
+        seq = self.place(num_cached + num_new, num_cached)
+        seconds = self.step_s(expect_tokens=1)
+        self.remove(seq)
+        return seconds
 
-        return {"num_new_tokens": num_new, "num_cached_tokens": num_cached,
-                "seconds": statistics.median(_repeat(once, repeats))}
+    def place_decodes(self, batch_size: int, context_tokens: int) -> list[Sequence]:
+        """batch_size sequences that each decode their next token at context_tokens."""
+        return [self.place(context_tokens, context_tokens - 1) for _ in range(batch_size)]
+
+    def mixed_once(self, num_new: int, num_cached: int, decodes: list[Sequence]
+                   ) -> tuple[float, int]:
+        """A prefill chunk scheduled after the decode batch, as the running list orders them.
+
+        Returns (seconds, the decode batch's context tokens in that step).
+        """
+        context = sum(s.num_tokens for s in decodes)
+        seq = self.place(num_cached + num_new, num_cached)
+        seconds = self.step_s(expect_tokens=len(decodes) + 1)
+        self.remove(seq)
+        return seconds, context
 
     def decode(self, batch_size: int, context_tokens: int, repeats: Repeats) -> dict:
         """Decode steps of batch_size sequences of context_tokens each (they grow by one a step)."""
-        seqs = [self.place(context_tokens, context_tokens - 1) for _ in range(batch_size)]
+        seqs = self.place_decodes(batch_size, context_tokens)
         contexts = []
 
         def once() -> float:
@@ -134,27 +151,7 @@ class StepProbe:
         self.clear()
         return {"batch_size": batch_size,
                 "num_context_tokens": round(statistics.mean(contexts[-len(times):])),
-                "seconds": statistics.median(times)}
-
-    def mixed(self, num_new: int, num_cached: int, batch_size: int, context_tokens: int,
-              repeats: Repeats) -> dict:
-        """A prefill chunk scheduled after a decode batch, as the running list orders them."""
-        decodes = [self.place(context_tokens, context_tokens - 1) for _ in range(batch_size)]
-        contexts = []
-
-        def once() -> float:
-            contexts.append(sum(s.num_tokens for s in decodes))
-            seq = self.place(num_cached + num_new, num_cached)
-            seconds = self.step_s(expect_tokens=batch_size + 1)
-            self.remove(seq)
-            return seconds
-
-        times = _repeat(once, repeats)
-        self.clear()
-        return {"num_prefill_tokens": num_new, "num_prefill_cached_tokens": num_cached,
-                "num_decode_seqs": batch_size,
-                "num_decode_context_tokens": round(statistics.mean(contexts[-len(times):])),
-                "seconds": statistics.median(times)}
+                "seconds": statistics.median(times), "num_repeats": len(times)}
 
 
 def _repeat(once: Callable[[], float], repeats: Repeats) -> list[float]:
