@@ -27,6 +27,7 @@ class WorkerStats:
     kv_transfer_bytes: int = 0
     kv_transfer_seconds: float = 0.0
     kv_warm_reads: int = 0          # one-block reads made to keep paths to prefill workers hot
+    num_preemptions: int = 0        # requests preempted (and recomputed) to free KV blocks
 
     @property
     def kv_usage(self) -> float:

@@ -47,6 +47,7 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int     # of which were found
     num_pinned_requests: int   # prefill role: finished requests whose blocks await a pull
+    num_preemptions: int = 0   # requests preempted to free KV blocks, since the start
 
 
 def resolve_device(name: str) -> torch.device:
@@ -178,7 +179,8 @@ class LLMEngine:
             num_blocks=self.num_blocks, num_free_blocks=self.block_manager.num_free_blocks,
             prefix_cache_queries=scheduler.prefix_cache_queries,
             prefix_cache_hits=scheduler.prefix_cache_hits,
-            num_pinned_requests=scheduler.num_pinned_requests)
+            num_pinned_requests=scheduler.num_pinned_requests,
+            num_preemptions=scheduler.num_preemptions)
 
     def has_request(self, request_id: str) -> bool:
         """Whether the request is still unfinished here."""

@@ -44,6 +44,7 @@ class _Progress:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     last_token_s: float | None = None
+    first_token_s: float | None = None
     first_worker: tuple[str, str] | None = None  # (worker, role) that produced the first token
 
 
@@ -195,6 +196,8 @@ class Pipeline:
             finish_reason, stop_reason = "stop", matched
         text = progress.detokenizer.get_text_delta(finished=finish_reason is not None)
         self._observe_tokens(progress, len(token_ids))
+        if finish_reason is not None:
+            self.metrics.requests.on_finished(progress, finish_reason)
         return GenerateChunk(token_ids, text, finish_reason, stop_reason, logprobs,
                              progress.num_prompt_tokens, progress.num_cached_tokens)
 
@@ -214,6 +217,7 @@ class Pipeline:
             return
         now = time.perf_counter()
         if progress.last_token_s is None:
+            progress.first_token_s = now
             self.metrics.ttft.labels(*progress.first_worker).observe(now - progress.started_s)
             self.router.on_first_token(progress.request_id)
         else:

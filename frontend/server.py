@@ -17,6 +17,7 @@ import uvicorn
 
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.engine.model_info import ModelInfo
+from tandem.frontend.access_log import AccessLogMiddleware
 from tandem.frontend.control_service import ControlService
 from tandem.frontend.admission import AdmissionConfig, AdmissionGate
 from tandem.frontend.grpc_api import GenerationService, add_public_services, set_health
@@ -24,6 +25,7 @@ from tandem.frontend.kserve import KServeService, add_kserve_service
 from tandem.frontend.metrics import FrontendMetrics
 from tandem.frontend.openai_api import create_app, default_rules, tokenizer_thread
 from tandem.frontend.pipeline import Pipeline
+from tandem.frontend.stats_log import WorkerStatsLog
 from tandem.frontend.kv_follower import KVEventFollower
 from tandem.frontend.request_rules import RequestLimits
 from tandem.router.routing import Router, RoutingConfig
@@ -82,6 +84,8 @@ class Frontend:
                                     model.default_sampling_params())
         self.app = create_app(self.gate, tokenizer, self.metrics.registry, limits=config.limits,
                               rules=self.rules, tokenize_executor=self.tokenize_executor)
+        self.app.add_middleware(AccessLogMiddleware)
+        self.stats_log = WorkerStatsLog(self.workers, self.metrics.requests)
         self.http: _QuietServer | None = None
         self.http_task: asyncio.Task | None = None
         self.grpc_server: grpc.aio.Server | None = None
@@ -111,6 +115,7 @@ class Frontend:
         self.http = _QuietServer(uvicorn.Config(self.app, host=config.host, port=config.http_port,
                                                 log_level="warning", access_log=False))
         self.http_task = asyncio.create_task(self.http.serve())
+        self.stats_log.start()
         while not self.http.started:
             if self.http_task.done():
                 self.http_task.result()
@@ -189,6 +194,7 @@ class Frontend:
             return False
 
     async def stop(self) -> None:
+        await self.stats_log.stop()
         if self.http is not None:
             self.http.should_exit = True
             await asyncio.gather(self.http_task, return_exceptions=True)

@@ -45,12 +45,15 @@ class Server:
         return self.process.wait(timeout=timeout_s)
 
 
-def start_server(*args: str, timeout_s: float = 180.0) -> Server:
+def start_server(*args: str, timeout_s: float = 180.0, env: dict[str, str] | None = None,
+                 log_level: str = "WARNING") -> Server:
     http_port, grpc_port = free_port(), free_port()
-    command = [sys.executable, "-m", "tandem.launcher.cli", "serve", "--http-port", str(http_port),
+    command = [sys.executable, "-m", "tandem.launcher.cli", "--log-level", log_level, "serve",
+               "--http-port", str(http_port),
                "--grpc-port", str(grpc_port), *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                     **(env or {})})
     server = Server(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
     ready = threading.Event()
 

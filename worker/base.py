@@ -91,7 +91,7 @@ class WorkerBase(wgrpc.WorkerServicer):
             prefix_cache_hits=s.prefix_cache_hits, num_pinned_requests=s.num_pinned_requests,
             kv_transfer_bytes=self.transfers.bytes_total,
             kv_transfer_seconds=self.transfers.seconds_total,
-            kv_warm_reads=self.transfers.warm_reads)
+            kv_warm_reads=self.transfers.warm_reads, num_preemptions=s.num_preemptions)
 
     async def close(self) -> None:
         """Stop role-specific tasks before the agent closes."""

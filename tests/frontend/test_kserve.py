@@ -12,8 +12,6 @@ import numpy as np
 import openai
 import pytest
 
-from tests.checkpoints import make_checkpoint
-from tests.serving_harness import start_server
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
@@ -23,13 +21,8 @@ MAX_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model_dir = str(make_checkpoint("llama", tmp_path_factory.mktemp("llama")))
-    server = start_server("--model", model_dir, "--num-prefill", "0", "--num-decode", "1",
-                          "--device", "cpu", "--num-kv-blocks", "128", "--drain-timeout-s", "5")
-    server.model = model_dir
-    yield server
-    assert server.stop() == 0
+def server(dropin_server):
+    return dropin_server
 
 
 @pytest.fixture(scope="module")
