@@ -35,6 +35,9 @@ class SimConfig:
     frontend_overhead_s: float = 0.0    # tokenize, hash, route: before a request reaches a worker
     rpc_s: float = 0.0                  # one gRPC hop (frontend <-> worker), each direction
     token_vocab_size: int = 2000        # synthetic output token ids are drawn below this
+    # Run a stretch of identical decode steps as one event (planner/sim_worker.py says when that
+    # is exact and what it delays); False: one event per step.
+    collapse_decode_steps: bool = True
 
     def __post_init__(self) -> None:
         if self.num_decode < 1:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from tandem.bench.metrics import ideal_prefix_hit_rate, summarize
+from tandem.bench.metrics import ideal_prefix_hit_rate_of_hashes, summarize
+from tandem.contracts.block_hash import hash_prompt_blocks
 from tandem.bench.records import BenchRequest, RequestRecord
 
 logger = logging.getLogger(__name__)
@@ -79,8 +80,11 @@ class SimResult:
         records = records if records is not None else self.records()
         sent = sorted(self.requests, key=lambda r: (r.send_s if r.send_s is not None
                                                     else r.offset_s, r.index))
-        ideal = ideal_prefix_hit_rate([r.bench for r in sent],
-                                      self.simulator.config.block_size)
+        block_size = self.simulator.config.block_size
+        ideal = ideal_prefix_hit_rate_of_hashes(
+            ((r.block_hashes if r.block_hashes or r.bench.prompt_len < block_size
+              else hash_prompt_blocks(r.bench.prompt_token_ids, block_size), r.bench.prompt_len)
+             for r in sent), block_size)
         return summarize(records, self.duration_s, slo, ideal).to_json_dict()
 
     def stats(self) -> dict:

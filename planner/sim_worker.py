@@ -10,6 +10,18 @@ that is already in KV) and prefill rows (a prompt chunk, or a recompute after pr
 batch's prefill tokens go to the model with the token-weighted mean of the prefix each row already
 has in KV, which keeps the attention term (sum of new x cached) of a batch of several chunks.
 
+Collapsed decode steps. When a batch is pure decode, nothing waits to be admitted and every
+running sequence is in it, the next steps are the same batch again until the first sequence
+reaches its length, unless an operation arrives. If the free blocks cover every block those steps
+will allocate (so no preemption can happen), the worker plans them as one stretch: their end times
+come from the model (the context grows by one token per sequence per step), one event is queued at
+the last end, and an operation delivered in between cuts the stretch at the step in flight. The
+steps themselves are still run through the real scheduler one by one when the stretch ends, so
+the schedule, block ids and token times are exactly those of step-by-step simulation. What moves is
+when the router hears of it: KV events of output blocks and the block count a heartbeat reads are
+those of the stretch's start until it ends (output blocks are never part of another prompt's
+prefix in these workloads, except for identical prompts).
+
 Synthetic tokens. The trace holds no output text, so the token sampled at position p is a fixed
 function of p: requests are run with `ignore_eos` and `max_tokens` set to their output length, so
 lengths match the workload, and two identical prompts produce identical outputs, as greedy decoding
@@ -19,6 +31,7 @@ does, which keeps the prefix cache honest about output blocks.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections.abc import Callable
 
 from tandem.engine.block_manager import BlockManager
@@ -31,13 +44,21 @@ from tandem.router.worker_registry import WorkerState
 logger = logging.getLogger(__name__)
 
 FIRST_ORDINARY_TOKEN_ID = 16  # lower ids are special tokens in tandem's random models
+TOKEN_MULTIPLIER = 2654435761  # Knuth's multiplicative hash: spreads positions over the vocabulary
+
+
+def synthetic_token_id(num_tokens: int, vocab_size: int) -> int:
+    """The token sampled after `num_tokens` tokens (the module docstring says why a fixed one)."""
+    return FIRST_ORDINARY_TOKEN_ID + (num_tokens * TOKEN_MULTIPLIER) % (
+        vocab_size - FIRST_ORDINARY_TOKEN_ID)
 
 
 class SimWorker:
     """A worker's engine state plus the step in flight, if any."""
 
     __slots__ = ("worker_id", "role", "block_manager", "scheduler", "state", "model",
-                 "batch", "step_end_s", "ops", "num_steps", "busy_s", "_token_span")
+                 "batch", "step_end_s", "ops", "num_steps", "busy_s", "_token_span",
+                 "collapse", "stretch_ends_s", "generation")
 
     def __init__(self, worker_id: str, role: str, config: SimConfig, model,
                  state: WorkerState):
@@ -58,6 +79,9 @@ class SimWorker:
         self.num_steps = 0
         self.busy_s = 0.0
         self._token_span = config.token_vocab_size - FIRST_ORDINARY_TOKEN_ID
+        self.collapse = config.collapse_decode_steps
+        self.stretch_ends_s: list[float] | None = None  # end times of a planned decode stretch
+        self.generation = 0  # bumped whenever the step end event is replaced
 
     @property
     def is_idle(self) -> bool:
@@ -81,14 +105,46 @@ class SimWorker:
         self.num_steps += 1
         self.busy_s += duration_s
         self.step_end_s = now_s + duration_s
+        self.stretch_ends_s = None
+        if self.collapse:
+            num_steps = self._num_identical_steps(batch)
+            if num_steps > 1:
+                self.stretch_ends_s = self._stretch_ends_s(batch, num_steps, self.step_end_s)
+                self.step_end_s = self.stretch_ends_s[-1]
+        self.generation += 1
         return self.step_end_s
+
+    def cut_stretch(self, now_s: float) -> float | None:
+        """An operation arrived during a stretch: end it with the step in flight; the new end."""
+        ends = self.stretch_ends_s
+        if ends is None or ends[-1] <= now_s:
+            return None
+        num_steps = bisect_left(ends, now_s) + 1
+        del ends[num_steps:]
+        self.step_end_s = ends[-1]
+        self.generation += 1
+        return self.step_end_s
+
+    def run_stretch(self, on_batch: Callable[[ScheduledBatch, float], None]) -> list[Sequence]:
+        """Run the planned steps through the scheduler; the sequences advanced by the last one."""
+        ends = self.stretch_ends_s
+        self.stretch_ends_s = None
+        self.num_steps += len(ends) - 1
+        self.busy_s += ends[-1] - ends[0]
+        advanced: list[Sequence] = []
+        for i, end_s in enumerate(ends):
+            if i:
+                self.batch = self.scheduler.schedule()
+            on_batch(self.batch, end_s)
+            advanced = self.finish_step()
+        return advanced
 
     def finish_step(self) -> list[Sequence]:
         """Postprocess the step in flight; returns the sequences that got a token."""
         batch = self.batch
         self.batch = None
         span = self._token_span
-        sampled = [FIRST_ORDINARY_TOKEN_ID + (seq.num_tokens * 2654435761) % span
+        sampled = [FIRST_ORDINARY_TOKEN_ID + (seq.num_tokens * TOKEN_MULTIPLIER) % span
                    if seq.num_computed_tokens + n == seq.num_tokens else None
                    for seq, n in zip(batch.seqs, batch.num_new_tokens)]
         return self.scheduler.postprocess(batch, sampled)
@@ -108,6 +164,38 @@ class SimWorker:
                 weighted_cached += num_new * computed
         cached = weighted_cached // num_prefill if num_prefill else 0
         return self.model.step_s(num_prefill, cached, num_decode, num_context)
+
+    def _num_identical_steps(self, batch: ScheduledBatch) -> int:
+        """How many steps, this one included, repeat this pure decode batch (1: no stretch)."""
+        scheduler = self.scheduler
+        if self.ops or scheduler.waiting or len(batch.seqs) != len(scheduler.running):
+            return 1
+        max_model_len = scheduler.limits.max_model_len
+        num_steps = max_model_len
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            if num_new != 1 or seq.num_computed_tokens < seq.num_prompt_tokens:
+                return 1  # a prefill row: the next step differs
+            left = seq.params.max_tokens - seq.num_output_tokens
+            num_steps = min(num_steps, left, max_model_len - seq.num_tokens)
+        if num_steps <= 1:
+            return 1
+        # Every block the stretch allocates must be free now, or a step could preempt.
+        num_needed = sum(seq.num_blocks_for(seq.num_tokens + num_steps - 1) - len(seq.block_table)
+                         for seq in batch.seqs)
+        return num_steps if num_needed <= self.block_manager.num_free_blocks else 1
+
+    def _stretch_ends_s(self, batch: ScheduledBatch, num_steps: int, first_end_s: float
+                        ) -> list[float]:
+        decode_s = self.model.decode_s
+        batch_size = len(batch.seqs)
+        context = sum(seq.num_tokens for seq in batch.seqs)  # of the first step
+        ends = [first_end_s]
+        end_s = first_end_s
+        for _ in range(num_steps - 1):
+            context += batch_size
+            end_s += decode_s(batch_size, context)
+            ends.append(end_s)
+        return ends
 
     def is_drained(self) -> bool:
         """No request left and every block back in the free queue (cached or not)."""

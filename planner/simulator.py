@@ -24,8 +24,10 @@ the order they were made. Kinds, mirroring what the real processes do:
   otherwise it is applied as it happens. HEARTBEAT: every interval each worker's block count
   corrects the router's load books (`on_worker_stats`), as frontend heartbeats do.
 
-Every step is simulated: no step is skipped or merged, so the schedule is exactly what the engine
-would run for the same arrivals (tests/planner/test_simulator.py checks it step by step).
+Every step is run through the scheduler: a stretch of identical decode steps is planned as one
+event (planner/sim_worker.py) but executed step by step when it ends, so the schedule is exactly
+what the engine would run for the same arrivals (tests/planner/test_simulator.py checks it step by
+step); only the router hears of a stretch's output blocks when it ends.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Simulator:
             worker.block_manager.subscribe(self._kv_listener(worker))
         self.pools = {role: self.registry.pool(role) for role in ("decode", "prefill")}
         self._heap: list = []
+        self._waking: set[SimWorker] = set()
         self._counter = 0
         self.now_s = 0.0
         self.num_remote_prefills = 0
@@ -151,14 +154,27 @@ class Simulator:
     def _deliver(self, worker: SimWorker, op: Callable[[], None]) -> None:
         worker.ops.append(op)
         if worker.is_idle:
+            # Like the engine loop's wake-up: everything delivered at this instant is applied
+            # before the first step, not just the first operation.
+            if worker not in self._waking:
+                self._waking.add(worker)
+                self._push(self.now_s, CALL, lambda: self._wake(worker))
+        elif worker.stretch_ends_s is not None:
+            end_s = worker.cut_stretch(self.now_s)
+            if end_s is not None:  # the queued end event is now stale (its generation)
+                self._push(end_s, STEP_END, (worker, worker.generation))
+
+    def _wake(self, worker: SimWorker) -> None:
+        self._waking.discard(worker)
+        if worker.is_idle:
             self._start_step(worker)
 
     def _start_step(self, worker: SimWorker) -> None:
         end_s = worker.start_step(self.now_s)
         if end_s is not None:
-            if self.on_step is not None:
-                self.on_step(worker, worker.batch)
-            self._push(end_s, STEP_END, worker)
+            if self.on_step is not None and worker.stretch_ends_s is None:
+                self.on_step(worker, worker.batch)  # a stretch shows its batches as it runs
+            self._push(end_s, STEP_END, (worker, worker.generation))
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -206,7 +222,13 @@ class Simulator:
             return
         request.seq = seq
 
-    def _on_step_end(self, worker: SimWorker) -> None:
+    def _on_step_end(self, payload: tuple[SimWorker, int]) -> None:
+        worker, generation = payload
+        if generation != worker.generation:
+            return  # a stretch that was cut short ends at another event
+        if worker.stretch_ends_s is not None:
+            self._end_stretch(worker)
+            return
         advanced = worker.finish_step()
         token_s = self.now_s + self.config.rpc_s
         requests = self.requests
@@ -222,6 +244,26 @@ class Simulator:
             request.token_times_s.append(token_s)
             if seq.is_finished:
                 self._later(self.config.rpc_s, lambda r=request: self._on_finished(r))
+        self._start_step(worker)
+
+    def _end_stretch(self, worker: SimWorker) -> None:
+        """Run a stretch of identical decode steps: every sequence gets a token each step."""
+        rpc_s = self.config.rpc_s
+        on_step = self.on_step
+        requests = [self.requests[int(seq.request_id)] for seq in worker.batch.seqs]
+        times = [request.token_times_s for request in requests]
+
+        def on_batch(batch, end_s: float) -> None:
+            if on_step is not None:
+                on_step(worker, batch)
+            token_s = end_s + rpc_s
+            for token_times_s in times:
+                token_times_s.append(token_s)
+
+        worker.run_stretch(on_batch)
+        for request in requests:
+            if request.seq.is_finished:
+                self._later(rpc_s, lambda r=request: self._on_finished(r))
         self._start_step(worker)
 
     def _on_prefilled(self, request: SimRequest, prefill_seq: Sequence) -> None:

@@ -112,7 +112,7 @@ def multi_turn_dataset(config: MultiTurnConfig, seed: int) -> list[BenchRequest]
 
 def random_token_ids(rng: np.random.Generator, length: int, vocab_size: int) -> tuple[int, ...]:
     ids = rng.integers(FIRST_ORDINARY_TOKEN_ID, vocab_size, size=length)
-    return tuple(int(token) for token in ids)
+    return tuple(ids.tolist())  # Python ints, converted in C: traces draw millions of them
 
 
 def _uniform_lengths(rng: np.random.Generator, mean_len: int, range_ratio: float,

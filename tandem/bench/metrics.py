@@ -129,16 +129,24 @@ def ideal_prefix_hit_rate(requests: Sequence[BenchRequest], block_size: int) -> 
     hits; partial last blocks are never cached (DESIGN.md, "Block hashes"). Real engines may also
     recompute the last cached block so that one token is left to prefill; this bound does not.
     """
+    return ideal_prefix_hit_rate_of_hashes(
+        ((hash_prompt_blocks(request.prompt_token_ids, block_size), request.prompt_len)
+         for request in requests), block_size)
+
+
+def ideal_prefix_hit_rate_of_hashes(prompts: Iterable[tuple[Sequence[int], int]],
+                                    block_size: int) -> float:
+    """`ideal_prefix_hit_rate` over (block hashes, prompt length) pairs already hashed, in order
+    (the simulator hashes every prompt once to route it)."""
     seen: set[int] = set()
     hit_tokens = 0
     total_tokens = 0
-    for request in requests:
-        hashes = hash_prompt_blocks(request.prompt_token_ids, block_size)
+    for hashes, prompt_len in prompts:
         hit_blocks = 0
         # Chained hashes: once one block misses, no later block of this prompt can hit.
         while hit_blocks < len(hashes) and hashes[hit_blocks] in seen:
             hit_blocks += 1
         seen.update(hashes)
         hit_tokens += hit_blocks * block_size
-        total_tokens += request.prompt_len
+        total_tokens += prompt_len
     return hit_tokens / total_tokens if total_tokens else 0.0

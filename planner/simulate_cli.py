@@ -1,0 +1,186 @@
+"""`tandem simulate`: run a workload through a simulated deployment, write bench's JSON.
+
+    tandem simulate --profile PROFILE.json --num-prefill 1 --num-decode 1 \
+        --dataset random --input-len 4096 --output-len 256 --request-rate 6 --out sim.json
+
+The dataset and load flags are `tandem bench`'s own (tandem.bench.cli.add_workload_arguments),
+so a simulated run and a real one are described by the same flags, and the summary has the same
+keys: `tandem bench --compare real.json sim.json` lines them up. Engine and router flags default to
+the real config dataclasses; the KV cache size and context length default to what the profile
+recorded. Needs neither a GPU, torch nor grpc. Standalone: `python -m tandem.planner.simulate_cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+
+from tandem.bench.arrivals import arrival_offsets_s
+from tandem.bench.cli import add_workload_arguments, build_requests
+from tandem.bench.metrics import parse_slo
+from tandem.bench.report import format_summary
+from tandem.planner.perf_model import PerfModel
+from tandem.planner.sim_config import SimConfig, sim_config_from_profile
+from tandem.planner.sim_records import SimResult
+from tandem.planner.simulator import Simulator
+from tandem.router.kv_policy import KVPolicyConfig, RouterMode
+from tandem.router.routing import RoutingConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_simulate_parser(subcommands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `simulate`; the parsed args carry `func(args) -> int`."""
+    parser = subcommands.add_parser(
+        "simulate", help="simulate a deployment on a workload from a measured profile",
+        description="Discrete-event simulation of P prefill and D decode workers running "
+                    "tandem's real scheduler, block manager and router; times from a profile.")
+    add_simulate_arguments(parser)
+    parser.set_defaults(func=simulate_main)
+    return parser
+
+
+def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
+    """Profile, engine and router flags (shared with `tandem plan`); None: the config default."""
+    group = parser.add_argument_group("deployment")
+    group.add_argument("--profile", required=True, help="a `tandem profile` JSON file")
+    group.add_argument("--num-kv-blocks", type=int, default=None,
+                       help="KV blocks per worker (default: what the profile recorded)")
+    group.add_argument("--max-model-len", type=int, default=None,
+                       help="context length (default: what the profile recorded)")
+    group.add_argument("--max-num-seqs", type=int, default=None)
+    group.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help="step token budget (chunk size)")
+    group.add_argument("--max-prefill-queue", type=int, default=None)
+    group.add_argument("--router-mode", default=None, choices=[m.value for m in RouterMode])
+    group.add_argument("--kv-overlap-weight", type=float, default=None)
+    group.add_argument("--router-temperature", type=float, default=None)
+    group.add_argument("--router-seed", type=int, default=0,
+                       help="seeds random routing and temperature sampling (reproducible runs)")
+    sim = parser.add_argument_group("simulation")
+    sim.add_argument("--heartbeat-interval-s", type=float, default=None)
+    sim.add_argument("--kv-event-delay-ms", type=float, default=0.0,
+                     help="worker -> router KV event latency")
+    sim.add_argument("--frontend-overhead-ms", type=float, default=0.0,
+                     help="tokenize and route, per request")
+    sim.add_argument("--rpc-ms", type=float, default=0.0, help="one frontend <-> worker hop")
+    sim.add_argument("--slo", nargs="+", default=[], metavar="NAME=MS",
+                     help="goodput bounds, as `tandem bench --slo`")
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("shape")
+    group.add_argument("--num-prefill", type=int, default=1, help="0: aggregated workers")
+    group.add_argument("--num-decode", type=int, default=1)
+    group.add_argument("--remote-prefill-min-tokens", type=int, default=None)
+    add_deployment_arguments(parser)
+    add_workload_arguments(parser)
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default=None, help="write bench's summary JSON here")
+    out.add_argument("--save-requests", action="store_true",
+                     help="add every request's record to --out")
+    out.add_argument("--plot", default=None, help="latency CDFs and throughput (PNG)")
+
+
+def load_profile(path: str) -> tuple[dict, PerfModel]:
+    with open(path, encoding="utf-8") as file:
+        profile = json.load(file)
+    return profile, PerfModel.from_profile(profile)
+
+
+def sim_config_from_args(args: argparse.Namespace, profile: dict, num_prefill: int,
+                         num_decode: int, remote_prefill_min_tokens: int | None = None,
+                         max_num_batched_tokens: int | None = None) -> SimConfig:
+    """A SimConfig from parsed flags; explicit arguments win over the flags (the planner's knobs)."""
+    defaults_routing, defaults_policy = RoutingConfig(), KVPolicyConfig()
+    policy = KVPolicyConfig(
+        mode=_pick(args.router_mode, defaults_policy.mode),
+        overlap_weight=_pick(args.kv_overlap_weight, defaults_policy.overlap_weight),
+        temperature=_pick(args.router_temperature, defaults_policy.temperature),
+        seed=args.router_seed)
+    threshold = _pick(remote_prefill_min_tokens, defaults_routing.remote_prefill_min_tokens)
+    routing = RoutingConfig(threshold,
+                            _pick(args.max_prefill_queue, defaults_routing.max_prefill_queue),
+                            policy)
+    engine = {name: value for name, value in (
+        ("max_num_seqs", args.max_num_seqs),
+        ("max_num_batched_tokens", _pick(max_num_batched_tokens, args.max_num_batched_tokens)))
+        if value is not None}
+    timing = {"kv_event_delay_s": args.kv_event_delay_ms / 1e3,
+              "frontend_overhead_s": args.frontend_overhead_ms / 1e3, "rpc_s": args.rpc_ms / 1e3}
+    if args.heartbeat_interval_s is not None:
+        timing["heartbeat_interval_s"] = args.heartbeat_interval_s
+    return sim_config_from_profile(profile, num_prefill, num_decode, args.num_kv_blocks,
+                                   args.max_model_len, engine, routing, **timing)
+
+
+def simulate(args: argparse.Namespace, config: SimConfig, model: PerfModel,
+             requests=None) -> SimResult:
+    """Build the workload from the flags (unless given) and run it through the simulator."""
+    if requests is None:
+        requests = build_requests(args)
+    offsets_s = arrival_offsets_s(requests, args.request_rate, args.burstiness, args.seed)
+    return Simulator(config, model).run(requests, offsets_s, args.max_concurrency)
+
+
+def simulate_main(args: argparse.Namespace) -> int:
+    if args.seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {args.seed}")
+    slo = parse_slo(args.slo)
+    profile, model = load_profile(args.profile)
+    config = sim_config_from_args(args, profile, args.num_prefill, args.num_decode,
+                                  args.remote_prefill_min_tokens)
+    result = simulate(args, config, model)
+    records = result.records(keep_chunks=bool(args.plot))
+    summary = result.summary(slo, records)
+    print(format_summary(summary, slo))
+    stats = result.stats()
+    print(f"simulated {result.duration_s:.1f} s in {stats['wall_s']:.1f} s wall, "
+          f"{stats['num_steps']} steps, {stats['num_remote_prefills']} remote prefills")
+    if args.out:
+        document = dict(summary)
+        document["config"] = {key: _jsonable(value) for key, value in sorted(vars(args).items())
+                              if key not in ("func", "command")}
+        document["simulator"] = stats
+        if args.save_requests:
+            document["per_request"] = [record.to_json_dict() for record in records]
+        with open(args.out, "w", encoding="utf-8") as file:
+            json.dump(document, file, indent=2)
+            file.write("\n")
+        logger.info("wrote %s", args.out)
+    if args.plot:
+        from tandem.bench.plot import save_plot
+        save_plot(records, result.duration_s, args.plot)
+    return 0 if summary["num_errors"] < summary["num_requests"] else 1
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"  # JSON has no infinity; bench writes the default rate the same way
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tandem.planner.simulate_cli",
+                                     description="tandem's deployment simulator")
+    parser.add_argument("--log-level", default="WARNING")
+    add_simulate_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return simulate_main(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""`tandem plan` picks a shape on the CPU profile of random:tiny, and its JSON holds the table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tandem.planner.plan import Shape, fewest_gpus, shapes_for
+from tandem.planner.plan_cli import main, serve_command
+from tandem.planner.sim_synthetic import synthetic_profile
+
+CPU_PROFILE = Path(__file__).parents[2] / "planner" / "profiles" / "random-tiny-cpu.json"
+
+
+@pytest.fixture
+def profile_path(tmp_path) -> str:
+    if CPU_PROFILE.exists():
+        return str(CPU_PROFILE)
+    path = tmp_path / "profile.json"  # until the measured CPU profile lands
+    path.write_text(json.dumps(synthetic_profile(num_kv_blocks=512, max_model_len=2048)))
+    return str(path)
+
+
+def test_shapes_cover_aggregated_and_every_split():
+    shapes = shapes_for(3, [256], [2048, 512])
+    assert [(s.num_prefill, s.num_decode) for s in shapes] == \
+        [(0, 3), (0, 3), (1, 2), (1, 2), (2, 1), (2, 1)]
+
+
+def test_fewest_gpus_bisects_a_monotone_predicate():
+    asked = []
+
+    def meets(n: int) -> bool:
+        asked.append(n)
+        return n >= 5
+    assert fewest_gpus(meets, 16) == 5
+    assert len(asked) <= 6
+    assert fewest_gpus(lambda n: False, 4) is None
+
+
+def test_serve_command_names_the_shape():
+    assert serve_command(Shape(1, 3, 128, 512), "random:tiny") == (
+        "tandem serve --model random:tiny --num-prefill 1 --num-decode 3 "
+        "--remote-prefill-min-tokens 128 --max-num-batched-tokens 512")
+
+
+def test_plan_picks_a_shape_and_writes_the_table(profile_path, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    plot = tmp_path / "plan.png"
+    code = main(["--profile", profile_path, "--gpus", "2", "--dataset", "random",
+                 "--num-requests", "12", "--input-len", "64", "--output-len", "4",
+                 "--request-rate", "0.2", "--slo", "ttft_ms=8000", "itl_ms=6000",
+                 "--max-requests-per-probe", "12", "--remote-prefill-min-tokens", "16",
+                 "--chunk-sizes", "1024", "--out", str(out), "--plot", str(plot)])
+    assert code == 0
+    plan = json.loads(out.read_text())
+    assert {row["name"] for row in plan["table"]} == {
+        "2 aggregated chunk1024", "1P:1D min16 chunk1024"}
+    per_gpu = [row["goodput_per_gpu"] for row in plan["table"]]
+    assert per_gpu == sorted(per_gpu, reverse=True)
+    assert plan["best"] == plan["table"][0]
+    assert plan["best"]["goodput_rps"] > 0
+    assert all(row["probes"] for row in plan["table"])
+    assert plan["num_requests_per_probe"] == 12
+    assert "fewest_gpus" in plan
+    assert plan["serve_command"] in capsys.readouterr().out
+    assert plot.stat().st_size > 0
