@@ -34,6 +34,7 @@ import logging
 from bisect import bisect_left
 from collections.abc import Callable
 
+from tandem.contracts.worker_stats import WorkerStats
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.scheduler import (DecodeScheduler, ScheduledBatch, SchedulerLimits,
                                      make_scheduler)
@@ -196,6 +197,16 @@ class SimWorker:
             end_s += decode_s(batch_size, context)
             ends.append(end_s)
         return ends
+
+    def stats(self) -> WorkerStats:
+        """What a heartbeat carries (worker/base.py `stats`)."""
+        scheduler, manager = self.scheduler, self.block_manager
+        return WorkerStats(
+            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            num_blocks=manager.num_blocks, num_free_blocks=manager.num_free_blocks,
+            prefix_cache_queries=scheduler.prefix_cache_queries,
+            prefix_cache_hits=scheduler.prefix_cache_hits,
+            num_pinned_requests=scheduler.num_pinned_requests)
 
     def is_drained(self) -> bool:
         """No request left and every block back in the free queue (cached or not)."""

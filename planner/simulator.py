@@ -35,15 +35,14 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence as Seq
 
-from tandem.bench.arrivals import session_predecessors
 from tandem.bench.records import BenchRequest
 from tandem.contracts.block_hash import hash_prompt_blocks
 from tandem.contracts.sampling_params import SamplingParams
-from tandem.contracts.worker_stats import Registration, WorkerStats
+from tandem.contracts.worker_stats import Registration
 from tandem.engine.sequence import Sequence
+from tandem.planner.sim_clients import ClientBook
 from tandem.planner.sim_config import SimConfig
 from tandem.planner.sim_records import SimRequest, SimResult
 from tandem.planner.sim_worker import SimWorker
@@ -88,22 +87,11 @@ class Simulator:
 
     def run(self, requests: Seq[BenchRequest], offsets_s: Seq[float],
             max_concurrency: int | None = None) -> SimResult:
-        if len(offsets_s) != len(requests):
-            raise ValueError("one arrival offset per request is needed")
-        if max_concurrency is not None and max_concurrency <= 0:
-            raise ValueError(f"--max-concurrency must be positive, got {max_concurrency}")
         started = time.perf_counter()
         self.requests = [SimRequest(i, r, offsets_s[i]) for i, r in enumerate(requests)]
-        self._successors: dict[int, list[int]] = {}
-        self._max_concurrency = max_concurrency
-        self._num_active = 0
-        self._slot_queue: deque[int] = deque()
-        self._num_unfinished = len(requests)
-        for index, previous in enumerate(session_predecessors(requests)):
-            if previous is None:
-                self._push(offsets_s[index], SEND, index)
-            else:
-                self._successors.setdefault(previous, []).append(index)
+        self.clients = ClientBook(requests, offsets_s, max_concurrency)
+        for send_s, index in self.clients.first_sends:
+            self._push(send_s, SEND, index)
         if requests:
             self._push(self.config.heartbeat_interval_s, HEARTBEAT, None)
         self._loop()
@@ -179,10 +167,8 @@ class Simulator:
     # ---- requests ------------------------------------------------------------------------------
 
     def _on_send(self, index: int) -> None:
-        if self._max_concurrency is not None and self._num_active >= self._max_concurrency:
-            self._slot_queue.append(index)
+        if not self.clients.try_send(index):
             return
-        self._num_active += 1
         request = self.requests[index]
         request.send_s = self.now_s
         self._later(self.config.frontend_overhead_s, lambda: self._on_route(index))
@@ -310,12 +296,8 @@ class Simulator:
     def _on_finished(self, request: SimRequest) -> None:
         request.done = True
         self.router.on_finished(request.request_id)
-        self._num_unfinished -= 1
-        self._num_active -= 1
-        if self._slot_queue:
-            self._push(self.now_s, SEND, self._slot_queue.popleft())
-        for index in self._successors.pop(request.index, ()):
-            self._push(max(self.now_s, self.requests[index].offset_s), SEND, index)
+        for send_s, index in self.clients.on_finished(request.index, self.now_s):
+            self._push(send_s, SEND, index)
 
     def _fail(self, request: SimRequest, error: str) -> None:
         logger.warning("request %s failed: %s", request.request_id, error)
@@ -337,15 +319,7 @@ class Simulator:
 
     def _on_heartbeat(self) -> None:
         for worker in self.workers.values():
-            scheduler = worker.scheduler
-            manager = worker.block_manager
-            stats = WorkerStats(
-                num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
-                num_blocks=manager.num_blocks, num_free_blocks=manager.num_free_blocks,
-                prefix_cache_queries=scheduler.prefix_cache_queries,
-                prefix_cache_hits=scheduler.prefix_cache_hits,
-                num_pinned_requests=scheduler.num_pinned_requests)
-            self.registry.heartbeat(worker.worker_id, stats, self.now_s)
+            self.registry.heartbeat(worker.worker_id, worker.stats(), self.now_s)
             self.router.on_worker_stats(worker.state)
-        if self._num_unfinished > 0:
+        if self.clients.num_unfinished > 0:
             self._push(self.now_s + self.config.heartbeat_interval_s, HEARTBEAT, None)
