@@ -18,9 +18,10 @@ Text is withheld for two reasons:
   completes, the text is cut before it. With `include_stop_str_in_output` the cut falls after the
   stop string, so nothing needs holding back.
 
-A stop string is searched for only in the newly decoded text plus len(stop) - 1 characters before
-it; of several matches the one that completes first (smallest end, then earliest start) wins, as if
-text arrived one character at a time. Text once returned by `get_text_delta` is never cut, which is
+Stop strings are matched by `stop_matcher.StopMatcher`, which reads each new character once (an
+Aho-Corasick automaton), so matching and the hold-back length cost O(new text) per token however
+many and however long the stop strings are; of several matches the one that completes first
+(smallest end, then earliest start) wins, as if text arrived one character at a time. Text once returned by `get_text_delta` is never cut, which is
 what makes the concatenation of all deltas equal `output_text`.
 """
 
@@ -30,6 +31,8 @@ import logging
 from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
+
+from tandem.engine.stop_matcher import StopMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +57,7 @@ class IncrementalDetokenizer:
         if any(not s for s in stop):
             raise ValueError(f"stop strings must be non-empty, got {list(stop)!r}")
         self._tokenizer = tokenizer
-        self._stop = list(stop)
-        self._max_stop_len = max((len(s) for s in self._stop), default=0)
+        self._stop_matcher = StopMatcher(stop) if stop else None
         self._include_stop = include_stop_str_in_output
         self._skip_special_tokens = skip_special_tokens
 
@@ -72,7 +74,6 @@ class IncrementalDetokenizer:
         self._pieces: list[str] = []  # the output text, in the pieces it was decoded in
         self._num_chars = 0
         self._num_streamed_chars = 0
-        self._tail = ""  # the last max_stop_len - 1 characters of the output text
         self._matched_stop: str | None = None
 
     @property
@@ -137,43 +138,26 @@ class IncrementalDetokenizer:
 
     def _append_text(self, new_text: str) -> str | None:
         """Add decoded text, cut it at the first stop string it completes, and return that string."""
-        match = self._find_stop(new_text)
+        match = self._stop_matcher.feed(new_text) if self._stop_matcher is not None else None
+        num_chars_before = self._num_chars
         self._pieces.append(new_text)
         self._num_chars += len(new_text)
-        self._tail = self._updated_tail(self._tail, new_text)
         if match is None:
             return None
-        stop, start = match
+        stop, start = match[0], num_chars_before + match[1]
         self._matched_stop = stop
         self._truncate(start + len(stop) if self._include_stop else start)
         logger.debug("stop string %r matched at character %d", stop, start)
         return stop
 
-    def _find_stop(self, new_text: str) -> tuple[str, int] | None:
-        """(stop string, absolute start) of the first stop that completes within `new_text`."""
-        if not self._stop:
-            return None
-        region = self._tail + new_text  # the tail is as long as the longest possible overlap
-        region_start = self._num_chars - len(self._tail)
-        best: tuple[int, int, str] | None = None  # (end, start, stop) in region coordinates
-        for stop in self._stop:
-            index = region.find(stop, max(0, len(self._tail) - len(stop) + 1))
-            if index >= 0:
-                candidate = (index + len(stop), index, stop)
-                best = candidate if best is None else min(best, candidate)
-        if best is None:
-            return None
-        return best[2], region_start + best[1]
-
     def _num_chars_to_hold(self) -> int:
         """Length of the longest end of the text that begins some stop string."""
-        num_held = 0
-        for stop in self._stop:
-            for length in range(min(len(stop) - 1, len(self._tail)), num_held, -1):
-                if self._tail.endswith(stop[:length]):
-                    num_held = length
-                    break
-        return num_held
+        return self._stop_matcher.num_chars_to_hold if self._stop_matcher is not None else 0
+
+    @property
+    def num_stop_chars_scanned(self) -> int:
+        """Characters the stop matcher has read: the output's length, never more."""
+        return self._stop_matcher.num_chars_scanned if self._stop_matcher is not None else 0
 
     def _truncate(self, num_chars: int) -> None:
         num_to_drop = self._num_chars - num_chars
@@ -183,7 +167,6 @@ class IncrementalDetokenizer:
                 self._pieces.append(piece[: len(piece) - num_to_drop])
             num_to_drop -= len(piece)
         self._num_chars = num_chars
-        self._tail = self._updated_tail("", self._text_suffix(self._max_stop_len - 1))
 
     def _text_suffix(self, num_chars: int) -> str:
         """The last `num_chars` characters of the output text, joining only the pieces needed."""
@@ -198,9 +181,3 @@ class IncrementalDetokenizer:
                 break
         text = "".join(reversed(parts))
         return text[len(text) - num_chars:] if len(text) > num_chars else text
-
-    def _updated_tail(self, tail: str, new_text: str) -> str:
-        keep = self._max_stop_len - 1
-        if keep <= 0:
-            return ""
-        return (tail + new_text)[-keep:] if len(new_text) < keep else new_text[-keep:]
