@@ -8,12 +8,15 @@
 - `GET /v1/models` (the one served model), `GET /health` (200, or 503 while the pipeline is not
   ready or draining) and `GET /metrics` (Prometheus text format of the given registry).
 
-This module is the I/O shell. Validation and tokenization live in `openai_inputs`, response shapes in
-`openai_outputs`, disconnect handling in `openai_sse`, and everything past the `GenerateRequest`
-(routing, workers, detokenization) in the pipeline. Each request runs as: refuse with 503 if the
-pipeline cannot take work; read and validate the body and tokenize the prompt on the tokenizer
-thread; call `pipeline.generate`; collect or stream its chunks. A client that disconnects ends the
-iteration and closes the pipeline's generator, which aborts the request.
+This module is the I/O shell. Validation and tokenization live in `openai_inputs` (with the rules
+shared with gRPC in `request_rules`), response shapes in `openai_outputs`, disconnect handling in
+`openai_sse`, admission in `admission`, and everything past the `GenerateRequest` (routing, workers,
+detokenization) in the pipeline. Each request runs as: refuse with 503 if the pipeline cannot take
+work or is full (with `Retry-After`); read the body, refusing with 413 past `max_request_bytes`
+(4 MiB by default: a 128k-token prompt as JSON text or token ids takes about 1 MiB) before it is
+all read; validate it and tokenize the prompt on the tokenizer thread; call `pipeline.generate`;
+collect or stream its chunks. A client that disconnects ends the iteration and closes the
+pipeline's generator, which aborts the request.
 
 Errors are OpenAI error objects (`openai_errors`). An unknown model is a 400 (`model_not_found`),
 like every other request the client must change. A `RequestRejected` from the pipeline, even one raised while iterating, keeps
@@ -38,11 +41,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from starlette.requests import ClientDisconnect
 from transformers import PreTrainedTokenizerBase
 
+from tandem.frontend.admission import AdmissionGate
 from tandem.frontend.openai_errors import OpenAIError, error_response, install_error_handlers, internal_error
-from tandem.frontend.openai_inputs import (chat_request, check_model, check_supported, completion_request,
-                                         parse_body)
+from tandem.frontend.openai_inputs import chat_request, check_supported, completion_request, parse_body
 from tandem.frontend.openai_outputs import ChatFormatter, CompletionFormatter, make_token_text
 from tandem.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from tandem.frontend.request_rules import RequestError, RequestLimits, RequestRules, check_model
 from tandem.frontend.openai_sse import (SSE_DONE, ClientDisconnected, SSEResponse, close_iterator,
                                       run_unless_disconnected, sse_event)
 from tandem.frontend.types import GenerateChunk, GenerateRequest, RequestPipeline, RequestRejected
@@ -53,14 +57,24 @@ Formatter = CompletionFormatter | ChatFormatter
 
 
 def create_app(pipeline: RequestPipeline, tokenizer: PreTrainedTokenizerBase,
-               metrics_registry: CollectorRegistry | None = None) -> FastAPI:
-    """The HTTP app serving `pipeline`; `tokenizer` must be the one the pipeline's model uses."""
-    server = _OpenAIServer(pipeline, tokenizer, metrics_registry or REGISTRY)
+               metrics_registry: CollectorRegistry | None = None, *,
+               limits: RequestLimits = RequestLimits(), rules: RequestRules | None = None,
+               tokenize_executor: ThreadPoolExecutor | None = None) -> FastAPI:
+    """The HTTP app serving `pipeline` (an `AdmissionGate` to bound the load); `tokenizer` must be
+    the one the pipeline's model uses. `rules` default to the pipeline's model, the tokenizer's
+    vocabulary and `limits`; `tokenize_executor`, one thread, is shared with the gRPC API when
+    given."""
+    rules = rules or default_rules(pipeline, tokenizer, limits)
+    owns_executor = tokenize_executor is None
+    executor = tokenize_executor or tokenizer_thread()
+    server = _OpenAIServer(pipeline, tokenizer, metrics_registry or REGISTRY, rules,
+                           limits.max_request_bytes, executor)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        server.tokenize_executor.shutdown(wait=False, cancel_futures=True)
+        if owns_executor:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     # No generated docs: the routes parse their bodies themselves, so the schema would be empty.
     app = FastAPI(title="tandem", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -73,6 +87,21 @@ def create_app(pipeline: RequestPipeline, tokenizer: PreTrainedTokenizerBase,
     return app
 
 
+def tokenizer_thread() -> ThreadPoolExecutor:
+    """The one thread that tokenizes: Hugging Face tokenizers are not safe to share between threads,
+    and long prompts must not stall the event loop that streams every other request."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-tokenize")
+
+
+def default_rules(pipeline: RequestPipeline, tokenizer: PreTrainedTokenizerBase,
+                  limits: RequestLimits = RequestLimits(), vocab_size: int | None = None
+                  ) -> RequestRules:
+    """Rules for the pipeline's model; token ids must be known to the tokenizer and, when given,
+    below the model's `vocab_size` (its embedding rows)."""
+    return RequestRules.for_vocab(pipeline.model_name, pipeline.max_model_len, tokenizer.get_vocab(),
+                                  min(len(tokenizer), vocab_size or len(tokenizer)), limits)
+
+
 @dataclass(frozen=True, slots=True)
 class _Prepared:
     request: GenerateRequest
@@ -83,15 +112,16 @@ class _Prepared:
 
 class _OpenAIServer:
     def __init__(self, pipeline: RequestPipeline, tokenizer: PreTrainedTokenizerBase,
-                 registry: CollectorRegistry):
+                 registry: CollectorRegistry, rules: RequestRules, max_request_bytes: int,
+                 tokenize_executor: ThreadPoolExecutor):
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.registry = registry
+        self.rules = rules
+        self.max_request_bytes = max_request_bytes
         self.token_text = make_token_text(tokenizer)
         self.started_s = int(time.time())
-        # One thread: Hugging Face tokenizers are not safe to share between threads, and long prompts
-        # must not stall the event loop that streams every other request.
-        self.tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-tokenize")
+        self.tokenize_executor = tokenize_executor
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, f"cmpl-{uuid.uuid4().hex}", self._prepare_completion)
@@ -121,11 +151,31 @@ class _OpenAIServer:
             raise OpenAIError("the server is not ready yet: the model or its workers are still starting; "
                               "retry shortly", 503, code="server_not_ready")
 
+    def _check_room(self) -> None:
+        """Refuse before reading the body when the server is full: the cheapest moment."""
+        if isinstance(self.pipeline, AdmissionGate) and self.pipeline.is_full:
+            raise self.pipeline.overloaded()
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to pass `max_request_bytes`."""
+        limit = self.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(size, limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _serve(self, request: Request, request_id: str,
                      prepare: Callable[[bytes, str], _Prepared]) -> Response:
         try:
             self._check_serving()
-            body = await request.body()
+            self._check_room()
+            body = await self._read_body(request)
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(self.tokenize_executor, prepare, body, request_id)
             logger.debug("request %s: %d prompt tokens, max_tokens %s, stream %s", request_id,
@@ -134,6 +184,9 @@ class _OpenAIServer:
             if prepared.stream:
                 return await self._stream(request, prepared)
             return await self._complete(request, prepared)
+        except RequestError as error:
+            logger.debug("request %s refused (%d): %s", request_id, error.status, error.message)
+            return error_response(OpenAIError.from_request_error(error))
         except OpenAIError as error:
             logger.debug("request %s refused (%d): %s", request_id, error.status, error.message)
             return error_response(error)
@@ -158,9 +211,9 @@ class _OpenAIServer:
                  formatter: type[Formatter]) -> _Prepared:
         """Parse and check a body, and tokenize it into the pipeline's request."""
         parsed = parse_body(body, schema)
-        check_model(parsed.model, self.pipeline.model_name)
+        check_model(parsed.model, self.rules)
         check_supported(parsed)
-        request = build(parsed, request_id, self.tokenizer, self.pipeline.max_model_len)
+        request = build(parsed, request_id, self.tokenizer, self.rules)
         return _Prepared(request, self._formatter(formatter, request), bool(parsed.stream),
                          parsed.include_usage)
 
@@ -185,6 +238,11 @@ class _OpenAIServer:
             await close_iterator(chunks)
             raise
         return SSEResponse(_events(chunks, first, prepared))
+
+
+def _too_large(num_bytes: int, limit: int) -> OpenAIError:
+    return OpenAIError(f"the request body is {num_bytes} bytes or more, past this server's limit of "
+                       f"{limit} bytes", 413, code="request_too_large")
 
 
 async def _collect(chunks: AsyncIterator[GenerateChunk], formatter: Formatter) -> None:

@@ -1,13 +1,14 @@
 """From the bytes of an OpenAI request to a `GenerateRequest`: parsing, validation, tokenization, limits.
 
-Everything here is pure apart from the tokenizer calls, and raises `OpenAIError` with a message that
+Everything here is pure apart from the tokenizer calls, and raises `RequestError` with a message that
 names the offending field and value. The checks run in the order a user fixes things: the body must
-be UTF-8 JSON holding an object, the fields must have the right types, the model must be the served
-one, the prompt must fit the context with room for one token, and `max_tokens` must fit what is left.
+be UTF-8 JSON holding an object with no lone surrogates, the fields must have the right types, the
+model must be the served one, the prompt must fit the context with room for one token, and
+`max_tokens` must fit what is left. The rules themselves (and their limits) live in `request_rules`,
+shared with the gRPC API; this module knows only the OpenAI request shapes.
 
-Token limits: a prompt needs `num_prompt_tokens < max_model_len`; a request that names `max_tokens`
-needs `num_prompt_tokens + max_tokens <= max_model_len`. A request that leaves it out (chat) or sends
-null (either API) may generate up to the context limit: `max_model_len - num_prompt_tokens`.
+A request that leaves `max_tokens` out (chat) or sends null (either API) may generate up to the
+context limit: `max_model_len - num_prompt_tokens`.
 """
 
 from __future__ import annotations
@@ -21,47 +22,41 @@ from transformers import PreTrainedTokenizerBase
 
 from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.tokenizer import apply_chat_template
-from tandem.frontend.openai_errors import OpenAIError
 from tandem.frontend.openai_protocol import (ChatCompletionRequest, CompletionRequest, brief_repr,
-                                           sampling_params)
+                                           sampling_fields)
+from tandem.frontend.request_rules import (RequestError, RequestRules, check_no_lone_surrogates,
+                                         check_prompt_chars, check_prompt_ids, check_prompt_length,
+                                         resolve_max_tokens, sampling_params)
 from tandem.frontend.types import GenerateRequest
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
-# torch.Generator.manual_seed accepts this range; other integers must fit the engine's int64 tensors.
-_SEED_RANGE = (-(2**63), 2**64)
-_INT64_MAX = 2**63 - 1
 _MAX_TOP_LOGPROBS = 20
 
 
 def parse_body(body: bytes, model_cls: type[RequestT]) -> RequestT:
-    """The request model held by `body`; raises OpenAIError for anything that is not one."""
+    """The request model held by `body`; raises RequestError for anything that is not one."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise OpenAIError(f"request body is not valid UTF-8: byte 0x{body[exc.start]:02x} at "
-                          f"position {exc.start}") from None
+        raise RequestError(f"request body is not valid UTF-8: byte 0x{body[exc.start]:02x} at "
+                           f"position {exc.start}") from None
     if not text.strip():
-        raise OpenAIError("request body is empty; send a JSON object")
+        raise RequestError("request body is empty; send a JSON object")
     try:
         data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
-        raise OpenAIError(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
-                          f"column {exc.colno}") from None
+        raise RequestError(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                           f"column {exc.colno}") from None
     except (ValueError, RecursionError) as exc:
-        raise OpenAIError(f"request body is not acceptable JSON: {exc}") from None
+        raise RequestError(f"request body is not acceptable JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise OpenAIError(f"request body must be a JSON object, got a JSON {_json_type(data)}")
+        raise RequestError(f"request body must be a JSON object, got a JSON {_json_type(data)}")
+    check_no_lone_surrogates(data)
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
         raise _from_validation_error(exc) from None
-
-
-def check_model(requested: str | None, served: str) -> None:
-    if requested is not None and requested != served:
-        raise OpenAIError(f"the model `{requested}` does not exist: this server serves `{served}`",
-                          400, param="model", code="model_not_found")
 
 
 def check_supported(request: CompletionRequest | ChatCompletionRequest) -> None:
@@ -91,29 +86,28 @@ def check_supported(request: CompletionRequest | ChatCompletionRequest) -> None:
         ]
     for param, refused, message in refusals:
         if refused:
-            raise OpenAIError(message, param=param)
+            raise RequestError(message, param=param)
 
 
 def completion_request(request: CompletionRequest, request_id: str, tokenizer: PreTrainedTokenizerBase,
-                       max_model_len: int) -> GenerateRequest:
-    prompt_ids = _completion_prompt_ids(request.prompt, tokenizer)
-    check_prompt_length(len(prompt_ids), max_model_len, "prompt")
-    max_tokens = resolve_max_tokens(request.max_tokens, len(prompt_ids), max_model_len, "max_tokens")
-    params = _sampling_params(request, max_tokens, request.logprobs)
+                       rules: RequestRules) -> GenerateRequest:
+    prompt_ids = _completion_prompt_ids(request.prompt, tokenizer, rules)
+    max_tokens = resolve_max_tokens(request.max_tokens, len(prompt_ids), rules, "max_tokens")
+    params = _sampling_params(request, max_tokens, request.logprobs, rules)
     prompt_text = request.prompt if isinstance(request.prompt, str) else None
     return GenerateRequest(request_id, prompt_ids, params, prompt_text)
 
 
 def chat_request(request: ChatCompletionRequest, request_id: str, tokenizer: PreTrainedTokenizerBase,
-                 max_model_len: int) -> GenerateRequest:
-    prompt_ids = _chat_prompt_ids(request, tokenizer)
-    check_prompt_length(len(prompt_ids), max_model_len, "messages")
+                 rules: RequestRules) -> GenerateRequest:
+    prompt_ids = _chat_prompt_ids(request, tokenizer, rules)
+    check_prompt_length(len(prompt_ids), rules, "messages")
     if request.max_completion_tokens is not None:
         requested, param = request.max_completion_tokens, "max_completion_tokens"
     else:
         requested, param = request.max_tokens, "max_tokens"
-    max_tokens = resolve_max_tokens(requested, len(prompt_ids), max_model_len, param)
-    params = _sampling_params(request, max_tokens, chat_logprobs(request))
+    max_tokens = resolve_max_tokens(requested, len(prompt_ids), rules, param)
+    params = _sampling_params(request, max_tokens, chat_logprobs(request), rules)
     return GenerateRequest(request_id, prompt_ids, params)
 
 
@@ -121,89 +115,50 @@ def chat_logprobs(request: ChatCompletionRequest) -> int | None:
     """SamplingParams.logprobs for a chat request: None, or how many top alternatives to return."""
     top = request.top_logprobs
     if top is not None and not request.logprobs:
-        raise OpenAIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        raise RequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
     if top is not None and not 0 <= top <= _MAX_TOP_LOGPROBS:
-        raise OpenAIError(f"top_logprobs must be between 0 and {_MAX_TOP_LOGPROBS}, got {top}",
-                          param="top_logprobs")
+        raise RequestError(f"top_logprobs must be between 0 and {_MAX_TOP_LOGPROBS}, got {top}",
+                           "top_logprobs")
     return (top or 0) if request.logprobs else None
 
 
-def check_prompt_length(num_prompt_tokens: int, max_model_len: int, param: str) -> None:
-    if num_prompt_tokens >= max_model_len:
-        raise OpenAIError(
-            f"the prompt is {num_prompt_tokens} tokens long, but the model's context length is "
-            f"{max_model_len} tokens; the prompt must be shorter than that to leave room for at "
-            "least one generated token", param=param)
-
-
-def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int,
-                       param: str) -> int:
-    room = max_model_len - num_prompt_tokens
-    if requested is None:
-        return room
-    if requested < 1:
-        raise OpenAIError(f"{param} must be at least 1, got {requested}", param=param)
-    if requested > room:
-        raise OpenAIError(
-            f"{param}={requested} plus the prompt's {num_prompt_tokens} tokens is "
-            f"{requested + num_prompt_tokens} tokens, more than the model's context length of "
-            f"{max_model_len} tokens; set {param} to at most {room}", param=param)
-    return requested
-
-
-def _completion_prompt_ids(prompt: str | list[int], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def _completion_prompt_ids(prompt: str | list[int], tokenizer: PreTrainedTokenizerBase,
+                           rules: RequestRules) -> list[int]:
     if isinstance(prompt, str):
+        check_prompt_chars(len(prompt), rules, "prompt")
         # add_special_tokens: a checkpoint whose tokenizer prepends BOS expects it on raw prompts too.
         ids = [int(t) for t in tokenizer.encode(prompt, add_special_tokens=True)]
         if not ids:
-            raise OpenAIError("prompt is empty after tokenization", param="prompt")
+            raise RequestError("prompt is empty after tokenization", "prompt")
+        check_prompt_length(len(ids), rules, "prompt")
         return ids
-    vocab_size = len(tokenizer)
-    for token_id in prompt:
-        if not 0 <= token_id < vocab_size:
-            raise OpenAIError(f"prompt token id {token_id} is outside the vocabulary: ids must be "
-                              f"in [0, {vocab_size})", param="prompt")
+    check_prompt_ids(prompt, rules, "prompt")
     return list(prompt)
 
 
-def _chat_prompt_ids(request: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def _chat_prompt_ids(request: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase,
+                     rules: RequestRules) -> list[int]:
     if not request.messages:
-        raise OpenAIError("messages is empty: send at least one message", param="messages")
+        raise RequestError("messages is empty: send at least one message", "messages")
+    check_prompt_chars(sum(len(m.content) for m in request.messages), rules, "messages")
     # Templates know system/user/assistant; "developer" is OpenAI's newer name for system.
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
                 for m in request.messages]
     try:
         return apply_chat_template(tokenizer, messages)
     except ValueError as exc:
-        raise OpenAIError(str(exc), param="messages") from None
+        raise RequestError(str(exc), "messages") from None
     except TemplateError as exc:
-        raise OpenAIError(f"the model's chat template refused these messages: {exc}",
-                          param="messages") from None
+        raise RequestError(f"the model's chat template refused these messages: {exc}",
+                           "messages") from None
 
 
 def _sampling_params(request: CompletionRequest | ChatCompletionRequest, max_tokens: int,
-                     logprobs: int | None) -> SamplingParams:
-    _check_engine_int_ranges(request)
-    try:
-        return sampling_params(request, max_tokens, logprobs)
-    except ValueError as exc:
-        message = str(exc)
-        field = message.split(" ", 1)[0]   # SamplingParams messages start with the field's name
-        param = field if field in type(request).model_fields else None
-        raise OpenAIError(message, param=param) from None
+                     logprobs: int | None, rules: RequestRules) -> SamplingParams:
+    return sampling_params(sampling_fields(request), max_tokens, logprobs, rules)
 
 
-def _check_engine_int_ranges(request: CompletionRequest | ChatCompletionRequest) -> None:
-    low, high = _SEED_RANGE
-    if request.seed is not None and not low <= request.seed < high:
-        raise OpenAIError(f"seed must be in [-2**63, 2**64), got {request.seed}", param="seed")
-    if request.top_k is not None and request.top_k > _INT64_MAX:
-        raise OpenAIError(f"top_k is too large: {request.top_k}", param="top_k")
-    if any(t > _INT64_MAX for t in request.stop_token_ids or []):
-        raise OpenAIError("stop_token_ids holds an id too large for any vocabulary", param="stop_token_ids")
-
-
-def _from_validation_error(exc: ValidationError) -> OpenAIError:
+def _from_validation_error(exc: ValidationError) -> RequestError:
     errors = exc.errors(include_url=False)
     first = errors[0]
     param = ".".join(str(part) for part in first["loc"]) or None
@@ -215,7 +170,7 @@ def _from_validation_error(exc: ValidationError) -> OpenAIError:
         message = f"{param}: {first['msg']}, got {brief_repr(first.get('input'))}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return OpenAIError(message, param=param)
+    return RequestError(message, param=param)
 
 
 def _reject_constant(name: str) -> Any:

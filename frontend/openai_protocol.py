@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from tandem.contracts.sampling_params import SamplingParams
 
 
 class _StrictModel(BaseModel):
@@ -132,17 +131,16 @@ def join_text_parts(content: Any) -> Any:
     return "\n".join(texts)
 
 
-def sampling_params(request: CompletionRequest | ChatCompletionRequest, max_tokens: int,
-                    logprobs: int | None) -> SamplingParams:
-    """The engine's parameters for `request`; raises ValueError (from SamplingParams) on bad values."""
+def sampling_fields(request: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
+    """The sampling fields the client set, by `SamplingParams` name (stop always as a list)."""
     optional: dict[str, Any] = {
         "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
         "min_p": request.min_p, "seed": request.seed, "ignore_eos": request.ignore_eos,
         "stop_token_ids": request.stop_token_ids,
     }
     given = {name: value for name, value in optional.items() if value is not None}
-    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-    return SamplingParams(max_tokens=max_tokens, stop=stop, logprobs=logprobs, **given)
+    given["stop"] = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    return given
 
 
 def brief_repr(value: Any, limit: int = 60) -> str:

@@ -34,6 +34,8 @@ class ServeConfig:
     device: str = "auto"             # auto | cpu | cuda (one GPU per worker)
     drain_timeout_s: float = 30.0    # on SIGTERM, how long requests in flight may still run
     ready_timeout_s: float = 300.0   # how long workers may take to load and register
+    planner_profile: str | None = None  # the planner's performance model; None: the shipped
+                                        # profile of the model on this device (planner/profiles)
     engine: EngineConfig = field(default_factory=EngineConfig)
     router: RoutingConfig = field(default_factory=RoutingConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -94,6 +96,10 @@ SETTINGS = [
             "'ttft_ms=500 itl_ms=40'"),
     Setting("gpu_budget", ("planner", "gpu_budget"), "GPUs the planner may use in all"),
     Setting("planner_interval_s", ("planner", "interval_s"), "seconds between planner decisions"),
+    Setting("planner_profile", ("planner_profile",), "`tandem profile` JSON the planner sizes "
+            "pools with; unset: the shipped one for the model and device"),
+    Setting("planner_layout", ("planner", "layout"), "pools the planner sizes: disagg (prefill + "
+            "decode) or agg (decode workers that prefill themselves)"),
 ]
 _BY_NAME = {s.name: s for s in SETTINGS}
 _SECTIONS = {"engine", "router", "worker", "frontend", "planner"}

@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from tandem.launcher.config import SETTINGS, ServeConfig, build_serve_config, default_of, field_type
 from tandem.launcher.deploy import Deployment, LocalDeployment
+from tandem.launcher.planner_loop import start_planner
 from tandem.engine.model_info import describe_model
 from tandem.engine.tokenizer import load_tokenizer
 from tandem.frontend.server import Frontend
@@ -51,17 +52,17 @@ def worker_specs(config: ServeConfig, frontend: str) -> list[WorkerOptions]:
     specs = []
     for role, device in zip(roles, devices):
         engine = replace(config.engine, role=role, device=device)
+        # The planner may flip any worker and add a prefill pool to aggregated serving.
+        may_change_role = config.planner.mode == "on"
         specs.append(WorkerOptions(
             f"{role}-{counters[role]}", role, frontend, engine, worker_config,
-            enable_kv_transfer=config.num_prefill > 0,  # aggregated: nothing to pull
-            cpu_threads=cpu_threads))
+            enable_kv_transfer=config.num_prefill > 0 or may_change_role,  # aggregated: no pulls
+            cpu_threads=cpu_threads, may_change_role=may_change_role))
         counters[role] += 1
     return specs
 
 
 async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
-    if config.planner.mode != "off":
-        raise ValueError(f"--planner {config.planner.mode}: only 'off' can be served so far")
     model = describe_model(config.engine.model, config.engine.max_model_len)
     tokenizer = load_tokenizer(None if model.model_dir is None else str(model.model_dir))
     frontend = Frontend(model, tokenizer, config.frontend, config.router, config.engine.block_size)
@@ -82,6 +83,9 @@ async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
         print(f"tandem ready: http://{host}:{config.frontend.http_port} grpc "
               f"{host}:{frontend.grpc_port} model {config.engine.model} "
               f"({config.num_prefill} prefill, {config.num_decode} decode)", flush=True)
+        planner = start_planner(  # noqa: F841 (the task must stay referenced while serving)
+            config.planner, config.planner_profile, frontend, deployment,
+            worker_specs(config, frontend.control_address), config.drain_timeout_s, stop)
         while not stop.is_set():
             frontend.forget_workers(deployment.dead_workers())
             try:

@@ -20,7 +20,8 @@ import grpc
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.launcher.deploy import SPEC_ENV, die_with_parent
 from tandem.engine.llm_engine import LLMEngine
-from tandem.worker.base import WorkerBase, register_and_heartbeat
+from tandem.launcher.role_switch import RoleSwitchingWorker
+from tandem.worker.base import register_and_heartbeat
 from tandem.worker.config import WorkerOptions
 
 logger = logging.getLogger(__name__)
@@ -37,18 +38,16 @@ def make_agent(options: WorkerOptions, engine: LLMEngine):
         return None
     from tandem.kv_transfer import NixlKVAgent
     # Prefill workers own the blocks that are read; decode workers only read (nixl_connector.py).
-    return NixlKVAgent(options.worker_id, engine.kv_cache,
-                       progress_thread=options.role == "prefill", spare_block=engine.spare_block)
+    # A worker the planner may flip keeps one agent for life, so it runs the owner's thread in
+    # either role (benchmarks/RESULTS.md, "Planner": what that costs a decode worker's pulls).
+    progress_thread = options.role == "prefill" or options.may_change_role
+    return NixlKVAgent(options.worker_id, engine.kv_cache, progress_thread=progress_thread,
+                       spare_block=engine.spare_block)
 
 
-def make_worker(options: WorkerOptions) -> WorkerBase:
+def make_worker(options: WorkerOptions) -> RoleSwitchingWorker:
     engine = LLMEngine(options.engine)
-    agent = make_agent(options, engine)
-    if options.role == "prefill":
-        from tandem.prefill_workers.service import PrefillWorker
-        return PrefillWorker(options, engine, agent)
-    from tandem.decode_workers.service import DecodeWorker
-    return DecodeWorker(options, engine, agent)
+    return RoleSwitchingWorker(options, engine, make_agent(options, engine))
 
 
 async def serve_worker(options: WorkerOptions) -> None:
@@ -59,6 +58,7 @@ async def serve_worker(options: WorkerOptions) -> None:
     await server.start()
     worker.start()
     address = f"{options.host}:{port}"
+    worker.address = address
     logger.info("%s worker %s serving on %s", options.role, options.worker_id, address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -15,6 +15,8 @@ exports the same series, so an operator can watch what the planner would do befo
 - `tandem_planner_predicted_request_rate_per_s`: the rate the targets were sized for.
 - `tandem_planner_observed_request_rate_per_s`: the rate the last observation carried (0 when none).
 - `tandem_planner_advisory`: 1 when decisions are not applied.
+- `tandem_planner_flip_seconds{phase}`: the last role flip, by phase (drain, switch, total).
+- `tandem_planner_failed_actions_total{action}`: actions the adapter could not carry out.
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ OBSERVED_RATE = MetricSpec("tandem_planner_observed_request_rate_per_s", "Gauge"
 ADVISORY = MetricSpec("tandem_planner_advisory", "Gauge", (),
                       "1 when the planner only advises, 0 when its decisions are applied")
 
+FLIP_SECONDS = MetricSpec("tandem_planner_flip_seconds", "Gauge", ("phase",),
+                          "The last role flip: drain, switch and total seconds")
+FAILED_ACTIONS = MetricSpec("tandem_planner_failed_actions_total", "Counter", ("action",),
+                            "Actions the adapter could not carry out (add, remove, flip)")
+
 ALL_METRICS = (TARGET_WORKERS, CURRENT_WORKERS, DECISIONS_TOTAL, ACTIONS_TOTAL, LAST_DECISION,
-               PREDICTED_RATE, OBSERVED_RATE, ADVISORY)
+               PREDICTED_RATE, OBSERVED_RATE, ADVISORY, FLIP_SECONDS, FAILED_ACTIONS)
 
 ACTION_LABELS = {AddWorker: "add", RemoveWorker: "remove", FlipRole: "flip"}

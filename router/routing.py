@@ -52,10 +52,20 @@ class RouteDecision:
     num_uncached_tokens: int
 
 
+@dataclass(slots=True)
+class RoutedTotals:
+    """What the router has routed since it started: the load the planner reads, per interval, as
+    differences of these counts. A migrated request counts once per route."""
+    num_requests: int = 0
+    num_prompt_tokens: int = 0
+    num_cached_prompt_tokens: int = 0   # found in the chosen decode worker's prefix cache
+
+
 class Router:
     def __init__(self, config: RoutingConfig, block_size: int):
         self.config = config
         self.block_size = block_size
+        self.totals = RoutedTotals()
         self.indexes = {"decode": KVIndex(), "prefill": KVIndex()}
         self.loads = {"decode": ActiveLoadTracker(), "prefill": ActiveLoadTracker()}
         self.policies = {"decode": KVRouterPolicy(config.policy),
@@ -74,6 +84,9 @@ class Router:
         decode = self._choose("decode", decode_pool, num_blocks, block_hashes)
         cached = min(decode.overlap_blocks * self.block_size, num_prompt_tokens)
         uncached = num_prompt_tokens - cached
+        self.totals.num_requests += 1
+        self.totals.num_prompt_tokens += num_prompt_tokens
+        self.totals.num_cached_prompt_tokens += cached
         prefill = None
         if uncached >= self.config.remote_prefill_min_tokens:
             prefill_load = self.loads["prefill"]

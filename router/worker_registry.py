@@ -26,6 +26,7 @@ class WorkerState:
     num_blocks: int
     last_seen_s: float
     stats: WorkerStats = field(default_factory=WorkerStats)
+    is_draining: bool = False    # being flipped or removed: routed nothing new
 
 
 class WorkerRegistry:
@@ -74,9 +75,18 @@ class WorkerRegistry:
         return stale
 
     def pool(self, role: str) -> list[WorkerState]:
-        """Workers of one role, in a stable order (by id)."""
-        return sorted((w for w in self.workers.values() if w.role == role),
+        """Workers of one role that take new requests (not draining), in a stable order (by id)."""
+        return sorted((w for w in self.workers.values() if w.role == role and not w.is_draining),
                       key=lambda w: w.worker_id)
+
+    def set_draining(self, worker_id: str, is_draining: bool = True) -> bool:
+        """Stop (or resume) routing new requests to a worker; False if it is not registered.
+        Registering again (as a flipped worker does, in its new role) clears the mark."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return False
+        worker.is_draining = is_draining
+        return True
 
     def count(self, role: str) -> int:
         return sum(w.role == role for w in self.workers.values())

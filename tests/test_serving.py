@@ -161,6 +161,13 @@ def test_client_disconnect_frees_blocks_on_both_workers(server, model_dir):
     ({"prompt": "hi", "model": "no-such-model"}, 400, ["no-such-model"]),
     (b'{"prompt": "\xff\xfe"}', 400, ["UTF-8"]),
     ({"prompt": ""}, 400, ["empty"]),
+    ({"prompt": "hi", "seed": 2**63}, 400, ["seed"]),
+    ({"prompt": "hi", "top_k": 2**31}, 400, ["top_k"]),
+    ({"prompt": "hi", "stop_token_ids": [2**32]}, 400, ["stop_token_ids"]),
+    (b'{"prompt": "hi", "model": "\\udc80"}', 400, ["surrogate"]),
+    (b'{"prompt": "a\\ud800"}', 400, ["surrogate"]),
+    ({"prompt": "hi", "stop": ["s" * 4000] * 100}, 400, ["limit is 64"]),
+    ({"prompt": "x" * 10_000_000}, 413, ["bytes"]),
 ])
 def test_bad_inputs_get_400_and_the_server_keeps_serving(server, client, model_dir, body, status,
                                                          words):
@@ -187,6 +194,8 @@ def test_grpc_bad_inputs_get_invalid_argument(server):
             (pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(max_tokens=10**6)),
              "max_tokens"),
             (pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(top_p=2)), "top_p"),
+            (pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(temperature=float("nan"))),
+             "temperature must be a finite number"),
         ]:
             with pytest.raises(grpc.RpcError) as err:
                 list(stub.Generate(request, timeout=30))

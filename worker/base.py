@@ -33,11 +33,21 @@ class TransferCounters:
 class WorkerBase(wgrpc.WorkerServicer):
     """Worker methods common to both roles; subclasses add Prefill or Generate."""
 
-    def __init__(self, options: WorkerOptions, engine: LLMEngine, agent):
+    def __init__(self, options: WorkerOptions, engine: LLMEngine, agent,
+                 previous: WorkerBase | None = None):
+        """`previous`: the same process's service in its old role, after a role flip; the new one
+        takes over its engine loop, transfer counters and KV event subscribers instead of starting
+        its own (one engine has one step loop and one event feed)."""
         self.options = options
         self.engine = engine
-        self.async_engine = AsyncEngine(engine)
         self.agent = agent  # NixlKVAgent, or None when transfers are off
+        if previous is not None:
+            self.async_engine = previous.async_engine
+            self.transfers = previous.transfers
+            self.kv_subscribers = previous.kv_subscribers
+            self.loop = previous.loop
+            return
+        self.async_engine = AsyncEngine(engine)
         self.transfers = TransferCounters()
         self.kv_subscribers: list[asyncio.Queue] = []
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -109,13 +119,9 @@ async def register_and_heartbeat(worker: WorkerBase, address: str,
     leave workers behind.
     """
     options = worker.options
-    registration = registration_to_proto(Registration(
-        worker_id=options.worker_id, role=options.role, address=address,
-        block_size=worker.engine.config.block_size, model=worker.engine.config.model,
-        num_blocks=worker.engine.num_blocks))
     async with grpc.aio.insecure_channel(options.frontend) as channel:
         control = wgrpc.ControlStub(channel)
-        interval_s = await _register(control, registration, max_silence_s)
+        interval_s = await _register(control, registration_of(worker, address), max_silence_s)
         last_ok = time.monotonic()
         while True:
             await asyncio.sleep(interval_s)
@@ -127,11 +133,27 @@ async def register_and_heartbeat(worker: WorkerBase, address: str,
                 last_ok = time.monotonic()
                 if not reply.known:
                     logger.info("frontend forgot worker %s; registering again", options.worker_id)
-                    interval_s = await _register(control, registration, max_silence_s)
+                    interval_s = await _register(control, registration_of(worker, address),
+                                                 max_silence_s)
             except grpc.aio.AioRpcError as err:
                 if time.monotonic() - last_ok > max_silence_s:
                     raise SystemExit(f"frontend {options.frontend} unreachable for "
                                      f"{max_silence_s:.0f} s ({err.code().name}); exiting")
+
+
+def registration_of(worker: WorkerBase, address: str) -> wpb.RegisterRequest:
+    """The worker as it is now: after a role flip, its new role."""
+    options = worker.options
+    return registration_to_proto(Registration(
+        worker_id=options.worker_id, role=options.role, address=address,
+        block_size=worker.engine.config.block_size, model=worker.engine.config.model,
+        num_blocks=worker.engine.num_blocks))
+
+
+async def register_once(worker: WorkerBase, address: str, max_wait_s: float = 10.0) -> None:
+    """Register again now (after a role flip), on a channel of its own."""
+    async with grpc.aio.insecure_channel(worker.options.frontend) as channel:
+        await _register(wgrpc.ControlStub(channel), registration_of(worker, address), max_wait_s)
 
 
 async def _register(control: wgrpc.ControlStub, request: wpb.RegisterRequest,

@@ -39,6 +39,8 @@ class WorkerOptions:
     port: int = 0                    # 0: any free port
     enable_kv_transfer: bool = True  # False in aggregated serving: nothing to pull
     cpu_threads: int | None = None   # torch threads on a CPU; None: torch's choice
+    may_change_role: bool = False    # the planner may flip it: its NIXL agent then runs the
+                                     # owner's progress thread whatever the role (launcher/worker.py)
 
     def __post_init__(self) -> None:
         if self.role not in WORKER_ROLES:
