@@ -111,7 +111,8 @@ class RequestRecorder:
         self._count(first[1:], progress.num_prompt_tokens, 0)
         self._count(decode[1:], 0, num_output)
         note_request_id(progress.request_id)
-        logger.info("request %s finished (%s): %d prompt tokens (%d cached), %d generated, "
+        # DEBUG: the access log (HTTP) already has a line per request at INFO.
+        logger.debug("request %s finished (%s): %d prompt tokens (%d cached), %d generated, "
                     "TTFT %.3f s, e2e %.3f s", progress.request_id, finish_reason,
                     progress.num_prompt_tokens, progress.num_cached_tokens, num_output,
                     first_token_s - progress.started_s, last_token_s - progress.started_s)
