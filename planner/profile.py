@@ -61,6 +61,7 @@ class ProfileSettings:
 def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
     """Measure every point of the grid on settings.device; returns the profile (a JSON dict)."""
     start = time.perf_counter()
+    load_before = os.getloadavg()[0]
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     info = describe_model(settings.model, settings.max_model_len)
@@ -114,6 +115,9 @@ def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
         "transfer": transfer,
     }
     profile["wall_s"] = round(time.perf_counter() - start, 2)
+    # other processes on the host compete for the cores that launch the kernels: say how many
+    profile["host_load_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    profile["host_num_cpus"] = os.cpu_count()
     # where the wall time went: transfer and engine start-up, then each kind's points
     profile["phase_s"] = {"setup": round(setup_s, 2),
                           **{kind: round(s, 2) for kind, s in measure_s.items()}}

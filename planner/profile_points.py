@@ -10,7 +10,12 @@ tokens back, and postprocess records them. What the KV cache holds does not chan
 so the placed blocks keep whatever the cache held before (random values, filled once).
 
 A step is timed with a host clock after `torch.cuda.synchronize` on both sides: the wall time of a
-step is what a serving loop waits for. Each point is warmed up first and reports the median.
+step is what a serving loop waits for. How often each point is repeated, and in which order, is
+planner/profile_sweep.py's business.
+
+`place` reaches into the engine (its scheduler's running list and its sequence table): the engine
+has no public way to start a sequence part-way through its prompt, and the profiler is the only
+caller that needs one. It is kept to this one method.
 """
 
 from __future__ import annotations
