@@ -63,8 +63,10 @@ def start(tmp_path, *args: str) -> Server:
                                                     max_model_len=1024)))
     config = tmp_path / "serve.yaml"
     # The mode is set here too: a --planner flag would replace this whole YAML section.
+    # A worker loading its model on a busy 2-core machine can miss heartbeats for seconds.
     config.write_text("planner: {mode: 'on', hold_s: 4, cooldown_s: 2, max_prefill: 2,\n"
-                      "          max_decode: 2, ready_timeout_s: 90}\n")
+                      "          max_decode: 2, ready_timeout_s: 90}\n"
+                      "frontend: {stale_after_s: 30}\n")
     http_port, grpc_port = free_port(), free_port()
     command = [sys.executable, "-m", "tandem.launcher.cli", "--log-level", "INFO", "serve",
                "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--config",
@@ -125,6 +127,8 @@ class Load:
             reply = await client.post(self.url + "/v1/completions", json=body)
             tokens = reply.json()["usage"]["completion_tokens"] if reply.status_code == 200 else 0
             self.results.append((reply.status_code, tokens, max_tokens))
+            if reply.status_code != 200:
+                print(f"{time.strftime('%H:%M:%S')} request failed: {reply.text[:200]}")
         except httpx.HTTPError as err:
             self.results.append((-1, 0, max_tokens))
             print("request failed:", err)
