@@ -25,11 +25,14 @@ from tandem.frontend.kserve import KServeService, add_kserve_service
 from tandem.frontend.metrics import FrontendMetrics
 from tandem.frontend.openai_api import create_app, default_rules, tokenizer_thread
 from tandem.frontend.pipeline import Pipeline
+from tandem.frontend.public_auth import (AccessConfig, add_public_port, grpc_interceptors,
+                                         protect_http, uvicorn_tls)
 from tandem.frontend.stats_log import WorkerStatsLog
 from tandem.frontend.kv_follower import KVEventFollower
 from tandem.frontend.request_rules import RequestLimits
 from tandem.router.routing import Router, RoutingConfig
 from tandem.router.worker_registry import WorkerRegistry, WorkerState
+from tandem.worker.auth import internal_server
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class FrontendConfig:
     # Client-facing bounds, each explained where it is defined (request_rules, admission).
     limits: RequestLimits = field(default_factory=RequestLimits)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)  # API key, TLS (public_auth.py)
 
     def __post_init__(self) -> None:
         for name in ("http_port", "grpc_port", "control_port"):
@@ -97,7 +101,7 @@ class Frontend:
 
     async def start(self) -> None:
         config = self.config
-        self.control_server = grpc.aio.server()
+        self.control_server = internal_server()  # workers only (worker/auth.py)
         wgrpc.add_ControlServicer_to_server(
             ControlService(self.workers, config.heartbeat_interval_s, self), self.control_server)
         control_port = self.control_server.add_insecure_port(
@@ -105,15 +109,18 @@ class Frontend:
         await self.control_server.start()
         self.control_address = f"{config.control_host}:{control_port}"
         message_limit = config.limits.max_request_bytes
-        self.grpc_server = grpc.aio.server(options=[
+        self.grpc_server = grpc.aio.server(interceptors=grpc_interceptors(config.access), options=[
             ("grpc.max_receive_message_length", message_limit),
             ("grpc.max_send_message_length", message_limit)])
         self.health = add_public_services(self.grpc_server, self.generation)
         add_kserve_service(self.grpc_server, self.kserve)
-        self.grpc_port = self.grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+        self.grpc_port = add_public_port(self.grpc_server, f"{config.host}:{config.grpc_port}",
+                                         config.access)
+        protect_http(self.app, config.access)
         await self.grpc_server.start()
         self.http = _QuietServer(uvicorn.Config(self.app, host=config.host, port=config.http_port,
-                                                log_level="warning", access_log=False))
+                                                log_level="warning", access_log=False,
+                                                **uvicorn_tls(config.access)))
         self.http_task = asyncio.create_task(self.http.serve())
         self.stats_log.start()
         while not self.http.started:

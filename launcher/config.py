@@ -68,6 +68,13 @@ SETTINGS = [
     Setting("host", ("frontend", "host"), "address the frontend and workers bind and advertise"),
     Setting("http_port", ("frontend", "http_port"), "OpenAI HTTP API port"),
     Setting("grpc_port", ("frontend", "grpc_port"), "public gRPC API port"),
+    Setting("api_key", ("frontend", "access", "api_key"), "key the public APIs require "
+            "(HTTP 'Authorization: Bearer KEY', gRPC metadata 'authorization: Bearer KEY'); "
+            "prefer TANDEM_API_KEY, as a flag shows in ps; /health, /metrics stay open"),
+    Setting("ssl_certfile", ("frontend", "access", "ssl_certfile"),
+            "PEM certificate (chain): HTTP and gRPC serve TLS only"),
+    Setting("ssl_keyfile", ("frontend", "access", "ssl_keyfile"),
+            "PEM private key of ssl_certfile"),
     Setting("block_size", ("engine", "block_size"), "tokens per KV block (a power of two)"),
     Setting("num_kv_blocks", ("engine", "num_kv_blocks"), "KV blocks per worker; unset: sized "
             "from memory"),

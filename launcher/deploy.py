@@ -16,6 +16,7 @@ import sys
 from dataclasses import replace
 from typing import Protocol
 
+from tandem.launcher.safe_start import python_module_command
 from tandem.worker.config import WorkerOptions
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,9 @@ class LocalDeployment:
             env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
             spec = replace(spec, engine=replace(spec.engine, device="cuda"))
         env[SPEC_ENV] = spec.to_json()
-        command = [sys.executable, "-m", "tandem.launcher.cli", "--log-level", self.log_level,
-                   "worker", "--parent-pid", str(os.getpid())]
+        # Not `python -m`: that would import a `tandem/` folder in the current directory.
+        command = python_module_command("tandem.launcher.cli", [
+            "--log-level", self.log_level, "worker", "--parent-pid", str(os.getpid())])
         logger.info("starting %s worker %s on %s", spec.role, spec.worker_id, device)
         self.processes[spec.worker_id] = subprocess.Popen(command, env=env)
 

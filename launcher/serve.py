@@ -22,6 +22,7 @@ from tandem.launcher.planner_loop import start_planner
 from tandem.engine.model_info import describe_model
 from tandem.engine.tokenizer import load_tokenizer
 from tandem.frontend.server import Frontend
+from tandem.worker.auth import ensure_secret
 from tandem.worker.config import WorkerOptions
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def worker_specs(config: ServeConfig, frontend: str) -> list[WorkerOptions]:
             enable_kv_transfer=config.num_prefill > 0 or may_change_role,  # aggregated: no pulls
             cpu_threads=cpu_threads, may_change_role=may_change_role))
         counters[role] += 1
-    return specs
+    secret = ensure_secret()  # the deployment's internal secret travels with each spec
+    return [replace(spec, internal_secret=secret) for spec in specs]
 
 
 async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
@@ -70,6 +72,7 @@ async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    ensure_secret()  # the deployment's internal secret, for the frontend's side (worker/auth.py)
     await frontend.start()
     try:
         for spec in worker_specs(config, frontend.control_address):
@@ -80,7 +83,8 @@ async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
         if not ready:
             return 0  # interrupted while starting
         host = config.frontend.host
-        print(f"tandem ready: http://{host}:{config.frontend.http_port} grpc "
+        scheme = "https" if config.frontend.access.uses_tls else "http"
+        print(f"tandem ready: {scheme}://{host}:{config.frontend.http_port} grpc "
               f"{host}:{frontend.grpc_port} model {config.engine.model} "
               f"({config.num_prefill} prefill, {config.num_decode} decode)", flush=True)
         planner = start_planner(  # noqa: F841 (the task must stay referenced while serving)

@@ -22,6 +22,7 @@ from tandem.launcher.deploy import SPEC_ENV, die_with_parent
 from tandem.engine.llm_engine import LLMEngine
 from tandem.launcher.role_switch import RoleSwitchingWorker
 from tandem.worker.base import register_and_heartbeat
+from tandem.worker.auth import adopt_secret, internal_server
 from tandem.worker.config import WorkerOptions
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,9 @@ def make_worker(options: WorkerOptions) -> RoleSwitchingWorker:
 
 
 async def serve_worker(options: WorkerOptions) -> None:
+    adopt_secret(options.internal_secret)  # before any internal server or channel exists
     worker = make_worker(options)
-    server = grpc.aio.server()
+    server = internal_server()  # the frontend and other workers only (worker/auth.py)
     wgrpc.add_WorkerServicer_to_server(worker, server)
     port = server.add_insecure_port(f"{options.host}:{options.port}")
     await server.start()

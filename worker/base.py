@@ -14,6 +14,7 @@ import grpc
 
 from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
+from tandem.worker.auth import internal_channel
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.llm_engine import LLMEngine
 from tandem.worker.config import WorkerOptions
@@ -119,7 +120,7 @@ async def register_and_heartbeat(worker: WorkerBase, address: str,
     leave workers behind.
     """
     options = worker.options
-    async with grpc.aio.insecure_channel(options.frontend) as channel:
+    async with internal_channel(options.frontend) as channel:
         control = wgrpc.ControlStub(channel)
         interval_s = await _register(control, registration_of(worker, address), max_silence_s)
         last_ok = time.monotonic()
@@ -166,7 +167,7 @@ async def _register(control: wgrpc.ControlStub, request: wpb.RegisterRequest,
                         request.address)
             return reply.heartbeat_interval_ms / 1000.0
         except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED):
                 raise SystemExit(f"frontend refused worker {request.worker_id}: {err.details()}")
             if time.monotonic() > deadline:
                 raise SystemExit(f"worker {request.worker_id} cannot register with its frontend: "

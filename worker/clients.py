@@ -12,6 +12,7 @@ import grpc
 
 from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
+from tandem.worker.auth import internal_channel
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ class WorkerClients:
     def stub(self, address: str) -> wgrpc.WorkerStub:
         channel = self.channels.get(address)
         if channel is None:
-            channel = self.channels[address] = grpc.aio.insecure_channel(address)
+            channel = self.channels[address] = internal_channel(address)
         return wgrpc.WorkerStub(channel)
 
     def send_soon(self, call: Coroutine) -> None:

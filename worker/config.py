@@ -41,6 +41,9 @@ class WorkerOptions:
     cpu_threads: int | None = None   # torch threads on a CPU; None: torch's choice
     may_change_role: bool = False    # the planner may flip it: its NIXL agent then runs the
                                      # owner's progress thread whatever the role (launcher/worker.py)
+    # The deployment's internal secret (worker/auth.py), carried by the spec and never on a command
+    # line; "": the worker process's own TANDEM_INTERNAL_SECRET.
+    internal_secret: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if self.role not in WORKER_ROLES:
