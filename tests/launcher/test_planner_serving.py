@@ -35,6 +35,8 @@ from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.planner.sim_synthetic import synthetic_profile
 from tests.serving_harness import Server, free_port
 
+# The deployment's internal secret, given by the operator (here) so this test can call workers.
+SECRET = "planner-serving-test-secret-0123456789"
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
 
 
@@ -72,7 +74,8 @@ def start(tmp_path, *args: str) -> Server:
                "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--config",
                str(config), "--planner-profile", str(profile), *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                              "TANDEM_INTERNAL_SECRET": SECRET})
     server = Server(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
     threading.Thread(target=lambda: server.lines.extend(process.stdout), daemon=True).start()
     wait_for(server, r"^tandem ready", 120)
@@ -168,7 +171,8 @@ def worker_addresses(server: Server) -> dict[str, str]:
 
 def stats(address: str) -> wpb.WorkerStats:
     with grpc.insecure_channel(address) as channel:
-        return wgrpc.WorkerStub(channel).GetStats(wpb.StatsRequest(), timeout=10)
+        return wgrpc.WorkerStub(channel).GetStats(
+            wpb.StatsRequest(), timeout=10, metadata=(("tandem-internal-secret", SECRET),))
 
 
 def test_load_swing_adds_flips_and_removes_workers(tmp_path):
