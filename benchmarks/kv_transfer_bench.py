@@ -51,6 +51,7 @@ class Plan:
     patterns: tuple[str, ...]
     warmup: int
     iters: int
+    reader_progress_thread: bool = False  # True: as a worker the planner may flip (launcher/worker.py)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ def run_owner(plan: Plan, to_reader: mp.Queue, from_reader: mp.Queue, results: m
 
 def run_reader(plan: Plan, from_owner: mp.Queue, to_owner: mp.Queue, results: mp.Queue) -> None:
     kv_cache = torch.zeros(plan.shape, dtype=DTYPES[plan.dtype_name], device=reader_device(plan))
-    agent = NixlKVAgent("bench-reader", kv_cache, progress_thread=False)  # as decode workers
+    agent = NixlKVAgent("bench-reader", kv_cache,  # as decode workers, unless flips are allowed
+                        progress_thread=plan.reader_progress_thread)
     metadata, region_bytes = from_owner.get(timeout=120)
     agent.add_peer("bench-owner", metadata, KVRegion.from_bytes(region_bytes))
     rows, num_reads = [], 0
@@ -199,6 +201,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--patterns", choices=PATTERNS, nargs="+", default=list(PATTERNS))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--reader-progress-thread", action="store_true",
+                   help="the reader runs NIXL's progress thread, as a flippable worker does")
     return p.parse_args()
 
 
@@ -208,7 +212,7 @@ def main() -> None:
     # Twice the largest prompt, so that the scattered pattern fits.
     shape = (2 * max_blocks, args.num_layers, 2, args.block_size, args.num_kv_heads, args.head_dim)
     plan = Plan(args.device, shape, args.dtype, tuple(args.prompt_tokens), args.block_size,
-                tuple(args.patterns), args.warmup, args.iters)
+                tuple(args.patterns), args.warmup, args.iters, args.reader_progress_thread)
     block_nbytes = math.prod(shape[1:]) * DTYPES[args.dtype].itemsize
     print(f"KV block: {shape[1:]} {args.dtype} = {block_nbytes / 2**20:.3f} MiB; "
           f"cache of {shape[0]} blocks per process; owner {owner_device(plan)}, "
