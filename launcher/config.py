@@ -19,12 +19,14 @@ import yaml
 
 from tandem.engine.config import EngineConfig
 from tandem.frontend.server import FrontendConfig
+from tandem.launcher.ray_config import RayConfig
 from tandem.planner.config import PlannerConfig, parse_slo
 from tandem.router.kv_policy import KVPolicyConfig
 from tandem.router.routing import RoutingConfig
 from tandem.worker.config import WorkerConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+LAUNCHERS = ("local", "ray")
 
 
 @dataclass(slots=True)
@@ -41,8 +43,12 @@ class ServeConfig:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    launcher: str = "local"          # local: child processes; ray: Ray actors (ray_deploy.py)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
         if self.num_decode < 1:
             raise ValueError(f"num_decode must be at least 1, got {self.num_decode}")
         if self.num_prefill < 0:
@@ -65,7 +71,10 @@ SETTINGS = [
     Setting("num_prefill", ("num_prefill",), "prefill workers; 0 serves aggregated"),
     Setting("num_decode", ("num_decode",), "decode workers"),
     Setting("device", ("device",), "auto, cpu or cuda: one GPU per worker"),
-    Setting("host", ("frontend", "host"), "address the frontend and workers bind and advertise"),
+    Setting("host", ("frontend", "host"), "address the public HTTP and gRPC APIs bind"),
+    Setting("internal_host", ("frontend", "control_host"),
+            "address the workers and the frontend's control service bind: 127.0.0.1 keeps them "
+            "on this machine; 0.0.0.0 opens them to a cluster, each advertising its node's IP"),
     Setting("http_port", ("frontend", "http_port"), "OpenAI HTTP API port"),
     Setting("grpc_port", ("frontend", "grpc_port"), "public gRPC API port"),
     Setting("api_key", ("frontend", "access", "api_key"), "key the public APIs require "
@@ -107,9 +116,18 @@ SETTINGS = [
             "pools with; unset: the shipped one for the model and device"),
     Setting("planner_layout", ("planner", "layout"), "pools the planner sizes: disagg (prefill + "
             "decode) or agg (decode workers that prefill themselves)"),
+    Setting("launcher", ("launcher",), "local (child processes) or ray (Ray actors on a cluster)"),
+    Setting("ray_address", ("ray", "address"), "Ray cluster to join (auto, or host:port); "
+            "unset: start Ray on this machine"),
+    Setting("prefill_resources", ("ray", "prefill_resources"), "where prefill actors go: "
+            "custom resources and node labels, JSON or k=v (prefill_node=1,zone=a)"),
+    Setting("decode_resources", ("ray", "decode_resources"), "where decode actors go, as "
+            "prefill_resources"),
+    Setting("ray_cpus_per_worker", ("ray", "num_cpus_per_worker"), "CPUs each worker actor "
+            "asks Ray for (its torch threads on a CPU)"),
 ]
 _BY_NAME = {s.name: s for s in SETTINGS}
-_SECTIONS = {"engine", "router", "worker", "frontend", "planner"}
+_SECTIONS = {"engine", "router", "worker", "frontend", "planner", "ray"}
 
 
 def default_of(setting: Setting) -> Any:

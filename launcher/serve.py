@@ -45,10 +45,11 @@ def worker_devices(device: str, num_workers: int) -> list[str]:
 def worker_specs(config: ServeConfig, frontend: str) -> list[WorkerOptions]:
     """One spec per worker, each with the serve config's engine in the worker's role."""
     roles = ["prefill"] * config.num_prefill + ["decode"] * config.num_decode
-    devices = worker_devices(config.device, len(roles))
+    devices = (worker_devices(config.device, len(roles)) if config.launcher == "local"
+               else [config.device] * len(roles))  # Ray gives each actor its own GPU
     # Workers on one CPU share its cores instead of each spawning a thread per core.
     cpu_threads = max(1, (os.cpu_count() or 1) // len(roles)) if devices[0] == "cpu" else None
-    worker_config = replace(config.worker, host=config.frontend.host)
+    worker_config = replace(config.worker, host=config.frontend.control_host)
     counters = {"prefill": 0, "decode": 0}
     specs = []
     for role, device in zip(roles, devices):
@@ -128,6 +129,16 @@ def load_serve_config(args: argparse.Namespace) -> ServeConfig:
     return build_serve_config(flags, args.config)
 
 
+def make_deployment(config: ServeConfig, log_level: str) -> tuple[ServeConfig, Deployment]:
+    """The deployment `--launcher` names; Ray is imported only for `ray`."""
+    if config.launcher == "local":
+        return config, LocalDeployment(log_level)
+    from tandem.launcher.ray_deploy import RayDeployment
+    deployment = RayDeployment(config.ray, config.frontend.control_host, log_level,
+                               num_workers=config.num_prefill + config.num_decode)
+    return replace(config, device=deployment.resolve_device(config.device)), deployment
+
+
 def serve_main(args: argparse.Namespace) -> int:
-    config = load_serve_config(args)
-    return asyncio.run(run_serve(config, LocalDeployment(args.log_level.upper())))
+    config, deployment = make_deployment(load_serve_config(args), args.log_level.upper())
+    return asyncio.run(run_serve(config, deployment))

@@ -18,6 +18,7 @@ import sys
 import grpc
 
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
+from tandem.launcher.addresses import advertised_host, restrict_ucx_to
 from tandem.launcher.deploy import SPEC_ENV, die_with_parent
 from tandem.engine.llm_engine import LLMEngine
 from tandem.launcher.role_switch import RoleSwitchingWorker
@@ -51,7 +52,11 @@ def make_worker(options: WorkerOptions) -> RoleSwitchingWorker:
     return RoleSwitchingWorker(options, engine, make_agent(options, engine))
 
 
-async def serve_worker(options: WorkerOptions) -> None:
+async def serve_worker(options: WorkerOptions, stop: asyncio.Event | None = None,
+                       node_ip: str | None = None) -> None:
+    """Serve until `stop` is set (None: until SIGTERM or SIGINT, which only the main thread can
+    catch). `node_ip`: what to advertise when bound to a wildcard address (addresses.py)."""
+    restrict_ucx_to(options.host)  # before the NIXL agent creates its UCX context
     adopt_secret(options.internal_secret)  # before any internal server or channel exists
     worker = make_worker(options)
     server = internal_server()  # the frontend and other workers only (worker/auth.py)
@@ -59,13 +64,14 @@ async def serve_worker(options: WorkerOptions) -> None:
     port = server.add_insecure_port(f"{options.host}:{options.port}")
     await server.start()
     worker.start()
-    address = f"{options.host}:{port}"
+    address = f"{advertised_host(options.host, node_ip)}:{port}"
     worker.address = address
     logger.info("%s worker %s serving on %s", options.role, options.worker_id, address)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(register_and_heartbeat(worker, address)),
              asyncio.create_task(worker.background())]
     stopped = asyncio.create_task(stop.wait())
@@ -101,9 +107,14 @@ def worker_main(args: argparse.Namespace) -> int:
     options = WorkerOptions.from_json(spec)
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
+    configure_process(options)
+    asyncio.run(serve_worker(options))
+    return 0
+
+
+def configure_process(options: WorkerOptions) -> None:
+    """Process-wide settings a worker needs, whichever launcher started it."""
     if options.cpu_threads:
         import torch
         torch.set_num_threads(options.cpu_threads)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    asyncio.run(serve_worker(options))
-    return 0
