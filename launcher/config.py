@@ -153,9 +153,22 @@ def build_serve_config(flags: dict[str, Any], yaml_path: str | None = None,
     for setting in SETTINGS:
         env = environ.get("TANDEM_" + setting.name.upper())
         if env is not None:
-            values[setting.name] = env
-    values.update({k: v for k, v in flags.items() if v is not None})
+            _set(values, setting.name, env)
+    for name, value in flags.items():
+        if value is not None:
+            _set(values, name, value)
     return _assemble(values)
+
+
+def _set(values: dict[str, Any], name: str, value: Any) -> None:
+    """A flat setting over what the YAML gave. `--planner on` names a field of the YAML section
+    `planner:`: it goes into that section instead of replacing it."""
+    section = values.get(name)
+    setting = _BY_NAME.get(name)
+    if name in _SECTIONS and isinstance(section, dict) and setting is not None:
+        values[name] = {**section, setting.path[-1]: _coerce(setting, value)}
+    else:
+        values[name] = value
 
 
 def _assemble(values: dict[str, Any]) -> ServeConfig:

@@ -68,3 +68,11 @@ def test_worker_views_mark_draining_busy_and_starting_workers_not_ready():
     # Registered (decode-0) and dead (decode-9) workers are no longer starting.
     assert loop._starting == {"decode-2": "decode"}
     assert [w.worker_id for w in registry.pool("decode")] == ["decode-0"]
+
+
+def test_planner_flag_keeps_the_yaml_planner_section(tmp_path):
+    from tandem.launcher.config import build_serve_config
+    path = tmp_path / "serve.yaml"
+    path.write_text("planner: {hold_s: 4, min_prefill: 0}\n")
+    config = build_serve_config({"planner": "on"}, str(path), environ={})
+    assert (config.planner.mode, config.planner.hold_s, config.planner.min_prefill) == ("on", 4, 0)
