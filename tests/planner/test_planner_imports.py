@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 CORE_MODULES = ("policy", "sizing", "observation", "config", "predictors", "metrics_names",
-                "scaling_actions", "worker_tracking")
+                "scaling_actions", "worker_tracking", "interval_stats", "profile_catalog")
 
 
 def test_core_imports_without_torch_or_grpc():
