@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tandem.planner.perf_model import PerfModel
-from tandem.planner.profile_grid import default_grid, plan_points
+from tandem.planner.profile_grid import Repeats, default_grid, plan_points
 
 
 def test_grid_skips_what_does_not_fit():
@@ -40,6 +40,16 @@ def test_grid_reaches_the_memory_limit():
     assert max(batch_one) > 100_000  # the context limit, beyond the 32k grid
     biggest = max(args[0] * args[1] for kind, args in points if kind == "decode")
     assert biggest > 0.8 * 50_000 * 16
+
+
+def test_passes_warm_up_then_stop_at_the_budget():
+    from tandem.planner.profile_sweep import PassClock
+
+    assert list(PassClock(Repeats(1, 2, 4, budget_s=1e9)).passes()) == [False, True, True, True,
+                                                                         True]
+    # a spent budget stops after min_timed
+    assert list(PassClock(Repeats(2, 3, 9, budget_s=0.0)).passes()) == [False, False, True, True,
+                                                                         True]
 
 
 @pytest.mark.slow
