@@ -6,12 +6,19 @@ only the missing ones and READs them over NIXL from the prefill worker, whose ag
 fetches once per peer. A pull that fails or times out falls back to computing the prompt here, so
 the request still completes; the prefill worker's blocks are then released by RPC. While the
 prompt is still prefilling, the frontend's `ExpectPull` lets the worker keep its path to that
-prefill worker hot (pull_warmer.py).
+prefill worker hot (pull_warmer.py). A Generate cancelled during its pull cancels the READ, frees
+the blocks it had here and releases the prefill worker's.
+
+Fault injection, for tests only: the environment variable `TANDEM_TEST_FAIL_KV_PULLS` (a fraction
+in [0, 1], unset by default) makes that fraction of pulls fail as a NIXL error would, before any
+byte moves, so the fallback path runs through real processes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import random
 
 import grpc
 
@@ -26,13 +33,27 @@ from tandem.worker.clients import WorkerClients
 
 logger = logging.getLogger(__name__)
 
+FAIL_PULLS_ENV = "TANDEM_TEST_FAIL_KV_PULLS"
+
+
+def _pull_failure_rate() -> float:
+    value = os.environ.get(FAIL_PULLS_ENV, "")
+    if not value:
+        return 0.0
+    rate = float(value)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"{FAIL_PULLS_ENV} must be a fraction in [0, 1], got {value!r}")
+    logger.warning("%s=%s: failing that fraction of KV pulls on purpose", FAIL_PULLS_ENV, value)
+    return rate
+
 
 class DecodeWorker(WorkerBase):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.clients = WorkerClients()  # to prefill workers
-        self.peers: dict[str, str] = {}                  # prefill worker id -> NIXL agent name
+        self.peers: dict[str, tuple[str, str]] = {}  # prefill worker id -> (address, NIXL agent)
         self.warmer = PullWarmer(self._warm) if self.agent is not None else None
+        self.pull_failure_rate = _pull_failure_rate()  # tests only; see the module docstring
 
     async def ExpectPull(self, request: wpb.ExpectPullRequest, context):
         if self.warmer is not None and not self.async_engine.is_open(request.request_id):
@@ -71,8 +92,11 @@ class DecodeWorker(WorkerBase):
         except ValueError as err:
             self.async_engine.abort(request_id)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except BaseException:  # cancelled while pulling: nothing may stay parked
+        except BaseException:  # cancelled while pulling: nothing may stay parked, here or there
             self.async_engine.abort(request_id)
+            if request.HasField("remote"):
+                self.clients.send_soon(self.clients.release(request.remote.worker_address,
+                                                            request_id))
             raise
         finally:
             if self.warmer is not None:
@@ -135,6 +159,8 @@ class DecodeWorker(WorkerBase):
         if self.warmer is not None:
             self.warmer.forget(request_id)  # the pull itself now keeps the path hot
         try:
+            if self.pull_failure_rate and random.random() < self.pull_failure_rate:
+                raise KVTransferError(f"{FAIL_PULLS_ENV} failed this pull on purpose")
             peer = await self._peer(remote.kv.worker_id, remote.worker_address)
             handle = await self.agent.read_blocks(peer, remote_blocks, local_blocks,
                                                   request_id.encode(),
@@ -150,12 +176,14 @@ class DecodeWorker(WorkerBase):
         return True
 
     async def _peer(self, worker_id: str, address: str) -> str:
-        """The NIXL agent name of a prefill worker, fetching its transfer info the first time."""
-        if worker_id not in self.peers:
+        """The NIXL agent name of a prefill worker, fetching its transfer info the first time and
+        again when the worker restarted."""
+        known = self.peers.get(worker_id)
+        if known is None or known[0] != address:  # new, or restarted (a new address and agent)
             info = await self.clients.stub(address).GetTransferInfo(
-                wpb.TransferInfoRequest(), timeout=10.0)
+                wpb.TransferInfoRequest(), timeout=self.clients.deadlines.transfer_info_s)
             self.agent.add_peer(info.agent_name, info.agent_metadata,
                                 KVRegion.from_bytes(info.region))
-            self.peers[worker_id] = info.agent_name
-        return self.peers[worker_id]
+            self.peers[worker_id] = (address, info.agent_name)
+        return self.peers[worker_id][1]
 

@@ -136,6 +136,10 @@ class LLMEngine:
     def release_pinned(self, request_id: str) -> bool:
         return self.scheduler.release_pinned(request_id)
 
+    def pinned_request_ids(self) -> list[str]:
+        """Prefill role: every request whose blocks are pinned now, however it got there."""
+        return self.scheduler.pinned_request_ids()
+
     # ---- disaggregation: the decode side -----------------------------------------------------
 
     def add_remote_request(self, request_id: str, prompt_token_ids: list[int],

@@ -95,6 +95,10 @@ class Scheduler:
         """Prefill role: free a finished request's pinned blocks; False when none are pinned."""
         return False
 
+    def pinned_request_ids(self) -> list[str]:
+        """Prefill role: the requests whose blocks are pinned now."""
+        return []
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -272,6 +276,9 @@ class PrefillScheduler(Scheduler):
 
     def pinned_blocks(self, request_id: str) -> list[int] | None:
         return self.pinned.get(request_id)
+
+    def pinned_request_ids(self) -> list[str]:
+        return list(self.pinned)
 
     def release_pinned(self, request_id: str) -> bool:
         block_ids = self.pinned.pop(request_id, None)

@@ -4,7 +4,8 @@ For each registered worker the frontend holds one StreamKVEvents call open and a
 to the index of the worker's pool. Before the first event, and whenever an event id skips (a lost
 event, a restarted worker), it loads a snapshot of the worker's cached hashes and carries on from the
 snapshot's event id; events the snapshot already covers are skipped. A worker that deregisters or
-dies is dropped from its index.
+dies is dropped from its index. The event stream has no deadline (it is idle while the cache does
+not change); the snapshot call has one.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.router.kv_index import KVIndex
 from tandem.router.worker_registry import WorkerState
 from tandem.contracts.wire import kv_event_from_proto
+from tandem.worker.clients import CallDeadlines
 
 logger = logging.getLogger(__name__)
 
 
 class KVEventFollower:
     def __init__(self, indexes: dict[str, KVIndex],
-                 stub_for: Callable[[WorkerState], wgrpc.WorkerStub]):
+                 stub_for: Callable[[WorkerState], wgrpc.WorkerStub],
+                 snapshot_timeout_s: float = CallDeadlines().snapshot_s):
         self.indexes = indexes  # role -> index
+        self.snapshot_timeout_s = snapshot_timeout_s
         self.stub_for = stub_for
         self.tasks: dict[str, asyncio.Task] = {}
         self.roles: dict[str, str] = {}
@@ -79,7 +83,8 @@ class KVEventFollower:
 
     async def _snapshot(self, stub: wgrpc.WorkerStub, worker: WorkerState,
                         index: KVIndex) -> int:
-        snapshot = await stub.GetKVSnapshot(wpb.KVSnapshotRequest(), timeout=30)
+        snapshot = await stub.GetKVSnapshot(wpb.KVSnapshotRequest(),
+                                             timeout=self.snapshot_timeout_s)
         parents = [parent if has else None
                    for parent, has in zip(snapshot.parent_hashes, snapshot.has_parent)]
         index.load_snapshot(worker.worker_id, snapshot.last_event_id, snapshot.block_hashes,

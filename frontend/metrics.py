@@ -44,6 +44,9 @@ class FrontendMetrics:
                                      "worker", registry=r)
         self.recomputed = Counter("tandem_kv_transfer_fallback", "Remote prefills whose KV pull "
                                   "failed and were recomputed on the decode worker", registry=r)
+        self.migrations = Counter("tandem_request_migrations", "Requests sent again to another "
+                                  "worker after the one serving them failed, by the failed "
+                                  "worker's role", ("role",), registry=r)
         self.requests = RequestRecorder(model, r)
         ProcessCollector(registry=r)
         r.register(_WorkerStatsCollector(workers))
@@ -65,6 +68,9 @@ class _WorkerStatsCollector:
         warm_reads = CounterMetricFamily(
             "tandem_kv_warm_reads", "One-block reads a decode worker made to keep its path to a "
             "prefill worker hot while a pull from it was due", labels=LABELS)
+        pinned = GaugeMetricFamily(
+            "tandem_kv_pinned_requests", "Prefill worker: finished prefills whose KV blocks are "
+            "pinned until a decode worker pulls them (or their lease ends)", labels=LABELS)
         preemptions = CounterMetricFamily("vllm:num_preemptions", "Requests preempted to free KV "
                                           "blocks (and recomputed)", labels=LABELS)
         for w in list(self.workers.workers.values()):
@@ -77,4 +83,5 @@ class _WorkerStatsCollector:
             hits.add_metric(labels, s.prefix_cache_hits)
             warm_reads.add_metric(labels, s.kv_warm_reads)
             preemptions.add_metric(labels, s.num_preemptions)
-        yield from (running, waiting, usage, queries, hits, warm_reads, preemptions)
+            pinned.add_metric(labels, s.num_pinned_requests)
+        yield from (running, waiting, usage, queries, hits, warm_reads, pinned, preemptions)

@@ -148,8 +148,8 @@ class _OpenAIServer:
             raise OpenAIError("the server is draining: it finishes the requests it has but takes no new "
                               "ones; send this request to another replica", 503, code="server_draining")
         if not self.pipeline.is_ready:
-            raise OpenAIError("the server is not ready yet: the model or its workers are still starting; "
-                              "retry shortly", 503, code="server_not_ready")
+            raise OpenAIError(f"the server is not ready: {self.pipeline.not_ready_reason}; retry "
+                              "shortly", 503, code="server_not_ready")
 
     def _check_room(self) -> None:
         """Refuse before reading the body when the server is full: the cheapest moment."""

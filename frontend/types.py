@@ -55,6 +55,11 @@ class RequestPipeline(Protocol):
     @property
     def is_draining(self) -> bool: ...
 
+    @property
+    def not_ready_reason(self) -> str:
+        """Why the pipeline is not ready ("decode pool has 0 of 1 workers ready; ..."), or ""."""
+        ...
+
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Streams the request's output; closing the iterator early aborts the request."""
         ...

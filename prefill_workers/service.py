@@ -1,8 +1,12 @@
 """The prefill worker: runs prompts to their first token and holds their KV blocks for a pull.
 
 A finished prefill leaves its blocks pinned in the engine. They are freed when the decode worker's
-NIXL READ completes (its notification carries the request id), when the frontend calls Release
-(the request ended at its first token, or the decode side gave up), or when the lease runs out.
+NIXL READ completes (its notification carries the request id), when the frontend or the decode
+worker calls Release (the request ended at its first token, its client went away, the decode side
+gave up or never got it), or when the lease runs out. A Prefill call that fails or is cancelled at
+any point releases whatever its request pinned. The lease covers every pinned request, not only
+those whose answer went out: the sweep asks the engine what is pinned, so blocks pinned on a path
+nobody foresaw still come back after `lease_s`.
 """
 
 from __future__ import annotations
@@ -22,14 +26,26 @@ from tandem.worker.base import WorkerBase
 logger = logging.getLogger(__name__)
 
 NOTIFICATION_POLL_S = 0.002
+LEASE_SWEEP_INTERVAL_S = 0.5
 
 
 class PrefillWorker(WorkerBase):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pinned_at: dict[str, float] = {}  # request id -> when its blocks were pinned
+        self.pinned_at: dict[str, float] = {}  # request id -> when its pin was first seen
+        self._releases: set[asyncio.Task] = set()  # referenced until done, as asyncio requires
 
     async def Prefill(self, request: wpb.PrefillRequest, context) -> wpb.PrefillResponse:
+        try:
+            return await self._prefill(request, context)
+        except BaseException:
+            # Failed or cancelled at any await, perhaps after the prefill pinned its blocks (in the
+            # step that was running): release them. The release is queued behind the engine's
+            # current step, so a pin that step makes is freed too.
+            self._release_soon(request.request_id)
+            raise
+
+    async def _prefill(self, request: wpb.PrefillRequest, context) -> wpb.PrefillResponse:
         request_id = request.request_id
         started = time.perf_counter()
         try:
@@ -40,10 +56,6 @@ class PrefillWorker(WorkerBase):
                 last = update
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except asyncio.CancelledError:
-            # The prefill may have finished, and pinned its blocks, in the step that was running.
-            asyncio.ensure_future(self.release(request_id))
-            raise
         block_ids = await self.async_engine.call(lambda: self.engine.pinned_blocks(request_id))
         if block_ids is None:  # ended some other way (aborted as it finished)
             await context.abort(grpc.StatusCode.ABORTED, f"request {request_id} was aborted")
@@ -69,6 +81,11 @@ class PrefillWorker(WorkerBase):
         self.pinned_at.pop(request_id, None)
         return await self.async_engine.call(lambda: self.engine.release_pinned(request_id))
 
+    def _release_soon(self, request_id: str) -> None:
+        task = asyncio.ensure_future(self.release(request_id))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
     async def background(self) -> None:
         """Free pinned blocks on pull notifications, and when leases expire."""
         next_sweep = time.monotonic()
@@ -81,9 +98,17 @@ class PrefillWorker(WorkerBase):
                         logger.debug("request %s: blocks pulled by %s, freed", request_id, peer)
             now = time.monotonic()
             if now >= next_sweep:
-                next_sweep = now + 0.5
-                expired = [r for r, t in self.pinned_at.items() if now - t > self.options.lease_s]
-                for request_id in expired:
-                    logger.warning("request %s: lease of %.0f s expired before a pull; freeing "
-                                   "its blocks", request_id, self.options.lease_s)
-                    await self.release(request_id)
+                next_sweep = now + LEASE_SWEEP_INTERVAL_S
+                await self._sweep_leases(now)
+
+    async def _sweep_leases(self, now_s: float) -> None:
+        pinned = set(await self.async_engine.call(self.engine.pinned_request_ids))
+        for request_id in pinned:
+            self.pinned_at.setdefault(request_id, now_s)
+        for request_id in [r for r in self.pinned_at if r not in pinned]:
+            del self.pinned_at[request_id]  # released since; its lease is over
+        expired = [r for r, t in self.pinned_at.items() if now_s - t > self.options.lease_s]
+        for request_id in expired:
+            logger.warning("request %s: lease of %.0f s expired before a pull; freeing its "
+                           "blocks", request_id, self.options.lease_s)
+            await self.release(request_id)

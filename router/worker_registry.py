@@ -2,12 +2,15 @@
 
 Pure state with no I/O. Workers register once, then heartbeat with their stats; a worker whose
 heartbeats stop for `stale_after_s` is dropped. What the router itself routed to each worker (its
-load books) lives in the router (router/routing.py), not here.
+load books) lives in the router (router/routing.py), not here. Whoever holds calls to workers can
+ask to hear of each worker dropped (`on_deregistered`), so that calls to a worker that stopped
+answering end at once instead of waiting for their deadlines.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tandem.contracts.worker_stats import Registration, WorkerStats
@@ -35,6 +38,11 @@ class WorkerRegistry:
         self.block_size = block_size
         self.stale_after_s = stale_after_s
         self.workers: dict[str, WorkerState] = {}
+        self._deregistered: list[Callable[[WorkerState], None]] = []
+
+    def on_deregistered(self, callback: Callable[[WorkerState], None]) -> None:
+        """Call `callback(worker)` whenever a worker is dropped, however it was."""
+        self._deregistered.append(callback)
 
     def register(self, request: Registration, now_s: float) -> WorkerState:
         """Raises ValueError when the worker cannot serve alongside this frontend."""
@@ -63,8 +71,11 @@ class WorkerRegistry:
         return True
 
     def deregister(self, worker_id: str) -> None:
-        if self.workers.pop(worker_id, None) is not None:
+        worker = self.workers.pop(worker_id, None)
+        if worker is not None:
             logger.info("worker %s deregistered", worker_id)
+            for callback in self._deregistered:
+                callback(worker)
 
     def stale(self, now_s: float) -> list[str]:
         """Workers whose heartbeats stopped more than stale_after_s ago."""

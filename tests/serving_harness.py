@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -70,6 +71,20 @@ def start_server(*args: str, timeout_s: float = 180.0, env: dict[str, str] | Non
             server.stop()
             raise RuntimeError("tandem serve did not become ready:\n" + "".join(server.lines[-60:]))
     return server
+
+
+def worker_pid(server: Server, worker_id: str) -> int:
+    """Pid of the server's worker process with this id (a restarted worker has a new one)."""
+    for pid in worker_pids(server):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except FileNotFoundError:
+            continue
+        spec = environ.get(b"TANDEM_WORKER_SPEC")  # the launcher's spec of the worker
+        if spec is not None and json.loads(spec)["worker_id"] == worker_id:
+            return pid
+    raise LookupError(f"no worker process {worker_id}")
 
 
 def worker_pids(server: Server) -> list[int]:

@@ -1,5 +1,5 @@
-"""`tandem serve` lifecycle: aggregated mode, YAML config, a prefill worker that dies mid-request,
-and draining on SIGTERM with no process left behind."""
+"""`tandem serve` lifecycle: aggregated mode, YAML config, a prefill worker that dies (requests then
+prefill on the decode worker), and draining on SIGTERM with no process left behind."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_aggregated_serving_from_a_yaml_config_routes_by_kv_overlap(tmp_path):
         assert server.stop() == 0
 
 
-def test_dead_prefill_worker_fails_the_request_and_drain_leaves_nothing():
+def test_dead_prefill_worker_leaves_prefill_to_the_decode_worker_and_drain_leaves_nothing():
     server = start_server("--num-prefill", "1", "--num-decode", "1", "--device", "cpu",
                           "--num-kv-blocks", "128", "--remote-prefill-min-tokens", "1",
                           "--drain-timeout-s", "20")
@@ -91,10 +91,8 @@ def test_dead_prefill_worker_fails_the_request_and_drain_leaves_nothing():
         time.sleep(1.0)
         prefill_pid = min(pids)  # the prefill worker is started first
         os.kill(prefill_pid, signal.SIGKILL)
-        with pytest.raises(openai.APIStatusError) as err:
-            client.completions.create(model="random:tiny", prompt=LONG_PROMPT, max_tokens=4)
-        assert err.value.status_code in (502, 503)
-        assert "prefill" in str(err.value)
+        out = client.completions.create(model="random:tiny", prompt=LONG_PROMPT, max_tokens=4)
+        assert out.usage.completion_tokens == 4
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         with pytest.raises((openai.APIStatusError, openai.APIConnectionError)):

@@ -57,6 +57,7 @@ class FakePipeline:
     def reset(self) -> None:
         self.is_ready = True
         self.is_draining = False
+        self.not_ready_reason = "decode pool has 0 of 1 workers ready"
         self.num_cached_tokens = 0
         self.delay_s = 0.0
         self.endless = False
@@ -277,7 +278,10 @@ def test_health_follows_pipeline_state(http, pipeline):
     assert response.status_code == 503 and "draining" in response.json()["error"]["message"]
     assert http.post("/v1/completions", json={"prompt": PROMPT}).status_code == 503
     pipeline.is_draining, pipeline.is_ready = False, False
-    assert http.get("/health").status_code == 503
+    response = http.get("/health")
+    assert response.status_code == 503
+    assert response.json()["error"]["message"] == ("the server is not ready: decode pool has 0 "
+                                                    "of 1 workers ready; retry shortly")
     assert pipeline.requests == []
 
 
