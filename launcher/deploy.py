@@ -34,6 +34,11 @@ class Deployment(Protocol):
         """Workers started here whose process has exited."""
         ...
 
+    def exit_code(self, worker_id: str) -> int | None:
+        """How a dead worker's process ended, as Popen reports it (negative: killed by that
+        signal); None while it runs or when unknown. Read it before stop_worker forgets it."""
+        ...
+
     def stop_all(self, timeout_s: float) -> None: ...
 
 
@@ -74,6 +79,10 @@ class LocalDeployment:
 
     def dead_workers(self) -> list[str]:
         return [w for w, p in self.processes.items() if p.poll() is not None]
+
+    def exit_code(self, worker_id: str) -> int | None:
+        process = self.processes.get(worker_id)
+        return None if process is None else process.poll()
 
     def stop_all(self, timeout_s: float) -> None:
         processes = list(self.processes.values())

@@ -2,9 +2,10 @@
 
 Settings come from flags, `TANDEM_*` environment variables and a YAML file (`--config`), in that
 order of precedence, into one nested `ServeConfig` (launcher/config.py); each worker gets its spec
-serialized. SIGINT or SIGTERM drains: new requests are
-refused, requests in flight finish within `--drain-timeout-s`, then workers are stopped and the
-process exits with nothing left behind.
+serialized. Workers are supervised while serving: a dead one is restarted with backoff
+(launcher/supervisor.py) and `/health` says how each pool stands. SIGINT or SIGTERM drains: new
+requests are refused, requests in flight finish within `--drain-timeout-s`, then workers are
+stopped and the process exits with nothing left behind.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from dataclasses import replace
 
 from tandem.launcher.config import SETTINGS, ServeConfig, build_serve_config, default_of, field_type
 from tandem.launcher.deploy import Deployment, LocalDeployment
 from tandem.launcher.planner_loop import start_planner
+from tandem.launcher.supervisor import Supervisor, describe_exit
 from tandem.engine.model_info import describe_model
 from tandem.engine.tokenizer import load_tokenizer
 from tandem.frontend.server import Frontend
@@ -76,7 +79,9 @@ async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
     ensure_secret()  # the deployment's internal secret, for the frontend's side (worker/auth.py)
     await frontend.start()
     try:
-        for spec in worker_specs(config, frontend.control_address):
+        specs = {spec.worker_id: spec for spec in worker_specs(config,
+                                                               frontend.control_address)}
+        for spec in specs.values():
             deployment.start_worker(spec)
         ready = await frontend.wait_for_workers(
             {"prefill": config.num_prefill, "decode": config.num_decode},
@@ -91,12 +96,7 @@ async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
         planner = start_planner(  # noqa: F841 (the task must stay referenced while serving)
             config.planner, config.planner_profile, frontend, deployment,
             worker_specs(config, frontend.control_address), config.drain_timeout_s, stop)
-        while not stop.is_set():
-            frontend.forget_workers(deployment.dead_workers())
-            try:
-                await asyncio.wait_for(stop.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
+        await supervise(frontend, deployment, specs, stop)
         logger.warning("draining: refusing new requests, waiting for %d in flight",
                        frontend.pipeline.num_inflight)
         await frontend.drain(config.drain_timeout_s)
@@ -105,6 +105,49 @@ async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
         await frontend.stop()
         deployment.stop_all(timeout_s=10.0)
         print("tandem stopped", flush=True)
+
+
+async def supervise(frontend: Frontend, deployment: Deployment, specs: dict[str, WorkerOptions],
+                    stop: asyncio.Event, interval_s: float = 0.5) -> None:
+    """Until `stop`: restart dead workers with backoff (launcher/supervisor.py), drop them and the
+    silent ones from the frontend at once, and tell the frontend how its pools stand."""
+    supervisor = Supervisor()
+    started_s = time.monotonic()
+    for spec in specs.values():
+        supervisor.on_started(spec.worker_id, spec.role, started_s)
+    while not stop.is_set():
+        _supervise_once(frontend, deployment, specs, supervisor, time.monotonic())
+        try:
+            await asyncio.wait_for(stop.wait(), interval_s)
+        except asyncio.TimeoutError:
+            pass
+
+
+def _supervise_once(frontend: Frontend, deployment: Deployment, specs: dict[str, WorkerOptions],
+                    supervisor: Supervisor, now_s: float) -> None:
+    dead = deployment.dead_workers()
+    for worker_id in dead:
+        code = deployment.exit_code(worker_id)
+        how = describe_exit(-1 if code is None else code)
+        deployment.stop_worker(worker_id, timeout_s=0.0)  # forget the exited process
+        if worker_id not in specs:  # started by the planner, which replaces its own workers
+            logger.warning("worker %s %s", worker_id, how)
+            continue
+        delay_s = supervisor.on_exit(worker_id, -1 if code is None else code, now_s)
+        logger.warning("worker %s %s; restarting it in %.0f s", worker_id, how, delay_s)
+    frontend.forget_workers(dead)
+    for worker_id in supervisor.due(now_s):
+        logger.warning("restarting worker %s", worker_id)
+        deployment.start_worker(specs[worker_id])
+        supervisor.on_started(worker_id, specs[worker_id].role, now_s)
+    registered = frontend.workers.workers
+    supervisor.observe_ready(set(registered))
+    statuses = []
+    for role in ("prefill", "decode"):
+        ready = {w for w, state in registered.items() if state.role == role}
+        if not supervisor.is_pool_ready(role, ready):
+            statuses.append(supervisor.pool_status(role, ready, now_s))
+    frontend.report_pools(statuses)
 
 
 def add_serve_parser(commands) -> None:

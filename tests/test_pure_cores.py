@@ -10,7 +10,8 @@ PURE_CORES = [
     "tandem.engine.scheduler", "tandem.engine.block_manager", "tandem.engine.sequence",
     "tandem.engine.stop_rule", "tandem.router.kv_index", "tandem.router.kv_policy",
     "tandem.router.routing", "tandem.router.worker_registry", "tandem.contracts.sampling_params",
-    "tandem.contracts.block_hash", "tandem.contracts.kv_events",
+    "tandem.contracts.block_hash", "tandem.contracts.kv_events", "tandem.router.migration",
+    "tandem.launcher.supervisor",
 ]
 
 BLOCKED = ("torch", "grpc", "google.protobuf", "triton")
