@@ -33,6 +33,7 @@ from tests.serving_harness import Server, free_port
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("nixl")
+pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 12
 # Long enough for remote prefill (--remote-prefill-min-tokens 16) and several 16-token blocks.
