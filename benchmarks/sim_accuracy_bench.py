@@ -28,8 +28,10 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "conversation_trace.jsonl"
 NUM_KV_BLOCKS = 24000   # 48 GiB of 2 MiB llama-3.1-8b blocks: room for the past-knee backlog
-MAX_MODEL_LEN = 8192
-LAYOUTS = {"1p1d": ("1", "1"), "2agg": ("0", "2")}
+MAX_MODEL_LEN = 32768  # the longest replayed trace prompt is 30k tokens
+# name: (prefill workers, decode workers, flags of both the server and the simulation)
+LAYOUTS = {"1p1d": ("1", "1", ()), "2agg": ("0", "2", ()),
+           "2agg512": ("0", "2", ("--max-num-batched-tokens", "512"))}
 
 
 @dataclass(frozen=True)
@@ -38,27 +40,44 @@ class Case:
     workload: tuple[str, ...]  # `tandem bench` / `tandem simulate` dataset and load flags
 
 
-def cases(trace: Path) -> list[Case]:
-    random_flags = ("--dataset", "random", "--input-len", "4096", "--output-len", "256",
-                    "--vocab-size", "120000")
-    out = [Case(f"isl4096-{rate}rps", (*random_flags, "--request-rate", str(rate),
-                                       "--num-requests", str(int(rate * 25))))
-           for rate in (3, 6, 9)]
-    trace_flags = ("--dataset", f"trace:{trace}", "--num-requests", "200",
+ISL, OSL = 4096, 256
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which cases to run: rates of the random cases, time scales of the trace."""
+    rates: tuple[float, ...] = (3, 6, 9)
+    short_long_rates: tuple[float, ...] = ()
+    trace_scales: tuple[float, ...] = (1.0, 0.5, 0.3)
+    duration_s: float = 20.0
+    trace_requests: int = 150
+
+
+def cases(trace: Path, plan: Plan) -> list[Case]:
+    out = [_random_case(ISL, OSL, rate, plan.duration_s) for rate in plan.rates]
+    out += [_random_case(256, 1024, rate, plan.duration_s) for rate in plan.short_long_rates]
+    trace_flags = ("--dataset", f"trace:{trace}", "--num-requests", str(plan.trace_requests),
                    "--trace-block-tokens", "128", "--output-scale", "0.5")
-    out += [Case(f"trace-x{1 / scale:.0f}", (*trace_flags, "--time-scale", str(scale)))
-            for scale in (1.0, 0.5, 0.3)]
+    out += [Case(f"trace-x{1 / scale:.1f}", (*trace_flags, "--time-scale", str(scale)))
+            for scale in plan.trace_scales]
     return out
 
 
+def _random_case(isl: int, osl: int, rate: float, duration_s: float) -> Case:
+    return Case(f"isl{isl}-osl{osl}-{rate:g}rps",
+                ("--dataset", "random", "--input-len", str(isl), "--output-len", str(osl),
+                 "--request-rate", str(rate), "--num-requests", str(int(rate * duration_s))))
+
+
 def serve_flags(layout: str, model: str, device: str) -> list[str]:
-    num_prefill, num_decode = LAYOUTS[layout]
+    num_prefill, num_decode, extra = LAYOUTS[layout]
     return ["--model", model, "--device", device, "--num-prefill", num_prefill,
             "--num-decode", num_decode, "--num-kv-blocks", str(NUM_KV_BLOCKS),
-            "--max-model-len", str(MAX_MODEL_LEN)]
+            "--max-model-len", str(MAX_MODEL_LEN), *extra]
 
 
-def run_real(out_dir: Path, model: str, device: str, layouts: list[str], trace: Path) -> None:
+def run_real(out_dir: Path, model: str, device: str, layouts: list[str], trace: Path,
+             plan: Plan) -> None:
     from tests.serving_harness import start_server
 
     for layout in layouts:
@@ -66,31 +85,35 @@ def run_real(out_dir: Path, model: str, device: str, layouts: list[str], trace: 
         server = start_server(*serve_flags(layout, model, device), timeout_s=480.0)
         print(f"{layout}: ready in {time.perf_counter() - started:.0f} s", flush=True)
         try:
-            for case in cases(trace):
+            for case in cases(trace, plan):
                 out = out_dir / f"real-{layout}-{case.name}.json"
-                command = [sys.executable, "-m", "tandem.launcher.cli", "bench", "--url",
-                           server.http_url, "--temperature", "0", "--no-progress",
-                           *case.workload, "--out", str(out)]
+                # gRPC streams token ids: every token is timed, whatever text it makes (random
+                # weights produce byte runs that are not UTF-8 yet, which an HTTP client would see
+                # as one late chunk).
+                command = [sys.executable, "-m", "tandem.launcher.cli", "bench", "--backend",
+                           "grpc", "--url", server.grpc_address, "--temperature", "0",
+                           "--no-progress", "--save-requests", *case.workload, "--out", str(out)]
                 subprocess.run(command, check=True, timeout=300)
                 print(f"  {case.name}: {summary_line(json.loads(out.read_text()))}", flush=True)
         finally:
             server.stop()
 
 
-def run_sim(out_dir: Path, profile: str, layouts: list[str], trace: Path) -> list[dict]:
+def run_sim(out_dir: Path, profile: str, layouts: list[str], trace: Path, plan: Plan
+            ) -> list[dict]:
     rows = []
     for layout in layouts:
-        num_prefill, num_decode = LAYOUTS[layout]
-        for case in cases(trace):
+        num_prefill, num_decode, extra = LAYOUTS[layout]
+        for case in cases(trace, plan):
             real_path = out_dir / f"real-{layout}-{case.name}.json"
             if not real_path.exists():
                 continue
             out = out_dir / f"sim-{layout}-{case.name}.json"
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "tandem.launcher.cli", "simulate",
+            subprocess.run([sys.executable, "-m", "tandem.planner.simulate_cli",
                             "--profile", profile, "--num-prefill", num_prefill,
                             "--num-decode", num_decode, "--num-kv-blocks", str(NUM_KV_BLOCKS),
-                            "--max-model-len", str(MAX_MODEL_LEN), *case.workload,
+                            "--max-model-len", str(MAX_MODEL_LEN), *extra, *case.workload,
                             "--out", str(out)], check=True, capture_output=True, timeout=600)
             rows.append(compare(layout, case.name, json.loads(real_path.read_text()),
                                 json.loads(out.read_text()), time.perf_counter() - started))
@@ -132,7 +155,12 @@ def _cell(values: tuple) -> str:
     return f"{real:.1f} / {sim:.1f} ({'-' if err is None else f'{err:+.0%}'})"
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x)
+
+
 def main() -> int:
+    global MAX_MODEL_LEN, ISL, OSL  # one run, one setting: the real and the simulated side share it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("phase", choices=("real", "sim"))
     parser.add_argument("--out-dir", type=Path, required=True)
@@ -141,15 +169,28 @@ def main() -> int:
     parser.add_argument("--profile", help="sim: the profile of the real run's model and GPU")
     parser.add_argument("--layouts", default="1p1d,2agg")
     parser.add_argument("--trace", type=Path, default=TRACE)
+    parser.add_argument("--rates", default="3,6,9", help="request rates of the ISL/OSL cases")
+    parser.add_argument("--short-long-rates", default="",
+                        help="rates of ISL 256 / OSL 1024 cases (none by default)")
+    parser.add_argument("--trace-scales", default="1,0.5,0.3", help="trace time scales")
+    parser.add_argument("--duration-s", type=float, default=20.0,
+                        help="random cases: requests = rate x this")
+    parser.add_argument("--trace-requests", type=int, default=150)
+    parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
+    parser.add_argument("--isl", type=int, default=ISL, help="input length of the random cases")
+    parser.add_argument("--osl", type=int, default=OSL)
     args = parser.parse_args()
+    MAX_MODEL_LEN, ISL, OSL = args.max_model_len, args.isl, args.osl
     args.out_dir.mkdir(parents=True, exist_ok=True)
     layouts = args.layouts.split(",")
+    plan = Plan(_floats(args.rates), _floats(args.short_long_rates), _floats(args.trace_scales),
+                args.duration_s, args.trace_requests)
     if args.phase == "real":
-        run_real(args.out_dir, args.model, args.device, layouts, args.trace)
+        run_real(args.out_dir, args.model, args.device, layouts, args.trace, plan)
         return 0
     if not args.profile:
         parser.error("sim needs --profile")
-    rows = run_sim(args.out_dir, args.profile, layouts, args.trace)
+    rows = run_sim(args.out_dir, args.profile, layouts, args.trace, plan)
     (args.out_dir / "accuracy.json").write_text(json.dumps(rows, indent=1))
     print_table(rows)
     return 0

@@ -10,9 +10,12 @@ requests meet the SLO. A request meets it as `tandem bench --slo` judges it
 (tandem.bench.metrics.meets_slo): TTFT <= ttft_ms and its worst inter-token gap <= itl_ms (every
 gap, not the mean TPOT; tpot_ms and e2e_ms bounds apply too when given). A failed request fails.
 The rate is found by doubling from a start until attainment drops below the target, then
-bisecting. Each probe simulates at most `max_requests` requests (a cap that keeps a plan to
-seconds on a CPU; a short run under-states queueing past the knee, so goodput near a sharp knee
-is optimistic by up to a bisection step).
+bisecting. A probe at rate r simulates `r x probe_duration_s` requests (at least `min_requests`,
+at most `max_requests`) and judges attainment on all but the first `warmup_fraction` of them: the
+system has to fill up before it shows its steady state. A fixed handful of requests would not: at
+a decode-heavy workload's knee, 200 requests with 1,024-token outputs all run at once as a burst
+that never reaches the steady concurrency (rate x latency) and pass at any rate. A capped probe
+still under-states queueing for rates above `max_requests / probe_duration_s`.
 
 Shapes are ranked by goodput per GPU. The fewest GPUs that meet the SLO at the requested rate are
 found by bisection over the GPU count (assuming more GPUs never hurt), each count judged by its
@@ -33,6 +36,9 @@ from tandem.planner.sim_config import SimConfig
 from tandem.planner.simulator import Simulator
 
 logger = logging.getLogger(__name__)
+
+MAX_PROBE_REQUESTS = 2000  # per probe: seconds to a minute of simulation on a CPU
+PROBE_DURATION_S = 60.0    # of arrivals per probe: many latencies long, so queues can build
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +79,10 @@ class ShapeResult:
 class PlanSearch:
     slo: dict[str, float]
     attainment: float = 0.9
-    max_requests: int = 200           # per probe
+    max_requests: int = MAX_PROBE_REQUESTS
+    min_requests: int = 100
+    probe_duration_s: float = PROBE_DURATION_S
+    warmup_fraction: float = 0.2      # the first requests find an empty system: not judged
     seed: int = 0
     burstiness: float = 1.0
     bisect_steps: int = 6
@@ -84,8 +93,11 @@ class PlanSearch:
             raise ValueError("--slo needs at least one bound, e.g. ttft_ms=1000 itl_ms=40")
         if not 0.0 < self.attainment <= 1.0:
             raise ValueError(f"--attainment must be in (0, 1], got {self.attainment}")
-        if self.max_requests < 1:
-            raise ValueError(f"max_requests must be at least 1, got {self.max_requests}")
+        if self.min_requests < 1 or self.max_requests < 1:
+            raise ValueError(f"probes need at least 1 request, got min {self.min_requests} "
+                             f"and max {self.max_requests}")
+        if not 0.0 <= self.warmup_fraction < 1.0 or self.probe_duration_s <= 0:
+            raise ValueError("need 0 <= warmup_fraction < 1 and probe_duration_s > 0")
 
 
 def shapes_for(num_gpus: int, thresholds: Sequence[int], chunk_sizes: Sequence[int]
@@ -124,11 +136,21 @@ class Planner:
     def attainment(self, shape: Shape, rate_rps: float) -> float:
         key = (shape, rate_rps)
         if key not in self._cache:
+            requests = self._probe_requests(rate_rps)
             result = Simulator(self.config_for(shape), self.model).run(
-                self.requests, self._offsets_s(rate_rps))
-            records = result.records()
-            self._cache[key] = sum(meets_slo(r, self.search.slo) for r in records) / len(records)
+                requests, self._offsets_s(rate_rps, len(requests)))
+            records = sorted(result.records(), key=lambda r: r.start_s)
+            judged = records[int(len(records) * self.search.warmup_fraction):] or records
+            self._cache[key] = sum(meets_slo(r, self.search.slo) for r in judged) / len(judged)
         return self._cache[key]
+
+    def _probe_requests(self, rate_rps: float) -> list[BenchRequest]:
+        if self._recorded:  # a trace keeps its own requests and arrival pattern
+            return self.requests
+        search = self.search
+        wanted = math.ceil(rate_rps * search.probe_duration_s) if math.isfinite(rate_rps) \
+            else search.max_requests
+        return self.requests[:min(max(search.min_requests, wanted), search.max_requests)]
 
     def goodput(self, shape: Shape, start_rps: float) -> ShapeResult:
         target = self.search.attainment
@@ -146,14 +168,14 @@ class Planner:
         attainment, _, shape = max(scored)
         return shape, attainment
 
-    def _offsets_s(self, rate_rps: float) -> list[float]:
+    def _offsets_s(self, rate_rps: float, num_requests: int) -> list[float]:
         if self._recorded:  # a trace: keep its arrival pattern, scaled to the rate
             offsets = [float(r.arrival_offset_s) for r in self.requests]
             span_s = max(offsets) - min(offsets)
             native_rps = (len(offsets) - 1) / span_s if span_s > 0 else math.inf
             scale = native_rps / rate_rps if math.isfinite(native_rps) else 0.0
             return [(o - offsets[0]) * scale for o in offsets]
-        return gamma_arrival_offsets_s(len(self.requests), rate_rps, self.search.burstiness,
+        return gamma_arrival_offsets_s(num_requests, rate_rps, self.search.burstiness,
                                        self.search.seed)
 
 

@@ -20,7 +20,8 @@ import sys
 
 from tandem.bench.cli import add_workload_arguments, build_requests
 from tandem.bench.metrics import parse_slo
-from tandem.planner.plan import PlanSearch, Planner, Shape, fewest_gpus, shapes_for
+from tandem.planner.plan import (MAX_PROBE_REQUESTS, PROBE_DURATION_S, PlanSearch, Planner, Shape,
+                                 fewest_gpus, shapes_for)
 from tandem.planner.simulate_cli import add_deployment_arguments, load_profile, \
     sim_config_from_args
 
@@ -48,7 +49,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--chunk-sizes", type=int, nargs="+", default=None,
                        help="max_num_batched_tokens values to try (default: the engine's and "
                             "a quarter of it)")
-    group.add_argument("--max-requests-per-probe", type=int, default=200)
+    group.add_argument("--max-requests-per-probe", type=int, default=MAX_PROBE_REQUESTS,
+                       help="cap on the requests one probe simulates")
+    group.add_argument("--probe-duration-s", type=float, default=PROBE_DURATION_S,
+                       help="a probe at rate r simulates r x this many requests (capped)")
     group.add_argument("--out", default=None, help="write the plan as JSON")
     group.add_argument("--plot", default=None, help="attainment against rate per shape (PNG)")
     add_deployment_arguments(parser)
@@ -57,7 +61,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def plan_main(args: argparse.Namespace) -> int:
     search = PlanSearch(parse_slo(args.slo), args.attainment, args.max_requests_per_probe,
-                        args.seed, args.burstiness)
+                        seed=args.seed, burstiness=args.burstiness,
+                        probe_duration_s=args.probe_duration_s)
+    if args.num_requests is None and not args.dataset.startswith("trace:"):
+        args.num_requests = search.max_requests  # the pool each probe takes its first n from
     profile, model = load_profile(args.profile)
     base = sim_config_from_args(args, profile, 0, 1)
     thresholds = args.remote_prefill_min_tokens or [base.routing.remote_prefill_min_tokens]

@@ -153,7 +153,7 @@ def registration_of(worker: WorkerBase, address: str) -> wpb.RegisterRequest:
 
 async def register_once(worker: WorkerBase, address: str, max_wait_s: float = 10.0) -> None:
     """Register again now (after a role flip), on a channel of its own."""
-    async with grpc.aio.insecure_channel(worker.options.frontend) as channel:
+    async with internal_channel(worker.options.frontend) as channel:
         await _register(wgrpc.ControlStub(channel), registration_of(worker, address), max_wait_s)
 
 
