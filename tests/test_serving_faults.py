@@ -121,6 +121,29 @@ def test_killed_decode_worker_mid_stream_migrates_and_greedy_output_continues(di
                for line in server.lines)
 
 
+def test_stopped_decode_worker_mid_stream_migrates_once_its_heartbeats_stop(disaggregated):
+    server = disaggregated
+    reference = client_of(server).completions.create(model="random:tiny", prompt=PROMPT + "Go.",
+                                                     max_tokens=300, **GREEDY)
+    streams = [Stream(server, 300, PROMPT + "Go.") for _ in range(2)]
+    for stream in streams:
+        stream.start()
+    wait_until(lambda: all(s.num_chunks >= 5 for s in streams), 30, "streams started")
+    wait_until(lambda: server.metric("vllm:num_requests_running") > 0, 5, "heartbeats")
+    victim = busiest_decode_worker(server)
+    pid = worker_pid(server, victim)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for stream in streams:
+            stream.join(timeout=60)
+            assert stream.error is None and not stream.is_alive()
+            assert stream.text == reference.choices[0].text
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: victim in workers_of(server), 20, f"{victim} registered again")
+    wait_until(lambda: nothing_held(server), 10, "blocks pinned or used after SIGCONT")
+
+
 def test_stopped_prefill_worker_costs_a_bounded_wait(disaggregated):
     server = disaggregated
     pid = worker_pid(server, "prefill-0")
@@ -203,7 +226,9 @@ def test_failed_pulls_recompute_and_a_dead_last_decode_worker_is_a_clear_503_the
         assert grpc_health(server) == health_pb2.HealthCheckResponse.NOT_SERVING
         wait_until(lambda: httpx.get(f"{server.http_url}/health", timeout=5).status_code == 200,
                    90, "decode-0 restarted")
-        assert grpc_health(server) == health_pb2.HealthCheckResponse.SERVING
+        # The gRPC health service follows at the launcher's next look (0.5 s).
+        wait_until(lambda: grpc_health(server) == health_pb2.HealthCheckResponse.SERVING, 3,
+                   "gRPC health SERVING again")
         out = client.completions.create(model="random:tiny", prompt=PROMPT, max_tokens=6,
                                         **GREEDY)
         assert out.usage.completion_tokens == 6
