@@ -1,4 +1,11 @@
-"""Per-request sampling parameters, in the shape users know from vLLM's `SamplingParams`."""
+"""Per-request sampling parameters, in the shape users know from vLLM's `SamplingParams`.
+
+The penalties follow vLLM (and OpenAI for presence/frequency): `presence_penalty` and
+`frequency_penalty` count the output tokens only, `repetition_penalty` (HF's, CTRL paper) every
+token the sequence holds, prompt included; all three, like `logit_bias`, change the logits before
+temperature. `min_tokens` keeps eos and the stop tokens from ending a request before that many
+output tokens.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +26,11 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None        # None: none; 0: the sampled token's; n: plus the top n
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0      # subtracted once from every token the output holds
+    frequency_penalty: float = 0.0     # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0    # > 1 discourages tokens of prompt and output alike
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0                # eos and stop tokens are masked until this many outputs
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -30,6 +42,17 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    @property
+    def changes_logits(self) -> bool:
+        """Whether the sampler must touch this row's logits before choosing (it needs the
+        sequence's tokens to do so)."""
+        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0
 
     def validate(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -48,3 +71,23 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative, got {self.stop_token_ids}")
+        self._validate_penalties()
+
+    def _validate_penalties(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be positive (1 disables it), got "
+                             f"{self.repetition_penalty}")
+        for token_id, bias in self.logit_bias.items():
+            if token_id < 0:
+                raise ValueError(f"logit_bias token ids must be non-negative, got {token_id}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for "
+                                 f"token {token_id}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
+                             f"({self.max_tokens})")

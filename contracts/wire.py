@@ -17,7 +17,11 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingOptions:
     options = pb.SamplingOptions(
         temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
         min_p=params.min_p, stop=params.stop, stop_token_ids=params.stop_token_ids,
-        ignore_eos=params.ignore_eos)
+        ignore_eos=params.ignore_eos, presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
+        logit_bias=params.logit_bias, min_tokens=params.min_tokens,
+        include_stop_str_in_output=params.include_stop_str_in_output,
+        skip_special_tokens=params.skip_special_tokens)
     if params.max_tokens is not None:
         options.max_tokens = params.max_tokens
     if params.seed is not None:
@@ -27,22 +31,24 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingOptions:
     return options
 
 
+_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+              "repetition_penalty", "skip_special_tokens")
+
+
 def sampling_from_proto(options: pb.SamplingOptions, defaults: SamplingParams | None = None
                         ) -> SamplingParams:
     """Fields left unset take `defaults` (the model's generation config). Raises ValueError."""
     base = defaults or SamplingParams()
-
-    def pick(name: str):
-        return getattr(options, name) if options.HasField(name) else getattr(base, name)
-
+    picked = {name: getattr(options, name) if options.HasField(name) else getattr(base, name)
+              for name in _DEFAULTED}
     return SamplingParams(
         max_tokens=options.max_tokens if options.HasField("max_tokens") else None,
-        temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
-        min_p=pick("min_p"),
         seed=options.seed if options.HasField("seed") else None,
         stop=list(options.stop), stop_token_ids=list(options.stop_token_ids),
         ignore_eos=options.ignore_eos,
-        logprobs=options.logprobs if options.HasField("logprobs") else None)
+        logprobs=options.logprobs if options.HasField("logprobs") else None,
+        logit_bias=dict(options.logit_bias), min_tokens=options.min_tokens,
+        include_stop_str_in_output=options.include_stop_str_in_output, **picked)
 
 
 def logprob_to_proto(token_id: int, logprob: tuple[float, dict[int, float]]) -> pb.TokenLogprob:

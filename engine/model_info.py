@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tandem.engine.hub_cache import resolve_model_dir
 from tandem.engine.model_config import ModelConfig, load_generation_defaults, load_model_config
 from tandem.engine.presets import is_random_spec, preset_config
 from tandem.contracts.sampling_params import SamplingParams
@@ -15,8 +16,8 @@ from tandem.engine.tokenizer import BUILTIN_EOS_TOKEN_ID, builtin_vocab_size
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    name: str                    # what the user asked for: a directory or random:<preset>
-    model_dir: Path | None       # None for random:<preset>
+    name: str                    # what the user asked for: a directory, a Hub id or random:<preset>
+    model_dir: Path | None       # None for random:<preset>; a Hub id's cached snapshot
     config: ModelConfig          # eos_token_ids include generation_config.json's
     max_model_len: int
     generation_defaults: dict
@@ -24,7 +25,7 @@ class ModelInfo:
     def default_sampling_params(self, **overrides) -> SamplingParams:
         """Sampling defaults from generation_config.json, as vLLM applies them."""
         defaults = self.generation_defaults
-        keys = ("temperature", "top_p", "top_k", "min_p")
+        keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
         chosen = {key: defaults[key] for key in keys if defaults.get(key) is not None}
         if defaults.get("do_sample") is False:
             chosen["temperature"] = 0.0
@@ -36,9 +37,7 @@ def describe_model(name: str, max_model_len: int | None = None) -> ModelInfo:
     if is_random_spec(name):
         config = preset_config(name, builtin_vocab_size()).with_eos((BUILTIN_EOS_TOKEN_ID,))
         return ModelInfo(name, None, config, _max_model_len(config, max_model_len), {})
-    model_dir = Path(name)
-    if not model_dir.is_dir():
-        raise ValueError(f"model {name!r} is neither a directory nor a random:<preset> spec")
+    model_dir = resolve_model_dir(name)  # a Hub id: its snapshot in the local cache
     config = load_model_config(model_dir)
     defaults = load_generation_defaults(model_dir)
     extra = defaults.get("eos_token_id")

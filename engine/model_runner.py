@@ -18,8 +18,10 @@ from tandem.engine.cuda_graphs import DecodeGraphs
 from tandem.engine.step_inputs import HostInputs, ModelInputs, host_inputs
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.models.decoder import DecoderModel
+from tandem.engine.logits_processors import TokenHistory
 from tandem.engine.sampler import Sampler, SamplerOutput
 from tandem.engine.scheduler import ScheduledBatch
+from tandem.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.kv_cache = torch.empty(0, dtype=dtype, device=device)
-        self.sampler = Sampler(device, seed)
+        self.sampler = Sampler(device, seed, tuple(model.config.eos_token_ids))
         self.graphs: DecodeGraphs | None = None
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -101,7 +103,7 @@ class ModelRunner:
             logits = self._forward(host)
         seqs = [batch.seqs[i] for i in host.sampling_rows]
         sampled: SamplerOutput = self.sampler(logits, [s.params for s in seqs],
-                                              [s.generator for s in seqs])
+                                              [s.generator for s in seqs], _histories(seqs))
         for k, row in enumerate(host.sampling_rows):
             out.token_ids[row] = sampled.token_ids[k]
             out.logprobs[row] = sampled.logprobs[k]
@@ -133,3 +135,10 @@ class ModelRunner:
                                 torch.int64)
         return ModelInputs(tensor(host.input_ids, torch.int64),
                            tensor(host.positions, torch.int64), meta, sample_indices)
+
+
+def _histories(seqs: list[Sequence]) -> list[TokenHistory] | None:
+    """The rows' tokens, only when some row's parameters read them (penalties, min_tokens)."""
+    if not any(s.params.changes_logits for s in seqs):
+        return None
+    return [TokenHistory(s.prompt_token_ids, s.output_token_ids) for s in seqs]

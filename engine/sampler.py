@@ -5,7 +5,9 @@ Temperature, top-k, top-p and min-p filter each row; then a token is drawn by th
 `multinomial`. A request with a seed draws its noise from its own generator, so its tokens do not
 depend on what else is in the batch. Greedy rows take the argmax of the raw logits.
 
-Logprobs are those of the model's raw distribution (before temperature and filters), as in vLLM.
+Before any of that, rows whose requests set penalties, `logit_bias` or `min_tokens` have their logits
+changed by `logits_processors` (greedy rows too: their argmax is of the changed logits). Logprobs are
+those of the model's raw distribution (before penalties, temperature and filters), as in vLLM.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.contracts.sampling_params import SamplingParams
+from tandem.engine.logits_processors import TokenHistory, process_logits
 
 
 @dataclass(slots=True)
@@ -24,8 +27,9 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int):
+    def __init__(self, device: torch.device, seed: int, eos_token_ids: tuple[int, ...] = ()):
         self.device = device
+        self.eos_token_ids = eos_token_ids   # what min_tokens keeps from being sampled
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def request_generator(self, params: SamplingParams) -> torch.Generator | None:
@@ -35,14 +39,19 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> SamplerOutput:
-        """logits: (num_rows, vocab) fp32, one row per sequence that samples this step."""
-        token_ids = logits.argmax(dim=-1)
+                 generators: list[torch.Generator | None],
+                 histories: list[TokenHistory] | None = None) -> SamplerOutput:
+        """logits: (num_rows, vocab) fp32, one row per sequence that samples this step;
+        `histories`, each row's tokens, are needed only when some row `changes_logits`."""
+        processed = logits
+        if histories is not None:
+            processed = process_logits(logits, params, histories, self.eos_token_ids)
+        token_ids = processed.argmax(dim=-1)
         if not all(p.is_greedy for p in params):
             # Every row is sampled (greedy rows at temperature 1, then discarded): one batched
             # pass with no indexing by row, and no host sync before the tokens are read back.
             rows = self._row_params(params, logits.shape[-1], logits.device)
-            sampled = self._sample(logits, rows, params, generators)
+            sampled = self._sample(processed, rows, params, generators)
             token_ids = torch.where(rows[:, 0] > 0, sampled, token_ids)
         logprobs = self._logprobs(logits, token_ids, params)
         return SamplerOutput(token_ids.tolist(), logprobs)

@@ -2,7 +2,9 @@
 
 The scheduler applies it to every token it samples; the frontend applies it to the first token a
 prefill worker sampled, before it hands the request to a decode worker (a request may end there).
-Stop strings are not here: they need text, and text is made by the detokenizer.
+Stop strings are not here: they need text, and text is made by the detokenizer. Below
+`min_tokens` output tokens eos and stop tokens do not end a request (the sampler masks them too;
+this keeps a token that arrives anyway, from a prefill worker's earlier step, from ending it).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ def finish_after_token(params: SamplingParams, token_id: int, num_output_tokens:
                        num_tokens: int, eos_token_ids: set[int] | frozenset[int],
                        max_model_len: int) -> FinishReason | None:
     """The finish reason `token_id` implies, given the counts that include it; None to go on."""
-    if not params.ignore_eos and token_id in eos_token_ids:
-        return FinishReason.STOP
-    if token_id in params.stop_token_ids:
-        return FinishReason.STOP
+    if num_output_tokens >= params.min_tokens:
+        if not params.ignore_eos and token_id in eos_token_ids:
+            return FinishReason.STOP
+        if token_id in params.stop_token_ids:
+            return FinishReason.STOP
     if params.max_tokens is not None and num_output_tokens >= params.max_tokens:
         return FinishReason.LENGTH
     if num_tokens >= max_model_len:

@@ -96,8 +96,9 @@ def continuation(prompt_token_ids: list[int], streamed_token_ids: list[int],
     if params.max_tokens is not None and num_streamed >= params.max_tokens:
         raise ValueError(f"all {params.max_tokens} tokens were streamed: nothing to continue")
     max_tokens = None if params.max_tokens is None else params.max_tokens - num_streamed
+    min_tokens = max(0, params.min_tokens - num_streamed)
     return (list(prompt_token_ids) + list(streamed_token_ids),
-            dataclasses.replace(params, max_tokens=max_tokens))
+            dataclasses.replace(params, max_tokens=max_tokens, min_tokens=min_tokens))
 
 
 def attempt_request_id(request_id: str, num_migrations: int) -> str:
