@@ -28,6 +28,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "conversation_trace.jsonl"
 NUM_KV_BLOCKS = 24000   # 48 GiB of 2 MiB llama-3.1-8b blocks: room for the past-knee backlog
+SLO_TTFT_MS, SLO_GAP_MS = 1000.0, 40.0
 MAX_MODEL_LEN = 32768  # the longest replayed trace prompt is 30k tokens
 # name: (prefill workers, decode workers, flags of both the server and the simulation)
 LAYOUTS = {"1p1d": ("1", "1", ()), "2agg": ("0", "2", ()),
@@ -54,8 +55,10 @@ class Plan:
 
 
 def cases(trace: Path, plan: Plan) -> list[Case]:
-    out = [_random_case(ISL, OSL, rate, plan.duration_s) for rate in plan.rates]
-    out += [_random_case(256, 1024, rate, plan.duration_s) for rate in plan.short_long_rates]
+    out = [_random_case(ISL, OSL, rate, plan.duration_s, seed)
+           for seed, rate in enumerate(plan.rates, start=1)]
+    out += [_random_case(256, 1024, rate, plan.duration_s, seed)
+            for seed, rate in enumerate(plan.short_long_rates, start=101)]
     trace_flags = ("--dataset", f"trace:{trace}", "--num-requests", str(plan.trace_requests),
                    "--trace-block-tokens", "128", "--output-scale", "0.5")
     out += [Case(f"trace-x{1 / scale:.1f}", (*trace_flags, "--time-scale", str(scale)))
@@ -63,10 +66,12 @@ def cases(trace: Path, plan: Plan) -> list[Case]:
     return out
 
 
-def _random_case(isl: int, osl: int, rate: float, duration_s: float) -> Case:
+def _random_case(isl: int, osl: int, rate: float, duration_s: float, seed: int) -> Case:
+    """Each case its own seed: a server's earlier cases must not leave these prompts cached."""
     return Case(f"isl{isl}-osl{osl}-{rate:g}rps",
                 ("--dataset", "random", "--input-len", str(isl), "--output-len", str(osl),
-                 "--request-rate", str(rate), "--num-requests", str(int(rate * duration_s))))
+                 "--request-rate", str(rate), "--num-requests", str(int(rate * duration_s)),
+                 "--seed", str(seed)))
 
 
 def serve_flags(layout: str, model: str, device: str) -> list[str]:
@@ -99,8 +104,8 @@ def run_real(out_dir: Path, model: str, device: str, layouts: list[str], trace: 
             server.stop()
 
 
-def run_sim(out_dir: Path, profile: str, layouts: list[str], trace: Path, plan: Plan
-            ) -> list[dict]:
+def run_sim(out_dir: Path, profile: str, layouts: list[str], trace: Path, plan: Plan,
+            overheads: tuple[str, ...] = ()) -> list[dict]:
     rows = []
     for layout in layouts:
         num_prefill, num_decode, extra = LAYOUTS[layout]
@@ -114,7 +119,8 @@ def run_sim(out_dir: Path, profile: str, layouts: list[str], trace: Path, plan: 
                             "--profile", profile, "--num-prefill", num_prefill,
                             "--num-decode", num_decode, "--num-kv-blocks", str(NUM_KV_BLOCKS),
                             "--max-model-len", str(MAX_MODEL_LEN), *extra, *case.workload,
-                            "--out", str(out)], check=True, capture_output=True, timeout=600)
+                            *overheads, "--save-requests", "--out", str(out)],
+                           check=True, capture_output=True, timeout=600)
             rows.append(compare(layout, case.name, json.loads(real_path.read_text()),
                                 json.loads(out.read_text()), time.perf_counter() - started))
     return rows
@@ -127,10 +133,23 @@ def compare(layout: str, case: str, real: dict, sim: dict, sim_s: float) -> dict
             a, b = a[key], b[key]
         return a, b, (None if not a or b is None else (b - a) / a)
 
+    a, b = attainment(real), attainment(sim)
     return {"layout": layout, "case": case, "sim_s": sim_s,
             "ttft_p50": error(("ttft_ms", "p50")), "ttft_p90": error(("ttft_ms", "p90")),
             "tpot_p50": error(("tpot_ms", "p50")),
-            "throughput": error(("output_token_throughput",))}
+            "throughput": error(("output_token_throughput",)),
+            "attainment": (a, b, None if a is None or b is None else b - a),
+            "prefix_hit_rate": (real["prefix_hit_rate"], sim["prefix_hit_rate"], None)}
+
+
+def attainment(summary: dict) -> float | None:
+    """Share of requests with TTFT <= 1 s and every inter-token gap <= 40 ms (DESIGN.md's SLO)."""
+    records = summary.get("per_request")
+    if not records:
+        return None
+    ok = [r for r in records if r["error"] is None and r["ttft_ms"] is not None
+          and r["ttft_ms"] <= SLO_TTFT_MS and max(r["itl_ms"] or [0.0]) <= SLO_GAP_MS]
+    return len(ok) / len(records)
 
 
 def summary_line(summary: dict) -> str:
@@ -141,11 +160,19 @@ def summary_line(summary: dict) -> str:
 
 def print_table(rows: list[dict]) -> None:
     print("| layout | case | TTFT p50 real / sim (err) | TTFT p90 real / sim (err) | "
-          "TPOT p50 real / sim (err) | tok/s real / sim (err) | sim s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "TPOT p50 real / sim (err) | tok/s real / sim (err) | SLO attainment real / sim | "
+          "prefix hits real / sim | sim s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         cells = [_cell(row[key]) for key in ("ttft_p50", "ttft_p90", "tpot_p50", "throughput")]
-        print(f"| {row['layout']} | {row['case']} | {' | '.join(cells)} | {row['sim_s']:.1f} |")
+        shares = [_shares(row[key]) for key in ("attainment", "prefix_hit_rate")]
+        print(f"| {row['layout']} | {row['case']} | {' | '.join(cells)} | {' | '.join(shares)} "
+              f"| {row['sim_s']:.1f} |")
+
+
+def _shares(values: tuple) -> str:
+    real, sim, _ = values
+    return "-" if real is None or sim is None else f"{real:.0%} / {sim:.0%}"
 
 
 def _cell(values: tuple) -> str:
@@ -169,6 +196,10 @@ def main() -> int:
     parser.add_argument("--profile", help="sim: the profile of the real run's model and GPU")
     parser.add_argument("--layouts", default="1p1d,2agg")
     parser.add_argument("--trace", type=Path, default=TRACE)
+    parser.add_argument("--step-overhead-ms", default="0",
+                        help="sim: serving work per engine step (tandem simulate's flag)")
+    parser.add_argument("--token-overhead-us", default="0",
+                        help="sim: serving work per streamed token (tandem simulate's flag)")
     parser.add_argument("--rates", default="3,6,9", help="request rates of the ISL/OSL cases")
     parser.add_argument("--short-long-rates", default="",
                         help="rates of ISL 256 / OSL 1024 cases (none by default)")
@@ -190,7 +221,9 @@ def main() -> int:
         return 0
     if not args.profile:
         parser.error("sim needs --profile")
-    rows = run_sim(args.out_dir, args.profile, layouts, args.trace, plan)
+    overheads = ("--step-overhead-ms", args.step_overhead_ms,
+                 "--token-overhead-us", args.token_overhead_us)
+    rows = run_sim(args.out_dir, args.profile, layouts, args.trace, plan, overheads)
     (args.out_dir / "accuracy.json").write_text(json.dumps(rows, indent=1))
     print_table(rows)
     return 0

@@ -34,6 +34,11 @@ class SimConfig:
     kv_event_delay_s: float = 0.0       # worker -> router KV event latency; 0: applied at once
     frontend_overhead_s: float = 0.0    # tokenize, hash, route: before a request reaches a worker
     rpc_s: float = 0.0                  # one gRPC hop (frontend <-> worker), each direction
+    # What a serving worker adds to the engine step a profile measures: host work per step (the
+    # worker's loop, its gRPC server), and per token streamed back (one message per request per
+    # step through the worker and the frontend). 0: the profile's step alone.
+    step_overhead_s: float = 0.0
+    token_overhead_s: float = 0.0
     token_vocab_size: int = 2000        # synthetic output token ids are drawn below this
     # Run a stretch of identical decode steps as one event (planner/sim_worker.py says when that
     # is exact and what it delays); False: one event per step.
@@ -51,7 +56,8 @@ class SimConfig:
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be positive, got "
                              f"{self.heartbeat_interval_s}")
-        for name in ("kv_event_delay_s", "frontend_overhead_s", "rpc_s"):
+        for name in ("kv_event_delay_s", "frontend_overhead_s", "rpc_s", "step_overhead_s",
+                     "token_overhead_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.token_vocab_size <= 16:

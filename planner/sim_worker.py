@@ -59,7 +59,8 @@ class SimWorker:
 
     __slots__ = ("worker_id", "role", "block_manager", "scheduler", "state", "model",
                  "batch", "step_end_s", "ops", "num_steps", "busy_s", "_token_span",
-                 "collapse", "stretch_ends_s", "generation")
+                 "collapse", "stretch_ends_s", "generation", "step_overhead_s",
+                 "token_overhead_s")
 
     def __init__(self, worker_id: str, role: str, config: SimConfig, model,
                  state: WorkerState):
@@ -83,6 +84,8 @@ class SimWorker:
         self.collapse = config.collapse_decode_steps
         self.stretch_ends_s: list[float] | None = None  # end times of a planned decode stretch
         self.generation = 0  # bumped whenever the step end event is replaced
+        self.step_overhead_s = config.step_overhead_s
+        self.token_overhead_s = config.token_overhead_s
 
     @property
     def is_idle(self) -> bool:
@@ -155,7 +158,9 @@ class SimWorker:
         weighted_cached = 0
         num_decode = 0
         num_context = 0
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+        num_sampled = 0
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            num_sampled += batch.samples(i)
             computed = seq.num_computed_tokens
             if num_new == 1 and computed >= seq.num_prompt_tokens:
                 num_decode += 1
@@ -164,7 +169,8 @@ class SimWorker:
                 num_prefill += num_new
                 weighted_cached += num_new * computed
         cached = weighted_cached // num_prefill if num_prefill else 0
-        return self.model.step_s(num_prefill, cached, num_decode, num_context)
+        return (self.model.step_s(num_prefill, cached, num_decode, num_context)
+                + self.step_overhead_s + self.token_overhead_s * num_sampled)
 
     def _num_identical_steps(self, batch: ScheduledBatch) -> int:
         """How many steps, this one included, repeat this pure decode batch (1: no stretch)."""

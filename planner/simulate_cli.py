@@ -67,6 +67,10 @@ def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--frontend-overhead-ms", type=float, default=0.0,
                      help="tokenize and route, per request")
     sim.add_argument("--rpc-ms", type=float, default=0.0, help="one frontend <-> worker hop")
+    sim.add_argument("--step-overhead-ms", type=float, default=0.0,
+                     help="serving work a worker adds to every engine step")
+    sim.add_argument("--token-overhead-us", type=float, default=0.0,
+                     help="serving work per token streamed (worker and frontend)")
     sim.add_argument("--slo", nargs="+", default=[], metavar="NAME=MS",
                      help="goodput bounds, as `tandem bench --slo`")
 
@@ -110,7 +114,9 @@ def sim_config_from_args(args: argparse.Namespace, profile: dict, num_prefill: i
         ("max_num_batched_tokens", _pick(max_num_batched_tokens, args.max_num_batched_tokens)))
         if value is not None}
     timing = {"kv_event_delay_s": args.kv_event_delay_ms / 1e3,
-              "frontend_overhead_s": args.frontend_overhead_ms / 1e3, "rpc_s": args.rpc_ms / 1e3}
+              "frontend_overhead_s": args.frontend_overhead_ms / 1e3, "rpc_s": args.rpc_ms / 1e3,
+              "step_overhead_s": args.step_overhead_ms / 1e3,
+              "token_overhead_s": args.token_overhead_us / 1e6}
     if args.heartbeat_interval_s is not None:
         timing["heartbeat_interval_s"] = args.heartbeat_interval_s
     return sim_config_from_profile(profile, num_prefill, num_decode, args.num_kv_blocks,
