@@ -121,6 +121,20 @@ class LLMEngine:
         seq.generator = self.runner.sampler.request_generator(params)
         return seq
 
+    def add_running_request(self, request_id: str, prompt_token_ids: list[int],
+                            params: SamplingParams, num_computed_tokens: int) -> Sequence:
+        """A request already running with its first `num_computed_tokens` in the KV cache (their
+        contents unspecified): for timing steps at any point of a request (`tandem profile`).
+        The sequence is returned to be read, not changed."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params)
+        self.scheduler.add_running(seq, num_computed_tokens)
+        self.sequences[request_id] = seq
+        return seq
+
+    def request_ids(self) -> list[str]:
+        """The unfinished requests."""
+        return list(self.sequences)
+
     def finish_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
                        stop_reason: str | int | None = None) -> None:
         seq = self.sequences.pop(request_id, None)

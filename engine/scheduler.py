@@ -78,6 +78,21 @@ class Scheduler:
                 f"the KV cache has {self.block_manager.num_blocks}")
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence, num_computed_tokens: int) -> None:
+        """Start a sequence as if its first `num_computed_tokens` had been prefilled here (their
+        blocks are allocated, holding whatever the cache held): `tandem profile` times steps at
+        any point of a request this way. Raises ValueError when the blocks cannot be had."""
+        num_blocks = seq.num_blocks_for(num_computed_tokens)
+        if not self.block_manager.can_allocate(num_blocks):
+            raise ValueError(f"no room for {num_computed_tokens} tokens in the KV cache")
+        seq.block_table = self.block_manager.allocate(num_blocks)
+        seq.num_computed_tokens = num_computed_tokens
+        # The placed prefix counts as registered already, as it would be after a real prefill.
+        seq.num_hashed_blocks_cached = min(num_computed_tokens // seq.block_size,
+                                           len(seq.block_hashes))
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)

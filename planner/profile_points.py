@@ -31,7 +31,7 @@ import torch
 
 from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.sequence import Sequence, SequenceStatus
+from tandem.engine.sequence import Sequence
 from tandem.planner.profile_grid import Repeats
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class StepProbe:
         self._fill_kv_cache()
 
     def _fill_kv_cache(self) -> None:
-        cache = self.engine.runner.kv_cache
+        cache = self.engine.kv_cache
         with torch.inference_mode():
             for chunk in cache.split(1024, dim=0):  # bounded scratch memory
                 chunk.normal_(0.0, 0.5)
@@ -69,25 +69,17 @@ class StepProbe:
         tokens = self.token_pool[offset:offset + num_tokens]
         if len(tokens) < num_tokens:
             tokens += self.token_pool[:num_tokens - len(tokens)]
-        seq = Sequence(request_id, tokens, self.params, engine.config.block_size)
-        num_blocks = seq.num_blocks_for(num_computed_tokens)
-        if not engine.block_manager.can_allocate(num_blocks):
-            raise RuntimeError(f"no room for {num_tokens} tokens in the KV cache")
-        seq.block_table = engine.block_manager.allocate(num_blocks)
-        seq.num_computed_tokens = num_computed_tokens
-        # The placed prefix counts as registered already, as it would be after a real prefill.
-        seq.num_hashed_blocks_cached = min(num_computed_tokens // seq.block_size,
-                                           len(seq.block_hashes))
-        seq.status = SequenceStatus.RUNNING
-        engine.scheduler.running.append(seq)
-        engine.sequences[request_id] = seq
-        return seq
+        try:
+            return engine.add_running_request(request_id, tokens, self.params,
+                                              num_computed_tokens)
+        except ValueError as err:
+            raise RuntimeError(f"no room for {num_tokens} tokens: {err}") from None
 
     def remove(self, seq: Sequence) -> None:
         self.engine.finish_request(seq.request_id)
 
     def clear(self) -> None:
-        for request_id in list(self.engine.sequences):
+        for request_id in self.engine.request_ids():
             self.engine.finish_request(request_id)
 
     def step_s(self, expect_tokens: int) -> float:
