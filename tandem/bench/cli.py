@@ -19,15 +19,19 @@ from tandem.bench.arrivals import arrival_offsets_s
 from tandem.bench.clients import BACKENDS, make_client
 from tandem.bench.datasets import (MultiTurnConfig, RandomDatasetConfig, SharedPrefixConfig,
                                    multi_turn_dataset, random_dataset, shared_prefix_dataset)
-from tandem.bench.metrics import ideal_prefix_hit_rate, parse_slo, summarize
+from tandem.bench.metrics import (ideal_prefix_hit_rate, parse_percentiles, parse_slo,
+                                  summarize)
 from tandem.bench.records import BenchRequest
 from tandem.bench.report import format_comparison, format_errors, format_summary
 from tandem.bench.runner import BenchRun, run_benchmark
+from tandem.bench.sharegpt import ShareGPTConfig, load_sharegpt_dataset
+from tandem.bench.text import (bench_tokenizer_name, encoder, load_bench_tokenizer,
+                               with_prompt_texts)
 from tandem.bench.trace import MOONCAKE_BLOCK_SIZE, TraceConfig, load_trace_dataset
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("random", "shared-prefix", "multi-turn", "trace:PATH")
+DATASETS = ("random", "shared-prefix", "multi-turn", "trace:PATH", "sharegpt:PATH")
 DEFAULT_RANDOM_REQUESTS = 100
 
 
@@ -44,7 +48,10 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
-    server.add_argument("--backend", choices=BACKENDS, default="openai")
+    server.add_argument("--backend", choices=BACKENDS, default="openai",
+                        help="openai: /v1/completions; openai-chat: /v1/chat/completions (each "
+                             "prompt as one user message, so the chat template applies); grpc: "
+                             "tandem.v1.Generation")
     server.add_argument("--url", default=None,
                         help="http://127.0.0.1:8000 (openai) or 127.0.0.1:50051 (grpc) by default")
     server.add_argument("--model", default=None,
@@ -60,7 +67,14 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """The dataset and load flags: shared by `tandem bench` and the planner's simulator, so a
     simulated run is described by exactly the flags of the real one (`build_requests` reads them)."""
     data = parser.add_argument_group("dataset")
-    data.add_argument("--dataset", default="random", help=f"one of {', '.join(DATASETS)}")
+    data.add_argument("--dataset", default="random",
+                      help=f"one of {', '.join(DATASETS)}; sharegpt:PATH reads a local ShareGPT "
+                           "JSON file (first human turn as the prompt, the gpt reply's length in "
+                           "tokens as the output length), as vllm bench serve does")
+    data.add_argument("--tokenizer", default=None,
+                      help="tokenizer for real-text datasets and for decoding token prompts for "
+                           "openai-chat: a model directory, a cached Hub id, or builtin (random:"
+                           "<preset> models); default: --model when it is a local directory")
     data.add_argument("--num-requests", type=int, default=None,
                       help=f"random: how many (default {DEFAULT_RANDOM_REQUESTS}); "
                            "trace: the first N rows (default all)")
@@ -99,6 +113,9 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--slo", nargs="+", default=[], metavar="NAME=MS",
                      help="goodput bounds: ttft_ms, itl_ms (every gap), tpot_ms, e2e_ms")
+    out.add_argument("--percentiles", default="50,90,99",
+                     help="latency percentiles to report, e.g. 50,90,99,99.9 (p50, p90 and p99 "
+                          "are always in the JSON)")
     out.add_argument("--block-size", type=int, default=16,
                      help="block size for ideal_prefix_hit_rate")
     out.add_argument("--out", default=None, help="write the summary as JSON")
@@ -127,7 +144,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.block_size <= 0:
         raise ValueError(f"--block-size must be positive, got {args.block_size}")
     slo = parse_slo(args.slo)
+    percentiles = parse_percentiles(args.percentiles)
     requests = build_requests(args)
+    if args.backend == "openai-chat":
+        requests = _with_text(requests, args)
     if requests and requests[0].arrival_offset_s is not None and not math.isinf(args.request_rate):
         logger.warning("--request-rate is ignored: the dataset carries its own arrival times")
     offsets_s = arrival_offsets_s(requests, args.request_rate, args.burstiness, args.seed)
@@ -135,7 +155,7 @@ def _bench(args: argparse.Namespace) -> int:
     sent_order = sorted(run.records, key=lambda record: record.start_s)
     ideal = ideal_prefix_hit_rate([requests[r.request_index] for r in sent_order],
                                   args.block_size)
-    summary = summarize(run.records, run.duration_s, slo, ideal).to_json_dict()
+    summary = summarize(run.records, run.duration_s, slo, ideal, percentiles).to_json_dict()
     print(format_summary(summary, slo))
     errors = [record.error for record in run.records if record.error is not None]
     if errors:
@@ -180,7 +200,28 @@ def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
             trace_block_size=args.trace_block_size, block_tokens=args.trace_block_tokens,
             output_scale=args.output_scale, time_scale=args.time_scale,
             vocab_size=args.vocab_size), args.seed)
+    if dataset.startswith("sharegpt:"):
+        tokenizer = _tokenizer(args, "--dataset sharegpt:PATH")
+        return load_sharegpt_dataset(
+            ShareGPTConfig(path=dataset[len("sharegpt:"):], num_requests=args.num_requests),
+            encoder(tokenizer), args.seed)
     raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+
+
+def _tokenizer(args: argparse.Namespace, needed_by: str):
+    name = bench_tokenizer_name(getattr(args, "tokenizer", None), getattr(args, "model", None))
+    if name is None:
+        raise ValueError(f"{needed_by} needs a tokenizer: pass --tokenizer (a model directory, "
+                         "a cached Hub id, or builtin) or --model as a local directory")
+    return load_bench_tokenizer(name)
+
+
+def _with_text(requests: list[BenchRequest], args: argparse.Namespace) -> list[BenchRequest]:
+    """openai-chat sends text: token-id prompts are decoded with the tokenizer."""
+    if all(request.prompt_text is not None for request in requests):
+        return requests
+    return with_prompt_texts(requests, _tokenizer(args, "--backend openai-chat with a "
+                                                        "token-id dataset"))
 
 
 async def _run(args: argparse.Namespace, requests: Sequence[BenchRequest],

@@ -11,8 +11,9 @@ from typing import Protocol
 
 from tandem.bench.records import BenchRequest, RequestRecord
 
-BACKENDS = ("openai", "grpc")
-DEFAULT_URLS = {"openai": "http://127.0.0.1:8000", "grpc": "127.0.0.1:50051"}
+BACKENDS = ("openai", "openai-chat", "grpc")
+DEFAULT_URLS = {"openai": "http://127.0.0.1:8000", "openai-chat": "http://127.0.0.1:8000",
+                "grpc": "127.0.0.1:50051"}
 
 
 class BenchClient(Protocol):
@@ -34,6 +35,9 @@ def make_client(backend: str, url: str | None, model: str | None, timeout_s: flo
     if backend == "openai":
         from tandem.bench.openai_client import OpenAICompletionsClient
         return OpenAICompletionsClient(url, model, timeout_s, temperature)
+    if backend == "openai-chat":
+        from tandem.bench.openai_chat_client import OpenAIChatClient
+        return OpenAIChatClient(url, model, timeout_s, temperature)
     if backend == "grpc":
         from tandem.bench.grpc_client import GrpcGenerationClient
         return GrpcGenerationClient(url, model, timeout_s, temperature)

@@ -70,6 +70,10 @@ def completion_body(request: BenchRequest, model: str, temperature: float) -> di
 
 
 class OpenAICompletionsClient:
+    """`/v1/completions`; `OpenAIChatClient` (openai_chat_client.py) changes only the endpoint,
+    the body and how a chunk's tokens are found."""
+    endpoint = "/v1/completions"
+
     def __init__(self, base_url: str, model: str | None, timeout_s: float,
                  temperature: float) -> None:
         self.model = model
@@ -98,12 +102,12 @@ class OpenAICompletionsClient:
 
     async def send(self, request: BenchRequest, request_index: int,
                    run_start_s: float) -> RequestRecord:
-        body = completion_body(request, self.model or "", self._temperature)
+        body = self.request_body(request)
         recorder = StreamRecorder(request_index=request_index, run_start_s=run_start_s,
                                   send_s=time.perf_counter(),
                                   fallback_prompt_tokens=request.prompt_len)
         try:
-            async with self._http.stream("POST", "/v1/completions", json=body) as response:
+            async with self._http.stream("POST", self.endpoint, json=body) as response:
                 if response.status_code != 200:
                     text = (await response.aread()).decode(errors="replace")[:300]
                     return recorder.finish(time.perf_counter(),
@@ -115,7 +119,7 @@ class OpenAICompletionsClient:
                         continue
                     if payload == SSE_DONE:
                         break
-                    _record_chunk(recorder, json.loads(payload), now_s)
+                    self._record_chunk(recorder, json.loads(payload), now_s)
         except (httpx.HTTPError, StreamError, ValueError) as err:
             logger.debug("request %d failed: %r", request_index, err)
             return recorder.finish(time.perf_counter(), f"{type(err).__name__}: {err}")
@@ -124,11 +128,17 @@ class OpenAICompletionsClient:
     async def close(self) -> None:
         await self._http.aclose()
 
+    def request_body(self, request: BenchRequest) -> dict[str, Any]:
+        return completion_body(request, self.model or "", self._temperature)
 
-def _record_chunk(recorder: StreamRecorder, chunk: dict[str, Any], now_s: float) -> None:
-    num_tokens = chunk_token_count(chunk)
-    if num_tokens:
-        recorder.on_tokens(now_s, num_tokens)
-    usage = chunk_usage(chunk)
-    if usage is not None:
-        recorder.on_usage(*usage)
+    def chunk_token_count(self, chunk: dict[str, Any]) -> int:
+        return chunk_token_count(chunk)
+
+    def _record_chunk(self, recorder: StreamRecorder, chunk: dict[str, Any],
+                      now_s: float) -> None:
+        num_tokens = self.chunk_token_count(chunk)
+        if num_tokens:
+            recorder.on_tokens(now_s, num_tokens)
+        usage = chunk_usage(chunk)
+        if usage is not None:
+            recorder.on_usage(*usage)

@@ -14,12 +14,20 @@ STAT_KEYS = ("p50", "p90", "p99", "mean")
 SCALAR_ROWS = (  # (JSON key, label)
     ("num_requests", "requests"),
     ("num_errors", "errors"),
+    ("duration_s", "duration (s)"),
     ("request_throughput", "request throughput (req/s)"),
+    ("input_token_throughput", "input throughput (tok/s)"),
     ("output_token_throughput", "output throughput (tok/s)"),
     ("goodput", "goodput (req/s)"),
     ("prefix_hit_rate", "prefix hit rate"),
     ("ideal_prefix_hit_rate", "ideal prefix hit rate"),
 )
+
+
+def stat_keys(summary: Mapping) -> list[str]:
+    """p50, p90, p99, mean, then the chosen percentiles the summary holds ("p99.9"), in order."""
+    extra = [key for key in (summary.get("ttft_ms") or {}) if key not in STAT_KEYS]
+    return [*STAT_KEYS, *extra]
 
 
 def summary_rows(summary: Mapping) -> list[tuple[str, float | None]]:
@@ -28,7 +36,7 @@ def summary_rows(summary: Mapping) -> list[tuple[str, float | None]]:
         (label, summary.get(key)) for key, label in SCALAR_ROWS]
     for key in LATENCY_KEYS:
         stats = summary.get(key) or {}
-        rows.extend((f"{key} {stat}", stats.get(stat)) for stat in STAT_KEYS)
+        rows.extend((f"{key} {stat}", stats.get(stat)) for stat in stat_keys(summary))
     return rows
 
 
@@ -42,11 +50,12 @@ def format_summary(summary: Mapping, slo: Mapping[str, float] | None = None) -> 
     label_width = max(len(label) for label, _ in scalars)
     lines = [f"{label:<{label_width}}  {_format_value(value):>12}" for label, value in scalars]
     lines.append("")
-    lines.append(f"{'latency':<8}" + "".join(f"{stat:>12}" for stat in STAT_KEYS))
+    stats_shown = stat_keys(summary)
+    lines.append(f"{'latency':<8}" + "".join(f"{stat:>12}" for stat in stats_shown))
     for key in LATENCY_KEYS:
         stats = summary.get(key) or {}
         lines.append(f"{key:<8}" + "".join(f"{_format_value(stats.get(stat)):>12}"
-                                           for stat in STAT_KEYS))
+                                           for stat in stats_shown))
     rule = "=" * max(len(line) for line in lines)
     return "\n".join([rule, "tandem bench".center(len(rule)), rule, *lines, rule])
 

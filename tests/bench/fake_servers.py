@@ -22,6 +22,7 @@ from tandem.contracts.block_hash import hash_prompt_blocks
 
 BLOCK_SIZE = 16
 MODEL_NAME = "fake-model"
+CHAT_TEMPLATE_TOKENS = 3  # what the fake chat endpoint adds to a prompt's word count
 
 
 @dataclass
@@ -94,6 +95,8 @@ class FakeOpenAIServer:
                 await self._send_json(writer, 200, {"data": [{"id": MODEL_NAME}]})
             elif method == "POST" and path == "/v1/completions":
                 await self._complete(writer, json.loads(body))
+            elif method == "POST" and path == "/v1/chat/completions":
+                await self._chat(writer, json.loads(body))
             else:
                 await self._send_json(writer, 404, {"error": "not found"})
         finally:
@@ -119,6 +122,29 @@ class FakeOpenAIServer:
             "prompt_tokens": prompt_tokens, "completion_tokens": served.max_tokens,
             "total_tokens": prompt_tokens + served.max_tokens,
             "prompt_tokens_details": {"cached_tokens": cached}}})
+        served.finished_s = time.perf_counter()
+        await self._send_chunk(writer, b"data: [DONE]\n\n")
+        await self._send_chunk(writer, b"")
+
+    async def _chat(self, writer: asyncio.StreamWriter, body: dict) -> None:
+        """OpenAI's chat stream: the role alone first, then one content delta per token."""
+        prompt = body["messages"][-1]["content"]
+        served = ServedRequest(prompt=prompt, max_tokens=body["max_completion_tokens"],
+                               received_s=time.perf_counter(), body=body)
+        self.served.append(served)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        await self._send_event(writer, {"choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+        for i in range(served.max_tokens):
+            await asyncio.sleep(self.token_gap_s)
+            last = i == served.max_tokens - 1
+            await self._send_event(writer, {"choices": [{"index": 0, "delta": {
+                "content": f" t{i}"}, "finish_reason": "length" if last else None}]})
+        prompt_tokens = len(prompt.split()) + CHAT_TEMPLATE_TOKENS
+        await self._send_event(writer, {"choices": [], "usage": {
+            "prompt_tokens": prompt_tokens, "completion_tokens": served.max_tokens,
+            "total_tokens": prompt_tokens + served.max_tokens}})
         served.finished_s = time.perf_counter()
         await self._send_chunk(writer, b"data: [DONE]\n\n")
         await self._send_chunk(writer, b"")

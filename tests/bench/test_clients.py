@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tandem.bench.clients import make_client
+from tandem.bench.openai_chat_client import chat_body, chat_chunk_token_count
 from tandem.bench.grpc_client import generate_request, grpc_target
 from tandem.bench.openai_client import (StreamError, chunk_token_count, chunk_usage,
                                         completion_body, parse_sse_data)
@@ -63,3 +64,28 @@ def test_grpc_target_strips_a_scheme():
 def test_unknown_backend_raises():
     with pytest.raises(ValueError, match="--backend"):
         make_client("carrier-pigeon", None, None, 1.0, 0.0)
+
+
+def test_chat_chunks_count_content_not_the_opening_role():
+    role = {"choices": [{"delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    assert chat_chunk_token_count(role) == 0
+    assert chat_chunk_token_count(
+        {"choices": [{"delta": {"content": "hi"}, "finish_reason": None}]}) == 1
+    assert chat_chunk_token_count(
+        {"choices": [{"delta": {"content": "end"}, "finish_reason": "stop"}]}) == 1
+    # A held-back token: no content, no role, no finish reason.
+    assert chat_chunk_token_count({"choices": [{"delta": {}, "finish_reason": None}]}) == 1
+    assert chat_chunk_token_count({"choices": [{"delta": {}, "finish_reason": "length"}]}) == 0
+    assert chat_chunk_token_count({"choices": [], "usage": {"prompt_tokens": 3}}) == 0
+    with pytest.raises(StreamError):
+        chat_chunk_token_count({"error": {"message": "boom"}})
+
+
+def test_chat_body_sends_one_user_message_and_needs_text():
+    body = chat_body(BenchRequest((17, 18), output_len=6, prompt_text="hello"), "m", 0.5)
+    assert body == {"model": "m", "messages": [{"role": "user", "content": "hello"}],
+                    "max_completion_tokens": 6, "temperature": 0.5, "ignore_eos": True,
+                    "stream": True, "stream_options": {"include_usage": True}}
+    with pytest.raises(ValueError, match="--tokenizer"):
+        chat_body(BenchRequest((17, 18), output_len=6), "m", 0.5)
+    assert type(make_client("openai-chat", None, "m", 1.0, 0.0)).__name__ == "OpenAIChatClient"

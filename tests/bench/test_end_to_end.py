@@ -9,11 +9,15 @@ import pytest
 
 from tandem.bench import add_bench_parser
 from tandem.bench.cli import main
-from tests.bench.fake_servers import MODEL_NAME, FakeGrpcServer, FakeOpenAIServer
+from tandem.engine.tokenizer import load_tokenizer
+from tests.bench.fake_servers import (CHAT_TEMPLATE_TOKENS, MODEL_NAME, FakeGrpcServer,
+                                      FakeOpenAIServer)
 
 SUMMARY_KEYS = {"ttft_ms", "itl_ms", "tpot_ms", "e2e_ms", "request_throughput",
                 "output_token_throughput", "goodput", "prefix_hit_rate", "num_requests",
                 "num_errors", "ideal_prefix_hit_rate", "config"}
+NEW_SUMMARY_KEYS = {"duration_s", "input_token_throughput", "total_input_tokens",
+                    "total_output_tokens"}
 
 
 @pytest.fixture
@@ -42,7 +46,7 @@ def test_openai_random_run_counts_every_token(openai_server, tmp_path):
                    "--input-len", "40", "--output-len", "5", "--max-concurrency", "4",
                    "--request-rate", "200", "--save-requests", "--plot", str(plot),
                    "--slo", "ttft_ms=5000", "itl_ms=5000")
-    assert set(summary) == SUMMARY_KEYS | {"per_request"}
+    assert set(summary) == SUMMARY_KEYS | NEW_SUMMARY_KEYS | {"per_request"}
     assert summary["num_requests"] == 8 and summary["num_errors"] == 0
     assert summary["goodput"] == pytest.approx(summary["request_throughput"])
     assert summary["output_token_throughput"] == pytest.approx(5 * summary["request_throughput"])
@@ -115,3 +119,45 @@ def test_add_bench_parser_registers_the_subcommand():
     assert args.command == "bench" and args.backend == "grpc"
     assert args.request_rate == 4.0 and args.slo == ["ttft_ms=500", "itl_ms=50"]
     assert callable(args.func)
+
+
+def test_openai_chat_backend_on_a_sharegpt_file(openai_server, tmp_path):
+    conversations = [
+        {"conversations": [{"from": "human", "value": f"question number {i} about kv caches"},
+                           {"from": "gpt", "value": " ".join(["word"] * (4 + i))}]}
+        for i in range(4)]
+    dataset = tmp_path / "sharegpt.json"
+    dataset.write_text(json.dumps(conversations))
+    tokenizer = load_tokenizer(None)
+    summary = _run(tmp_path, "--backend", "openai-chat", "--url", openai_server.url,
+                   "--dataset", f"sharegpt:{dataset}", "--tokenizer", "builtin",
+                   "--percentiles", "50,99.9", "--save-requests")
+    assert summary["num_requests"] == 4 and summary["num_errors"] == 0
+    assert set(summary) == SUMMARY_KEYS | NEW_SUMMARY_KEYS | {"per_request"}
+    sent = {served.prompt: served for served in openai_server.served}
+    assert set(sent) == {f"question number {i} about kv caches" for i in range(4)}
+    for text, served in sent.items():
+        reply = " ".join(["word"] * (4 + int(text.split()[2])))
+        assert served.max_tokens == len(tokenizer.encode(reply, add_special_tokens=False))
+        assert served.body["model"] == MODEL_NAME and served.body["stream"] is True
+    records = summary["per_request"]
+    # The opening role chunk is not a token: one gap fewer than tokens, none lost.
+    assert all(len(r["itl_ms"]) == r["output_tokens"] - 1 for r in records)
+    assert summary["total_output_tokens"] == sum(s.max_tokens for s in sent.values())
+    # Prompt tokens as the server counted them (6 words + its chat markers).
+    assert summary["total_input_tokens"] == 4 * (6 + CHAT_TEMPLATE_TOKENS)
+    assert summary["input_token_throughput"] == pytest.approx(
+        summary["total_input_tokens"] / summary["duration_s"])
+    assert summary["ttft_ms"]["p99.9"] >= summary["ttft_ms"]["p50"] > 0
+
+
+def test_openai_chat_backend_decodes_token_prompts_with_the_tokenizer(openai_server, tmp_path,
+                                                                       capsys):
+    summary = _run(tmp_path, "--backend", "openai-chat", "--url", openai_server.url,
+                   "--num-requests", "2", "--input-len", "6", "--output-len", "3",
+                   "--tokenizer", "builtin")
+    assert summary["num_errors"] == 0
+    assert all(isinstance(s.prompt, str) and s.prompt for s in openai_server.served)
+    assert main(["--backend", "openai-chat", "--url", openai_server.url, "--num-requests", "1",
+                 "--no-progress"]) == 2
+    assert "needs a tokenizer: pass --tokenizer" in capsys.readouterr().err

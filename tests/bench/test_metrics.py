@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.bench.metrics import (ideal_prefix_hit_rate, latency_stats, parse_slo, percentile,
-                                  summarize)
+from tandem.bench.metrics import (ideal_prefix_hit_rate, latency_stats, parse_percentiles,
+                                  parse_slo, percentile, summarize)
 from tandem.bench.records import BenchRequest, RequestRecord
 from tandem.bench.stream_recorder import StreamRecorder
 
@@ -52,6 +52,9 @@ def test_summary_on_hand_made_records():
     assert summary.e2e_ms.mean == pytest.approx(700.0 / 3)
     assert summary.request_throughput == 1.5          # 3 successes / 2 s
     assert summary.output_token_throughput == 3.5     # 7 tokens / 2 s
+    assert summary.input_token_throughput == 125.0    # 250 prompt tokens / 2 s
+    assert (summary.total_input_tokens, summary.total_output_tokens) == (250, 7)
+    assert summary.duration_s == 2.0
     assert summary.prefix_hit_rate == pytest.approx(75 / 250)  # the failed request is left out
     assert summary.goodput == summary.request_throughput  # no SLO: every success is good
 
@@ -71,8 +74,30 @@ def test_json_has_the_documented_keys():
     assert set(document) == {
         "ttft_ms", "itl_ms", "tpot_ms", "e2e_ms", "request_throughput",
         "output_token_throughput", "goodput", "prefix_hit_rate", "ideal_prefix_hit_rate",
-        "num_requests", "num_errors"}
+        "num_requests", "num_errors", "duration_s", "input_token_throughput",
+        "total_input_tokens", "total_output_tokens"}
     assert set(document["ttft_ms"]) == {"p50", "p90", "p99", "mean"}
+
+
+def test_chosen_percentiles_add_keys_and_keep_the_default_ones():
+    chosen = parse_percentiles("50,90,99,99.9,25")
+    assert chosen == (50.0, 90.0, 99.0, 99.9, 25.0)
+    document = summarize(RECORDS, 2.0, {}, percentiles=chosen).to_json_dict()
+    ttft = document["ttft_ms"]
+    assert list(ttft) == ["p50", "p90", "p99", "mean", "p99.9", "p25"]
+    assert ttft["p99.9"] == pytest.approx(299.8)  # 200 + 100 * (1.998 - 1)
+    assert ttft["p25"] == 150.0
+    assert document["itl_ms"]["p99.9"] == pytest.approx(39.97)
+    # Asking for fewer still reports p50/p90/p99, which --compare and the simulator read.
+    assert set(summarize(RECORDS, 2.0, {}, percentiles=(99.0,)).to_json_dict()["e2e_ms"]) == {
+        "p50", "p90", "p99", "mean"}
+    assert latency_stats([], (99.9,)).to_json_dict()["p99.9"] is None
+
+
+@pytest.mark.parametrize("bad", ["50,x", "101", "-1", ""])
+def test_parse_percentiles_rejects_bad_lists(bad):
+    with pytest.raises(ValueError, match="--percentiles"):
+        parse_percentiles(bad)
 
 
 @pytest.mark.parametrize("bad", [["ttft=5"], ["ttft_ms"], ["ttft_ms=fast"]])

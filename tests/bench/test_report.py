@@ -39,6 +39,25 @@ def test_summary_table_shows_slo_and_latency_grid():
     assert _row(table, "ttft_ms") == ["10.00", "20.00", "30.00", "10.00"]
 
 
+def test_table_and_compare_show_duration_input_throughput_and_chosen_percentiles(tmp_path,
+                                                                                 capsys):
+    summary = _summary(10.0, 2.0, 0) | {"duration_s": 12.5, "input_token_throughput": 800.0}
+    for key in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
+        summary[key] = summary[key] | {"p99.9": 40.0}
+    table = format_summary(summary)
+    assert _row(table, "duration (s)") == ["12.50"]
+    assert _row(table, "input throughput (tok/s)") == ["800.00"]
+    assert _row(table, "latency") == ["p50", "p90", "p99", "mean", "p99.9"]
+    assert _row(table, "ttft_ms") == ["10.00", "20.00", "30.00", "10.00", "40.00"]
+    # A summary saved before these keys existed still compares against a new one.
+    path_old, path_new = tmp_path / "old.json", tmp_path / "new.json"
+    path_old.write_text(json.dumps(_summary(10.0, 2.0, 0)))
+    path_new.write_text(json.dumps(summary))
+    assert main(["--compare", str(path_old), str(path_new)]) == 0
+    output = capsys.readouterr().out
+    assert _row(output, "input throughput (tok/s)") == ["-", "800.00", "-"]
+
+
 def test_format_errors_counts_messages():
     text = format_errors(["HTTP 500", "timeout", "HTTP 500"])
     assert text.splitlines() == ["3 request(s) failed; most common errors:",
