@@ -130,10 +130,14 @@ class GenerationService:
 def _given_fields(sampling: pb.SamplingOptions) -> dict[str, Any]:
     """The sampling fields the client set, by `SamplingParams` name."""
     given: dict[str, Any] = {name: getattr(sampling, name)
-                             for name in ("temperature", "top_p", "top_k", "min_p", "seed")
+                             for name in ("temperature", "top_p", "top_k", "min_p", "seed",
+                                          "presence_penalty", "frequency_penalty",
+                                          "repetition_penalty", "skip_special_tokens")
                              if sampling.HasField(name)}
     given.update(stop=list(sampling.stop), stop_token_ids=list(sampling.stop_token_ids),
-                 ignore_eos=sampling.ignore_eos)
+                 ignore_eos=sampling.ignore_eos, logit_bias=dict(sampling.logit_bias),
+                 min_tokens=sampling.min_tokens,
+                 include_stop_str_in_output=sampling.include_stop_str_in_output)
     return given
 
 

@@ -5,8 +5,15 @@
 - `POST /v1/completions` and `POST /v1/chat/completions`, whole or streamed as server-sent events
   (`data: {json}` per chunk, then `data: [DONE]`; with `stream_options.include_usage` a last chunk
   with no choices carries the usage);
-- `GET /v1/models` (the one served model), `GET /health` (200, or 503 while the pipeline is not
-  ready or draining) and `GET /metrics` (Prometheus text format of the given registry).
+- `GET /v1/models` (the one served model, with its `max_model_len`), `GET /health` (200, or 503
+  while the pipeline is not ready or draining), `GET /metrics` (Prometheus text format of the given
+  registry);
+- vLLM's extras: `POST /tokenize`, `POST /detokenize` (openai_tokenize), `GET /version` and
+  `GET|POST /ping` (as /health).
+
+A request with several choices (`n`, `best_of`, a list of prompts) runs one pipeline request per
+generation and puts them together (openai_choices). Sampling fields the client leaves out take the
+model's defaults (generation_config.json), as on gRPC.
 
 This module is the I/O shell. Validation and tokenization live in `openai_inputs` (with the rules
 shared with gRPC in `request_rules`), response shapes in `openai_outputs`, disconnect handling in
@@ -34,6 +41,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -41,11 +49,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from starlette.requests import ClientDisconnect
 from transformers import PreTrainedTokenizerBase
 
+from tandem.contracts.sampling_params import SamplingParams
 from tandem.frontend.admission import AdmissionGate
+from tandem.frontend.openai_choices import ChoicePlan, ChoiceSet, merge_streams, plan_choices
 from tandem.frontend.openai_errors import OpenAIError, error_response, install_error_handlers, internal_error
-from tandem.frontend.openai_inputs import chat_request, check_supported, completion_request, parse_body
+from tandem.frontend.openai_inputs import chat_request, check_supported, completion_requests, parse_body
 from tandem.frontend.openai_outputs import ChatFormatter, CompletionFormatter, make_token_text
 from tandem.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from tandem.frontend.openai_tokenize import TokenizeRoutes
 from tandem.frontend.request_rules import RequestError, RequestLimits, RequestRules, check_model
 from tandem.frontend.openai_sse import (SSE_DONE, ClientDisconnected, SSEResponse, close_iterator,
                                       run_unless_disconnected, sse_event)
@@ -59,16 +70,19 @@ Formatter = CompletionFormatter | ChatFormatter
 def create_app(pipeline: RequestPipeline, tokenizer: PreTrainedTokenizerBase,
                metrics_registry: CollectorRegistry | None = None, *,
                limits: RequestLimits = RequestLimits(), rules: RequestRules | None = None,
-               tokenize_executor: ThreadPoolExecutor | None = None) -> FastAPI:
+               tokenize_executor: ThreadPoolExecutor | None = None,
+               defaults: SamplingParams | None = None) -> FastAPI:
     """The HTTP app serving `pipeline` (an `AdmissionGate` to bound the load); `tokenizer` must be
     the one the pipeline's model uses. `rules` default to the pipeline's model, the tokenizer's
     vocabulary and `limits`; `tokenize_executor`, one thread, is shared with the gRPC API when
-    given."""
+    given; `defaults` (the model's generation config) fill the sampling fields a request leaves
+    out."""
     rules = rules or default_rules(pipeline, tokenizer, limits)
     owns_executor = tokenize_executor is None
     executor = tokenize_executor or tokenizer_thread()
     server = _OpenAIServer(pipeline, tokenizer, metrics_registry or REGISTRY, rules,
-                           limits.max_request_bytes, executor)
+                           limits.max_request_bytes, executor, defaults)
+    tokenize = TokenizeRoutes(tokenizer, rules, executor, server.read_body)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,6 +98,10 @@ def create_app(pipeline: RequestPipeline, tokenizer: PreTrainedTokenizerBase,
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics, methods=["GET"])
+    app.add_api_route("/ping", server.health, methods=["GET", "POST"])
+    app.add_api_route("/version", tokenize.version, methods=["GET"])
+    app.add_api_route("/tokenize", tokenize.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", tokenize.detokenize, methods=["POST"])
     return app
 
 
@@ -104,16 +122,21 @@ def default_rules(pipeline: RequestPipeline, tokenizer: PreTrainedTokenizerBase,
 
 @dataclass(frozen=True, slots=True)
 class _Prepared:
-    request: GenerateRequest
-    formatter: Formatter
+    response_id: str
+    plan: ChoicePlan
+    choices: ChoiceSet
     stream: bool
     include_usage: bool
+
+    @property
+    def generations(self) -> list[GenerateRequest]:
+        return self.plan.generations
 
 
 class _OpenAIServer:
     def __init__(self, pipeline: RequestPipeline, tokenizer: PreTrainedTokenizerBase,
                  registry: CollectorRegistry, rules: RequestRules, max_request_bytes: int,
-                 tokenize_executor: ThreadPoolExecutor):
+                 tokenize_executor: ThreadPoolExecutor, defaults: SamplingParams | None = None):
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.registry = registry
@@ -122,6 +145,7 @@ class _OpenAIServer:
         self.token_text = make_token_text(tokenizer)
         self.started_s = int(time.time())
         self.tokenize_executor = tokenize_executor
+        self.defaults = defaults
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, f"cmpl-{uuid.uuid4().hex}", self._prepare_completion)
@@ -130,8 +154,10 @@ class _OpenAIServer:
         return await self._serve(request, f"chatcmpl-{uuid.uuid4().hex}", self._prepare_chat)
 
     async def models(self, request: Request) -> Response:
-        card = ModelCard(id=self.pipeline.model_name, created=self.started_s)
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        cards = [ModelCard(id=name, created=self.started_s, root=self.pipeline.model_name,
+                           max_model_len=self.rules.max_model_len)
+                 for name in self.rules.model_names]  # every --served-model-name
+        return JSONResponse(ModelList(data=cards).model_dump())
 
     async def health(self, request: Request) -> Response:
         try:
@@ -156,7 +182,7 @@ class _OpenAIServer:
         if isinstance(self.pipeline, AdmissionGate) and self.pipeline.is_full:
             raise self.pipeline.overloaded()
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def read_body(self, request: Request) -> bytes:
         """The body, refused with 413 as soon as it is known to pass `max_request_bytes`."""
         limit = self.max_request_bytes
         declared = request.headers.get("content-length", "")
@@ -175,12 +201,13 @@ class _OpenAIServer:
         try:
             self._check_serving()
             self._check_room()
-            body = await self._read_body(request)
+            body = await self.read_body(request)
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(self.tokenize_executor, prepare, body, request_id)
-            logger.debug("request %s: %d prompt tokens, max_tokens %s, stream %s", request_id,
-                         len(prepared.request.prompt_token_ids), prepared.request.params.max_tokens,
-                         prepared.stream)
+            first = prepared.generations[0]
+            logger.debug("request %s: %d generations, %d prompt tokens, max_tokens %s, stream %s",
+                         request_id, len(prepared.generations), len(first.prompt_token_ids),
+                         first.params.max_tokens, prepared.stream)
             if prepared.stream:
                 return await self._stream(request, prepared)
             return await self._complete(request, prepared)
@@ -201,36 +228,55 @@ class _OpenAIServer:
             return error_response(internal_error(request_id))
 
     def _prepare_completion(self, body: bytes, request_id: str) -> _Prepared:
-        return self._prepare(body, request_id, CompletionRequest, completion_request,
-                             CompletionFormatter)
+        parsed = self._parse(body, CompletionRequest)
+        prompts = completion_requests(parsed, request_id, self.tokenizer, self.rules, self.defaults)
+        plan = plan_choices(prompts, request_id, parsed.n or 1, parsed.best_of)
+        echoes = [self._echo_text(plan.generations[g]) if parsed.echo else ""
+                  for g in range(len(plan.generations))]
+        formatters = [self._formatter(CompletionFormatter, request_id, g, prompts[plan.prompt_of(g)],
+                                      echo_text=echoes[g])
+                      for g in range(len(plan.generations))]
+        return _Prepared(request_id, plan, ChoiceSet(plan, formatters), bool(parsed.stream),
+                         parsed.include_usage)
 
     def _prepare_chat(self, body: bytes, request_id: str) -> _Prepared:
-        return self._prepare(body, request_id, ChatCompletionRequest, chat_request, ChatFormatter)
+        parsed = self._parse(body, ChatCompletionRequest)
+        prompt = chat_request(parsed, request_id, self.tokenizer, self.rules, self.defaults)
+        plan = plan_choices([prompt], request_id, parsed.n or 1)
+        formatters = [self._formatter(ChatFormatter, request_id, g, prompt)
+                      for g in range(len(plan.generations))]
+        return _Prepared(request_id, plan, ChoiceSet(plan, formatters), bool(parsed.stream),
+                         parsed.include_usage)
 
-    def _prepare(self, body: bytes, request_id: str, schema: type, build: Callable,
-                 formatter: type[Formatter]) -> _Prepared:
-        """Parse and check a body, and tokenize it into the pipeline's request."""
+    def _parse(self, body: bytes, schema: type) -> Any:
+        """Parse and check a body; tokenizing it is the caller's."""
         parsed = parse_body(body, schema)
         check_model(parsed.model, self.rules)
         check_supported(parsed)
-        request = build(parsed, request_id, self.tokenizer, self.rules)
-        return _Prepared(request, self._formatter(formatter, request), bool(parsed.stream),
-                         parsed.include_usage)
+        return parsed
 
-    def _formatter(self, kind: type[Formatter], request: GenerateRequest) -> Formatter:
-        return kind(request.request_id, self.pipeline.model_name, len(request.prompt_token_ids),
-                    request.params.logprobs, self.token_text)
+    def _formatter(self, kind: type[Formatter], response_id: str, index: int,
+                   prompt: GenerateRequest, **kwargs: Any) -> Formatter:
+        # The client's logprobs, from its prompt's parameters: best_of asks for more internally.
+        return kind(response_id, self.pipeline.model_name, len(prompt.prompt_token_ids),
+                    prompt.params.logprobs, self.token_text, index, **kwargs)
+
+    def _echo_text(self, request: GenerateRequest) -> str:
+        if request.prompt_text is not None:
+            return request.prompt_text
+        return self.tokenizer.decode(request.prompt_token_ids,
+                                     skip_special_tokens=request.params.skip_special_tokens)
 
     async def _complete(self, request: Request, prepared: _Prepared) -> Response:
-        chunks = self.pipeline.generate(prepared.request)
+        chunks = merge_streams([self.pipeline.generate(g) for g in prepared.generations])
         try:
-            await run_unless_disconnected(request.receive, _collect(chunks, prepared.formatter))
+            await run_unless_disconnected(request.receive, _collect(chunks, prepared.choices))
         finally:
             await close_iterator(chunks)
-        return JSONResponse(prepared.formatter.response())
+        return JSONResponse(prepared.choices.response())
 
     async def _stream(self, request: Request, prepared: _Prepared) -> Response:
-        chunks = self.pipeline.generate(prepared.request)
+        chunks = merge_streams([self.pipeline.generate(g) for g in prepared.generations])
         try:
             # Wait for the first chunk before answering: a rejection found by then keeps its status.
             first = await run_unless_disconnected(request.receive, _next_chunk(chunks))
@@ -245,31 +291,33 @@ def _too_large(num_bytes: int, limit: int) -> OpenAIError:
                        f"{limit} bytes", 413, code="request_too_large")
 
 
-async def _collect(chunks: AsyncIterator[GenerateChunk], formatter: Formatter) -> None:
-    async for chunk in chunks:
-        formatter.add(chunk)
+async def _collect(chunks: AsyncIterator[tuple[int, GenerateChunk]], choices: ChoiceSet) -> None:
+    async for generation, chunk in chunks:
+        choices.add(generation, chunk)
 
 
-async def _next_chunk(chunks: AsyncIterator[GenerateChunk]) -> GenerateChunk | None:
+async def _next_chunk(chunks: AsyncIterator[tuple[int, GenerateChunk]]
+                      ) -> tuple[int, GenerateChunk] | None:
     return await anext(chunks, None)
 
 
-async def _events(chunks: AsyncIterator[GenerateChunk], first: GenerateChunk | None,
-                  prepared: _Prepared) -> AsyncIterator[bytes]:
-    """The SSE body of a streamed request; closing it early closes the pipeline's generator."""
-    formatter = prepared.formatter
-    request_id = prepared.request.request_id
+async def _events(chunks: AsyncIterator[tuple[int, GenerateChunk]],
+                  first: tuple[int, GenerateChunk] | None, prepared: _Prepared
+                  ) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed request; closing it early closes the pipeline's generators."""
+    choices = prepared.choices
+    request_id = prepared.response_id
     try:
-        for payload in formatter.prologue():
+        for payload in choices.prologue():
             yield sse_event(payload)
-        chunk = first
-        while chunk is not None:
-            body = formatter.stream_body(formatter.add(chunk))
+        item = first
+        while item is not None:
+            body = choices.add(*item)
             if body is not None:
                 yield sse_event(body)
-            chunk = await anext(chunks, None)
+            item = await anext(chunks, None)
         if prepared.include_usage:
-            yield sse_event(formatter.usage_chunk())
+            yield sse_event(choices.usage_chunk())
     except RequestRejected as exc:
         logger.info("request %s rejected mid-stream (%d): %s", request_id, exc.status, exc.message)
         yield sse_event(OpenAIError.from_rejected(exc).body())

@@ -24,14 +24,18 @@ from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.tokenizer import apply_chat_template
 from tandem.frontend.openai_protocol import (ChatCompletionRequest, CompletionRequest, brief_repr,
                                            sampling_fields)
-from tandem.frontend.request_rules import (RequestError, RequestRules, check_no_lone_surrogates,
-                                         check_prompt_chars, check_prompt_ids, check_prompt_length,
-                                         resolve_max_tokens, sampling_params)
+from tandem.frontend.request_rules import (RequestError, RequestRules, check_float,
+                                         check_no_lone_surrogates, check_prompt_chars,
+                                         check_prompt_ids, check_prompt_length, resolve_max_tokens,
+                                         sampling_params)
 from tandem.frontend.types import GenerateRequest
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
 _MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 128    # n and best_of: each choice is a request of its own on the workers
+STRUCTURED_OUTPUT_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                            "guided_decoding_backend", "guided_whitespace_pattern")
 
 
 def parse_body(body: bytes, model_cls: type[RequestT]) -> RequestT:
@@ -60,54 +64,75 @@ def parse_body(body: bytes, model_cls: type[RequestT]) -> RequestT:
 
 
 def check_supported(request: CompletionRequest | ChatCompletionRequest) -> None:
-    """Refuse fields tandem knows but cannot honour, rather than silently ignoring them."""
-    refusals = [
-        ("n", request.n not in (None, 1),
-         f"n={request.n} is not supported: one choice per request; send separate requests"),
-        ("presence_penalty", bool(request.presence_penalty), "presence_penalty is not supported"),
-        ("frequency_penalty", bool(request.frequency_penalty), "frequency_penalty is not supported"),
-        ("logit_bias", bool(request.logit_bias), "logit_bias is not supported"),
-        ("stream_options", request.stream_options is not None and not request.stream,
-         "stream_options is only allowed when stream is true"),
-    ]
-    if isinstance(request, CompletionRequest):
-        refusals += [
-            ("echo", bool(request.echo), "echo is not supported: the response holds only the completion"),
-            ("best_of", request.best_of not in (None, 1), f"best_of={request.best_of} is not supported"),
-            ("suffix", bool(request.suffix), "suffix is not supported"),
-        ]
-    else:
-        response_type = (request.response_format or {}).get("type", "text")
-        refusals += [
-            ("tools", bool(request.tools), "tools are not supported"),
-            ("functions", bool(request.functions), "functions are not supported"),
-            ("response_format", response_type != "text",
-             f"response_format {response_type!r} is not supported; only 'text' is"),
-        ]
-    for param, refused, message in refusals:
+    """Refuse fields tandem knows but cannot honour, and combinations it cannot serve, rather
+    than silently ignoring them."""
+    for param, refused, message in _refusals(request):
         if refused:
             raise RequestError(message, param=param)
 
 
-def completion_request(request: CompletionRequest, request_id: str, tokenizer: PreTrainedTokenizerBase,
-                       rules: RequestRules) -> GenerateRequest:
-    prompt_ids = _completion_prompt_ids(request.prompt, tokenizer, rules)
-    max_tokens = resolve_max_tokens(request.max_tokens, len(prompt_ids), rules, "max_tokens")
-    params = _sampling_params(request, max_tokens, request.logprobs, rules)
-    prompt_text = request.prompt if isinstance(request.prompt, str) else None
-    return GenerateRequest(request_id, prompt_ids, params, prompt_text)
+def _refusals(request: CompletionRequest | ChatCompletionRequest) -> list[tuple[str, bool, str]]:
+    n = request.n
+    structured = [name for name in STRUCTURED_OUTPUT_FIELDS if getattr(request, name) is not None]
+    response_type = (request.response_format or {}).get("type", "text")
+    refusals = [
+        ("stream_options", request.stream_options is not None and not request.stream,
+         "stream_options is only allowed when stream is true"),
+        ("n", n is not None and not 1 <= n <= MAX_CHOICES,
+         f"n must be between 1 and {MAX_CHOICES}, got {n}"),
+        (structured[0] if structured else "", bool(structured),
+         f"{', '.join(structured)}: structured output is not supported by this server"),
+        ("response_format", response_type != "text",
+         f"response_format {response_type!r} is not supported (structured output is not "
+         "supported by this server); only 'text' is"),
+    ]
+    if isinstance(request, CompletionRequest):
+        return refusals + _completion_refusals(request)
+    return refusals + [
+        ("tools", bool(request.tools), "tools are not supported"),
+        ("functions", bool(request.functions), "functions are not supported"),
+    ]
+
+
+def _completion_refusals(request: CompletionRequest) -> list[tuple[str, bool, str]]:
+    n, best_of = request.n or 1, request.best_of
+    return [
+        ("best_of", best_of is not None and not n <= best_of <= MAX_CHOICES,
+         f"best_of must be between n ({n}) and {MAX_CHOICES}, got {best_of}"),
+        ("best_of", bool(request.stream) and (best_of or n) > n,
+         "best_of greater than n cannot be streamed: the best are known only at the end"),
+        ("echo", bool(request.echo) and request.logprobs is not None,
+         "echo with logprobs is not supported: prompt logprobs are not computed; ask for echo or "
+         "logprobs, not both"),
+        ("suffix", bool(request.suffix), "suffix is not supported"),
+    ]
+
+
+def completion_requests(request: CompletionRequest, request_id: str,
+                        tokenizer: PreTrainedTokenizerBase, rules: RequestRules,
+                        defaults: SamplingParams | None = None) -> list[GenerateRequest]:
+    """One `GenerateRequest` per prompt of the request, all with `request_id` for now: the fan-out
+    (openai_choices) gives each generation its own."""
+    requests = []
+    for prompt in request.prompt:
+        prompt_ids = completion_prompt_ids(prompt, tokenizer, rules)
+        max_tokens = resolve_max_tokens(request.max_tokens, len(prompt_ids), rules, "max_tokens")
+        params = _sampling_params(request, max_tokens, request.logprobs, rules, defaults)
+        prompt_text = prompt if isinstance(prompt, str) else None
+        requests.append(GenerateRequest(request_id, prompt_ids, params, prompt_text))
+    return requests
 
 
 def chat_request(request: ChatCompletionRequest, request_id: str, tokenizer: PreTrainedTokenizerBase,
-                 rules: RequestRules) -> GenerateRequest:
-    prompt_ids = _chat_prompt_ids(request, tokenizer, rules)
+                 rules: RequestRules, defaults: SamplingParams | None = None) -> GenerateRequest:
+    prompt_ids = chat_prompt_ids(request, tokenizer, rules)
     check_prompt_length(len(prompt_ids), rules, "messages")
     if request.max_completion_tokens is not None:
         requested, param = request.max_completion_tokens, "max_completion_tokens"
     else:
         requested, param = request.max_tokens, "max_tokens"
     max_tokens = resolve_max_tokens(requested, len(prompt_ids), rules, param)
-    params = _sampling_params(request, max_tokens, chat_logprobs(request), rules)
+    params = _sampling_params(request, max_tokens, chat_logprobs(request), rules, defaults)
     return GenerateRequest(request_id, prompt_ids, params)
 
 
@@ -122,7 +147,7 @@ def chat_logprobs(request: ChatCompletionRequest) -> int | None:
     return (top or 0) if request.logprobs else None
 
 
-def _completion_prompt_ids(prompt: str | list[int], tokenizer: PreTrainedTokenizerBase,
+def completion_prompt_ids(prompt: str | list[int], tokenizer: PreTrainedTokenizerBase,
                            rules: RequestRules) -> list[int]:
     if isinstance(prompt, str):
         check_prompt_chars(len(prompt), rules, "prompt")
@@ -136,7 +161,7 @@ def _completion_prompt_ids(prompt: str | list[int], tokenizer: PreTrainedTokeniz
     return list(prompt)
 
 
-def _chat_prompt_ids(request: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase,
+def chat_prompt_ids(request: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase,
                      rules: RequestRules) -> list[int]:
     if not request.messages:
         raise RequestError("messages is empty: send at least one message", "messages")
@@ -154,12 +179,34 @@ def _chat_prompt_ids(request: ChatCompletionRequest, tokenizer: PreTrainedTokeni
 
 
 def _sampling_params(request: CompletionRequest | ChatCompletionRequest, max_tokens: int,
-                     logprobs: int | None, rules: RequestRules) -> SamplingParams:
-    return sampling_params(sampling_fields(request), max_tokens, logprobs, rules)
+                     logprobs: int | None, rules: RequestRules,
+                     defaults: SamplingParams | None) -> SamplingParams:
+    given = sampling_fields(request)
+    if "logit_bias" in given or request.logit_bias:
+        given["logit_bias"] = logit_bias(request.logit_bias or {}, rules)
+    return sampling_params(given, max_tokens, logprobs, rules, defaults)
+
+
+def logit_bias(bias: dict[str, float], rules: RequestRules) -> dict[int, float]:
+    """OpenAI's `logit_bias` (token ids as strings) as the engine's, each id checked."""
+    checked: dict[int, float] = {}
+    for key, value in bias.items():
+        if not key.strip().isdigit() or not 0 <= int(key) < rules.vocab_size:
+            raise RequestError(f"logit_bias key {key!r} is not a token id in [0, "
+                               f"{rules.vocab_size})", "logit_bias")
+        check_float(value, "logit_bias")
+        checked[int(key)] = float(value)
+    return checked
 
 
 def _from_validation_error(exc: ValidationError) -> RequestError:
     errors = exc.errors(include_url=False)
+    unknown = [".".join(str(p) for p in e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
+    if unknown:
+        return RequestError(f"unknown field{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(repr(u) for u in unknown)}: this server does not support "
+                            f"{'them' if len(unknown) > 1 else 'it'}; remove "
+                            f"{'them' if len(unknown) > 1 else 'it'} from the request", unknown[0])
     first = errors[0]
     param = ".".join(str(part) for part in first["loc"]) or None
     if first["type"] == "missing":

@@ -1,6 +1,6 @@
 """From the pipeline's `GenerateChunk`s to OpenAI response bodies, streamed or whole.
 
-One formatter per request. `add(chunk)` folds a chunk into the running totals (text, completion
+One formatter per choice (openai_choices puts the choices of one request together). `add(chunk)` folds a chunk into the running totals (text, completion
 tokens, cached prompt tokens, finish reason, logprobs) and returns the choice that chunk contributes
 to a stream; `stream_body(choice)` wraps it as one SSE payload; `response()` is the whole body of a
 non-streamed request and `usage_chunk()` the last payload of a stream that asked for usage.
@@ -50,8 +50,9 @@ class _Formatter:
     """What completions and chat share: the totals a request's chunks add up to."""
 
     def __init__(self, request_id: str, model: str, num_prompt_tokens: int,
-                 num_top_logprobs: int | None, token_text: TokenText):
+                 num_top_logprobs: int | None, token_text: TokenText, index: int = 0):
         self.request_id = request_id
+        self.index = index                         # the choice's place in the response
         self.model = model
         self.created = int(time.time())
         self.num_prompt_tokens = num_prompt_tokens
@@ -84,9 +85,10 @@ class _Formatter:
         """Payloads a stream sends before the first token."""
         return []
 
-    def _fold(self, chunk: GenerateChunk) -> None:
-        self.text_parts.append(chunk.text)
-        self.num_text_chars += len(chunk.text)
+    def _fold(self, chunk: GenerateChunk, text: str | None = None) -> None:
+        text = chunk.text if text is None else text
+        self.text_parts.append(text)
+        self.num_text_chars += len(text)
         self.num_completion_tokens += len(chunk.token_ids)
         # Only some chunks may carry the count; it never goes down.
         self.num_cached_tokens = max(self.num_cached_tokens, chunk.num_cached_tokens)
@@ -101,18 +103,23 @@ class _Formatter:
 class CompletionFormatter(_Formatter):
     """`text_completion` objects for /v1/completions."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, echo_text: str = "", **kwargs):
         super().__init__(*args, **kwargs)
         self.logprobs = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        self.echo_text = echo_text   # the prompt, sent before the completion (`echo`)
 
     def add(self, chunk: GenerateChunk) -> CompletionChoice:
         logprobs = self._logprobs(chunk.logprobs, self.num_text_chars) if self.wants_logprobs else None
-        self._fold(chunk)
+        text = chunk.text
+        if self.echo_text:
+            # Echo and logprobs are never asked together, so no text_offset shifts.
+            text, self.echo_text = self.echo_text + text, ""
+        self._fold(chunk, text)
         if logprobs is not None:
             for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                 getattr(self.logprobs, name).extend(getattr(logprobs, name))
-        return CompletionChoice(text=chunk.text, logprobs=logprobs, finish_reason=chunk.finish_reason,
-                                stop_reason=chunk.stop_reason)
+        return CompletionChoice(index=self.index, text=text, logprobs=logprobs,
+                                finish_reason=chunk.finish_reason, stop_reason=chunk.stop_reason)
 
     def stream_body(self, choice: CompletionChoice) -> dict | None:
         has_tokens = bool(choice.logprobs and choice.logprobs.tokens)
@@ -120,13 +127,18 @@ class CompletionFormatter(_Formatter):
             return None   # a step whose text is held back (partial character, possible stop string)
         return self._body([choice], usage=None)
 
-    def usage_chunk(self) -> dict:
-        return self._body([], usage=self.usage())
+    def usage_chunk(self, usage: UsageInfo | None = None) -> dict:
+        return self._body([], usage=usage or self.usage())
 
-    def response(self) -> dict:
-        choice = CompletionChoice(text=self.text, logprobs=self.logprobs if self.wants_logprobs else None,
-                                  finish_reason=self.finish_reason, stop_reason=self.stop_reason)
-        return self._body([choice], usage=self.usage())
+    def final_choice(self) -> CompletionChoice:
+        return CompletionChoice(index=self.index, text=self.text,
+                                logprobs=self.logprobs if self.wants_logprobs else None,
+                                finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+
+    def response(self, choices: list[CompletionChoice] | None = None,
+                 usage: UsageInfo | None = None) -> dict:
+        """The whole body: this formatter's choice, or `choices` with their summed `usage`."""
+        return self._body(choices or [self.final_choice()], usage=usage or self.usage())
 
     def _body(self, choices: list[CompletionChoice], usage: UsageInfo | None) -> dict:
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model,
@@ -157,7 +169,7 @@ class ChatFormatter(_Formatter):
 
     def prologue(self) -> list[dict]:
         # OpenAI's streams open with the role alone; content follows in later chunks.
-        first = ChatStreamChoice(delta=ChatDelta(role="assistant", content=""))
+        first = ChatStreamChoice(index=self.index, delta=ChatDelta(role="assistant", content=""))
         return [self._chunk_body([first], usage=None)]
 
     def add(self, chunk: GenerateChunk) -> ChatStreamChoice:
@@ -167,8 +179,9 @@ class ChatFormatter(_Formatter):
             content = [self._token_logprob(lp) for lp in chunk.logprobs]
             self.logprobs.extend(content)
             logprobs = ChatLogprobs(content=content)
-        return ChatStreamChoice(delta=ChatDelta(content=chunk.text), logprobs=logprobs,
-                                finish_reason=chunk.finish_reason, stop_reason=chunk.stop_reason)
+        return ChatStreamChoice(index=self.index, delta=ChatDelta(content=chunk.text),
+                                logprobs=logprobs, finish_reason=chunk.finish_reason,
+                                stop_reason=chunk.stop_reason)
 
     def stream_body(self, choice: ChatStreamChoice) -> dict | None:
         has_tokens = bool(choice.logprobs and choice.logprobs.content)
@@ -176,15 +189,21 @@ class ChatFormatter(_Formatter):
             return None
         return self._chunk_body([choice], usage=None)
 
-    def usage_chunk(self) -> dict:
-        return self._chunk_body([], usage=self.usage())
+    def usage_chunk(self, usage: UsageInfo | None = None) -> dict:
+        return self._chunk_body([], usage=usage or self.usage())
 
-    def response(self) -> dict:
+    def final_choice(self) -> ChatChoice:
         logprobs = ChatLogprobs(content=self.logprobs) if self.wants_logprobs else None
-        choice = ChatChoice(message=ChatResponseMessage(content=self.text), logprobs=logprobs,
-                            finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+        return ChatChoice(index=self.index, message=ChatResponseMessage(content=self.text),
+                          logprobs=logprobs, finish_reason=self.finish_reason,
+                          stop_reason=self.stop_reason)
+
+    def response(self, choices: list[ChatChoice] | None = None,
+                 usage: UsageInfo | None = None) -> dict:
+        """The whole body: this formatter's choice, or `choices` with their summed `usage`."""
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model,
-                                      choices=[choice], usage=self.usage()).model_dump()
+                                      choices=choices or [self.final_choice()],
+                                      usage=usage or self.usage()).model_dump()
 
     def _chunk_body(self, choices: list[ChatStreamChoice], usage: UsageInfo | None) -> dict:
         return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,

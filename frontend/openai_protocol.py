@@ -1,13 +1,15 @@
 """The OpenAI API's request and response bodies, as pydantic models, and their sampling parameters.
 
 Requests are validated strictly: `"max_tokens": "16"` or `"stream": 1` is a type error (as it is for
-OpenAI), not something to coerce. Unknown fields are ignored so that clients which send newer
-OpenAI fields keep working; fields tandem knows but cannot honour (`n > 1`, `echo`, penalties,
-tools) are refused by `openai_inputs.check_supported` with a message that says so.
+OpenAI), not something to coerce. A field the server does not know is refused with a 400 that names
+it, rather than silently ignored; fields it knows but cannot honour (structured output's `guided_*`,
+`suffix`, tools) are refused by `openai_inputs.check_supported`.
 
-Besides the standard fields, both requests take the vLLM extensions that tandem's `SamplingParams`
-supports: `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`. Responses follow OpenAI's shapes, plus
-vLLM's `stop_reason` (the stop string or token id that ended the output) on each choice.
+Besides the standard fields (`n`, `best_of`, `echo`, penalties, `logit_bias`, a list of prompts),
+both requests take the vLLM extensions that tandem's `SamplingParams` supports: `top_k`, `min_p`,
+`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`,
+`skip_special_tokens`. Responses follow OpenAI's shapes, plus vLLM's `stop_reason` (the stop string
+or token id that ended the output) on each choice.
 """
 
 from __future__ import annotations
@@ -22,11 +24,16 @@ class _StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-class StreamOptions(_StrictModel):
+class _RequestModel(BaseModel):
+    """A request body: an unknown field is an error that names it, never silently dropped."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_RequestModel):
     include_usage: bool | None = None
 
 
-class _GenerationRequest(_StrictModel):
+class _GenerationRequest(_RequestModel):
     """Fields that completions and chat completions share."""
     model: str | None = None                # None: the served model
     temperature: float | None = None
@@ -40,11 +47,21 @@ class _GenerationRequest(_StrictModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Known but unsupported: refused unless left at their defaults.
-    n: int | None = None
+    n: int | None = None                     # choices per prompt
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None   # token id (as a string) -> bias
+    min_tokens: int | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    # vLLM's structured output: known, so that the refusal can name them, but not built.
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -61,17 +78,19 @@ class _GenerationRequest(_StrictModel):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[int]                  # one prompt: text, or token ids
+    # One prompt (text or token ids) or a list of them; always a list once validated.
+    prompt: list[str | list[int]]
     max_tokens: int | None = 16              # None: up to the context limit
     logprobs: int | None = None              # top-n, completions style
     echo: bool | None = None
-    best_of: int | None = None
+    best_of: int | None = None               # generated per prompt; the n likeliest are returned
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _single_prompt(cls, value: Any) -> Any:
-        return single_prompt(value)
+    def _prompt_list(cls, value: Any) -> Any:
+        return prompt_list(value)
 
 
 class ChatMessage(_StrictModel):
@@ -97,22 +116,20 @@ class ChatCompletionRequest(_GenerationRequest):
     response_format: dict[str, Any] | None = None
 
 
-def single_prompt(value: Any) -> str | list[int]:
-    """The one prompt of a completions request: text or token ids, alone or in a one-item list."""
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]
-    if isinstance(value, str):
+def prompt_list(value: Any) -> list[str | list[int]]:
+    """The prompts of a completions request: one text or token-id list, or a list of them."""
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        return [_one_prompt(p, f"prompt.{i}") for i, p in enumerate(value)]
+    return [_one_prompt(value, "prompt")]
+
+
+def _one_prompt(value: Any, name: str) -> str | list[int]:
+    if isinstance(value, str) or (isinstance(value, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in value)):
         if not value:
-            raise ValueError("prompt is empty")
+            raise ValueError(f"{name} is empty")
         return value
-    if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        if not value:
-            raise ValueError("prompt is empty")
-        return value
-    if isinstance(value, list) and all(isinstance(p, (str, list)) for p in value):
-        raise ValueError(f"batches of prompts are not supported: got {len(value)} prompts, the limit is "
-                         "1 per request; send one request per prompt")
-    raise ValueError("prompt must be a string or a list of token ids (integers), got "
+    raise ValueError(f"{name} must be a string or a list of token ids (integers), got "
                      f"{brief_repr(value)}")
 
 
@@ -131,14 +148,16 @@ def join_text_parts(content: Any) -> Any:
     return "\n".join(texts)
 
 
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "stop_token_ids",
+                   "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
+                   "include_stop_str_in_output", "skip_special_tokens")
+
+
 def sampling_fields(request: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
-    """The sampling fields the client set, by `SamplingParams` name (stop always as a list)."""
-    optional: dict[str, Any] = {
-        "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
-        "min_p": request.min_p, "seed": request.seed, "ignore_eos": request.ignore_eos,
-        "stop_token_ids": request.stop_token_ids,
-    }
-    given = {name: value for name, value in optional.items() if value is not None}
+    """The sampling fields the client set, by `SamplingParams` name (stop always as a list);
+    `logit_bias` keys are still strings here (openai_inputs checks and converts them)."""
+    given = {name: getattr(request, name) for name in _SAMPLING_FIELDS
+             if getattr(request, name) is not None}
     given["stop"] = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     return given
 
@@ -250,6 +269,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "tandem"
+    root: str | None = None
+    max_model_len: int | None = None          # vLLM's extension: the context length served
 
 
 class ModelList(BaseModel):
