@@ -4,7 +4,11 @@
 (on the head node, or wherever it runs) and starts each worker as a `WorkerActor`
 (launcher/ray_actor.py): one GPU each on GPU nodes (`num_gpus=1`, Ray sets CUDA_VISIBLE_DEVICES),
 `--ray-cpus-per-worker` CPUs each on CPU nodes, placed on the nodes that offer the pool's custom
-resources or labels (`--prefill-resources`, `--decode-resources`). Ray places and supervises;
+resources or labels (`--prefill-resources`, `--decode-resources`). Each worker's resources are
+reserved first as a placement group of one bundle (STRICT_PACK: a worker with more than one GPU
+would get them on one node), and the actor is scheduled into it; the group is removed with the
+worker. Workers placed by node labels are scheduled by label selector without a group. Ray places
+and supervises;
 requests and KV blocks go worker to worker over gRPC and NIXL, never through Ray.
 
 Supervision is tandem's own, the same as for local processes (launcher/supervisor.py, with its
@@ -53,6 +57,7 @@ class _Actor:
     spec: WorkerOptions
     watch: Any                    # ObjectRef of the open wait_stopped call
     exit_code: int | None = None  # set once the actor is known to be dead
+    placement_group: Any = None   # the worker's reserved bundle, removed with it
 
 
 class RayDeployment:
@@ -103,8 +108,10 @@ class RayDeployment:
     def start_worker(self, spec: WorkerOptions) -> None:
         spec = self._for_ray(spec)
         options = self._actor_options(spec)
+        group = self._reserve(options)
         handle = self.actor_class.options(**options).remote(spec.to_json(), self.log_level)
-        self.actors[spec.worker_id] = _Actor(handle, spec, handle.wait_stopped.remote())
+        self.actors[spec.worker_id] = _Actor(handle, spec, handle.wait_stopped.remote(),
+                                             placement_group=group)
         logger.info("starting %s worker %s as a Ray actor (%s)", spec.role, spec.worker_id,
                     {k: v for k, v in options.items() if k != "name"})
 
@@ -157,6 +164,23 @@ class RayDeployment:
             options["label_selector"] = dict(placement.labels)
         return options
 
+    def _reserve(self, options: dict[str, Any]) -> Any:
+        """A placement group of one bundle holding what the actor asks for, with the actor
+        scheduled into it (in `options`); None for label-placed workers. Does not block: the
+        actor starts once the group is placed."""
+        if "label_selector" in options:
+            return None
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {"CPU": options["num_cpus"], **options.get("resources", {})}
+        if options["num_gpus"]:
+            bundle["GPU"] = options["num_gpus"]
+        group = placement_group([bundle], strategy="STRICT_PACK")
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=0)
+        return group
+
     def _is_dead(self, actor: _Actor) -> bool:
         if actor.exit_code is not None:
             return True
@@ -180,6 +204,9 @@ class RayDeployment:
             self.ray.wait(calls, num_returns=len(calls), timeout=timeout_s + 1.0)
         for actor in actors:
             self.ray.kill(actor.handle, no_restart=True)
+            if actor.placement_group is not None:
+                from ray.util.placement_group import remove_placement_group
+                remove_placement_group(actor.placement_group)
 
 
 def _actor_class() -> type:

@@ -95,6 +95,9 @@ def test_actors_spread_over_the_pools_nodes(server):
     assert sorted(placed) == ["decode-0", "decode-1", "prefill-0"]
     assert "prefill_node" in placed["prefill-0"]
     assert all("decode_node" in placed[w] for w in ("decode-0", "decode-1"))
+    # Each worker's resources were reserved as a one-bundle placement group first.
+    bundles = sorted(tuple(sorted(g["bundles"][0])) for g in created_groups())
+    assert bundles.count(("CPU", "decode_node")) == 2 and ("CPU", "prefill_node") in bundles
 
 
 def test_outputs_equal_the_local_launchers_with_kv_over_nixl(server, local_outputs):
@@ -146,14 +149,21 @@ def test_deployment_adds_and_removes_actors_while_serving(server, cluster):
     assert "decode-9" in tandem_actors()
     assert deployment.dead_workers() == []
     assert len(live_workers(server)) == 4
+    num_groups = len(created_groups())
     deployment.stop_worker("decode-9", timeout_s=10)
     wait_until(lambda: "decode-9" not in tandem_actors(), 10, "decode-9's actor gone")
+    wait_until(lambda: len(created_groups()) == num_groups - 1, 10, "decode-9's group removed")
     # It did not deregister: the frontend drops it when its heartbeats stop.
     wait_until(lambda: "decode-9" not in worker_states(server), 15, "decode-9 dropped")
     assert complete(server, PROMPTS[0])
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+def created_groups() -> list[dict]:
+    from ray.util import placement_group_table
+    return [g for g in placement_group_table().values() if g["state"] == "CREATED"]
+
 
 def start_serve(args: list[str], timeout_s: float = 150.0) -> Server:
     """`tandem serve` at INFO (its lines say where each worker registered)."""
