@@ -101,7 +101,7 @@ class KServeService:
         return self.pipeline.is_ready and not self.pipeline.is_draining
 
     def _is_served(self, name: str) -> bool:
-        return not name or name == self.rules.model_name
+        return self.rules.serves(name)
 
     async def _check_served(self, name: str, context) -> None:
         if not self._is_served(name):

@@ -8,7 +8,8 @@ here does I/O or needs a tokenizer: rules that depend on the model take a `Reque
 
 The rules and their limits:
 
-- model: empty means the served model; any other name is refused (`model_not_found`).
+- model: empty means the served model; a name that is none of its served names is refused
+  (`model_not_found`).
 - text: no lone UTF-16 surrogates (JSON's `"\\ud800"`) anywhere: they cannot be encoded as UTF-8,
   so neither the tokenizer nor a response naming them could handle them.
 - prompt size before tokenization: at most `max_prompt_chars` characters, by default the context
@@ -85,6 +86,16 @@ class RequestRules:
     max_prompt_chars: int            # a text prompt (or all chat contents) longer is refused
     max_stop_strings: int = MAX_STOP_STRINGS
     max_stop_chars: int = MAX_STOP_CHARS
+    served_model_names: tuple[str, ...] = ()  # every name `model` may be; (): model_name only
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """The names the model answers to, the one responses carry first."""
+        return self.served_model_names or (self.model_name,)
+
+    def serves(self, requested: str | None) -> bool:
+        """Empty means the served model; any other name must be one of its names."""
+        return not requested or requested in self.model_names
 
     @classmethod
     def for_vocab(cls, model_name: str, max_model_len: int, vocab: Mapping[str, int] | Iterable[str],
@@ -102,9 +113,10 @@ class RequestRules:
 # ---- text and model ----
 
 def check_model(requested: str | None, rules: RequestRules) -> None:
-    if requested and requested != rules.model_name:
+    if not rules.serves(requested):
+        served = ", ".join(f"`{name}`" for name in rules.model_names)
         raise RequestError(f"the model `{requested}` does not exist: this server serves "
-                           f"`{rules.model_name}`", "model", code="model_not_found")
+                           f"{served}", "model", code="model_not_found")
 
 
 def find_lone_surrogate(value: Any, path: str = "") -> str | None:
