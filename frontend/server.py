@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 import uvicorn
@@ -23,6 +23,7 @@ from tandem.frontend.admission import AdmissionConfig, AdmissionGate
 from tandem.frontend.grpc_api import GenerationService, add_public_services, set_health
 from tandem.frontend.kserve import KServeService, add_kserve_service
 from tandem.frontend.metrics import FrontendMetrics
+from tandem.frontend.model_serving import ModelServingConfig, serve_model, served_names
 from tandem.frontend.openai_api import create_app, default_rules, tokenizer_thread
 from tandem.frontend.pipeline import Pipeline
 from tandem.frontend.public_auth import (AccessConfig, add_public_port, grpc_interceptors,
@@ -50,6 +51,8 @@ class FrontendConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     access: AccessConfig = field(default_factory=AccessConfig)  # API key, TLS (public_auth.py)
+    # Served names, chat template, sampling defaults (model_serving.py).
+    serving: ModelServingConfig = field(default_factory=ModelServingConfig)
 
     def __post_init__(self) -> None:
         for name in ("http_port", "grpc_port", "control_port"):
@@ -73,21 +76,26 @@ class Frontend:
     def __init__(self, model: ModelInfo, tokenizer, config: FrontendConfig,
                  routing: RoutingConfig, block_size: int):
         self.config = config
+        # Workers register under --model; clients see the served names (model_serving.py).
         self.workers = WorkerRegistry(model.name, block_size, config.stale_after_s)
+        names = served_names(config.serving, model.name)
+        model = replace(serve_model(config.serving, model, tokenizer), name=names[0])
         self.metrics = FrontendMetrics(self.workers)
         self.router = Router(routing, block_size)
         self.pipeline = Pipeline(model, tokenizer, self.workers, self.router, self.metrics)
         self.follower = KVEventFollower(self.router.indexes, self.pipeline.stub)
         # Both APIs share one admission book, one set of rules and the one tokenizer thread.
         self.gate = AdmissionGate(self.pipeline, config.admission)
-        self.rules = default_rules(self.pipeline, tokenizer, config.limits, model.config.vocab_size)
+        self.rules = replace(default_rules(self.pipeline, tokenizer, config.limits,
+                                           model.config.vocab_size), served_model_names=names)
         self.tokenize_executor = tokenizer_thread()
         self.generation = GenerationService(self.gate, tokenizer, self.rules, self.tokenize_executor,
                                             model.default_sampling_params())
         self.kserve = KServeService(self.gate, tokenizer, self.rules, self.tokenize_executor,
                                     model.default_sampling_params())
         self.app = create_app(self.gate, tokenizer, self.metrics.registry, limits=config.limits,
-                              rules=self.rules, tokenize_executor=self.tokenize_executor)
+                              rules=self.rules, tokenize_executor=self.tokenize_executor,
+                              defaults=model.default_sampling_params())
         self.app.add_middleware(AccessLogMiddleware)
         self.stats_log = WorkerStatsLog(self.workers, self.metrics.requests)
         self.http: _QuietServer | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from tandem.bench import add_bench_parser
@@ -57,7 +58,9 @@ def generate_main(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="disaggregated LLM serving")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default=None,
+                        help="DEBUG, INFO, WARNING or ERROR (default: TANDEM_LOG_LEVEL, else "
+                             "WARNING); `tandem serve --log-level` works too")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate text offline")
     _add_engine_args(gen)
@@ -74,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
+    level = args.log_level or os.environ.get("TANDEM_LOG_LEVEL") or "WARNING"
+    logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,13 +28,30 @@ from tandem.worker.config import WorkerConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 LAUNCHERS = ("local", "ray")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_GPU = re.compile(r"cuda:\d+")
+
+
+def listed_devices(device: str) -> list[str] | None:
+    """`cuda:2,cuda:3` -> ["cuda:2", "cuda:3"]; None for auto, cpu and cuda; ValueError for
+    anything else."""
+    if device in DEVICES:
+        return None
+    listed = [part.strip() for part in device.split(",")]
+    if not all(_GPU.fullmatch(part) for part in listed):
+        raise ValueError(f"device must be one of {DEVICES} or GPUs listed one per worker "
+                         f"(cuda:2,cuda:3), got {device!r}")
+    if len(set(listed)) != len(listed):
+        raise ValueError(f"device lists a GPU twice: {device!r}; each worker needs its own")
+    return listed
 
 
 @dataclass(slots=True)
 class ServeConfig:
     num_prefill: int = 1             # 0: decode workers prefill themselves (aggregated serving)
     num_decode: int = 1
-    device: str = "auto"             # auto | cpu | cuda (one GPU per worker)
+    device: str = "auto"             # auto | cpu | cuda (one GPU per worker) | cuda:2,cuda:3,...
+    log_level: str = "WARNING"       # of the frontend and every worker
     drain_timeout_s: float = 30.0    # on SIGTERM, how long requests in flight may still run
     ready_timeout_s: float = 300.0   # how long workers may take to load and register
     planner_profile: str | None = None  # the planner's performance model; None: the shipped
@@ -53,8 +71,11 @@ class ServeConfig:
             raise ValueError(f"num_decode must be at least 1, got {self.num_decode}")
         if self.num_prefill < 0:
             raise ValueError(f"num_prefill must be 0 or more, got {self.num_prefill}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if listed_devices(self.device) is not None and self.launcher == "ray":
+            raise ValueError("a device list (cuda:N,...) needs --launcher local: Ray picks each "
+                             "actor's GPU")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.drain_timeout_s < 0 or self.ready_timeout_s <= 0:
             raise ValueError("drain_timeout_s must be >= 0 and ready_timeout_s > 0 seconds")
 
@@ -67,10 +88,36 @@ class Setting:
 
 
 SETTINGS = [
-    Setting("model", ("engine", "model"), "an HF model directory or random:<preset>"),
-    Setting("num_prefill", ("num_prefill",), "prefill workers; 0 serves aggregated"),
-    Setting("num_decode", ("num_decode",), "decode workers"),
-    Setting("device", ("device",), "auto, cpu or cuda: one GPU per worker"),
+    Setting("model", ("engine", "model"), "what to serve: an HF model directory, a Hub id already "
+            "in the local Hugging Face cache (Qwen/Qwen3-0.6B; never downloaded here: fetch it "
+            "first with `hf download`), or random:<preset> (random weights, no files)"),
+    Setting("served_model_name", ("frontend", "serving", "served_model_names"),
+            "one or more names clients may send as `model`; /v1/models lists them and "
+            "responses carry the first; unset: --model as given"),
+    Setting("chat_template", ("frontend", "serving", "chat_template"),
+            "chat template replacing the tokenizer's: a Jinja file or the template itself"),
+    Setting("generation_config", ("frontend", "serving", "generation_config"),
+            "sampling defaults for fields a request leaves unset: auto (the model's "
+            "generation_config.json), vllm or none (ignore it), or a path to another "
+            "generation_config.json"),
+    Setting("num_prefill", ("num_prefill",), "prefill worker processes (one GPU each); 0 serves "
+            "aggregated: decode workers prefill their own prompts"),
+    Setting("num_decode", ("num_decode",), "decode worker processes (one GPU each); they stream "
+            "the tokens, at least 1"),
+    Setting("device", ("device",), "where workers run: auto (cuda if present), cpu, cuda (one "
+            "GPU each, cuda:0 upwards) or a list such as cuda:2,cuda:3 given to the workers in "
+            "order, prefill workers first"),
+    Setting("dtype", ("engine", "dtype"), "weights and activations: auto (bfloat16 on a GPU, "
+            "float32 on a CPU), float32, bfloat16 or float16"),
+    Setting("seed", ("engine", "seed"), "seed of random:<preset> weights and of sampling for "
+            "requests that give no seed"),
+    Setting("enforce_eager", ("engine", "enforce_eager"), "run decode eagerly instead of "
+            "through captured CUDA graphs (slower; starts faster, uses less memory)"),
+    Setting("enable_prefix_caching", ("engine", "enable_prefix_caching"),
+            "reuse the KV blocks of prompt prefixes seen before (--no-enable-prefix-caching "
+            "recomputes every prompt)"),
+    Setting("log_level", ("log_level",), "DEBUG, INFO, WARNING or ERROR, for the frontend and "
+            "every worker"),
     Setting("host", ("frontend", "host"), "address the public HTTP and gRPC APIs bind"),
     Setting("internal_host", ("frontend", "control_host"),
             "address the workers and the frontend's control service bind: 127.0.0.1 keeps them "
@@ -84,7 +131,8 @@ SETTINGS = [
             "PEM certificate (chain): HTTP and gRPC serve TLS only"),
     Setting("ssl_keyfile", ("frontend", "access", "ssl_keyfile"),
             "PEM private key of ssl_certfile"),
-    Setting("block_size", ("engine", "block_size"), "tokens per KV block (a power of two)"),
+    Setting("block_size", ("engine", "block_size"), "tokens per KV block, the unit of caching, "
+            "routing and transfer (a power of two)"),
     Setting("num_kv_blocks", ("engine", "num_kv_blocks"), "KV blocks per worker; unset: sized "
             "from memory"),
     Setting("max_model_len", ("engine", "max_model_len"), "context length; unset: the model's"),
@@ -97,7 +145,9 @@ SETTINGS = [
             "shorter uncached prompts are prefilled on the decode worker"),
     Setting("max_prefill_queue", ("router", "max_prefill_queue"),
             "prefills in flight per prefill worker before prefilling locally"),
-    Setting("router_mode", ("router", "policy", "mode"), "kv, round-robin, random or least-loaded"),
+    Setting("router_mode", ("router", "policy", "mode"), "how a request's workers are chosen: kv "
+            "(most cached prompt blocks, fewest active ones), round-robin, random or "
+            "least-loaded"),
     Setting("kv_overlap_weight", ("router", "policy", "overlap_weight"),
             "cost of one uncached prompt block against one active block"),
     Setting("router_temperature", ("router", "policy", "temperature"),
@@ -107,7 +157,8 @@ SETTINGS = [
             "a slower KV pull falls back to recompute on the decode worker"),
     Setting("drain_timeout_s", ("drain_timeout_s",), "on SIGTERM, requests in flight get this long"),
     Setting("ready_timeout_s", ("ready_timeout_s",), "workers must register within this"),
-    Setting("planner", ("planner", "mode"), "off, advisory (report only) or on"),
+    Setting("planner", ("planner", "mode"), "pool sizing from load and SLOs: off, advisory "
+            "(logs and exports what it would do) or on (adds, removes and flips workers)"),
     Setting("slo", ("planner",), "latency targets the planner sizes for, e.g. "
             "'ttft_ms=500 itl_ms=40'"),
     Setting("gpu_budget", ("planner", "gpu_budget"), "GPUs the planner may use in all"),
@@ -173,10 +224,15 @@ def _set(values: dict[str, Any], name: str, value: Any) -> None:
 
 def _assemble(values: dict[str, Any]) -> ServeConfig:
     nested: dict[str, Any] = {}
+    # Whole YAML sections first, so that a flat setting (from the environment, say) lands on
+    # top of its section instead of being replaced by it.
+    sections = {name: value for name, value in values.items()
+                if name in _SECTIONS and isinstance(value, dict)}
+    for name, section in sections.items():
+        for key, inner in section.items():
+            _put(nested, (name, key), inner)
     for name, value in values.items():
-        if name in _SECTIONS and isinstance(value, dict):
-            for key, inner in value.items():
-                _put(nested, (name, key), inner)
+        if name in sections:
             continue
         setting = _BY_NAME.get(name)
         if setting is None:
@@ -216,7 +272,11 @@ def _field_default_type(cls: Any, name: str) -> Any:
 def _put(nested: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     for part in path[:-1]:
         nested = nested.setdefault(part, {})
-    nested[path[-1]] = value
+    current = nested.get(path[-1])
+    if isinstance(current, dict) and isinstance(value, dict):
+        current.update(value)  # a sub-section (frontend: {serving: ...}) and a flat setting in it
+    else:
+        nested[path[-1]] = value
 
 
 def _coerce(setting: Setting, value: Any) -> Any:
@@ -225,6 +285,8 @@ def _coerce(setting: Setting, value: Any) -> Any:
     if value is None or (isinstance(value, str) and value.lower() == "none" and "None" in kind):
         return None
     base = kind.split("|")[0].strip()
+    if base.startswith("tuple"):
+        return _as_names(setting, value)
     try:
         if base == "int":
             if isinstance(value, float) and not value.is_integer():
@@ -233,10 +295,30 @@ def _coerce(setting: Setting, value: Any) -> Any:
         if base == "float":
             return float(value)
         if base == "bool":
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            return _as_bool(value)
         return str(value)
     except (TypeError, ValueError):
         raise ValueError(f"setting {setting.name}: expected {kind}, got {value!r}") from None
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError  # _coerce names the setting and the type
+
+
+def _as_names(setting: Setting, value: Any) -> tuple[str, ...]:
+    """A list of names from a flag (a list), YAML (a list or a string) or the environment (names
+    separated by commas or spaces)."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"setting {setting.name}: expected one or more names, got {value!r}")
+    return tuple(str(item) for item in items)
 
 
 def _from_yaml(path: str) -> dict[str, Any]:

@@ -18,7 +18,8 @@ import signal
 import time
 from dataclasses import replace
 
-from tandem.launcher.config import SETTINGS, ServeConfig, build_serve_config, default_of, field_type
+from tandem.launcher.config import (SETTINGS, ServeConfig, build_serve_config, default_of,
+                                    field_type, listed_devices)
 from tandem.launcher.deploy import Deployment, LocalDeployment
 from tandem.launcher.planner_loop import start_planner
 from tandem.launcher.supervisor import Supervisor, describe_exit
@@ -32,17 +33,30 @@ logger = logging.getLogger(__name__)
 
 
 def worker_devices(device: str, num_workers: int) -> list[str]:
-    """One device per worker: cpu for all, or one GPU each (cuda:0, cuda:1, ...)."""
+    """One device per worker: cpu for all, or one GPU each (cuda:0, cuda:1, ... or the GPUs
+    listed, in order)."""
     if device == "auto":
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return ["cpu"] * num_workers
     import torch
-    num_gpus = torch.cuda.device_count()
-    if num_gpus < num_workers:
-        raise ValueError(f"{num_workers} workers need {num_workers} GPUs; {num_gpus} visible")
-    return [f"cuda:{i}" for i in range(num_workers)]
+    return assign_gpus(device, num_workers, torch.cuda.device_count())
+
+
+def assign_gpus(device: str, num_workers: int, num_gpus: int) -> list[str]:
+    """GPUs for `num_workers` workers (prefill first, then decode) out of `num_gpus` visible:
+    cuda:0 upwards for `cuda`, else the listed ones in order."""
+    listed = listed_devices(device) or [f"cuda:{i}" for i in range(num_workers)]
+    if len(listed) < num_workers:
+        raise ValueError(f"{num_workers} workers need {num_workers} GPUs; --device lists "
+                         f"{len(listed)} ({device}): list one per worker, prefill workers first")
+    chosen = listed[:num_workers]
+    missing = [gpu for gpu in chosen if int(gpu.split(":")[1]) >= num_gpus]
+    if missing:
+        raise ValueError(f"{num_workers} workers need GPUs {', '.join(chosen)}; "
+                         f"{num_gpus} visible, so {', '.join(missing)} do not exist")
+    return chosen
 
 
 def worker_specs(config: ServeConfig, frontend: str) -> list[WorkerOptions]:
@@ -158,17 +172,35 @@ def add_serve_parser(commands) -> None:
                     "environment > YAML > default.")
     parser.add_argument("--config", help="YAML file whose keys mirror these flags")
     for setting in SETTINGS:
-        kind = "str" if setting.name == "slo" else field_type(setting).split("|")[0].strip()
-        default = "unset" if setting.name == "slo" else default_of(setting)
-        parser.add_argument("--" + setting.name.replace("_", "-"), default=None,
-                            type={"int": int, "float": float}.get(kind, str),
-                            nargs="+" if setting.name == "slo" else None,
-                            help=f"{setting.help} (default: {default})")
+        _add_setting_flag(parser, setting)
     parser.set_defaults(func=serve_main)
 
 
+def _add_setting_flag(parser: argparse.ArgumentParser, setting) -> None:
+    """--name for one setting: a list for tuple fields and --slo, --x/--no-x for booleans."""
+    kind = "str" if setting.name == "slo" else field_type(setting).split("|")[0].strip()
+    default = default_of(setting)
+    if setting.name == "slo" or default is None or (kind.startswith("tuple") and not default):
+        default = "unset"
+    flag = "--" + setting.name.replace("_", "-")
+    # `tandem --log-level X` before the command also works: a distinct dest keeps the two apart.
+    dest = "serve_log_level" if setting.name == "log_level" else setting.name
+    help_text = f"{setting.help} (default: {default})"
+    metavar = setting.name.upper()
+    if kind == "bool":
+        parser.add_argument(flag, dest=dest, default=None, action=argparse.BooleanOptionalAction,
+                            help=help_text)
+        return
+    parser.add_argument(flag, dest=dest, default=None,
+                        type={"int": int, "float": float}.get(kind, str),
+                        nargs="+" if setting.name == "slo" or kind.startswith("tuple") else None,
+                        metavar=metavar, help=help_text)
+
+
 def load_serve_config(args: argparse.Namespace) -> ServeConfig:
-    flags = {s.name: getattr(args, s.name, None) for s in SETTINGS}
+    flags = {s.name: getattr(args, s.name, None) for s in SETTINGS if s.name != "log_level"}
+    # `serve --log-level` wins over `tandem --log-level`, which wins over the environment.
+    flags["log_level"] = getattr(args, "serve_log_level", None) or getattr(args, "log_level", None)
     return build_serve_config(flags, args.config)
 
 
@@ -183,5 +215,7 @@ def make_deployment(config: ServeConfig, log_level: str) -> tuple[ServeConfig, D
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    config, deployment = make_deployment(load_serve_config(args), args.log_level.upper())
+    config = load_serve_config(args)
+    logging.getLogger().setLevel(config.log_level.upper())  # the environment or YAML may set it
+    config, deployment = make_deployment(config, config.log_level.upper())
     return asyncio.run(run_serve(config, deployment))

@@ -86,3 +86,87 @@ def test_worker_specs_carry_the_engine_in_each_role_and_round_trip_as_json():
 def test_a_worker_spec_refuses_an_engine_of_another_role():
     with pytest.raises(ValueError, match="engine is built for 'both'"):
         WorkerOptions("decode-0", "decode", "127.0.0.1:1", EngineConfig())
+
+
+def _parse_serve(argv: list[str]):
+    from tandem.launcher.cli import build_parser
+    return build_parser().parse_args(argv)
+
+
+def test_vllm_serving_flags_reach_their_component_configs(tmp_path):
+    from tandem.launcher.serve import load_serve_config
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    args = _parse_serve([
+        "serve", "--served-model-name", "qwen", "qwen-latest", "--chat-template", str(template),
+        "--generation-config", "vllm", "--dtype", "float16", "--seed", "7", "--enforce-eager",
+        "--no-enable-prefix-caching", "--device", "cuda:2,cuda:3", "--log-level", "info"])
+    config = load_serve_config(args)
+    assert config.frontend.serving.served_model_names == ("qwen", "qwen-latest")
+    assert config.frontend.serving.chat_template == str(template)
+    assert config.frontend.serving.generation_config == "vllm"
+    assert (config.engine.dtype, config.engine.seed) == ("float16", 7)
+    assert config.engine.enforce_eager is True and config.engine.enable_prefix_caching is False
+    assert config.device == "cuda:2,cuda:3" and config.log_level == "info"
+    # Unset boolean flags leave the default (and the environment) in charge.
+    assert load_serve_config(_parse_serve(["serve"])).engine.enable_prefix_caching is True
+
+
+def test_serving_settings_from_environment_and_yaml(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("served_model_name: [a, b]\nenforce_eager: true\ndtype: bfloat16\n"
+                    "frontend:\n  serving:\n    generation_config: none\n")
+    env = {"TANDEM_SERVED_MODEL_NAME": "env-a, env-b", "TANDEM_ENABLE_PREFIX_CACHING": "false",
+           "TANDEM_SEED": "11", "TANDEM_LOG_LEVEL": "debug"}
+    config = build_serve_config({"dtype": "float32"}, str(path), environ=env)
+    assert config.frontend.serving.served_model_names == ("env-a", "env-b")  # env over YAML
+    assert config.frontend.serving.generation_config == "none"                 # a YAML section
+    assert config.engine.enforce_eager is True and config.engine.enable_prefix_caching is False
+    assert (config.engine.dtype, config.engine.seed, config.log_level) == ("float32", 11, "debug")
+    assert build_serve_config({}, str(path), environ={}).frontend.serving.served_model_names == (
+        "a", "b")
+
+
+def test_log_level_before_or_after_serve():
+    from tandem.launcher.serve import load_serve_config
+    assert load_serve_config(_parse_serve(["--log-level", "ERROR", "serve"])).log_level == "ERROR"
+    assert load_serve_config(
+        _parse_serve(["--log-level", "ERROR", "serve", "--log-level", "INFO"])).log_level == "INFO"
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"device": "cuda:0,gpu1"}, "GPUs listed one per worker"),
+    ({"device": "cuda:1,cuda:1"}, "lists a GPU twice"),
+    ({"device": "cuda:0,cuda:1", "launcher": "ray"}, "needs --launcher local"),
+    ({"dtype": "int8"}, "dtype must be auto, float32, bfloat16 or float16"),
+    ({"log_level": "LOUD"}, "log_level must be one of"),
+    ({"chat_template": "/no/such/template.jinja"}, "neither a file nor a Jinja template"),
+    ({"generation_config": "/no/such/dir"}, "not auto, vllm, none, a generation_config.json"),
+    ({"enforce_eager": "maybe"}, "expected bool"),
+])
+def test_serving_flags_validate_with_an_actionable_message(flags, message):
+    with pytest.raises(ValueError, match=message):
+        build_serve_config(flags, environ={})
+
+
+def test_listed_gpus_go_to_the_workers_in_order():
+    from tandem.launcher.serve import assign_gpus
+    assert assign_gpus("cuda:2,cuda:3", 2, num_gpus=4) == ["cuda:2", "cuda:3"]
+    assert assign_gpus("cuda:3,cuda:1,cuda:0", 2, num_gpus=4) == ["cuda:3", "cuda:1"]
+    assert assign_gpus("cuda", 3, num_gpus=4) == ["cuda:0", "cuda:1", "cuda:2"]
+    with pytest.raises(ValueError, match="--device lists 1"):
+        assign_gpus("cuda:2", 2, num_gpus=4)
+    with pytest.raises(ValueError, match="cuda:5 do not exist"):
+        assign_gpus("cuda:1,cuda:5", 2, num_gpus=4)
+
+
+def test_help_says_what_each_setting_does_and_the_precedence(capsys):
+    with pytest.raises(SystemExit):
+        _parse_serve(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Precedence: flag > environment > YAML > default." in text
+    for flag in ("--served-model-name", "--chat-template", "--generation-config", "--dtype",
+                 "--seed", "--enforce-eager", "--no-enable-prefix-caching", "--log-level"):
+        assert flag in text
+    assert "cuda:2,cuda:3 given to the workers in order" in text
+    assert all(len(setting.help.split()) >= 3 for setting in SETTINGS), "a help says what it does"

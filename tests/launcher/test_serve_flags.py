@@ -1,0 +1,54 @@
+"""vLLM's serving flags on a real `tandem serve`, through the official `openai` client:
+`--served-model-name` with two names, an inline `--chat-template`, `--generation-config vllm`, and
+settings given only through the environment (`TANDEM_*`)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tandem.engine.tokenizer import apply_chat_template, load_tokenizer
+from tests.serving_harness import start_server
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}"
+            "{% endfor %}<<assistant>>")
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = start_server(
+        "--model", "random:tiny", "--num-prefill", "0", "--num-decode", "1",
+        "--served-model-name", "tiny-chat", "tiny", "--chat-template", TEMPLATE,
+        "--generation-config", "vllm", "--log-level", "WARNING",
+        env={"TANDEM_DEVICE": "cpu", "TANDEM_NUM_KV_BLOCKS": "64", "TANDEM_SEED": "3",
+             "TANDEM_NO_SUCH_SETTING": "ignored"})
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_every_served_name(client):
+    assert [model.id for model in client.models.list().data] == ["tiny-chat", "tiny"]
+
+
+def test_chat_uses_the_given_template_under_either_name(client):
+    messages = [{"role": "user", "content": "Hello there"}]
+    tokenizer = load_tokenizer(None)
+    tokenizer.chat_template = TEMPLATE
+    expected_prompt_tokens = len(apply_chat_template(tokenizer, messages))
+    for name in ("tiny", "tiny-chat"):
+        response = client.chat.completions.create(model=name, messages=messages, max_tokens=3,
+                                                  temperature=0)
+        assert response.model == "tiny-chat"  # responses carry the first name
+        assert response.usage.prompt_tokens == expected_prompt_tokens
+        assert response.usage.completion_tokens == 3
+
+
+def test_the_underlying_model_name_is_not_served(client):
+    with pytest.raises(openai.BadRequestError) as err:  # code model_not_found
+        client.completions.create(model="random:tiny", prompt="hi", max_tokens=2)
+    assert "`tiny-chat`, `tiny`" in str(err.value)
