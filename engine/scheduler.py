@@ -195,6 +195,8 @@ class Scheduler:
     def _reserve_slots(self, seq: Sequence, num_new: int) -> bool:
         """Allocate blocks for num_new more tokens, preempting the newest sequence if needed."""
         num_needed = seq.num_blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_table)
+        if num_needed <= 0:  # most decode steps: the last block still has room
+            return True
         if self.block_manager.can_allocate(num_needed):
             seq.block_table.extend(self.block_manager.allocate(num_needed))
             return True

@@ -247,13 +247,23 @@ class KVIndex:
         run, offset = (runs[code >> _OFFSET_BITS], code & _OFFSET_MASK) if code is not None \
             else (None, -1)
         touched: dict[_Run, list[int]] = {}
-        for block_hash in block_hashes:
+        block_hashes = list(block_hashes)
+        may_append_rest = True  # the tail check is made once, at the first new hash
+        for position, block_hash in enumerate(block_hashes):
             code = slots.get(block_hash)
             if code is None:  # new to the index: after its predecessor if that ends a run
                 if run is None or offset != len(run.hashes) - 1:
                     run = self._new_run()
                 elif not is_chain:
                     run.is_chain = False
+                if may_append_rest:
+                    may_append_rest = False
+                    rest = block_hashes[position:]
+                    if slots.keys().isdisjoint(rest) and len(set(rest)) == len(rest):
+                        if not is_chain and len(rest) > 1:
+                            run.is_chain = False
+                        self._append_run(worker, run, rest, touched)
+                        break
                 run.hashes.append(block_hash)
                 run.masks.append(bit)
                 run.num_live_slots += 1
@@ -271,6 +281,23 @@ class KVIndex:
         for run, (low, high) in touched.items():
             worker.run_ids.add(run.run_id)
             _refresh_breaks(run, low, high)
+
+    def _append_run(self, worker: _Worker, run: _Run, new_hashes: list[int],
+                    touched: dict[_Run, list[int]]) -> None:
+        """Append hashes new to the index at the end of `run`, held by `worker` alone.
+
+        A prompt's fresh tail is usually hundreds of blocks; doing it in C-level passes keeps the
+        router's per-request work small. The new slots share one mask, so the only break they can
+        add is at their first position, which refreshing that one position finds.
+        """
+        start = len(run.hashes)
+        run.hashes.extend(new_hashes)
+        run.masks.extend([worker.bit] * len(new_hashes))
+        run.num_live_slots += len(new_hashes)
+        base = run.run_id << _OFFSET_BITS
+        self._slots.update(zip(new_hashes, range(base | start, base | len(run.hashes))))
+        worker.num_blocks += len(new_hashes)
+        _touch(touched, run, start)
 
     def _forget(self, worker: _Worker, block_hashes: Iterable[int]) -> None:
         bit, slots, runs = worker.bit, self._slots, self._runs
