@@ -100,8 +100,11 @@ def builtin_vocab_size() -> int:
     return tokenizer.get_vocab_size(with_added_tokens=True)
 
 
-def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` rendered by the tokenizer's chat template, ending in the assistant prompt."""
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
+                        tools: list[dict] | None = None) -> list[int]:
+    """Token ids of `messages` rendered by the tokenizer's chat template, ending in the assistant
+    prompt; `tools` (OpenAI-style function definitions) go to the template, which describes them
+    to the model in its own words."""
     if not tokenizer.chat_template:
         raise ValueError(
             f"tokenizer {tokenizer.name_or_path!r} has no chat template: add `chat_template` to its "
@@ -109,6 +112,8 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
         )
     _validate_messages(messages)
     kwargs: dict = {"add_generation_prompt": True, "tokenize": True, "return_dict": False}
+    if tools:
+        kwargs["tools"] = tools
     if _can_sanitize_control_tokens(type(tokenizer)):
         # A user who writes "<|eos|>" in a message gets those characters, not the control token.
         kwargs["sanitize_control_tokens"] = True

@@ -13,7 +13,8 @@
 
 A request with several choices (`n`, `best_of`, a list of prompts) runs one pipeline request per
 generation and puts them together (openai_choices). Sampling fields the client leaves out take the
-model's defaults (generation_config.json), as on gRPC.
+model's defaults (generation_config.json), as on gRPC. Chat requests may give `tools`: the chat
+template shows them to the model and the reply's calls come back as `tool_calls` (openai_tools).
 
 This module is the I/O shell. Validation and tokenization live in `openai_inputs` (with the rules
 shared with gRPC in `request_rules`), response shapes in `openai_outputs`, disconnect handling in
@@ -57,6 +58,8 @@ from tandem.frontend.openai_inputs import chat_request, check_supported, complet
 from tandem.frontend.openai_outputs import ChatFormatter, CompletionFormatter, make_token_text
 from tandem.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from tandem.frontend.openai_tokenize import TokenizeRoutes
+from tandem.frontend.openai_tools import tool_calling
+from tandem.frontend.tool_parsers import ToolCallParser, detect_parser, make_parser
 from tandem.frontend.request_rules import RequestError, RequestLimits, RequestRules, check_model
 from tandem.frontend.openai_sse import (SSE_DONE, ClientDisconnected, SSEResponse, close_iterator,
                                       run_unless_disconnected, sse_event)
@@ -71,17 +74,20 @@ def create_app(pipeline: RequestPipeline, tokenizer: PreTrainedTokenizerBase,
                metrics_registry: CollectorRegistry | None = None, *,
                limits: RequestLimits = RequestLimits(), rules: RequestRules | None = None,
                tokenize_executor: ThreadPoolExecutor | None = None,
-               defaults: SamplingParams | None = None) -> FastAPI:
+               defaults: SamplingParams | None = None,
+               tool_call_parser: str | None = None) -> FastAPI:
     """The HTTP app serving `pipeline` (an `AdmissionGate` to bound the load); `tokenizer` must be
     the one the pipeline's model uses. `rules` default to the pipeline's model, the tokenizer's
     vocabulary and `limits`; `tokenize_executor`, one thread, is shared with the gRPC API when
     given; `defaults` (the model's generation config) fill the sampling fields a request leaves
-    out."""
+    out; `tool_call_parser` reads tool calls out of replies (tool_parsers; None: the one the chat
+    template calls for, if any)."""
     rules = rules or default_rules(pipeline, tokenizer, limits)
     owns_executor = tokenize_executor is None
     executor = tokenize_executor or tokenizer_thread()
     server = _OpenAIServer(pipeline, tokenizer, metrics_registry or REGISTRY, rules,
-                           limits.max_request_bytes, executor, defaults)
+                           limits.max_request_bytes, executor, defaults,
+                           chosen_tool_parser(tool_call_parser, tokenizer))
     tokenize = TokenizeRoutes(tokenizer, rules, executor, server.read_body)
 
     @contextlib.asynccontextmanager
@@ -120,6 +126,16 @@ def default_rules(pipeline: RequestPipeline, tokenizer: PreTrainedTokenizerBase,
                                   min(len(tokenizer), vocab_size or len(tokenizer)), limits)
 
 
+def chosen_tool_parser(name: str | None, tokenizer: PreTrainedTokenizerBase
+                       ) -> ToolCallParser | None:
+    """The parser named, or the one the tokenizer's chat template calls for (None: no tools)."""
+    name = name or detect_parser(tokenizer.chat_template)
+    if name is None:
+        return None
+    logger.info("tool calls are read with the %s parser", name)
+    return make_parser(name)
+
+
 @dataclass(frozen=True, slots=True)
 class _Prepared:
     response_id: str
@@ -136,7 +152,8 @@ class _Prepared:
 class _OpenAIServer:
     def __init__(self, pipeline: RequestPipeline, tokenizer: PreTrainedTokenizerBase,
                  registry: CollectorRegistry, rules: RequestRules, max_request_bytes: int,
-                 tokenize_executor: ThreadPoolExecutor, defaults: SamplingParams | None = None):
+                 tokenize_executor: ThreadPoolExecutor, defaults: SamplingParams | None = None,
+                 tool_parser: ToolCallParser | None = None):
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.registry = registry
@@ -146,6 +163,7 @@ class _OpenAIServer:
         self.started_s = int(time.time())
         self.tokenize_executor = tokenize_executor
         self.defaults = defaults
+        self.tool_parser = tool_parser
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, f"cmpl-{uuid.uuid4().hex}", self._prepare_completion)
@@ -241,9 +259,10 @@ class _OpenAIServer:
 
     def _prepare_chat(self, body: bytes, request_id: str) -> _Prepared:
         parsed = self._parse(body, ChatCompletionRequest)
+        tools = tool_calling(parsed, self.tool_parser)
         prompt = chat_request(parsed, request_id, self.tokenizer, self.rules, self.defaults)
         plan = plan_choices([prompt], request_id, parsed.n or 1)
-        formatters = [self._formatter(ChatFormatter, request_id, g, prompt)
+        formatters = [self._formatter(ChatFormatter, request_id, g, prompt, tools=tools)
                       for g in range(len(plan.generations))]
         return _Prepared(request_id, plan, ChoiceSet(plan, formatters), bool(parsed.stream),
                          parsed.include_usage)

@@ -24,6 +24,7 @@ from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.tokenizer import apply_chat_template
 from tandem.frontend.openai_protocol import (ChatCompletionRequest, CompletionRequest, brief_repr,
                                            sampling_fields)
+from tandem.frontend.openai_tools import num_tool_chars, template_message, template_tools
 from tandem.frontend.request_rules import (RequestError, RequestRules, check_float,
                                          check_no_lone_surrogates, check_prompt_chars,
                                          check_prompt_ids, check_prompt_length, resolve_max_tokens,
@@ -89,8 +90,8 @@ def _refusals(request: CompletionRequest | ChatCompletionRequest) -> list[tuple[
     if isinstance(request, CompletionRequest):
         return refusals + _completion_refusals(request)
     return refusals + [
-        ("tools", bool(request.tools), "tools are not supported"),
-        ("functions", bool(request.functions), "functions are not supported"),
+        ("functions", bool(request.functions), "functions are not supported: send them as "
+         "`tools` (openai_tools)"),
     ]
 
 
@@ -165,12 +166,11 @@ def chat_prompt_ids(request: ChatCompletionRequest, tokenizer: PreTrainedTokeniz
                      rules: RequestRules) -> list[int]:
     if not request.messages:
         raise RequestError("messages is empty: send at least one message", "messages")
-    check_prompt_chars(sum(len(m.content) for m in request.messages), rules, "messages")
-    # Templates know system/user/assistant; "developer" is OpenAI's newer name for system.
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                for m in request.messages]
+    num_chars = sum(len(m.content or "") for m in request.messages) + num_tool_chars(request)
+    check_prompt_chars(num_chars, rules, "messages")
+    messages = [template_message(m, i) for i, m in enumerate(request.messages)]
     try:
-        return apply_chat_template(tokenizer, messages)
+        return apply_chat_template(tokenizer, messages, template_tools(request))
     except ValueError as exc:
         raise RequestError(str(exc), "messages") from None
     except TemplateError as exc:

@@ -30,6 +30,7 @@ from tandem.frontend.openai_protocol import (ChatChoice, ChatCompletionChunk, Ch
                                            ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
                                            CompletionLogprobs, CompletionResponse,
                                            PromptTokensDetails, TopLogprob, UsageInfo)
+from tandem.frontend.openai_tools import ToolCalling, tool_call_delta, tool_call_out
 from tandem.frontend.types import GenerateChunk
 
 LOGPROB_FLOOR = -9999.0
@@ -161,11 +162,17 @@ class CompletionFormatter(_Formatter):
 
 
 class ChatFormatter(_Formatter):
-    """`chat.completion` and `chat.completion.chunk` objects for /v1/chat/completions."""
+    """`chat.completion` and `chat.completion.chunk` objects for /v1/chat/completions. With
+    `tools`, the reply is read for tool calls (openai_tools): streamed, content passes through the
+    parser's stream and each call goes out as one delta once complete; whole, the text is parsed
+    at the end. Either way a reply with calls that stopped on its own ends with `tool_calls`."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, tools: ToolCalling | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.logprobs: list[ChatTokenLogprob] = []
+        self.tools = tools
+        self.tool_stream = tools.parser.stream() if tools is not None else None
+        self.num_tool_calls_sent = 0
 
     def prologue(self) -> list[dict]:
         # OpenAI's streams open with the role alone; content follows in later chunks.
@@ -179,13 +186,15 @@ class ChatFormatter(_Formatter):
             content = [self._token_logprob(lp) for lp in chunk.logprobs]
             self.logprobs.extend(content)
             logprobs = ChatLogprobs(content=content)
-        return ChatStreamChoice(index=self.index, delta=ChatDelta(content=chunk.text),
-                                logprobs=logprobs, finish_reason=chunk.finish_reason,
-                                stop_reason=chunk.stop_reason)
+        delta = ChatDelta(content=chunk.text) if self.tool_stream is None else self._tool_delta(chunk)
+        finish = _chat_finish_reason(chunk.finish_reason, self.num_tool_calls_sent)
+        return ChatStreamChoice(index=self.index, delta=delta, logprobs=logprobs,
+                                finish_reason=finish, stop_reason=chunk.stop_reason)
 
     def stream_body(self, choice: ChatStreamChoice) -> dict | None:
         has_tokens = bool(choice.logprobs and choice.logprobs.content)
-        if not choice.delta.content and choice.finish_reason is None and not has_tokens:
+        has_output = bool(choice.delta.content or choice.delta.tool_calls)
+        if not has_output and choice.finish_reason is None and not has_tokens:
             return None
         return self._chunk_body([choice], usage=None)
 
@@ -194,8 +203,14 @@ class ChatFormatter(_Formatter):
 
     def final_choice(self) -> ChatChoice:
         logprobs = ChatLogprobs(content=self.logprobs) if self.wants_logprobs else None
-        return ChatChoice(index=self.index, message=ChatResponseMessage(content=self.text),
-                          logprobs=logprobs, finish_reason=self.finish_reason,
+        message = ChatResponseMessage(content=self.text)
+        if self.tools is not None:
+            parsed = self.tools.parser.parse(self.text)
+            calls = [tool_call_out(call) for call in self.tools.keep(parsed.tool_calls)]
+            message = ChatResponseMessage(content=parsed.content, tool_calls=calls)
+        return ChatChoice(index=self.index, message=message, logprobs=logprobs,
+                          finish_reason=_chat_finish_reason(self.finish_reason,
+                                                            len(message.tool_calls)),
                           stop_reason=self.stop_reason)
 
     def response(self, choices: list[ChatChoice] | None = None,
@@ -204,6 +219,18 @@ class ChatFormatter(_Formatter):
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model,
                                       choices=choices or [self.final_choice()],
                                       usage=usage or self.usage()).model_dump()
+
+    def _tool_delta(self, chunk: GenerateChunk) -> ChatDelta:
+        """The chunk's text through the tool-call stream: content, and the calls it completed."""
+        assert self.tool_stream is not None and self.tools is not None
+        released = self.tool_stream.feed(chunk.text)
+        if chunk.finish_reason is not None:
+            released = released + self.tool_stream.finish()
+        calls = self.tools.keep(released.tool_calls, self.num_tool_calls_sent)
+        deltas = [tool_call_delta(call, self.num_tool_calls_sent + k) for k, call in enumerate(calls)]
+        self.num_tool_calls_sent += len(deltas)
+        return ChatDelta(content=released.content or (None if deltas else ""),
+                         tool_calls=deltas or None)
 
     def _chunk_body(self, choices: list[ChatStreamChoice], usage: UsageInfo | None) -> dict:
         return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
@@ -215,6 +242,11 @@ class ChatFormatter(_Formatter):
                for text, value in self._top(logprob)]
         return ChatTokenLogprob(token=token, logprob=finite_logprob(logprob.logprob),
                                 bytes=list(token.encode("utf-8")), top_logprobs=top)
+
+
+def _chat_finish_reason(reason: str | None, num_tool_calls: int) -> str | None:
+    # A reply cut by max_tokens keeps "length": its last call may be the one cut.
+    return "tool_calls" if reason == "stop" and num_tool_calls else reason
 
 
 def finite_logprob(value: float) -> float:

@@ -3,7 +3,7 @@
 Requests are validated strictly: `"max_tokens": "16"` or `"stream": 1` is a type error (as it is for
 OpenAI), not something to coerce. A field the server does not know is refused with a 400 that names
 it, rather than silently ignored; fields it knows but cannot honour (structured output's `guided_*`,
-`suffix`, tools) are refused by `openai_inputs.check_supported`.
+`suffix`, the legacy `functions`) are refused by `openai_inputs.check_supported`.
 
 Besides the standard fields (`n`, `best_of`, `echo`, penalties, `logit_bias`, a list of prompts),
 both requests take the vLLM extensions that tandem's `SamplingParams` supports: `top_k`, `min_p`,
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 
@@ -93,16 +93,62 @@ class CompletionRequest(_GenerationRequest):
         return prompt_list(value)
 
 
+class FunctionCall(_StrictModel):
+    name: str
+    arguments: str                           # JSON text, as OpenAI sends it
+
+
+class ToolCall(_StrictModel):
+    """A call an assistant message made earlier in the conversation."""
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_StrictModel):
     # "developer" is what recent OpenAI clients send in place of "system".
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str                             # a list of text parts arrives here joined
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | None = None               # a list of text parts arrives here joined
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant only
+    tool_call_id: str | None = None          # tool only: the call this message answers
 
     @field_validator("content", mode="before")
     @classmethod
     def _join_text_parts(cls, value: Any) -> Any:
         return join_text_parts(value)
+
+    @model_validator(mode="after")
+    def _check_tool_fields(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls is only allowed on assistant messages, not {self.role}")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id: the id of the call it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls "
+                             "may leave it null)")
+        return self
+
+
+class FunctionDefinition(_RequestModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class ToolDefinition(_RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_RequestModel):
+    name: str
+
+
+class NamedToolChoice(_RequestModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -111,7 +157,10 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    # None: "auto" with tools, "none" without (OpenAI's rule).
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call per reply
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -220,9 +269,21 @@ class ChatLogprobs(BaseModel):
     refusal: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -242,9 +303,15 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaToolCall(ToolCallOut):
+    """A whole call in one delta: `index` numbers the calls of one choice."""
+    index: int
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -302,6 +302,7 @@ def test_unknown_route_and_method_answer_error_objects(http):
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 HI = [{"role": "user", "content": "Hi"}]
+FUNCTION_F = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
 def _body(**fields) -> bytes:
@@ -356,10 +357,22 @@ def _body(**fields) -> bytes:
     (CHAT, _body(messages=[]), 400, ["messages", "empty"]),
     (CHAT, _body(messages=[{"role": "user", "content": "word " * 80}]), 400, [f"{MAX_MODEL_LEN} tokens"]),
     (CHAT, _body(messages=HI, max_completion_tokens=100), 400, ["max_completion_tokens=100", "at most"]),
-    (CHAT, _body(messages=[{"role": "tool", "content": "x"}]), 400, ["messages.0.role"]),
+    (CHAT, _body(messages=[{"role": "tool", "content": "x"}]), 400,
+     ["messages.0", "a tool message needs tool_call_id"]),
+    (CHAT, _body(messages=[{"role": "assistant", "content": None}]), 400,
+     ["messages.0", "content is required"]),
+    (CHAT, _body(messages=[{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]), 400,
+     ["messages.0.tool_calls.0.function.arguments must be a JSON object"]),
+    (CHAT, _body(messages=HI, tool_choice="required"), 400, ["tool_choice 'required' needs tools"]),
+    (CHAT, _body(messages=HI, tools=[FUNCTION_F]), 400,
+     ["its chat template shows no tool-call format", "--tool-call-parser"]),
+    (CHAT, _body(messages=HI, tools=[FUNCTION_F], tool_choice={
+        "type": "function", "function": {"name": "g"}}), 400, ["names the function 'g'"]),
+    (CHAT, _body(messages=HI, functions=[{"name": "f"}]), 400, ["functions are not supported"]),
     (CHAT, _body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400, ["image_url"]),
     (CHAT, _body(messages=HI, top_logprobs=2), 400, ["top_logprobs requires logprobs"]),
-    (CHAT, _body(messages=HI, tools=[{"type": "function"}]), 400, ["tools"]),
+    (CHAT, _body(messages=HI, tools=[{"type": "function"}]), 400, ["tools.0.function is required"]),
 ])
 def test_bad_requests(http, pipeline, path, body, status, phrases):
     response = http.post(path, content=body, headers={"Content-Type": "application/json"})
