@@ -29,6 +29,7 @@ from tandem.frontend.pipeline import Pipeline
 from tandem.frontend.public_auth import (AccessConfig, add_public_port, grpc_interceptors,
                                          protect_http, uvicorn_tls)
 from tandem.frontend.stats_log import WorkerStatsLog
+from tandem.frontend.tool_parsers import make_parser
 from tandem.frontend.kv_follower import KVEventFollower
 from tandem.frontend.request_rules import RequestLimits
 from tandem.router.routing import Router, RoutingConfig
@@ -53,8 +54,13 @@ class FrontendConfig:
     access: AccessConfig = field(default_factory=AccessConfig)  # API key, TLS (public_auth.py)
     # Served names, chat template, sampling defaults (model_serving.py).
     serving: ModelServingConfig = field(default_factory=ModelServingConfig)
+    # How replies' tool calls are read (tool_parsers): llama3_json or hermes; None picks the one
+    # the chat template calls for, and a template that shows none serves no tools.
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
+        if self.tool_call_parser is not None:
+            make_parser(self.tool_call_parser)   # an unknown name fails at start, naming the choices
         for name in ("http_port", "grpc_port", "control_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
@@ -95,7 +101,8 @@ class Frontend:
                                     model.default_sampling_params())
         self.app = create_app(self.gate, tokenizer, self.metrics.registry, limits=config.limits,
                               rules=self.rules, tokenize_executor=self.tokenize_executor,
-                              defaults=model.default_sampling_params())
+                              defaults=model.default_sampling_params(),
+                              tool_call_parser=config.tool_call_parser)
         self.app.add_middleware(AccessLogMiddleware)
         self.stats_log = WorkerStatsLog(self.workers, self.metrics.requests)
         self.http: _QuietServer | None = None

@@ -96,6 +96,10 @@ SETTINGS = [
             "responses carry the first; unset: --model as given"),
     Setting("chat_template", ("frontend", "serving", "chat_template"),
             "chat template replacing the tokenizer's: a Jinja file or the template itself"),
+    Setting("tool_call_parser", ("frontend", "tool_call_parser"),
+            "how tool calls are read out of chat replies: llama3_json (Llama 3 JSON) or hermes "
+            "(Qwen / Hermes <tool_call> tags); unset: picked from the chat template, and a "
+            "template that shows no tool format refuses requests with tools"),
     Setting("generation_config", ("frontend", "serving", "generation_config"),
             "sampling defaults for fields a request leaves unset: auto (the model's "
             "generation_config.json), vllm or none (ignore it), or a path to another "

@@ -127,6 +127,21 @@ def test_serving_settings_from_environment_and_yaml(tmp_path):
         "a", "b")
 
 
+def test_tool_call_parser_from_flag_environment_and_yaml(tmp_path):
+    from tandem.launcher.serve import load_serve_config
+    assert ServeConfig().frontend.tool_call_parser is None        # picked from the template
+    args = _parse_serve(["serve", "--tool-call-parser", "hermes"])
+    assert load_serve_config(args).frontend.tool_call_parser == "hermes"
+    path = tmp_path / "serve.yaml"
+    path.write_text("tool_call_parser: hermes\n")
+    env = {"TANDEM_TOOL_CALL_PARSER": "llama3_json"}
+    assert build_serve_config({}, str(path), environ=env).frontend.tool_call_parser == "llama3_json"
+    assert build_serve_config({}, str(path), environ={}).frontend.tool_call_parser == "hermes"
+    with pytest.raises(ValueError, match=r"tool_call_parser must be one of \['hermes', "
+                                         r"'llama3_json'\], got 'mistral'"):
+        build_serve_config({"tool_call_parser": "mistral"}, environ={})
+
+
 def test_log_level_before_or_after_serve():
     from tandem.launcher.serve import load_serve_config
     assert load_serve_config(_parse_serve(["--log-level", "ERROR", "serve"])).log_level == "ERROR"
