@@ -25,8 +25,6 @@ from tandem.bench.records import BenchRequest
 from tandem.bench.report import format_comparison, format_errors, format_summary
 from tandem.bench.runner import BenchRun, run_benchmark
 from tandem.bench.sharegpt import ShareGPTConfig, load_sharegpt_dataset
-from tandem.bench.text import (bench_tokenizer_name, encoder, load_bench_tokenizer,
-                               with_prompt_texts)
 from tandem.bench.trace import MOONCAKE_BLOCK_SIZE, TraceConfig, load_trace_dataset
 
 logger = logging.getLogger(__name__)
@@ -201,6 +199,7 @@ def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
             output_scale=args.output_scale, time_scale=args.time_scale,
             vocab_size=args.vocab_size), args.seed)
     if dataset.startswith("sharegpt:"):
+        from tandem.bench.text import encoder
         tokenizer = _tokenizer(args, "--dataset sharegpt:PATH")
         return load_sharegpt_dataset(
             ShareGPTConfig(path=dataset[len("sharegpt:"):], num_requests=args.num_requests),
@@ -209,6 +208,9 @@ def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
 
 
 def _tokenizer(args: argparse.Namespace, needed_by: str):
+    # Imported here: transformers is slow to import, and synthetic runs and the simulator
+    # (which shares these flags) never need a tokenizer.
+    from tandem.bench.text import bench_tokenizer_name, load_bench_tokenizer
     name = bench_tokenizer_name(getattr(args, "tokenizer", None), getattr(args, "model", None))
     if name is None:
         raise ValueError(f"{needed_by} needs a tokenizer: pass --tokenizer (a model directory, "
@@ -220,6 +222,7 @@ def _with_text(requests: list[BenchRequest], args: argparse.Namespace) -> list[B
     """openai-chat sends text: token-id prompts are decoded with the tokenizer."""
     if all(request.prompt_text is not None for request in requests):
         return requests
+    from tandem.bench.text import with_prompt_texts
     return with_prompt_texts(requests, _tokenizer(args, "--backend openai-chat with a "
                                                         "token-id dataset"))
 
