@@ -10,6 +10,7 @@ import os
 import sys
 
 from tandem.bench import add_bench_parser
+from tandem.planner.plan_cli import add_plan_parser
 from tandem.planner.profile_cli import add_profile_parser
 from tandem.planner.simulate_cli import add_simulate_parser
 from tandem.launcher.serve import add_serve_parser
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(commands)
     add_profile_parser(commands)
     add_simulate_parser(commands)
+    add_plan_parser(commands)
     add_worker_parser(commands)
     return parser
 
