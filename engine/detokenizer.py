@@ -18,6 +18,9 @@ Text is withheld for two reasons:
   completes, the text is cut before it. With `include_stop_str_in_output` the cut falls after the
   stop string, so nothing needs holding back.
 
+A stop string completed within the first `min_tokens` output tokens does not end the output (vLLM's
+rule: stop conditions wait for min_tokens); the text stays and matching goes on.
+
 Stop strings are matched by `stop_matcher.StopMatcher`, which reads each new character once (an
 Aho-Corasick automaton), so matching and the hold-back length cost O(new text) per token however
 many and however long the stop strings are; of several matches the one that completes first
@@ -51,6 +54,7 @@ class IncrementalDetokenizer:
         stop: Sequence[str],
         include_stop_str_in_output: bool = False,
         skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ) -> None:
         if isinstance(stop, str):
             raise ValueError(f"stop must be a list of strings, got the string {stop!r}; wrap it in a list")
@@ -60,6 +64,8 @@ class IncrementalDetokenizer:
         self._stop_matcher = StopMatcher(stop) if stop else None
         self._include_stop = include_stop_str_in_output
         self._skip_special_tokens = skip_special_tokens
+        self._min_tokens = min_tokens
+        self._num_output_tokens = 0
 
         context = [int(t) for t in prompt_token_ids[-_NUM_PROMPT_CONTEXT_TOKENS:]]
         context_text = self._decode(context)
@@ -98,6 +104,7 @@ class IncrementalDetokenizer:
         if not token_ids:
             return None
         self._token_ids.extend(int(t) for t in token_ids)
+        self._num_output_tokens += len(token_ids)
         window_text = self._decode(self._token_ids[self._prefix_offset:])
         if window_text.endswith(_REPLACEMENT_CHAR) or len(window_text) <= len(self._prefix_text):
             return None  # pending: an unfinished character, or tokens that decode to nothing yet
@@ -139,6 +146,8 @@ class IncrementalDetokenizer:
     def _append_text(self, new_text: str) -> str | None:
         """Add decoded text, cut it at the first stop string it completes, and return that string."""
         match = self._stop_matcher.feed(new_text) if self._stop_matcher is not None else None
+        if match is not None and self._num_output_tokens < self._min_tokens:
+            match = None   # too early to stop: the text stays and matching goes on
         num_chars_before = self._num_chars
         self._pieces.append(new_text)
         self._num_chars += len(new_text)

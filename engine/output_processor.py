@@ -32,7 +32,7 @@ class OutputProcessor:
                     params: SamplingParams) -> None:
         detokenizer = IncrementalDetokenizer(
             self.tokenizer, prompt_token_ids, params.stop, params.include_stop_str_in_output,
-            params.skip_special_tokens)
+            params.skip_special_tokens, params.min_tokens)
         completion = CompletionOutput(0, "", [], logprobs=[] if params.logprobs is not None else None)
         output = RequestOutput(request_id, prompt, list(prompt_token_ids), [completion])
         self.requests[request_id] = _RequestState(output, detokenizer, params.logprobs is not None)

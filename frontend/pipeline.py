@@ -117,7 +117,8 @@ class Pipeline:
         params = request.params
         progress = _Progress(
             IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop,
-                                   params.include_stop_str_in_output, params.skip_special_tokens),
+                                   params.include_stop_str_in_output, params.skip_special_tokens,
+                                   params.min_tokens),
             num_prompt, time.perf_counter(), "", request.request_id, token_ids=[])
         self.idle.clear()
         try:

@@ -292,3 +292,13 @@ def test_invalid_stop_arguments_are_rejected(tokenizer):
         IncrementalDetokenizer(tokenizer, [], ["ok", ""])
     with pytest.raises(ValueError, match="list of strings"):
         IncrementalDetokenizer(tokenizer, [], "stop")
+
+
+def test_stop_strings_wait_for_min_tokens(tokenizer):
+    ids = tokenizer.encode("ab ab ab", add_special_tokens=False)   # ab, " a", b, " a", b
+    early = IncrementalDetokenizer(tokenizer, [], ["ab"])
+    assert early.add_tokens(ids[:1]) == "ab" and early.output_text == ""
+    held = IncrementalDetokenizer(tokenizer, [], ["ab"], min_tokens=4)
+    # The matches at tokens 1 and 3 come before min_tokens; the one at token 5 ends the output.
+    assert [held.add_tokens([t]) for t in ids] == [None, None, None, None, "ab"]
+    assert held.output_text == "ab ab "
