@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.engine.block_manager import BlockManager
@@ -139,6 +140,41 @@ class Scheduler:
                 self._check_stop(seq, token_id)
         return advanced
 
+    def advance_decode(self, max_steps: int,
+                       next_token_ids: Callable[[Sequence, int], list[int]]) -> int:
+        """Run up to `max_steps` steps of a pure decode batch at once; returns the steps run.
+
+        Does exactly what as many rounds of `schedule` and `postprocess` would: the same tokens,
+        block ids, prefix-cache events in the same order, and the same finishes, stopping after
+        the first step at which a sequence finishes. `next_token_ids(seq, n)` gives the n tokens
+        seq samples in the next n steps, one per step. Returns 0, doing nothing, unless every
+        running sequence is decoding, nothing waits, all fit one step's budget and the free
+        blocks cover every block the steps take (so that no step can preempt).
+
+        Why: a simulator knows a stretch of identical decode steps in advance, and doing its
+        work per block instead of per token is what makes an hour-long trace simulate in seconds.
+        """
+        if max_steps < 1 or not self._is_pure_decode():
+            return 0
+        running = list(self.running)
+        tokens = [next_token_ids(seq, max_steps) for seq in running]
+        num_steps = min(self._steps_until_finish(seq, seq_tokens)
+                        for seq, seq_tokens in zip(running, tokens))
+        num_needed = sum(max(0, seq.num_blocks_for(seq.num_tokens + num_steps - 1)
+                             - len(seq.block_table)) for seq in running)
+        if num_needed > self.block_manager.num_free_blocks:
+            return 0
+        block_work = sorted(work for i, seq in enumerate(running)
+                            for work in _decode_block_work(seq, i, num_steps))
+        for seq, seq_tokens in zip(running, tokens):
+            seq.token_ids.extend(seq_tokens[:num_steps])
+            seq.update_block_hashes()
+        self._run_block_work(running, block_work)
+        for seq, seq_tokens in zip(running, tokens):
+            seq.num_computed_tokens = seq.num_tokens - 1
+            self._check_stop(seq, seq_tokens[num_steps - 1])
+        return num_steps
+
     def finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None
                ) -> None:
         """End a sequence (stop condition, stop string or abort) and release what it holds."""
@@ -254,6 +290,56 @@ class Scheduler:
             cached = cached[:-1]  # compute at least the last token, to have logits to sample from
         return cached
 
+    def _is_pure_decode(self) -> bool:
+        """Whether the next step schedules every running sequence for one decode token."""
+        return (not self.waiting and 0 < len(self.running) <= self.limits.max_num_batched_tokens
+                and all(seq.num_computed_tokens == seq.num_tokens - 1
+                        and seq.num_computed_tokens >= seq.num_prompt_tokens
+                        for seq in self.running))
+
+    def _steps_until_finish(self, seq: Sequence, tokens: list[int]) -> int:
+        """The step (from 1) whose token ends seq, or len(tokens) when none does.
+
+        The stop rule is asked only where it can answer yes: at a stop or eos token, and where the
+        output or the context reaches its length limit (both counts grow by one a step).
+        """
+        params = seq.params
+        num_output, num_tokens = seq.num_output_tokens, seq.num_tokens
+        candidates = [self.limits.max_model_len - num_tokens - 1]
+        if params.max_tokens is not None:
+            candidates.append(params.max_tokens - num_output - 1)
+        stop_ids = self.eos_token_ids.union(params.stop_token_ids)
+        if stop_ids:
+            candidates.extend(j for j, token_id in enumerate(tokens) if token_id in stop_ids)
+        for j in sorted({max(0, c) for c in candidates if c < len(tokens)}):
+            reason = self._after_token_at(seq, tokens[j], num_output + j + 1, num_tokens + j + 1)
+            if reason is not None:
+                return j + 1
+        return len(tokens)
+
+    def _after_token_at(self, seq: Sequence, token_id: int, num_output_tokens: int,
+                        num_tokens: int) -> FinishReason | None:
+        """`_after_token` for a token sampled later, given the counts that include it."""
+        return finish_after_token(seq.params, token_id, num_output_tokens, num_tokens,
+                                  self.eos_token_ids, self.limits.max_model_len)
+
+    def _run_block_work(self, running: list[Sequence],
+                        block_work: list[tuple[int, int, int, int]]) -> None:
+        """Allocate and cache blocks in the order the steps would: by step, allocations (schedule)
+        before caching (postprocess), sequences in running order within each."""
+        manager = self.block_manager
+        for _, phase, i, amount in block_work:
+            seq = running[i]
+            if phase == 0:
+                seq.block_table.extend(manager.allocate(amount))
+                continue
+            start = seq.num_hashed_blocks_cached
+            if amount > start:
+                parent = seq.block_hashes[start - 1] if start else None
+                manager.cache_blocks(seq.block_table[start:amount],
+                                     seq.block_hashes[start:amount], parent)
+                seq.num_hashed_blocks_cached = amount
+
     def _cache_computed_blocks(self, seq: Sequence) -> None:
         num_full = min(seq.num_computed_tokens // seq.block_size, len(seq.block_hashes))
         start = seq.num_hashed_blocks_cached
@@ -263,6 +349,30 @@ class Scheduler:
         self.block_manager.cache_blocks(
             seq.block_table[start:num_full], seq.block_hashes[start:num_full], parent)
         seq.num_hashed_blocks_cached = num_full
+
+
+def _decode_block_work(seq: Sequence, index: int, num_steps: int
+                       ) -> list[tuple[int, int, int, int]]:
+    """(step, phase, index, amount) for each block operation of seq's next num_steps decode steps.
+
+    Step s (from 1) schedules seq with n = num_tokens + s - 1 tokens in KV after it: phase 0
+    allocates what its table lacks for n tokens (amount: blocks); phase 1, after the token,
+    caches the blocks that n computed tokens fill (amount: the end of the cached blocks).
+    """
+    block_size = seq.block_size
+    n0, table_len = seq.num_tokens, len(seq.block_table)
+    work = []
+    first_need = seq.num_blocks_for(n0) - table_len
+    if first_need > 0:
+        work.append((1, 0, index, first_need))
+    covered = max(table_len, seq.num_blocks_for(n0)) * block_size
+    # A new block each time n passes a multiple of the block size.
+    work.extend((s, 0, index, 1) for s in range(covered + 2 - n0, num_steps + 1, block_size))
+    work.append((1, 1, index, min(n0 // block_size, len(seq.block_hashes))))
+    first_full = (n0 // block_size + 1) * block_size - n0 + 1
+    work.extend((s, 1, index, (n0 + s - 1) // block_size)
+                for s in range(first_full, num_steps + 1, block_size))
+    return work
 
 
 class PrefillScheduler(Scheduler):
@@ -279,6 +389,9 @@ class PrefillScheduler(Scheduler):
 
     def _after_token(self, seq: Sequence, token_id: int) -> FinishReason | None:
         return FinishReason.REMOTE_DECODE
+
+    def _steps_until_finish(self, seq: Sequence, tokens: list[int]) -> int:
+        return 1  # every sequence ends at its first token
 
     def _release(self, seq: Sequence) -> None:
         if seq.finish_reason == FinishReason.REMOTE_DECODE:

@@ -129,12 +129,25 @@ class SimWorker:
         self.generation += 1
         return self.step_end_s
 
-    def run_stretch(self, on_batch: Callable[[ScheduledBatch, float], None]) -> list[Sequence]:
-        """Run the planned steps through the scheduler; the sequences advanced by the last one."""
+    def run_stretch(self, on_batch: Callable[[ScheduledBatch, float], None] | None
+                    ) -> list[Sequence]:
+        """Run the planned steps through the scheduler; the sequences advanced by the last one.
+
+        With `on_batch` every step is scheduled and shown to it; without, the first step is
+        postprocessed and the rest advanced at once (`Scheduler.advance_decode`), which gives the
+        same state per block instead of per token.
+        """
         ends = self.stretch_ends_s
         self.stretch_ends_s = None
         self.num_steps += len(ends) - 1
         self.busy_s += ends[-1] - ends[0]
+        if on_batch is None:
+            seqs = self.batch.seqs
+            self.finish_step()
+            if len(ends) > 1:
+                num_steps = self.scheduler.advance_decode(len(ends) - 1, self._next_token_ids)
+                assert num_steps == len(ends) - 1, (num_steps, len(ends))
+            return seqs
         advanced: list[Sequence] = []
         for i, end_s in enumerate(ends):
             if i:
@@ -142,6 +155,13 @@ class SimWorker:
             on_batch(self.batch, end_s)
             advanced = self.finish_step()
         return advanced
+
+    def _next_token_ids(self, seq: Sequence, num_steps: int) -> list[int]:
+        """The synthetic tokens seq samples in its next num_steps steps (finish_step's rule)."""
+        span = self._token_span
+        first = seq.num_tokens
+        return [FIRST_ORDINARY_TOKEN_ID + (n * TOKEN_MULTIPLIER) % span
+                for n in range(first, first + num_steps)]
 
     def finish_step(self) -> list[Sequence]:
         """Postprocess the step in flight; returns the sequences that got a token."""

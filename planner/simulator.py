@@ -237,16 +237,21 @@ class Simulator:
         rpc_s = self.config.rpc_s
         on_step = self.on_step
         requests = [self.requests[int(seq.request_id)] for seq in worker.batch.seqs]
-        times = [request.token_times_s for request in requests]
+        if on_step is None:
+            token_times_s = [end_s + rpc_s for end_s in worker.stretch_ends_s]
+            worker.run_stretch(None)
+            for request in requests:
+                request.token_times_s.extend(token_times_s)
+        else:
+            times = [request.token_times_s for request in requests]
 
-        def on_batch(batch, end_s: float) -> None:
-            if on_step is not None:
+            def on_batch(batch, end_s: float) -> None:
                 on_step(worker, batch)
-            token_s = end_s + rpc_s
-            for token_times_s in times:
-                token_times_s.append(token_s)
+                token_s = end_s + rpc_s
+                for request_times_s in times:
+                    request_times_s.append(token_s)
 
-        worker.run_stretch(on_batch)
+            worker.run_stretch(on_batch)
         for request in requests:
             if request.seq.is_finished:
                 self._later(rpc_s, lambda r=request: self._on_finished(r))

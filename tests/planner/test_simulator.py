@@ -79,6 +79,22 @@ def test_steps_match_the_real_scheduler_step_by_step():
     assert [r.output_tokens for r in result.records()] == [r.output_len for r in reqs]
 
 
+def test_advancing_decode_stretches_at_once_changes_nothing():
+    reqs = requests([(10, 9), (7, 30), (13, 25), (5, 40), (9, 3), (6, 35), (10, 28)])
+    offsets = [0.0, 0.0, 0.01, 0.02, 0.05, 0.3, 0.31]
+    runs = []
+    for hook in (None, lambda worker, batch: None):  # a hook sees every step: one at a time
+        sim = Simulator(config(1, 2, num_kv_blocks=40,
+                               routing=RoutingConfig(remote_prefill_min_tokens=8)),
+                        ConstantModel(), on_step=hook)
+        result = sim.run(reqs, offsets)
+        managers = [(list(w.block_manager.free_queue), w.block_manager.hash_to_block,
+                     w.block_manager.next_event_id) for w in sim.workers.values()]
+        runs.append(([(r.token_times_s, r.cached_tokens) for r in result.requests], managers,
+                     sim.router.indexes["decode"].overlaps(sim.requests[1].block_hashes)))
+    assert runs[0] == runs[1]
+
+
 def _snapshot(batch):
     return [(s.request_id, n, tuple(s.block_table)) for s, n in zip(batch.seqs,
                                                                     batch.num_new_tokens)]
