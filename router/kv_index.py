@@ -313,7 +313,13 @@ class KVIndex:
             run.masks[offset] = mask ^ bit
             run.num_live_slots -= mask == bit
             worker.num_blocks -= 1
-            _touch(touched, run, offset)
+            span = touched.get(run)  # _touch inlined: this loop runs once per evicted block
+            if span is None:
+                touched[run] = [offset, offset]
+            elif offset < span[0]:
+                span[0] = offset
+            elif offset > span[1]:
+                span[1] = offset
         self._settle(touched)
 
     def _forget_all(self, worker: _Worker) -> None:

@@ -116,10 +116,14 @@ class Router:
         """The request ended, however it ended; safe to call more than once."""
         for key, hashes in self._pending_of.pop(request_id, []):
             pending = self._pending[key]
-            pending.subtract(hashes)
+            # One pass of plain dict operations: Counter.subtract and Counter.__delitem__ are
+            # Python-level, and a long prompt has hundreds of hashes.
             for block_hash in hashes:
-                if pending[block_hash] <= 0:
-                    del pending[block_hash]
+                left = pending[block_hash] - 1
+                if left > 0:
+                    pending[block_hash] = left
+                else:
+                    pending.pop(block_hash, None)
             if not pending:
                 del self._pending[key]
         self.loads["decode"].on_finished(request_id)
