@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
+from tandem.frontend.openai_inputs import MAX_CHOICES
 from tandem.frontend.openai_outputs import ChatFormatter, CompletionFormatter
 from tandem.frontend.openai_protocol import PromptTokensDetails, UsageInfo
 from tandem.frontend.openai_sse import close_iterator
@@ -28,7 +29,7 @@ from tandem.frontend.request_rules import RequestError
 from tandem.frontend.types import GenerateChunk, GenerateRequest
 
 Formatter = CompletionFormatter | ChatFormatter
-MAX_GENERATIONS = 128   # per HTTP request: prompts x best_of
+MAX_GENERATIONS = MAX_CHOICES   # per HTTP request: prompts x best_of, as for n alone
 _INT64 = 2**64
 
 
