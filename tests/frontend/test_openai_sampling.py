@@ -18,7 +18,7 @@ import uvicorn
 from tandem.contracts.outputs import Logprob
 from tandem.contracts.sampling_params import SamplingParams
 from tandem.frontend.openai_api import create_app
-from tandem.frontend.types import GenerateChunk, GenerateRequest
+from tandem.frontend.types import GenerateChunk, GenerateRequest, RequestRejected
 from tests.frontend.test_openai_api import (MAX_MODEL_LEN, MODEL, PROMPT, PROMPT_IDS, REPLY_IDS,
                                             TOKENIZER, FakePipeline, sampled_logprob, token_text)
 
@@ -186,3 +186,15 @@ def test_tokenize_detokenize_version_ping_and_models(client, http):
     assert http.get("/ping").status_code == http.post("/ping").status_code == 200
     card = client.models.list().data[0]
     assert (card.id, card.max_model_len) == (MODEL, MAX_MODEL_LEN)
+
+
+def test_a_rejected_choice_ends_the_whole_request(http, pipeline):
+    pipeline.fail = RequestRejected("all decode workers are full", 429, "overloaded")
+    response = http.post("/v1/completions", json={"prompt": PROMPT, "n": 2})
+    assert response.status_code == 429
+    assert response.json()["error"]["message"] == "all decode workers are full"
+    pipeline.fail_after = 2
+    streamed = http.post("/v1/completions", json={"prompt": PROMPT, "n": 2, "stream": True})
+    events = [e for e in streamed.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and "all decode workers are full" in events[-2]
+    assert pipeline.closed.is_set()
