@@ -4,11 +4,14 @@ The penalties follow vLLM (and OpenAI for presence/frequency): `presence_penalty
 `frequency_penalty` count the output tokens only, `repetition_penalty` (HF's, CTRL paper) every
 token the sequence holds, prompt included; all three, like `logit_bias`, change the logits before
 temperature. `min_tokens` keeps eos and the stop tokens from ending a request before that many
-output tokens.
+output tokens. `json_schema` (JSON Schema text) constrains the output to a JSON document matching
+it (`{"type": "object"}` for OpenAI's `json_object`); the engine turns it into a token mask
+(engine/structured_output.py), and it travels with the request so each worker can rebuild it.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 
@@ -31,6 +34,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0    # > 1 discourages tokens of prompt and output alike
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0                # eos and stop tokens are masked until this many outputs
+    json_schema: str | None = None     # JSON Schema text the output must match; None: free text
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,6 +76,7 @@ class SamplingParams:
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative, got {self.stop_token_ids}")
         self._validate_penalties()
+        self._validate_json_schema()
 
     def _validate_penalties(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -91,3 +96,14 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
                              f"({self.max_tokens})")
+
+    def _validate_json_schema(self) -> None:
+        if self.json_schema is None:
+            return
+        try:
+            schema = json.loads(self.json_schema)
+        except ValueError as exc:
+            raise ValueError(f"json_schema is not valid JSON: {exc}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError(f"json_schema must be a JSON object (or true or false), got a "
+                             f"{type(schema).__name__}")

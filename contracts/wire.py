@@ -28,6 +28,8 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingOptions:
         options.seed = params.seed
     if params.logprobs is not None:
         options.logprobs = params.logprobs
+    if params.json_schema is not None:
+        options.json_schema = params.json_schema
     return options
 
 
@@ -48,7 +50,8 @@ def sampling_from_proto(options: pb.SamplingOptions, defaults: SamplingParams | 
         ignore_eos=options.ignore_eos,
         logprobs=options.logprobs if options.HasField("logprobs") else None,
         logit_bias=dict(options.logit_bias), min_tokens=options.min_tokens,
-        include_stop_str_in_output=options.include_stop_str_in_output, **picked)
+        include_stop_str_in_output=options.include_stop_str_in_output,
+        json_schema=options.json_schema if options.HasField("json_schema") else None, **picked)
 
 
 def logprob_to_proto(token_id: int, logprob: tuple[float, dict[int, float]]) -> pb.TokenLogprob:

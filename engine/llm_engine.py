@@ -21,6 +21,7 @@ from tandem.engine.model_runner import ModelRunner, bytes_per_block
 from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.scheduler import DecodeScheduler, Scheduler, SchedulerLimits, make_scheduler
 from tandem.engine.sequence import FinishReason, Sequence
+from tandem.engine.structured_output import StructuredOutput
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class LLMEngine:
         self.scheduler: Scheduler = make_scheduler(
             config.role, limits, self.block_manager, set(self.model_config.eos_token_ids))
         self.sequences: dict[str, Sequence] = {}
+        self.structured_output = StructuredOutput(self.model_dir, self.model_config.vocab_size,
+                                                  tuple(self.model_config.eos_token_ids))
         logger.info("engine ready: %s on %s (%s), role %s, KV cache %d blocks x %d tokens = %d "
                     "tokens", config.model, self.device, self.dtype, config.role, self.num_blocks,
                     config.block_size, self.num_blocks * config.block_size)
@@ -119,6 +122,8 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
         seq = Sequence(request_id, list(prompt_token_ids), params, self.config.block_size)
         seq.generator = self.runner.sampler.request_generator(params)
+        if params.json_schema is not None:
+            seq.grammar = self.structured_output.grammar(params.json_schema)
         return seq
 
     def add_running_request(self, request_id: str, prompt_token_ids: list[int],
@@ -167,6 +172,8 @@ class LLMEngine:
         """
         scheduler = self._decode_scheduler()
         seq = self._new_sequence(request_id, prompt_token_ids, params)
+        if seq.grammar is not None:
+            seq.grammar.accept(first_token_id)   # sampled under the same grammar on the prefill side
         plan = scheduler.add_remote(seq, first_token_id)
         self.sequences[request_id] = seq
         return plan
@@ -263,6 +270,8 @@ class LLMEngine:
         logprobs = {seq.request_id: lp for seq, lp in zip(batch.seqs, out.logprobs) if lp}
         updates = []
         for seq in advanced:
+            if seq.grammar is not None:
+                seq.grammar.accept(seq.token_ids[-1])
             update = SequenceUpdate(
                 seq.request_id, [seq.token_ids[-1]],
                 [logprobs[seq.request_id]] if seq.request_id in logprobs else [],

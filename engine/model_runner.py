@@ -22,6 +22,7 @@ from tandem.engine.logits_processors import TokenHistory
 from tandem.engine.sampler import Sampler, SamplerOutput
 from tandem.engine.scheduler import ScheduledBatch
 from tandem.engine.sequence import Sequence
+from tandem.engine.structured_output import token_mask
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,10 @@ class ModelRunner:
         else:
             logits = self._forward(host)
         seqs = [batch.seqs[i] for i in host.sampling_rows]
+        # Computed on the host while the device still runs the forward pass.
+        mask = token_mask([s.grammar for s in seqs], self.config.vocab_size)
         sampled: SamplerOutput = self.sampler(logits, [s.params for s in seqs],
-                                              [s.generator for s in seqs], _histories(seqs))
+                                              [s.generator for s in seqs], _histories(seqs), mask)
         for k, row in enumerate(host.sampling_rows):
             out.token_ids[row] = sampled.token_ids[k]
             out.logprobs[row] = sampled.logprobs[k]

@@ -8,6 +8,8 @@ depend on what else is in the batch. Greedy rows take the argmax of the raw logi
 Before any of that, rows whose requests set penalties, `logit_bias` or `min_tokens` have their logits
 changed by `logits_processors` (greedy rows too: their argmax is of the changed logits). Logprobs are
 those of the model's raw distribution (before penalties, temperature and filters), as in vLLM.
+Then rows with structured output have every token their grammar forbids set to -inf
+(engine/structured_output.py), so neither argmax nor the race can pick one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.logits_processors import TokenHistory, process_logits
+from tandem.engine.structured_output import TokenMask, apply_token_mask
 
 
 @dataclass(slots=True)
@@ -40,12 +43,16 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None],
-                 histories: list[TokenHistory] | None = None) -> SamplerOutput:
+                 histories: list[TokenHistory] | None = None,
+                 token_mask: TokenMask | None = None) -> SamplerOutput:
         """logits: (num_rows, vocab) fp32, one row per sequence that samples this step;
-        `histories`, each row's tokens, are needed only when some row `changes_logits`."""
+        `histories`, each row's tokens, are needed only when some row `changes_logits`;
+        `token_mask` holds the allowed tokens of the rows that have a grammar."""
         processed = logits
         if histories is not None:
             processed = process_logits(logits, params, histories, self.eos_token_ids)
+        if token_mask is not None:
+            processed = apply_token_mask(processed, token_mask)
         token_ids = processed.argmax(dim=-1)
         if not all(p.is_greedy for p in params):
             # Every row is sampled (greedy rows at temperature 1, then discarded): one batched

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from tandem.contracts.block_hash import hash_block
 from tandem.contracts.sampling_params import SamplingParams
+from tandem.engine.structured_output import JsonGrammar
 
 
 class SequenceStatus(enum.Enum):
@@ -45,6 +46,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     generator: object | None = None    # the sampler's torch.Generator for a seeded request
+    grammar: JsonGrammar | None = None  # where a json_schema request's output stands in its schema
     remote_first_token_id: int | None = None  # decode role: sampled by the prefill worker
     num_preemptions: int = 0
 
