@@ -32,6 +32,7 @@ from tandem.frontend.admission import AdmissionGate
 from tandem.frontend.request_rules import (RequestError, RequestRules, check_model, check_prompt_chars,
                                          check_prompt_ids, check_prompt_length, resolve_max_tokens,
                                          sampling_params)
+from tandem.frontend.response_format import checked_json_schema
 from tandem.frontend.types import GenerateRequest, RequestPipeline, RequestRejected
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,8 @@ def _given_fields(sampling: pb.SamplingOptions) -> dict[str, Any]:
                  ignore_eos=sampling.ignore_eos, logit_bias=dict(sampling.logit_bias),
                  min_tokens=sampling.min_tokens,
                  include_stop_str_in_output=sampling.include_stop_str_in_output)
+    if sampling.HasField("json_schema"):
+        given["json_schema"] = checked_json_schema(sampling.json_schema)
     return given
 
 

@@ -29,14 +29,16 @@ from tandem.frontend.request_rules import (RequestError, RequestRules, check_flo
                                          check_no_lone_surrogates, check_prompt_chars,
                                          check_prompt_ids, check_prompt_length, resolve_max_tokens,
                                          sampling_params)
+from tandem.frontend.response_format import requested_json_schema
 from tandem.frontend.types import GenerateRequest
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
 _MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 128    # n and best_of: each choice is a request of its own on the workers
-STRUCTURED_OUTPUT_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                            "guided_decoding_backend", "guided_whitespace_pattern")
+# vLLM's other guided_* fields; guided_json and response_format are honoured (response_format.py).
+UNSUPPORTED_GUIDED_FIELDS = ("guided_regex", "guided_choice", "guided_grammar",
+                             "guided_decoding_backend", "guided_whitespace_pattern")
 
 
 def parse_body(body: bytes, model_cls: type[RequestT]) -> RequestT:
@@ -74,18 +76,15 @@ def check_supported(request: CompletionRequest | ChatCompletionRequest) -> None:
 
 def _refusals(request: CompletionRequest | ChatCompletionRequest) -> list[tuple[str, bool, str]]:
     n = request.n
-    structured = [name for name in STRUCTURED_OUTPUT_FIELDS if getattr(request, name) is not None]
-    response_type = (request.response_format or {}).get("type", "text")
+    structured = [name for name in UNSUPPORTED_GUIDED_FIELDS if getattr(request, name) is not None]
     refusals = [
         ("stream_options", request.stream_options is not None and not request.stream,
          "stream_options is only allowed when stream is true"),
         ("n", n is not None and not 1 <= n <= MAX_CHOICES,
          f"n must be between 1 and {MAX_CHOICES}, got {n}"),
         (structured[0] if structured else "", bool(structured),
-         f"{', '.join(structured)}: structured output is not supported by this server"),
-        ("response_format", response_type != "text",
-         f"response_format {response_type!r} is not supported (structured output is not "
-         "supported by this server); only 'text' is"),
+         f"{', '.join(structured)}: this structured output is not supported by this server; "
+         "response_format (json_object, json_schema) and guided_json are"),
     ]
     if isinstance(request, CompletionRequest):
         return refusals + _completion_refusals(request)
@@ -184,6 +183,9 @@ def _sampling_params(request: CompletionRequest | ChatCompletionRequest, max_tok
     given = sampling_fields(request)
     if "logit_bias" in given or request.logit_bias:
         given["logit_bias"] = logit_bias(request.logit_bias or {}, rules)
+    json_schema = requested_json_schema(request.response_format, request.guided_json)
+    if json_schema is not None:
+        given["json_schema"] = json_schema
     return sampling_params(given, max_tokens, logprobs, rules, defaults)
 
 

@@ -2,8 +2,10 @@
 
 Requests are validated strictly: `"max_tokens": "16"` or `"stream": 1` is a type error (as it is for
 OpenAI), not something to coerce. A field the server does not know is refused with a 400 that names
-it, rather than silently ignored; fields it knows but cannot honour (structured output's `guided_*`,
-`suffix`, the legacy `functions`) are refused by `openai_inputs.check_supported`.
+it, rather than silently ignored; fields it knows but cannot honour (structured output's `guided_*`
+other than `guided_json`, `suffix`, the legacy `functions`) are refused by
+`openai_inputs.check_supported`. `response_format` (json_object, json_schema) and `guided_json`
+become the request's JSON schema (response_format.py).
 
 Besides the standard fields (`n`, `best_of`, `echo`, penalties, `logit_bias`, a list of prompts),
 both requests take the vLLM extensions that tandem's `SamplingParams` supports: `top_k`, `min_p`,
@@ -55,7 +57,8 @@ class _GenerationRequest(_RequestModel):
     min_tokens: int | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
-    # vLLM's structured output: known, so that the refusal can name them, but not built.
+    # vLLM's structured output: guided_json is honoured (response_format.py); the others are
+    # known so that the refusal can name them.
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
