@@ -95,6 +95,23 @@ class Curve:
             y = y0 + slope * (x - x0)
         return math.exp(y) if self.log_log else max(y, 0.0)
 
+    def many(self, xs: np.ndarray) -> np.ndarray:
+        """`self(x)` for each of xs, with the same float operations (so the same values)."""
+        knots, values = np.asarray(self.xs), np.asarray(self.ys)
+        x = xs.astype(np.float64)
+        if self.log_log:
+            x = np.where(x > 1.0, np.log(np.maximum(x, 1.0)), 0.0)
+        n = len(knots)
+        if n == 1:
+            y = np.full_like(x, values[0])
+        else:
+            i = np.clip(np.searchsorted(knots, x, side="right") - 1, 0, n - 2)
+            x0, y0 = knots[i], values[i]
+            slope = (values[i + 1] - y0) / (knots[i + 1] - x0)
+            slope = np.where((slope < 0.0) & ((x < knots[0]) | (x > knots[-1])), 0.0, slope)
+            y = y0 + slope * (x - x0)
+        return np.exp(y) if self.log_log else np.maximum(y, 0.0)
+
 
 class CurveFamily:
     """Curves over one axis, one per value of a second axis, interpolated linearly across it."""
@@ -124,6 +141,20 @@ class CurveFamily:
         if slope < 0.0 and (key < keys[0] or key > keys[-1]):
             slope = 0.0
         return max(t0 + slope * (key - keys[i]), 0.0)
+
+    def many(self, key: float, xs: np.ndarray) -> np.ndarray:
+        """`self(key, x)` for each of xs, with the same float operations."""
+        keys, curves = self.keys, self.curves
+        n = len(keys)
+        if n == 1:
+            return curves[0].many(xs)
+        i = bisect_right(keys, key) - 1
+        i = 0 if i < 0 else (n - 2 if i > n - 2 else i)
+        t0, t1 = curves[i].many(xs), curves[i + 1].many(xs)
+        slope = (t1 - t0) / (keys[i + 1] - keys[i])
+        if key < keys[0] or key > keys[-1]:
+            slope = np.where(slope < 0.0, 0.0, slope)
+        return np.maximum(t0 + slope * (key - keys[i]), 0.0)
 
 
 class PerfModel:
@@ -173,6 +204,17 @@ class PerfModel:
         if batch_size <= 0:
             return 0.0
         return self._decode(batch_size, num_context_tokens)
+
+    def decode_steps_s(self, batch_size: int, first_context_tokens: int, num_steps: int
+                       ) -> list[float]:
+        """decode_s of num_steps steps of one batch, its context growing by batch_size a step.
+
+        The simulator times a stretch of identical decode steps this way, in one numpy pass.
+        """
+        if batch_size <= 0:
+            return [0.0] * num_steps
+        contexts = first_context_tokens + batch_size * np.arange(num_steps, dtype=np.int64)
+        return self._decode.many(batch_size, contexts).tolist()
 
     def step_s(self, num_prefill_tokens: int, num_prefill_cached_tokens: int,
                num_decode_seqs: int, num_decode_context_tokens: int) -> float:

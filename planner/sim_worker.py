@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 from collections.abc import Callable
+from itertools import accumulate
 
 from tandem.contracts.worker_stats import WorkerStats
 from tandem.engine.block_manager import BlockManager
@@ -213,9 +214,13 @@ class SimWorker:
 
     def _stretch_ends_s(self, batch: ScheduledBatch, num_steps: int, first_end_s: float
                         ) -> list[float]:
-        decode_s = self.model.decode_s
         batch_size = len(batch.seqs)
         context = sum(seq.num_tokens for seq in batch.seqs)  # of the first step
+        decode_steps_s = getattr(self.model, "decode_steps_s", None)
+        if decode_steps_s is not None:  # one pass over the stretch; adding in step order
+            return list(accumulate(decode_steps_s(batch_size, context + batch_size,
+                                                  num_steps - 1), initial=first_end_s))
+        decode_s = self.model.decode_s
         ends = [first_end_s]
         end_s = first_end_s
         for _ in range(num_steps - 1):

@@ -164,3 +164,13 @@ def test_imports_without_torch_or_grpc():
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_decode_steps_are_decode_s_step_by_step():
+    from tandem.planner.sim_synthetic import synthetic_profile
+    from pathlib import Path
+    shipped = Path(__file__).parents[2] / "planner/profiles/random-llama-3.1-8b-h200.json"
+    for model in (PerfModel.from_profile(synthetic_profile()), PerfModel.load(str(shipped))):
+        for batch_size, first in [(1, 10), (7, 3_000), (64, 200_000), (500, 10_000_000)]:
+            expected = [model.decode_s(batch_size, first + batch_size * j) for j in range(50)]
+            assert model.decode_steps_s(batch_size, first, 50) == expected  # exactly
