@@ -120,14 +120,11 @@ class BlockManager:
 
     def _evict(self, block_ids: list[int]) -> None:
         """Forget the cached hashes of blocks being reused, in LRU order, as one event."""
-        evicted = []
-        for block_id in block_ids:
-            old_hash = self.block_hashes[block_id]
-            del self.hash_to_block[old_hash]
-            del self.parent_of[old_hash]
-            self.block_hashes[block_id] = None
-            evicted.append(old_hash)
-        self._publish(lambda event_id: BlockRemoved(event_id, tuple(evicted)))
+        evicted = tuple(map(self.block_hashes.__getitem__, block_ids))
+        deque(map(self.hash_to_block.__delitem__, evicted), maxlen=0)
+        deque(map(self.parent_of.__delitem__, evicted), maxlen=0)
+        deque(map(self.block_hashes.__setitem__, block_ids, repeat(None)), maxlen=0)
+        self._publish(lambda event_id: BlockRemoved(event_id, evicted))
 
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference on each block, last block first (see the module docstring)."""
