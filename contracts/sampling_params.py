@@ -35,6 +35,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0                # eos and stop tokens are masked until this many outputs
     json_schema: str | None = None     # JSON Schema text the output must match; None: free text
+    # A migrated request's streamed output sits at the end of its prompt: the grammar of
+    # json_schema starts after the prompt's last `num_schema_prompt_tokens` tokens.
+    num_schema_prompt_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -98,6 +101,9 @@ class SamplingParams:
                              f"({self.max_tokens})")
 
     def _validate_json_schema(self) -> None:
+        if self.num_schema_prompt_tokens < 0:
+            raise ValueError(f"num_schema_prompt_tokens must be non-negative, got "
+                             f"{self.num_schema_prompt_tokens}")
         if self.json_schema is None:
             return
         try:

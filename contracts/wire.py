@@ -21,7 +21,8 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingOptions:
         frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
         logit_bias=params.logit_bias, min_tokens=params.min_tokens,
         include_stop_str_in_output=params.include_stop_str_in_output,
-        skip_special_tokens=params.skip_special_tokens)
+        skip_special_tokens=params.skip_special_tokens,
+        num_schema_prompt_tokens=params.num_schema_prompt_tokens)
     if params.max_tokens is not None:
         options.max_tokens = params.max_tokens
     if params.seed is not None:
@@ -51,7 +52,8 @@ def sampling_from_proto(options: pb.SamplingOptions, defaults: SamplingParams | 
         logprobs=options.logprobs if options.HasField("logprobs") else None,
         logit_bias=dict(options.logit_bias), min_tokens=options.min_tokens,
         include_stop_str_in_output=options.include_stop_str_in_output,
-        json_schema=options.json_schema if options.HasField("json_schema") else None, **picked)
+        json_schema=options.json_schema if options.HasField("json_schema") else None,
+        num_schema_prompt_tokens=options.num_schema_prompt_tokens, **picked)
 
 
 def logprob_to_proto(token_id: int, logprob: tuple[float, dict[int, float]]) -> pb.TokenLogprob:

@@ -21,7 +21,7 @@ from tandem.engine.model_runner import ModelRunner, bytes_per_block
 from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.scheduler import DecodeScheduler, Scheduler, SchedulerLimits, make_scheduler
 from tandem.engine.sequence import FinishReason, Sequence
-from tandem.engine.structured_output import StructuredOutput
+from tandem.engine.structured_output import JsonGrammar, StructuredOutput
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,18 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params, self.config.block_size)
         seq.generator = self.runner.sampler.request_generator(params)
         if params.json_schema is not None:
-            seq.grammar = self.structured_output.grammar(params.json_schema)
+            seq.grammar = self._grammar(params, prompt_token_ids)
         return seq
+
+    def _grammar(self, params: SamplingParams, prompt_token_ids: list[int]) -> JsonGrammar:
+        grammar = self.structured_output.grammar(params.json_schema)
+        num_output = params.num_schema_prompt_tokens
+        if num_output >= len(prompt_token_ids):
+            raise ValueError(f"num_schema_prompt_tokens ({num_output}) must be less than the "
+                             f"prompt's {len(prompt_token_ids)} tokens")
+        for token_id in prompt_token_ids[len(prompt_token_ids) - num_output:]:
+            grammar.accept(token_id)   # a migrated request's output so far
+        return grammar
 
     def add_running_request(self, request_id: str, prompt_token_ids: list[int],
                             params: SamplingParams, num_computed_tokens: int) -> Sequence:

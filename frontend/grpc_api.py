@@ -141,6 +141,7 @@ def _given_fields(sampling: pb.SamplingOptions) -> dict[str, Any]:
                  include_stop_str_in_output=sampling.include_stop_str_in_output)
     if sampling.HasField("json_schema"):
         given["json_schema"] = checked_json_schema(sampling.json_schema)
+        given["num_schema_prompt_tokens"] = sampling.num_schema_prompt_tokens
     return given
 
 

@@ -4,7 +4,8 @@ As in Dynamo, a request whose worker dies (its call fails as UNAVAILABLE, is can
 runs past its deadline, or the worker drops out of the registry) is sent again, to another worker,
 and the client's stream continues where it was: the retry's prompt is the original prompt plus every
 token already streamed, with `max_tokens` reduced by as many and the same sampling parameters, so
-greedy output continues exactly (seeded sampling restarts its random stream). A prefill worker that
+greedy output continues exactly (seeded sampling restarts its random stream; a JSON schema's grammar
+resumes after the streamed tokens, `num_schema_prompt_tokens`). A prefill worker that
 fails makes the request prefill elsewhere, or on its decode worker when no prefill worker is left.
 Only when no decode worker is left, or the request has migrated `max_migrations` times, does the
 client get an error, and then one that names the role and the failure.
@@ -97,8 +98,11 @@ def continuation(prompt_token_ids: list[int], streamed_token_ids: list[int],
         raise ValueError(f"all {params.max_tokens} tokens were streamed: nothing to continue")
     max_tokens = None if params.max_tokens is None else params.max_tokens - num_streamed
     min_tokens = max(0, params.min_tokens - num_streamed)
+    # A structured request's grammar resumes after the streamed part of the document.
+    num_schema = params.num_schema_prompt_tokens + (num_streamed if params.json_schema else 0)
     return (list(prompt_token_ids) + list(streamed_token_ids),
-            dataclasses.replace(params, max_tokens=max_tokens, min_tokens=min_tokens))
+            dataclasses.replace(params, max_tokens=max_tokens, min_tokens=min_tokens,
+                                num_schema_prompt_tokens=num_schema))
 
 
 def attempt_request_id(request_id: str, num_migrations: int) -> str:

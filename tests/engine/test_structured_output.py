@@ -83,6 +83,16 @@ def test_prefill_samples_the_first_token_and_decode_continues_the_document(both)
     jsonschema.validate(json.loads(decode_text(tokens)), SCHEMA)
 
 
+def test_a_migrated_request_resumes_its_document(both):
+    both.add_request("whole", PROMPT, JSON_PARAMS)
+    expected = run(both)["whole"]
+    streamed = expected[:5]
+    resumed = SamplingParams(temperature=0, max_tokens=35, json_schema=JSON_PARAMS.json_schema,
+                             num_schema_prompt_tokens=len(streamed))
+    both.add_request("retry", PROMPT + streamed, resumed)
+    assert streamed + run(both)["retry"] == expected
+
+
 def test_mask_sets_exactly_the_forbidden_tokens_to_minus_inf():
     logits = torch.arange(3 * 40, dtype=torch.float32).reshape(3, 40)
     bitmask = torch.tensor([[0b1010, 0b1], [-1, 0]], dtype=torch.int32)  # rows 0 and 2

@@ -45,6 +45,10 @@ def test_continuation_puts_streamed_tokens_in_the_prompt_and_keeps_sampling():
     assert retry.max_tokens == 6 and retry.temperature == 0.0 and retry.stop == ["x"]
     assert retry.stop_token_ids == [5] and retry.ignore_eos and retry.seed == 3
     assert params.max_tokens == 10  # the original is untouched
+    assert retry.num_schema_prompt_tokens == 0
+    _, structured = continuation([1, 2, 3], [7, 8], SamplingParams(json_schema='{"type": "object"}'))
+    _, again = continuation([1, 2, 3, 7, 8], [9], structured)
+    assert (structured.num_schema_prompt_tokens, again.num_schema_prompt_tokens) == (2, 3)
     _, unbounded = continuation([1], [2], SamplingParams(max_tokens=None))
     assert unbounded.max_tokens is None
     with pytest.raises(ValueError, match="all 2 tokens were streamed"):
