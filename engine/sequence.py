@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tandem.contracts.block_hash import hash_block
 from tandem.contracts.sampling_params import SamplingParams
-from tandem.engine.structured_output import JsonGrammar
+
+if TYPE_CHECKING:  # the sequence stays a pure core: the grammar module needs torch
+    from tandem.engine.structured_output import JsonGrammar
 
 
 class SequenceStatus(enum.Enum):
