@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left, bisect_right
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -301,6 +302,10 @@ class KVIndex:
 
     def _forget(self, worker: _Worker, block_hashes: Iterable[int]) -> None:
         bit, slots, runs = worker.bit, self._slots, self._runs
+        block_hashes = list(block_hashes)
+        codes = list(map(slots.get, block_hashes))
+        if self._forget_span(worker, codes):
+            return
         touched: dict[_Run, list[int]] = {}
         for block_hash in block_hashes:
             code = slots.get(block_hash)
@@ -322,6 +327,28 @@ class KVIndex:
                 span[1] = offset
         self._settle(touched)
 
+    def _forget_span(self, worker: _Worker, codes: list[int | None]) -> bool:
+        """_forget for the usual eviction: one contiguous stretch of one run, every slot held by
+        the worker (LRU frees a prefix's tail together). False, changing nothing, otherwise."""
+        if not codes or None in codes:
+            return False
+        low_code, high_code = min(codes), max(codes)
+        num = len(codes)
+        if (high_code - low_code + 1 != num or low_code >> _OFFSET_BITS != high_code >> _OFFSET_BITS
+                or len(set(codes)) != num):
+            return False
+        run = self._runs[low_code >> _OFFSET_BITS]
+        low, high = low_code & _OFFSET_MASK, high_code & _OFFSET_MASK
+        bit = worker.bit
+        masks = run.masks[low:high + 1]
+        if [mask & bit for mask in masks].count(0):
+            return False
+        run.masks[low:high + 1] = [mask ^ bit for mask in masks]
+        run.num_live_slots -= masks.count(bit)
+        worker.num_blocks -= num
+        self._settle({run: [low, high]})
+        return True
+
     def _forget_all(self, worker: _Worker) -> None:
         bit = worker.bit
         touched: dict[_Run, list[int]] = {}
@@ -342,14 +369,15 @@ class KVIndex:
         """After bits were cleared: drop dead runs, trim dead tails, recompute breaks."""
         for run, (low, high) in touched.items():
             if run.num_live_slots == 0:
-                for block_hash in run.hashes:
-                    del self._slots[block_hash]
+                deque(map(self._slots.__delitem__, run.hashes), maxlen=0)
                 self._runs[run.run_id] = None
                 self._free_run_ids.append(run.run_id)
                 continue
-            while run.masks[-1] == 0:
-                del self._slots[run.hashes.pop()]
-                run.masks.pop()
+            end = len(run.masks)
+            while run.masks[end - 1] == 0:
+                end -= 1
+            deque(map(self._slots.__delitem__, run.hashes[end:]), maxlen=0)
+            del run.hashes[end:], run.masks[end:]
             del run.breaks[bisect_left(run.breaks, len(run.masks)):]
             _refresh_breaks(run, low, high)
 

@@ -297,3 +297,45 @@ def test_overlaps_agree_with_each_engines_own_prefix_match_under_eviction():
 
 def assert_applied(index: KVIndex, worker_id: str, event) -> None:
     assert index.apply(worker_id, event), f"{worker_id} refused {event}"
+
+
+def test_bulk_paths_leave_the_same_index_as_block_by_block(monkeypatch):
+    """Eviction spans and fresh chains take bulk paths; the index must be what the per-hash
+    loops build, slot for slot."""
+    def build(bulk: bool) -> tuple:
+        if not bulk:
+            monkeypatch.setattr(KVIndex, "_forget_span", lambda self, worker, codes: False)
+        rng = random.Random(5)
+        documents = [[rng.randrange(50_000) for _ in range(rng.randrange(8, 60))]
+                     for _ in range(5)]
+        managers = {f"w{i}": BlockManager(num_blocks=40, block_size=BLOCK_SIZE) for i in range(3)}
+        index = KVIndex()
+        for worker_id, manager in managers.items():
+            index.add_worker(worker_id)
+            manager.subscribe(lambda event, w=worker_id: assert_applied(index, w, event))
+        held = {w: [] for w in managers}
+        for _ in range(300):
+            worker_id = rng.choice(sorted(managers))
+            manager = managers[worker_id]
+            tokens = rng.choice(documents) + [rng.randrange(50_000) for _ in range(rng.randrange(40))]
+            hashes = hash_prompt_blocks(tokens, BLOCK_SIZE)
+            matched = manager.match_prefix(hashes)
+            while held[worker_id] and not manager.can_allocate(len(hashes) - len(matched), matched):
+                manager.free(held[worker_id].pop(0))
+            if manager.can_allocate(len(hashes) - len(matched), matched):
+                manager.acquire(matched)
+                new_blocks = manager.allocate(len(hashes) - len(matched))
+                manager.cache_blocks(new_blocks, hashes[len(matched):],
+                                     hashes[len(matched) - 1] if matched else None)
+                held[worker_id].append(matched + new_blocks)
+        runs = [(r.hashes, r.masks, r.breaks, r.num_live_slots, r.is_chain) if r else None
+                for r in index._runs]
+        return index._slots, runs, {w: index.num_blocks(w) for w in managers}
+    spans = []
+    original = KVIndex._forget_span
+    monkeypatch.setattr(KVIndex, "_forget_span",
+                        lambda self, worker, codes: spans.append(original(self, worker, codes))
+                        or spans[-1])
+    bulk = build(bulk=True)
+    assert any(spans)
+    assert bulk == build(bulk=False)
