@@ -120,6 +120,13 @@ class BlockManager:
 
     def _evict(self, block_ids: list[int]) -> None:
         """Forget the cached hashes of blocks being reused, in LRU order, as one event."""
+        if len(block_ids) == 1:  # a decode step's new block: C-level passes cost more here
+            block_id = block_ids[0]
+            old_hash = self.block_hashes[block_id]
+            del self.hash_to_block[old_hash], self.parent_of[old_hash]
+            self.block_hashes[block_id] = None
+            self._publish(lambda event_id: BlockRemoved(event_id, (old_hash,)))
+            return
         evicted = tuple(map(self.block_hashes.__getitem__, block_ids))
         deque(map(self.hash_to_block.__delitem__, evicted), maxlen=0)
         deque(map(self.parent_of.__delitem__, evicted), maxlen=0)
@@ -158,7 +165,7 @@ class BlockManager:
         if not self.enable_prefix_caching or not block_ids:
             return []
         assert len(block_ids) == len(block_hashes)
-        if self._are_all_new(block_ids, block_hashes):
+        if len(block_ids) > 1 and self._are_all_new(block_ids, block_hashes):
             return self._cache_run(block_ids, block_hashes, parent_hash)
         cached = []
         run: list[int] = []  # consecutive newly stored hashes, published as one chained event

@@ -53,6 +53,7 @@ _OFFSET_BITS = 32
 _OFFSET_MASK = (1 << _OFFSET_BITS) - 1
 _FIRST_WINDOW = 16  # hashes compared before trusting a run's prediction with longer windows
 _MAX_NAMED_MASKS = 4096  # memoised mask -> worker ids; few distinct sets drop out together
+_MIN_SPAN = 8  # removals shorter than this go hash by hash: the span check costs more there
 
 
 @dataclass(slots=True, eq=False)
@@ -249,7 +250,8 @@ class KVIndex:
             else (None, -1)
         touched: dict[_Run, list[int]] = {}
         block_hashes = list(block_hashes)
-        may_append_rest = True  # the tail check is made once, at the first new hash
+        # The tail check is made once, at the first new hash, and only where a tail is long.
+        may_append_rest = len(block_hashes) >= _MIN_SPAN
         for position, block_hash in enumerate(block_hashes):
             code = slots.get(block_hash)
             if code is None:  # new to the index: after its predecessor if that ends a run
@@ -303,8 +305,8 @@ class KVIndex:
     def _forget(self, worker: _Worker, block_hashes: Iterable[int]) -> None:
         bit, slots, runs = worker.bit, self._slots, self._runs
         block_hashes = list(block_hashes)
-        codes = list(map(slots.get, block_hashes))
-        if self._forget_span(worker, codes):
+        if len(block_hashes) >= _MIN_SPAN and self._forget_span(
+                worker, list(map(slots.get, block_hashes))):
             return
         touched: dict[_Run, list[int]] = {}
         for block_hash in block_hashes:
