@@ -21,9 +21,8 @@ The manager does no I/O and knows nothing of sequences: callers hold block table
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
-from itertools import chain, islice, repeat
 
 from tandem.contracts.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
@@ -96,59 +95,32 @@ class BlockManager:
 
     def allocate(self, num_blocks: int) -> list[int]:
         """Fresh blocks with one reference each, evicting cached free blocks in LRU order."""
-        free_queue = self.free_queue
-        if num_blocks > len(free_queue):
-            raise RuntimeError(f"asked for {num_blocks} blocks, {len(free_queue)} free")
-        if num_blocks == 1:  # a decode step's usual need: skip the run machinery
-            block_id, _ = free_queue.popitem(last=False)
-            if self.block_hashes[block_id] is not None:
-                self._evict([block_id])
+        if num_blocks > len(self.free_queue):
+            raise RuntimeError(f"asked for {num_blocks} blocks, {len(self.free_queue)} free")
+        allocated = []
+        evicted = []
+        for _ in range(num_blocks):
+            block_id, _ = self.free_queue.popitem(last=False)
+            old_hash = self.block_hashes[block_id]
+            if old_hash is not None:
+                del self.hash_to_block[old_hash]
+                del self.parent_of[old_hash]
+                self.block_hashes[block_id] = None
+                evicted.append(old_hash)
             self.ref_counts[block_id] = 1
-            return [block_id]
-        # The front of the queue in one C-level pass per structure: a 12k-token prompt takes
-        # hundreds of blocks, and a Python loop per block was a quarter of the simulator's time.
-        taken = list(islice(free_queue, num_blocks))
-        deque(map(free_queue.__delitem__, taken), maxlen=0)
-        old_hashes = list(map(self.block_hashes.__getitem__, taken))
-        if old_hashes.count(None) != num_blocks:
-            self._evict([b for b, h in zip(taken, old_hashes) if h is not None])
-        deque(map(self.ref_counts.__setitem__, taken, repeat(1)), maxlen=0)
+            allocated.append(block_id)
+        if evicted:
+            self._publish(lambda event_id: BlockRemoved(event_id, tuple(evicted)))
         # Which blocks are taken follows the LRU order; handing them out in ascending id order
         # makes consecutive runs, which a KV transfer moves as one descriptor instead of many.
-        taken.sort()
-        return taken
-
-    def _evict(self, block_ids: list[int]) -> None:
-        """Forget the cached hashes of blocks being reused, in LRU order, as one event."""
-        if len(block_ids) == 1:  # a decode step's new block: C-level passes cost more here
-            block_id = block_ids[0]
-            old_hash = self.block_hashes[block_id]
-            del self.hash_to_block[old_hash], self.parent_of[old_hash]
-            self.block_hashes[block_id] = None
-            self._publish(lambda event_id: BlockRemoved(event_id, (old_hash,)))
-            return
-        evicted = tuple(map(self.block_hashes.__getitem__, block_ids))
-        deque(map(self.hash_to_block.__delitem__, evicted), maxlen=0)
-        deque(map(self.parent_of.__delitem__, evicted), maxlen=0)
-        deque(map(self.block_hashes.__setitem__, block_ids, repeat(None)), maxlen=0)
-        self._publish(lambda event_id: BlockRemoved(event_id, evicted))
+        return sorted(allocated)
 
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference on each block, last block first (see the module docstring)."""
-        last_first = block_ids[::-1]
-        ref_counts = self.ref_counts
-        if (list(map(ref_counts.__getitem__, last_first)).count(1) == len(last_first)
-                and len(set(last_first)) == len(last_first)):
-            # Every block's last reference (a finished request's own blocks): one C-level pass.
-            deque(map(ref_counts.__setitem__, last_first, repeat(0)), maxlen=0)
-            free_queue = self.free_queue
-            for block_id in last_first:  # OrderedDict.update is far slower than item by item
-                free_queue[block_id] = None
-            return
-        for block_id in last_first:
-            assert ref_counts[block_id] > 0, f"block {block_id} freed twice"
-            ref_counts[block_id] -= 1
-            if ref_counts[block_id] == 0:
+        for block_id in reversed(block_ids):
+            assert self.ref_counts[block_id] > 0, f"block {block_id} freed twice"
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
                 self.free_queue[block_id] = None
 
     # ---- prefix cache ------------------------------------------------------------------------
@@ -165,8 +137,6 @@ class BlockManager:
         if not self.enable_prefix_caching or not block_ids:
             return []
         assert len(block_ids) == len(block_hashes)
-        if len(block_ids) > 1 and self._are_all_new(block_ids, block_hashes):
-            return self._cache_run(block_ids, block_hashes, parent_hash)
         cached = []
         run: list[int] = []  # consecutive newly stored hashes, published as one chained event
         run_parent = parent_hash
@@ -184,22 +154,6 @@ class BlockManager:
             run.append(block_hash)
         self._publish_stored(run_parent, run)
         return cached
-
-    def _are_all_new(self, block_ids: list[int], block_hashes: list[int]) -> bool:
-        """No hash is cached yet and no block holds one: the common case after a fresh prefill."""
-        return (self.hash_to_block.keys().isdisjoint(block_hashes)
-                and list(map(self.block_hashes.__getitem__, block_ids)).count(None)
-                == len(block_ids)
-                and len(set(block_hashes)) == len(block_hashes) == len(set(block_ids)))
-
-    def _cache_run(self, block_ids: list[int], block_hashes: list[int],
-                   parent_hash: int | None) -> list[int]:
-        """cache_blocks for a run of new hashes on uncached blocks, without a loop per block."""
-        self.hash_to_block.update(zip(block_hashes, block_ids))
-        self.parent_of.update(zip(block_hashes, chain((parent_hash,), block_hashes)))
-        deque(map(self.block_hashes.__setitem__, block_ids, block_hashes), maxlen=0)
-        self._publish_stored(parent_hash, block_hashes)
-        return list(block_ids)
 
     def _publish_stored(self, parent_hash: int | None, block_hashes: list[int]) -> None:
         if block_hashes:
