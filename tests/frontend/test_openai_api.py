@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -15,13 +14,13 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client import CollectorRegistry, Counter
 
 from tandem.contracts.outputs import Logprob
 from tandem.engine.tokenizer import apply_chat_template, load_tokenizer
 from tandem.frontend.openai_api import create_app
 from tandem.frontend.types import GenerateChunk, GenerateRequest, RequestRejected
+from tests.frontend.app_server import AppServer
 
 TOKENIZER = load_tokenizer(None)
 MODEL = "tandem-test"
@@ -97,32 +96,19 @@ class FakePipeline:
                              num_cached_tokens=self.num_cached_tokens)
 
 
-class _Server:
+class _Server(AppServer):
     def __init__(self) -> None:
         self.pipeline = FakePipeline()
         self.registry = CollectorRegistry()
         Counter("tandem_test_requests", "A metric registered by the test.", registry=self.registry).inc(3)
-        app = create_app(self.pipeline, TOKENIZER, self.registry)
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % self.socket.getsockname()[1]
-        self.uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.socket]},
-                                       daemon=True)
+        super().__init__(create_app(self.pipeline, TOKENIZER, self.registry))
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[_Server]:
-    server = _Server()
-    server.thread.start()
-    deadline = time.monotonic() + 10
-    while not server.uvicorn.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
+    server = _Server().start()
     yield server
-    server.uvicorn.should_exit = True
-    server.thread.join(timeout=5)
-    server.socket.close()
+    server.stop()
 
 
 @pytest.fixture

@@ -5,20 +5,17 @@ request id's suffix), so choices can be told apart and best_of has a clear winne
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from tandem.contracts.outputs import Logprob
 from tandem.contracts.sampling_params import SamplingParams
 from tandem.frontend.openai_api import create_app
 from tandem.frontend.types import GenerateChunk, GenerateRequest, RequestRejected
+from tests.frontend.app_server import AppServer
 from tests.frontend.test_openai_api import (MAX_MODEL_LEN, MODEL, PROMPT, PROMPT_IDS, REPLY_IDS,
                                             TOKENIZER, FakePipeline, sampled_logprob, token_text)
 
@@ -51,30 +48,17 @@ class VariedPipeline(FakePipeline):
                              logprobs=logprobs, num_prompt_tokens=chunk.num_prompt_tokens)
 
 
-class _Server:
+class _Server(AppServer):
     def __init__(self) -> None:
         self.pipeline = VariedPipeline()
-        app = create_app(self.pipeline, TOKENIZER, defaults=DEFAULTS)
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % self.socket.getsockname()[1]
-        self.uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.socket]},
-                                       daemon=True)
+        super().__init__(create_app(self.pipeline, TOKENIZER, defaults=DEFAULTS))
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[_Server]:
-    server = _Server()
-    server.thread.start()
-    deadline = time.monotonic() + 10
-    while not server.uvicorn.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
+    server = _Server().start()
     yield server
-    server.uvicorn.should_exit = True
-    server.thread.join(timeout=5)
-    server.socket.close()
+    server.stop()
 
 
 @pytest.fixture

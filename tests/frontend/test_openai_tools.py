@@ -9,19 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import openai
 import pytest
-import uvicorn
 
 from tandem.engine.tokenizer import builtin_tokenizer_dir, load_tokenizer
 from tandem.frontend.openai_api import create_app
 from tandem.frontend.types import GenerateChunk, GenerateRequest
+from tests.frontend.app_server import AppServer
 
 MODEL = "tools-test"
 
@@ -111,30 +108,18 @@ class ScriptedPipeline:
                                 num_prompt_tokens=len(request.prompt_token_ids))
 
 
-class _Server:
+class _Server(AppServer):
     def __init__(self, template: str, folder: Path) -> None:
         tokenizer = load_tokenizer(str(tools_tokenizer_dir(folder, template)))
         self.pipeline = ScriptedPipeline(tokenizer)
-        app = create_app(self.pipeline, tokenizer)   # the parser is picked from the template
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % self.socket.getsockname()[1]
-        self.uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.socket]},
-                                       daemon=True)
+        super().__init__(create_app(self.pipeline, tokenizer))  # parser picked from the template
 
     def __enter__(self) -> openai.OpenAI:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.uvicorn.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
+        self.start()
         return openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=5)
 
     def __exit__(self, *exc) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(timeout=5)
-        self.socket.close()
+        self.stop()
 
 
 @pytest.fixture(scope="module")
