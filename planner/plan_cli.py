@@ -20,6 +20,7 @@ import sys
 
 from tandem.bench.cli import add_workload_arguments, build_requests
 from tandem.bench.metrics import parse_slo
+from tandem.planner.standalone import run_standalone
 from tandem.planner.plan import (MAX_PROBE_REQUESTS, PROBE_DURATION_S, PlanSearch, Planner, Shape,
                                  fewest_gpus, shapes_for)
 from tandem.planner.simulate_cli import add_deployment_arguments, load_profile, \
@@ -157,18 +158,8 @@ def save_plan_plot(results, path: str, target: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tandem.planner.plan_cli",
-                                     description="tandem's capacity planner")
-    parser.add_argument("--log-level", default="WARNING")
-    add_plan_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return plan_main(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_standalone("python -m tandem.planner.plan_cli", "tandem's capacity planner",
+                          add_plan_arguments, plan_main, argv)
 
 
 if __name__ == "__main__":

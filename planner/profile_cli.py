@@ -15,6 +15,8 @@ import json
 import logging
 import sys
 
+from tandem.planner.standalone import run_standalone
+
 logger = logging.getLogger(__name__)
 
 
@@ -83,17 +85,8 @@ def print_summary(profile: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tandem profile", description=__doc__.split("\n")[0])
-    parser.add_argument("--log-level", default="WARNING")
-    add_profile_args(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return profile_main(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_standalone("tandem profile", __doc__.split("\n")[0], add_profile_args,
+                          profile_main, argv)
 
 
 if __name__ == "__main__":

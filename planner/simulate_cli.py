@@ -22,6 +22,7 @@ from tandem.bench.arrivals import arrival_offsets_s
 from tandem.bench.cli import add_workload_arguments, build_requests
 from tandem.bench.metrics import parse_slo
 from tandem.bench.report import format_summary
+from tandem.planner.standalone import run_standalone
 from tandem.planner.perf_model import PerfModel
 from tandem.planner.sim_config import SimConfig, sim_config_from_profile
 from tandem.planner.sim_records import SimResult
@@ -174,18 +175,9 @@ def _jsonable(value: object) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tandem.planner.simulate_cli",
-                                     description="tandem's deployment simulator")
-    parser.add_argument("--log-level", default="WARNING")
-    add_simulate_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return simulate_main(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_standalone("python -m tandem.planner.simulate_cli",
+                          "tandem's deployment simulator", add_simulate_arguments, simulate_main,
+                          argv)
 
 
 if __name__ == "__main__":
