@@ -56,10 +56,17 @@ def start_server(*args: str, timeout_s: float = 180.0, env: dict[str, str] | Non
                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
                                                      **(env or {})})
     server = Server(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+    wait_ready(server, timeout_s)
+    return server
+
+
+def wait_ready(server: Server, timeout_s: float = 180.0) -> None:
+    """Collect the server's output lines (in the background, for its life) until it says it is
+    ready; stop it and raise with its last lines if it exits or takes longer than timeout_s."""
     ready = threading.Event()
 
     def pump() -> None:
-        for line in process.stdout:
+        for line in server.process.stdout:
             server.lines.append(line)
             if line.startswith("tandem ready"):
                 ready.set()
@@ -67,10 +74,9 @@ def start_server(*args: str, timeout_s: float = 180.0, env: dict[str, str] | Non
     threading.Thread(target=pump, daemon=True).start()
     deadline = time.monotonic() + timeout_s
     while not ready.wait(0.2):
-        if process.poll() is not None or time.monotonic() > deadline:
+        if server.process.poll() is not None or time.monotonic() > deadline:
             server.stop()
             raise RuntimeError("tandem serve did not become ready:\n" + "".join(server.lines[-60:]))
-    return server
 
 
 def worker_pid(server: Server, worker_id: str) -> int:

@@ -22,7 +22,6 @@ import re
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from tandem.contracts.wire import registration_to_proto
 from tandem.contracts.worker_stats import Registration
 from tandem.launcher.safe_start import python_module_command
 from tandem.worker.auth import METADATA_KEY, SECRET_ENV
-from tests.serving_harness import Server, free_port
+from tests.serving_harness import Server, free_port, wait_ready
 
 pytest.importorskip("nixl")
 
@@ -126,23 +125,6 @@ def server(cwd, marker, tls):
     yield server
     code = server.stop()
     assert code == 0, "".join(server.lines[-40:])
-
-
-def wait_ready(server: Server, timeout_s: float = 180.0) -> None:
-    ready = threading.Event()
-
-    def pump() -> None:
-        for line in server.process.stdout:
-            server.lines.append(line)
-            if line.startswith("tandem ready"):
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while not ready.wait(0.2):
-        if server.process.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError("tandem serve did not become ready:\n" + "".join(server.lines[-60:]))
 
 
 # ---- helpers -------------------------------------------------------------------------------------

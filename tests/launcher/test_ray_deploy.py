@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -29,7 +27,7 @@ from tandem.api.v1 import generation_pb2_grpc as pbgrpc
 from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tests.internal_secret import internal_metadata
-from tests.serving_harness import Server, free_port
+from tests.serving_harness import Server, start_server
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("nixl")
@@ -168,27 +166,7 @@ def created_groups() -> list[dict]:
 
 def start_serve(args: list[str], timeout_s: float = 150.0) -> Server:
     """`tandem serve` at INFO (its lines say where each worker registered)."""
-    http_port, grpc_port = free_port(), free_port()
-    command = [sys.executable, "-m", "tandem.launcher.cli", "--log-level", "INFO", "serve",
-               "--http-port", str(http_port), "--grpc-port", str(grpc_port), *args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server = Server(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
-    ready = threading.Event()
-
-    def pump() -> None:
-        for line in process.stdout:
-            server.lines.append(line)
-            if line.startswith("tandem ready"):
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while not ready.wait(0.2):
-        if process.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError("tandem serve did not become ready:\n" + "".join(server.lines[-60:]))
-    return server
+    return start_server(*args, timeout_s=timeout_s, log_level="INFO")
 
 
 def client_of(server: Server) -> openai.OpenAI:
