@@ -10,8 +10,3 @@ from __future__ import annotations
 
 KV_LAYOUT_VERSION = 1  # bumped whenever the KV tensor layout changes; peers must agree
 
-
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
-                       dtype_bytes: int) -> int:
-    """Bytes one token's K and V take across all layers."""
-    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes

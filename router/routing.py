@@ -89,9 +89,8 @@ class Router:
         self.totals.num_cached_prompt_tokens += cached
         prefill = None
         if uncached >= self.config.remote_prefill_min_tokens:
-            prefill_load = self.loads["prefill"]
-            open_pool = [w for w in prefill_pool
-                         if prefill_load.num_requests(w.worker_id) < self.config.max_prefill_queue]
+            open_pool = [w for w in prefill_pool if self.num_inflight("prefill", w.worker_id)
+                         < self.config.max_prefill_queue]
             if open_pool:
                 prefill = self._choose("prefill", open_pool, num_blocks, block_hashes)
         self._add_pending(request_id, "decode", decode.worker_id, block_hashes)
