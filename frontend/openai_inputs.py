@@ -29,7 +29,8 @@ from tandem.frontend.request_rules import (RequestError, RequestRules, check_flo
                                          check_no_lone_surrogates, check_prompt_chars,
                                          check_prompt_ids, check_prompt_length, resolve_max_tokens,
                                          sampling_params)
-from tandem.frontend.response_format import requested_json_schema
+from tandem.frontend.forced_tools import forced_tool_schema
+from tandem.frontend.response_format import checked_json_schema, requested_json_schema
 from tandem.frontend.types import GenerateRequest
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -132,8 +133,21 @@ def chat_request(request: ChatCompletionRequest, request_id: str, tokenizer: Pre
     else:
         requested, param = request.max_tokens, "max_tokens"
     max_tokens = resolve_max_tokens(requested, len(prompt_ids), rules, param)
-    params = _sampling_params(request, max_tokens, chat_logprobs(request), rules, defaults)
+    params = _sampling_params(request, max_tokens, chat_logprobs(request), rules, defaults,
+                              tool_call_schema(request))
     return GenerateRequest(request_id, prompt_ids, params)
+
+
+def tool_call_schema(request: ChatCompletionRequest) -> str | None:
+    """The schema a required or named tool_choice holds the reply to (forced_tools), checked."""
+    schema = forced_tool_schema(request)
+    if schema is None:
+        return None
+    response_type = (request.response_format or {}).get("type", "text")
+    if request.guided_json is not None or response_type != "text":
+        raise RequestError("tool_choice required or a named function already fixes the reply's "
+                           "format: leave out response_format and guided_json", "tool_choice")
+    return checked_json_schema(schema, "tool_choice")
 
 
 def chat_logprobs(request: ChatCompletionRequest) -> int | None:
@@ -179,11 +193,13 @@ def chat_prompt_ids(request: ChatCompletionRequest, tokenizer: PreTrainedTokeniz
 
 def _sampling_params(request: CompletionRequest | ChatCompletionRequest, max_tokens: int,
                      logprobs: int | None, rules: RequestRules,
-                     defaults: SamplingParams | None) -> SamplingParams:
+                     defaults: SamplingParams | None, json_schema: str | None = None
+                     ) -> SamplingParams:
     given = sampling_fields(request)
     if "logit_bias" in given or request.logit_bias:
         given["logit_bias"] = logit_bias(request.logit_bias or {}, rules)
-    json_schema = requested_json_schema(request.response_format, request.guided_json)
+    if json_schema is None:
+        json_schema = requested_json_schema(request.response_format, request.guided_json)
     if json_schema is not None:
         given["json_schema"] = json_schema
     return sampling_params(given, max_tokens, logprobs, rules, defaults)

@@ -187,7 +187,7 @@ class ChatFormatter(_Formatter):
             self.logprobs.extend(content)
             logprobs = ChatLogprobs(content=content)
         delta = ChatDelta(content=chunk.text) if self.tool_stream is None else self._tool_delta(chunk)
-        finish = _chat_finish_reason(chunk.finish_reason, self.num_tool_calls_sent)
+        finish = _chat_finish_reason(chunk.finish_reason, self.num_tool_calls_sent, self.tools)
         return ChatStreamChoice(index=self.index, delta=delta, logprobs=logprobs,
                                 finish_reason=finish, stop_reason=chunk.stop_reason)
 
@@ -210,7 +210,7 @@ class ChatFormatter(_Formatter):
             message = ChatResponseMessage(content=parsed.content, tool_calls=calls)
         return ChatChoice(index=self.index, message=message, logprobs=logprobs,
                           finish_reason=_chat_finish_reason(self.finish_reason,
-                                                            len(message.tool_calls)),
+                                                            len(message.tool_calls), self.tools),
                           stop_reason=self.stop_reason)
 
     def response(self, choices: list[ChatChoice] | None = None,
@@ -244,9 +244,12 @@ class ChatFormatter(_Formatter):
                                 bytes=list(token.encode("utf-8")), top_logprobs=top)
 
 
-def _chat_finish_reason(reason: str | None, num_tool_calls: int) -> str | None:
+def _chat_finish_reason(reason: str | None, num_tool_calls: int,
+                        tools: ToolCalling | None) -> str | None:
     # A reply cut by max_tokens keeps "length": its last call may be the one cut.
-    return "tool_calls" if reason == "stop" and num_tool_calls else reason
+    if reason == "stop" and num_tool_calls and tools is not None:
+        return tools.finish_reason
+    return reason
 
 
 def finite_logprob(value: float) -> float:

@@ -5,15 +5,15 @@ is given, and how a reply's calls become OpenAI `tool_calls`.
   them to the model in its own format; the reply is read back by the server's tool-call parser
   (tool_parsers: `llama3_json` or `hermes`, set by `--tool-call-parser` or picked from the template).
 - `tool_choice`: `auto` (the default with tools) reads calls out of the reply; `none` still shows
-  the tools to the template, as vLLM does, but reads the reply as plain content; `required` and a
-  named function read calls too, and a named function shows the template that one tool only. Neither
-  is enforced by constrained decoding: a model may still answer in prose, which then arrives as
-  content with finish_reason `stop`.
+  the tools to the template, as vLLM does, but reads the reply as plain content, so it never has
+  calls; `required` and a named function are enforced: the structured output grammar holds the
+  reply to calls, read back by forced_tools (no parser needed), and a named function shows the
+  template that one tool only.
 - `parallel_tool_calls: false` keeps the first call of a reply.
 - History: an assistant message's `tool_calls` reach the template with their arguments as a JSON
   object (templates write them with `tojson`), and a `tool` message keeps its `tool_call_id`.
 
-A request with tools on a server that has no parser is refused with a 400 that says how to set one,
+A request with tools left to `auto` on a server that has no parser is refused with a 400 that says how to set one,
 rather than served with its tools silently unread.
 """
 
@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from tandem.frontend.forced_tools import NamedFunctionReader, RequiredCallsReader
 from tandem.frontend.openai_protocol import (ChatCompletionRequest, ChatMessage, DeltaToolCall,
                                            FunctionCallOut, ToolCallOut)
 from tandem.frontend.request_rules import RequestError
@@ -35,6 +36,7 @@ class ToolCalling:
     """How one request's reply is read for tool calls."""
     parser: ToolCallParser
     max_calls: int | None = None     # 1 when parallel_tool_calls is false
+    finish_reason: str = "tool_calls"  # of a reply with calls that stopped on its own
 
     def keep(self, calls: list[ParsedToolCall], num_sent: int = 0) -> list[ParsedToolCall]:
         """The calls still allowed after `num_sent` were already sent."""
@@ -55,11 +57,16 @@ def tool_calling(request: ChatCompletionRequest, parser: ToolCallParser | None) 
     _check_named_choice(request)
     if choice == "none":
         return None
+    max_calls = 1 if request.parallel_tool_calls is False else None
+    if choice == "required":
+        return ToolCalling(RequiredCallsReader(), max_calls)
+    if choice not in (None, "auto"):   # a named function: one call, finishing as OpenAI's do
+        return ToolCalling(NamedFunctionReader(choice.function.name), 1, finish_reason="stop")
     if parser is None:
         raise RequestError("tools cannot be used with this model: its chat template shows no "
                            "tool-call format this server reads; start it with --tool-call-parser "
                            f"({' or '.join(sorted(PARSERS))}) to match the template", "tools")
-    return ToolCalling(parser, 1 if request.parallel_tool_calls is False else None)
+    return ToolCalling(parser, max_calls)
 
 
 def template_tools(request: ChatCompletionRequest) -> list[dict] | None:

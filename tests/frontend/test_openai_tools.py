@@ -249,15 +249,69 @@ def test_tool_choice_none_reads_the_reply_as_content(hermes):
         HERMES_CALL, [], "stop")
 
 
-def test_named_tool_choice_shows_only_that_tool(hermes):
+def test_named_tool_choice_shows_only_that_tool_and_holds_the_reply_to_its_arguments(hermes):
     client, pipeline = hermes
-    pipeline.script = '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>'
+    pipeline.script = '{"zone": "CET"}'
+    named = {"type": "function", "function": {"name": "get_time"}}
     response = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=[WEATHER_TOOL, TIME_TOOL],
-        tool_choice={"type": "function", "function": {"name": "get_time"}})
-    assert response.choices[0].message.tool_calls[0].function.name == "get_time"
+        model=MODEL, messages=ASK, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=named)
+    choice = response.choices[0]
+    assert choice.message.content is None and choice.finish_reason == "stop"   # as OpenAI's
+    [call] = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_time", {"zone": "CET"})
+    assert json.loads(pipeline.requests[-1].params.json_schema) == TIME_TOOL["function"]["parameters"]
     assert json.dumps(TIME_TOOL) in pipeline.prompt()
     assert "get_weather" not in pipeline.prompt()
+    content, calls, finishes = streamed(client, messages=ASK, tools=[WEATHER_TOOL, TIME_TOOL],
+                                        tool_choice=named)
+    assert (content, finishes[-1]) == ("", "stop")
+    assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        (0, "get_time", {"zone": "CET"})]
+
+
+def test_required_tool_choice_holds_the_reply_to_a_list_of_calls(hermes):
+    client, pipeline = hermes
+    pipeline.script = ('[{"name": "get_weather", "parameters": {"city": "Paris"}}, '
+                       '{"name": "get_time", "parameters": {"zone": "CET"}}]')
+    request = dict(messages=ASK, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required")
+    choice = client.chat.completions.create(model=MODEL, **request).choices[0]
+    expected = [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
+    assert [(c.function.name, json.loads(c.function.arguments))
+            for c in choice.message.tool_calls] == expected
+    assert (choice.message.content, choice.finish_reason) == (None, "tool_calls")
+    schema = json.loads(pipeline.requests[-1].params.json_schema)
+    assert schema["type"] == "array" and schema["minItems"] == 1
+    assert [item["properties"]["name"]["enum"] for item in schema["items"]["anyOf"]] == [
+        ["get_weather"], ["get_time"]]
+    content, calls, finishes = streamed(client, **request)
+    assert (content, finishes[-1]) == ("", "tool_calls")
+    assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        (k, *call) for k, call in enumerate(expected)]
+    single = client.chat.completions.create(model=MODEL, parallel_tool_calls=False, **request)
+    assert [c.function.name for c in single.choices[0].message.tool_calls] == ["get_weather"]
+    assert json.loads(pipeline.requests[-1].params.json_schema)["maxItems"] == 1
+
+
+def test_auto_and_none_leave_the_reply_free(hermes):
+    client, pipeline = hermes
+    pipeline.script = "Sunny."
+    for choice in ("auto", "none"):
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER_TOOL],
+                                       tool_choice=choice)
+        assert pipeline.requests[-1].params.json_schema is None
+
+
+def test_forced_tool_choice_with_a_response_format_is_400(hermes):
+    client, _ = hermes
+    with pytest.raises(openai.BadRequestError, match="already fixes the reply") as info:
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER_TOOL],
+                                       tool_choice="required",
+                                       response_format={"type": "json_object"})
+    assert info.value.body["param"] == "tool_choice"
+    bad_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+    with pytest.raises(openai.BadRequestError, match="tool_choice: the JSON schema"):
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=[bad_tool],
+                                       tool_choice="required")
 
 
 def test_parallel_tool_calls_false_keeps_the_first(hermes):
