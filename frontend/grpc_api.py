@@ -38,9 +38,9 @@ from tandem.frontend.types import GenerateRequest, RequestPipeline, RequestRejec
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "tandem.v1.Generation"
-_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-           429: grpc.StatusCode.RESOURCE_EXHAUSTED, 502: grpc.StatusCode.UNAVAILABLE,
-           503: grpc.StatusCode.UNAVAILABLE}
+_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+           413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+           502: grpc.StatusCode.UNAVAILABLE, 503: grpc.StatusCode.UNAVAILABLE}
 
 
 class _Undecodable:

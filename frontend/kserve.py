@@ -104,9 +104,10 @@ class KServeService:
         return self.rules.serves(name)
 
     async def _check_served(self, name: str, context) -> None:
-        if not self._is_served(name):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"the model `{name}` does not exist: "
-                                f"this server serves `{self.rules.model_name}`")
+        try:
+            check_model(name, self.rules)
+        except RequestError as err:
+            await context.abort(_status(err), err.message)
 
     # ---- inference ----
 
@@ -197,8 +198,6 @@ class KServeService:
 
 
 def _status(err: RequestError | RequestRejected) -> grpc.StatusCode:
-    if isinstance(err, RequestError) and err.code == "model_not_found":
-        return grpc.StatusCode.NOT_FOUND
     return _STATUS.get(err.status, grpc.StatusCode.INTERNAL)
 
 

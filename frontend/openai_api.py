@@ -26,8 +26,8 @@ all read; validate it and tokenize the prompt on the tokenizer thread; call `pip
 collect or stream its chunks. A client that disconnects ends the iteration and closes the
 pipeline's generator, which aborts the request.
 
-Errors are OpenAI error objects (`openai_errors`). An unknown model is a 400 (`model_not_found`),
-like every other request the client must change. A `RequestRejected` from the pipeline, even one raised while iterating, keeps
+Errors are OpenAI error objects (`openai_errors`). A request the client must change is a 400,
+except an unknown model: a 404 as vLLM answers it. A `RequestRejected` from the pipeline, even one raised while iterating, keeps
 its status when no byte has been sent yet; once a stream has started, it arrives as a final
 `data: {"error": ...}` event before `[DONE]`, which OpenAI's clients raise as an APIError.
 """

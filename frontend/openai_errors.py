@@ -4,7 +4,8 @@ Every failure answers `{"error": {"message", "type", "param", "code"}}`: clients
 `openai` package read `message` into the exception they raise, so the message is written for the
 person who sent the request and names the offending field and value. `type` follows OpenAI's
 vocabulary (`invalid_request_error` for 4xx, `server_error` for 5xx); `code` is a short machine-
-readable reason where one helps (`model_not_found`, `server_draining`).
+readable reason where one helps (`server_draining`). A model that is not served is a 404 as vLLM
+answers it: type `NotFoundError`, code 404 (clients built for vLLM look for those).
 
 Error bodies are written as ASCII JSON: a message that quotes a client's malformed text (a lone
 surrogate, say) must still serialize, or the connection it answers on breaks.
@@ -33,7 +34,7 @@ class OpenAIError(Exception):
     """A request that fails with an OpenAI error object and an HTTP status."""
 
     def __init__(self, message: str, status: int = 400, *, param: str | None = None,
-                 code: str | None = None, error_type: str | None = None,
+                 code: str | int | None = None, error_type: str | None = None,
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
@@ -45,6 +46,8 @@ class OpenAIError(Exception):
 
     @classmethod
     def from_request_error(cls, exc: RequestError) -> OpenAIError:
+        if exc.status == 404:
+            return cls(exc.message, 404, param=exc.param, code=404, error_type="NotFoundError")
         return cls(exc.message, exc.status, param=exc.param, code=exc.code)
 
     @classmethod

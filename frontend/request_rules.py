@@ -8,8 +8,8 @@ here does I/O or needs a tokenizer: rules that depend on the model take a `Reque
 
 The rules and their limits:
 
-- model: empty means the served model; a name that is none of its served names is refused
-  (`model_not_found`).
+- model: empty means the served model; a name that is none of its served names is not found
+  (status 404, code `model_not_found`: HTTP 404 and gRPC NOT_FOUND, as vLLM answers it).
 - text: no lone UTF-16 surrogates (JSON's `"\\ud800"`) anywhere: they cannot be encoded as UTF-8,
   so neither the tokenizer nor a response naming them could handle them.
 - prompt size before tokenization: at most `max_prompt_chars` characters, by default the context
@@ -115,8 +115,9 @@ class RequestRules:
 def check_model(requested: str | None, rules: RequestRules) -> None:
     if not rules.serves(requested):
         served = ", ".join(f"`{name}`" for name in rules.model_names)
-        raise RequestError(f"the model `{requested}` does not exist: this server serves "
-                           f"{served}", "model", code="model_not_found")
+        # vLLM's words first: clients and scripts written for it match on them.
+        raise RequestError(f"The model `{requested}` does not exist. This server serves "
+                           f"{served}.", "model", status=404, code="model_not_found")
 
 
 def find_lone_surrogate(value: Any, path: str = "") -> str | None:

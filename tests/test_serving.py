@@ -158,7 +158,7 @@ def test_client_disconnect_frees_blocks_on_both_workers(server, model_dir):
     ({"prompt": "hi", "max_tokens": -1}, 400, ["max_tokens"]),
     ({"prompt": "hi", "max_tokens": 10**9}, 400, ["max_tokens", "512"]),
     ({"prompt": "word " * 600}, 400, ["512"]),
-    ({"prompt": "hi", "model": "no-such-model"}, 400, ["no-such-model"]),
+    ({"prompt": "hi", "model": "no-such-model"}, 404, ["no-such-model", "does not exist"]),
     (b'{"prompt": "\xff\xfe"}', 400, ["UTF-8"]),
     ({"prompt": ""}, 400, ["empty"]),
     ({"prompt": "hi", "seed": 2**63}, 400, ["seed"]),
@@ -190,7 +190,6 @@ def test_grpc_bad_inputs_get_invalid_argument(server):
         stub = pbgrpc.GenerationStub(channel)
         for request, words in [
             (pb.GenerateRequest(), "no prompt"),
-            (pb.GenerateRequest(text="hi", model="other"), "other"),
             (pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(max_tokens=10**6)),
              "max_tokens"),
             (pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(top_p=2)), "top_p"),
@@ -201,6 +200,10 @@ def test_grpc_bad_inputs_get_invalid_argument(server):
                 list(stub.Generate(request, timeout=30))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert words in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(pb.GenerateRequest(text="hi", model="other"), timeout=30))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "`other` does not exist" in err.value.details()
 
 
 def test_health_and_metrics(server):

@@ -223,10 +223,24 @@ def test_grpc_tokenizes_on_the_tokenizer_thread(stub, monkeypatch):
 def test_grpc_prompt_checks(stub):
     for request, phrase in [
         (pb.GenerateRequest(), "no prompt"),
-        (pb.GenerateRequest(text="hi", model="other"), "`other` does not exist"),
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 4096])), "4096 is outside the vocabulary"),
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(10, 80)))), "70 tokens long"),
     ]:
         error = grpc_error(stub, request)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert phrase in error.details()
+
+
+def test_unknown_model_is_404_as_vllm_answers_and_grpc_not_found(http, stub, frontend):
+    for path, body in ((COMPLETIONS, {"prompt": "hi"}),
+                       (CHAT, {"messages": [{"role": "user", "content": "hi"}]}),
+                       ("/tokenize", {"prompt": "hi"})):
+        response = http.post(path, json={"model": "other", **body})
+        assert response.status_code == 404, response.text
+        error = response.json()["error"]
+        assert error["message"].startswith("The model `other` does not exist.")
+        assert (error["type"], error["code"], error["param"]) == ("NotFoundError", 404, "model")
+    error = grpc_error(stub, pb.GenerateRequest(text="hi", model="other"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.details().startswith("The model `other` does not exist.")
+    assert frontend.pipeline.requests == []

@@ -24,7 +24,8 @@ from tests.frontend.test_openai_api import MODEL  # noqa: E402
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 TIMEOUT_S = 10   # a call slower than this counts as a hang
-GRPC_CLIENT_MISTAKE = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+GRPC_CLIENT_MISTAKE = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       grpc.StatusCode.NOT_FOUND}   # a model that is not served
 
 # Text with everything JSON can carry: lone surrogates, controls, astral characters.
 texts = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)
@@ -70,7 +71,7 @@ def assert_client_mistake_or_success(response: httpx.Response) -> None:
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         error = response.json()["error"]
-        assert error["message"] and error["type"] == "invalid_request_error"
+        assert error["message"] and error["type"] in ("invalid_request_error", "NotFoundError")
 
 
 @FUZZ

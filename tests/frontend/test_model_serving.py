@@ -25,7 +25,7 @@ def test_served_names_default_to_the_model_and_any_of_them_is_accepted():
         check_model(requested, rules)
     with pytest.raises(RequestError, match="serves `a`, `b`") as err:
         check_model("random:tiny", rules)
-    assert err.value.code == "model_not_found"
+    assert (err.value.code, err.value.status) == ("model_not_found", 404)
     with pytest.raises(ValueError, match="non-empty"):
         ModelServingConfig(served_model_names=("a", " "))
 

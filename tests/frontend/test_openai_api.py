@@ -304,7 +304,7 @@ def _body(**fields) -> bytes:
     (COMPLETIONS, _body(), 400, ["prompt is required"]),
     (COMPLETIONS, _body(prompt=PROMPT, max_tokens="5"), 400, ["max_tokens", "integer", "'5'"]),
     (COMPLETIONS, _body(prompt=PROMPT, stream="yes"), 400, ["stream"]),
-    (COMPLETIONS, _body(prompt=PROMPT, model="gpt-4"), 400, ["gpt-4", MODEL]),
+    (COMPLETIONS, _body(prompt=PROMPT, model="gpt-4"), 404, ["gpt-4", MODEL]),
     (COMPLETIONS, _body(prompt=PROMPT, max_tokens=0), 400, ["max_tokens", "at least 1", "0"]),
     (COMPLETIONS, _body(prompt=PROMPT, max_tokens=-3), 400, ["max_tokens", "-3"]),
     (COMPLETIONS, _body(prompt=PROMPT, max_tokens=1000), 400,
@@ -365,7 +365,7 @@ def test_bad_requests(http, pipeline, path, body, status, phrases):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == "invalid_request_error"
+    assert error["type"] == ("NotFoundError" if status == 404 else "invalid_request_error")
     for phrase in phrases:
         assert phrase in error["message"]
     assert pipeline.requests == []
