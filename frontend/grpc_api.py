@@ -29,9 +29,9 @@ from tandem.api.v1 import generation_pb2 as pb
 from tandem.contracts.sampling_params import SamplingParams
 from tandem.contracts.wire import logprob_to_proto
 from tandem.frontend.admission import AdmissionGate
-from tandem.frontend.request_rules import (RequestError, RequestRules, check_model, check_prompt_chars,
-                                         check_prompt_ids, check_prompt_length, resolve_max_tokens,
-                                         sampling_params)
+from tandem.frontend.request_rules import (RequestError, RequestRules, check_model,
+                                         check_prompt_chars, check_prompt_ids, check_prompt_length,
+                                         checked_logit_bias, resolve_max_tokens, sampling_params)
 from tandem.frontend.response_format import checked_json_schema
 from tandem.frontend.types import GenerateRequest, RequestPipeline, RequestRejected
 
@@ -104,7 +104,8 @@ class GenerationService:
         requested = sampling.max_tokens if sampling.HasField("max_tokens") else None
         max_tokens = resolve_max_tokens(requested, len(token_ids), rules)
         logprobs = sampling.logprobs if sampling.HasField("logprobs") else None
-        params = sampling_params(_given_fields(sampling), max_tokens, logprobs, rules, self.defaults)
+        params = sampling_params(_given_fields(sampling, rules), max_tokens, logprobs, rules,
+                                 self.defaults)
         # Internally every request gets a fresh id: two clients may well pick the same one.
         request_id = f"grpc-{uuid.uuid4().hex}"
         if request.request_id:
@@ -128,7 +129,7 @@ class GenerationService:
         return token_ids
 
 
-def _given_fields(sampling: pb.SamplingOptions) -> dict[str, Any]:
+def _given_fields(sampling: pb.SamplingOptions, rules: RequestRules) -> dict[str, Any]:
     """The sampling fields the client set, by `SamplingParams` name."""
     given: dict[str, Any] = {name: getattr(sampling, name)
                              for name in ("temperature", "top_p", "top_k", "min_p", "seed",
@@ -136,7 +137,8 @@ def _given_fields(sampling: pb.SamplingOptions) -> dict[str, Any]:
                                           "repetition_penalty", "skip_special_tokens")
                              if sampling.HasField(name)}
     given.update(stop=list(sampling.stop), stop_token_ids=list(sampling.stop_token_ids),
-                 ignore_eos=sampling.ignore_eos, logit_bias=dict(sampling.logit_bias),
+                 ignore_eos=sampling.ignore_eos,
+                 logit_bias=checked_logit_bias(sampling.logit_bias, rules),
                  min_tokens=sampling.min_tokens,
                  include_stop_str_in_output=sampling.include_stop_str_in_output)
     if sampling.HasField("json_schema"):

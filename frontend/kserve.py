@@ -41,7 +41,9 @@ from tandem.frontend.kserve_outputs import ResponseWriter
 from tandem.frontend.kserve_tensors import read_inputs
 from tandem.frontend.request_rules import (RequestError, RequestRules, check_model,
                                            check_prompt_chars, check_prompt_length,
-                                           resolve_max_tokens, sampling_params)
+                                           checked_logit_bias, resolve_max_tokens,
+                                           sampling_params)
+from tandem.frontend.response_format import requested_json_schema
 from tandem.frontend.types import GenerateRequest, RequestPipeline, RequestRejected
 
 logger = logging.getLogger(__name__)
@@ -193,6 +195,11 @@ class KServeService:
         max_tokens = resolve_max_tokens(requested, len(token_ids), self.rules)
         given = dict(inputs.given)
         logprobs = given.pop("logprobs", None)
+        if "logit_bias" in given:
+            given["logit_bias"] = checked_logit_bias(given["logit_bias"], self.rules)
+        schema = requested_json_schema(None, inputs.guided_json)
+        if schema is not None:
+            given["json_schema"] = schema
         params = sampling_params(given, max_tokens, logprobs, self.rules, self.defaults)
         return GenerateRequest(f"kserve-{uuid.uuid4().hex}", token_ids, params, inputs.text)
 

@@ -5,11 +5,16 @@ Two conventions are in use and both are accepted, in any mix:
 - Triton's vLLM backend: `text_input`, `stream`, `sampling_parameters` (a JSON object with vLLM's
   `SamplingParams` names; values may be strings, as that backend converts them),
   `exclude_input_in_output`, and `return_finish_reason`, `return_cumulative_logprob`,
-  `return_num_input_tokens`, `return_num_output_tokens`.
+  `return_num_input_tokens`, `return_num_output_tokens`. The sampling parameters include the
+  penalties, `min_tokens`, `logit_bias` (token id -> bias) and structured output as
+  `guided_json` (a schema, or its JSON text) or the backend's own
+  `guided_decoding: {"json": schema}`: the same SamplingParams and the same checks as the OpenAI
+  API (request_rules.checked_logit_bias, response_format).
 - The TensorRT-LLM backend's ensemble: `text_input`, `max_tokens`, `stream`, `temperature`,
-  `top_k`, `top_p`, `random_seed`, `stop_words`, `end_id`, and knobs that tandem's sampler does not
-  have (`bad_words`, penalties, `beam_width`, `min_length`, logits): those are accepted at their
-  neutral value (what clients such as genai-perf send by default) and refused otherwise, by name.
+  `top_k`, `top_p`, `random_seed`, `stop_words`, `end_id`, the penalties and `min_length` (as
+  `min_tokens`), and knobs that tandem's sampler does not have (`bad_words`, `beam_width`,
+  `length_penalty`, logits): those are accepted at their neutral value (what clients such as
+  genai-perf send by default) and refused otherwise, by name.
 
 Nothing is silently ignored: an input no convention defines is INVALID_ARGUMENT naming it. A request
 that sets no `max_tokens` gets 16, vLLM's default, which the vLLM backend inherits.
@@ -47,16 +52,24 @@ OUTPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
     "cumulative_logprob": ("FP32", (-1,)),
 }
 # TensorRT-LLM inputs with no counterpart here, and the one value that changes nothing.
-_NEUTRAL = {"beam_width": 1, "min_length": 0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-            "frequency_penalty": 0.0, "length_penalty": 1.0, "return_log_probs": False,
+_NEUTRAL = {"beam_width": 1, "length_penalty": 1.0, "return_log_probs": False,
             "return_context_logits": False, "return_generation_logits": False}
+# TensorRT-LLM inputs that are SamplingParams fields under another name (or the same).
+_TRTLLM_SAMPLING = (("temperature", "temperature", float), ("top_p", "top_p", float),
+                    ("top_k", "top_k", int), ("random_seed", "seed", int),
+                    ("repetition_penalty", "repetition_penalty", float),
+                    ("presence_penalty", "presence_penalty", float),
+                    ("frequency_penalty", "frequency_penalty", float),
+                    ("min_length", "min_tokens", int))
 # sampling_parameters keys and how their values are read.
 _JSON_TYPES = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "seed": int,
                "max_tokens": int, "ignore_eos": bool, "include_stop_str_in_output": bool,
-               "skip_special_tokens": bool, "stop": list, "stop_token_ids": list}
+               "skip_special_tokens": bool, "stop": list, "stop_token_ids": list,
+               "presence_penalty": float, "frequency_penalty": float,
+               "repetition_penalty": float, "min_tokens": int, "logit_bias": dict,
+               "guided_json": object, "guided_decoding": dict}
 # sampling_parameters keys at their neutral value; other values are refused by name.
-_JSON_NEUTRAL = {"n": 1, "best_of": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                 "repetition_penalty": 1.0, "min_tokens": 0, "use_beam_search": False}
+_JSON_NEUTRAL = {"n": 1, "best_of": 1, "use_beam_search": False}
 
 
 @dataclass(slots=True)
@@ -66,6 +79,7 @@ class KServeInputs:
     exclude_input: bool = False
     max_tokens: int | None = None
     given: dict[str, Any] = field(default_factory=dict)   # SamplingParams fields the client set
+    guided_json: Any = None   # the JSON schema asked for, compiled with the prompt's checks
     returns: set[str] = field(default_factory=set)        # extra outputs asked for
     batched: bool = False   # text_input came as [1, 1]: answer with the batch dimension too
 
@@ -106,8 +120,7 @@ def _read_trtllm(tensors: dict[str, Tensor], inputs: KServeInputs) -> None:
         raise RequestError("bad_words is not supported by this server", "bad_words")
     if "max_tokens" in tensors:
         inputs.max_tokens = int(_scalar(tensors, "max_tokens", 0))
-    for name, key, kind in (("temperature", "temperature", float), ("top_p", "top_p", float),
-                            ("top_k", "top_k", int), ("random_seed", "seed", int)):
+    for name, key, kind in _TRTLLM_SAMPLING:
         if name in tensors:
             inputs.given[key] = kind(_scalar(tensors, name, 0))
     stop = _strings(tensors, "stop_words")
@@ -134,11 +147,29 @@ def _read_sampling_json(data: bytes, inputs: KServeInputs) -> None:
             raise RequestError(f"sampling_parameters.{key} is not supported; supported keys: "
                                f"{', '.join(_JSON_TYPES)}", key)
         elif value is not None:
-            value = _coerce(key, value, _JSON_TYPES[key])
-            if key == "max_tokens":
-                inputs.max_tokens = value
-            else:
-                inputs.given[key] = value
+            _set_sampling_value(inputs, key, _coerce(key, value, _JSON_TYPES[key]))
+
+
+def _set_sampling_value(inputs: KServeInputs, key: str, value: Any) -> None:
+    if key == "max_tokens":
+        inputs.max_tokens = value
+    elif key in ("guided_json", "guided_decoding"):
+        if inputs.guided_json is not None:
+            raise RequestError("give either guided_json or guided_decoding, not both", key)
+        inputs.guided_json = value if key == "guided_json" else _guided_decoding_json(value)
+    else:
+        inputs.given[key] = value
+
+
+def _guided_decoding_json(spec: dict[str, Any]) -> Any:
+    """The schema of the vLLM backend's `guided_decoding` ({"json": schema}); other kinds are
+    refused by name, as the OpenAI API refuses guided_regex and the rest."""
+    others = sorted(key for key, value in spec.items() if key != "json" and value is not None)
+    if others or spec.get("json") is None:
+        raise RequestError(f"sampling_parameters.guided_decoding supports only \"json\" (a JSON "
+                           f"schema) here, got {', '.join(others) or 'no schema'}",
+                           "guided_decoding")
+    return spec["json"]
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
@@ -146,10 +177,14 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     try:
         if kind is bool:
             return value if isinstance(value, bool) else str(value).lower() in ("true", "1")
-        if kind is list:
+        if kind is object:
+            return value
+        if kind in (list, dict):
             if isinstance(value, str):
-                return [value] if key == "stop" else json.loads(value)
-            return list(value)
+                value = [value] if key == "stop" else json.loads(value)
+            if not isinstance(value, kind):
+                raise TypeError(f"not a JSON {'array' if kind is list else 'object'}")
+            return value
         return kind(value)
     except (TypeError, ValueError) as exc:
         raise RequestError(f"sampling_parameters.{key}={value!r} is not a valid "

@@ -25,10 +25,9 @@ from tandem.engine.tokenizer import apply_chat_template
 from tandem.frontend.openai_protocol import (ChatCompletionRequest, CompletionRequest, brief_repr,
                                            sampling_fields)
 from tandem.frontend.openai_tools import num_tool_chars, template_message, template_tools
-from tandem.frontend.request_rules import (RequestError, RequestRules, check_float,
-                                         check_no_lone_surrogates, check_prompt_chars,
-                                         check_prompt_ids, check_prompt_length, resolve_max_tokens,
-                                         sampling_params)
+from tandem.frontend.request_rules import (RequestError, RequestRules, check_no_lone_surrogates,
+                                         check_prompt_chars, check_prompt_ids, check_prompt_length,
+                                         checked_logit_bias, resolve_max_tokens, sampling_params)
 from tandem.frontend.forced_tools import forced_tool_schema
 from tandem.frontend.response_format import checked_json_schema, requested_json_schema
 from tandem.frontend.types import GenerateRequest
@@ -197,24 +196,12 @@ def _sampling_params(request: CompletionRequest | ChatCompletionRequest, max_tok
                      ) -> SamplingParams:
     given = sampling_fields(request)
     if "logit_bias" in given or request.logit_bias:
-        given["logit_bias"] = logit_bias(request.logit_bias or {}, rules)
+        given["logit_bias"] = checked_logit_bias(request.logit_bias or {}, rules)
     if json_schema is None:
         json_schema = requested_json_schema(request.response_format, request.guided_json)
     if json_schema is not None:
         given["json_schema"] = json_schema
     return sampling_params(given, max_tokens, logprobs, rules, defaults)
-
-
-def logit_bias(bias: dict[str, float], rules: RequestRules) -> dict[int, float]:
-    """OpenAI's `logit_bias` (token ids as strings) as the engine's, each id checked."""
-    checked: dict[int, float] = {}
-    for key, value in bias.items():
-        if not key.strip().isdigit() or not 0 <= int(key) < rules.vocab_size:
-            raise RequestError(f"logit_bias key {key!r} is not a token id in [0, "
-                               f"{rules.vocab_size})", "logit_bias")
-        check_float(value, "logit_bias")
-        checked[int(key)] = float(value)
-    return checked
 
 
 def _from_validation_error(exc: ValidationError) -> RequestError:

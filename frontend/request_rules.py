@@ -224,6 +224,24 @@ def check_float(value: float, param: str) -> None:
                            param)
 
 
+def checked_logit_bias(bias: Mapping[Any, Any], rules: RequestRules,
+                       param: str = "logit_bias") -> dict[int, float]:
+    """A `logit_bias` map as the engine takes it (token id -> bias), each id and value checked.
+    Ids may come as numbers or as digit strings (JSON keys are strings: OpenAI sends them so)."""
+    checked: dict[int, float] = {}
+    for key, value in bias.items():
+        text = str(key).strip()
+        if isinstance(key, bool) or not text.isdigit() or not 0 <= int(text) < rules.vocab_size:
+            raise RequestError(f"{param} key '{key}' is not a token id in [0, "
+                               f"{rules.vocab_size})", param)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(f"{param} values must be numbers, got {value!r} for '{key}'",
+                               param)
+        check_float(value, param)
+        checked[int(text)] = float(value)
+    return checked
+
+
 def sampling_params(given: Mapping[str, Any], max_tokens: int, logprobs: int | None,
                     rules: RequestRules, defaults: SamplingParams | None = None) -> SamplingParams:
     """The engine's parameters from the fields a client set (`given`, by SamplingParams name) over

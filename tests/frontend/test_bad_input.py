@@ -200,6 +200,8 @@ def test_grpc_message_past_the_limit_is_resource_exhausted(stub):
     (pb.SamplingOptions(stop=["s" * 4000] * 100), {"stop": ["s" * 4000] * 100}),
     (pb.SamplingOptions(top_k=-5), {"top_k": -5}),
     (pb.SamplingOptions(max_tokens=1000), {"max_tokens": 1000}),
+    (pb.SamplingOptions(logit_bias={99999: 1.0}), {"logit_bias": {"99999": 1.0}}),
+    (pb.SamplingOptions(logit_bias={5: 500.0}), {"logit_bias": {"5": 500.0}}),
 ])
 def test_grpc_and_http_give_the_same_message(stub, http, sampling, body):
     error = grpc_error(stub, pb.GenerateRequest(text="hi", sampling=sampling))

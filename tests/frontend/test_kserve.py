@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import queue
 
+import jsonschema
 import numpy as np
 import openai
 import pytest
+
+from tandem.engine.tokenizer import load_tokenizer
 
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -165,8 +168,20 @@ def test_one_stream_carries_concurrent_requests_and_errors(server, client, expec
     ([tensor("text_input", [b"hi"], "BYTES"), tensor("frobnicate", [True], "BOOL")],
      "INVALID_ARGUMENT", "frobnicate"),
     ([tensor("text_input", [b"hi"], "BYTES"),
-      tensor("sampling_parameters", [b'{"logit_bias": {"1": 5}}'], "BYTES")],
+      tensor("sampling_parameters", [b'{"logit_bias": {"99999": 5}}'], "BYTES")],
+     "INVALID_ARGUMENT", "logit_bias key '99999' is not a token id"),
+    ([tensor("text_input", [b"hi"], "BYTES"),
+      tensor("sampling_parameters", [b'{"logit_bias": [1, 5]}'], "BYTES")],
      "INVALID_ARGUMENT", "logit_bias"),
+    ([tensor("text_input", [b"hi"], "BYTES"),
+      tensor("sampling_parameters", [b'{"guided_json": {"type": "nonsense"}}'], "BYTES")],
+     "INVALID_ARGUMENT", "guided_json: the JSON schema"),
+    ([tensor("text_input", [b"hi"], "BYTES"),
+      tensor("sampling_parameters", [b'{"guided_decoding": {"regex": "[a-z]+"}}'], "BYTES")],
+     "INVALID_ARGUMENT", "supports only \"json\""),
+    ([tensor("text_input", [b"hi"], "BYTES"),
+      tensor("sampling_parameters", [b'{"presence_penalty": 3}'], "BYTES")],
+     "INVALID_ARGUMENT", "presence_penalty must be in [-2, 2]"),
     ([tensor("text_input", [b"hi"], "BYTES"), tensor("beam_width", [4], "INT32")],
      "INVALID_ARGUMENT", "beam_width=4"),
     ([tensor("text_input", [b"hi"], "BYTES"), tensor("temperature", [-1.0], "FP32")],
@@ -185,3 +200,53 @@ def test_unknown_model_is_not_found(client):
         client.infer("no-such-model", [tensor("text_input", [b"hi"], "BYTES")])
     assert err.value.status() == "StatusCode.NOT_FOUND"
     assert "no-such-model" in err.value.message()
+
+
+def test_sampling_parameters_logit_bias_and_penalties_match_openai(server, client):
+    """logit_bias, the penalties and min_tokens reach the sampler as on the OpenAI API: the same
+    greedy text for the same parameters."""
+    tokenizer = load_tokenizer(server.model)
+    boat = tokenizer.encode(" boats", add_special_tokens=False)[0]
+    api = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0)
+    for extra in ({"logit_bias": {str(boat): 100}},
+                  {"presence_penalty": 1.5, "frequency_penalty": 0.5, "repetition_penalty": 1.3,
+                   "min_tokens": MAX_TOKENS}):
+        openai_text = api.completions.create(model=server.model, prompt=PROMPT,
+                                             max_tokens=MAX_TOKENS, temperature=0,
+                                             extra_body=extra).choices[0].text
+        result = client.infer(server.model, vllm_inputs(stream=False, **extra))
+        assert text_of(result) == openai_text
+        assert result.as_numpy("num_output_tokens").ravel()[0] == MAX_TOKENS
+    assert openai_text != tokenizer.decode([boat] * MAX_TOKENS)
+    biased = client.infer(server.model, vllm_inputs(stream=False, logit_bias={boat: 100}))
+    assert text_of(biased) == tokenizer.decode([boat] * MAX_TOKENS)
+
+
+def test_trtllm_penalties_are_honoured(server, client):
+    api = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0)
+    expected = api.completions.create(model=server.model, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                      temperature=0, extra_body={"repetition_penalty": 1.5})
+    inputs = trtllm_inputs(stream=False) + [
+        tensor("repetition_penalty", [1.5], "FP32", (1, 1)),
+        tensor("min_length", [MAX_TOKENS], "INT32", (1, 1))]
+    assert text_of(client.infer(server.model, inputs)) == expected.choices[0].text
+
+
+@pytest.mark.parametrize("form", ["guided_json", "guided_json_text", "guided_decoding"])
+def test_sampling_parameters_guided_json_matches_the_schema(server, client, form):
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"pet": {"enum": ["cat", "dog"]},
+                                               "age": {"type": "integer", "minimum": 0,
+                                                       "maximum": 20}},
+              "required": ["pet", "age"], "additionalProperties": False}
+    guided = {"guided_json": schema, "guided_json_text": json.dumps(schema),
+              "guided_decoding": {"json": schema}}[form]
+    key = "guided_decoding" if form == "guided_decoding" else "guided_json"
+    for stream in (False, True):
+        inputs = vllm_inputs(stream=stream, max_tokens=30, **{key: guided})
+        if stream:
+            results = stream_infer(client, server.model, [("g", inputs)])["g"]
+            text = "".join(text_of(r) for r in results if r.get_response().outputs)
+        else:
+            text = text_of(client.infer(server.model, inputs))
+        jsonschema.validate(json.loads(text), schema)
