@@ -61,7 +61,7 @@ def start_server(workdir: str, port: int) -> tuple[subprocess.Popen, list[str]]:
         json.dump(synthetic_profile(LinearSteps(), num_kv_blocks=256, max_model_len=1024), f)
     with open(config, "w") as f:
         f.write("planner: {mode: 'on', hold_s: 30, cooldown_s: 2, max_prefill: 2, max_decode: 2,"
-                " ready_timeout_s: 120}\nfrontend: {stale_after_s: 30}\n")
+                " ready_timeout_s: 120}\nfrontend: {dead_after_s: 30}\n")
     command = [sys.executable, "-m", "tandem.launcher.cli", "--log-level", "INFO", "serve",
                "--config", config, "--planner-profile", profile, "--device", "cpu",
                "--model", "random:tiny", "--num-prefill", "1", "--num-decode", "1",

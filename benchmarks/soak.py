@@ -18,7 +18,10 @@ Reports:
 - leaked blocks: pinned requests and used KV blocks on every worker once the load has ended, right
   away and after the lease (target 0);
 - RSS of the frontend and of each worker before and after (a restarted worker is a new process);
-- migrations and restarts, from the frontend's metrics and log.
+- migrations and restarts, from the frontend's metrics and log;
+- liveness, from the frontend's log: how often a worker's heartbeats were late (suspect: routed
+  nothing new, its streams untouched), the longest silence after which one came back, and how
+  many workers were declared dead for silence (router/worker_registry.py).
 """
 
 from __future__ import annotations
@@ -290,6 +293,8 @@ def main() -> int:
     finally:
         exit_code = serve.stop()
     restarts = [line.strip() for line in serve.lines if "restarting it in" in line]
+    silences_s = [float(m.group(1)) for line in serve.lines
+                  if (m := re.search(r"heartbeat again after ([\d.]+) s", line))]
     summary = {
         "num_requests": args.num_requests, "concurrency": args.concurrency,
         "cancel_fraction": args.cancel_fraction, "num_decode": args.num_decode,
@@ -308,6 +313,9 @@ def main() -> int:
         "rss_mib_before": rss_before, "rss_mib_after": rss_after,
         "migrations": {k: v for k, v in metrics.items() if "migrations" in k},
         "kills": [k["worker"] for k in kills], "restarts_logged": restarts,
+        "suspect_episodes": sum("routing new requests elsewhere" in line for line in serve.lines),
+        "longest_silence_recovered_s": max(silences_s, default=0.0),
+        "declared_dead_for_silence": sum("declaring it dead" in line for line in serve.lines),
         "serve_exit_code": exit_code,
     }
     print(json.dumps(summary, indent=2))

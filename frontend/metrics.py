@@ -73,6 +73,9 @@ class _WorkerStatsCollector:
             "pinned until a decode worker pulls them (or their lease ends)", labels=LABELS)
         preemptions = CounterMetricFamily("vllm:num_preemptions", "Requests preempted to free KV "
                                           "blocks (and recomputed)", labels=LABELS)
+        late = GaugeMetricFamily(
+            "tandem_worker_suspect", "1 while a worker's heartbeats are late: routed no new "
+            "requests, its requests in flight go on (router/worker_registry.py)", labels=LABELS)
         for w in list(self.workers.workers.values()):
             labels = [self.workers.model, w.worker_id, w.role]
             s = w.stats
@@ -84,4 +87,5 @@ class _WorkerStatsCollector:
             warm_reads.add_metric(labels, s.kv_warm_reads)
             preemptions.add_metric(labels, s.num_preemptions)
             pinned.add_metric(labels, s.num_pinned_requests)
-        yield from (running, waiting, usage, queries, hits, warm_reads, pinned, preemptions)
+            late.add_metric(labels, float(w.is_suspect))
+        yield from (running, waiting, usage, queries, hits, warm_reads, pinned, preemptions, late)

@@ -183,7 +183,7 @@ class Pipeline:
             logger.warning("dropping %s worker %s: %s", failure.role, failure.worker_id,
                            failure.describe())
             self.router.remove_worker(worker.worker_id, worker.role)
-            self.workers.deregister(worker.worker_id)
+            self.workers.deregister(worker.worker_id, f"a call failed ({failure.code})")
 
     def _check_migration(self, request_id: str, err: WorkerCallFailed,
                          num_migrations: int) -> None:

@@ -33,7 +33,8 @@ from tandem.frontend.tool_parsers import make_parser
 from tandem.frontend.kv_follower import KVEventFollower
 from tandem.frontend.request_rules import RequestLimits
 from tandem.router.routing import Router, RoutingConfig
-from tandem.router.worker_registry import WorkerRegistry, WorkerState
+from tandem.router.worker_registry import (DEAD_AFTER_S, SUSPECT_AFTER_S, WorkerRegistry,
+                                           WorkerState)
 from tandem.worker.auth import internal_server
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,16 @@ class FrontendConfig:
     control_port: int = 0            # the internal API; 0 picks a free port
     control_host: str = "127.0.0.1"  # where the internal API binds; 0.0.0.0 opens it to a cluster
     heartbeat_interval_s: float = 0.5
-    stale_after_s: float = 5.0       # a worker silent this long is dropped
+    # Worker liveness (router/worker_registry.py). Late is not dead: a worker that misses its
+    # heartbeats for suspect_after_s (six intervals: on a quiet host they come every 0.5 s) is
+    # routed nothing new, but its requests in flight go on and its next heartbeat makes it
+    # routable again; only dead_after_s of silence, or evidence that its process is gone (the
+    # launcher saw it exit, a call found its port closed, keepalive gave up on the connection),
+    # ends its streams and migrates them. With one 5 s threshold for both, the 10,000-request
+    # soak on a starved 2-core host (benchmarks/RESULTS.md) dropped live decode workers whose
+    # heartbeats came more than 5 s apart and ended 1,177 streams that were still running.
+    suspect_after_s: float = SUSPECT_AFTER_S   # 3 s
+    dead_after_s: float = DEAD_AFTER_S         # 30 s: as long as keepalive takes (keepalive.py)
     # Client-facing bounds, each explained where it is defined (request_rules, admission).
     limits: RequestLimits = field(default_factory=RequestLimits)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
@@ -65,9 +75,10 @@ class FrontendConfig:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ValueError(f"{name} must be a TCP port in [0, 65535], got {port}")
-        if not 0 < self.heartbeat_interval_s < self.stale_after_s:
-            raise ValueError("need 0 < heartbeat_interval_s < stale_after_s, got "
-                             f"{self.heartbeat_interval_s} and {self.stale_after_s}")
+        if not 0 < self.heartbeat_interval_s < self.suspect_after_s < self.dead_after_s:
+            raise ValueError("need 0 < heartbeat_interval_s < worker_suspect_after_s < "
+                             f"worker_dead_after_s, got {self.heartbeat_interval_s}, "
+                             f"{self.suspect_after_s} and {self.dead_after_s}")
 
 
 class _QuietServer(uvicorn.Server):
@@ -83,7 +94,8 @@ class Frontend:
                  routing: RoutingConfig, block_size: int):
         self.config = config
         # Workers register under --model; clients see the served names (model_serving.py).
-        self.workers = WorkerRegistry(model.name, block_size, config.stale_after_s)
+        self.workers = WorkerRegistry(model.name, block_size, config.suspect_after_s,
+                                      config.dead_after_s)
         names = served_names(config.serving, model.name)
         model = replace(serve_model(config.serving, model, tokenizer), name=names[0])
         self.metrics = FrontendMetrics(self.workers)
@@ -179,18 +191,20 @@ class Frontend:
     def on_heartbeat(self, worker: WorkerState) -> None:
         self.router.on_worker_stats(worker)
 
-    def on_removed(self, worker_ids: list[str]) -> None:
+    def on_removed(self, worker_ids: list[str], reason: str = "it deregistered") -> None:
         for worker_id in worker_ids:
             worker = self.workers.workers.get(worker_id)
             if worker is not None:
                 self.follower.forget(worker_id)
                 self.router.remove_worker(worker_id, worker.role)
-                self.workers.deregister(worker_id)
+                self.workers.deregister(worker_id, reason)
 
     def forget_workers(self, dead_worker_ids: list[str]) -> None:
-        """Drop workers whose process died, and those whose heartbeats stopped."""
-        self.on_removed(dead_worker_ids)
-        self.on_removed(self.workers.stale(time.monotonic()))
+        """Drop workers whose process died and those silent past dead_after_s; mark the late
+        ones suspect (routed nothing new, their requests go on)."""
+        self.on_removed(dead_worker_ids, "its process exited")
+        self.on_removed(self.workers.sweep(time.monotonic()),
+                        f"no heartbeat for {self.config.dead_after_s:.0f} s")
 
     def report_pools(self, statuses: list[str]) -> None:
         """The launcher's account of each pool that lacks workers ("decode pool has 0 of 1 workers

@@ -1,9 +1,12 @@
 """The frontend's request calls to workers (Prefill, the Generate stream), each bounded.
 
 A call ends with a `WorkerCallFailed` naming the worker, its role and a gRPC code name when the
-worker answers with an error, when it runs past its deadline (worker/clients.py, `CallDeadlines`:
-Generate's is an idle deadline per message), and at once when the worker drops out of the registry
-(its heartbeats stopped: a stopped or hung process), code LOST. Prefill has a gRPC deadline;
+worker answers with an error or its connection breaks (UNAVAILABLE: a closed port, or keepalive
+pings unanswered, worker/auth.py), when it runs past its deadline (worker/clients.py,
+`CallDeadlines`: Generate's is an idle deadline per message), and at once, code LOST, when the
+worker is declared dead and drops out of the registry (its process exited, or its heartbeats
+stopped for `dead_after_s`). A worker that is only late with its heartbeats (suspect) keeps its
+calls. Prefill has a gRPC deadline;
 Generate's idle deadline is a timer re-armed at each message. The pipeline turns these into
 migrations (router/migration.py). A caller that is itself cancelled (a client that went away) sees
 its cancellation, never a failure.
@@ -66,11 +69,11 @@ class WorkerCalls:
         self.deadlines = clients.deadlines
         self._inflight: dict[str, set[_Tracked]] = {}  # worker id -> its calls in flight
 
-    def on_worker_lost(self, worker: WorkerState) -> None:
+    def on_worker_lost(self, worker: WorkerState, reason: str) -> None:
         """End every call in flight to this worker instance (not to one that replaced it)."""
         for tracked in list(self._inflight.get(worker.worker_id, ())):
             if tracked.address == worker.address:
-                tracked.end("LOST", "its heartbeats stopped")
+                tracked.end("LOST", reason)
 
     async def prefill(self, worker: WorkerState, request: wpb.PrefillRequest
                       ) -> wpb.PrefillResponse:

@@ -159,6 +159,14 @@ SETTINGS = [
     Setting("kv_lease_s", ("worker", "lease_s"), "a prefill worker frees unpulled blocks after this"),
     Setting("transfer_timeout_s", ("worker", "transfer_timeout_s"),
             "a slower KV pull falls back to recompute on the decode worker"),
+    Setting("worker_suspect_after_s", ("frontend", "suspect_after_s"),
+            "a worker whose heartbeats are late this long is routed no new requests; its "
+            "requests in flight go on, and its next heartbeat makes it routable again"),
+    Setting("worker_dead_after_s", ("frontend", "dead_after_s"),
+            "a worker silent this long is declared dead: its streams end and migrate (one whose "
+            "process exited or whose connection broke is declared dead at once)"),
+    Setting("frontend_silence_s", ("worker", "frontend_silence_s"),
+            "a worker that cannot reach its frontend this long exits"),
     Setting("drain_timeout_s", ("drain_timeout_s",), "on SIGTERM, requests in flight get this long"),
     Setting("ready_timeout_s", ("ready_timeout_s",), "workers must register within this"),
     Setting("planner", ("planner", "mode"), "pool sizing from load and SLOs: off, advisory "

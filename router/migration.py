@@ -31,7 +31,8 @@ WORKER_FAULT_CODES = frozenset({
     "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "DATA_LOSS", "LOST"})
 # Codes that are evidence the worker process is gone or unreachable, so the registry drops it at
 # once (a live worker re-registers on its next heartbeat). "LOST" is the frontend's own code for a
-# worker whose heartbeats stopped while the call was in flight.
+# worker declared dead (its process exited, or no heartbeat for dead_after_s) while the call was in
+# flight; a worker only late with its heartbeats keeps its calls (router/worker_registry.py).
 WORKER_GONE_CODES = frozenset({"UNAVAILABLE", "LOST"})
 
 

@@ -88,12 +88,18 @@ def busiest_decode_worker(server: Server) -> str:
     return max(decode, key=lambda w: server.metric("vllm:num_requests_running", worker=w))
 
 
+SUSPECT_AFTER_S, DEAD_AFTER_S = 1.0, 10.0
+
+
 @pytest.fixture(scope="module")
 def disaggregated():
-    """1 prefill + 2 decode workers, every prompt prefilled remotely, a 3 s lease."""
+    """1 prefill + 2 decode workers, every prompt prefilled remotely, a 3 s lease; a worker late
+    with its heartbeats for 1 s is routed nothing new, one silent for 10 s is declared dead
+    (shorter than the defaults, so that the stopped-worker tests take seconds)."""
     server = start_server("--num-prefill", "1", "--num-decode", "2", "--device", "cpu",
                           "--num-kv-blocks", "256", "--remote-prefill-min-tokens", "1",
-                          "--kv-lease-s", "3")
+                          "--kv-lease-s", "3", "--worker-suspect-after-s", str(SUSPECT_AFTER_S),
+                          "--worker-dead-after-s", str(DEAD_AFTER_S))
     yield server
     assert server.stop() == 0
 
@@ -121,7 +127,45 @@ def test_killed_decode_worker_mid_stream_migrates_and_greedy_output_continues(di
                for line in server.lines)
 
 
-def test_stopped_decode_worker_mid_stream_migrates_once_its_heartbeats_stop(disaggregated):
+def test_a_decode_worker_stopped_for_less_than_the_dead_threshold_keeps_its_streams(
+        disaggregated):
+    """A slow host, played by SIGSTOP: the late worker gets no new request, but its streams are
+    not ended; they finish once it runs again, with no migration and no error."""
+    server = disaggregated
+    prompt = PROMPT + "Pause."
+    reference = client_of(server).completions.create(model="random:tiny", prompt=prompt,
+                                                     max_tokens=200, **GREEDY)
+    streams = [Stream(server, 200, prompt) for _ in range(2)]
+    for stream in streams:
+        stream.start()
+    wait_until(lambda: all(s.num_chunks >= 5 for s in streams), 30, "streams started")
+    wait_until(lambda: server.metric("vllm:num_requests_running") > 0, 5, "heartbeats")
+    victim = busiest_decode_worker(server)
+    migrations = server.metric("tandem_request_migrations_total")
+    pid = worker_pid(server, victim)
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        wait_until(lambda: server.metric("tandem_worker_suspect", worker=victim) == 1,
+                   DEAD_AFTER_S / 2, f"{victim} suspect")
+        out = client_of(server, timeout_s=DEAD_AFTER_S).completions.create(
+            model="random:tiny", prompt="New. " + PROMPT, max_tokens=4, **GREEDY)
+        assert out.usage.completion_tokens == 4  # routed around the late worker
+        assert victim in workers_of(server)      # late, not dropped
+        assert time.monotonic() - stopped_at < DEAD_AFTER_S  # else this proves nothing
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    for stream in streams:
+        stream.join(timeout=60)
+        assert stream.error is None and not stream.is_alive()
+        assert stream.finish == "length" and stream.text == reference.choices[0].text
+    assert server.metric("tandem_request_migrations_total") == migrations
+    wait_until(lambda: server.metric("tandem_worker_suspect", worker=victim) == 0, 10,
+               f"{victim} heartbeating again")
+    wait_until(lambda: nothing_held(server), 10, "blocks pinned or used after SIGCONT")
+
+
+def test_stopped_decode_worker_mid_stream_migrates_once_declared_dead(disaggregated):
     server = disaggregated
     reference = client_of(server).completions.create(model="random:tiny", prompt=PROMPT + "Go.",
                                                      max_tokens=300, **GREEDY)
@@ -154,8 +198,9 @@ def test_stopped_prefill_worker_costs_a_bounded_wait(disaggregated):
                                                    max_tokens=8, **GREEDY)
         elapsed_s = time.monotonic() - started
         assert out.usage.completion_tokens == 8
-        # The registry drops a worker 5 s after its last heartbeat, which ends the call.
-        assert elapsed_s < 12, elapsed_s
+        # The registry declares the worker dead 10 s after its last heartbeat (looking twice a
+        # second), which ends the call; the decode worker then prefills.
+        assert elapsed_s < DEAD_AFTER_S + 6, elapsed_s
     finally:
         os.kill(pid, signal.SIGCONT)
     wait_until(lambda: "prefill-0" in workers_of(server), 10, "prefill-0 registered again")

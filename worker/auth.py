@@ -42,6 +42,8 @@ from typing import Any
 
 import grpc
 
+from tandem.worker.keepalive import CHANNEL_OPTIONS, SERVER_OPTIONS
+
 logger = logging.getLogger(__name__)
 
 SECRET_ENV = "TANDEM_INTERNAL_SECRET"
@@ -83,17 +85,22 @@ def process_secret() -> str:
 
 
 def internal_channel(address: str, secret: str | None = None) -> grpc.aio.Channel:
-    """An insecure channel (loopback or a trusted network) whose every call carries the secret."""
+    """An insecure channel (loopback or a trusted network) whose every call carries the secret,
+    with keepalive pings that find a peer that is gone (worker/keepalive.py)."""
     metadata = ((METADATA_KEY, secret or process_secret()),)
     interceptors = [_UnaryUnary(metadata), _UnaryStream(metadata), _StreamUnary(metadata),
                     _StreamStream(metadata)]
-    return grpc.aio.insecure_channel(address, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS),
+                                     interceptors=interceptors)
 
 
 def internal_server(secret: str | None = None, **kwargs: Any) -> grpc.aio.Server:
-    """A grpc.aio server that serves only callers holding the secret."""
+    """A grpc.aio server that serves only callers holding the secret and accepts their keepalive
+    pings."""
     interceptor = SecretCheck(secret or process_secret())
-    return grpc.aio.server(interceptors=[interceptor, *kwargs.pop("interceptors", [])], **kwargs)
+    options = [*SERVER_OPTIONS, *kwargs.pop("options", [])]
+    return grpc.aio.server(interceptors=[interceptor, *kwargs.pop("interceptors", [])],
+                           options=options, **kwargs)
 
 
 def _check(secret: str) -> None:

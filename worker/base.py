@@ -23,6 +23,10 @@ from tandem.contracts.worker_stats import Registration, WorkerStats
 
 logger = logging.getLogger(__name__)
 
+# A heartbeat slower than this is retried; it was 1 s, which a frontend serving 256 streams on a
+# starved 2-core host missed, so heartbeats that were merely late counted as lost.
+HEARTBEAT_TIMEOUT_S = 5.0
+
 
 @dataclass(slots=True)
 class TransferCounters:
@@ -112,14 +116,15 @@ class WorkerBase(wgrpc.WorkerServicer):
         await asyncio.Event().wait()
 
 
-async def register_and_heartbeat(worker: WorkerBase, address: str,
-                                 max_silence_s: float = 10.0) -> None:
+async def register_and_heartbeat(worker: WorkerBase, address: str) -> None:
     """Register with the frontend, then send heartbeats until cancelled.
 
-    A worker that cannot reach its frontend for `max_silence_s` exits: a frontend that died must not
-    leave workers behind.
+    A worker that cannot reach its frontend for `frontend_silence_s` (WorkerConfig) exits: a
+    frontend that died must not leave workers behind. A heartbeat may take its time (a busy
+    frontend on a starved host answers late); a late one still counts, a lost one does not.
     """
     options = worker.options
+    max_silence_s = options.config.frontend_silence_s
     async with internal_channel(options.frontend) as channel:
         control = wgrpc.ControlStub(channel)
         interval_s = await _register(control, registration_of(worker, address), max_silence_s)
@@ -130,7 +135,7 @@ async def register_and_heartbeat(worker: WorkerBase, address: str,
                 reply = await control.Heartbeat(
                     wpb.HeartbeatRequest(worker_id=options.worker_id,
                                          stats=worker_stats_to_proto(await worker.stats())),
-                    timeout=max(interval_s * 2, 1.0))
+                    timeout=HEARTBEAT_TIMEOUT_S)
                 last_ok = time.monotonic()
                 if not reply.known:
                     logger.info("frontend forgot worker %s; registering again", options.worker_id)

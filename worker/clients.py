@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class CallDeadlines:
     """Seconds each kind of worker call may take. The long ones are backstops: a worker whose
-    heartbeats stop is dropped after the registry's `stale_after_s`, which ends its calls sooner."""
+    process exits, whose connection stops answering keepalive pings (worker/auth.py) or whose
+    heartbeats stop for the registry's `dead_after_s` is dropped, which ends its calls sooner."""
     prefill_s: float = 60.0              # Prefill: queueing behind at most max_prefill_queue others
     # Generate, to its first message: a pull (30 s transfer timeout by default), then maybe a
     # recompute of the prompt.

@@ -19,10 +19,18 @@ class WorkerConfig:
     host: str = "127.0.0.1"          # where the Worker gRPC service binds and is reached
     lease_s: float = 30.0            # prefill: pinned blocks are freed after this even if never pulled
     transfer_timeout_s: float = 30.0  # decode: a pull slower than this falls back to recompute
+    # A worker that cannot reach its frontend this long exits, so that a dead frontend leaves no
+    # workers behind (a local worker also dies with its parent process at once). Long, because a
+    # frontend that is only slow (a starved host answered heartbeats late; 10 s made prefill-0
+    # exit in the 10,000-request soak, benchmarks/RESULTS.md) must not lose its workers.
+    frontend_silence_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not self.lease_s > 0:
             raise ValueError(f"kv_lease_s must be > 0 seconds, got {self.lease_s}")
+        if not self.frontend_silence_s > 0:
+            raise ValueError(f"frontend_silence_s must be > 0 seconds, got "
+                             f"{self.frontend_silence_s}")
         if not self.transfer_timeout_s > 0:
             raise ValueError(f"transfer_timeout_s must be > 0 seconds, got "
                              f"{self.transfer_timeout_s}")

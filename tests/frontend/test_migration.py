@@ -78,6 +78,8 @@ class FakeWorker:
         self.released: list[str] = []
         self.prefill_error: grpc.StatusCode | None = None
         self.prefill_gate: asyncio.Event | None = None
+        self.pause_after: int | None = None     # tokens into a Generate, wait for `resume`
+        self.resume: asyncio.Event | None = None
 
     def Prefill(self, request, timeout=None):
         self.prefill_requests.append(request)
@@ -109,6 +111,8 @@ class FakeWorker:
                     call.messages.put_nowait(rpc_error(grpc.StatusCode.UNAVAILABLE,
                                                        "Socket closed"))
                 return  # "hang": nothing more ever comes
+            if num_out == self.pause_after:
+                await self.resume.wait()  # a slow worker: late, then on again
             tokens.append(next_token(tokens))
             num_out += 1
             finish = "length" if num_out == params.max_tokens else ""
@@ -139,9 +143,10 @@ def make_pipeline(workers: dict[str, FakeWorker], min_remote_tokens: int = 10_00
     return pipeline
 
 
-async def collect(pipeline: Pipeline, max_tokens: int) -> tuple[list[int], str | None]:
-    request = GenerateRequest("req-1", PROMPT, SamplingParams(max_tokens=max_tokens,
-                                                              temperature=0.0, ignore_eos=True))
+async def collect(pipeline: Pipeline, max_tokens: int,
+                  request_id: str = "req-1") -> tuple[list[int], str | None]:
+    request = GenerateRequest(request_id, PROMPT, SamplingParams(max_tokens=max_tokens,
+                                                                 temperature=0.0, ignore_eos=True))
     tokens, finish = [], None
     async for chunk in pipeline.generate(request):
         tokens += chunk.token_ids
@@ -203,6 +208,34 @@ def test_a_worker_dropped_from_the_registry_ends_its_calls_at_once():
     tokens, finish = asyncio.run(run())
     assert tokens == reference(6) and finish == "length"
     assert pipeline.metrics.migrations.labels("decode")._value.get() == 1
+
+
+def test_a_late_decode_worker_keeps_its_stream_while_new_requests_go_elsewhere():
+    workers = {"decode-0": FakeWorker(), "decode-1": FakeWorker()}
+    workers["decode-0"].pause_after = 3
+    pipeline = make_pipeline(workers)
+    registry = pipeline.workers
+
+    async def run():
+        workers["decode-0"].resume = asyncio.Event()
+        first = asyncio.ensure_future(collect(pipeline, 8))
+        while not workers["decode-0"].generate_requests:
+            await asyncio.sleep(0.001)
+        registry.heartbeat("decode-1", registry.workers["decode-1"].stats, 9.0)
+        assert registry.sweep(10.0) == []  # decode-0 silent 10 s: late, not dead
+        second = await asyncio.wait_for(collect(pipeline, 4, "req-2"), 5)
+        assert not first.done()            # decode-0's stream still waits, nobody ended it
+        registry.heartbeat("decode-0", registry.workers["decode-0"].stats, 10.5)
+        workers["decode-0"].resume.set()
+        return await asyncio.wait_for(first, 5), second
+
+    (tokens, finish), (second_tokens, _) = asyncio.run(run())
+    assert tokens == reference(8) and finish == "length"
+    assert second_tokens == reference(4)
+    assert [r.request_id for r in workers["decode-1"].generate_requests] == ["req-2"]
+    assert [r.request_id for r in workers["decode-0"].generate_requests] == ["req-1"]
+    assert pipeline.metrics.migrations.labels("decode")._value.get() == 0
+    assert [w.worker_id for w in registry.pool("decode")] == ["decode-0", "decode-1"]
 
 
 def test_a_dead_prefill_worker_makes_the_decode_worker_prefill():

@@ -49,10 +49,24 @@ def test_planner_settings_nest_and_parse_the_slo():
     ({"num_decode": 0}, "num_decode must be at least 1"),
     ({"kv_lease_s": 0.0}, "kv_lease_s must be > 0"),
     ({"http_port": 70000}, "http_port must be a TCP port"),
+    ({"worker_suspect_after_s": 40.0}, "worker_suspect_after_s < worker_dead_after_s, got 0.5, "
+                                       "40.0 and 30.0"),
+    ({"frontend_silence_s": 0.0}, "frontend_silence_s must be > 0"),
 ])
 def test_each_config_validates_with_an_actionable_message(flags, message):
     with pytest.raises(ValueError, match=message):
         build_serve_config(flags, environ={})
+
+
+def test_liveness_settings_from_flag_environment_and_yaml(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("worker_dead_after_s: 90\nfrontend: {suspect_after_s: 4}\n")
+    config = build_serve_config({"frontend_silence_s": 300.0}, str(path),
+                                environ={"TANDEM_WORKER_SUSPECT_AFTER_S": "6"})
+    assert (config.frontend.suspect_after_s, config.frontend.dead_after_s) == (6.0, 90.0)
+    assert config.worker.frontend_silence_s == 300.0
+    spec = worker_specs(config, "127.0.0.1:1")[0]
+    assert WorkerOptions.from_json(spec.to_json()).config.frontend_silence_s == 300.0
 
 
 def test_unknown_and_mistyped_yaml_settings_are_named(tmp_path):

@@ -68,7 +68,7 @@ def start(tmp_path, *args: str) -> Server:
     # A worker loading its model on a busy 2-core machine can miss heartbeats for seconds.
     config.write_text("planner: {mode: 'on', hold_s: 4, cooldown_s: 2, max_prefill: 2,\n"
                       "          max_decode: 2, ready_timeout_s: 90}\n"
-                      "frontend: {stale_after_s: 30}\n")
+                      "frontend: {dead_after_s: 30}\n")
     http_port, grpc_port = free_port(), free_port()
     command = [sys.executable, "-m", "tandem.launcher.cli", "--log-level", "INFO", "serve",
                "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--config",
