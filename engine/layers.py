@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from tandem.engine.attention import store_kv_reference
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
                        residual: torch.Tensor | None = None
@@ -72,6 +74,29 @@ def apply_rotary_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Te
         return (x.float() * c + rotated.float() * s).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def prepare_qkv_reference(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, q_weight: torch.Tensor | None,
+                          k_weight: torch.Tensor | None, eps: float, kv_layer: torch.Tensor,
+                          slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+                          head_dim: int) -> torch.Tensor:
+    """Attention's inputs from a fused QKV projection (num_tokens, (heads + 2 * kv_heads) *
+    head_dim): q and k normalized per head (when the weights are given) and rotated, K and V stored
+    at slot_mapping (slots < 0 are padding and skipped). Returns q (num_tokens, heads, head_dim)."""
+    num_tokens = qkv.shape[0]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q = q.view(num_tokens, num_heads, head_dim)      # (tokens, heads, head_dim)
+    k = k.view(num_tokens, num_kv_heads, head_dim)   # (tokens, kv_heads, head_dim)
+    v = v.view(num_tokens, num_kv_heads, head_dim)
+    if q_weight is not None:
+        q = rms_norm_reference(q, q_weight, eps)[0]
+        k = rms_norm_reference(k, k_weight, eps)[0]
+    q, k = apply_rotary_reference(q, k, positions, cos, sin)
+    keep = slot_mapping >= 0
+    store_kv_reference(k[keep], v[keep], kv_layer, slot_mapping[keep])
+    return q
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,10 @@ from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import ROLES, EngineConfig
 from tandem.engine.loader import build_model
 from tandem.engine.model_info import describe_model
-from tandem.engine.model_runner import ModelRunner, bytes_per_block
+from tandem.engine.model_runner import ModelRunner, PendingStep, bytes_per_block
 from tandem.contracts.sampling_params import SamplingParams
-from tandem.engine.scheduler import DecodeScheduler, Scheduler, SchedulerLimits, make_scheduler
+from tandem.engine.scheduler import (DecodeScheduler, ScheduledBatch, Scheduler, SchedulerLimits,
+                                     make_scheduler)
 from tandem.engine.sequence import FinishReason, Sequence
 from tandem.engine.structured_output import JsonGrammar, StructuredOutput
 
@@ -37,6 +38,13 @@ class SequenceUpdate:
     stop_reason: str | int | None
     num_prompt_tokens: int
     num_cached_tokens: int
+
+
+@dataclass(slots=True)
+class InFlightStep:
+    """A scheduled step whose forward pass and sampling are queued on the device."""
+    batch: ScheduledBatch
+    pending: PendingStep
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,10 +280,23 @@ class LLMEngine:
     # ---- one step ----------------------------------------------------------------------------
 
     def step(self) -> list[SequenceUpdate]:
+        return self.finish_step(self.begin_step())
+
+    def begin_step(self) -> InFlightStep | None:
+        """Schedule a step and queue it on the device, without waiting for it; None when there
+        is nothing to run. `finish_step` must follow before any other call that changes requests
+        (add, finish, another step)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
+            return None
+        return InFlightStep(batch, self.runner.launch(batch))
+
+    def finish_step(self, step: InFlightStep | None) -> list[SequenceUpdate]:
+        """Wait for a step's tokens and apply them: what the step did to each request."""
+        if step is None:
             return []
-        out = self.runner.execute(batch)
+        batch = step.batch
+        out = self.runner.collect(step.pending)
         advanced = self.scheduler.postprocess(batch, out.token_ids)
         logprobs = {seq.request_id: lp for seq, lp in zip(batch.seqs, out.logprobs) if lp}
         updates = []

@@ -19,7 +19,7 @@ from tandem.engine.step_inputs import HostInputs, ModelInputs, host_inputs
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.models.decoder import DecoderModel
 from tandem.engine.logits_processors import TokenHistory
-from tandem.engine.sampler import Sampler, SamplerOutput
+from tandem.engine.sampler import PendingTokens, Sampler, SamplerOutput
 from tandem.engine.scheduler import ScheduledBatch
 from tandem.engine.sequence import Sequence
 from tandem.engine.structured_output import token_mask
@@ -31,6 +31,14 @@ logger = logging.getLogger(__name__)
 class StepOutput:
     token_ids: list[int | None]
     logprobs: list[tuple[float, dict[int, float]] | None]
+
+
+@dataclass(slots=True)
+class PendingStep:
+    """A step queued on the device; `ModelRunner.collect` waits for it."""
+    num_seqs: int
+    sampling_rows: list[int]             # rows of the batch that sample
+    tokens: PendingTokens | None         # None when no row samples
 
 
 def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -90,14 +98,18 @@ class ModelRunner:
                                    self.block_size)
         self.graphs.capture()
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         """Run one step; a sampled token per sequence, None where the sequence does not sample."""
+        return self.collect(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> PendingStep:
+        """Queue one step on the device and return without waiting for it: the caller's host work
+        (detokenizing the previous step, say) overlaps the forward pass."""
         host = host_inputs(batch, self.block_size)
-        out = StepOutput([None] * len(batch.seqs), [None] * len(batch.seqs))
         if not host.sampling_rows:
             self._forward(host)  # a prompt chunk that ends before the prompt does
-            return out
+            return PendingStep(len(batch.seqs), [], None)
         if self.graphs is not None and self.graphs.can_run(host):
             logits = self.graphs.run(host)
         else:
@@ -105,9 +117,17 @@ class ModelRunner:
         seqs = [batch.seqs[i] for i in host.sampling_rows]
         # Computed on the host while the device still runs the forward pass.
         mask = token_mask([s.grammar for s in seqs], self.config.vocab_size)
-        sampled: SamplerOutput = self.sampler(logits, [s.params for s in seqs],
-                                              [s.generator for s in seqs], _histories(seqs), mask)
-        for k, row in enumerate(host.sampling_rows):
+        tokens = self.sampler.launch(logits, [s.params for s in seqs],
+                                     [s.generator for s in seqs], _histories(seqs), mask)
+        return PendingStep(len(batch.seqs), host.sampling_rows, tokens)
+
+    def collect(self, pending: PendingStep) -> StepOutput:
+        """Wait for a launched step's sampled tokens."""
+        out = StepOutput([None] * pending.num_seqs, [None] * pending.num_seqs)
+        if pending.tokens is None:
+            return out
+        sampled: SamplerOutput = self.sampler.read(pending.tokens)
+        for k, row in enumerate(pending.sampling_rows):
             out.token_ids[row] = sampled.token_ids[k]
             out.logprobs[row] = sampled.logprobs[k]
         return out

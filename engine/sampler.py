@@ -29,6 +29,32 @@ class SamplerOutput:
     logprobs: list[tuple[float, dict[int, float]] | None]  # (sampled logprob, top-n) per row
 
 
+@dataclass(slots=True)
+class PendingTokens:
+    """A batch's sampled tokens on their way to the host: the device may still be computing them."""
+    token_ids: torch.Tensor           # (num_rows,) on the device
+    host_token_ids: torch.Tensor      # (num_rows,) filled by an asynchronous copy
+    copied: torch.cuda.Event | None   # recorded after the copy; None on a CPU
+    logits: torch.Tensor              # kept for logprobs, computed only when some row asks
+    params: list[SamplingParams]
+
+    @classmethod
+    def start(cls, token_ids: torch.Tensor, logits: torch.Tensor,
+              params: list[SamplingParams]) -> PendingTokens:
+        if token_ids.device.type != "cuda":
+            return cls(token_ids, token_ids, None, logits, params)
+        host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+        host.copy_(token_ids, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(token_ids, host, copied, logits, params)
+
+    def wait(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host_token_ids.tolist()
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int, eos_token_ids: tuple[int, ...] = ()):
         self.device = device
@@ -40,14 +66,22 @@ class Sampler:
             return None
         return torch.Generator(device=self.device).manual_seed(params.seed)
 
-    @torch.no_grad()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None],
                  histories: list[TokenHistory] | None = None,
                  token_mask: TokenMask | None = None) -> SamplerOutput:
-        """logits: (num_rows, vocab) fp32, one row per sequence that samples this step;
-        `histories`, each row's tokens, are needed only when some row `changes_logits`;
-        `token_mask` holds the allowed tokens of the rows that have a grammar."""
+        """Sample and wait for the tokens: `launch` then `read`."""
+        return self.read(self.launch(logits, params, generators, histories, token_mask))
+
+    @torch.no_grad()
+    def launch(self, logits: torch.Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None],
+               histories: list[TokenHistory] | None = None,
+               token_mask: TokenMask | None = None) -> PendingTokens:
+        """Queue the sampling of a batch on the logits' device and the copy of its tokens to the
+        host, without waiting for either. logits: (num_rows, vocab) fp32, one row per sequence
+        that samples this step; `histories`, each row's tokens, are needed only when some row
+        `changes_logits`; `token_mask` holds the allowed tokens of the rows that have a grammar."""
         processed = logits
         if histories is not None:
             processed = process_logits(logits, params, histories, self.eos_token_ids)
@@ -60,8 +94,13 @@ class Sampler:
             rows = self._row_params(params, logits.shape[-1], logits.device)
             sampled = self._sample(processed, rows, params, generators)
             token_ids = torch.where(rows[:, 0] > 0, sampled, token_ids)
-        logprobs = self._logprobs(logits, token_ids, params)
-        return SamplerOutput(token_ids.tolist(), logprobs)
+        return PendingTokens.start(token_ids, logits, params)
+
+    def read(self, pending: PendingTokens) -> SamplerOutput:
+        """Wait for a launched batch's tokens; their logprobs when asked for."""
+        token_ids = pending.wait()
+        return SamplerOutput(token_ids, self._logprobs(pending.logits, pending.token_ids,
+                                                       pending.params))
 
     @staticmethod
     def _row_params(params: list[SamplingParams], vocab: int, device: torch.device

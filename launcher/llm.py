@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from tandem.engine.config import EngineConfig
-from tandem.engine.llm_engine import LLMEngine
+from tandem.engine.llm_engine import LLMEngine, SequenceUpdate
 from tandem.engine.output_processor import OutputProcessor
 from tandem.contracts.outputs import RequestOutput
 from tandem.contracts.sampling_params import SamplingParams
@@ -48,8 +48,14 @@ class LLM:
         order = [self._add(prompt, params) for prompt, params in zip(prompts, sampling_params)]
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(order), disable=not use_tqdm, desc="generating") as bar:
-            while self.engine.has_unfinished_requests():
-                outputs, stopped = self.processor.process(self.engine.step())
+            updates: list[SequenceUpdate] = []
+            while self.engine.has_unfinished_requests() or updates:
+                # The previous step's tokens are detokenized while the device runs this one. A
+                # stop string found there ends its request after this step, whose extra token
+                # the output processor drops.
+                step = self.engine.begin_step()
+                outputs, stopped = self.processor.process(updates)
+                updates = self.engine.finish_step(step)
                 for request_id in stopped:
                     self.engine.finish_request(request_id, FinishReason.STOP)
                 for output in outputs:

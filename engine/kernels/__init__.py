@@ -1,7 +1,7 @@
 """The engine's kernel surface: each function runs a Triton kernel on CUDA tensors and the torch
 reference from engine/attention.py or engine/layers.py everywhere else.
 
-The model calls only these four (plus `is_triton_usable`). Each Triton module imports triton at
+The model calls only these (plus `is_triton_usable`). Each Triton module imports triton at
 its top, so they are imported here lazily, on the first CUDA call: importing this package works on
 a CPU machine with no triton installed, where every call takes the reference path. Results agree
 with the references to bf16 rounding; the tests in tests/engine/kernels/ hold them to it.
@@ -19,10 +19,11 @@ import torch
 
 from tandem.engine.attention import (AttentionMetadata, paged_attention_reference,
                                      store_kv_reference)
-from tandem.engine.layers import (apply_rotary_reference, rms_norm_reference,
-                                  silu_and_mul_reference)
+from tandem.engine.layers import (apply_rotary_reference, prepare_qkv_reference,
+                                  rms_norm_reference, silu_and_mul_reference)
 
-__all__ = ["apply_rotary", "is_triton_usable", "paged_attention", "rms_norm", "store_kv"]
+__all__ = ["apply_rotary", "is_triton_usable", "paged_attention", "prepare_qkv", "rms_norm",
+           "silu_and_mul", "store_kv"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,3 +95,18 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul_reference(x)
     from tandem.engine.kernels.activation import silu_and_mul as silu_and_mul_triton
     return silu_and_mul_triton(x)
+
+
+def prepare_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                kv_layer: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
+                num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """From a fused QKV output (num_tokens, (heads + 2 * kv_heads) * head_dim): q and k normalized
+    per head when the weights are given (Qwen3) and rotated, K and V stored at slot_mapping (slots
+    < 0 skipped); returns q (num_tokens, heads, head_dim). On CUDA q is rotated in place in qkv."""
+    if not is_triton_usable(qkv):
+        return prepare_qkv_reference(qkv, positions, cos, sin, q_weight, k_weight, eps, kv_layer,
+                                     slot_mapping, num_heads, num_kv_heads, head_dim)
+    from tandem.engine.kernels.qkv_prep import prepare_qkv as prepare_qkv_triton
+    return prepare_qkv_triton(qkv, positions, cos, sin, q_weight, k_weight, eps, kv_layer,
+                              slot_mapping, num_heads, num_kv_heads, head_dim)

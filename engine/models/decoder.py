@@ -49,20 +49,25 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.qk_norm_eps = config.rms_norm_eps
+
+    @property
+    def q_norm_weight(self) -> torch.Tensor | None:
+        return None if self.q_norm is None else self.q_norm.weight
+
+    @property
+    def k_norm_weight(self) -> torch.Tensor | None:
+        return None if self.k_norm is None else self.k_norm.weight
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)      # (tokens, heads, head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)   # (tokens, kv_heads, head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)[0]
-            k = self.k_norm(k)[0]
-        q, k = ops.apply_rotary(q, k, positions, *rope)
+        qkv = self.qkv_proj(x)                     # (tokens, (heads + 2 * kv_heads) * head_dim)
         kv_layer = kv_cache[:, self.layer_index]  # (blocks, 2, block_size, kv_heads, head_dim)
-        ops.store_kv(k, v, kv_layer, meta.slot_mapping)
+        # qk-norm, rotary and the KV store in one pass; q: (tokens, heads, head_dim)
+        q = ops.prepare_qkv(qkv, positions, *rope, self.q_norm_weight, self.k_norm_weight,
+                            self.qk_norm_eps, kv_layer, meta.slot_mapping, self.num_heads,
+                            self.num_kv_heads, self.head_dim)
         out = ops.paged_attention(q, kv_layer, meta, self.scale)
         return self.o_proj(out.view(num_tokens, self.q_size))
 

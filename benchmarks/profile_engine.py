@@ -1,0 +1,184 @@
+"""Where the engine's time goes, on one NVIDIA GPU: kernels per decode step and per prefill, and host
+against device time in an offline throughput run.
+
+  python benchmarks/profile_engine.py [--only decode,prefill,throughput] [--model M ...]
+
+- decode: for each batch size and context, the kernels of one decode step (the captured graph's
+  forward, run eagerly under torch.profiler so every kernel is its own record), grouped by kernel
+  name, with the step's graph replay time beside the roofline (weights + KV read / copy rate).
+- prefill: the kernels of one prompt of 4096 tokens.
+- throughput: nano-vllm's workload (engine_bench.py) with each phase of a step timed on the host:
+  scheduling, input preparation and launch, the wait for the sampled tokens, postprocessing,
+  detokenization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# benchmarks/ and tests/ hold helpers; appended, so an installed tandem still wins.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.engine_bench import release, workload
+from benchmarks.hardware import copy_rate_gbs, median_us
+from tandem import LLM, SamplingParams
+
+
+def kernel_table(prof, num_steps: int, top: int = 14) -> list[tuple[str, float, int]]:
+    """(kernel name, us per step, calls per step), largest first."""
+    times: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.key] += event.device_time_total / num_steps
+            calls[event.key] += event.count // num_steps
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])
+    return [(name[:70], us, calls[name]) for name, us in ranked[:top]]
+
+
+def fill_decode(graphs, batch: int, context: int, block_size: int, num_blocks: int) -> bool:
+    """Static inputs for `batch` sequences of `context` tokens on distinct blocks; False when the
+    cache is too small for that."""
+    per_seq = -(-context // block_size)
+    if batch * per_seq > num_blocks:
+        return False
+    m = graphs.max_batch
+    graphs.staged[3 * m:3 * m + batch] = context        # seq_lens, copied in by the graph
+    graphs.staged[3 * m + batch:] = 0
+    graphs.staged[2 * m:3 * m] = -1                     # write nothing into the cache
+    tables = torch.arange(batch * per_seq, device="cuda", dtype=torch.int32).view(batch, per_seq)
+    graphs.block_tables[:batch, :per_seq] = tables
+    return True
+
+
+def profile_decode(model: str, hbm_gbs: float, batches: list[int], contexts: list[int],
+                   profiled: tuple[int, ...] = (1, 32, 256)) -> None:
+    llm = LLM(model=model, max_model_len=max(contexts) + 64)
+    engine = llm.engine
+    graphs = engine.runner.graphs
+    weights = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    kv_per_token = engine.model_config.kv_elements_per_token * engine.dtype.itemsize
+    for context in contexts:
+        for batch in batches:
+            bucket = next(b for b in graphs.sizes if b >= batch)
+            if not fill_decode(graphs, bucket, context, engine.config.block_size,
+                               engine.num_blocks):
+                print(f"decode {model} batch {batch} ctx {context}: KV does not fit, skipped")
+                continue
+            step_us = median_us(graphs.graphs[bucket].replay)
+            moved = weights + batch * context * kv_per_token
+            roof_us = moved / hbm_gbs / 1e3
+            print(f"| decode | {model} | {batch} | {context} | {step_us:.0f} us | "
+                  f"roofline {roof_us:.0f} us | {step_us / roof_us:.2f}x |", flush=True)
+            if batch in profiled and context == contexts[0]:
+                with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(4):
+                        graphs._forward(bucket)
+                    torch.cuda.synchronize()
+                for name, us, calls in kernel_table(prof, 4):
+                    print(f"    {us:8.1f} us  x{calls:<4d} {name}")
+
+
+def profile_prefill(model: str, tokens: int = 4096) -> None:
+    llm = LLM(model=model, max_model_len=8192, max_num_batched_tokens=tokens)
+    engine = llm.engine
+    prompt = list(range(100, 100 + tokens))
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for i in range(3):
+        engine.block_manager.reset_prefix_cache()
+        engine.add_request(f"w{i}", prompt, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+    engine.block_manager.reset_prefix_cache()
+    engine.add_request("p", prompt, params)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    table = kernel_table(prof, 1, top=16)
+    gpu_us = sum(t for _, t, _ in kernel_table(prof, 1, top=10_000))
+    print(f"prefill {model} {tokens} tokens: wall {wall * 1e3:.1f} ms (profiled), "
+          f"kernel time {gpu_us / 1e3:.1f} ms")
+    for name, us, calls in table:
+        print(f"    {us:8.1f} us  x{calls:<4d} {name}")
+
+
+def profile_throughput(model: str) -> None:
+    """The throughput workload with each phase of every step timed on the host."""
+    requests = workload()
+    llm = LLM(model=model)
+    engine = llm.engine
+    llm.generate([p[:16] for p, _ in requests[:4]], SamplingParams(max_tokens=4))
+    phases: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            phases[name] += time.perf_counter() - start
+            counts[name] += 1
+            return result
+        return wrapper
+
+    runner = engine.runner
+    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
+    engine.scheduler.postprocess = timed("postprocess", engine.scheduler.postprocess)
+    runner.execute = timed("execute (inputs, forward, sample, read-back)", runner.execute)
+    runner.sampler.__class__.__call__ = timed("  of which sampler + read-back",
+                                              runner.sampler.__class__.__call__)
+    llm.processor.process = timed("detokenize (output processor)", llm.processor.process)
+    graph_steps = [0]
+    can_run = runner.graphs.can_run
+
+    def counting(host):
+        ok = can_run(host)
+        graph_steps[0] += ok
+        return ok
+    runner.graphs.can_run = counting
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
+    start = time.perf_counter()
+    outputs = llm.generate([p for p, _ in requests], params)
+    seconds = time.perf_counter() - start
+    num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    steps = counts["schedule"]
+    print(f"throughput {model}: {num_out / seconds:.0f} tok/s, {seconds:.2f} s, {steps} steps "
+          f"({graph_steps[0]} as graphs), {seconds / steps * 1e3:.2f} ms per step")
+    for name, total in phases.items():
+        print(f"    {name:50s} {total:7.2f} s  {total / steps * 1e3:6.2f} ms/step")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default="decode,prefill,throughput")
+    parser.add_argument("--model", nargs="+", default=["random:qwen3-0.6b", "random:llama-3.1-8b"])
+    parser.add_argument("--batches", default="1,32,128,256")
+    parser.add_argument("--contexts", default="1024,4096")
+    args = parser.parse_args()
+    parts = args.only.split(",")
+    hbm = copy_rate_gbs()
+    print(f"{torch.cuda.get_device_name()}: copy {hbm:.0f} GB/s")
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    for model in args.model:
+        if "decode" in parts:
+            profile_decode(model, hbm, batches, contexts)
+            release(None)  # the engine is gone once the function returns
+        if "prefill" in parts:
+            profile_prefill(model)
+            release(None)
+    if "throughput" in parts:
+        profile_throughput("random:qwen3-0.6b")
+
+
+if __name__ == "__main__":
+    main()
