@@ -17,7 +17,7 @@ import uvicorn
 
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.engine.model_info import ModelInfo
-from tandem.frontend.access_log import AccessLogMiddleware
+from tandem.frontend.access_log import AccessLogMiddleware, GrpcRequestIdInterceptor
 from tandem.frontend.control_service import ControlService
 from tandem.frontend.admission import AdmissionConfig, AdmissionGate
 from tandem.frontend.grpc_api import GenerationService, add_public_services, set_health
@@ -136,7 +136,8 @@ class Frontend:
         await self.control_server.start()
         self.control_address = f"{config.control_host}:{control_port}"
         message_limit = config.limits.max_request_bytes
-        self.grpc_server = grpc.aio.server(interceptors=grpc_interceptors(config.access), options=[
+        interceptors = [GrpcRequestIdInterceptor(), *grpc_interceptors(config.access)]
+        self.grpc_server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", message_limit),
             ("grpc.max_send_message_length", message_limit)])
         self.health = add_public_services(self.grpc_server, self.generation)

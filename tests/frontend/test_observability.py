@@ -11,10 +11,14 @@ import re
 import time
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tandem.api.kserve.v2 import inference_pb2 as kpb
+from tandem.api.v1 import generation_pb2 as pb
+from tandem.api.v1 import generation_pb2_grpc as pbgrpc
 from tandem.contracts.worker_stats import Registration
 from tandem.frontend.metrics import FrontendMetrics
 from tandem.frontend.planner_metrics import PlannerExporter
@@ -109,6 +113,44 @@ def test_request_figures_ids_and_logs(server):
     assert re.search(r"requests=cmpl-\S+", access), access
     stats = _wait_for_line(server, "(decode): prompt throughput")
     assert re.search(r"running \d+ reqs, waiting \d+ reqs, KV cache usage [\d.]+%", stats)
+
+
+def test_grpc_x_request_id_is_echoed_and_logged(server):
+    """tandem.v1 and KServe take `x-request-id` metadata as HTTP takes the header: echoed in the
+    initial metadata and written on the call's access line with the pipeline's request ids."""
+    request = pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingOptions(max_tokens=2))
+    kserve_request = kpb.ModelInferRequest(model_name=server.model, inputs=[
+        kpb.ModelInferRequest.InferInputTensor(name="text_input", datatype="BYTES", shape=[1],
+                                               contents=kpb.InferTensorContents(
+                                                   bytes_contents=[PROMPT.encode()]))])
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stream = pbgrpc.GenerationStub(channel).Generate(
+            request, metadata=[("x-request-id", "grpc-run-1")], timeout=30)
+        assert list(stream)[-1].usage.completion_tokens == 2
+        assert ("x-request-id", "grpc-run-1") in stream.initial_metadata()
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    request_serializer=kpb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=kpb.ModelInferResponse.FromString)
+        _, call = infer.with_call(kserve_request, metadata=[("x-request-id", "kserve-run-2")],
+                                  timeout=30)
+        assert ("x-request-id", "kserve-run-2") in call.initial_metadata()
+        with pytest.raises(grpc.RpcError) as err:
+            list(pbgrpc.GenerationStub(channel).Generate(
+                pb.GenerateRequest(text="hi", model="other"),
+                metadata=[("x-request-id", "grpc-run-3")], timeout=30))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert ("x-request-id", "grpc-run-3") in err.value.initial_metadata()
+        _, call = infer.with_call(kserve_request, timeout=30)   # no id: one is made
+        made = dict(call.initial_metadata())["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", made)
+    line = _wait_for_line(server, "x-request-id=grpc-run-1")
+    assert '"gRPC /tandem.v1.Generation/Generate" OK' in line
+    assert re.search(r"requests=grpc-[0-9a-f]{32}$", line.strip()), line
+    line = _wait_for_line(server, "x-request-id=kserve-run-2")
+    assert '"gRPC /inference.GRPCInferenceService/ModelInfer" OK' in line
+    assert re.search(r"requests=kserve-[0-9a-f]{32}$", line.strip()), line
+    assert '" NOT_FOUND ' in _wait_for_line(server, "x-request-id=grpc-run-3")
+    assert _wait_for_line(server, f"x-request-id={made}")
 
 
 def test_running_server_exports_what_the_dashboard_queries(server):
