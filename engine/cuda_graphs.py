@@ -113,8 +113,13 @@ class DecodeGraphs:
         staged[3 * m:3 * m + n] = host.seq_lens
         staged[3 * m + n:3 * m + batch] = 0
         self.staged.copy_(self.staged_pinned, non_blocking=True)
-        width = len(host.block_tables[0])
-        self.tables_host[:n, :width] = host.block_tables
+        # Entries past a row's own blocks keep whatever they held: the kernel reads only the
+        # blocks that seq_len covers.
+        tables = self.tables_host
+        width = 0
+        for row, table in enumerate(host.block_tables):
+            tables[row, :len(table)] = table
+            width = max(width, len(table))
         self.block_tables[:n, :width].copy_(self.tables_pinned[:n, :width], non_blocking=True)
         self.graphs[batch].replay()
         return self.logits[batch][:n]

@@ -147,7 +147,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             query_start_loc=tensor(host.query_start_loc, torch.int32),
             seq_lens=tensor(host.seq_lens, torch.int32),
-            block_tables=tensor(host.block_tables, torch.int32),
+            block_tables=tensor(_padded(host.block_tables), torch.int32),
             slot_mapping=tensor(host.slots, torch.int64),
             max_query_len=host.max_query_len,
             max_seq_len=max(host.seq_lens),
@@ -158,6 +158,12 @@ class ModelRunner:
                                 torch.int64)
         return ModelInputs(tensor(host.input_ids, torch.int64),
                            tensor(host.positions, torch.int64), meta, sample_indices)
+
+
+def _padded(block_tables: list[list[int]]) -> list[list[int]]:
+    """(num_seqs, max_blocks), padded with block 0."""
+    width = max(len(table) for table in block_tables)
+    return [table + [0] * (width - len(table)) for table in block_tables]
 
 
 def _histories(seqs: list[Sequence]) -> list[TokenHistory] | None:

@@ -21,7 +21,7 @@ class HostInputs:
     slots: list[int]             # (num_tokens,) block_id * block_size + offset
     query_start_loc: list[int]   # (num_seqs + 1,)
     seq_lens: list[int]          # (num_seqs,) context length including the new tokens
-    block_tables: list[list[int]]  # (num_seqs, max_blocks) padded with 0
+    block_tables: list[list[int]]  # (num_seqs, that sequence's blocks): the sequences' own lists
     sampling_rows: list[int]     # which sequences of the batch sample
     max_query_len: int
 
@@ -41,6 +41,8 @@ class ModelInputs:
 
 def host_inputs(batch: ScheduledBatch, block_size: int) -> HostInputs:
     """The step's inputs as host lists: flat tokens, positions, KV slots, per-sequence lengths."""
+    if all(n == 1 for n in batch.num_new_tokens):
+        return _decode_inputs(batch, block_size)
     host = HostInputs([], [], [], [0], [], [], [], max(batch.num_new_tokens))
     for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
@@ -52,7 +54,23 @@ def host_inputs(batch: ScheduledBatch, block_size: int) -> HostInputs:
         host.seq_lens.append(end)
         if batch.samples(i):
             host.sampling_rows.append(i)
-    width = max(len(seq.block_table) for seq in batch.seqs)
-    host.block_tables = [seq.block_table + [0] * (width - len(seq.block_table))
-                         for seq in batch.seqs]
+    host.block_tables = [seq.block_table for seq in batch.seqs]
     return host
+
+
+def _decode_inputs(batch: ScheduledBatch, block_size: int) -> HostInputs:
+    """One token per sequence: the same lists, built a column at a time (a decode step of a few
+    hundred sequences is the engine's most frequent step, and its host work is not overlapped)."""
+    seqs = batch.seqs
+    positions = [seq.num_computed_tokens for seq in seqs]
+    return HostInputs(
+        input_ids=[seq.token_ids[p] for seq, p in zip(seqs, positions)],
+        positions=positions,
+        slots=[seq.block_table[p // block_size] * block_size + p % block_size
+               for seq, p in zip(seqs, positions)],
+        query_start_loc=list(range(len(seqs) + 1)),
+        seq_lens=[p + 1 for p in positions],
+        block_tables=[seq.block_table for seq in seqs],
+        sampling_rows=[i for i, seq in enumerate(seqs) if seq.num_computed_tokens + 1
+                       == seq.num_tokens],
+        max_query_len=1)
