@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 
 import grpc
 
@@ -75,6 +76,7 @@ class DecodeWorker(WorkerBase):
             await self.warmer.close()
 
     async def Generate(self, request: wpb.WorkerGenerateRequest, context):
+        arrival_time = time.monotonic()   # a local prefill's queue time counts from here
         request_id = request.request_id
         prompt = list(request.prompt_token_ids)
         try:
@@ -88,7 +90,7 @@ class DecodeWorker(WorkerBase):
                 final = await self._pull_prompt(request, prompt, params, first)
             else:
                 final = await self.async_engine.call(
-                    lambda: self.engine.add_request(request_id, prompt, params))
+                    lambda: self.engine.add_request(request_id, prompt, params, arrival_time))
         except ValueError as err:
             self.async_engine.abort(request_id)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -107,12 +109,15 @@ class DecodeWorker(WorkerBase):
             return
         async for update in self.async_engine.iterate(request_id, stream):
             yield self._chunk(update, first)
-            first = wpb.TokenChunk()
+            first = None
 
-    def _chunk(self, update: SequenceUpdate, first: wpb.TokenChunk) -> wpb.TokenChunk:
-        """One update as a chunk; the first chunk also carries how the prompt got here."""
+    def _chunk(self, update: SequenceUpdate, first: wpb.TokenChunk | None) -> wpb.TokenChunk:
+        """One update as a chunk; the first chunk also carries how the prompt got here and how
+        long it queued."""
         chunk = wpb.TokenChunk()
-        chunk.CopyFrom(first)
+        if first is not None:
+            chunk.CopyFrom(first)
+            chunk.queue_seconds = update.queue_time_s or 0.0
         chunk.token_ids.extend(update.new_token_ids)
         chunk.logprobs.extend(logprob_to_proto(t, lp) for t, lp in zip(update.new_token_ids,
                                                                         update.new_logprobs))

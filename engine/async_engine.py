@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -53,10 +54,13 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[SequenceUpdate]:
-        """Add a request and stream its updates; leaving early aborts it."""
+        """Add a request and stream its updates; leaving early aborts it. Its queue time counts
+        from this call: waiting for the step in progress to end is queueing too."""
+        arrival_time = time.monotonic()
         stream = self.open_stream(request_id)
         try:
-            await self.call(lambda: self.engine.add_request(request_id, prompt_token_ids, params))
+            await self.call(lambda: self.engine.add_request(request_id, prompt_token_ids, params,
+                                                            arrival_time))
         except BaseException:
             self.abort(request_id)
             raise

@@ -9,6 +9,7 @@ in disaggregated serving, where the frontend does it.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -38,6 +39,7 @@ class SequenceUpdate:
     stop_reason: str | int | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    queue_time_s: float | None = None  # arrival here until first scheduled; None: not scheduled
 
 
 @dataclass(slots=True)
@@ -113,8 +115,12 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
+                    params: SamplingParams, arrival_time: float | None = None) -> None:
+        """`arrival_time` (time.monotonic()): when the request reached the worker, if earlier
+        than now; its queue time counts from then."""
         seq = self._new_sequence(request_id, prompt_token_ids, params)
+        if arrival_time is not None:
+            seq.arrival_time = min(arrival_time, seq.arrival_time)
         self.scheduler.add(seq)
         self.sequences[request_id] = seq
 
@@ -128,7 +134,8 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
-        seq = Sequence(request_id, list(prompt_token_ids), params, self.config.block_size)
+        seq = Sequence(request_id, list(prompt_token_ids), params, self.config.block_size,
+                       arrival_time=time.monotonic())
         seq.generator = self.runner.sampler.request_generator(params)
         if params.json_schema is not None:
             seq.grammar = self._grammar(params, prompt_token_ids)
@@ -289,6 +296,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return None
+        now = time.monotonic()
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
         return InFlightStep(batch, self.runner.launch(batch))
 
     def finish_step(self, step: InFlightStep | None) -> list[SequenceUpdate]:
@@ -307,7 +318,7 @@ class LLMEngine:
                 seq.request_id, [seq.token_ids[-1]],
                 [logprobs[seq.request_id]] if seq.request_id in logprobs else [],
                 seq.is_finished, seq.finish_reason, seq.stop_reason, seq.num_prompt_tokens,
-                seq.num_cached_prompt_tokens)
+                seq.num_cached_prompt_tokens, seq.queue_time_s)
             updates.append(update)
             if seq.is_finished:
                 self.sequences.pop(seq.request_id, None)

@@ -38,7 +38,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     block_size: int
-    arrival_time: float = 0.0
+    arrival_time: float = 0.0          # time.monotonic() when the request reached this engine
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
@@ -52,6 +52,7 @@ class Sequence:
     grammar: JsonGrammar | None = None  # where a json_schema request's output stands in its schema
     remote_first_token_id: int | None = None  # decode role: sampled by the prefill worker
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # the start of its first step (queue time's end)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -80,6 +81,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    @property
+    def queue_time_s(self) -> float | None:
+        """From arrival until first scheduled (None until then), as vLLM's queue time."""
+        if self.first_scheduled_time is None:
+            return None
+        return max(0.0, self.first_scheduled_time - self.arrival_time)
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size

@@ -55,6 +55,7 @@ class _Progress:
     last_token_s: float | None = None
     first_token_s: float | None = None
     first_worker: tuple[str, str] | None = None  # (worker, role) that produced the first token
+    queue_s: float | None = None        # on the first token's worker, arrival to first scheduled
     token_ids: list[int] | None = None  # streamed so far, across migrations
     attempt_has_token: bool = False     # the current attempt produced a token
 
@@ -266,6 +267,7 @@ class Pipeline:
         if progress.first_worker is None:
             progress.num_cached_tokens = response.num_cached_tokens
             progress.first_worker = (prefill.worker_id, "prefill")
+            progress.queue_s = response.queue_seconds
         logprobs = ([logprob_from_proto(response.first_logprob)]
                     if response.HasField("first_logprob") else [])
         return self._emit(progress, [response.first_token_id], logprobs,
@@ -292,6 +294,8 @@ class Pipeline:
         if not request.HasField("remote") and progress.num_output_tokens == 0:
             progress.num_cached_tokens = max(progress.num_cached_tokens,
                                              message.num_cached_tokens)
+            if progress.queue_s is None:   # prefilled here: its queue is this worker's
+                progress.queue_s = message.queue_seconds
         stop_reason = message.stop_reason or None
         if stop_reason is not None and message.finish_reason == "stop" and stop_reason.isdigit():
             stop_reason = int(stop_reason)

@@ -6,13 +6,14 @@ prompt-side figures (prompt tokens, queue and prefill time) are labelled by the 
 first token (a prefill worker, or the decode worker when it prefilled locally), the rest by the
 decode worker.
 
-The phases, as the frontend sees them (`started_s` is when the pipeline took the request):
-- queue time: from `started_s` until a worker started the prompt. The frontend does not queue and
-  workers do not report when they scheduled a prompt yet, so this is 0 today and the workers'
-  queueing is inside the prefill time (the series exists so that dashboards and alerts built for
-  vLLM find it).
-- prefill time: until the first token; decode time: first token to last; time per output token:
-  decode time over the tokens after the first.
+The phases (`started_s` is when the pipeline took the request):
+- queue time: as vLLM's, from the request's arrival at the engine that made its first token (a
+  prefill worker, or the decode worker that prefilled it) until that engine first scheduled it;
+  the worker measures it and sends it with the first token (PrefillResponse / TokenChunk
+  `queue_seconds`). The frontend itself does not queue: admission refuses instead.
+- prefill time: the time to first token, as the frontend sees it, less the queue time;
+  decode time: first token to last; time per output token: decode time over the tokens after the
+  first.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class RequestProgress(Protocol):
     last_token_s: float | None
     first_worker: tuple[str, str] | None
     decode_worker: str
+    queue_s: float | None               # reported by the first token's worker
 
 
 class ModelLabelled:
@@ -77,12 +79,11 @@ class RequestRecorder:
                                      LABELS, buckets=TOKEN_BUCKETS, registry=r)
         self.generation_hist = Histogram("vllm:request_generation_tokens", "Generated tokens per "
                                          "request", LABELS, buckets=TOKEN_BUCKETS, registry=r)
-        self.queue = Histogram("vllm:request_queue_time_seconds", "Time before a worker started "
-                               "the request (frontend side; worker queueing is in prefill time)",
-                               LABELS, buckets=PHASE_BUCKETS_S, registry=r)
-        self.prefill = Histogram("vllm:request_prefill_time_seconds", "Time from the start of the "
-                                 "prompt to the first token", LABELS, buckets=PHASE_BUCKETS_S,
-                                 registry=r)
+        self.queue = Histogram("vllm:request_queue_time_seconds", "Time from arrival at the "
+                               "worker until it first scheduled the request", LABELS,
+                               buckets=PHASE_BUCKETS_S, registry=r)
+        self.prefill = Histogram("vllm:request_prefill_time_seconds", "Time to first token less "
+                                 "the queue time", LABELS, buckets=PHASE_BUCKETS_S, registry=r)
         self.decode = Histogram("vllm:request_decode_time_seconds", "Time from the first token "
                                 "to the last", LABELS, buckets=PHASE_BUCKETS_S, registry=r)
         self.tpot = Histogram("vllm:time_per_output_token_seconds", "Decode time per output "
@@ -96,12 +97,13 @@ class RequestRecorder:
         decode = (self.model_name, progress.decode_worker, "decode")
         first_token_s = progress.first_token_s or progress.started_s
         last_token_s = progress.last_token_s or first_token_s
-        started_s = progress.started_s   # see the module docstring: no worker-side split yet
+        ttft_s = first_token_s - progress.started_s
+        queue_s = min(max(0.0, progress.queue_s or 0.0), max(0.0, ttft_s))
         num_output = progress.num_output_tokens
         self.prompt_tokens.labels(*first).inc(progress.num_prompt_tokens)
         self.prompt_hist.labels(*first).observe(progress.num_prompt_tokens)
-        self.queue.labels(*first).observe(max(0.0, started_s - progress.started_s))
-        self.prefill.labels(*first).observe(max(0.0, first_token_s - started_s))
+        self.queue.labels(*first).observe(queue_s)
+        self.prefill.labels(*first).observe(max(0.0, ttft_s - queue_s))
         self.generation_tokens.labels(*decode).inc(num_output)
         self.generation_hist.labels(*decode).observe(num_output)
         self.decode.labels(*decode).observe(last_token_s - first_token_s)

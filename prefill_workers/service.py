@@ -67,7 +67,8 @@ class PrefillWorker(WorkerBase):
                             layout_version=KV_LAYOUT_VERSION,
                             block_size=self.engine.config.block_size),
             num_cached_tokens=last.num_cached_tokens,
-            prefill_seconds=time.perf_counter() - started)
+            prefill_seconds=time.perf_counter() - started,
+            queue_seconds=last.queue_time_s or 0.0)
         if last.new_logprobs:
             response.first_logprob.CopyFrom(logprob_to_proto(token_id, last.new_logprobs[0]))
         logger.debug("request %s: prefilled %d tokens into %d blocks", request_id,

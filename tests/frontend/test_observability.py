@@ -10,6 +10,7 @@ import json
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import openai
@@ -22,6 +23,7 @@ from tandem.api.v1 import generation_pb2_grpc as pbgrpc
 from tandem.contracts.worker_stats import Registration
 from tandem.frontend.metrics import FrontendMetrics
 from tandem.frontend.planner_metrics import PlannerExporter
+from tandem.frontend.request_metrics import RequestRecorder
 from tandem.router.worker_registry import WorkerRegistry
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "tandem.json"
@@ -58,6 +60,21 @@ def test_dashboard_queries_only_registered_metrics():
     assert not missing, f"the dashboard queries metrics nobody exports: {sorted(missing)}"
     panels = {p["title"] for p in json.loads(DASHBOARD.read_text())["panels"]}
     assert {"Frontend", "Pools (per worker)", "KV transfer", "Router", "Planner"} <= panels
+
+
+def test_queue_time_is_the_workers_and_prefill_time_the_rest_of_the_ttft():
+    registry = CollectorRegistry()
+    recorder = RequestRecorder("m", registry)
+    progress = SimpleNamespace(
+        request_id="r", num_prompt_tokens=10, num_output_tokens=3, num_cached_tokens=0,
+        started_s=100.0, first_token_s=101.0, last_token_s=101.5,
+        first_worker=("prefill-0", "prefill"), decode_worker="decode-0", queue_s=0.25)
+    recorder.on_finished(progress, "stop")
+    labels = {"model_name": "m", "worker": "prefill-0", "role": "prefill"}
+    assert registry.get_sample_value("vllm:request_queue_time_seconds_sum", labels) == 0.25
+    assert registry.get_sample_value("vllm:request_prefill_time_seconds_sum", labels) == 0.75
+    decode = {"model_name": "m", "worker": "decode-0", "role": "decode"}
+    assert registry.get_sample_value("vllm:request_decode_time_seconds_sum", decode) == 0.5
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +120,10 @@ def test_request_figures_ids_and_logs(server):
         "vllm:request_queue_time_seconds_count": 2,
         "vllm:time_per_output_token_seconds_count": 2,
         "vllm:time_to_first_token_seconds_count": 2}
-    # The prompt is long enough to be prefilled on the prefill worker.
+    # The prompt is long enough to be prefilled on the prefill worker, which measured its queue.
     assert server.metric("vllm:request_prefill_time_seconds_sum", **model, role="prefill") > 0
+    queued_s = server.metric("vllm:request_queue_time_seconds_sum", **model, role="prefill")
+    assert 0 < queued_s < server.metric("vllm:time_to_first_token_seconds_sum", **model)
     assert server.metric("process_resident_memory_bytes") > 10 * 2**20
     assert "vllm:num_preemptions_total{" in _scrape(server)
 
@@ -113,6 +132,17 @@ def test_request_figures_ids_and_logs(server):
     assert re.search(r"requests=cmpl-\S+", access), access
     stats = _wait_for_line(server, "(decode): prompt throughput")
     assert re.search(r"running \d+ reqs, waiting \d+ reqs, KV cache usage [\d.]+%", stats)
+
+
+def test_local_prefill_reports_the_decode_workers_queue_time(server):
+    labels = {"model_name": server.model, "role": "decode"}
+    count, total = (server.metric(f"vllm:request_queue_time_seconds_{kind}", **labels)
+                    for kind in ("count", "sum"))
+    api = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0)
+    # Shorter than --remote-prefill-min-tokens: the decode worker prefills it and measures.
+    api.completions.create(model=server.model, prompt="Hi", max_tokens=2, temperature=0)
+    assert server.metric("vllm:request_queue_time_seconds_count", **labels) == count + 1
+    assert server.metric("vllm:request_queue_time_seconds_sum", **labels) > total
 
 
 def test_grpc_x_request_id_is_echoed_and_logged(server):
