@@ -1,14 +1,20 @@
 """Engine benchmark on one NVIDIA GPU, each figure next to the limit it is measured against.
 
-  python benchmarks/engine_bench.py [--only itl,throughput,prefill] [--hf]
+  python benchmarks/engine_bench.py [--only itl,prefill,sweep,mixed,throughput] [--hf]
 
 1. Batch-1 inter-token latency at 1k and 4k context (random:llama-3.1-8b, random:qwen3-0.6b), next
    to the roofline: (weight bytes + KV bytes read) / HBM bandwidth measured by a 1 GiB copy.
-2. Offline throughput on nano-vllm's workload: 256 requests, input and output lengths uniform in
-   [100, 1024], ignore_eos, seed 0 (random:qwen3-0.6b). With --hf, HF transformers on the same
-   shapes, GPU and run: `generate` with static batches, and its continuous batching
+2. Prefill throughput at 1k and 4k tokens, next to FLOPs / measured bf16 matmul rate.
+3. sweep: the decode step (its captured graph replayed) at batch 1, 32, 128 and 256 with 1k and 4k
+   contexts, next to the same roofline.
+4. mixed: a 2048-token prompt chunk scheduled beside 32 decoding sequences, against the chunk alone
+   plus the decode step alone.
+5. Offline throughput on nano-vllm's workload: 256 requests, input and output lengths uniform in
+   [100, 1024], ignore_eos, seed 0 (both models), next to its roofline: the fewest decode steps
+   (the longest output) each reading the weights, every generated token reading its context's KV,
+   over the copy rate, plus the prompts' FLOPs over the matmul rate. With --hf, HF transformers
+   on the same shapes, GPU and run: `generate` with static batches, and its continuous batching
    (`generate_batch`) where the installed version has it.
-3. Prefill throughput at 1k and 4k tokens, next to FLOPs / measured bf16 matmul rate.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,8 +33,10 @@ import torch
 # benchmarks/ and tests/ hold helpers; appended, so an installed tandem still wins.
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.hardware import copy_rate_gbs, matmul_tflops
+from benchmarks.hardware import copy_rate_gbs, matmul_tflops, median_us
 from tandem import LLM, SamplingParams
+from tandem.planner.profile_grid import Repeats
+from tandem.planner.profile_points import StepProbe
 
 ROWS: list[tuple[str, ...]] = []
 
@@ -80,13 +89,62 @@ def bench_itl(model: str, hbm_gbs: float) -> None:
 
 def graph_replay_s(llm: LLM, context: int) -> float:
     """GPU time of one batch-1 decode step alone: the captured graph replayed at `context`."""
-    from benchmarks.hardware import median_us
     graphs = llm.engine.runner.graphs
-    graphs.seq_lens[:1].fill_(context)
-    graphs.slot_mapping[:1].fill_(-1)  # write nothing into the cache
-    num_blocks = -(-context // llm.engine.config.block_size)
-    graphs.block_tables[0, :num_blocks] = torch.arange(num_blocks, device="cuda")
+    fill_decode(graphs, 1, context, llm.engine.config.block_size, llm.engine.num_blocks)
     return median_us(graphs.graphs[1].replay) / 1e6
+
+
+def fill_decode(graphs, batch: int, context: int, block_size: int, num_blocks: int) -> bool:
+    """Static graph inputs for `batch` sequences of `context` tokens on distinct blocks, writing
+    nothing into the cache; False when the cache is too small for that."""
+    per_seq = -(-context // block_size)
+    if batch * per_seq > num_blocks:
+        return False
+    m = graphs.max_batch
+    graphs.staged[3 * m:3 * m + batch] = context        # seq_lens, copied in by the graph
+    graphs.staged[3 * m + batch:] = 0
+    graphs.staged[2 * m:3 * m] = -1                     # slots: store nothing
+    tables = torch.arange(batch * per_seq, device="cuda", dtype=torch.int32).view(batch, per_seq)
+    graphs.block_tables[:batch, :per_seq] = tables
+    return True
+
+
+def bench_sweep(model: str, hbm_gbs: float) -> None:
+    """Decode step time over batch size and context, next to the roofline."""
+    release(None)
+    llm = LLM(model=model, max_model_len=4096 + 64)
+    engine, graphs = llm.engine, llm.engine.runner.graphs
+    weights = weight_bytes(llm)
+    for context in (1024, 4096):
+        for batch in (1, 32, 128, 256):
+            if not fill_decode(graphs, batch, context, engine.config.block_size,
+                               engine.num_blocks):
+                row("sweep", model, f"batch {batch}", f"ctx {context}", "KV does not fit")
+                continue
+            step_s = median_us(graphs.graphs[batch].replay) / 1e6
+            roofline_s = (weights + kv_bytes(llm, batch * context)) / (hbm_gbs * 1e9)
+            row("sweep", model, f"batch {batch}", f"ctx {context}", f"{step_s * 1e3:.2f} ms",
+                f"roofline {roofline_s * 1e3:.2f} ms", f"{step_s / roofline_s:.2f}x roofline")
+    del engine, graphs
+    release(llm)
+
+
+def bench_mixed(model: str, chunk: int = 2048, batch: int = 32, context: int = 1024) -> None:
+    """A prompt chunk beside a decode batch against each alone (engine steps, host included)."""
+    release(None)
+    llm = LLM(model=model, max_model_len=8192, max_num_batched_tokens=chunk + batch)
+    probe = StepProbe(llm.engine)
+    probe.warm_up(chunk)
+    chunk_s = statistics.median(probe.prefill_once(chunk, 0) for _ in range(5))
+    decode_s = probe.decode(batch, context, Repeats(3, 10, 10))["seconds"]
+    decodes = probe.place_decodes(batch, context)
+    mixed_s = statistics.median(probe.mixed_once(chunk, 0, decodes)[0] for _ in range(5))
+    probe.clear()
+    row("mixed", model, f"{chunk}-token chunk + {batch} decodes at ctx {context}",
+        f"{mixed_s * 1e3:.2f} ms", f"chunk alone {chunk_s * 1e3:.2f} ms",
+        f"decode alone {decode_s * 1e3:.2f} ms", f"{mixed_s / (chunk_s + decode_s):.2f}x their sum")
+    del probe
+    release(llm)
 
 
 def bench_prefill(model: str, tflops: float) -> None:
@@ -117,7 +175,7 @@ def workload(seed: int = 0) -> list[tuple[list[int], int]]:
              rng.randint(100, 1024)) for _ in range(256)]
 
 
-def bench_throughput(model: str, hf: bool) -> None:
+def bench_throughput(model: str, hf: bool, hbm_gbs: float, tflops: float) -> None:
     requests = workload()
     release(None)
     llm = LLM(model=model)
@@ -128,13 +186,28 @@ def bench_throughput(model: str, hf: bool) -> None:
     seconds = time.perf_counter() - start
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert num_out == sum(n for _, n in requests)
+    roofline_s = throughput_roofline_s(llm, requests, hbm_gbs, tflops)
     row("throughput", model, "256 req", f"{num_out / seconds:.0f} tok/s", f"{seconds:.1f} s",
-        f"{num_out} output tokens", "tandem")
+        f"{num_out} output tokens", f"roofline {num_out / roofline_s:.0f} tok/s "
+        f"({roofline_s:.1f} s)", f"{roofline_s / seconds:.0%} of roofline")
     config = llm.engine.model_config
     del llm, outputs
     release(None)
     if hf:
         bench_hf(config, requests)
+
+
+def throughput_roofline_s(llm: LLM, requests: list[tuple[list[int], int]], hbm_gbs: float,
+                          tflops: float) -> float:
+    """No schedule runs the workload faster: at least max(output) decode steps, each reading the
+    weights; every generated token reading its context's KV; the prompts' matmul FLOPs."""
+    max_steps = max(n for _, n in requests)
+    kv_tokens = sum(len(p) * n + n * (n - 1) // 2 for p, n in requests)
+    bytes_moved = max_steps * weight_bytes(llm) + kv_bytes(llm, kv_tokens)
+    linear_params = sum(p.numel() for name, p in llm.engine.runner.model.named_parameters()
+                        if "embed" not in name and p.dim() == 2)
+    prompt_flops = 2 * linear_params * sum(len(p) for p, _ in requests)
+    return bytes_moved / (hbm_gbs * 1e9) + prompt_flops / (tflops * 1e12)
 
 
 def bench_hf(config, requests, batch_size: int = 64) -> None:
@@ -191,7 +264,7 @@ def release(llm: LLM | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", default="itl,prefill,throughput")
+    parser.add_argument("--only", default="itl,prefill,sweep,mixed,throughput")
     parser.add_argument("--hf", action="store_true")
     args = parser.parse_args()
     random.seed(0)
@@ -204,8 +277,13 @@ def main() -> None:
             bench_itl(model, hbm)
         if "prefill" in parts:
             bench_prefill(model, tflops)
+        if "sweep" in parts:
+            bench_sweep(model, hbm)
+        if "mixed" in parts:
+            bench_mixed(model)
     if "throughput" in parts:
-        bench_throughput("random:qwen3-0.6b", args.hf)
+        for model in ("random:qwen3-0.6b", "random:llama-3.1-8b"):
+            bench_throughput(model, args.hf and model == "random:qwen3-0.6b", hbm, tflops)
     print("\n".join(" | ".join(r) for r in ROWS))
 
 

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 # benchmarks/ and tests/ hold helpers; appended, so an installed tandem still wins.
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.engine_bench import release, workload
+from benchmarks.engine_bench import fill_decode, release, workload
 from benchmarks.hardware import copy_rate_gbs, median_us
 from tandem import LLM, SamplingParams
 
@@ -41,21 +41,6 @@ def kernel_table(prof, num_steps: int, top: int = 14) -> list[tuple[str, float, 
             calls[event.key] += event.count // num_steps
     ranked = sorted(times.items(), key=lambda kv: -kv[1])
     return [(name[:70], us, calls[name]) for name, us in ranked[:top]]
-
-
-def fill_decode(graphs, batch: int, context: int, block_size: int, num_blocks: int) -> bool:
-    """Static inputs for `batch` sequences of `context` tokens on distinct blocks; False when the
-    cache is too small for that."""
-    per_seq = -(-context // block_size)
-    if batch * per_seq > num_blocks:
-        return False
-    m = graphs.max_batch
-    graphs.staged[3 * m:3 * m + batch] = context        # seq_lens, copied in by the graph
-    graphs.staged[3 * m + batch:] = 0
-    graphs.staged[2 * m:3 * m] = -1                     # write nothing into the cache
-    tables = torch.arange(batch * per_seq, device="cuda", dtype=torch.int32).view(batch, per_seq)
-    graphs.block_tables[:batch, :per_seq] = tables
-    return True
 
 
 def profile_decode(model: str, hbm_gbs: float, batches: list[int], contexts: list[int],
@@ -110,6 +95,11 @@ def profile_prefill(model: str, tokens: int = 4096) -> None:
           f"kernel time {gpu_us / 1e3:.1f} ms")
     for name, us, calls in table:
         print(f"    {us:8.1f} us  x{calls:<4d} {name}")
+    host = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU),
+                  key=lambda e: -e.self_cpu_time_total)[:12]
+    print("  host (self CPU time):")
+    for event in host:
+        print(f"    {event.self_cpu_time_total:8.1f} us  x{event.count:<4d} {event.key[:70]}")
 
 
 def profile_throughput(model: str) -> None:

@@ -22,8 +22,8 @@ from tandem.engine.attention import (AttentionMetadata, paged_attention_referenc
 from tandem.engine.layers import (apply_rotary_reference, prepare_qkv_reference,
                                   rms_norm_reference, silu_and_mul_reference)
 
-__all__ = ["apply_rotary", "is_triton_usable", "paged_attention", "prepare_qkv", "rms_norm",
-           "silu_and_mul", "store_kv"]
+__all__ = ["apply_rotary", "is_triton_usable", "linear", "paged_attention", "prepare_qkv",
+           "rms_norm", "silu_and_mul", "store_kv"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -110,3 +110,12 @@ def prepare_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, s
     from tandem.engine.kernels.qkv_prep import prepare_qkv as prepare_qkv_triton
     return prepare_qkv_triton(qkv, positions, cos, sin, q_weight, k_weight, eps, kv_layer,
                               slot_mapping, num_heads, num_kv_heads, head_dim)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight^T + bias. On CUDA, a few rows (a decode step) may take the Triton skinny matmul
+    where it was measured faster than cuBLAS for that shape (kernels/skinny_gemm.py)."""
+    if not is_triton_usable(x):
+        return torch.nn.functional.linear(x, weight, bias)
+    from tandem.engine.kernels.skinny_gemm import linear as skinny_or_cublas
+    return skinny_or_cublas(x, weight, bias)

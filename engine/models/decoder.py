@@ -20,6 +20,11 @@ from tandem.engine.layers import rope_cos_sin, rope_inv_freq
 from tandem.engine.model_config import ModelConfig
 
 
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's matmul through ops (a decode step's few rows may take a Triton kernel)."""
+    return ops.linear(x, layer.weight, layer.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -62,14 +67,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)                     # (tokens, (heads + 2 * kv_heads) * head_dim)
+        qkv = _linear(self.qkv_proj, x)            # (tokens, (heads + 2 * kv_heads) * head_dim)
         kv_layer = kv_cache[:, self.layer_index]  # (blocks, 2, block_size, kv_heads, head_dim)
         # qk-norm, rotary and the KV store in one pass; q: (tokens, heads, head_dim)
         q = ops.prepare_qkv(qkv, positions, *rope, self.q_norm_weight, self.k_norm_weight,
                             self.qk_norm_eps, kv_layer, meta.slot_mapping, self.num_heads,
                             self.num_kv_heads, self.head_dim)
         out = ops.paged_attention(q, kv_layer, meta, self.scale)
-        return self.o_proj(out.view(num_tokens, self.q_size))
+        return _linear(self.o_proj, out.view(num_tokens, self.q_size))
 
 
 class MLP(nn.Module):
@@ -80,7 +85,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return _linear(self.down_proj, ops.silu_and_mul(_linear(self.gate_up_proj, x)))
 
 
 class DecoderLayer(nn.Module):
@@ -130,4 +135,4 @@ class DecoderModel(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # (num_sampled, vocab)
+        return _linear(self.lm_head, hidden).float()  # (num_sampled, vocab)
