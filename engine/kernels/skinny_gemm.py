@@ -27,6 +27,7 @@ import triton.language as tl
 
 MAX_ROWS = 64       # past this a step is compute-heavy enough for cuBLAS's large tiles
 _MARGIN = 0.9       # Triton is chosen only when it takes under 90% of cuBLAS's time
+_SHARED_BYTES = 160 * 1024  # of an H100/H200 SM's 227 KiB, with room for the compiler's own
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): narrow column tiles for many programs, deep
 # pipelines for many loads in flight.
 _CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4), (16, 512, 4, 3))
@@ -58,8 +59,13 @@ def _skinny_gemm_kernel(
 
 
 def fits(num_rows: int, weight: torch.Tensor, config: tuple[int, int, int, int]) -> bool:
+    """Whether the config tiles this shape exactly and its pipeline fits in shared memory."""
     n, k = weight.shape
-    return 0 < num_rows <= MAX_ROWS and n % config[0] == 0 and k % config[1] == 0
+    block_n, block_k, _, num_stages = config
+    block_m = max(16, triton.next_power_of_2(num_rows))
+    stage_bytes = (block_m + block_n) * block_k * weight.element_size()
+    return (0 < num_rows <= MAX_ROWS and n % block_n == 0 and k % block_k == 0
+            and stage_bytes * num_stages <= _SHARED_BYTES)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -106,7 +112,10 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     for config in _CONFIGS:
         if not fits(x.shape[0], weight, config):
             continue
-        seconds = _time_s(functools.partial(skinny_linear, x, weight, bias, config))
+        try:
+            seconds = _time_s(functools.partial(skinny_linear, x, weight, bias, config))
+        except triton.runtime.errors.OutOfResources:
+            continue  # a smaller GPU than the configs were sized for
         if seconds < best_s:
             best, best_s = config, seconds
     return best

