@@ -27,6 +27,7 @@ import triton.language as tl
 
 MAX_ROWS = 64       # past this a step is compute-heavy enough for cuBLAS's large tiles
 _MARGIN = 0.9       # Triton is chosen only when it takes under 90% of cuBLAS's time
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 _SHARED_BYTES = 160 * 1024  # of an H100/H200 SM's 227 KiB, with room for the compiler's own
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): narrow column tiles for many programs, deep
 # pipelines for many loads in flight.
@@ -89,7 +90,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """x (..., K) @ weight^T + bias through whichever of cuBLAS and skinny_linear was measured
     faster for this shape."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > MAX_ROWS or rows.stride(-1) != 1:
+    # fp32 stays with cuBLAS: Triton's dot would take it through tf32.
+    if rows.shape[0] > MAX_ROWS or rows.stride(-1) != 1 or weight.dtype not in _HALF_DTYPES:
         return torch.nn.functional.linear(x, weight, bias)
     key = (rows.shape[0], weight.shape[0], weight.shape[1], weight.dtype, bias is not None)
     config = _chosen.get(key)
