@@ -41,7 +41,9 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[int | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
-        self.parent_of: dict[int, int | None] = {}  # cached hash -> its parent's hash
+        # The parent hash of the hash each block is cached under: a list by block id costs a store
+        # where a dict by hash cost an insertion and a deletion per block.
+        self.parent_hashes: list[int | None] = [None] * num_blocks
         # Blocks with no references, oldest first; an OrderedDict gives O(1) removal from the middle.
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.next_event_id = 0
@@ -76,7 +78,8 @@ class BlockManager:
 
     def cached_hashes(self) -> tuple[list[int], list[int | None]]:
         """Every hash in the prefix cache, in the order cached, with its parent: a snapshot."""
-        return list(self.parent_of), list(self.parent_of.values())
+        parents = self.parent_hashes
+        return list(self.hash_to_block), [parents[b] for b in self.hash_to_block.values()]
 
     # ---- allocation --------------------------------------------------------------------------
 
@@ -95,33 +98,38 @@ class BlockManager:
 
     def allocate(self, num_blocks: int) -> list[int]:
         """Fresh blocks with one reference each, evicting cached free blocks in LRU order."""
-        if num_blocks > len(self.free_queue):
-            raise RuntimeError(f"asked for {num_blocks} blocks, {len(self.free_queue)} free")
-        allocated = []
-        evicted = []
-        for _ in range(num_blocks):
-            block_id, _ = self.free_queue.popitem(last=False)
-            old_hash = self.block_hashes[block_id]
-            if old_hash is not None:
-                del self.hash_to_block[old_hash]
-                del self.parent_of[old_hash]
-                self.block_hashes[block_id] = None
-                evicted.append(old_hash)
-            self.ref_counts[block_id] = 1
-            allocated.append(block_id)
-        if evicted:
-            self._publish(lambda event_id: BlockRemoved(event_id, tuple(evicted)))
+        free_queue = self.free_queue
+        if num_blocks > len(free_queue):
+            raise RuntimeError(f"asked for {num_blocks} blocks, {len(free_queue)} free")
+        pop, ref_counts, block_hashes = free_queue.popitem, self.ref_counts, self.block_hashes
+        allocated = [pop(False)[0] for _ in range(num_blocks)]
+        old_hashes = [block_hashes[block_id] for block_id in allocated]
+        for block_id in allocated:
+            ref_counts[block_id] = 1
+        if old_hashes.count(None) != num_blocks:
+            self._evict(allocated, old_hashes)
         # Which blocks are taken follows the LRU order; handing them out in ascending id order
         # makes consecutive runs, which a KV transfer moves as one descriptor instead of many.
-        return sorted(allocated)
+        allocated.sort()
+        return allocated
+
+    def _evict(self, block_ids: list[int], old_hashes: list[int | None]) -> None:
+        """Forget the hashes of cached blocks taken for reuse, in LRU order, as one event."""
+        evicted = tuple(h for h in old_hashes if h is not None)
+        hash_to_block, block_hashes = self.hash_to_block, self.block_hashes
+        for block_hash in evicted:
+            block_hashes[hash_to_block.pop(block_hash)] = None
+        self._publish(lambda event_id: BlockRemoved(event_id, evicted))
 
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference on each block, last block first (see the module docstring)."""
+        ref_counts, free_queue = self.ref_counts, self.free_queue
         for block_id in reversed(block_ids):
-            assert self.ref_counts[block_id] > 0, f"block {block_id} freed twice"
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                self.free_queue[block_id] = None
+            count = ref_counts[block_id]
+            assert count > 0, f"block {block_id} freed twice"
+            ref_counts[block_id] = count - 1
+            if count == 1:
+                free_queue[block_id] = None
 
     # ---- prefix cache ------------------------------------------------------------------------
 
@@ -137,19 +145,21 @@ class BlockManager:
         if not self.enable_prefix_caching or not block_ids:
             return []
         assert len(block_ids) == len(block_hashes)
+        hash_to_block, parents, hash_of_block = (self.hash_to_block, self.parent_hashes,
+                                                 self.block_hashes)
         cached = []
         run: list[int] = []  # consecutive newly stored hashes, published as one chained event
         run_parent = parent_hash
         parent = parent_hash
         for block_id, block_hash in zip(block_ids, block_hashes):
             block_parent, parent = parent, block_hash
-            if block_hash in self.hash_to_block or self.block_hashes[block_id] is not None:
+            if block_hash in hash_to_block or hash_of_block[block_id] is not None:
                 self._publish_stored(run_parent, run)
                 run, run_parent = [], block_hash
                 continue
-            self.hash_to_block[block_hash] = block_id
-            self.parent_of[block_hash] = block_parent
-            self.block_hashes[block_id] = block_hash
+            hash_to_block[block_hash] = block_id
+            parents[block_id] = block_parent
+            hash_of_block[block_id] = block_hash
             cached.append(block_id)
             run.append(block_hash)
         self._publish_stored(run_parent, run)
@@ -165,7 +175,7 @@ class BlockManager:
         if self.num_used_blocks:
             return False
         self.hash_to_block.clear()
-        self.parent_of.clear()
+        self.parent_hashes = [None] * self.num_blocks
         self.block_hashes = [None] * self.num_blocks
         self._publish(AllBlocksCleared)
         return True

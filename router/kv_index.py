@@ -245,11 +245,17 @@ class KVIndex:
     def _store(self, worker: _Worker, parent_hash: int | None, block_hashes: Iterable[int],
                is_chain: bool = True) -> None:
         bit, slots, runs = worker.bit, self._slots, self._runs
+        block_hashes = list(block_hashes)
+        if is_chain and len(block_hashes) >= _MIN_SPAN and block_hashes[0] in slots:
+            # A prefix other workers hold already: marked in one pass where it is one stretch.
+            codes = list(map(slots.get, block_hashes))
+            num_known = codes.index(None) if None in codes else len(codes)
+            if num_known >= _MIN_SPAN and self._mark_span(worker, codes[:num_known]):
+                parent_hash, block_hashes = block_hashes[num_known - 1], block_hashes[num_known:]
         code = slots.get(parent_hash) if parent_hash is not None else None
         run, offset = (runs[code >> _OFFSET_BITS], code & _OFFSET_MASK) if code is not None \
             else (None, -1)
         touched: dict[_Run, list[int]] = {}
-        block_hashes = list(block_hashes)
         # The tail check is made once, at the first new hash, and only where a tail is long.
         may_append_rest = len(block_hashes) >= _MIN_SPAN
         for position, block_hash in enumerate(block_hashes):
@@ -284,6 +290,26 @@ class KVIndex:
         for run, (low, high) in touched.items():
             worker.run_ids.add(run.run_id)
             _refresh_breaks(run, low, high)
+
+    def _mark_span(self, worker: _Worker, codes: list[int]) -> bool:
+        """_store for hashes the index holds as one ascending stretch of one run, none of them
+        held by the worker yet. False, changing nothing, otherwise."""
+        low_code, high_code = codes[0], codes[-1]
+        if (low_code >> _OFFSET_BITS != high_code >> _OFFSET_BITS
+                or codes != list(range(low_code, high_code + 1))):
+            return False
+        run = self._runs[low_code >> _OFFSET_BITS]
+        low, high = low_code & _OFFSET_MASK, high_code & _OFFSET_MASK
+        bit = worker.bit
+        masks = run.masks[low:high + 1]
+        if [mask & bit for mask in masks].count(0) != len(masks):
+            return False
+        run.masks[low:high + 1] = [mask | bit for mask in masks]
+        run.num_live_slots += masks.count(0)
+        worker.num_blocks += len(codes)
+        worker.run_ids.add(run.run_id)
+        _refresh_breaks(run, low, high)
+        return True
 
     def _append_run(self, worker: _Worker, run: _Run, new_hashes: list[int],
                     touched: dict[_Run, list[int]]) -> None:
@@ -330,25 +356,39 @@ class KVIndex:
         self._settle(touched)
 
     def _forget_span(self, worker: _Worker, codes: list[int | None]) -> bool:
-        """_forget for the usual eviction: one contiguous stretch of one run, every slot held by
-        the worker (LRU frees a prefix's tail together). False, changing nothing, otherwise."""
+        """_forget for the usual eviction: a few contiguous stretches of runs, every slot held by
+        the worker (LRU frees a prefix's tail first, so one allocation evicts the tails of a few
+        prompts in turn). False, changing nothing, otherwise."""
         if not codes or None in codes:
             return False
         low_code, high_code = min(codes), max(codes)
-        num = len(codes)
-        if (high_code - low_code + 1 != num or low_code >> _OFFSET_BITS != high_code >> _OFFSET_BITS
-                or len(set(codes)) != num):
-            return False
-        run = self._runs[low_code >> _OFFSET_BITS]
-        low, high = low_code & _OFFSET_MASK, high_code & _OFFSET_MASK
+        if high_code - low_code + 1 == len(codes) and len(set(codes)) == len(codes):
+            stretches = [(low_code, high_code)]  # one stretch, found in C-level passes
+        else:
+            stretches = _stretches(codes)
+            if len(stretches) > len(codes) // _MIN_SPAN:
+                return False  # scattered slots: the hash-by-hash loop is cheaper
         bit = worker.bit
-        masks = run.masks[low:high + 1]
-        if [mask & bit for mask in masks].count(0):
+        spans = []
+        for low_code, high_code in stretches:
+            if low_code >> _OFFSET_BITS != high_code >> _OFFSET_BITS:
+                return False
+            run = self._runs[low_code >> _OFFSET_BITS]
+            low, high = low_code & _OFFSET_MASK, high_code & _OFFSET_MASK
+            masks = run.masks[low:high + 1]
+            if [mask & bit for mask in masks].count(0):
+                return False
+            spans.append((run, low, high, masks))
+        if len({(id(run), low) for run, low, _, _ in spans}) != len(spans) or _overlap(spans):
             return False
-        run.masks[low:high + 1] = [mask ^ bit for mask in masks]
-        run.num_live_slots -= masks.count(bit)
-        worker.num_blocks -= num
-        self._settle({run: [low, high]})
+        touched: dict[_Run, list[int]] = {}
+        for run, low, high, masks in spans:
+            run.masks[low:high + 1] = [mask ^ bit for mask in masks]
+            run.num_live_slots -= masks.count(bit)
+            _touch(touched, run, low)
+            _touch(touched, run, high)
+        worker.num_blocks -= len(codes)
+        self._settle(touched)
         return True
 
     def _forget_all(self, worker: _Worker) -> None:
@@ -376,6 +416,8 @@ class KVIndex:
                 self._free_run_ids.append(run.run_id)
                 continue
             end = len(run.masks)
+            if high == end - 1 and not any(run.masks[low:end]):
+                end = low  # an evicted tail: skip it in one C-level pass, not slot by slot
             while run.masks[end - 1] == 0:
                 end -= 1
             deque(map(self._slots.__delitem__, run.hashes[end:]), maxlen=0)
@@ -434,6 +476,35 @@ def _chains(block_hashes: Iterable[int], parent_hashes: Iterable[int | None]
     return chains
 
 
+def _stretches(codes: list[int]) -> list[tuple[int, int]]:
+    """(lowest, highest) of each maximal stretch of codes that step by -1 (an LRU eviction
+    order: each prompt tail first) or by +1; a lone code is a stretch of one."""
+    stretches = []
+    start = 0
+    step = 0
+    for i in range(1, len(codes)):
+        difference = codes[i] - codes[i - 1]
+        if step == 0 and difference in (1, -1):
+            step = difference
+        elif difference != step or step == 0:
+            stretches.append((min(codes[start], codes[i - 1]), max(codes[start], codes[i - 1])))
+            start, step = i, 0
+    stretches.append((min(codes[start], codes[-1]), max(codes[start], codes[-1])))
+    return stretches
+
+
+def _overlap(spans: list[tuple[_Run, int, int, list[int]]]) -> bool:
+    """Whether two stretches share a slot (the same hash twice in one event)."""
+    by_run: dict[int, list[tuple[int, int]]] = {}
+    for run, low, high, _ in spans:
+        by_run.setdefault(id(run), []).append((low, high))
+    for ranges in by_run.values():
+        ranges.sort()
+        if any(b_low <= a_high for (_, a_high), (b_low, _) in zip(ranges, ranges[1:])):
+            return True
+    return False
+
+
 def _touch(touched: dict[_Run, list[int]], run: _Run, offset: int) -> None:
     span = touched.get(run)
     if span is None:
@@ -448,5 +519,11 @@ def _refresh_breaks(run: _Run, low: int, high: int) -> None:
     """Recompute the breaks that masks[low:high + 1] can affect: positions low .. high + 1."""
     masks, breaks = run.masks, run.breaks
     first, last = max(low, 1), min(high + 1, len(masks) - 1)
-    changes = [p for p in range(first, last + 1) if masks[p] != masks[p - 1]]
+    if last - first > _MIN_SPAN and masks[low:high + 1].count(masks[low]) == high + 1 - low:
+        # One mask over low..high (a stretch stored or forgotten by one worker): breaks can only
+        # be at its two ends, found without a pass over the stretch.
+        ends = (low, high + 1)
+        changes = [p for p in ends if first <= p <= last and masks[p] != masks[p - 1]]
+    else:
+        changes = [p for p in range(first, last + 1) if masks[p] != masks[p - 1]]
     breaks[bisect_left(breaks, first):bisect_right(breaks, last)] = changes

@@ -17,6 +17,8 @@ does with the prompt. Every generator is seeded and takes no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from operator import itemgetter
 
 import numpy as np
 
@@ -111,8 +113,17 @@ def multi_turn_dataset(config: MultiTurnConfig, seed: int) -> list[BenchRequest]
 
 
 def random_token_ids(rng: np.random.Generator, length: int, vocab_size: int) -> tuple[int, ...]:
-    ids = rng.integers(FIRST_ORDINARY_TOKEN_ID, vocab_size, size=length)
-    return tuple(ids.tolist())  # Python ints, converted in C: traces draw millions of them
+    ids = rng.integers(FIRST_ORDINARY_TOKEN_ID, vocab_size, size=length).tolist()
+    if length < 2:
+        return tuple(ids)
+    # The ids as the vocabulary's own int objects, picked in C: a trace draws a hundred million,
+    # and one int object each took gigabytes and made every later pass over prompts miss cache.
+    return itemgetter(*ids)(_vocabulary(vocab_size))
+
+
+@lru_cache(maxsize=8)
+def _vocabulary(vocab_size: int) -> tuple[int, ...]:
+    return tuple(range(vocab_size))
 
 
 def _uniform_lengths(rng: np.random.Generator, mean_len: int, range_ratio: float,

@@ -24,6 +24,7 @@ Definitions (the summary's JSON keys):
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -191,10 +192,9 @@ def ideal_prefix_hit_rate_of_hashes(prompts: Iterable[tuple[Sequence[int], int]]
     hit_tokens = 0
     total_tokens = 0
     for hashes, prompt_len in prompts:
-        hit_blocks = 0
-        # Chained hashes: once one block misses, no later block of this prompt can hit.
-        while hit_blocks < len(hashes) and hashes[hit_blocks] in seen:
-            hit_blocks += 1
+        # Chained hashes: once one block misses, no later block of this prompt can hit, and
+        # `seen` holds whole prefixes, so the hits are a leading run found by bisection.
+        hit_blocks = bisect_left(range(len(hashes)), True, key=lambda k: hashes[k] not in seen)
         seen.update(hashes)
         hit_tokens += hit_blocks * block_size
         total_tokens += prompt_len

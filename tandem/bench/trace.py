@@ -16,10 +16,12 @@ Scaling, all stated by the caller:
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,18 @@ def trace_requests(rows: Iterable[TraceRow], config: TraceConfig, seed: int) -> 
     rows = list(rows)
     if not rows:
         return []
+    # A whole trace is 145M token ids in fresh tuples, which no cycle can involve: left on, the
+    # collector walks each new prompt (half the time of this loop on a 12k-request trace).
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _build_requests(rows, config, seed)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _build_requests(rows: list[TraceRow], config: TraceConfig, seed: int) -> list[BenchRequest]:
     first_ms = rows[0].timestamp_ms
     length_scale = config.tokens_per_block / config.trace_block_size
     blocks = _BlockTokens(seed, config.tokens_per_block, config.vocab_size)
@@ -87,13 +101,12 @@ def trace_requests(rows: Iterable[TraceRow], config: TraceConfig, seed: int) -> 
     for row in rows:
         input_len = min(math.ceil(row.input_length * length_scale),
                         len(row.hash_ids) * config.tokens_per_block)
-        prompt: list[int] = []
-        for hash_id in row.hash_ids:
-            if len(prompt) >= input_len:
-                break
-            prompt.extend(blocks.tokens(hash_id))
+        num_blocks = -(-input_len // config.tokens_per_block)
+        # One C-level pass over the blocks' tokens: traces hold prompts of 100k tokens.
+        prompt = tuple(islice(chain.from_iterable(map(blocks.tokens, row.hash_ids[:num_blocks])),
+                              input_len))
         requests.append(BenchRequest(
-            prompt_token_ids=tuple(prompt[:input_len]),
+            prompt_token_ids=prompt,
             output_len=max(1, round(row.output_length * config.output_scale)),
             arrival_offset_s=(row.timestamp_ms - first_ms) / 1e3 * config.time_scale))
     return requests

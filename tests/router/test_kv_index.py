@@ -305,6 +305,7 @@ def test_bulk_paths_leave_the_same_index_as_block_by_block(monkeypatch):
     def build(bulk: bool) -> tuple:
         if not bulk:
             monkeypatch.setattr(KVIndex, "_forget_span", lambda self, worker, codes: False)
+            monkeypatch.setattr(KVIndex, "_mark_span", lambda self, worker, codes: False)
         rng = random.Random(5)
         documents = [[rng.randrange(50_000) for _ in range(rng.randrange(8, 60))]
                      for _ in range(5)]
@@ -331,11 +332,43 @@ def test_bulk_paths_leave_the_same_index_as_block_by_block(monkeypatch):
         runs = [(r.hashes, r.masks, r.breaks, r.num_live_slots, r.is_chain) if r else None
                 for r in index._runs]
         return index._slots, runs, {w: index.num_blocks(w) for w in managers}
-    spans = []
-    original = KVIndex._forget_span
+    spans, marks = [], []
+    original, original_mark = KVIndex._forget_span, KVIndex._mark_span
     monkeypatch.setattr(KVIndex, "_forget_span",
                         lambda self, worker, codes: spans.append(original(self, worker, codes))
                         or spans[-1])
+    monkeypatch.setattr(KVIndex, "_mark_span",
+                        lambda self, worker, codes: marks.append(original_mark(self, worker, codes))
+                        or marks[-1])
     bulk = build(bulk=True)
-    assert any(spans)
+    assert any(spans) and any(marks)
     assert bulk == build(bulk=False)
+
+
+def test_one_eviction_of_several_prompt_tails_takes_the_span_path(monkeypatch):
+    """An allocation evicts LRU order: one prompt's tail, last block first, then the next's.
+    Each stretch is forgotten in bulk, and the index is what the hash-by-hash loop leaves."""
+    rng = random.Random(11)
+    first, second = ([rng.getrandbits(64) for _ in range(30)] for _ in range(2))
+    evicted = tuple(reversed(first[18:])) + tuple(reversed(second[5:]))
+
+    def build(bulk: bool) -> tuple:
+        index = index_with("w0", "w1")
+        index.apply("w0", BlockStored(0, None, tuple(first)))
+        index.apply("w0", BlockStored(1, None, tuple(second)))
+        index.apply("w1", BlockStored(0, None, tuple(first[:20])))
+        calls = []
+        original = KVIndex._forget_span
+        monkeypatch.setattr(KVIndex, "_forget_span", lambda self, worker, codes: calls.append(
+            bulk and original(self, worker, codes)) or calls[-1])
+        assert index.apply("w0", BlockRemoved(2, evicted))
+        runs = [(r.hashes, r.masks, r.breaks, r.num_live_slots) if r else None
+                for r in index._runs]
+        return calls, (index._slots, runs, index.num_blocks("w0"), index.overlaps(first),
+                       index.overlaps(second))
+
+    bulk_calls, bulk = build(bulk=True)
+    loop_calls, loop = build(bulk=False)
+    assert bulk_calls == [True] and loop_calls == [False]
+    assert bulk == loop
+    assert bulk[3] == {"w0": 18, "w1": 20} and bulk[4] == {"w0": 5}
