@@ -28,6 +28,8 @@ def read_totals(metrics: FrontendMetrics, router: Router, now_s: float) -> Servi
     return ServingTotals(
         time_s=now_s, num_requests=routed.num_requests, num_prompt_tokens=routed.num_prompt_tokens,
         num_cached_prompt_tokens=routed.num_cached_prompt_tokens,
+        length_classes=tuple(sorted((key, requests, tokens) for key, (requests, tokens)
+                                    in routed.by_length_class.items())),
         num_finished=int(_total(histogram_buckets(metrics.e2e))),
         ttft_buckets=histogram_buckets(metrics.ttft), itl_buckets=histogram_buckets(metrics.itl))
 

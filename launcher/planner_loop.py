@@ -105,7 +105,11 @@ class PlannerLoop:
         if config.layout == "auto":
             raise ValueError("the serving planner supports layout disagg or agg, not auto")
         self.config = config
-        self.planner = Planner(config, perf_model)
+        # Prefill workers chunk prompts at their step budget, and the router spills prompts to
+        # decode workers past its prefill queue limit: the sizing counts both the same way.
+        self.planner = Planner(config, perf_model,
+                               prefill_chunk_tokens=specs[-1].engine.max_num_batched_tokens,
+                               max_prefill_queue=frontend.router.config.max_prefill_queue)
         self.frontend = frontend
         self.deployment = deployment
         self.template = specs[-1]

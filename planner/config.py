@@ -14,8 +14,15 @@ and the YAML keys of the same names build it, and nothing else keeps a second de
 - `min_*` / `max_*`: per-pool bounds in workers; a bound of None means "up to the GPU budget".
   Minimums apply to the pools the layout uses. `gpu_budget` caps the GPUs all workers hold
   together; `gpus_per_worker` is the tensor-parallel width of one worker.
-- `predictor`: `constant` (last value), `moving_average` (last `predictor_window` intervals) or
+- `attainment`: the share of requests the TTFT bound is sized for. The prefill pool is big enough
+  when waiting makes at most `1 - attainment` of the requests late (planner.prefill_queue);
+  prompts too long to meet the bound even on an idle worker are reported, not sized for.
+- `predictor`: `constant` (last value), `moving_average` (last `predictor_window` intervals),
+  `linear_trend` (a least-squares line through the last `predictor_window` intervals) or
   `holt_winters` (trend and a daily season, `season_s`; needs statsmodels).
+- `worker_start_s`: how long a new worker takes from being asked for to serving (loading weights
+  and warming up). The pools are sized for the rate predicted that long plus one interval ahead,
+  so a trend predictor asks for workers before the load that needs them arrives.
 - `max_utilization`: the busy fraction a prefill worker (or the decode token throughput at the
   ITL-meeting batch) is sized for. Queueing delay grows as 1/(1 - utilization); past 0.8 a small
   burst doubles the wait.
@@ -41,7 +48,7 @@ from dataclasses import dataclass
 
 MODES = ("off", "advisory", "on")
 LAYOUTS = ("disagg", "agg", "auto")
-PREDICTORS = ("constant", "moving_average", "holt_winters")
+PREDICTORS = ("constant", "moving_average", "linear_trend", "holt_winters")
 SLO_KEYS = ("ttft_ms", "itl_ms")
 
 
@@ -62,8 +69,10 @@ class PlannerConfig:
     max_both: int | None = None
     gpu_budget: int = 8                # one 8-GPU host
     gpus_per_worker: int = 1
+    attainment: float = 0.99           # the SLO is a bound most requests meet, not a mean
     predictor: str = "constant"        # needs no history and no extra package
     predictor_window: int = 4          # moving average over two minutes at the default interval
+    worker_start_s: float = 120.0      # a cold start of an 8B model: minutes, not seconds
     season_s: float = 86400.0          # daily swings
     max_utilization: float = 0.8
     hold_s: float = 180.0              # six intervals: a dip must last three minutes
@@ -79,9 +88,10 @@ class PlannerConfig:
         _check_choice("predictor", self.predictor, PREDICTORS)
         for name in ("interval_s", "ttft_ms", "itl_ms", "season_s"):
             _check_positive(name, getattr(self, name))
-        for name in ("hold_s", "cooldown_s", "ready_timeout_s", "scale_down_margin"):
+        for name in ("hold_s", "cooldown_s", "ready_timeout_s", "scale_down_margin",
+                     "worker_start_s"):
             _check_non_negative(name, getattr(self, name))
-        for name in ("max_utilization", "max_kv_usage"):
+        for name in ("max_utilization", "max_kv_usage", "attainment"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0.0 < value <= 1.0):
                 raise ValueError(f"{name} must be in (0, 1], got {value}")

@@ -8,6 +8,8 @@ each tick and the observation is the difference of two readings:
   policy reads that as zero load, never as "hold");
 - mean input tokens and prefix hit rate: prompt tokens routed, and the part of them cached on the
   chosen decode worker, per request;
+- the prompt-length mix: requests and prompt tokens routed per length class (the router's classes
+  by bit length), as (mean tokens, share of the requests) per class seen in the interval;
 - mean output tokens: tokens streamed (one TTFT sample plus one ITL sample per streamed chunk,
   and a chunk carries one token unless a step outran the stream) per finished request;
 - TTFT and ITL percentiles: from the histogram buckets' differences, interpolated linearly inside
@@ -35,6 +37,8 @@ class ServingTotals:
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0
     num_finished: int = 0               # requests that ended
+    # (length class, requests, prompt tokens), cumulative, per class the router has seen
+    length_classes: tuple[tuple[int, int, int], ...] = ()
     ttft_buckets: Buckets = ()
     itl_buckets: Buckets = ()
 
@@ -59,9 +63,23 @@ def observe_interval(prev: ServingTotals, now: ServingTotals,
         mean_output_tokens=_ratio(now.num_streamed - prev.num_streamed, num_finished),
         prefix_hit_rate=_ratio(now.num_cached_prompt_tokens - prev.num_cached_prompt_tokens,
                                now.num_prompt_tokens - prev.num_prompt_tokens),
+        input_tokens_mix=length_mix(prev.length_classes, now.length_classes),
         ttft_p50_ms=_ms(bucket_quantile(ttft, 0.5)), ttft_p90_ms=_ms(bucket_quantile(ttft, 0.9)),
         itl_p50_ms=_ms(bucket_quantile(itl, 0.5)), itl_p90_ms=_ms(bucket_quantile(itl, 0.9)),
         workers=workers)
+
+
+def length_mix(prev: tuple[tuple[int, int, int], ...],
+               now: tuple[tuple[int, int, int], ...]) -> tuple[tuple[float, float], ...]:
+    """(mean prompt tokens, share of the requests) per length class routed between two readings."""
+    before = {key: (requests, tokens) for key, requests, tokens in prev}
+    deltas = []
+    for key, requests, tokens in now:
+        old_requests, old_tokens = before.get(key, (0, 0))
+        if requests > old_requests:
+            deltas.append((requests - old_requests, tokens - old_tokens))
+    total = sum(requests for requests, _ in deltas)
+    return tuple((tokens / requests, requests / total) for requests, tokens in deltas)
 
 
 def bucket_deltas(prev: Buckets, now: Buckets) -> Buckets:

@@ -4,8 +4,8 @@ The planner core is `on_tick(Observation) -> Decision` (planner.policy). Both me
 dataclasses that cross the boundary between the pure core and the adapter that gathers metrics and
 acts through the deployment layer; field names carry their units.
 
-Observation: the load over the last interval (request rate, mean prompt and output lengths, prefix
-hit rate), the latencies the clients saw (TTFT and ITL percentiles), and one `WorkerView` per
+Observation: the load over the last interval (request rate, mean prompt and output lengths, the mix
+of prompt lengths, prefix hit rate), the latencies the clients saw (TTFT and ITL percentiles), and one `WorkerView` per
 worker the deployment runs, ready or still starting. Any load or latency field may be NaN or None
 when there was no traffic in the interval: the planner treats a missing request rate as zero load
 (no requests arrived) and a missing length or latency as "unknown", never as a reason to hold.
@@ -68,6 +68,12 @@ class Observation:
     mean_input_tokens: float | None = None
     mean_output_tokens: float | None = None
     prefix_hit_rate: float | None = None   # fraction of prompt tokens found cached, 0..1
+    # (mean prompt tokens, share of the interval's requests) per prompt-length class; empty when
+    # only the mean is known. Prefill time is convex in length: the mean prompt under-sizes.
+    input_tokens_mix: tuple[tuple[float, float], ...] = ()
+    # Variance over mean of the requests arriving in each second of the interval: 1 for Poisson
+    # arrivals, about the batch size when requests come in batches; None when not measured.
+    arrival_dispersion: float | None = None
     ttft_p50_ms: float | None = None
     ttft_p90_ms: float | None = None
     itl_p50_ms: float | None = None

@@ -3,9 +3,13 @@
 Each tick (every `interval_s`, planner.config):
 
 1. Load. The request rate feeds the predictor; the pools are sized for max(rate now, rate
-   predicted one interval ahead), so a step up is met on the tick that sees it and a daily rise is
-   met before it arrives. A missing rate (NaN or None: no requests in the window) is zero load, so
-   zero traffic reaches the minimum pools; missing lengths or hit rates keep their last value.
+   predicted `interval_s + worker_start_s` ahead, when a worker asked for now has served an
+   interval), so a step up is met on the tick that sees it and a rise that a trend predictor sees
+   coming is met before it arrives. A missing rate (NaN or None: no requests in the window) is
+   zero load, so zero traffic reaches the minimum pools. The workload's shape (lengths, the
+   prompt-length mix, hit rate, arrival dispersion) is averaged over the last `predictor_window`
+   intervals that saw it, so a few long prompts in one window do not move GPUs; a missing value
+   is skipped.
 2. Targets. planner.sizing gives the smallest pools that meet the SLO at that load (`up`), and
    again at (1 + scale_down_margin) times the load (`down`, the band a pool must clear to shrink).
    When the clients already see TTFT (or ITL) above the SLO and no worker is on its way to that
@@ -31,13 +35,17 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Iterable
+from dataclasses import replace
 
+from tandem.engine.config import EngineConfig
 from tandem.planner.config import PlannerConfig
 from tandem.planner.observation import ROLES, Decision, Observation, is_missing
-from tandem.planner.predictors import ConstantPredictor, LoadPredictor, make_predictor
+from tandem.planner.predictors import LoadPredictor, MovingAveragePredictor, make_predictor
 from tandem.planner.scaling_actions import ActionLimits, choose_actions
 from tandem.planner.sizing import Load, PerfModel, PoolPlan, SizingTarget, plan_pools
 from tandem.planner.worker_tracking import WorkerTracker
+from tandem.router.routing import RoutingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +57,26 @@ DEFAULT_OUTPUT_TOKENS = 128.0
 class Planner:
     def __init__(self, config: PlannerConfig, perf_model: PerfModel,
                  predictor: LoadPredictor | None = None, max_batch_size: int = 256,
-                 chunk_tokens: int = 512):
+                 chunk_tokens: int = 512, prefill_chunk_tokens: int | None = None,
+                 max_prefill_queue: int | None = None):
         self.config = config
         self._perf = perf_model
         self._rate = predictor if predictor is not None else make_predictor(config)
-        self._input_tokens = ConstantPredictor(DEFAULT_INPUT_TOKENS)
-        self._output_tokens = ConstantPredictor(DEFAULT_OUTPUT_TOKENS)
-        self._hit_rate = ConstantPredictor(0.0)
+        # The workload's shape is averaged over the last `predictor_window` intervals: one window's
+        # handful of 100k-token prompts must not move GPUs for minutes (the rate is not averaged).
+        window = config.predictor_window
+        self._input_tokens = MovingAveragePredictor(window, DEFAULT_INPUT_TOKENS)
+        self._output_tokens = MovingAveragePredictor(window, DEFAULT_OUTPUT_TOKENS)
+        self._hit_rate = MovingAveragePredictor(window, 0.0)
+        self._dispersion = MovingAveragePredictor(window, 1.0)   # Poisson until bursts are seen
+        self._mixes: deque[tuple[float, tuple[tuple[float, float], ...]]] = deque(maxlen=window)
+        if prefill_chunk_tokens is None:  # what a prefill worker runs per step by default
+            prefill_chunk_tokens = EngineConfig().max_num_batched_tokens
+        if max_prefill_queue is None:     # the router's default limit per prefill worker
+            max_prefill_queue = RoutingConfig().max_prefill_queue
         self._target = SizingTarget(config.ttft_ms, config.itl_ms, config.max_utilization,
-                                    max_batch_size, chunk_tokens)
+                                    max_batch_size, chunk_tokens, prefill_chunk_tokens,
+                                    config.attainment, max_prefill_queue)
         self._bounds = {role: config.pool_bounds(role) for role in ROLES}
         self._tracker = WorkerTracker(config.ready_timeout_s)
         self._history: deque[tuple[float, dict[str, int]]] = deque()  # (time_s, down target)
@@ -69,8 +88,8 @@ class Planner:
         load, predicted_rate = self._load(obs)
         current = self._tracker.effective_counts(obs)
         plan = self._plan(load, self.config.layout)
-        margin_load = Load(load.request_rate_per_s * (1 + self.config.scale_down_margin),
-                           load.mean_input_tokens, load.mean_output_tokens, load.prefix_hit_rate)
+        margin_load = replace(load, request_rate_per_s=load.request_rate_per_s
+                              * (1 + self.config.scale_down_margin))
         down = _counts(self._plan(margin_load, plan.layout))
         up = self._react_to_slo(obs, plan, current, notes)
         settled = self._settle(obs.time_s, up, down, current, notes)
@@ -94,13 +113,19 @@ class Planner:
     def _load(self, obs: Observation) -> tuple[Load, float]:
         rate_now = 0.0 if is_missing(obs.request_rate_per_s) else float(obs.request_rate_per_s)
         self._rate.observe(obs.time_s, rate_now)
-        predicted = max(0.0, self._rate.predict(self.config.interval_s))
+        # A worker asked for now serves after its start-up, for an interval at least.
+        horizon_s = self.config.interval_s + self.config.worker_start_s
+        predicted = max(0.0, self._rate.predict(horizon_s))
         self._input_tokens.observe(obs.time_s, obs.mean_input_tokens)
         self._output_tokens.observe(obs.time_s, obs.mean_output_tokens)
         self._hit_rate.observe(obs.time_s, obs.prefix_hit_rate)
+        self._dispersion.observe(obs.time_s, obs.arrival_dispersion)
+        if obs.input_tokens_mix and rate_now > 0:
+            self._mixes.append((rate_now * obs.interval_s, obs.input_tokens_mix))
         hit_rate = min(max(self._hit_rate.predict(0.0), 0.0), 1.0)
         load = Load(max(rate_now, predicted), max(1.0, self._input_tokens.predict(0.0)),
-                    max(1.0, self._output_tokens.predict(0.0)), hit_rate)
+                    max(1.0, self._output_tokens.predict(0.0)), hit_rate,
+                    merged_mix(self._mixes), max(1.0, self._dispersion.predict(0.0)))
         return load, predicted
 
     def _plan(self, load: Load, layout: str) -> PoolPlan:
@@ -179,6 +204,17 @@ class Planner:
                 return (f"the {remaining} left would hold {kv_used / remaining:.0%} KV, above "
                         f"{self.config.max_kv_usage:.0%}")
         return ""
+
+
+def merged_mix(mixes: Iterable[tuple[float, tuple[tuple[float, float], ...]]]
+               ) -> tuple[tuple[float, float], ...]:
+    """One prompt-length mix of several intervals', each weighted by its number of requests."""
+    mixes = list(mixes)
+    total = sum(weight for weight, _ in mixes)
+    if total <= 0:
+        return ()
+    return tuple((tokens, share * weight / total) for weight, mix in mixes
+                 for tokens, share in mix)
 
 
 def _counts(plan: PoolPlan) -> dict[str, int]:

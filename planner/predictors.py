@@ -9,6 +9,10 @@ because a rate that is unknown at zero traffic is how a planner gets stuck above
   default, and what the other two fall back to while their history is short.
 - `MovingAveragePredictor(window)`: the mean of the last `window` values; smooths noisy windows at
   the cost of lagging a step by `window` intervals.
+- `LinearTrendPredictor(window)`: a least-squares line through the last `window` values, read at
+  the horizon; follows a ramp (the planner asks for workers a start-up ahead of the load) at the
+  cost of extrapolating noise, which is why the planner sizes for max(current, predicted) and
+  scales down only after its hold period.
 - `HoltWintersPredictor(season_s)`: additive Holt-Winters (damped trend plus a seasonal cycle,
   statsmodels' `ExponentialSmoothing`), for daily swings. Samples are averaged into buckets of
   `season_s / buckets_per_season` (15 minutes for a day), which keeps a fit small and cheap; the
@@ -71,6 +75,28 @@ class MovingAveragePredictor:
         if not self._values:
             return self._initial
         return sum(self._values) / len(self._values)
+
+
+class LinearTrendPredictor:
+    def __init__(self, window: int, initial: float = 0.0):
+        if window < 2:
+            raise ValueError(f"linear trend window must be >= 2, got {window}")
+        self._points: deque[tuple[float, float]] = deque(maxlen=window)
+        self._initial = initial
+
+    def observe(self, time_s: float, value: float | None) -> None:
+        if not is_missing(value):
+            self._points.append((float(time_s), float(value)))
+
+    def predict(self, horizon_s: float) -> float:
+        points = self._points
+        if len(points) < 2:
+            return points[-1][1] if points else self._initial
+        mean_t = sum(t for t, _ in points) / len(points)
+        mean_v = sum(v for _, v in points) / len(points)
+        spread = sum((t - mean_t) ** 2 for t, _ in points)
+        slope = sum((t - mean_t) * (v - mean_v) for t, v in points) / spread if spread else 0.0
+        return max(0.0, mean_v + slope * (points[-1][0] + horizon_s - mean_t))
 
 
 class HoltWintersPredictor:
@@ -165,4 +191,6 @@ def make_predictor(config: PlannerConfig) -> LoadPredictor:
         return ConstantPredictor()
     if config.predictor == "moving_average":
         return MovingAveragePredictor(config.predictor_window)
+    if config.predictor == "linear_trend":
+        return LinearTrendPredictor(max(2, config.predictor_window))
     return HoltWintersPredictor(config.season_s)

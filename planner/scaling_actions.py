@@ -45,7 +45,7 @@ def choose_actions(obs: Observation, current: dict[str, int], target: dict[str, 
     counts = dict(current)
     for role in ROLES:
         while counts[role] < target[role] and len(actions) < limits.max_changes:
-            action = _grow(obs, role, counts, target, taken, limits)
+            action = _grow(obs, role, current, counts, target, taken, limits)
             if action is None:
                 break
             actions.append(action)
@@ -61,10 +61,13 @@ def choose_actions(obs: Observation, current: dict[str, int], target: dict[str, 
     return actions, counts
 
 
-def _grow(obs: Observation, role: str, counts: dict[str, int], target: dict[str, int],
-          taken: set[str], limits: ActionLimits) -> Action | None:
+def _grow(obs: Observation, role: str, current: dict[str, int], counts: dict[str, int],
+          target: dict[str, int], taken: set[str], limits: ActionLimits) -> Action | None:
     for donor in ROLES:
-        if donor == role or counts[donor] <= limits.flip_floor[donor]:
+        # A growing pool gives nothing: its count includes the workers it just asked for, and
+        # flipping a ready one away would leave it short for a whole cold start.
+        if (donor == role or counts[donor] <= limits.flip_floor[donor]
+                or target[donor] > current[donor]):
             continue
         worker = _least_loaded(obs, donor, taken, starting_first=False)
         if worker is not None:

@@ -4,18 +4,17 @@ The online planner calls this every tick, so it is closed-form reasoning over a 
 (planner.perf_model, seen here only through the `PerfModel` protocol), not a simulation. The
 simulator is where a shape is checked in detail; this picks the shape quickly.
 
-Load: request rate lambda (1/s), mean input length ISL, mean output length OSL, prefix hit rate h.
-A request prefills new = ISL * (1 - h) tokens over cached = ISL * h.
+Load: request rate lambda (1/s), the prompt-length mix (`input_mix`: mean prompt tokens and share
+of each length class; the mean input length ISL alone when nothing finer is known), mean output
+length OSL, prefix hit rate h. A request prefills tokens * (1 - h) new tokens over tokens * h cached.
 
-Prefill pool of n workers (disaggregated). Each prompt is one deterministic job of
-S = prefill_s(new, cached) seconds; requests spread evenly, so one worker is an M/D/1 queue:
-
-    rho  = lambda * S / n                       (utilization, kept <= max_utilization)
-    Wq   = rho * S / (2 * (1 - rho))            (M/D/1 mean wait)
-    TTFT = Wq + S + transfer_s(KV bytes of the prompt's blocks)
-
-The first token streams from the prefill worker, but the second waits for the KV pull; counting
-the pull in TTFT keeps that first gap inside the SLO as well.
+Prefill pool of n workers (disaggregated): planner.prefill_queue. Each prompt is prefilled in
+chunks of the worker's step budget; the pool is an M/G/c queue over the mix's service times, and it
+is big enough when its utilization is within `max_utilization` and waiting pushes at most
+`1 - attainment` of the requests past the TTFT bound. Prompts whose own prefill already exceeds the
+bound are counted apart: no pool size helps them, and the plan says it cannot meet the SLO when
+they are more than `1 - attainment` of the requests. The reported TTFT is the mean (wait, prefill,
+and the KV pull that the second token waits for).
 
 Decode pool of n workers. With ctx = ISL + OSL / 2 the mean context of a running sequence, one step
 of a batch of b takes t(b) = decode_s(b, b * ctx). B* is the largest b <= max_batch_size with
@@ -26,12 +25,21 @@ emit lambda * OSL:
 
 The ITL reported for n comes from Little's law: a worker runs b = (lambda * OSL / n) * t(b)
 sequences at once (arrival rate of tokens times the time each takes), solved by fixed-point
-iteration; b above max_batch_size means the pool cannot keep up.
+iteration; b above max_batch_size means the pool cannot keep up. The ITL bound is a bound on each
+request's worst gap, and a disaggregated request's first gap on its decode worker is the longest:
+the step in flight before it is admitted, its KV pull, the step in flight when the pull is done,
+then its own step (the engine applies operations between steps): transfer_s + (U1 + U2 + 1) * t
+with U1, U2 uniform on [0, 1]. Handovers arrive with the bursts that fill the batch, so t is the
+step of a busy batch, b + sqrt(dispersion * b) (arrival_dispersion as in the prefill pool). The
+pool is big enough when that exceeds the bound for at most `1 - attainment` of the requests, or
+when one more worker would take less than that off the late list (the rest are the longest
+prompts, whose pull alone takes most of the bound).
 
-Aggregated pool of n workers (role `both`). A worker spends P = lambda / n * S of each second on
-prefill, and uses D = lambda / n * OSL * t(B*) / B* of its decode capacity (as in the decode pool:
-a small batch is not busy, more sequences join its steps almost free); P + D <= max_utilization, and
-TTFT is the M/D/1 wait at that utilization plus S. A prompt is prefilled in chunks of
+Aggregated pool of n workers (role `both`). With S the mix's prefill time in chunks of
+`chunk_tokens`, a worker spends P = lambda / n * E[S] of each second on prefill, and uses D = lambda / n * OSL * t(B*) / B* of its decode capacity (as in the decode pool:
+a small batch is not busy, more sequences join its steps almost free); P + D <= max_utilization.
+Prompts queue as in the prefill pool, for the time decode leaves: service times stretched by
+1 / (1 - D), and the same TTFT tail bound. A prompt is prefilled in chunks of
 `chunk_tokens` mixed into decode steps; when prefill takes more than a tenth of the time, more than
 one gap in ten is a mixed step, so the ITL p90 is step_s(chunk, ..., b, b * ctx) instead of t(b).
 This is why 2048-token chunks lost the ITL SLO on 2x H200 where 512-token chunks held it
@@ -47,11 +55,20 @@ nothing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+from tandem.engine.config import EngineConfig
+from tandem.planner.prefill_queue import (late_share, mean_wait_s, service_mix, spills,
+                                          stretched, unreachable_share)
+from tandem.router.routing import RoutingConfig
 
 MAX_FIXED_POINT_ITERATIONS = 50
 PREFILL_TAIL_FRACTION = 0.1  # p90: a tail quantile is set by what happens in more than 10% of gaps
+# Handovers arrive with the bursts that fill a decode batch: their steps are those of a batch one
+# standard deviation above its mean. Calibrated on the conversation trace in the simulator
+# (benchmarks/RESULTS.md): two sigmas asked for 3-10 decode workers where 2 held the bound.
+BUSY_BATCH_SIGMAS = 1.0
 
 
 class PerfModel(Protocol):
@@ -74,6 +91,13 @@ class Load:
     mean_input_tokens: float
     mean_output_tokens: float
     prefix_hit_rate: float = 0.0
+    # (mean prompt tokens, share of the requests) per length class; empty: the mean alone
+    input_mix: tuple[tuple[float, float], ...] = ()
+    arrival_dispersion: float = 1.0    # variance / mean of arrivals per second; 1: Poisson
+
+    @property
+    def mix(self) -> tuple[tuple[float, float], ...]:
+        return self.input_mix or ((self.mean_input_tokens, 1.0),)
 
     @property
     def num_new_tokens(self) -> int:
@@ -95,6 +119,12 @@ class SizingTarget:
     max_utilization: float = 0.8
     max_batch_size: int = 256          # the engine's max running sequences per worker
     chunk_tokens: int = 512            # aggregated workers' prefill chunk
+    # A prefill worker's step budget: it prefills a prompt in chunks of this many tokens.
+    prefill_chunk_tokens: int = field(
+        default_factory=lambda: EngineConfig().max_num_batched_tokens)
+    attainment: float = 0.99           # share of requests the TTFT and ITL bounds are sized for
+    # The router's limit on prompts at one prefill worker; past it prompts spill to decode workers.
+    max_prefill_queue: int = field(default_factory=lambda: RoutingConfig().max_prefill_queue)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +134,7 @@ class PoolEstimate:
     ttft_ms: float                     # NaN for a decode pool
     itl_ms: float                      # NaN for a prefill pool
     meets_slo: bool
+    unreachable_share: float = 0.0     # requests over the TTFT bound however many workers
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,13 +152,18 @@ class PoolPlan:
 
 
 def prefill_estimate(perf: PerfModel, load: Load, target: SizingTarget, n: int) -> PoolEstimate:
-    service_s = perf.prefill_s(load.num_new_tokens, load.num_cached_tokens)
-    rho = load.request_rate_per_s * service_s / n
-    num_blocks = math.ceil(load.mean_input_tokens / perf.block_size)
-    transfer_s = perf.transfer_s(num_blocks * perf.block_size * perf.kv_bytes_per_token)
-    ttft_ms = 1e3 * (_md1_wait_s(rho, service_s) + service_s + transfer_s)
-    ok = rho <= target.max_utilization and ttft_ms <= target.ttft_ms
-    return PoolEstimate(n, rho, ttft_ms, math.nan, ok)
+    mix = service_mix(perf, load.mix, load.prefix_hit_rate, target.prefill_chunk_tokens)
+    rate, dispersion = load.request_rate_per_s, load.arrival_dispersion
+    rho = rate * mix.mean_s / n
+    wait_probability, wait_s = mean_wait_s(mix, rate, n, dispersion)
+    ttft_s = wait_s + sum(p * f for p, f in zip(mix.shares, mix.floor_s))
+    ttft_bound_s = target.ttft_ms / 1e3
+    late = late_share(mix, wait_probability, wait_s, ttft_bound_s)
+    ok = (rho <= target.max_utilization and late <= 1.0 - target.attainment
+          and not spills(mix, rate, wait_s, n, target.max_prefill_queue, dispersion,
+                         target.attainment))
+    return PoolEstimate(n, rho, 1e3 * ttft_s, math.nan, ok,
+                        unreachable_share(mix, ttft_bound_s))
 
 
 def decode_estimate(perf: PerfModel, load: Load, target: SizingTarget, n: int) -> PoolEstimate:
@@ -135,32 +171,83 @@ def decode_estimate(perf: PerfModel, load: Load, target: SizingTarget, n: int) -
     step_s = _decode_step_s(perf, load, best)
     utilization = load.request_rate_per_s * load.mean_output_tokens * step_s / (best * n)
     batch = _little_batch(perf, load, target, n)
-    itl_ms = 1e3 * _decode_step_s(perf, load, batch) if batch else math.inf
-    ok = utilization <= target.max_utilization and itl_ms <= target.itl_ms
-    return PoolEstimate(n, utilization, math.nan, itl_ms, ok)
+    if not batch:
+        return PoolEstimate(n, utilization, math.nan, math.inf, False)
+    itl_s = _decode_step_s(perf, load, batch)
+    late, unreachable = _handoff_late(perf, load, target, batch)
+    budget = 1.0 - target.attainment
+    # Past the knee, the late are the longest prompts' pulls: a worker that takes less than the
+    # budget off the late list is not worth it.
+    if late > budget:
+        following = _little_batch(perf, load, target, n + 1)
+        late_after = _handoff_late(perf, load, target, following)[0] if following else late
+        is_handoff_ok = late - late_after < budget
+    else:
+        is_handoff_ok = True
+    ok = (utilization <= target.max_utilization and itl_s <= target.itl_ms / 1e3
+          and is_handoff_ok)
+    return PoolEstimate(n, utilization, math.nan, 1e3 * itl_s, ok, unreachable)
 
 
 def aggregated_estimate(perf: PerfModel, load: Load, target: SizingTarget,
                         n: int) -> PoolEstimate:
     rate = load.request_rate_per_s / n
-    service_s = perf.prefill_s(load.num_new_tokens, load.num_cached_tokens)
     batch = _little_batch(perf, load, target, n)
     if not batch:
         return PoolEstimate(n, math.inf, math.inf, math.inf, False)
+    mix = service_mix(perf, load.mix, load.prefix_hit_rate, target.chunk_tokens)
     decode_step_s = _decode_step_s(perf, load, batch)
     best = _max_batch_within_itl(perf, load, target)
-    prefill_busy = rate * service_s
+    prefill_busy = rate * mix.mean_s
     decode_busy = rate * load.mean_output_tokens * _decode_step_s(perf, load, best) / best
     utilization = prefill_busy + decode_busy
-    ttft_ms = 1e3 * (_md1_wait_s(utilization, service_s) + service_s)
+    # Prefills queue for the time decode leaves free: their service stretched by 1 / (1 - D).
+    slowed = stretched(mix, 1.0 / (1.0 - decode_busy)) if decode_busy < 1.0 else None
+    wait_probability, wait_s = ((1.0, math.inf) if slowed is None
+                                else mean_wait_s(slowed, load.request_rate_per_s, n))
+    ttft_ms = 1e3 * (wait_s + sum(p * f for p, f in zip(mix.shares, mix.floor_s)))
+    late = late_share(slowed or mix, wait_probability, wait_s, target.ttft_ms / 1e3)
     itl_s = decode_step_s
     if prefill_busy > PREFILL_TAIL_FRACTION:
         chunk = min(target.chunk_tokens, load.num_new_tokens)
         itl_s = perf.step_s(chunk, load.num_cached_tokens, batch,
                             round(batch * load.mean_context_tokens))
-    ok = (utilization <= target.max_utilization and ttft_ms <= target.ttft_ms
+    ok = (utilization <= target.max_utilization and late <= 1.0 - target.attainment
           and 1e3 * itl_s <= target.itl_ms)
-    return PoolEstimate(n, utilization, ttft_ms, 1e3 * itl_s, ok)
+    return PoolEstimate(n, utilization, ttft_ms, 1e3 * itl_s, ok,
+                        unreachable_share(mix, target.ttft_ms / 1e3))
+
+
+def _handoff_late(perf: PerfModel, load: Load, target: SizingTarget, batch: int
+                  ) -> tuple[float, float]:
+    """(share late, share unreachable) of first gaps on the decode worker over the ITL bound.
+
+    The gap is the KV pull, two waits for a step boundary (each uniform over one step) and the
+    request's own step, at the busy batch. A class whose pull and one step beside no one else
+    already exceed the bound is unreachable: more workers do not help it.
+    """
+    mix = service_mix(perf, load.mix, load.prefix_hit_rate, target.prefill_chunk_tokens)
+    busy = batch + BUSY_BATCH_SIGMAS * math.sqrt(load.arrival_dispersion * batch)
+    step_s = _decode_step_s(perf, load, max(batch, round(busy)))
+    alone_step_s = _decode_step_s(perf, load, 1)
+    bound_s = target.itl_ms / 1e3
+    late = unreachable = 0.0
+    for share, transfer_s in zip(mix.shares, mix.transfer_s):
+        if transfer_s + alone_step_s > bound_s:
+            unreachable += share
+            continue
+        slack = (bound_s - transfer_s) / step_s - 1.0  # what the two waits may take, in steps
+        late += share * _two_uniforms_exceed(slack)
+    return late, unreachable
+
+
+def _two_uniforms_exceed(x: float) -> float:
+    """P(U1 + U2 > x) for U1, U2 independent and uniform on [0, 1]."""
+    if x <= 0:
+        return 1.0
+    if x >= 2:
+        return 0.0
+    return 1.0 - x * x / 2 if x <= 1 else (2 - x) ** 2 / 2
 
 
 def smallest_pool(estimate, perf: PerfModel, load: Load, target: SizingTarget,
@@ -202,10 +289,17 @@ def _plan_disagg(perf: PerfModel, load: Load, target: SizingTarget,
                  bounds: dict[str, tuple[int, int]], max_workers: int) -> PoolPlan:
     prefill = smallest_pool(prefill_estimate, perf, load, target, bounds["prefill"])
     decode = smallest_pool(decode_estimate, perf, load, target, bounds["decode"])
-    ok = prefill.meets_slo and decode.meets_slo
+    unreachable = prefill.unreachable_share + decode.unreachable_share
+    ok = prefill.meets_slo and decode.meets_slo and unreachable <= 1.0 - target.attainment
     note = (f"prefill {prefill.num_workers} at {prefill.utilization:.0%} busy, "
             f"TTFT ~{prefill.ttft_ms:.0f} ms; decode {decode.num_workers}, "
             f"ITL ~{decode.itl_ms:.1f} ms")
+    if prefill.unreachable_share > 0:
+        note += (f"; {prefill.unreachable_share:.1%} of prompts take longer than the TTFT bound "
+                 f"to prefill alone")
+    if decode.unreachable_share > 0:
+        note += (f"; {decode.unreachable_share:.1%} of prompts take longer than the ITL bound "
+                 f"to hand over")
     if prefill.num_workers + decode.num_workers <= max_workers:
         return PoolPlan("disagg", prefill.num_workers, decode.num_workers, 0, ok, note)
     num_prefill, num_decode = _split_budget(prefill.num_workers, decode.num_workers,
@@ -221,7 +315,8 @@ def _plan_agg(perf: PerfModel, load: Load, target: SizingTarget,
     both = smallest_pool(aggregated_estimate, perf, load, target, (low, min(high, max_workers)))
     note = (f"aggregated {both.num_workers} at {both.utilization:.0%} busy, "
             f"TTFT ~{both.ttft_ms:.0f} ms, ITL ~{both.itl_ms:.1f} ms")
-    return PoolPlan("agg", 0, 0, both.num_workers, both.meets_slo, note)
+    is_reachable = both.unreachable_share <= 1.0 - target.attainment
+    return PoolPlan("agg", 0, 0, both.num_workers, both.meets_slo and is_reachable, note)
 
 
 def _split_budget(need_prefill: int, need_decode: int, bounds: dict[str, tuple[int, int]],
@@ -238,12 +333,6 @@ def _split_budget(need_prefill: int, need_decode: int, bounds: dict[str, tuple[i
         else:
             break
     return num_prefill, num_decode
-
-
-def _md1_wait_s(rho: float, service_s: float) -> float:
-    if rho >= 1.0:
-        return math.inf
-    return rho * service_s / (2.0 * (1.0 - rho))
 
 
 def _decode_step_s(perf: PerfModel, load: Load, batch: int) -> float:

@@ -22,8 +22,9 @@ and corrections from what workers report in their heartbeats. No I/O happens her
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tandem.router.kv_index import KVIndex
 from tandem.router.kv_policy import ActiveLoadTracker, KVPolicyConfig, KVRouterPolicy
@@ -59,6 +60,17 @@ class RoutedTotals:
     num_requests: int = 0
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0   # found in the chosen decode worker's prefix cache
+    # Per prompt-length class, keyed by the length's bit length (class k holds 2^(k-1) to
+    # 2^k - 1 tokens): [requests, prompt tokens]. The planner sizes prefill over this mix.
+    by_length_class: dict[int, list[int]] = field(default_factory=dict)
+
+    def count(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        self.num_requests += 1
+        self.num_prompt_tokens += num_prompt_tokens
+        self.num_cached_prompt_tokens += num_cached_tokens
+        counts = self.by_length_class.setdefault(num_prompt_tokens.bit_length(), [0, 0])
+        counts[0] += 1
+        counts[1] += num_prompt_tokens
 
 
 class Router:
@@ -84,9 +96,7 @@ class Router:
         decode = self._choose("decode", decode_pool, num_blocks, block_hashes)
         cached = min(decode.overlap_blocks * self.block_size, num_prompt_tokens)
         uncached = num_prompt_tokens - cached
-        self.totals.num_requests += 1
-        self.totals.num_prompt_tokens += num_prompt_tokens
-        self.totals.num_cached_prompt_tokens += cached
+        self.totals.count(num_prompt_tokens, cached)
         prefill = None
         if uncached >= self.config.remote_prefill_min_tokens:
             open_pool = [w for w in prefill_pool if self.num_inflight("prefill", w.worker_id)
@@ -164,9 +174,14 @@ class Router:
         for worker_id in candidates:
             pending = self._pending.get((role, worker_id))
             if pending:
-                held = 0
-                while held < len(block_hashes) and block_hashes[held] in pending:
-                    held += 1
+                # Pending hashes are whole chains (each routed prompt's), so the prompt's
+                # pending blocks are a leading run: bisect instead of walking hundreds.
+                held = _leading_run(block_hashes, pending)
                 overlaps[worker_id] = max(overlaps.get(worker_id, 0), held)
         loads = {w: tracker.load(w) for w in candidates}
         return self.policies[role].choose(candidates, num_blocks, overlaps, loads)
+
+
+def _leading_run(block_hashes: list[int], held: Counter[int]) -> int:
+    """How many leading hashes `held` has, for a `held` made of whole chains."""
+    return bisect_left(range(len(block_hashes)), True, key=lambda k: block_hashes[k] not in held)

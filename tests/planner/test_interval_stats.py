@@ -69,3 +69,14 @@ def test_worker_view_clamps_a_usage_rounded_past_one():
 
 def _fields(totals: ServingTotals) -> dict:
     return {name: getattr(totals, name) for name in ServingTotals.__slots__}
+
+
+def test_the_prompt_length_mix_covers_only_the_interval():
+    # Before: 3 short prompts (class 7: 64-127 tokens). In the interval: 1 more short one and
+    # 3 long ones (class 14: 8192-16383 tokens).
+    prev = ServingTotals(time_s=0.0, num_requests=3, length_classes=((7, 3, 300),))
+    now = ServingTotals(time_s=1.0, num_requests=7,
+                        length_classes=((7, 4, 380), (14, 3, 30000)))
+    obs = observe_interval(prev, now, ())
+    assert obs.input_tokens_mix == ((80.0, 0.25), (10000.0, 0.75))
+    assert observe_interval(now, now, ()).input_tokens_mix == ()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from tandem.planner.config import PlannerConfig
 from tandem.planner.observation import (AddWorker, FlipRole, Observation, RemoveWorker,
                                         WorkerView)
-from tandem.planner.policy import Planner
+from tandem.planner.policy import Planner, merged_mix
 from tests.planner.test_sizing import LinearPerfModel
 
 INTERVAL_S = 30.0
@@ -68,19 +69,19 @@ def run(planner: Planner, cluster: Cluster, rates, start_s: float = 0.0, **kw):
 
 
 def test_steady_load_gives_no_changes():
-    decisions = run(make_planner(), Cluster(1, 1), [6.0] * 40)
+    decisions = run(make_planner(), Cluster(1, 1), [3.0] * 40)
     assert all(d.is_hold for d in decisions)
     assert (decisions[-1].num_prefill, decisions[-1].num_decode) == (1, 1)
 
 
 def test_step_up_scales_up_within_one_interval():
     planner, cluster = make_planner(), Cluster(1, 1)
-    run(planner, cluster, [6.0] * 10)
-    decision = planner.on_tick(cluster.observe(10 * INTERVAL_S, 20.0))
+    run(planner, cluster, [3.0] * 10)
+    decision = planner.on_tick(cluster.observe(10 * INTERVAL_S, 12.0))
     assert decision.num_prefill == 3 and decision.num_decode == 2
     assert decision.kind == "scale_up" and len(decision.actions) == 2   # max 2 per interval
     cluster.apply(decision)
-    rest = run(planner, cluster, [20.0] * 3, start_s=11 * INTERVAL_S)
+    rest = run(planner, cluster, [12.0] * 3, start_s=11 * INTERVAL_S)
     assert cluster.pools() == (3, 2)
     assert sum(len(d.actions) for d in rest) == 1    # the third add, not a repeat of the first two
 
@@ -97,7 +98,7 @@ def test_zero_traffic_with_nan_metrics_reaches_the_minimum():
 
 def test_oscillating_load_changes_at_most_once_per_hold_period():
     planner, cluster = make_planner(), Cluster(1, 1)
-    rates = [6.0, 10.0] * 30                               # 9 req/s needs a second prefill worker
+    rates = [3.0, 6.0] * 30                                # 6 req/s needs a second prefill worker
     decisions = run(planner, cluster, rates)
     change_times = [d.time_s for d in decisions if d.actions]
     assert len(change_times) == 1
@@ -106,7 +107,7 @@ def test_oscillating_load_changes_at_most_once_per_hold_period():
 
 def test_scale_down_waits_for_hold_and_respects_margin():
     planner, cluster = make_planner(scale_down_margin=0.1), Cluster(1, 1)
-    run(planner, cluster, [20.0] * 4)
+    run(planner, cluster, [12.0] * 4)
     assert cluster.pools() == (3, 2)
     decisions = run(planner, cluster, [2.0] * 12, start_s=4 * INTERVAL_S)
     downs = [i for i, d in enumerate(decisions) if d.actions]
@@ -127,9 +128,9 @@ def test_worker_that_never_becomes_ready_is_replaced():
 def test_add_that_never_appears_is_asked_again():
     planner = make_planner(ready_timeout_s=120.0)
     cluster = Cluster(1, 1)
-    first = planner.on_tick(cluster.observe(0.0, 12.0))
+    first = planner.on_tick(cluster.observe(0.0, 6.0))
     assert first.actions == (AddWorker("prefill"),)       # not applied: it never shows up
-    later = [planner.on_tick(cluster.observe(t * INTERVAL_S, 12.0)) for t in range(1, 6)]
+    later = [planner.on_tick(cluster.observe(t * INTERVAL_S, 6.0)) for t in range(1, 6)]
     assert [d.actions for d in later[:3]] == [(), (), ()]
     assert later[3].actions == (AddWorker("prefill"),)
     assert "never appeared" in later[3].reason
@@ -152,7 +153,7 @@ def test_gpu_budget_and_maximums_bound_the_pools():
 
 def test_advisory_mode_computes_without_recording():
     planner, cluster = make_planner(mode="advisory"), Cluster(1, 1)
-    decisions = [planner.on_tick(cluster.observe(t * INTERVAL_S, 20.0)) for t in range(3)]
+    decisions = [planner.on_tick(cluster.observe(t * INTERVAL_S, 12.0)) for t in range(3)]
     assert all(d.is_advisory for d in decisions)
     assert all(len(d.actions) == 2 for d in decisions)    # the same advice each tick
 
@@ -162,3 +163,23 @@ def test_scale_down_blocked_while_the_pool_is_near_its_slo():
     decisions = run(planner, cluster, [2.0] * 12, ttft_p90_ms=450.0, itl_p90_ms=10.0)
     assert cluster.pools()[0] == 3
     assert "TTFT p90" in decisions[-1].reason
+
+
+def test_prompt_length_mixes_of_several_intervals_merge_by_request_count():
+    # 30 requests of 1k tokens, then 10 requests, half of them 64k tokens.
+    merged = merged_mix([(30.0, ((1024.0, 1.0),)), (10.0, ((1024.0, 0.5), (65536.0, 0.5)))])
+    assert merged == ((1024.0, 0.75), (1024.0, 0.125), (65536.0, 0.125))
+    assert merged_mix([]) == ()
+
+
+def test_one_window_of_long_prompts_is_averaged_with_the_ones_before():
+    planner, cluster = make_planner(predictor_window=4), Cluster(1, 1)
+    short = ((1024.0, 1.0),)
+    for tick in range(3):
+        planner.on_tick(replace(cluster.observe(tick * INTERVAL_S, 4.0, isl=1024),
+                                input_tokens_mix=short))
+    spike = replace(cluster.observe(3 * INTERVAL_S, 4.0, isl=16384),
+                    input_tokens_mix=((16384.0, 1.0),))
+    alone = make_planner().on_tick(spike)
+    averaged = planner.on_tick(spike)
+    assert averaged.num_prefill < alone.num_prefill

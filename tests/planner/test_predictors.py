@@ -9,7 +9,8 @@ import pytest
 
 from tandem.planner.config import PlannerConfig
 from tandem.planner.predictors import (ConstantPredictor, HoltWintersPredictor,
-                                       MovingAveragePredictor, make_predictor)
+                                       LinearTrendPredictor, MovingAveragePredictor,
+                                       make_predictor)
 
 DAY_S = 86400.0
 
@@ -38,6 +39,24 @@ def test_make_predictor_follows_the_config():
                       MovingAveragePredictor)
     assert isinstance(make_predictor(PlannerConfig(predictor="holt_winters")),
                       HoltWintersPredictor)
+    assert isinstance(make_predictor(PlannerConfig(predictor="linear_trend")),
+                      LinearTrendPredictor)
+
+
+def test_linear_trend_reads_its_line_at_the_horizon():
+    predictor = LinearTrendPredictor(window=3)
+    assert predictor.predict(60) == 0.0
+    predictor.observe(0, 9.0)
+    assert predictor.predict(60) == 9.0                   # one point: no slope yet
+    for t, value in [(60, 1.0), (120, 2.0), (180, math.nan), (240, 4.0)]:
+        predictor.observe(t, value)
+    # Points (60, 1), (120, 2), (240, 4): slope 1/60 per second through them exactly.
+    assert predictor.predict(180) == pytest.approx(7.0)
+    for t, value in [(300, 3.0), (360, 2.0)]:
+        predictor.observe(t, value)
+    assert predictor.predict(600) == 0.0                  # a falling line stops at zero load
+    with pytest.raises(ValueError, match="window"):
+        LinearTrendPredictor(window=1)
 
 
 def _daily_rate(t: float) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -36,16 +37,71 @@ TARGET = SizingTarget(ttft_ms=500, itl_ms=40)
 BOUNDS = {"prefill": (1, 8), "decode": (1, 8), "both": (1, 8)}
 
 
-def test_prefill_estimate_is_md1_queue_plus_service_plus_transfer():
+def test_one_prefill_worker_of_one_prompt_length_is_an_md1_queue():
     load = Load(6.0, 4096, 256)
     estimate = prefill_estimate(PERF, load, TARGET, 1)
-    service_s = PERF.prefill_s(4096)
+    # 4096 tokens in two 2048-token chunks, the second over the first as cached prefix.
+    service_s = PERF.prefill_s(2048) + PERF.prefill_s(2048, 2048)
     rho = 6.0 * service_s
+    wait_s = rho * service_s / (2 * (1 - rho))        # Erlang C is rho for one server
     transfer_s = PERF.transfer_s(4096 * 131072)
-    expected_ms = 1e3 * (rho * service_s / (2 * (1 - rho)) + service_s + transfer_s)
     assert estimate.utilization == pytest.approx(rho)
-    assert estimate.ttft_ms == pytest.approx(expected_ms)
-    assert estimate.meets_slo
+    assert estimate.ttft_ms == pytest.approx(1e3 * (wait_s + service_s + transfer_s))
+    # Mean TTFT 258 ms is well inside 500 ms, but waits are exponential past the atom at zero:
+    # rho * exp(-(0.5 - service - transfer) * rho / wait) = 9.9% of requests come in late.
+    late = rho * math.exp(-(0.5 - service_s - transfer_s) * rho / wait_s)
+    assert late == pytest.approx(0.099, abs=0.001)
+    assert not estimate.meets_slo
+    assert prefill_estimate(PERF, load, replace(TARGET, attainment=0.9), 1).meets_slo
+    assert prefill_estimate(PERF, load, TARGET, 2).meets_slo
+
+
+def test_a_spread_of_prompt_lengths_needs_more_prefill_than_its_mean():
+    """Same mean prompt (4096), same rate: a 9:1 mix of 1024 and 31744 tokens queues behind the
+    long ones, and the long ones' chunks run over ever longer prefixes."""
+    target = SizingTarget(ttft_ms=2000, itl_ms=80)    # every prompt fits in both alone
+    even = Load(10.0, 4096, 256)
+    spread = Load(10.0, 4096, 256, input_mix=((1024, 0.9), (31744, 0.1)))
+    plans = [plan_pools(PERF, load, target, "disagg", BOUNDS, 16) for load in (even, spread)]
+    assert [p.num_prefill for p in plans] == [2, 3] and all(p.meets_slo for p in plans)
+    # 0.9 * 30.6 ms + 0.1 * 1365 ms = 164 ms of prefill per request, against 116.5 ms
+    assert prefill_estimate(PERF, spread, target, 3).utilization == pytest.approx(10 * 0.16406 / 3,
+                                                                                 rel=1e-3)
+
+
+def test_prompts_too_long_for_the_ttft_bound_do_not_take_more_workers():
+    # 10% of prompts take 1.37 s to prefill alone, over a 500 ms bound: no pool size helps them.
+    target = SizingTarget(ttft_ms=500, itl_ms=80)
+    load = Load(2.0, 4096, 256, input_mix=((1024, 0.9), (31744, 0.1)))
+    estimate = prefill_estimate(PERF, load, target, 2)
+    assert estimate.unreachable_share == pytest.approx(0.1)
+    plan = plan_pools(PERF, load, target, "disagg", BOUNDS, 8)
+    # Sized for the other 90%: 3 workers keep their waits short, and the budget stays unused.
+    assert (plan.num_prefill, plan.num_decode) == (3, 1)
+    assert not plan.meets_slo and "10.0% of prompts take longer than the TTFT" in plan.note
+    assert plan_pools(PERF, load, replace(target, attainment=0.85), "disagg", BOUNDS, 8).meets_slo
+
+
+def test_a_kv_pull_longer_than_the_itl_bound_is_reported_not_sized_for():
+    """The first gap on the decode worker is the pull, two waits for a step boundary and the
+    request's own step: 42.6 ms to pull a 31744-token prompt already exceeds a 40 ms bound."""
+    load = Load(2.0, 4096, 256, input_mix=((1024, 0.9), (31744, 0.1)))
+    target = SizingTarget(ttft_ms=2000, itl_ms=40)
+    estimate = decode_estimate(PERF, load, target, 1)
+    assert estimate.unreachable_share == pytest.approx(0.1) and estimate.meets_slo
+    plan = plan_pools(PERF, load, target, "disagg", BOUNDS, 8)
+    assert plan.num_decode == 1 and "take longer than the ITL bound to hand over" in plan.note
+
+
+def test_the_handoff_gap_sizes_the_decode_pool():
+    """4k-token prompts (6.4 ms pull) at 30 req/s: one decode worker's 9.1 ms steps meet a 30 ms
+    bound, but not the pull plus three steps; two workers' 7.2 ms steps do."""
+    load = Load(30.0, 4096, 64)
+    target = SizingTarget(ttft_ms=5000, itl_ms=30)
+    one, two = (decode_estimate(PERF, load, target, n) for n in (1, 2))
+    transfer_ms = 1e3 * PERF.transfer_s(4096 * 131072)
+    assert transfer_ms + 3 * one.itl_ms > 30 > transfer_ms + 3 * two.itl_ms
+    assert one.itl_ms < 30 and not one.meets_slo and two.meets_slo
 
 
 def test_prefix_hits_make_prefill_cheaper():
@@ -65,7 +121,7 @@ def test_decode_itl_follows_littles_law():
 def test_pools_grow_with_load_and_zero_load_gives_minimum():
     sizes = [plan_pools(PERF, Load(rate, 4096, 256), TARGET, "disagg", BOUNDS, 8)
              for rate in (0.0, 6.0, 12.0, 20.0)]
-    assert [(p.num_prefill, p.num_decode) for p in sizes] == [(1, 1), (1, 1), (2, 1), (3, 2)]
+    assert [(p.num_prefill, p.num_decode) for p in sizes] == [(1, 1), (2, 1), (3, 2), (3, 3)]
     assert all(p.meets_slo and p.num_both == 0 for p in sizes)
 
 
@@ -95,7 +151,7 @@ def test_unreachable_ttft_does_not_take_every_gpu():
 def test_auto_layout_picks_fewer_gpus_and_ties_keep_the_current_layout():
     short_prompts = Load(20.0, 256, 1024)
     assert plan_pools(PERF, short_prompts, TARGET, "auto", BOUNDS, 8).layout == "agg"
-    tie = Load(6.0, 4096, 256)       # 1 prefill + 1 decode, or 2 aggregated
+    tie = Load(2.0, 4096, 256)       # 1 prefill + 1 decode, or 2 aggregated
     assert plan_pools(PERF, tie, TARGET, "auto", BOUNDS, 8, "disagg").layout == "disagg"
     assert plan_pools(PERF, tie, TARGET, "auto", BOUNDS, 8, "agg").layout == "agg"
 
@@ -106,3 +162,20 @@ def test_long_chunks_break_the_aggregated_itl():
     long = plan_pools(PERF, load, SizingTarget(500, 40, chunk_tokens=2048), "agg", BOUNDS, 8)
     assert short.meets_slo and not long.meets_slo
     assert math.isfinite(short.num_both)
+
+
+def test_bursts_that_would_spill_onto_decode_workers_need_more_prefill():
+    """Short prompts at 20 req/s keep one prefill worker 61% busy and meet a 5 s TTFT, arriving one
+    by one. In batches (variance 20x the mean per second) the wait grows tenfold and about 10
+    prompts are in flight on average: with z = 2.33 that overflows one worker's 8 places, and a
+    spilled prompt is prefilled on a decode worker, inside everyone's decode steps."""
+    target = SizingTarget(ttft_ms=5000, itl_ms=40)
+    smooth = Load(20.0, 1024, 256)
+    bursty = replace(smooth, arrival_dispersion=20.0)
+    assert prefill_estimate(PERF, smooth, target, 1).meets_slo
+    burst_one = prefill_estimate(PERF, bursty, target, 1)
+    assert burst_one.ttft_ms > 9 * prefill_estimate(PERF, smooth, target, 1).ttft_ms
+    assert not burst_one.meets_slo
+    assert plan_pools(PERF, bursty, target, "disagg", BOUNDS, 8).num_prefill == 2
+    roomy = replace(target, max_prefill_queue=48)     # 10.3 + 2.33 * sqrt(20 * 10.3) = 43.7
+    assert prefill_estimate(PERF, bursty, roomy, 1).meets_slo

@@ -115,3 +115,17 @@ def test_a_prefix_in_flight_counts_as_held_by_its_worker_until_the_request_ends(
     assert router._pending == {} and router._pending_of == {}
     third = router.route("r3", len(PROMPT), HASHES, pool, [])
     assert third.num_cached_tokens == 0  # the index never confirmed the blocks
+
+
+def test_totals_count_requests_tokens_and_length_classes():
+    router = make()
+    pool = [worker("d0")]
+    cache(router, "decode", "d0", HASHES[:2])
+    router.route("r1", len(PROMPT), HASHES, pool, [])          # 24 tokens, 8 of them cached
+    router.route("r2", 20, hash_prompt_blocks(list(range(20)), BLOCK), pool, [])
+    router.route("r3", 5, hash_prompt_blocks(list(range(300, 305)), BLOCK), pool, [])
+    totals = router.totals
+    assert (totals.num_requests, totals.num_prompt_tokens) == (3, 49)
+    assert totals.num_cached_prompt_tokens == 8
+    # 16-31 tokens are class 5, 4-7 tokens class 3.
+    assert totals.by_length_class == {5: [2, 44], 3: [1, 5]}
