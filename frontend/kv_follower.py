@@ -6,6 +6,11 @@ event, a restarted worker), it loads a snapshot of the worker's cached hashes an
 snapshot's event id; events the snapshot already covers are skipped. A worker that deregisters or
 dies is dropped from its index. The event stream has no deadline (it is idle while the cache does
 not change); the snapshot call has one.
+
+The event stream is also the frontend's standing connection to each worker: when it breaks
+(UNAVAILABLE: the worker's process exited and its socket closed, or keepalive pings went
+unanswered, worker/keepalive.py), the follower reports the worker as gone (`on_gone`), which drops
+it at once, whoever started it and however quiet it was.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import grpc
 from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.router.kv_index import KVIndex
+from tandem.router.migration import WORKER_GONE_CODES
 from tandem.router.worker_registry import WorkerState
 from tandem.contracts.wire import kv_event_from_proto
 from tandem.worker.clients import CallDeadlines
@@ -29,10 +35,12 @@ logger = logging.getLogger(__name__)
 class KVEventFollower:
     def __init__(self, indexes: dict[str, KVIndex],
                  stub_for: Callable[[WorkerState], wgrpc.WorkerStub],
-                 snapshot_timeout_s: float = CallDeadlines().snapshot_s):
+                 snapshot_timeout_s: float = CallDeadlines().snapshot_s,
+                 on_gone: Callable[[WorkerState, str], None] | None = None):
         self.indexes = indexes  # role -> index
         self.snapshot_timeout_s = snapshot_timeout_s
         self.stub_for = stub_for
+        self.on_gone = on_gone  # (worker, reason) when its connection broke
         self.tasks: dict[str, asyncio.Task] = {}
         self.roles: dict[str, str] = {}
 
@@ -78,6 +86,8 @@ class KVEventFollower:
             if err.code() != grpc.StatusCode.CANCELLED:
                 logger.warning("worker %s: KV event stream ended (%s)", worker.worker_id,
                                err.code().name)
+            if err.code().name in WORKER_GONE_CODES and self.on_gone is not None:
+                self.on_gone(worker, f"its connection broke ({err.details() or 'UNAVAILABLE'})")
         finally:
             call.cancel()
 

@@ -101,7 +101,8 @@ class Frontend:
         self.metrics = FrontendMetrics(self.workers)
         self.router = Router(routing, block_size)
         self.pipeline = Pipeline(model, tokenizer, self.workers, self.router, self.metrics)
-        self.follower = KVEventFollower(self.router.indexes, self.pipeline.stub)
+        self.follower = KVEventFollower(self.router.indexes, self.pipeline.stub,
+                                        on_gone=self.on_connection_lost)
         # Both APIs share one admission book, one set of rules and the one tokenizer thread.
         self.gate = AdmissionGate(self.pipeline, config.admission)
         self.rules = replace(default_rules(self.pipeline, tokenizer, config.limits,
@@ -199,6 +200,13 @@ class Frontend:
                 self.follower.forget(worker_id)
                 self.router.remove_worker(worker_id, worker.role)
                 self.workers.deregister(worker_id, reason)
+
+    def on_connection_lost(self, worker: WorkerState, reason: str) -> None:
+        """The worker instance's connection broke: it is dead (not one that replaced it)."""
+        current = self.workers.workers.get(worker.worker_id)
+        if current is not None and current.address == worker.address:
+            logger.warning("dropping %s worker %s: %s", worker.role, worker.worker_id, reason)
+            self.on_removed([worker.worker_id], reason)
 
     def forget_workers(self, dead_worker_ids: list[str]) -> None:
         """Drop workers whose process died and those silent past dead_after_s; mark the late

@@ -11,7 +11,8 @@ Service while only the liveness probe restarts it):
   seconds. A heartbeat makes it routable again. When every worker of a role is suspect, they are
   routed to all the same (Envoy's panic mode): a host slow for everyone must not become an outage.
 - dead: no heartbeat for `dead_after_s`, or evidence that the process is gone (the launcher saw it
-  exit, a call found its port closed, the transport's keepalive gave up on it). Dead workers are
+  exit, a call or the frontend's standing KV event stream to it broke: its port closed, or the
+  transport's keepalive gave up on it). Dead workers are
   dropped (`sweep` returns those past `dead_after_s`; `deregister` drops one), and whoever holds
   calls to workers hears of each one dropped (`on_deregistered`), so that those calls end at once
   and their requests migrate instead of waiting for their deadlines.

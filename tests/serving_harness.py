@@ -82,15 +82,27 @@ def wait_ready(server: Server, timeout_s: float = 180.0) -> None:
 def worker_pid(server: Server, worker_id: str) -> int:
     """Pid of the server's worker process with this id (a restarted worker has a new one)."""
     for pid in worker_pids(server):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
-        except FileNotFoundError:
-            continue
-        spec = environ.get(b"TANDEM_WORKER_SPEC")  # the launcher's spec of the worker
+        spec = _spec_of(pid)
         if spec is not None and json.loads(spec)["worker_id"] == worker_id:
             return pid
     raise LookupError(f"no worker process {worker_id}")
+
+
+def worker_spec(server: Server, worker_id: str) -> str:
+    """The launcher's spec of one of the server's workers (a WorkerOptions as JSON)."""
+    spec = _spec_of(worker_pid(server, worker_id))
+    if spec is None:
+        raise LookupError(f"worker process {worker_id} exited")
+    return spec.decode()
+
+
+def _spec_of(pid: int) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    except FileNotFoundError:
+        return None
+    return environ.get(b"TANDEM_WORKER_SPEC")
 
 
 def worker_pids(server: Server) -> list[int]:

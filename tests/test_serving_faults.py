@@ -10,6 +10,7 @@ import random
 import signal
 import threading
 import time
+from dataclasses import replace
 
 import grpc
 import httpx
@@ -17,7 +18,9 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.serving_harness import Server, start_server, worker_pid
+from tandem.launcher.deploy import LocalDeployment
+from tandem.worker.config import WorkerOptions
+from tests.serving_harness import Server, start_server, worker_pid, worker_spec
 
 pytest.importorskip("nixl")
 
@@ -186,6 +189,25 @@ def test_stopped_decode_worker_mid_stream_migrates_once_declared_dead(disaggrega
         os.kill(pid, signal.SIGCONT)
     wait_until(lambda: victim in workers_of(server), 20, f"{victim} registered again")
     wait_until(lambda: nothing_held(server), 10, "blocks pinned or used after SIGCONT")
+
+
+def test_a_worker_nobody_supervises_is_dropped_as_soon_as_its_process_dies(disaggregated):
+    """A worker started outside the launcher (a planner's, another launcher's) has no supervisor
+    to see it exit: its broken connection says so, well before its silence would."""
+    server = disaggregated
+    spec = replace(WorkerOptions.from_json(worker_spec(server, "decode-0")), worker_id="decode-9")
+    deployment = LocalDeployment()
+    deployment.start_worker(spec)
+    try:
+        wait_until(lambda: "decode-9" in workers_of(server), 120, "decode-9 registered")
+        os.kill(deployment.processes["decode-9"].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_until(lambda: "decode-9" not in workers_of(server), DEAD_AFTER_S, "decode-9 dropped")
+        assert time.monotonic() - killed_at < DEAD_AFTER_S / 2
+    finally:
+        deployment.stop_all(timeout_s=5)
+    assert any("dropping decode worker decode-9: its connection broke" in line
+               for line in server.lines)
 
 
 def test_stopped_prefill_worker_costs_a_bounded_wait(disaggregated):

@@ -152,7 +152,7 @@ def test_deployment_adds_and_removes_actors_while_serving(server, cluster):
     deployment.stop_worker("decode-9", timeout_s=10)
     wait_until(lambda: "decode-9" not in tandem_actors(), 10, "decode-9's actor gone")
     wait_until(lambda: len(created_groups()) == num_groups - 1, 10, "decode-9's group removed")
-    # It did not deregister: the frontend drops it when its heartbeats stop.
+    # It did not deregister: the frontend drops it when its connection breaks.
     wait_until(lambda: "decode-9" not in worker_states(server), 15, "decode-9 dropped")
     assert complete(server, PROMPTS[0])
 
