@@ -171,7 +171,8 @@ def apply_actions(args, workers: list[SimWorkerSlot], actions, now_s: float
     return workers
 
 
-def best_static(args, profile, model, requests, offsets_s, slo, config) -> tuple[int, int]:
+def best_static(args, profile, model, requests, offsets_s, slo, config,
+                routing) -> tuple[int, int]:
     """Fewest GPUs whose attainment over the peak intervals reaches the target."""
     if args.static_shape:
         num_prefill, num_decode = (int(n) for n in args.static_shape.split(","))
@@ -179,7 +180,7 @@ def best_static(args, profile, model, requests, offsets_s, slo, config) -> tuple
     peak = [i for i, o in enumerate(offsets_s)
             if abs(o - max(offsets_s) / 2) <= args.peak_window_s / 2]
     start_s = min(offsets_s[i] for i in peak)
-    sized = sized_shape(model, config, [requests[i] for i in peak],
+    sized = sized_shape(model, config, routing, [requests[i] for i in peak],
                         [offsets_s[i] for i in peak], args.peak_window_s)
     print(f"the planner's sizing of the peak: {sized[0]}P+{sized[1]}D; searching from "
           f"{sum(sized) - 1} GPUs", flush=True)
@@ -200,7 +201,7 @@ def best_static(args, profile, model, requests, offsets_s, slo, config) -> tuple
     return max(scored)[1]
 
 
-def sized_shape(model, config: PlannerConfig, window, offsets_s, window_s: float
+def sized_shape(model, config: PlannerConfig, routing, window, offsets_s, window_s: float
                 ) -> tuple[int, int]:
     """The planner's own sizing (planner.sizing) of a window's requests, no prefix hits known."""
     lengths = [len(r.prompt_token_ids) for r in window]
@@ -208,7 +209,9 @@ def sized_shape(model, config: PlannerConfig, window, offsets_s, window_s: float
                 statistics.fmean(r.output_len for r in window), 0.0, length_mix(lengths),
                 max(1.0, arrival_dispersion(offsets_s, min(offsets_s), window_s) or 1.0))
     target = SizingTarget(config.ttft_ms, config.itl_ms, config.max_utilization,
-                          attainment=config.attainment)
+                          attainment=config.attainment,
+                          max_prefill_queue=routing.max_prefill_queue,
+                          remote_prefill_min_tokens=routing.remote_prefill_min_tokens)
     bounds = {role: config.pool_bounds(role) for role in ("prefill", "decode", "both")}
     plan = plan_pools(model, load, target, "disagg", bounds, config.max_workers, "disagg")
     return plan.num_prefill, plan.num_decode
@@ -268,16 +271,17 @@ def main() -> int:
     offsets_s = warp_offsets([r.arrival_offset_s or 0.0 for r in requests], args.swing)
     started = time.perf_counter()
     config = planner_config(args, slos[0])
-    static = best_static(args, profile, model, requests, offsets_s, slos[0], config)
+    routing = sim_config_from_args(args, profile, 1, 1, args.remote_prefill_min_tokens).routing
+    static = best_static(args, profile, model, requests, offsets_s, slos[0], config, routing)
     first = windows(offsets_s, args.interval_s)[0]
     start = (args.start_prefill, args.start_decode)
     if None in start:
-        start = sized_shape(model, config, [requests[i] for i in first],
+        start = sized_shape(model, config, routing, [requests[i] for i in first],
                             [offsets_s[i] for i in first], args.interval_s)
     print(f"planner starts at {start[0]}P+{start[1]}D; static {static[0]}P+{static[1]}D",
           flush=True)
     planned = simulate_hour(args, profile, model, requests, offsets_s, slos,
-                            Planner(config, model), start)
+                            Planner(config, model, routing=routing), start)
     fixed = simulate_hour(args, profile, model, requests, offsets_s, slos, None, static)
     report(slos, planned, fixed, static)
     print(f"{planned['num_requests']} requests, {time.perf_counter() - started:.0f} s wall")

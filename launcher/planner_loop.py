@@ -105,11 +105,11 @@ class PlannerLoop:
         if config.layout == "auto":
             raise ValueError("the serving planner supports layout disagg or agg, not auto")
         self.config = config
-        # Prefill workers chunk prompts at their step budget, and the router spills prompts to
-        # decode workers past its prefill queue limit: the sizing counts both the same way.
+        # Prefill workers chunk prompts at their step budget, and the router decides which
+        # prompts reach them and when they spill to decode workers: the sizing counts the same.
         self.planner = Planner(config, perf_model,
                                prefill_chunk_tokens=specs[-1].engine.max_num_batched_tokens,
-                               max_prefill_queue=frontend.router.config.max_prefill_queue)
+                               routing=frontend.router.config)
         self.frontend = frontend
         self.deployment = deployment
         self.template = specs[-1]

@@ -58,7 +58,7 @@ class Planner:
     def __init__(self, config: PlannerConfig, perf_model: PerfModel,
                  predictor: LoadPredictor | None = None, max_batch_size: int = 256,
                  chunk_tokens: int = 512, prefill_chunk_tokens: int | None = None,
-                 max_prefill_queue: int | None = None):
+                 routing: RoutingConfig | None = None):
         self.config = config
         self._perf = perf_model
         self._rate = predictor if predictor is not None else make_predictor(config)
@@ -72,11 +72,11 @@ class Planner:
         self._mixes: deque[tuple[float, tuple[tuple[float, float], ...]]] = deque(maxlen=window)
         if prefill_chunk_tokens is None:  # what a prefill worker runs per step by default
             prefill_chunk_tokens = EngineConfig().max_num_batched_tokens
-        if max_prefill_queue is None:     # the router's default limit per prefill worker
-            max_prefill_queue = RoutingConfig().max_prefill_queue
+        routing = routing or RoutingConfig()  # which prompts reach the prefill pool, how many
         self._target = SizingTarget(config.ttft_ms, config.itl_ms, config.max_utilization,
                                     max_batch_size, chunk_tokens, prefill_chunk_tokens,
-                                    config.attainment, max_prefill_queue)
+                                    config.attainment, routing.max_prefill_queue,
+                                    routing.remote_prefill_min_tokens)
         self._bounds = {role: config.pool_bounds(role) for role in ROLES}
         self._tracker = WorkerTracker(config.ready_timeout_s)
         self._history: deque[tuple[float, dict[str, int]]] = deque()  # (time_s, down target)

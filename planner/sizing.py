@@ -8,7 +8,9 @@ Load: request rate lambda (1/s), the prompt-length mix (`input_mix`: mean prompt
 of each length class; the mean input length ISL alone when nothing finer is known), mean output
 length OSL, prefix hit rate h. A request prefills tokens * (1 - h) new tokens over tokens * h cached.
 
-Prefill pool of n workers (disaggregated): planner.prefill_queue. Each prompt is prefilled in
+Prefill pool of n workers (disaggregated): planner.prefill_queue, over the prompts the router sends
+it (uncached part at least `remote_prefill_min_tokens`; the rest are prefilled on their decode
+workers, so a workload of short prompts needs no prefill pool). Each prompt is prefilled in
 chunks of the worker's step budget; the pool is an M/G/c queue over the mix's service times, and it
 is big enough when its utilization is within `max_utilization` and waiting pushes at most
 `1 - attainment` of the requests past the TTFT bound. Prompts whose own prefill already exceeds the
@@ -55,7 +57,7 @@ nothing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from tandem.engine.config import EngineConfig
@@ -125,6 +127,10 @@ class SizingTarget:
     attainment: float = 0.99           # share of requests the TTFT and ITL bounds are sized for
     # The router's limit on prompts at one prefill worker; past it prompts spill to decode workers.
     max_prefill_queue: int = field(default_factory=lambda: RoutingConfig().max_prefill_queue)
+    # The router prefills a prompt remotely only from this many uncached tokens; shorter ones
+    # are prefilled on their decode worker and never load the prefill pool.
+    remote_prefill_min_tokens: int = field(
+        default_factory=lambda: RoutingConfig().remote_prefill_min_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +256,21 @@ def _two_uniforms_exceed(x: float) -> float:
     return 1.0 - x * x / 2 if x <= 1 else (2 - x) ** 2 / 2
 
 
+def remote_part(load: Load, target: SizingTarget) -> Load:
+    """The load the prefill pool sees: the prompts whose uncached part reaches the router's
+    remote-prefill threshold (none at all: a prefill pool can go down to its minimum)."""
+    kept = tuple((tokens, share) for tokens, share in load.mix
+                 if tokens * (1.0 - load.prefix_hit_rate) >= target.remote_prefill_min_tokens)
+    share = sum(s for _, s in kept) / sum(s for _, s in load.mix)
+    if share >= 1.0:
+        return load
+    if not kept:
+        return replace(load, request_rate_per_s=0.0)
+    mean_tokens = sum(t * s for t, s in kept) / sum(s for _, s in kept)
+    return replace(load, request_rate_per_s=load.request_rate_per_s * share,
+                   mean_input_tokens=mean_tokens, input_mix=kept)
+
+
 def smallest_pool(estimate, perf: PerfModel, load: Load, target: SizingTarget,
                   bounds: tuple[int, int]) -> PoolEstimate:
     """The smallest n in bounds whose estimate meets the SLO.
@@ -287,13 +308,15 @@ def plan_pools(perf: PerfModel, load: Load, target: SizingTarget, layout: str,
 
 def _plan_disagg(perf: PerfModel, load: Load, target: SizingTarget,
                  bounds: dict[str, tuple[int, int]], max_workers: int) -> PoolPlan:
-    prefill = smallest_pool(prefill_estimate, perf, load, target, bounds["prefill"])
+    prefill = smallest_pool(prefill_estimate, perf, remote_part(load, target), target,
+                            bounds["prefill"])
     decode = smallest_pool(decode_estimate, perf, load, target, bounds["decode"])
     unreachable = prefill.unreachable_share + decode.unreachable_share
     ok = prefill.meets_slo and decode.meets_slo and unreachable <= 1.0 - target.attainment
-    note = (f"prefill {prefill.num_workers} at {prefill.utilization:.0%} busy, "
-            f"TTFT ~{prefill.ttft_ms:.0f} ms; decode {decode.num_workers}, "
-            f"ITL ~{decode.itl_ms:.1f} ms")
+    prefill_note = (f"prefill {prefill.num_workers} at {prefill.utilization:.0%} busy, "
+                    f"TTFT ~{prefill.ttft_ms:.0f} ms" if not math.isnan(prefill.ttft_ms)
+                    else f"prefill {prefill.num_workers} (no prompt long enough to send there)")
+    note = f"{prefill_note}; decode {decode.num_workers}, ITL ~{decode.itl_ms:.1f} ms"
     if prefill.unreachable_share > 0:
         note += (f"; {prefill.unreachable_share:.1%} of prompts take longer than the TTFT bound "
                  f"to prefill alone")

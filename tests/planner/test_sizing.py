@@ -179,3 +179,18 @@ def test_bursts_that_would_spill_onto_decode_workers_need_more_prefill():
     assert plan_pools(PERF, bursty, target, "disagg", BOUNDS, 8).num_prefill == 2
     roomy = replace(target, max_prefill_queue=48)     # 10.3 + 2.33 * sqrt(20 * 10.3) = 43.7
     assert prefill_estimate(PERF, bursty, roomy, 1).meets_slo
+
+
+def test_prompts_below_the_remote_prefill_threshold_need_no_prefill_pool():
+    """The router prefills a prompt on its decode worker when fewer than
+    remote_prefill_min_tokens of it are uncached, so short prompts never reach a prefill pool:
+    with a minimum of 0 it empties, and its GPU goes to decode."""
+    bounds = {**BOUNDS, "prefill": (0, 8)}
+    short = Load(10.0, 128, 1024)
+    plan = plan_pools(PERF, short, TARGET, "disagg", bounds, 8)
+    assert plan.num_prefill == 0 and plan.num_decode >= 1 and plan.meets_slo
+    mixed = Load(10.0, 2048, 256, input_mix=((128.0, 0.5), (3968.0, 0.5)))
+    assert plan_pools(PERF, mixed, TARGET, "disagg", bounds, 8).num_prefill == \
+        plan_pools(PERF, Load(5.0, 3968, 256), TARGET, "disagg", bounds, 8).num_prefill
+    cached = Load(10.0, 4096, 256, prefix_hit_rate=0.95)     # 205 new tokens of each prompt
+    assert plan_pools(PERF, cached, TARGET, "disagg", bounds, 8).num_prefill == 0
