@@ -9,7 +9,7 @@ against device time in an offline throughput run.
 - prefill: the kernels of one prompt of 4096 tokens.
 - throughput: nano-vllm's workload (engine_bench.py) with each phase of a step timed on the host:
   scheduling, input preparation and launch, the wait for the sampled tokens, postprocessing,
-  detokenization.
+  detokenization (which LLM.generate overlaps with the next step's device work).
 """
 
 from __future__ import annotations
@@ -123,9 +123,8 @@ def profile_throughput(model: str) -> None:
     runner = engine.runner
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
     engine.scheduler.postprocess = timed("postprocess", engine.scheduler.postprocess)
-    runner.execute = timed("execute (inputs, forward, sample, read-back)", runner.execute)
-    runner.sampler.__class__.__call__ = timed("  of which sampler + read-back",
-                                              runner.sampler.__class__.__call__)
+    runner.launch = timed("launch (inputs, forward and sampling queued)", runner.launch)
+    runner.collect = timed("collect (wait for the tokens)", runner.collect)
     llm.processor.process = timed("detokenize (output processor)", llm.processor.process)
     graph_steps = [0]
     can_run = runner.graphs.can_run
