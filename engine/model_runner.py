@@ -98,14 +98,11 @@ class ModelRunner:
                                    self.block_size)
         self.graphs.capture()
 
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
-        """Run one step; a sampled token per sequence, None where the sequence does not sample."""
-        return self.collect(self.launch(batch))
-
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> PendingStep:
         """Queue one step on the device and return without waiting for it: the caller's host work
-        (detokenizing the previous step, say) overlaps the forward pass."""
+        (detokenizing the previous step, say) overlaps the forward pass. `collect` gives its
+        sampled tokens: one per sequence, None where the sequence does not sample."""
         host = host_inputs(batch, self.block_size)
         if not host.sampling_rows:
             self._forward(host)  # a prompt chunk that ends before the prompt does

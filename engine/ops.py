@@ -7,8 +7,6 @@ The choice is made inside engine/kernels/, per call.
 
 from __future__ import annotations
 
-from tandem.engine.kernels import (apply_rotary, linear, paged_attention, prepare_qkv, rms_norm,
-                                   silu_and_mul, store_kv)
+from tandem.engine.kernels import linear, paged_attention, prepare_qkv, rms_norm, silu_and_mul
 
-__all__ = ["apply_rotary", "linear", "paged_attention", "prepare_qkv", "rms_norm", "silu_and_mul",
-           "store_kv"]
+__all__ = ["linear", "paged_attention", "prepare_qkv", "rms_norm", "silu_and_mul"]

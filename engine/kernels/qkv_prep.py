@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.engine.kernels.rotary import load_rope_row, rotate_halves
+
 
 @triton.jit
 def _norm_rotate(x_ptr, num_heads, weight_ptr, eps, cos1, cos2, sin1, sin2,
@@ -42,8 +44,8 @@ def _norm_rotate(x_ptr, num_heads, weight_ptr, eps, cos1, cos2, sin1, sin2,
         w2 = tl.load(weight_ptr + HALF + dims).to(tl.float32)
         x1 = ((x1 * scale).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
         x2 = ((x2 * scale).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-    # rotate_half(x) = cat(-x2, x1), so x * cos + rotate_half(x) * sin splits into these halves.
-    return (x1 * cos1 - x2 * sin1).to(dtype), (x2 * cos2 + x1 * sin2).to(dtype)
+    out1, out2 = rotate_halves(x1, x2, cos1, cos2, sin1, sin2)
+    return out1.to(dtype), out2.to(dtype)
 
 
 @triton.jit
@@ -58,11 +60,8 @@ def _qkv_prep_kernel(
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     dims = tl.arange(0, HALF)[None, :]
-    # Both halves of the tables are read, as the reference multiplies by whole rows.
-    cos1 = tl.load(cos_ptr + position * stride_cos + dims).to(tl.float32)   # (1, HALF)
-    cos2 = tl.load(cos_ptr + position * stride_cos + HALF + dims).to(tl.float32)
-    sin1 = tl.load(sin_ptr + position * stride_sin + dims).to(tl.float32)
-    sin2 = tl.load(sin_ptr + position * stride_sin + HALF + dims).to(tl.float32)
+    cos1, cos2, sin1, sin2 = load_rope_row(cos_ptr, sin_ptr, position, stride_cos, stride_sin,
+                                           HALF)
     row = qkv_ptr + token * stride_qkv
 
     q1, q2 = _norm_rotate(row, num_heads, q_weight_ptr, eps, cos1, cos2, sin1, sin2,

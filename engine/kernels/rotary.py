@@ -18,6 +18,25 @@ import triton.language as tl
 
 
 @triton.jit
+def load_rope_row(cos_ptr, sin_ptr, position, stride_cos, stride_sin, HALF: tl.constexpr):
+    """The cos and sin rows at `position`, each as its two halves, (1, HALF) fp32. Both halves are
+    read, as the reference multiplies by whole rows, rather than assuming the table repeats itself
+    (rope_cos_sin's tables do, others need not)."""
+    dims = tl.arange(0, HALF)[None, :]
+    cos1 = tl.load(cos_ptr + position * stride_cos + dims).to(tl.float32)
+    cos2 = tl.load(cos_ptr + position * stride_cos + HALF + dims).to(tl.float32)
+    sin1 = tl.load(sin_ptr + position * stride_sin + dims).to(tl.float32)
+    sin2 = tl.load(sin_ptr + position * stride_sin + HALF + dims).to(tl.float32)
+    return cos1, cos2, sin1, sin2
+
+
+@triton.jit
+def rotate_halves(x1, x2, cos1, cos2, sin1, sin2):
+    """x * cos + rotate_half(x) * sin, as its two halves: rotate_half(x) = cat(-x2, x1)."""
+    return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
+
+
+@triton.jit
 def _rotate_heads(x_ptr, stride_head, num_heads, cos1, cos2, sin1, sin2,
                   BLOCK_H: tl.constexpr, HALF: tl.constexpr):
     heads = tl.arange(0, BLOCK_H)[:, None]
@@ -26,9 +45,7 @@ def _rotate_heads(x_ptr, stride_head, num_heads, cos1, cos2, sin1, sin2,
     first = x_ptr + heads * stride_head + dims             # (BLOCK_H, HALF) pointers
     x1 = tl.load(first, mask=mask).to(tl.float32)
     x2 = tl.load(first + HALF, mask=mask).to(tl.float32)
-    # rotate_half(x) = cat(-x2, x1), so x * cos + rotate_half(x) * sin splits into these halves.
-    out1 = x1 * cos1 - x2 * sin1
-    out2 = x2 * cos2 + x1 * sin2
+    out1, out2 = rotate_halves(x1, x2, cos1, cos2, sin1, sin2)
     dtype = x_ptr.dtype.element_ty
     tl.store(first, out1.to(dtype), mask=mask)
     tl.store(first + HALF, out2.to(dtype), mask=mask)
@@ -43,13 +60,8 @@ def _rotary_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
-    dims = tl.arange(0, HALF)[None, :]
-    # The reference multiplies by the full cos/sin rows, so both halves are read rather than
-    # assuming the table repeats itself (rope_cos_sin's tables do, others need not).
-    cos1 = tl.load(cos_ptr + position * stride_cos + dims).to(tl.float32)   # (1, HALF)
-    cos2 = tl.load(cos_ptr + position * stride_cos + HALF + dims).to(tl.float32)
-    sin1 = tl.load(sin_ptr + position * stride_sin + dims).to(tl.float32)
-    sin2 = tl.load(sin_ptr + position * stride_sin + HALF + dims).to(tl.float32)
+    cos1, cos2, sin1, sin2 = load_rope_row(cos_ptr, sin_ptr, position, stride_cos, stride_sin,
+                                           HALF)
     _rotate_heads(q_ptr + token * stride_q_token, stride_q_head, num_heads,
                   cos1, cos2, sin1, sin2, BLOCK_H, HALF)
     _rotate_heads(k_ptr + token * stride_k_token, stride_k_head, num_kv_heads,
