@@ -46,25 +46,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from tandem.contracts.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from tandem.router.kv_runs import (MIN_SPAN, Run, agreeing_length, overlap, refresh_breaks,
+                                   stretches_of, touch)
 
 logger = logging.getLogger(__name__)
 
 _OFFSET_BITS = 32
 _OFFSET_MASK = (1 << _OFFSET_BITS) - 1
-_FIRST_WINDOW = 16  # hashes compared before trusting a run's prediction with longer windows
 _MAX_NAMED_MASKS = 4096  # memoised mask -> worker ids; few distinct sets drop out together
-_MIN_SPAN = 8  # removals shorter than this go hash by hash: the span check costs more there
-
-
-@dataclass(slots=True, eq=False)
-class _Run:
-    """Hashes stored one after another, each with the bitmask of the workers holding it."""
-    run_id: int
-    hashes: list[int] = field(default_factory=list)
-    masks: list[int] = field(default_factory=list)
-    breaks: list[int] = field(default_factory=list)  # sorted p > 0 where masks[p] != masks[p-1]
-    num_live_slots: int = 0                           # positions whose mask is not 0
-    is_chain: bool = True  # each hash is the parent of the next (False once a snapshot appended)
 
 
 @dataclass(slots=True)
@@ -81,7 +70,7 @@ class KVIndex:
         self._worker_of_bit: dict[int, str] = {}
         self._workers_in_mask: dict[int, tuple[str, ...]] = {}
         self._slots: dict[int, int] = {}           # hash -> run_id << 32 | offset in that run
-        self._runs: list[_Run | None] = []         # by run id; None: free
+        self._runs: list[Run | None] = []         # by run id; None: free
         self._free_run_ids: list[int] = []
         self._all_bits = 0
 
@@ -199,13 +188,13 @@ class KVIndex:
                 break
             run, offset = self._runs[code >> _OFFSET_BITS], code & _OFFSET_MASK
             span = min(len(run.hashes) - offset, num_blocks - position)
-            matched = _agreeing_length(run, offset, block_hashes, position, span)
+            matched = agreeing_length(run, offset, block_hashes, position, span)
             alive = self._narrow(alive, run, offset, matched, position, depths)
             position += matched
         self._record(alive, position, depths)
         return depths
 
-    def _narrow(self, alive: int, run: _Run, offset: int, matched: int, position: int,
+    def _narrow(self, alive: int, run: Run, offset: int, matched: int, position: int,
                 depths: dict[str, int]) -> int:
         """AND in the masks of run[offset:offset + matched]; who drops out gets its depth."""
         masks, breaks = run.masks, run.breaks
@@ -246,18 +235,18 @@ class KVIndex:
                is_chain: bool = True) -> None:
         bit, slots, runs = worker.bit, self._slots, self._runs
         block_hashes = list(block_hashes)
-        if is_chain and len(block_hashes) >= _MIN_SPAN and block_hashes[0] in slots:
+        if is_chain and len(block_hashes) >= MIN_SPAN and block_hashes[0] in slots:
             # A prefix other workers hold already: marked in one pass where it is one stretch.
             codes = list(map(slots.get, block_hashes))
             num_known = codes.index(None) if None in codes else len(codes)
-            if num_known >= _MIN_SPAN and self._mark_span(worker, codes[:num_known]):
+            if num_known >= MIN_SPAN and self._mark_span(worker, codes[:num_known]):
                 parent_hash, block_hashes = block_hashes[num_known - 1], block_hashes[num_known:]
         code = slots.get(parent_hash) if parent_hash is not None else None
         run, offset = (runs[code >> _OFFSET_BITS], code & _OFFSET_MASK) if code is not None \
             else (None, -1)
-        touched: dict[_Run, list[int]] = {}
+        touched: dict[Run, list[int]] = {}
         # The tail check is made once, at the first new hash, and only where a tail is long.
-        may_append_rest = len(block_hashes) >= _MIN_SPAN
+        may_append_rest = len(block_hashes) >= MIN_SPAN
         for position, block_hash in enumerate(block_hashes):
             code = slots.get(block_hash)
             if code is None:  # new to the index: after its predecessor if that ends a run
@@ -286,10 +275,10 @@ class KVIndex:
                 run.num_live_slots += mask == 0
                 run.masks[offset] = mask | bit
             worker.num_blocks += 1
-            _touch(touched, run, offset)
+            touch(touched, run, offset)
         for run, (low, high) in touched.items():
             worker.run_ids.add(run.run_id)
-            _refresh_breaks(run, low, high)
+            refresh_breaks(run, low, high)
 
     def _mark_span(self, worker: _Worker, codes: list[int]) -> bool:
         """_store for hashes the index holds as one ascending stretch of one run, none of them
@@ -308,11 +297,11 @@ class KVIndex:
         run.num_live_slots += masks.count(0)
         worker.num_blocks += len(codes)
         worker.run_ids.add(run.run_id)
-        _refresh_breaks(run, low, high)
+        refresh_breaks(run, low, high)
         return True
 
-    def _append_run(self, worker: _Worker, run: _Run, new_hashes: list[int],
-                    touched: dict[_Run, list[int]]) -> None:
+    def _append_run(self, worker: _Worker, run: Run, new_hashes: list[int],
+                    touched: dict[Run, list[int]]) -> None:
         """Append hashes new to the index at the end of `run`, held by `worker` alone.
 
         A prompt's fresh tail is usually hundreds of blocks; doing it in C-level passes keeps the
@@ -326,15 +315,15 @@ class KVIndex:
         base = run.run_id << _OFFSET_BITS
         self._slots.update(zip(new_hashes, range(base | start, base | len(run.hashes))))
         worker.num_blocks += len(new_hashes)
-        _touch(touched, run, start)
+        touch(touched, run, start)
 
     def _forget(self, worker: _Worker, block_hashes: Iterable[int]) -> None:
         bit, slots, runs = worker.bit, self._slots, self._runs
         block_hashes = list(block_hashes)
-        if len(block_hashes) >= _MIN_SPAN and self._forget_span(
+        if len(block_hashes) >= MIN_SPAN and self._forget_span(
                 worker, list(map(slots.get, block_hashes))):
             return
-        touched: dict[_Run, list[int]] = {}
+        touched: dict[Run, list[int]] = {}
         for block_hash in block_hashes:
             code = slots.get(block_hash)
             if code is None:
@@ -346,7 +335,7 @@ class KVIndex:
             run.masks[offset] = mask ^ bit
             run.num_live_slots -= mask == bit
             worker.num_blocks -= 1
-            span = touched.get(run)  # _touch inlined: this loop runs once per evicted block
+            span = touched.get(run)  # kv_runs.touch inlined: this loop runs once per evicted block
             if span is None:
                 touched[run] = [offset, offset]
             elif offset < span[0]:
@@ -365,8 +354,8 @@ class KVIndex:
         if high_code - low_code + 1 == len(codes) and len(set(codes)) == len(codes):
             stretches = [(low_code, high_code)]  # one stretch, found in C-level passes
         else:
-            stretches = _stretches(codes)
-            if len(stretches) > len(codes) // _MIN_SPAN:
+            stretches = stretches_of(codes)
+            if len(stretches) > len(codes) // MIN_SPAN:
                 return False  # scattered slots: the hash-by-hash loop is cheaper
         bit = worker.bit
         spans = []
@@ -379,21 +368,21 @@ class KVIndex:
             if [mask & bit for mask in masks].count(0):
                 return False
             spans.append((run, low, high, masks))
-        if len({(id(run), low) for run, low, _, _ in spans}) != len(spans) or _overlap(spans):
+        if len({(id(run), low) for run, low, _, _ in spans}) != len(spans) or overlap(spans):
             return False
-        touched: dict[_Run, list[int]] = {}
+        touched: dict[Run, list[int]] = {}
         for run, low, high, masks in spans:
             run.masks[low:high + 1] = [mask ^ bit for mask in masks]
             run.num_live_slots -= masks.count(bit)
-            _touch(touched, run, low)
-            _touch(touched, run, high)
+            touch(touched, run, low)
+            touch(touched, run, high)
         worker.num_blocks -= len(codes)
         self._settle(touched)
         return True
 
     def _forget_all(self, worker: _Worker) -> None:
         bit = worker.bit
-        touched: dict[_Run, list[int]] = {}
+        touched: dict[Run, list[int]] = {}
         for run_id in worker.run_ids:
             run = self._runs[run_id]
             masks = run.masks if run is not None else []
@@ -407,7 +396,7 @@ class KVIndex:
         worker.num_blocks = 0
         self._settle(touched)
 
-    def _settle(self, touched: dict[_Run, list[int]]) -> None:
+    def _settle(self, touched: dict[Run, list[int]]) -> None:
         """After bits were cleared: drop dead runs, trim dead tails, recompute breaks."""
         for run, (low, high) in touched.items():
             if run.num_live_slots == 0:
@@ -423,43 +412,16 @@ class KVIndex:
             deque(map(self._slots.__delitem__, run.hashes[end:]), maxlen=0)
             del run.hashes[end:], run.masks[end:]
             del run.breaks[bisect_left(run.breaks, len(run.masks)):]
-            _refresh_breaks(run, low, high)
+            refresh_breaks(run, low, high)
 
-    def _new_run(self) -> _Run:
+    def _new_run(self) -> Run:
         if self._free_run_ids:
-            run = _Run(self._free_run_ids.pop())
+            run = Run(self._free_run_ids.pop())
             self._runs[run.run_id] = run
         else:
-            run = _Run(len(self._runs))
+            run = Run(len(self._runs))
             self._runs.append(run)
         return run
-
-
-def _agreeing_length(run: _Run, offset: int, block_hashes: list[int], position: int,
-                     span: int) -> int:
-    """How many of run.hashes[offset:] and block_hashes[position:] agree before the first
-    difference, looking at most `span` far; the first pair is known to agree."""
-    hashes = run.hashes
-    if run.is_chain:  # agreeing at k means agreeing before k: bisect on single hashes
-        return bisect_left(range(span), True,
-                           key=lambda k: hashes[offset + k] != block_hashes[position + k])
-    # Windows grow fourfold while they agree, then bisection on "this whole window agrees" finds
-    # the first difference: about twice the agreeing length in C list compares.
-    low, window = 1, _FIRST_WINDOW
-    while low < span:
-        high = min(low + window, span)
-        if hashes[offset + low:offset + high] != block_hashes[position + low:position + high]:
-            break
-        low, window = high, window * 4
-    else:
-        return span
-    while high - low > 1:  # everything before `low` agrees; something in [low, high) differs
-        middle = (low + high) // 2
-        if hashes[offset + low:offset + middle] == block_hashes[position + low:position + middle]:
-            low = middle
-        else:
-            high = middle
-    return low
 
 
 def _chains(block_hashes: Iterable[int], parent_hashes: Iterable[int | None]
@@ -474,56 +436,3 @@ def _chains(block_hashes: Iterable[int], parent_hashes: Iterable[int | None]
             chains.append((parent, [block_hash]))
         previous = block_hash
     return chains
-
-
-def _stretches(codes: list[int]) -> list[tuple[int, int]]:
-    """(lowest, highest) of each maximal stretch of codes that step by -1 (an LRU eviction
-    order: each prompt tail first) or by +1; a lone code is a stretch of one."""
-    stretches = []
-    start = 0
-    step = 0
-    for i in range(1, len(codes)):
-        difference = codes[i] - codes[i - 1]
-        if step == 0 and difference in (1, -1):
-            step = difference
-        elif difference != step or step == 0:
-            stretches.append((min(codes[start], codes[i - 1]), max(codes[start], codes[i - 1])))
-            start, step = i, 0
-    stretches.append((min(codes[start], codes[-1]), max(codes[start], codes[-1])))
-    return stretches
-
-
-def _overlap(spans: list[tuple[_Run, int, int, list[int]]]) -> bool:
-    """Whether two stretches share a slot (the same hash twice in one event)."""
-    by_run: dict[int, list[tuple[int, int]]] = {}
-    for run, low, high, _ in spans:
-        by_run.setdefault(id(run), []).append((low, high))
-    for ranges in by_run.values():
-        ranges.sort()
-        if any(b_low <= a_high for (_, a_high), (b_low, _) in zip(ranges, ranges[1:])):
-            return True
-    return False
-
-
-def _touch(touched: dict[_Run, list[int]], run: _Run, offset: int) -> None:
-    span = touched.get(run)
-    if span is None:
-        touched[run] = [offset, offset]
-    elif offset < span[0]:
-        span[0] = offset
-    elif offset > span[1]:
-        span[1] = offset
-
-
-def _refresh_breaks(run: _Run, low: int, high: int) -> None:
-    """Recompute the breaks that masks[low:high + 1] can affect: positions low .. high + 1."""
-    masks, breaks = run.masks, run.breaks
-    first, last = max(low, 1), min(high + 1, len(masks) - 1)
-    if last - first > _MIN_SPAN and masks[low:high + 1].count(masks[low]) == high + 1 - low:
-        # One mask over low..high (a stretch stored or forgotten by one worker): breaks can only
-        # be at its two ends, found without a pass over the stretch.
-        ends = (low, high + 1)
-        changes = [p for p in ends if first <= p <= last and masks[p] != masks[p - 1]]
-    else:
-        changes = [p for p in range(first, last + 1) if masks[p] != masks[p - 1]]
-    breaks[bisect_left(breaks, first):bisect_right(breaks, last)] = changes

@@ -1,0 +1,105 @@
+"""The runs of the KV index (router/kv_index.py): hashes stored one after another, each with the
+bitmask of the workers holding it, and the pure helpers that compare, split and mend them.
+
+A run is a list the index walks and edits by position; these functions see only a run's lists,
+so they are kept here, apart from the index's bookkeeping of workers, events and slots.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass, field
+
+FIRST_WINDOW = 16  # hashes compared before trusting a run's prediction with longer windows
+MIN_SPAN = 8  # removals shorter than this go hash by hash: the span check costs more there
+
+
+@dataclass(slots=True, eq=False)
+class Run:
+    """Hashes stored one after another, each with the bitmask of the workers holding it."""
+    run_id: int
+    hashes: list[int] = field(default_factory=list)
+    masks: list[int] = field(default_factory=list)
+    breaks: list[int] = field(default_factory=list)  # sorted p > 0 where masks[p] != masks[p-1]
+    num_live_slots: int = 0                           # positions whose mask is not 0
+    is_chain: bool = True  # each hash is the parent of the next (False once a snapshot appended)
+
+
+def agreeing_length(run: Run, offset: int, block_hashes: list[int], position: int,
+                     span: int) -> int:
+    """How many of run.hashes[offset:] and block_hashes[position:] agree before the first
+    difference, looking at most `span` far; the first pair is known to agree."""
+    hashes = run.hashes
+    if run.is_chain:  # agreeing at k means agreeing before k: bisect on single hashes
+        return bisect_left(range(span), True,
+                           key=lambda k: hashes[offset + k] != block_hashes[position + k])
+    # Windows grow fourfold while they agree, then bisection on "this whole window agrees" finds
+    # the first difference: about twice the agreeing length in C list compares.
+    low, window = 1, FIRST_WINDOW
+    while low < span:
+        high = min(low + window, span)
+        if hashes[offset + low:offset + high] != block_hashes[position + low:position + high]:
+            break
+        low, window = high, window * 4
+    else:
+        return span
+    while high - low > 1:  # everything before `low` agrees; something in [low, high) differs
+        middle = (low + high) // 2
+        if hashes[offset + low:offset + middle] == block_hashes[position + low:position + middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def stretches_of(codes: list[int]) -> list[tuple[int, int]]:
+    """(lowest, highest) of each maximal stretch of codes that step by -1 (an LRU eviction
+    order: each prompt tail first) or by +1; a lone code is a stretch of one."""
+    stretches = []
+    start = 0
+    step = 0
+    for i in range(1, len(codes)):
+        difference = codes[i] - codes[i - 1]
+        if step == 0 and difference in (1, -1):
+            step = difference
+        elif difference != step or step == 0:
+            stretches.append((min(codes[start], codes[i - 1]), max(codes[start], codes[i - 1])))
+            start, step = i, 0
+    stretches.append((min(codes[start], codes[-1]), max(codes[start], codes[-1])))
+    return stretches
+
+
+def overlap(spans: list[tuple[Run, int, int, list[int]]]) -> bool:
+    """Whether two stretches share a slot (the same hash twice in one event)."""
+    by_run: dict[int, list[tuple[int, int]]] = {}
+    for run, low, high, _ in spans:
+        by_run.setdefault(id(run), []).append((low, high))
+    for ranges in by_run.values():
+        ranges.sort()
+        if any(b_low <= a_high for (_, a_high), (b_low, _) in zip(ranges, ranges[1:])):
+            return True
+    return False
+
+
+def touch(touched: dict[Run, list[int]], run: Run, offset: int) -> None:
+    span = touched.get(run)
+    if span is None:
+        touched[run] = [offset, offset]
+    elif offset < span[0]:
+        span[0] = offset
+    elif offset > span[1]:
+        span[1] = offset
+
+
+def refresh_breaks(run: Run, low: int, high: int) -> None:
+    """Recompute the breaks that masks[low:high + 1] can affect: positions low .. high + 1."""
+    masks, breaks = run.masks, run.breaks
+    first, last = max(low, 1), min(high + 1, len(masks) - 1)
+    if last - first > MIN_SPAN and masks[low:high + 1].count(masks[low]) == high + 1 - low:
+        # One mask over low..high (a stretch stored or forgotten by one worker): breaks can only
+        # be at its two ends, found without a pass over the stretch.
+        ends = (low, high + 1)
+        changes = [p for p in ends if first <= p <= last and masks[p] != masks[p - 1]]
+    else:
+        changes = [p for p in range(first, last + 1) if masks[p] != masks[p - 1]]
+    breaks[bisect_left(breaks, first):bisect_right(breaks, last)] = changes
