@@ -216,16 +216,20 @@ class SimWorker:
                         ) -> list[float]:
         batch_size = len(batch.seqs)
         context = sum(seq.num_tokens for seq in batch.seqs)  # of the first step
+        # Every sequence samples at every step of a stretch: step_duration_s's serving costs.
+        overhead_s = self.step_overhead_s + self.token_overhead_s * batch_size
         decode_steps_s = getattr(self.model, "decode_steps_s", None)
         if decode_steps_s is not None:  # one pass over the stretch; adding in step order
-            return list(accumulate(decode_steps_s(batch_size, context + batch_size,
-                                                  num_steps - 1), initial=first_end_s))
+            steps_s = decode_steps_s(batch_size, context + batch_size, num_steps - 1)
+            if overhead_s:
+                steps_s = [step_s + overhead_s for step_s in steps_s]
+            return list(accumulate(steps_s, initial=first_end_s))
         decode_s = self.model.decode_s
         ends = [first_end_s]
         end_s = first_end_s
         for _ in range(num_steps - 1):
             context += batch_size
-            end_s += decode_s(batch_size, context)
+            end_s += decode_s(batch_size, context) + overhead_s
             ends.append(end_s)
         return ends
 
