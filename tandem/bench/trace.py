@@ -24,9 +24,7 @@ from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
 
-import numpy as np
-
-from tandem.bench.datasets import random_token_ids
+from tandem.bench.block_draws import BlockTokens
 from tandem.bench.records import BenchRequest
 
 MOONCAKE_BLOCK_SIZE = 512  # tokens per hash id in the Mooncake traces
@@ -96,12 +94,16 @@ def trace_requests(rows: Iterable[TraceRow], config: TraceConfig, seed: int) -> 
 def _build_requests(rows: list[TraceRow], config: TraceConfig, seed: int) -> list[BenchRequest]:
     first_ms = rows[0].timestamp_ms
     length_scale = config.tokens_per_block / config.trace_block_size
-    blocks = _BlockTokens(seed, config.tokens_per_block, config.vocab_size)
-    requests = []
+    blocks = BlockTokens(seed, config.tokens_per_block, config.vocab_size)
+    shapes = []
     for row in rows:
         input_len = min(math.ceil(row.input_length * length_scale),
                         len(row.hash_ids) * config.tokens_per_block)
-        num_blocks = -(-input_len // config.tokens_per_block)
+        shapes.append((input_len, -(-input_len // config.tokens_per_block)))
+    blocks.prepare(chain.from_iterable(row.hash_ids[:num_blocks]
+                                       for row, (_, num_blocks) in zip(rows, shapes)))
+    requests = []
+    for row, (input_len, num_blocks) in zip(rows, shapes):
         # One C-level pass over the blocks' tokens: traces hold prompts of 100k tokens.
         prompt = tuple(islice(chain.from_iterable(map(blocks.tokens, row.hash_ids[:num_blocks])),
                               input_len))
@@ -114,24 +116,6 @@ def _build_requests(rows: list[TraceRow], config: TraceConfig, seed: int) -> lis
 
 def load_trace_dataset(config: TraceConfig, seed: int) -> list[BenchRequest]:
     return trace_requests(load_trace_rows(config.path, config.num_requests), config, seed)
-
-
-class _BlockTokens:
-    """Token ids for each hash id, drawn once from a generator seeded by (seed, id)."""
-
-    def __init__(self, seed: int, tokens_per_block: int, vocab_size: int) -> None:
-        self._seed = seed
-        self._tokens_per_block = tokens_per_block
-        self._vocab_size = vocab_size
-        self._cache: dict[int, tuple[int, ...]] = {}
-
-    def tokens(self, hash_id: int) -> tuple[int, ...]:
-        cached = self._cache.get(hash_id)
-        if cached is None:
-            rng = np.random.default_rng([self._seed, 3, hash_id])
-            cached = random_token_ids(rng, self._tokens_per_block, self._vocab_size)
-            self._cache[hash_id] = cached
-        return cached
 
 
 def _parse_row(line: str, where: str) -> TraceRow:
