@@ -40,12 +40,12 @@ from collections.abc import Callable, Sequence as Seq
 from contextlib import contextmanager
 
 from tandem.bench.records import BenchRequest
-from tandem.contracts.block_hash import hash_prompt_blocks
 from tandem.contracts.sampling_params import SamplingParams
 from tandem.contracts.worker_stats import Registration
 from tandem.engine.sequence import Sequence
 from tandem.planner.sim_clients import ClientBook
 from tandem.planner.sim_config import SimConfig
+from tandem.planner.sim_prompt_hashes import PromptHasher
 from tandem.planner.sim_records import SimRequest, SimResult
 from tandem.planner.sim_worker import SimWorker
 from tandem.router.routing import Router
@@ -80,6 +80,7 @@ class Simulator:
         self.model = model
         self.on_step = on_step  # test hook: sees every scheduled batch
         self.router = Router(config.routing, config.block_size)
+        self.prompt_hasher = PromptHasher(config.block_size)
         self.registry = WorkerRegistry(MODEL_NAME, config.block_size)
         self.workers: dict[str, SimWorker] = {}
         roles = ["prefill"] * config.num_prefill + ["decode"] * config.num_decode
@@ -199,7 +200,7 @@ class Simulator:
             self._fail(request, f"the prompt has {len(prompt)} tokens; the context is "
                                 f"{self.config.max_model_len}")
             return
-        request.block_hashes = hash_prompt_blocks(prompt, self.config.block_size)
+        request.block_hashes = self.prompt_hasher.hashes(prompt)
         decision = self.router.route(request.request_id, len(prompt), request.block_hashes,
                                      self.pools["decode"], self.pools["prefill"])
         request.decode_worker = self.workers[decision.decode_worker]
