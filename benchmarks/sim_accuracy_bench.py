@@ -4,6 +4,9 @@
     python benchmarks/sim_accuracy_bench.py real --out-dir runs/ [--model random:llama-3.1-8b]
     # anywhere (no GPU): `tandem simulate` on the same cases, and the error table
     python benchmarks/sim_accuracy_bench.py sim --out-dir runs/ --profile PROFILE.json
+    # the serving overhead (per step, per sequence) of one real run with one decode worker
+    python benchmarks/sim_accuracy_bench.py overheads --out-dir runs/ --profile PROFILE.json \
+        --fit-run real-1p1d-isl4096-osl256-6rps.json
 
 Cases: two layouts on two GPUs (1 prefill + 1 decode; 2 aggregated workers) at three loads (light,
 near the knee, past it), for ISL 4096 / OSL 256 (Poisson, fresh prompts) and the conversation trace
@@ -126,6 +129,49 @@ def run_sim(out_dir: Path, profile: str, layouts: list[str], trace: Path, plan: 
     return rows
 
 
+STEP_GAP_S = 3e-3        # tokens of one step reach the client within this of the first
+MIN_DECODE_STEP_S = 4e-3  # below any decode step on the profiled GPU: a step read as two
+MAX_DECODE_STEP_S = 30e-3  # above: a prefill chunk rode in the step (a local prefill)
+
+
+def decode_steps(real: dict) -> list[tuple[float, int, int]]:
+    """(duration_s, batch size, context tokens) of each decode step of a run's only decode worker.
+
+    The first token comes from the prefill worker; every later token was sampled by the decode
+    worker, and all tokens of one step reach the client within STEP_GAP_S. A step's duration is
+    the time from the previous step's tokens to its own.
+    """
+    tokens = []
+    for record in real["per_request"]:
+        if record["error"] is not None or record["ttft_ms"] is None:
+            continue
+        time_s = record["start_s"] + record["ttft_ms"] / 1e3
+        for num_output, gap_ms in enumerate(record["itl_ms"], start=1):
+            time_s += gap_ms / 1e3
+            tokens.append((time_s, record["prompt_tokens"] + num_output))
+    tokens.sort()
+    steps: list[list] = []  # [first token time, batch size, context tokens]
+    for time_s, context in tokens:
+        if steps and time_s - steps[-1][0] < STEP_GAP_S:
+            steps[-1][1] += 1
+            steps[-1][2] += context
+        else:
+            steps.append([time_s, 1, context])
+    return [(step[0] - before[0], step[1], step[2]) for before, step in zip(steps, steps[1:])
+            if MIN_DECODE_STEP_S < step[0] - before[0] < MAX_DECODE_STEP_S]
+
+
+def fit_overheads(run_path: Path, profile: str) -> tuple[float, float]:
+    """tandem simulate's --step-overhead-ms and --token-overhead-us, from one real run."""
+    from tandem.planner.perf_model import PerfModel, fit_serving_overhead
+
+    steps = decode_steps(json.loads(run_path.read_text()))
+    per_step_s, per_seq_s = fit_serving_overhead(PerfModel.load(profile), steps)
+    print(f"{run_path.name}: {len(steps)} decode steps; serving adds {per_step_s * 1e3:.2f} ms "
+          f"a step and {per_seq_s * 1e6:.0f} us a sequence to the profile's decode step")
+    return per_step_s * 1e3, per_seq_s * 1e6
+
+
 def compare(layout: str, case: str, real: dict, sim: dict, sim_s: float) -> dict:
     def error(path: tuple[str, ...]) -> tuple[float | None, float | None, float | None]:
         a, b = real, sim
@@ -189,13 +235,15 @@ def _floats(text: str) -> tuple[float, ...]:
 def main() -> int:
     global MAX_MODEL_LEN, ISL, OSL  # one run, one setting: the real and the simulated side share it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("real", "sim"))
+    parser.add_argument("phase", choices=("real", "sim", "overheads"))
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--model", default="random:llama-3.1-8b")
     parser.add_argument("--device", default="cuda", help="real: cuda (one GPU per worker) or cpu")
     parser.add_argument("--profile", help="sim: the profile of the real run's model and GPU")
     parser.add_argument("--layouts", default="1p1d,2agg")
     parser.add_argument("--trace", type=Path, default=TRACE)
+    parser.add_argument("--fit-run", default="real-1p1d-isl4096-osl256-6rps.json",
+                        help="overheads: the real run (in --out-dir, one decode worker) to fit")
     parser.add_argument("--step-overhead-ms", default="0",
                         help="sim: serving work per engine step (tandem simulate's flag)")
     parser.add_argument("--token-overhead-us", default="0",
@@ -220,7 +268,11 @@ def main() -> int:
         run_real(args.out_dir, args.model, args.device, layouts, args.trace, plan)
         return 0
     if not args.profile:
-        parser.error("sim needs --profile")
+        parser.error(f"{args.phase} needs --profile")
+    if args.phase == "overheads":
+        step_ms, token_us = fit_overheads(args.out_dir / args.fit_run, args.profile)
+        print(f"--step-overhead-ms {step_ms:.2f} --token-overhead-us {token_us:.0f}")
+        return 0
     overheads = ("--step-overhead-ms", args.step_overhead_ms,
                  "--token-overhead-us", args.token_overhead_us)
     rows = run_sim(args.out_dir, args.profile, layouts, args.trace, plan, overheads)

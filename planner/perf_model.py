@@ -241,6 +241,32 @@ class PerfModel:
         return self._transfer(num_bytes)
 
 
+def fit_serving_overhead(model: PerfModel, steps: Iterable[tuple[float, int, int]]
+                         ) -> tuple[float, float]:
+    """(seconds per step, seconds per sequence) that serving adds to the model's decode step.
+
+    `steps` are pure decode steps observed on a serving worker: (duration_s, batch_size,
+    num_context_tokens). The profile times `LLMEngine.step()` alone; a serving worker adds its
+    loop and one gRPC message per sequence per step, so the excess over `decode_s` is fitted as a
+    line in the batch size (`tandem simulate --step-overhead-ms --token-overhead-us`). The median
+    excess of each batch size is fitted, weighted by its count, so that a few steps mis-read from
+    token timestamps do not pull the line.
+    """
+    excess: dict[int, list[float]] = {}
+    for duration_s, batch_size, context in steps:
+        if batch_size > 0:
+            excess.setdefault(batch_size, []).append(duration_s
+                                                     - model.decode_s(batch_size, context))
+    if len(excess) < 2:
+        raise ValueError("need decode steps of at least two batch sizes to fit an overhead")
+    sizes = sorted(excess)
+    weights = np.sqrt([len(excess[b]) for b in sizes])
+    medians = [float(np.median(excess[b])) for b in sizes]
+    x = np.column_stack([np.ones(len(sizes)), sizes]) * weights[:, None]
+    (per_step_s, per_seq_s), *_ = np.linalg.lstsq(x, np.array(medians) * weights, rcond=None)
+    return max(float(per_step_s), 0.0), max(float(per_seq_s), 0.0)
+
+
 def _mixed_features(p: dict) -> list[float]:
     n, c = p["num_prefill_tokens"], p["num_prefill_cached_tokens"]
     b, k = p["num_decode_seqs"], p["num_decode_context_tokens"]

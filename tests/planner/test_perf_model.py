@@ -9,7 +9,7 @@ import timeit
 
 import pytest
 
-from tandem.planner.perf_model import PerfModel, holdout_error
+from tandem.planner.perf_model import PerfModel, fit_serving_overhead, holdout_error
 
 # Known formulas, in seconds, shaped like a real device: a flat weight-read floor for short
 # prefills, attention work growing with cached context, decode linear in batch and KV read.
@@ -118,6 +118,19 @@ def test_few_mixed_points_fall_back_to_prefill_plus_decode_context():
     expected = (model.prefill_s(300 + 20, 0) + model.decode_s(20, 20 * 2000)
                 - model.decode_s(20, 20))
     assert model.step_s(300, 0, 20, 20 * 2000) == pytest.approx(expected)
+
+
+def test_serving_overhead_is_recovered_from_observed_decode_steps(model: PerfModel):
+    # Steps a serving worker would show: the model's decode step plus 0.4 ms a step and 70 us a
+    # sequence, and a few steps mis-read from token timestamps (split or merged) among them.
+    steps = [(decode_true(b, c) + 4e-4 + 7e-5 * b, b, c)
+             for b in (1, 2, 4, 8, 16, 24, 32) for c in (b * 1000, b * 4000, b * 4200)]
+    steps += [(1e-3, 8, 8000), (0.2, 16, 64000)]
+    per_step_s, per_seq_s = fit_serving_overhead(model, steps)
+    assert per_step_s == pytest.approx(4e-4, abs=2e-5)
+    assert per_seq_s == pytest.approx(7e-5, rel=0.02)
+    with pytest.raises(ValueError, match="two batch sizes"):
+        fit_serving_overhead(model, [(0.01, 8, 8000)])
 
 
 def test_no_transfer_points_says_so():
