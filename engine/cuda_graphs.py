@@ -42,13 +42,15 @@ class DecodeGraphs:
         max_blocks = -(-max_seq_len // block_size)
         self.sizes = bucket_sizes(max_batch)
         # Staging: input ids, positions, slots and lengths side by side, max_batch each, so that
-        # one copy moves them; the graphs read views of it.
-        self.staged_pinned = torch.zeros(4 * max_batch, dtype=torch.int64, pin_memory=True)
-        self.staged_host = self.staged_pinned.numpy()
+        # one copy moves them; the graphs read views of it. Two pinned buffers, used in turn: a
+        # step launched ahead fills one while the previous step's copy may still read the other.
+        self.staged_pinned = [torch.zeros(4 * max_batch, dtype=torch.int64, pin_memory=True)
+                              for _ in range(2)]
         self.staged = torch.zeros(4 * max_batch, dtype=torch.int64, device=device)
         self.staged[2 * max_batch:3 * max_batch] = -1
-        self.tables_pinned = torch.zeros(max_batch, max_blocks, dtype=torch.int32, pin_memory=True)
-        self.tables_host = self.tables_pinned.numpy()
+        self.tables_pinned = [torch.zeros(max_batch, max_blocks, dtype=torch.int32,
+                                          pin_memory=True) for _ in range(2)]
+        self.turn = 0
         self.input_ids = self.staged[0:max_batch]
         self.positions = self.staged[max_batch:2 * max_batch]
         self.slot_mapping = self.staged[2 * max_batch:3 * max_batch]
@@ -96,30 +98,36 @@ class DecodeGraphs:
         return (host.is_decode_only and len(host.seq_lens) <= self.max_batch
                 and max(host.seq_lens) <= self.max_seq_len)
 
-    def run(self, host: HostInputs) -> torch.Tensor:
+    def run(self, host: HostInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (num_seqs, vocab) of a decode-only batch.
 
         The step's vectors go to the GPU as one copy from pinned memory, and its block table as
-        another; padding rows get slot -1 and length 0.
+        another; padding rows get slot -1 and length 0. `input_ids`, a device tensor, replaces
+        host.input_ids (a step launched ahead reads the previous step's sampled tokens there).
         """
         n = len(host.seq_lens)
         batch = next(b for b in self.sizes if b >= n)
         m = self.max_batch
-        staged = self.staged_host
-        staged[0:n] = host.input_ids
+        self.turn ^= 1
+        staged_pinned, tables_pinned = self.staged_pinned[self.turn], self.tables_pinned[self.turn]
+        staged = staged_pinned.numpy()
+        if input_ids is None:
+            staged[0:n] = host.input_ids
         staged[m:m + n] = host.positions
         staged[2 * m:2 * m + n] = host.slots
         staged[2 * m + n:2 * m + batch] = -1
         staged[3 * m:3 * m + n] = host.seq_lens
         staged[3 * m + n:3 * m + batch] = 0
-        self.staged.copy_(self.staged_pinned, non_blocking=True)
+        self.staged.copy_(staged_pinned, non_blocking=True)
+        if input_ids is not None:
+            self.input_ids[:n].copy_(input_ids)
         # Entries past a row's own blocks keep whatever they held: the kernel reads only the
         # blocks that seq_len covers.
-        tables = self.tables_host
+        tables = tables_pinned.numpy()
         width = 0
         for row, table in enumerate(host.block_tables):
             tables[row, :len(table)] = table
             width = max(width, len(table))
-        self.block_tables[:n, :width].copy_(self.tables_pinned[:n, :width], non_blocking=True)
+        self.block_tables[:n, :width].copy_(tables_pinned[:n, :width], non_blocking=True)
         self.graphs[batch].replay()
         return self.logits[batch][:n]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import ROLES, EngineConfig
 from tandem.engine.loader import build_model
+from tandem.engine.lookahead import plan_ahead
 from tandem.engine.model_info import describe_model
 from tandem.engine.model_runner import ModelRunner, PendingStep, bytes_per_block
 from tandem.contracts.sampling_params import SamplingParams
@@ -288,6 +290,33 @@ class LLMEngine:
 
     def step(self) -> list[SequenceUpdate]:
         return self.finish_step(self.begin_step())
+
+    def steps(self) -> Iterator[list[SequenceUpdate]]:
+        """Step until nothing is scheduled, yielding each step's updates, with the next step
+        already queued on the device while the caller handles them. When every running sequence
+        decodes and nothing waits, that next step is queued before this one's tokens are even read
+        (engine/lookahead.py), so no host work sits between two steps on the device.
+
+        The caller may finish requests between yields (a stop string, say): a step in flight that
+        includes one computes a token for it that is dropped. Offline use only: a finished
+        request's blocks go back to the pool while that step may still write one of them, which
+        only the device's own later steps may then overwrite (no KV transfer into them).
+        """
+        step = self.begin_step()
+        while step is not None:
+            ahead = self._begin_ahead(step)
+            updates = self.finish_step(step)
+            step = ahead if ahead is not None else self.begin_step()
+            yield updates
+
+    def _begin_ahead(self, step: InFlightStep) -> InFlightStep | None:
+        if step.pending.tokens is None:
+            return None
+        plan = plan_ahead(self.scheduler, step.batch, self.runner.can_launch_ahead)
+        if plan is None:
+            return None
+        return InFlightStep(plan.batch, self.runner.launch_ahead(plan.batch, plan.rows,
+                                                                 step.pending))
 
     def begin_step(self) -> InFlightStep | None:
         """Schedule a step and queue it on the device, without waiting for it; None when there

@@ -15,7 +15,7 @@ import torch
 
 from tandem.engine.attention import AttentionMetadata
 from tandem.engine.cuda_graphs import DecodeGraphs
-from tandem.engine.step_inputs import HostInputs, ModelInputs, host_inputs
+from tandem.engine.step_inputs import HostInputs, ModelInputs, ahead_inputs, host_inputs
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.models.decoder import DecoderModel
 from tandem.engine.logits_processors import TokenHistory
@@ -117,6 +117,38 @@ class ModelRunner:
         tokens = self.sampler.launch(logits, [s.params for s in seqs],
                                      [s.generator for s in seqs], _histories(seqs), mask)
         return PendingStep(len(batch.seqs), host.sampling_rows, tokens)
+
+    @torch.inference_mode()
+    def launch_ahead(self, batch: ScheduledBatch, rows: list[int], previous: PendingStep
+                     ) -> PendingStep:
+        """Queue a decode step behind `previous`, still in flight, whose sampled tokens are this
+        step's inputs: sequence k reads the token of row rows[k] there (engine/lookahead.py).
+        Each sequence computes the position one past its last recorded token."""
+        host = ahead_inputs(batch, self.block_size)
+        input_ids = previous.tokens.token_ids  # one per sampling row of `previous`
+        if rows != previous.sampling_rows:
+            position = {row: k for k, row in enumerate(previous.sampling_rows)}
+            index = [position[row] for row in rows]
+            # Pinned: a copy from pageable memory would wait for the step in flight.
+            index_host = torch.tensor(index, pin_memory=input_ids.is_cuda)
+            input_ids = input_ids[index_host.to(input_ids.device, non_blocking=True)]
+        if self.graphs is not None and self.graphs.can_run(host):
+            logits = self.graphs.run(host, input_ids)
+        else:
+            inputs = self.to_device(host)
+            hidden = self.model(input_ids, inputs.positions, inputs.meta, self.kv_cache)
+            logits = self.model.compute_logits(hidden)
+        tokens = self.sampler.launch(logits, [s.params for s in batch.seqs],
+                                     [s.generator for s in batch.seqs])
+        return PendingStep(len(batch.seqs), host.sampling_rows, tokens)
+
+    def can_launch_ahead(self, num_seqs: int, max_seq_len: int) -> bool:
+        """Whether a decode step of this shape can be launched ahead: on a CUDA device, only as a
+        captured graph (an eager step's launches would cost what the overlap saves)."""
+        if self.device.type != "cuda":
+            return True
+        return (self.graphs is not None and num_seqs <= self.graphs.max_batch
+                and max_seq_len <= self.graphs.max_seq_len)
 
     def collect(self, pending: PendingStep) -> StepOutput:
         """Wait for a launched step's sampled tokens."""

@@ -130,6 +130,8 @@ class Scheduler:
         """Record one step's results; returns the sequences that got a token this step."""
         advanced = []
         for i, seq in enumerate(batch.seqs):
+            if seq.is_finished:  # ended while its step was in flight: its token is dropped
+                continue
             seq.num_computed_tokens += batch.num_new_tokens[i]
             token_id = sampled[i]
             if token_id is not None:

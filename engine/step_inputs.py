@@ -74,3 +74,20 @@ def _decode_inputs(batch: ScheduledBatch, block_size: int) -> HostInputs:
         sampling_rows=[i for i, seq in enumerate(seqs) if seq.num_computed_tokens + 1
                        == seq.num_tokens],
         max_query_len=1)
+
+
+def ahead_inputs(batch: ScheduledBatch, block_size: int) -> HostInputs:
+    """A decode step launched ahead (engine/lookahead.py): each sequence computes the position one
+    past its last recorded token; its input token is still on the device (input_ids here: zeros)."""
+    seqs = batch.seqs
+    positions = [seq.num_tokens for seq in seqs]
+    return HostInputs(
+        input_ids=[0] * len(seqs),
+        positions=positions,
+        slots=[seq.block_table[p // block_size] * block_size + p % block_size
+               for seq, p in zip(seqs, positions)],
+        query_start_loc=list(range(len(seqs) + 1)),
+        seq_lens=[p + 1 for p in positions],
+        block_tables=[seq.block_table for seq in seqs],
+        sampling_rows=list(range(len(seqs))),
+        max_query_len=1)

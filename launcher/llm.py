@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from tandem.engine.config import EngineConfig
-from tandem.engine.llm_engine import LLMEngine, SequenceUpdate
+from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.output_processor import OutputProcessor
 from tandem.contracts.outputs import RequestOutput
 from tandem.contracts.sampling_params import SamplingParams
@@ -48,20 +48,21 @@ class LLM:
         order = [self._add(prompt, params) for prompt, params in zip(prompts, sampling_params)]
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(order), disable=not use_tqdm, desc="generating") as bar:
-            updates: list[SequenceUpdate] = []
-            while self.engine.has_unfinished_requests() or updates:
-                # The previous step's tokens are detokenized while the device runs this one. A
-                # stop string found there ends its request after this step, whose extra token
-                # the output processor drops.
-                step = self.engine.begin_step()
+            # Each step's tokens are detokenized while the device runs the next one. A stop
+            # string found there ends its request at once; its token in the step in flight is
+            # dropped.
+            for updates in self.engine.steps():
                 outputs, stopped = self.processor.process(updates)
-                updates = self.engine.finish_step(step)
                 for request_id in stopped:
                     self.engine.finish_request(request_id, FinishReason.STOP)
                 for output in outputs:
                     if output.finished:
                         finished[output.request_id] = output
                         bar.update(1)
+        missing = [request_id for request_id in order if request_id not in finished]
+        if missing:
+            raise RuntimeError(f"{len(missing)} requests were left unfinished, with nothing "
+                               "left to schedule")
         return [finished[request_id] for request_id in order]
 
     def _add(self, prompt: Prompt, params: SamplingParams) -> str:

@@ -60,3 +60,16 @@ def test_seeded_sampling_on_gpu_is_reproducible(model_dir):
     first = llm.generate(PROMPTS, params)
     again = llm.generate(PROMPTS[::-1], params)[::-1]
     assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in again]
+
+
+def test_steps_ahead_with_graphs_equal_one_step_at_a_time(model_dir):
+    from tests.engine.test_lookahead import PROMPTS as IDS, count_ahead, one_at_a_time
+
+    llm = LLM(model=model_dir, device="cuda", block_size=16, num_kv_blocks=64)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (5, 40, 19)]
+    expected = one_at_a_time(llm, IDS, params)
+    calls = count_ahead(llm)
+    got = [o.outputs[0].token_ids for o in llm.generate(IDS, params)]
+    assert got == expected and calls[0] > 0
+    manager = llm.engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks

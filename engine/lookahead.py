@@ -1,0 +1,64 @@
+"""One decode step ahead: the next step is queued on the device before this one's tokens are read.
+
+A decode step's host work (scheduling, building inputs, launching the graph, reading the sampled
+tokens back, recording them) otherwise leaves the device idle between steps. When every running
+sequence is decoding and nothing waits, the next step is already known but for its input tokens,
+which are this step's sampled tokens, still on the device: it is planned from the sequences as they
+will be once this step's tokens are recorded (one position further on), with its inputs read from
+the device tensor of this step's tokens. A sequence that this step ends still has a row in the step
+ahead; its token there is dropped (the scheduler skips finished sequences when recording).
+
+Blocks for the position ahead are reserved here, never by preempting: when the free blocks do not
+cover them, there is no step ahead and the next step is scheduled as usual.
+
+Pure: decides on the scheduler's sequences and reserves blocks; the model runner launches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tandem.engine.scheduler import ScheduledBatch, Scheduler
+
+
+@dataclass(slots=True)
+class AheadPlan:
+    batch: ScheduledBatch  # every running sequence, one token each, at the position after this step's
+    rows: list[int]        # each sequence's row in the step in flight, whose token is its input
+
+
+def plan_ahead(scheduler: Scheduler, in_flight: ScheduledBatch,
+               fits: Callable[[int, int], bool]) -> AheadPlan | None:
+    """The step after `in_flight` (queued, its tokens not yet recorded), or None when it cannot be
+    known now. `fits(num_seqs, max_seq_len)` says whether the runner can launch such a step ahead.
+    Reserves the step's blocks when it returns a plan."""
+    running = scheduler.running
+    if scheduler.waiting or not running:
+        return None
+    row_of = {id(seq): i for i, seq in enumerate(in_flight.seqs)}
+    rows = []
+    num_needed = 0
+    longest = 0
+    for seq in running:
+        i = row_of.get(id(seq))
+        # Each must decode one token in the step in flight (so it samples there), and nothing may
+        # need its tokens on the host before sampling (a grammar, penalties, min_tokens).
+        if (i is None or in_flight.num_new_tokens[i] != 1
+                or seq.num_computed_tokens + 1 != seq.num_tokens
+                or seq.grammar is not None or seq.params.changes_logits):
+            return None
+        rows.append(i)
+        # After this step it holds num_tokens + 1 tokens, the last of which the step ahead computes.
+        num_needed += max(0, seq.num_blocks_for(seq.num_tokens + 1) - len(seq.block_table))
+        longest = max(longest, seq.num_tokens + 1)
+    if not fits(len(running), longest):
+        return None
+    manager = scheduler.block_manager
+    if num_needed and not manager.can_allocate(num_needed):
+        return None
+    for seq in running:
+        missing = seq.num_blocks_for(seq.num_tokens + 1) - len(seq.block_table)
+        if missing > 0:
+            seq.block_table.extend(manager.allocate(missing))
+    return AheadPlan(ScheduledBatch(list(running), [1] * len(running)), rows)

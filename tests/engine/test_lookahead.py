@@ -1,0 +1,153 @@
+"""Decode steps queued one step ahead give exactly the tokens of steps run one at a time."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem import LLM, SamplingParams
+from tandem.engine.block_manager import BlockManager
+from tandem.engine.lookahead import plan_ahead
+from tandem.engine.scheduler import Scheduler, SchedulerLimits
+from tandem.engine.sequence import FinishReason, Sequence
+
+
+def one_at_a_time(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]
+                  ) -> list[list[int]]:
+    """Each step scheduled only after the previous one's tokens are recorded (no step ahead)."""
+    engine = llm.engine
+    ids = [f"ref-{i}" for i in range(len(prompts))]
+    for request_id, prompt, p in zip(ids, prompts, params):
+        engine.add_request(request_id, prompt, p)
+    out: dict[str, list[int]] = {request_id: [] for request_id in ids}
+    while engine.has_unfinished_requests():
+        for update in engine.step():
+            out[update.request_id].extend(update.new_token_ids)
+    return [out[request_id] for request_id in ids]
+
+
+def count_ahead(llm: LLM) -> list[int]:
+    calls = [0]
+    launch = llm.engine.runner.launch_ahead
+
+    def counted(*args):
+        calls[0] += 1
+        return launch(*args)
+
+    llm.engine.runner.launch_ahead = counted
+    return calls
+
+
+PROMPTS = [[5, 9, 14, 3, 27], [8, 1, 1, 2, 40, 41, 42, 9, 9, 11, 12], [30, 31]]
+
+
+@pytest.mark.parametrize("num_kv_blocks", [256, 12])  # 12: blocks run short, steps fall back
+def test_generate_with_steps_ahead_equals_one_step_at_a_time(num_kv_blocks):
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 17, 9)]
+    llm = LLM(model="random:tiny", block_size=4, num_kv_blocks=num_kv_blocks)
+    expected = one_at_a_time(llm, PROMPTS, params)
+    calls = count_ahead(llm)
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    assert got == expected
+    assert [len(t) for t in got] == [3, 17, 9]
+    assert calls[0] > 0
+    manager = llm.engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks  # nothing leaked, ahead blocks included
+
+
+def test_seeded_sampling_and_eos_ahead_equal_one_step_at_a_time():
+    params = [SamplingParams(temperature=1.0, top_k=20, seed=s, max_tokens=24) for s in (1, 2, 3)]
+    llm = LLM(model="random:tiny", block_size=4, num_kv_blocks=256)
+    expected = one_at_a_time(llm, PROMPTS, params)
+    calls = count_ahead(llm)
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    assert got == expected and calls[0] > 0
+
+
+def test_stop_string_ends_a_request_while_its_next_step_is_in_flight():
+    llm = LLM(model="random:tiny", block_size=4, num_kv_blocks=256)
+    free_run = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=20,
+                                                       ignore_eos=True))[0].outputs[0]
+    stop = free_run.text[len(free_run.text) // 2:len(free_run.text) // 2 + 2]
+    assert stop
+    calls = count_ahead(llm)
+    outputs = llm.generate([PROMPTS[1], PROMPTS[0]],
+                           [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                           stop=[stop]),
+                            SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)])
+    stopped = outputs[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop
+    assert free_run.text.startswith(stopped.text) and stop not in stopped.text
+    assert len(outputs[1].outputs[0].token_ids) == 30 and calls[0] > 0
+    manager = llm.engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks
+
+
+# ---- the plan alone, on the pure scheduler ---------------------------------------------------
+
+def decoding(scheduler: Scheduler, num_tokens: int, name: str,
+             params: SamplingParams | None = None) -> Sequence:
+    params = params or SamplingParams(temperature=0, max_tokens=100)
+    seq = Sequence(name, list(range(1, num_tokens + 1)), params, block_size=4)
+    scheduler.add(seq)
+    return seq
+
+
+def run_prompts(scheduler: Scheduler):
+    batch = scheduler.schedule()
+    scheduler.postprocess(batch, [7] * len(batch.seqs))  # every prompt done, one token each
+    return scheduler.schedule()                           # the decode step now "in flight"
+
+
+def new_scheduler(num_blocks: int = 32) -> Scheduler:
+    return Scheduler(SchedulerLimits(8, 64, 64), BlockManager(num_blocks, 4, True), {0})
+
+
+def test_plan_reserves_the_block_the_position_ahead_needs():
+    scheduler = new_scheduler()
+    a = decoding(scheduler, 7, "a")   # 8 tokens with its first; the step ahead writes position 8
+    b = decoding(scheduler, 2, "b")   # 3 tokens; the step ahead writes position 3
+    in_flight = run_prompts(scheduler)
+    assert [len(s.block_table) for s in (a, b)] == [2, 1]
+    plan = plan_ahead(scheduler, in_flight, lambda n, longest: True)
+    assert plan is not None and plan.rows == [0, 1]
+    assert plan.batch.seqs == [a, b] and plan.batch.num_new_tokens == [1, 1]
+    assert [len(s.block_table) for s in (a, b)] == [3, 1]  # a's position 8 opens a third block
+
+
+def test_no_plan_while_anything_waits_prefills_or_needs_host_tokens():
+    scheduler = new_scheduler()
+    decoding(scheduler, 6, "a")
+    in_flight = run_prompts(scheduler)
+    decoding(scheduler, 3, "late")  # waits: the next step must admit it
+    assert plan_ahead(scheduler, in_flight, lambda n, longest: True) is None
+
+    scheduler = new_scheduler()
+    decoding(scheduler, 6, "a", SamplingParams(temperature=0, max_tokens=9,
+                                               repetition_penalty=1.2))
+    in_flight = run_prompts(scheduler)
+    assert plan_ahead(scheduler, in_flight, lambda n, longest: True) is None
+
+    scheduler = new_scheduler()
+    decoding(scheduler, 6, "a")
+    in_flight = run_prompts(scheduler)
+    assert plan_ahead(scheduler, in_flight, lambda n, longest: False) is None  # runner refuses
+
+
+def test_no_plan_when_the_blocks_ahead_are_not_free():
+    scheduler = new_scheduler(num_blocks=2)
+    a = decoding(scheduler, 7, "a")  # 2 blocks hold its 8 tokens; position 8 needs a third
+    in_flight = run_prompts(scheduler)
+    assert plan_ahead(scheduler, in_flight, lambda n, longest: True) is None
+    assert len(a.block_table) == 2
+
+
+def test_a_sequence_ended_in_flight_is_skipped_and_the_rest_keep_their_rows():
+    scheduler = new_scheduler()
+    a = decoding(scheduler, 5, "a")
+    b = decoding(scheduler, 5, "b")
+    in_flight = run_prompts(scheduler)
+    scheduler.finish(a, FinishReason.STOP)  # a stop string, found while the step runs
+    plan = plan_ahead(scheduler, in_flight, lambda n, longest: True)
+    assert plan is not None and plan.batch.seqs == [b] and plan.rows == [1]
+    advanced = scheduler.postprocess(in_flight, [11, 12])
+    assert advanced == [b] and a.num_tokens == 6 and b.token_ids[-1] == 12
