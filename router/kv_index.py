@@ -46,8 +46,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from tandem.contracts.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-from tandem.router.kv_runs import (MIN_SPAN, Run, agreeing_length, overlap, refresh_breaks,
-                                   stretches_of, touch)
+from tandem.router.kv_runs import (MIN_SPAN, Run, agreeing_length, agreeing_stretch, overlap,
+                                   refresh_breaks, touch)
 
 logger = logging.getLogger(__name__)
 
@@ -320,8 +320,7 @@ class KVIndex:
     def _forget(self, worker: _Worker, block_hashes: Iterable[int]) -> None:
         bit, slots, runs = worker.bit, self._slots, self._runs
         block_hashes = list(block_hashes)
-        if len(block_hashes) >= MIN_SPAN and self._forget_span(
-                worker, list(map(slots.get, block_hashes))):
+        if len(block_hashes) >= MIN_SPAN and self._forget_span(worker, block_hashes):
             return
         touched: dict[Run, list[int]] = {}
         for block_hash in block_hashes:
@@ -344,26 +343,16 @@ class KVIndex:
                 span[1] = offset
         self._settle(touched)
 
-    def _forget_span(self, worker: _Worker, codes: list[int | None]) -> bool:
+    def _forget_span(self, worker: _Worker, block_hashes: list[int]) -> bool:
         """_forget for the usual eviction: a few contiguous stretches of runs, every slot held by
         the worker (LRU frees a prefix's tail first, so one allocation evicts the tails of a few
         prompts in turn). False, changing nothing, otherwise."""
-        if not codes or None in codes:
+        stretches = self._stretches(block_hashes)
+        if stretches is None:
             return False
-        low_code, high_code = min(codes), max(codes)
-        if high_code - low_code + 1 == len(codes) and len(set(codes)) == len(codes):
-            stretches = [(low_code, high_code)]  # one stretch, found in C-level passes
-        else:
-            stretches = stretches_of(codes)
-            if len(stretches) > len(codes) // MIN_SPAN:
-                return False  # scattered slots: the hash-by-hash loop is cheaper
         bit = worker.bit
         spans = []
-        for low_code, high_code in stretches:
-            if low_code >> _OFFSET_BITS != high_code >> _OFFSET_BITS:
-                return False
-            run = self._runs[low_code >> _OFFSET_BITS]
-            low, high = low_code & _OFFSET_MASK, high_code & _OFFSET_MASK
+        for run, low, high in stretches:
             masks = run.masks[low:high + 1]
             if [mask & bit for mask in masks].count(0):
                 return False
@@ -376,9 +365,36 @@ class KVIndex:
             run.num_live_slots -= masks.count(bit)
             touch(touched, run, low)
             touch(touched, run, high)
-        worker.num_blocks -= len(codes)
+        worker.num_blocks -= len(block_hashes)
         self._settle(touched)
         return True
+
+    def _stretches(self, block_hashes: list[int]) -> list[tuple[Run, int, int]] | None:
+        """(run, lowest, highest offset) of each maximal stretch of the hashes that a run holds at
+        offsets stepping by -1 (an LRU eviction: a prompt's tail, last block first) or +1, in
+        order; None when a hash is not in the index or the stretches are many (scattered slots).
+        One dict lookup a stretch: the rest of it is compared with the run's own list in C."""
+        slots, runs = self._slots, self._runs
+        num_hashes = len(block_hashes)
+        max_stretches = num_hashes // MIN_SPAN
+        stretches = []
+        position = 0
+        while position < num_hashes:
+            code = slots.get(block_hashes[position])
+            if code is None or len(stretches) == max_stretches:
+                return None
+            run, offset = runs[code >> _OFFSET_BITS], code & _OFFSET_MASK
+            left = num_hashes - position
+            length = agreeing_stretch(run.hashes, offset, -1, block_hashes, position,
+                                      min(left, offset + 1))
+            if length > 1:
+                stretches.append((run, offset - length + 1, offset))
+            else:
+                length = agreeing_stretch(run.hashes, offset, 1, block_hashes, position,
+                                          min(left, len(run.hashes) - offset))
+                stretches.append((run, offset, offset + length - 1))
+            position += length
+        return stretches
 
     def _forget_all(self, worker: _Worker) -> None:
         bit = worker.bit

@@ -52,21 +52,33 @@ def agreeing_length(run: Run, offset: int, block_hashes: list[int], position: in
     return low
 
 
-def stretches_of(codes: list[int]) -> list[tuple[int, int]]:
-    """(lowest, highest) of each maximal stretch of codes that step by -1 (an LRU eviction
-    order: each prompt tail first) or by +1; a lone code is a stretch of one."""
-    stretches = []
-    start = 0
-    step = 0
-    for i in range(1, len(codes)):
-        difference = codes[i] - codes[i - 1]
-        if step == 0 and difference in (1, -1):
-            step = difference
-        elif difference != step or step == 0:
-            stretches.append((min(codes[start], codes[i - 1]), max(codes[start], codes[i - 1])))
-            start, step = i, 0
-    stretches.append((min(codes[start], codes[-1]), max(codes[start], codes[-1])))
-    return stretches
+def agreeing_stretch(hashes: list[int], offset: int, step: int, block_hashes: list[int],
+                     position: int, span: int) -> int:
+    """How many of block_hashes[position:] equal hashes[offset], hashes[offset + step], ... in
+    turn (step 1 or -1), looking at most `span` far; the first pair is known to agree. Windows
+    grow fourfold while they agree, then bisection finds the first difference, all in C list
+    compares."""
+    def agrees(low: int, high: int) -> bool:
+        if step == 1:
+            return hashes[offset + low:offset + high] == block_hashes[position + low:position + high]
+        return (hashes[offset - high + 1:offset - low + 1][::-1]
+                == block_hashes[position + low:position + high])
+
+    low, window = 1, FIRST_WINDOW
+    while low < span:
+        high = min(low + window, span)
+        if not agrees(low, high):
+            break
+        low, window = high, window * 4
+    else:
+        return span
+    while high - low > 1:  # everything before `low` agrees; something in [low, high) differs
+        middle = (low + high) // 2
+        if agrees(low, middle):
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 def overlap(spans: list[tuple[Run, int, int, list[int]]]) -> bool:

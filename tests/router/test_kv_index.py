@@ -304,7 +304,7 @@ def test_bulk_paths_leave_the_same_index_as_block_by_block(monkeypatch):
     loops build, slot for slot."""
     def build(bulk: bool) -> tuple:
         if not bulk:
-            monkeypatch.setattr(KVIndex, "_forget_span", lambda self, worker, codes: False)
+            monkeypatch.setattr(KVIndex, "_forget_span", lambda self, worker, block_hashes: False)
             monkeypatch.setattr(KVIndex, "_mark_span", lambda self, worker, codes: False)
         rng = random.Random(5)
         documents = [[rng.randrange(50_000) for _ in range(rng.randrange(8, 60))]
@@ -335,7 +335,7 @@ def test_bulk_paths_leave_the_same_index_as_block_by_block(monkeypatch):
     spans, marks = [], []
     original, original_mark = KVIndex._forget_span, KVIndex._mark_span
     monkeypatch.setattr(KVIndex, "_forget_span",
-                        lambda self, worker, codes: spans.append(original(self, worker, codes))
+                        lambda self, worker, hashes: spans.append(original(self, worker, hashes))
                         or spans[-1])
     monkeypatch.setattr(KVIndex, "_mark_span",
                         lambda self, worker, codes: marks.append(original_mark(self, worker, codes))
@@ -359,8 +359,8 @@ def test_one_eviction_of_several_prompt_tails_takes_the_span_path(monkeypatch):
         index.apply("w1", BlockStored(0, None, tuple(first[:20])))
         calls = []
         original = KVIndex._forget_span
-        monkeypatch.setattr(KVIndex, "_forget_span", lambda self, worker, codes: calls.append(
-            bulk and original(self, worker, codes)) or calls[-1])
+        monkeypatch.setattr(KVIndex, "_forget_span", lambda self, worker, hashes: calls.append(
+            bulk and original(self, worker, hashes)) or calls[-1])
         assert index.apply("w0", BlockRemoved(2, evicted))
         runs = [(r.hashes, r.masks, r.breaks, r.num_live_slots) if r else None
                 for r in index._runs]
@@ -372,3 +372,29 @@ def test_one_eviction_of_several_prompt_tails_takes_the_span_path(monkeypatch):
     assert bulk_calls == [True] and loop_calls == [False]
     assert bulk == loop
     assert bulk[3] == {"w0": 18, "w1": 20} and bulk[4] == {"w0": 5}
+
+
+@pytest.mark.parametrize("order", ["descending", "ascending", "mixed", "scattered", "repeated"])
+def test_stretches_found_by_one_lookup_each_match_the_hash_by_hash_loop(monkeypatch, order):
+    rng = random.Random(13)
+    first, second = ([rng.getrandbits(64) for _ in range(40)] for _ in range(2))
+    evicted = {"descending": first[:5:-1] + second[:9:-1],
+               "ascending": first[10:] + second[3:30],
+               "mixed": first[20:] + second[:10:-1] + [first[2]],
+               "scattered": first[::3] + second[::2],
+               "repeated": first[30:] + first[35:]}[order]
+
+    def build(bulk: bool) -> tuple:
+        index = index_with("w0", "w1")
+        index.apply("w0", BlockStored(0, None, tuple(first)))
+        index.apply("w0", BlockStored(1, None, tuple(second)))
+        index.apply("w1", BlockStored(0, None, tuple(first[:25])))
+        if not bulk:
+            monkeypatch.setattr(KVIndex, "_forget_span", lambda self, worker, hashes: False)
+        assert index.apply("w0", BlockRemoved(2, tuple(evicted)))
+        runs = [(r.hashes, r.masks, r.breaks, r.num_live_slots) if r else None
+                for r in index._runs]
+        return (index._slots, runs, index._free_run_ids, index.num_blocks("w0"),
+                index.overlaps(first), index.overlaps(second))
+
+    assert build(bulk=True) == build(bulk=False)
