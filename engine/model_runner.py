@@ -103,6 +103,10 @@ class ModelRunner:
         """Queue one step on the device and return without waiting for it: the caller's host work
         (detokenizing the previous step, say) overlaps the forward pass. `collect` gives its
         sampled tokens: one per sequence, None where the sequence does not sample."""
+        order = decode_rows_first(batch)  # rows of `batch` in the order they run
+        if order is not None:
+            batch = ScheduledBatch([batch.seqs[i] for i in order],
+                                   [batch.num_new_tokens[i] for i in order])
         host = host_inputs(batch, self.block_size)
         if not host.sampling_rows:
             self._forward(host)  # a prompt chunk that ends before the prompt does
@@ -116,7 +120,8 @@ class ModelRunner:
         mask = token_mask([s.grammar for s in seqs], self.config.vocab_size)
         tokens = self.sampler.launch(logits, [s.params for s in seqs],
                                      [s.generator for s in seqs], _histories(seqs), mask)
-        return PendingStep(len(batch.seqs), host.sampling_rows, tokens)
+        rows = host.sampling_rows if order is None else [order[i] for i in host.sampling_rows]
+        return PendingStep(len(batch.seqs), rows, tokens)
 
     @torch.inference_mode()
     def launch_ahead(self, batch: ScheduledBatch, rows: list[int], previous: PendingStep
@@ -183,10 +188,39 @@ class ModelRunner:
             query_start_loc_cpu=host.query_start_loc,
             seq_lens_cpu=host.seq_lens,
         )
+        meta.num_decode_seqs, meta.rest = _mixed_split(host, meta)
         sample_indices = tensor([host.query_start_loc[i + 1] - 1 for i in host.sampling_rows],
                                 torch.int64)
         return ModelInputs(tensor(host.input_ids, torch.int64),
                            tensor(host.positions, torch.int64), meta, sample_indices)
+
+
+def decode_rows_first(batch: ScheduledBatch) -> list[int] | None:
+    """For a mixed step (one-token rows beside longer ones) whose one-token rows are not already
+    first: the batch's rows with those first, each group in its own order. None otherwise."""
+    single = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
+    if not single or len(single) == len(batch.seqs) or single[-1] == len(single) - 1:
+        return None
+    return single + [i for i, n in enumerate(batch.num_new_tokens) if n != 1]
+
+
+def _mixed_split(host: HostInputs, meta: AttentionMetadata
+                 ) -> tuple[int, AttentionMetadata | None]:
+    """(number of leading one-token sequences, metadata of the others) of a mixed step; (0, None)
+    for any other step."""
+    qsl = host.query_start_loc
+    num_seqs = len(host.seq_lens)
+    d = 0
+    while d < num_seqs and qsl[d + 1] - qsl[d] == 1:
+        d += 1
+    if d == 0 or d == num_seqs:
+        return 0, None
+    rest = AttentionMetadata(
+        query_start_loc=meta.query_start_loc[d:] - d, seq_lens=meta.seq_lens[d:],
+        block_tables=meta.block_tables[d:], slot_mapping=meta.slot_mapping[d:],
+        max_query_len=meta.max_query_len, max_seq_len=max(host.seq_lens[d:]),
+        query_start_loc_cpu=[x - d for x in qsl[d:]], seq_lens_cpu=host.seq_lens[d:])
+    return d, rest
 
 
 def _padded(block_tables: list[list[int]]) -> list[list[int]]:

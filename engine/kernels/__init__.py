@@ -55,18 +55,27 @@ def paged_attention(query: torch.Tensor, kv_layer: torch.Tensor, meta: Attention
 
     Decode-only batches take the split-KV decode kernel (num_splits: see
     decode_attention.choose_num_splits; fix it when capturing a CUDA graph), others the prefill
-    kernel. Writes into `out` when given.
+    kernel, but for the leading one-token sequences of a mixed step whose metadata has `rest`,
+    which take the decode kernel. Writes into `out` when given.
     """
     if not is_triton_usable(query):
         result = paged_attention_reference(query, kv_layer, meta, scale)
         return result if out is None else out.copy_(result)
     if out is None:
         out = torch.empty_like(query)
+    from tandem.engine.kernels.decode_attention import decode_attention
+    from tandem.engine.kernels.prefill_attention import prefill_attention
     if meta.is_decode_only:
-        from tandem.engine.kernels.decode_attention import decode_attention
         return decode_attention(query, kv_layer, meta.block_tables, meta.seq_lens, scale, out,
                                 meta.max_seq_len, num_splits=num_splits or meta.num_splits)
-    from tandem.engine.kernels.prefill_attention import prefill_attention
+    if meta.rest is not None:
+        # A mixed step: its leading one-token rows by the decode kernel (the prefill kernel would
+        # give each a whole query tile and read its context once per query head).
+        d = meta.num_decode_seqs
+        decode_attention(query[:d], kv_layer, meta.block_tables[:d], meta.seq_lens[:d], scale,
+                         out[:d], max(meta.seq_lens_cpu[:d]))
+        prefill_attention(query[d:], kv_layer, meta.rest, scale, out[d:])
+        return out
     return prefill_attention(query, kv_layer, meta, scale, out)
 
 

@@ -57,3 +57,42 @@ def test_cuda_tensors_take_the_kernels(query_lens):
     got = kernels.paged_attention(batch.query, batch.kv_layer, batch.meta, 0.1)
     ref = paged_attention_reference(batch.query, batch.kv_layer, batch.meta, 0.1)
     assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+def mixed_metadata(batch) -> None:
+    """Give a paged batch whose one-token sequences come first the runner's mixed-step split."""
+    from tandem.engine.model_runner import _mixed_split
+    from tandem.engine.step_inputs import HostInputs
+
+    meta = batch.meta
+    host = HostInputs([], [], [], meta.query_start_loc_cpu, meta.seq_lens_cpu, [], [],
+                      meta.max_query_len)
+    meta.num_decode_seqs, meta.rest = _mixed_split(host, meta)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("query_lens", [[1, 1, 30, 200], [1, 2, 1, 1]])
+def test_a_mixed_step_sends_its_leading_decodes_to_the_decode_kernel(query_lens):
+    batch = make_paged_batch([500, 40, 3000, 700], query_lens, 32, 8, 128)
+    mixed_metadata(batch)
+    assert batch.meta.num_decode_seqs == (2 if query_lens[1] == 1 else 1)
+    got = kernels.paged_attention(batch.query, batch.kv_layer, batch.meta, 0.1)
+    ref = paged_attention_reference(batch.query, batch.kv_layer, batch.meta, 0.1)
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    for row in range(batch.query.shape[0]):  # every row, decode and prompt alike
+        err = (got[row].float() - ref[row].float()).norm() / ref[row].float().norm()
+        assert err.item() < 2e-2, row
+
+
+def test_decode_rows_go_first_in_a_mixed_step():
+    from tandem.engine.model_runner import decode_rows_first
+    from tandem.engine.scheduler import ScheduledBatch
+
+    def order(num_new):
+        return decode_rows_first(ScheduledBatch([object()] * len(num_new), num_new))
+
+    assert order([5, 1, 7, 1]) == [1, 3, 0, 2]
+    assert order([1, 1, 7]) is None      # already first
+    assert order([1, 1]) is None         # decode only
+    assert order([9, 4]) is None         # no decode rows
