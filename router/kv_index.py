@@ -42,12 +42,12 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tandem.contracts.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-from tandem.router.kv_runs import (MIN_SPAN, Run, agreeing_length, agreeing_stretch, overlap,
-                                   refresh_breaks, touch)
+from tandem.router.kv_runs import (MIN_SPAN, Run, agreeing_length, agreeing_stretch, chains_of,
+                                   overlap, refresh_breaks, touch)
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ class KVIndex:
                          worker_id, event.event_id, worker.next_event_id)
             return False
         if isinstance(event, BlockStored):
-            self._store(worker, event.parent_hash, event.block_hashes)
+            if not self._store_fresh(worker, event.parent_hash, event.block_hashes):
+                self._store(worker, event.parent_hash, event.block_hashes)
         elif isinstance(event, BlockRemoved):
             self._forget(worker, event.block_hashes)
         elif isinstance(event, AllBlocksCleared):
@@ -150,7 +151,7 @@ class KVIndex:
         if parent_hashes is None:
             self._store(worker, None, block_hashes, is_chain=False)
         else:
-            for parent, chain in _chains(block_hashes, parent_hashes):
+            for parent, chain in chains_of(block_hashes, parent_hashes):
                 self._store(worker, parent, chain)
         worker.next_event_id = last_event_id + 1
 
@@ -279,6 +280,54 @@ class KVIndex:
         for run, (low, high) in touched.items():
             worker.run_ids.add(run.run_id)
             refresh_breaks(run, low, high)
+
+    def _store_fresh(self, worker: _Worker, parent_hash: int | None,
+                     block_hashes: Sequence[int]) -> bool:
+        """_store for a chain none of whose hashes the index holds: a prompt's fresh blocks or an
+        output block, most events. False, changing nothing, when its first hash is held.
+
+        The hashes go in with one dict update, whose growth proves them all new and distinct (a
+        later hash of a chain held while its first is not happens where a worker keeps a block
+        but not its parent: never in the whole conversation trace); otherwise the update is undone
+        from the runs, which hold every slot's hash, and _store takes the event.
+        """
+        slots = self._slots
+        num_new = len(block_hashes)
+        if not num_new or block_hashes[0] in slots:
+            return False
+        code = slots.get(parent_hash) if parent_hash is not None else None
+        run = self._runs[code >> _OFFSET_BITS] if code is not None else None
+        if run is not None and code & _OFFSET_MASK == len(run.hashes) - 1:
+            run_id, start = run.run_id, len(run.hashes)
+        else:  # a new run, taking the id _new_run would
+            run = None
+            run_id, start = (self._free_run_ids[-1] if self._free_run_ids else len(self._runs)), 0
+        low_code = run_id << _OFFSET_BITS | start
+        num_slots = len(slots)
+        slots.update(zip(block_hashes, range(low_code, low_code + num_new)))
+        if len(slots) - num_slots != num_new:
+            self._undo_update(block_hashes)
+            return False
+        if run is None:
+            run = self._new_run()
+        bit = worker.bit
+        run.hashes.extend(block_hashes)
+        run.masks.extend([bit] * num_new)
+        run.num_live_slots += num_new
+        worker.num_blocks += num_new
+        worker.run_ids.add(run_id)
+        refresh_breaks(run, start, start)  # one mask over the new slots: a break only at start
+        return True
+
+    def _undo_update(self, block_hashes: Sequence[int]) -> None:
+        """Put back the slots of hashes a dict update overwrote, and drop the ones it added."""
+        hashes = set(block_hashes)
+        slots = self._slots
+        deque(map(slots.__delitem__, hashes), maxlen=0)
+        for run in self._runs:
+            for position, block_hash in enumerate(run.hashes if run is not None else ()):
+                if block_hash in hashes:
+                    slots[block_hash] = run.run_id << _OFFSET_BITS | position
 
     def _mark_span(self, worker: _Worker, codes: list[int]) -> bool:
         """_store for hashes the index holds as one ascending stretch of one run, none of them
@@ -439,16 +488,3 @@ class KVIndex:
             self._runs.append(run)
         return run
 
-
-def _chains(block_hashes: Iterable[int], parent_hashes: Iterable[int | None]
-            ) -> list[tuple[int | None, list[int]]]:
-    """Split hashes into chains: a hash whose parent is the hash before it extends the chain."""
-    chains: list[tuple[int | None, list[int]]] = []
-    previous = None
-    for block_hash, parent in zip(block_hashes, parent_hashes, strict=True):
-        if chains and parent is not None and parent == previous:
-            chains[-1][1].append(block_hash)
-        else:
-            chains.append((parent, [block_hash]))
-        previous = block_hash
-    return chains

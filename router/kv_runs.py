@@ -8,6 +8,7 @@ so they are kept here, apart from the index's bookkeeping of workers, events and
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 FIRST_WINDOW = 16  # hashes compared before trusting a run's prediction with longer windows
@@ -115,3 +116,17 @@ def refresh_breaks(run: Run, low: int, high: int) -> None:
     else:
         changes = [p for p in range(first, last + 1) if masks[p] != masks[p - 1]]
     breaks[bisect_left(breaks, first):bisect_right(breaks, last)] = changes
+
+
+def chains_of(block_hashes: Iterable[int], parent_hashes: Iterable[int | None]
+            ) -> list[tuple[int | None, list[int]]]:
+    """Split hashes into chains: a hash whose parent is the hash before it extends the chain."""
+    chains: list[tuple[int | None, list[int]]] = []
+    previous = None
+    for block_hash, parent in zip(block_hashes, parent_hashes, strict=True):
+        if chains and parent is not None and parent == previous:
+            chains[-1][1].append(block_hash)
+        else:
+            chains.append((parent, [block_hash]))
+        previous = block_hash
+    return chains

@@ -306,6 +306,7 @@ def test_bulk_paths_leave_the_same_index_as_block_by_block(monkeypatch):
         if not bulk:
             monkeypatch.setattr(KVIndex, "_forget_span", lambda self, worker, block_hashes: False)
             monkeypatch.setattr(KVIndex, "_mark_span", lambda self, worker, codes: False)
+            monkeypatch.setattr(KVIndex, "_store_fresh", lambda self, worker, parent, hashes: False)
         rng = random.Random(5)
         documents = [[rng.randrange(50_000) for _ in range(rng.randrange(8, 60))]
                      for _ in range(5)]
@@ -332,8 +333,11 @@ def test_bulk_paths_leave_the_same_index_as_block_by_block(monkeypatch):
         runs = [(r.hashes, r.masks, r.breaks, r.num_live_slots, r.is_chain) if r else None
                 for r in index._runs]
         return index._slots, runs, {w: index.num_blocks(w) for w in managers}
-    spans, marks = [], []
+    spans, marks, fresh = [], [], []
     original, original_mark = KVIndex._forget_span, KVIndex._mark_span
+    original_fresh = KVIndex._store_fresh
+    monkeypatch.setattr(KVIndex, "_store_fresh", lambda self, worker, parent, hashes: fresh.append(
+        original_fresh(self, worker, parent, hashes)) or fresh[-1])
     monkeypatch.setattr(KVIndex, "_forget_span",
                         lambda self, worker, hashes: spans.append(original(self, worker, hashes))
                         or spans[-1])
@@ -341,7 +345,7 @@ def test_bulk_paths_leave_the_same_index_as_block_by_block(monkeypatch):
                         lambda self, worker, codes: marks.append(original_mark(self, worker, codes))
                         or marks[-1])
     bulk = build(bulk=True)
-    assert any(spans) and any(marks)
+    assert any(spans) and any(marks) and any(fresh) and not all(fresh)
     assert bulk == build(bulk=False)
 
 
@@ -396,5 +400,28 @@ def test_stretches_found_by_one_lookup_each_match_the_hash_by_hash_loop(monkeypa
                 for r in index._runs]
         return (index._slots, runs, index._free_run_ids, index.num_blocks("w0"),
                 index.overlaps(first), index.overlaps(second))
+
+    assert build(bulk=True) == build(bulk=False)
+
+
+def test_a_fresh_chain_meeting_a_held_hash_is_undone_and_stored_hash_by_hash(monkeypatch):
+    """The one-update path for fresh chains proves them new by the dict's growth; when a later
+    hash is held after all (a worker keeping a block but not its parent), the update is undone
+    and the event stored as the hash-by-hash loop stores it."""
+    rng = random.Random(17)
+    held, fresh = ([rng.getrandbits(64) for _ in range(12)] for _ in range(2))
+
+    def build(bulk: bool) -> tuple:
+        index = index_with("w0", "w1")
+        index.apply("w0", BlockStored(0, None, tuple(held)))
+        index.apply("w0", BlockRemoved(1, tuple(held[:3])))  # held[3:] stays, its parents gone
+        if not bulk:
+            monkeypatch.setattr(KVIndex, "_store_fresh", lambda self, worker, parent, hashes: False)
+        results = [index.apply("w1", BlockStored(0, None, tuple(fresh[:2] + held[5:9]))),
+                   index.apply("w1", BlockStored(1, held[8], tuple(fresh[2:]))),
+                   index.apply("w0", BlockStored(2, held[-1], (fresh[0],)))]
+        runs = [(r.hashes, r.masks, r.breaks, r.num_live_slots) if r else None
+                for r in index._runs]
+        return results, index._slots, runs, index.num_blocks("w1"), index.overlaps(held)
 
     assert build(bulk=True) == build(bulk=False)
