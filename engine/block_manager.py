@@ -101,6 +101,13 @@ class BlockManager:
         free_queue = self.free_queue
         if num_blocks > len(free_queue):
             raise RuntimeError(f"asked for {num_blocks} blocks, {len(free_queue)} free")
+        if num_blocks == 1:  # a decode step's new block, most calls: the same, without the passes
+            block_id = free_queue.popitem(False)[0]
+            self.ref_counts[block_id] = 1
+            old_hash = self.block_hashes[block_id]
+            if old_hash is not None:
+                self._evict([block_id], [old_hash])
+            return [block_id]
         pop, ref_counts, block_hashes = free_queue.popitem, self.ref_counts, self.block_hashes
         allocated = [pop(False)[0] for _ in range(num_blocks)]
         old_hashes = [block_hashes[block_id] for block_id in allocated]
