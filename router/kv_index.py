@@ -403,15 +403,19 @@ class KVIndex:
         spans = []
         for run, low, high in stretches:
             masks = run.masks[low:high + 1]
-            if [mask & bit for mask in masks].count(0):
+            # Held by this worker alone (a fresh tail's usual state): known by one count, not a
+            # pass per slot.
+            num_alone = masks.count(bit)
+            if num_alone != len(masks) and [mask & bit for mask in masks].count(0):
                 return False
-            spans.append((run, low, high, masks))
-        if len({(id(run), low) for run, low, _, _ in spans}) != len(spans) or overlap(spans):
+            spans.append((run, low, high, masks, num_alone))
+        if len({(id(run), low) for run, low, *_ in spans}) != len(spans) or overlap(spans):
             return False
         touched: dict[Run, list[int]] = {}
-        for run, low, high, masks in spans:
-            run.masks[low:high + 1] = [mask ^ bit for mask in masks]
-            run.num_live_slots -= masks.count(bit)
+        for run, low, high, masks, num_alone in spans:
+            run.masks[low:high + 1] = ([0] * num_alone if num_alone == len(masks)
+                                       else [mask ^ bit for mask in masks])
+            run.num_live_slots -= num_alone
             touch(touched, run, low)
             touch(touched, run, high)
         worker.num_blocks -= len(block_hashes)

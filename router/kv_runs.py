@@ -82,10 +82,11 @@ def agreeing_stretch(hashes: list[int], offset: int, step: int, block_hashes: li
     return low
 
 
-def overlap(spans: list[tuple[Run, int, int, list[int]]]) -> bool:
-    """Whether two stretches share a slot (the same hash twice in one event)."""
+def overlap(spans: list[tuple]) -> bool:
+    """Whether two stretches (run, low, high, ...) share a slot (the same hash twice in one
+    event)."""
     by_run: dict[int, list[tuple[int, int]]] = {}
-    for run, low, high, _ in spans:
+    for run, low, high, *_ in spans:
         by_run.setdefault(id(run), []).append((low, high))
     for ranges in by_run.values():
         ranges.sort()
