@@ -38,6 +38,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence as Seq
 from contextlib import contextmanager
+from functools import partial
 
 from tandem.bench.records import BenchRequest
 from tandem.contracts.sampling_params import SamplingParams
@@ -335,14 +336,12 @@ class Simulator:
     # ---- router feeds --------------------------------------------------------------------------
 
     def _kv_listener(self, worker: SimWorker):
-        index = self.router.indexes[worker.role]
-        worker_id = worker.worker_id
+        if self.config.kv_event_delay_s <= 0:  # applied as it happens, with no frame between
+            return partial(self.router.indexes[worker.role].apply, worker.worker_id)
+        delay_s = self.config.kv_event_delay_s
 
         def on_event(event) -> None:
-            if self.config.kv_event_delay_s > 0:
-                self._push(self.now_s + self.config.kv_event_delay_s, KV_EVENT, (worker, event))
-            else:
-                index.apply(worker_id, event)
+            self._push(self.now_s + delay_s, KV_EVENT, (worker, event))
         return on_event
 
     def _on_heartbeat(self) -> None:
