@@ -3,7 +3,9 @@
 Engine steps run in a worker thread (`asyncio.to_thread`), so the event loop keeps serving gRPC
 while the model computes. Everything that changes engine state (adding, aborting, releasing) is
 queued with `call` and applied by the loop between two steps, so the engine is only ever touched by
-one thread at a time and needs no locks.
+one thread at a time and needs no locks. The steps come from `LLMEngine.steps`: while a decode batch
+runs steady, the next step is already queued on the device when the ops are applied and this step's
+tokens are sent, so neither keeps the device waiting.
 """
 
 from __future__ import annotations
@@ -112,11 +114,13 @@ class AsyncEngine:
                     if not self._ops:
                         await self._wake.wait()
                     continue
-                updates = await asyncio.to_thread(self.engine.step)
-                for update in updates:
-                    stream = self._streams.get(update.request_id)
-                    if stream is not None:
-                        stream.put_nowait(update)
+                steps = self.engine.steps(launch_before_yield=False)
+                while (updates := await asyncio.to_thread(next, steps, None)) is not None:
+                    for update in updates:
+                        stream = self._streams.get(update.request_id)
+                        if stream is not None:
+                            stream.put_nowait(update)
+                    self._apply_ops()
         except asyncio.CancelledError:
             raise
         except BaseException as err:  # a failed step must fail its requests, not hang them

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import ROLES, EngineConfig
 from tandem.engine.loader import build_model
-from tandem.engine.lookahead import plan_ahead
+from tandem.engine.lookahead import blocks_written, plan_ahead
 from tandem.engine.model_info import describe_model
 from tandem.engine.model_runner import ModelRunner, PendingStep, bytes_per_block
 from tandem.contracts.sampling_params import SamplingParams
@@ -49,6 +49,7 @@ class InFlightStep:
     """A scheduled step whose forward pass and sampling are queued on the device."""
     batch: ScheduledBatch
     pending: PendingStep
+    held: list[int] = field(default_factory=list)  # blocks it writes, referenced until collected
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,23 +292,29 @@ class LLMEngine:
     def step(self) -> list[SequenceUpdate]:
         return self.finish_step(self.begin_step())
 
-    def steps(self) -> Iterator[list[SequenceUpdate]]:
-        """Step until nothing is scheduled, yielding each step's updates, with the next step
-        already queued on the device while the caller handles them. When every running sequence
-        decodes and nothing waits, that next step is queued before this one's tokens are even read
-        (engine/lookahead.py), so no host work sits between two steps on the device.
+    def steps(self, launch_before_yield: bool = True) -> Iterator[list[SequenceUpdate]]:
+        """Step until nothing is scheduled, yielding each step's updates. When every running
+        sequence decodes and nothing waits, the next step is queued on the device before this
+        one's tokens are even read (engine/lookahead.py), so no host work sits between two steps
+        on the device. Otherwise, with `launch_before_yield`, the next step is scheduled and
+        queued before the yield, so the caller's handling of the updates overlaps it (offline
+        generation); without, after it, so requests the caller adds join that step (serving).
 
-        The caller may finish requests between yields (a stop string, say): a step in flight that
-        includes one computes a token for it that is dropped. Offline use only: a finished
-        request's blocks go back to the pool while that step may still write one of them, which
-        only the device's own later steps may then overwrite (no KV transfer into them).
+        Between yields the caller may add requests, finish them (a stop string, an abort) and
+        allocate or free blocks (KV transfer), with a step in flight: a finished request's token
+        in that step is dropped, and the step holds a reference on every block it writes until it
+        is collected, so none of them is handed out while the device may still write it.
         """
-        step = self.begin_step()
+        step = self._held(self.begin_step())
         while step is not None:
             ahead = self._begin_ahead(step)
             updates = self.finish_step(step)
-            step = ahead if ahead is not None else self.begin_step()
+            step = ahead
+            if step is None and launch_before_yield:
+                step = self._held(self.begin_step())
             yield updates
+            if step is None and not launch_before_yield:
+                step = self._held(self.begin_step())
 
     def _begin_ahead(self, step: InFlightStep) -> InFlightStep | None:
         if step.pending.tokens is None:
@@ -315,8 +322,17 @@ class LLMEngine:
         plan = plan_ahead(self.scheduler, step.batch, self.runner.can_launch_ahead)
         if plan is None:
             return None
-        return InFlightStep(plan.batch, self.runner.launch_ahead(plan.batch, plan.rows,
-                                                                 step.pending))
+        ahead = InFlightStep(plan.batch, self.runner.launch_ahead(plan.batch, plan.rows,
+                                                                  step.pending),
+                             blocks_written(plan.batch, ahead=True))
+        self.block_manager.acquire(ahead.held)
+        return ahead
+
+    def _held(self, step: InFlightStep | None) -> InFlightStep | None:
+        if step is not None:
+            step.held = blocks_written(step.batch, ahead=False)
+            self.block_manager.acquire(step.held)
+        return step
 
     def begin_step(self) -> InFlightStep | None:
         """Schedule a step and queue it on the device, without waiting for it; None when there
@@ -338,6 +354,8 @@ class LLMEngine:
         batch = step.batch
         out = self.runner.collect(step.pending)
         advanced = self.scheduler.postprocess(batch, out.token_ids)
+        if step.held:
+            self.block_manager.free(step.held)
         logprobs = {seq.request_id: lp for seq, lp in zip(batch.seqs, out.logprobs) if lp}
         updates = []
         for seq in advanced:

@@ -62,3 +62,15 @@ def plan_ahead(scheduler: Scheduler, in_flight: ScheduledBatch,
         if missing > 0:
             seq.block_table.extend(manager.allocate(missing))
     return AheadPlan(ScheduledBatch(list(running), [1] * len(running)), rows)
+
+
+def blocks_written(batch: ScheduledBatch, ahead: bool) -> list[int]:
+    """The blocks a step writes K/V into: each sequence's new tokens' blocks (`ahead`: the one
+    block of the position past its last recorded token)."""
+    written = []
+    for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+        table, size = seq.block_table, seq.block_size
+        first = (seq.num_tokens if ahead else seq.num_computed_tokens) // size
+        last = first if ahead else (seq.num_computed_tokens + num_new - 1) // size
+        written.extend(table[first:last + 1])
+    return written

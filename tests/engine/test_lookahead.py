@@ -151,3 +151,39 @@ def test_a_sequence_ended_in_flight_is_skipped_and_the_rest_keep_their_rows():
     assert plan is not None and plan.batch.seqs == [b] and plan.rows == [1]
     advanced = scheduler.postprocess(in_flight, [11, 12])
     assert advanced == [b] and a.num_tokens == 6 and b.token_ids[-1] == 12
+
+
+def test_a_step_in_flight_keeps_the_blocks_it_writes_from_being_handed_out():
+    llm = LLM(model="random:tiny", block_size=4, num_kv_blocks=64)
+    engine = llm.engine
+    engine.add_request("a", PROMPTS[1], SamplingParams(temperature=0, max_tokens=40,
+                                                       ignore_eos=True))
+    steps = engine.steps(launch_before_yield=False)
+    next(steps)                       # the prompt, then decode steps
+    next(steps)
+    next(steps)                       # now a step ahead is in flight, writing a's last block
+    seq = engine.sequences["a"]
+    last_block = seq.block_table[seq.num_tokens // 4]
+    engine.finish_request("a")        # an abort between two steps
+    manager = engine.block_manager
+    assert manager.ref_counts[last_block] == 1          # still held by the step in flight
+    assert last_block not in manager.allocate(manager.num_free_blocks)
+    assert next(steps) == []          # the step ahead is collected, a's token dropped
+    assert manager.ref_counts[last_block] == 0
+    with pytest.raises(StopIteration):
+        next(steps)
+
+
+def test_blocks_written_by_a_prompt_chunk_and_by_a_step_ahead():
+    from tandem.engine.lookahead import blocks_written
+    from tandem.engine.scheduler import ScheduledBatch
+
+    seq = Sequence("s", list(range(1, 11)), SamplingParams(), block_size=4)
+    seq.block_table = [7, 3, 9, 12]
+    seq.num_computed_tokens = 2                       # a chunk of 7 tokens: positions 2..8
+    assert blocks_written(ScheduledBatch([seq], [7]), ahead=False) == [7, 3, 9]
+    seq.num_computed_tokens = 9                       # decoding; ahead writes position 10
+    assert blocks_written(ScheduledBatch([seq], [1]), ahead=False) == [9]
+    assert blocks_written(ScheduledBatch([seq], [1]), ahead=True) == [9]
+    seq.token_ids.extend([1, 2])                      # 12 tokens: ahead writes position 12
+    assert blocks_written(ScheduledBatch([seq], [1]), ahead=True) == [12]
