@@ -7,7 +7,8 @@
 2. Prefill throughput at 1k and 4k tokens, next to FLOPs / measured bf16 matmul rate.
 3. sweep: the decode step (its captured graph replayed) at batch 1, 32, 128 and 256 with 1k and 4k
    contexts, next to the same roofline.
-4. mixed: a 2048-token prompt chunk scheduled beside 32 decoding sequences, against the chunk alone
+4. mixed: a 2048-token prompt chunk scheduled beside 32 decoding sequences at 1k context (and 64 at
+   4k, where aggregated serving of 4k prompts runs), against the chunk alone
    plus the decode step alone.
 5. Offline throughput on nano-vllm's workload: 256 requests, input and output lengths uniform in
    [100, 1024], ignore_eos, seed 0 (both models), next to its roofline: the fewest decode steps
@@ -286,6 +287,7 @@ def main() -> None:
             bench_sweep(model, hbm)
         if "mixed" in parts:
             bench_mixed(model)
+            bench_mixed(model, batch=64, context=4096)  # aggregated serving at ISL 4096
     if "throughput" in parts:
         # The serving default step budget (2048 tokens), and a larger one for offline batches.
         for model in ("random:qwen3-0.6b", "random:llama-3.1-8b"):
