@@ -242,8 +242,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the planner's hold_s, in intervals (its default is 180 s)")
     bench.add_argument("--cooldown-intervals", type=float, default=1.0)
     bench.add_argument("--scale-down-margin", type=float, default=0.1)
-    bench.add_argument("--predictor", default="linear_trend")
-    bench.add_argument("--predictor-window", type=int, default=6)
+    bench.add_argument("--predictor", default="damped_trend")
+    bench.add_argument("--predictor-window", type=int, default=4)
+    bench.add_argument("--trend-damping", type=float, default=0.85)
+    bench.add_argument("--shape-window", type=int, default=None,
+                       help="intervals the workload's shape is averaged over (default: "
+                            "--predictor-window)")
 
 
 def planner_config(args, slo: dict[str, float]) -> PlannerConfig:
@@ -253,6 +257,7 @@ def planner_config(args, slo: dict[str, float]) -> PlannerConfig:
                          cooldown_s=args.cooldown_intervals * args.interval_s,
                          ready_timeout_s=args.cold_start_s * 3, max_changes_per_interval=4,
                          predictor=args.predictor, predictor_window=args.predictor_window,
+                         shape_window=args.shape_window, trend_damping=args.trend_damping,
                          worker_start_s=args.cold_start_s, attainment=args.target,
                          scale_down_margin=args.scale_down_margin)
 

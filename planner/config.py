@@ -18,8 +18,12 @@ and the YAML keys of the same names build it, and nothing else keeps a second de
   when waiting makes at most `1 - attainment` of the requests late (planner.prefill_queue);
   prompts too long to meet the bound even on an idle worker are reported, not sized for.
 - `predictor`: `constant` (last value), `moving_average` (last `predictor_window` intervals),
-  `linear_trend` (a least-squares line through the last `predictor_window` intervals) or
-  `holt_winters` (trend and a daily season, `season_s`; needs statsmodels).
+  `linear_trend` (a least-squares line through the last `predictor_window` intervals),
+  `damped_trend` (Holt smoothing over about `predictor_window` intervals, its trend fading by
+  `trend_damping` per interval ahead) or `holt_winters` (trend and a daily season, `season_s`;
+  needs statsmodels).
+- `shape_window`: the workload's shape (lengths, prompt-length mix, hit rate, arrival dispersion)
+  is averaged over this many intervals; None: `predictor_window`.
 - `worker_start_s`: how long a new worker takes from being asked for to serving (loading weights
   and warming up). The pools are sized for the rate predicted that long plus one interval ahead,
   so a trend predictor asks for workers before the load that needs them arrives.
@@ -48,7 +52,7 @@ from dataclasses import dataclass
 
 MODES = ("off", "advisory", "on")
 LAYOUTS = ("disagg", "agg", "auto")
-PREDICTORS = ("constant", "moving_average", "linear_trend", "holt_winters")
+PREDICTORS = ("constant", "moving_average", "linear_trend", "damped_trend", "holt_winters")
 SLO_KEYS = ("ttft_ms", "itl_ms")
 
 
@@ -72,7 +76,10 @@ class PlannerConfig:
     attainment: float = 0.99           # the SLO is a bound most requests meet, not a mean
     predictor: str = "constant"        # needs no history and no extra package
     predictor_window: int = 4          # moving average over two minutes at the default interval
+    shape_window: int | None = None    # intervals the workload's shape is averaged over;
+                                       # None: predictor_window
     worker_start_s: float = 120.0      # a cold start of an 8B model: minutes, not seconds
+    trend_damping: float = 0.85        # a trend read three intervals ahead carries ~2.2 of them
     season_s: float = 86400.0          # daily swings
     max_utilization: float = 0.8
     hold_s: float = 180.0              # six intervals: a dip must last three minutes
@@ -91,6 +98,8 @@ class PlannerConfig:
         for name in ("hold_s", "cooldown_s", "ready_timeout_s", "scale_down_margin",
                      "worker_start_s"):
             _check_non_negative(name, getattr(self, name))
+        if not (math.isfinite(self.trend_damping) and 0.0 <= self.trend_damping <= 1.0):
+            raise ValueError(f"trend_damping must be in [0, 1], got {self.trend_damping}")
         for name in ("max_utilization", "max_kv_usage", "attainment"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0.0 < value <= 1.0):
@@ -98,6 +107,8 @@ class PlannerConfig:
         for name in ("gpu_budget", "gpus_per_worker", "predictor_window",
                      "max_changes_per_interval"):
             _check_int(name, getattr(self, name), minimum=1)
+        if self.shape_window is not None:
+            _check_int("shape_window", self.shape_window, minimum=1)
         for role in ("prefill", "decode", "both"):
             self._check_bounds(role)
 

@@ -7,11 +7,15 @@ Each tick (every `interval_s`, planner.config):
    interval), so a step up is met on the tick that sees it and a rise that a trend predictor sees
    coming is met before it arrives. A missing rate (NaN or None: no requests in the window) is
    zero load, so zero traffic reaches the minimum pools. The workload's shape (lengths, the
-   prompt-length mix, hit rate, arrival dispersion) is averaged over the last `predictor_window`
+   prompt-length mix, hit rate, arrival dispersion) is averaged over the last `shape_window`
    intervals that saw it, so a few long prompts in one window do not move GPUs; a missing value
    is skipped.
 2. Targets. planner.sizing gives the smallest pools that meet the SLO at that load (`up`), and
-   again at (1 + scale_down_margin) times the load (`down`, the band a pool must clear to shrink).
+   again at (1 + scale_down_margin) times the larger forecast, for the next interval and for a
+   cold start ahead (`down`, the band a pool must clear to shrink). The margin is taken over the
+   forecast, not over the last window's rate: that rate already sets `up`, and a margin on top of
+   one noisy minute held a worker for the hold period; with the constant predictor the two are
+   the same.
    When the clients already see TTFT (or ITL) above the SLO and no worker is on its way to that
    pool, the pool gets one more worker than it has: the model missed something, the metrics did
    not.
@@ -62,9 +66,9 @@ class Planner:
         self.config = config
         self._perf = perf_model
         self._rate = predictor if predictor is not None else make_predictor(config)
-        # The workload's shape is averaged over the last `predictor_window` intervals: one window's
+        # The workload's shape is averaged over the last `shape_window` intervals: one window's
         # handful of 100k-token prompts must not move GPUs for minutes (the rate is not averaged).
-        window = config.predictor_window
+        window = config.shape_window or config.predictor_window
         self._input_tokens = MovingAveragePredictor(window, DEFAULT_INPUT_TOKENS)
         self._output_tokens = MovingAveragePredictor(window, DEFAULT_OUTPUT_TOKENS)
         self._hit_rate = MovingAveragePredictor(window, 0.0)
@@ -88,7 +92,10 @@ class Planner:
         load, predicted_rate = self._load(obs)
         current = self._tracker.effective_counts(obs)
         plan = self._plan(load, self.config.layout)
-        margin_load = replace(load, request_rate_per_s=load.request_rate_per_s
+        # The margin goes over the forecasts (the next interval, a cold start ahead), not over
+        # the last window's rate: that rate already sets `up`, and is the noisiest of the three.
+        keep_rate = max(self._rate.predict(self.config.interval_s), predicted_rate)
+        margin_load = replace(load, request_rate_per_s=keep_rate
                               * (1 + self.config.scale_down_margin))
         down = _counts(self._plan(margin_load, plan.layout))
         up = self._react_to_slo(obs, plan, current, notes)

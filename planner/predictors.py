@@ -13,6 +13,13 @@ because a rate that is unknown at zero traffic is how a planner gets stuck above
   the horizon; follows a ramp (the planner asks for workers a start-up ahead of the load) at the
   cost of extrapolating noise, which is why the planner sizes for max(current, predicted) and
   scales down only after its hold period.
+- `DampedTrendPredictor(window, damping)`: Holt's linear smoothing with a damped trend. The level
+  and the trend are exponential averages spanning about `window` values, and the trend fades by
+  `damping` per interval ahead, so a forecast a cold start out carries a fading slope instead of
+  extending a line fitted through a few noisy points. On an exact ramp with `damping` 1 it reads
+  the line; with less, it lags a sustained ramp (the trend never reaches the slope); a step moves it by a share of the step per interval (the planner's max with the
+  current rate still meets a step at once). The default of `benchmarks/planner_sim_bench.py`;
+  what it bought there, and what it did not, is in benchmarks/RESULTS.md.
 - `HoltWintersPredictor(season_s)`: additive Holt-Winters (damped trend plus a seasonal cycle,
   statsmodels' `ExponentialSmoothing`), for daily swings. Samples are averaged into buckets of
   `season_s / buckets_per_season` (15 minutes for a day), which keeps a fit small and cheap; the
@@ -97,6 +104,53 @@ class LinearTrendPredictor:
         spread = sum((t - mean_t) ** 2 for t, _ in points)
         slope = sum((t - mean_t) * (v - mean_v) for t, v in points) / spread if spread else 0.0
         return max(0.0, mean_v + slope * (points[-1][0] + horizon_s - mean_t))
+
+
+class DampedTrendPredictor:
+    def __init__(self, window: int, damping: float = 0.85, initial: float = 0.0):
+        if window < 1:
+            raise ValueError(f"damped trend window must be >= 1, got {window}")
+        if not 0.0 <= damping <= 1.0:
+            raise ValueError(f"damping must be in [0, 1], got {damping}")
+        # Smoothing weights of an exponential average spanning `window` values (its centre of
+        # mass lies (window - 1) / 2 values back, as a moving average's does).
+        self.level_weight = 2.0 / (window + 1)
+        self.trend_weight = self.level_weight / 2
+        self.damping = damping
+        self._level: float | None = None
+        self._trend_per_s = 0.0
+        self._time_s = 0.0
+        self._step_s = 0.0
+        self._initial = initial
+
+    def observe(self, time_s: float, value: float | None) -> None:
+        if is_missing(value):
+            return
+        value, time_s = float(value), float(time_s)
+        if self._level is None:
+            self._level, self._time_s = value, time_s
+            return
+        step_s = time_s - self._time_s
+        if step_s <= 0:
+            return
+        previous = self._level
+        expected = previous + self._trend_per_s * step_s
+        self._level = self.level_weight * value + (1 - self.level_weight) * expected
+        slope = (self._level - previous) / step_s
+        self._trend_per_s = (self.trend_weight * slope
+                             + (1 - self.trend_weight) * self.damping * self._trend_per_s)
+        self._time_s, self._step_s = time_s, step_s
+
+    def predict(self, horizon_s: float) -> float:
+        if self._level is None:
+            return self._initial
+        if self._step_s <= 0 or self.damping == 0:
+            return self._level
+        steps = horizon_s / self._step_s
+        # Sum of damping^i for i = 1..steps: how far the trend carries, in steps.
+        carried = (steps if self.damping == 1 else
+                   self.damping * (1 - self.damping ** steps) / (1 - self.damping))
+        return max(0.0, self._level + self._trend_per_s * self._step_s * carried)
 
 
 class HoltWintersPredictor:
@@ -193,4 +247,6 @@ def make_predictor(config: PlannerConfig) -> LoadPredictor:
         return MovingAveragePredictor(config.predictor_window)
     if config.predictor == "linear_trend":
         return LinearTrendPredictor(max(2, config.predictor_window))
+    if config.predictor == "damped_trend":
+        return DampedTrendPredictor(config.predictor_window, config.trend_damping)
     return HoltWintersPredictor(config.season_s)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import pytest
+
 from tandem.planner.config import PlannerConfig
 from tandem.planner.observation import (AddWorker, FlipRole, Observation, RemoveWorker,
                                         WorkerView)
@@ -68,14 +70,20 @@ def run(planner: Planner, cluster: Cluster, rates, start_s: float = 0.0, **kw):
     return decisions
 
 
-def test_steady_load_gives_no_changes():
-    decisions = run(make_planner(), Cluster(1, 1), [3.0] * 40)
+# The core behaviours hold with the default predictor and with the bench's damped trend.
+PREDICTORS = pytest.mark.parametrize("predictor", ["constant", "damped_trend"])
+
+
+@PREDICTORS
+def test_steady_load_gives_no_changes(predictor):
+    decisions = run(make_planner(predictor=predictor), Cluster(1, 1), [3.0] * 40)
     assert all(d.is_hold for d in decisions)
     assert (decisions[-1].num_prefill, decisions[-1].num_decode) == (1, 1)
 
 
-def test_step_up_scales_up_within_one_interval():
-    planner, cluster = make_planner(), Cluster(1, 1)
+@PREDICTORS
+def test_step_up_scales_up_within_one_interval(predictor):
+    planner, cluster = make_planner(predictor=predictor), Cluster(1, 1)
     run(planner, cluster, [3.0] * 10)
     decision = planner.on_tick(cluster.observe(10 * INTERVAL_S, 12.0))
     assert decision.num_prefill == 3 and decision.num_decode == 2
@@ -86,8 +94,9 @@ def test_step_up_scales_up_within_one_interval():
     assert sum(len(d.actions) for d in rest) == 1    # the third add, not a repeat of the first two
 
 
-def test_zero_traffic_with_nan_metrics_reaches_the_minimum():
-    planner, cluster = make_planner(), Cluster(4, 3)
+@PREDICTORS
+def test_zero_traffic_with_nan_metrics_reaches_the_minimum(predictor):
+    planner, cluster = make_planner(predictor=predictor), Cluster(4, 3)
     nan = math.nan
     decisions = run(planner, cluster, [nan] * 20, ttft_p90_ms=nan, itl_p90_ms=nan)
     assert cluster.pools() == (1, 1)
@@ -96,8 +105,9 @@ def test_zero_traffic_with_nan_metrics_reaches_the_minimum():
     assert first_change * INTERVAL_S >= 180.0           # not before the hold period
 
 
-def test_oscillating_load_changes_at_most_once_per_hold_period():
-    planner, cluster = make_planner(), Cluster(1, 1)
+@PREDICTORS
+def test_oscillating_load_changes_at_most_once_per_hold_period(predictor):
+    planner, cluster = make_planner(predictor=predictor), Cluster(1, 1)
     rates = [3.0, 6.0] * 30                                # 6 req/s needs a second prefill worker
     decisions = run(planner, cluster, rates)
     change_times = [d.time_s for d in decisions if d.actions]
@@ -113,6 +123,20 @@ def test_scale_down_waits_for_hold_and_respects_margin():
     downs = [i for i, d in enumerate(decisions) if d.actions]
     assert downs and downs[0] * INTERVAL_S >= 180.0 - INTERVAL_S
     assert cluster.pools() == (1, 1)
+
+
+def test_scale_down_margin_is_taken_over_the_forecast_not_the_last_window():
+    # One prefill worker serves up to 3.7 req/s in this model. On a falling rate the margin over
+    # the last window's rate (what a constant predictor forecasts) holds two workers down to
+    # 3.3 req/s; over a trend's forecast, the pool shrinks once the rate itself is below 3.7.
+    rates = [6.0, 5.5, 5.0, 4.5, 4.0, 3.6, 3.5, 3.4, 3.3, 3.2, 3.1, 3.0]
+    first_shrink = {}
+    for predictor in ("constant", "damped_trend"):
+        planner = make_planner(predictor=predictor, predictor_window=2, trend_damping=1.0,
+                               hold_s=INTERVAL_S, cooldown_s=0.0, scale_down_margin=0.1)
+        decisions = run(planner, Cluster(2, 1), rates)
+        first_shrink[predictor] = next(i for i, d in enumerate(decisions) if d.num_prefill == 1)
+    assert first_shrink == {"constant": 10, "damped_trend": 6}
 
 
 def test_worker_that_never_becomes_ready_is_replaced():

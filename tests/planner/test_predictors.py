@@ -1,4 +1,4 @@
-"""Load predictors: NaN handling, the constant and moving-average baselines, Holt-Winters."""
+"""Load predictors: NaN handling, the constant and moving-average baselines, trends, Holt-Winters."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import random
 import pytest
 
 from tandem.planner.config import PlannerConfig
-from tandem.planner.predictors import (ConstantPredictor, HoltWintersPredictor,
+from tandem.planner.predictors import (ConstantPredictor, DampedTrendPredictor,
+                                       HoltWintersPredictor,
                                        LinearTrendPredictor, MovingAveragePredictor,
                                        make_predictor)
 
@@ -102,3 +103,40 @@ def test_holt_winters_without_statsmodels_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "statsmodels.tsa.holtwinters", None)
     with pytest.raises(ValueError, match="statsmodels"):
         HoltWintersPredictor(DAY_S)
+
+
+def test_damped_trend_reads_a_ramp_and_fades_its_slope():
+    steady = DampedTrendPredictor(window=4)
+    for t in range(0, 600, 60):
+        steady.observe(t, 5.0)
+    assert steady.predict(180) == pytest.approx(5.0)
+    ramps = {damping: DampedTrendPredictor(window=4, damping=damping) for damping in (1.0, 0.5)}
+    for t in range(0, 1860, 60):                            # one more request/s each interval
+        for predictor in ramps.values():
+            predictor.observe(t, 2.0 + t / 60)
+            predictor.observe(t + 30, math.nan)              # skipped, not a zero
+    last = 2.0 + 1800 / 60
+    assert ramps[1.0].predict(180) == pytest.approx(last + 3.0, abs=0.01)
+    # Damped by half per interval, the trend never catches the slope and the level lags the ramp:
+    # the forecast three intervals ahead is below the last value, within two intervals of slope.
+    assert last - 2.0 < ramps[0.5].predict(180) < last
+    falling = DampedTrendPredictor(window=2, damping=1.0)
+    for t, value in [(0, 4.0), (60, 2.0), (120, 0.5)]:
+        falling.observe(t, value)
+    assert falling.predict(600) == 0.0                       # stops at zero load
+    assert DampedTrendPredictor(window=3).predict(60) == 0.0
+    with pytest.raises(ValueError, match="window"):
+        DampedTrendPredictor(window=0)
+    with pytest.raises(ValueError, match="damping"):
+        DampedTrendPredictor(window=3, damping=1.5)
+
+
+def test_damped_trend_is_made_from_the_config():
+    predictor = make_predictor(PlannerConfig(predictor="damped_trend", predictor_window=3,
+                                             trend_damping=0.7))
+    assert isinstance(predictor, DampedTrendPredictor)
+    assert predictor.level_weight == pytest.approx(0.5) and predictor.damping == 0.7
+    with pytest.raises(ValueError, match="trend_damping"):
+        PlannerConfig(trend_damping=1.2)
+    with pytest.raises(ValueError, match="shape_window"):
+        PlannerConfig(shape_window=0)
