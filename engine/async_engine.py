@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from tandem.engine.llm_engine import LLMEngine, SequenceUpdate
+from tandem.engine.llm_engine import LLMEngine, SequenceUpdate, merge_updates
 from tandem.contracts.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,14 @@ class AsyncEngine:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise EngineDead(f"engine stopped: {item}") from item
+                # Updates that queued while the reader was busy go out as one: a reader slower
+                # than the steps gets fewer, larger messages instead of falling further behind.
+                while not item.finished and not stream.empty():
+                    later = stream.get_nowait()
+                    if isinstance(later, BaseException):
+                        stream.put_nowait(later)  # raised on the next round
+                        break
+                    item = merge_updates(item, later)
                 finished = item.finished
                 yield item
         finally:

@@ -44,6 +44,15 @@ class SequenceUpdate:
     queue_time_s: float | None = None  # arrival here until first scheduled; None: not scheduled
 
 
+def merge_updates(earlier: SequenceUpdate, later: SequenceUpdate) -> SequenceUpdate:
+    """Two consecutive updates of one request as one."""
+    return SequenceUpdate(
+        earlier.request_id, earlier.new_token_ids + later.new_token_ids,
+        earlier.new_logprobs + later.new_logprobs, later.finished, later.finish_reason,
+        later.stop_reason, later.num_prompt_tokens, later.num_cached_tokens,
+        earlier.queue_time_s if earlier.queue_time_s is not None else later.queue_time_s)
+
+
 @dataclass(slots=True)
 class InFlightStep:
     """A scheduled step whose forward pass and sampling are queued on the device."""
