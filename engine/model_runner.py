@@ -215,9 +215,11 @@ def _mixed_split(host: HostInputs, meta: AttentionMetadata
         d += 1
     if d == 0 or d == num_seqs:
         return 0, None
+    # Copies, not views: a view's address moves with d, and the kernels are specialized on
+    # their pointers' alignment, so views would compile new variants while serving.
     rest = AttentionMetadata(
-        query_start_loc=meta.query_start_loc[d:] - d, seq_lens=meta.seq_lens[d:],
-        block_tables=meta.block_tables[d:], slot_mapping=meta.slot_mapping[d:],
+        query_start_loc=meta.query_start_loc[d:] - d, seq_lens=meta.seq_lens[d:].clone(),
+        block_tables=meta.block_tables[d:].clone(), slot_mapping=meta.slot_mapping[d:],
         max_query_len=meta.max_query_len, max_seq_len=max(host.seq_lens[d:]),
         query_start_loc_cpu=[x - d for x in qsl[d:]], seq_lens_cpu=host.seq_lens[d:])
     return d, rest
