@@ -39,6 +39,17 @@ class SimConfig:
     # step through the worker and the frontend). 0: the profile's step alone.
     step_overhead_s: float = 0.0
     token_overhead_s: float = 0.0
+    # Host work of a step that carries a prompt chunk, beyond the profile's step: its 2048-token
+    # inputs are built and launched while no step of its own is queued ahead of it.
+    chunk_overhead_s: float = 0.0
+    # A prefill worker answers a finished prompt only at its next step boundary (the answer reads
+    # the pinned blocks through an engine operation, prefill_workers/service.py). When it goes
+    # straight on to a chunk that does not sample, that boundary comes once the chunk is launched,
+    # not run: this long after the chunk starts. 0: the answer leaves as the step ends.
+    chunk_launch_s: float = 0.0
+    # A serving worker queues a steady decode batch's next step before it applies the operations
+    # that arrived during this one (engine/lookahead.py), so they take effect a step later.
+    decode_lookahead: bool = True
     token_vocab_size: int = 2000        # synthetic output token ids are drawn below this
     # Run a stretch of identical decode steps as one event (planner/sim_worker.py says when that
     # is exact and what it delays); False: one event per step.
@@ -57,7 +68,7 @@ class SimConfig:
             raise ValueError(f"heartbeat_interval_s must be positive, got "
                              f"{self.heartbeat_interval_s}")
         for name in ("kv_event_delay_s", "frontend_overhead_s", "rpc_s", "step_overhead_s",
-                     "token_overhead_s"):
+                     "token_overhead_s", "chunk_overhead_s", "chunk_launch_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.token_vocab_size <= 16:

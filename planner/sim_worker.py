@@ -22,6 +22,16 @@ when the router hears of it: KV events of output blocks and the block count a he
 those of the stretch's start until it ends (output blocks are never part of another prompt's
 prefix in these workloads, except for identical prompts).
 
+Serving. A serving worker (engine/async_engine.py over LLMEngine.steps) differs from the bare
+engine step the profile times in three ways the worker models. A steady decode batch (every
+running sequence decodes, nothing waits) has its next step queued on the device before the
+operations that arrived during this step are applied (engine/lookahead.py), so they take effect one
+step later. A step that carries a prompt chunk pays `chunk_overhead_s` of host work beyond the
+profile's step. A prefill worker answers a finished prompt at its next step boundary, since the
+answer reads the pinned blocks through an engine operation: at once when it goes idle, when the
+next step ends if that step samples, and `chunk_launch_s` into it if it is a chunk that does not
+(such a step returns once launched, its tokens not awaited).
+
 Synthetic tokens. The trace holds no output text, so the token sampled at position p is a fixed
 function of p: requests are run with `ignore_eos` and `max_tokens` set to their output length, so
 lengths match the workload, and two identical prompts produce identical outputs, as greedy decoding
@@ -61,7 +71,8 @@ class SimWorker:
     __slots__ = ("worker_id", "role", "block_manager", "scheduler", "state", "model",
                  "batch", "step_end_s", "ops", "num_steps", "busy_s", "_token_span",
                  "collapse", "stretch_ends_s", "generation", "step_overhead_s",
-                 "token_overhead_s")
+                 "token_overhead_s", "chunk_overhead_s", "chunk_launch_s", "lookahead",
+                 "_batch_is_decode", "_steady", "_deferred")
 
     def __init__(self, worker_id: str, role: str, config: SimConfig, model,
                  state: WorkerState):
@@ -87,6 +98,12 @@ class SimWorker:
         self.generation = 0  # bumped whenever the step end event is replaced
         self.step_overhead_s = config.step_overhead_s
         self.token_overhead_s = config.token_overhead_s
+        self.chunk_overhead_s = config.chunk_overhead_s
+        self.chunk_launch_s = config.chunk_launch_s
+        self.lookahead = config.decode_lookahead
+        self._batch_is_decode = False  # the step in flight has decode rows only
+        self._steady = False  # the last step was steady decode: the engine queued the next one
+        self._deferred = False  # this step is the one queued ahead; operations wait for its end
 
     @property
     def is_idle(self) -> bool:
@@ -94,16 +111,21 @@ class SimWorker:
 
     def start_step(self, now_s: float) -> float | None:
         """Apply queued operations, schedule a batch; the step's end time, or None when idle."""
-        if self.ops:
+        if self.ops and self._steady and not self._deferred and self.scheduler.running:
+            self._deferred = True  # the step queued ahead runs first, the same decode batch
+        else:
+            self._deferred = False
             ops, self.ops = self.ops, []
             for op in ops:
                 op()
         if not self.scheduler.has_work():
             self.step_end_s = None
+            self._steady = False
             return None
         batch = self.scheduler.schedule()
         if not batch.seqs:  # waiting for blocks that only an operation (a release) can free
             self.step_end_s = None
+            self._steady = False
             return None
         duration_s = self.step_duration_s(batch)
         self.batch = batch
@@ -148,6 +170,7 @@ class SimWorker:
             if len(ends) > 1:
                 num_steps = self.scheduler.advance_decode(len(ends) - 1, self._next_token_ids)
                 assert num_steps == len(ends) - 1, (num_steps, len(ends))
+            self._steady = self.lookahead  # a stretch is steady decode to its last step
             return seqs
         advanced: list[Sequence] = []
         for i, end_s in enumerate(ends):
@@ -168,11 +191,24 @@ class SimWorker:
         """Postprocess the step in flight; returns the sequences that got a token."""
         batch = self.batch
         self.batch = None
+        scheduler = self.scheduler
+        self._steady = (self.lookahead and self._batch_is_decode and not scheduler.waiting
+                        and len(batch.seqs) == len(scheduler.running))
         span = self._token_span
         sampled = [FIRST_ORDINARY_TOKEN_ID + (seq.num_tokens * TOKEN_MULTIPLIER) % span
                    if seq.num_computed_tokens + n == seq.num_tokens else None
                    for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-        return self.scheduler.postprocess(batch, sampled)
+        return scheduler.postprocess(batch, sampled)
+
+    def answer_delay_s(self, now_s: float) -> float:
+        """How long after `now_s` (a step's end, the next step started) the prompts that step
+        finished are answered: at the worker's next step boundary (the module docstring)."""
+        if self.step_end_s is None:
+            return 0.0
+        batch = self.batch
+        if any(batch.samples(i) for i in range(len(batch.seqs))):
+            return self.step_end_s - now_s
+        return min(self.chunk_launch_s, self.step_end_s - now_s)
 
     def step_duration_s(self, batch: ScheduledBatch) -> float:
         num_prefill = 0
@@ -190,8 +226,10 @@ class SimWorker:
                 num_prefill += num_new
                 weighted_cached += num_new * computed
         cached = weighted_cached // num_prefill if num_prefill else 0
+        self._batch_is_decode = num_prefill == 0
         return (self.model.step_s(num_prefill, cached, num_decode, num_context)
-                + self.step_overhead_s + self.token_overhead_s * num_sampled)
+                + self.step_overhead_s + self.token_overhead_s * num_sampled
+                + (self.chunk_overhead_s if num_prefill else 0.0))
 
     def _num_identical_steps(self, batch: ScheduledBatch) -> int:
         """How many steps, this one included, repeat this pure decode batch (1: no stretch)."""

@@ -73,6 +73,13 @@ def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
                      help="serving work a worker adds to every engine step")
     sim.add_argument("--token-overhead-us", type=float, default=0.0,
                      help="serving work per token streamed (worker and frontend)")
+    sim.add_argument("--chunk-overhead-ms", type=float, default=0.0,
+                     help="serving work a worker adds to a step that carries a prompt chunk")
+    sim.add_argument("--chunk-launch-ms", type=float, default=0.0,
+                     help="host time to launch a prompt chunk: a prefill worker's answer that "
+                          "waits for the next step boundary waits this long behind such a chunk")
+    sim.add_argument("--no-decode-lookahead", action="store_true",
+                     help="operations reach the next step even in a steady decode batch")
     sim.add_argument("--slo", nargs="+", default=[], metavar="NAME=MS",
                      help="goodput bounds, as `tandem bench --slo`")
 
@@ -118,7 +125,10 @@ def sim_config_from_args(args: argparse.Namespace, profile: dict, num_prefill: i
     timing = {"kv_event_delay_s": args.kv_event_delay_ms / 1e3,
               "frontend_overhead_s": args.frontend_overhead_ms / 1e3, "rpc_s": args.rpc_ms / 1e3,
               "step_overhead_s": args.step_overhead_ms / 1e3,
-              "token_overhead_s": args.token_overhead_us / 1e6}
+              "token_overhead_s": args.token_overhead_us / 1e6,
+              "chunk_overhead_s": args.chunk_overhead_ms / 1e3,
+              "chunk_launch_s": args.chunk_launch_ms / 1e3,
+              "decode_lookahead": not args.no_decode_lookahead}
     if args.heartbeat_interval_s is not None:
         timing["heartbeat_interval_s"] = args.heartbeat_interval_s
     return sim_config_from_profile(profile, num_prefill, num_decode, args.num_kv_blocks,

@@ -239,11 +239,15 @@ class Simulator:
         advanced = worker.finish_step()
         token_s = self.now_s + self.config.rpc_s
         requests = self.requests
+        if worker.role == "prefill":
+            self._start_step(worker)  # its answers leave at the boundary this step reaches
+            delay_s = worker.answer_delay_s(self.now_s) + self.config.rpc_s
+            for seq in advanced:
+                self._later(delay_s, lambda r=requests[int(seq.request_id)], s=seq:
+                            self._on_prefilled(r, s))
+            return
         for seq in advanced:
             request = requests[int(seq.request_id)]
-            if worker.role == "prefill":
-                self._later(self.config.rpc_s, lambda r=request, s=seq: self._on_prefilled(r, s))
-                continue
             if not request.token_times_s:
                 request.cached_tokens = seq.num_cached_prompt_tokens
                 self._later(self.config.rpc_s,

@@ -122,6 +122,35 @@ def test_serving_overheads_reach_every_step_of_a_decode_stretch():
         assert records[1].itl_ms == records[0].itl_ms
 
 
+def test_an_operation_in_a_steady_decode_step_waits_for_the_step_queued_ahead():
+    # A decodes alone in 10 ms steps from t=10; B arrives at 15, during the step 10-20. The
+    # engine has queued 20-30 before it applies B's arrival, so B's first chunk runs 30-40.
+    reqs = requests([(6, 20), (6, 4)])
+    for collapse in (True, False):
+        for lookahead, ttft_ms in ((True, 25.0), (False, 15.0)):
+            sim = Simulator(config(decode_lookahead=lookahead, collapse_decode_steps=collapse),
+                            ConstantModel())
+            records = sim.run(reqs, [0.0, 0.015]).records()
+            assert records[1].ttft_ms == pytest.approx(ttft_ms)
+            assert records[0].output_tokens == 20
+
+
+def test_a_prefill_answer_waits_for_the_workers_next_step_boundary():
+    routing = RoutingConfig(remote_prefill_min_tokens=4)
+    # Two-chunk prompts: A's answer is held behind B's first chunk's launch (3 ms); B's goes at
+    # once, the worker then idle. Every chunk step costs 10 + 2 ms.
+    sim = Simulator(config(1, 1, routing=routing, chunk_overhead_s=0.002, chunk_launch_s=0.003),
+                    ConstantModel())
+    first, second = sim.run(requests([(32, 2), (32, 2)]), [0.0, 0.001]).records()
+    assert first.ttft_ms == pytest.approx(24.0 + 3.0)
+    assert second.ttft_ms == pytest.approx(48.0 - 1.0)
+    # One-chunk prompts: the next step samples, so A's answer waits for all of it.
+    sim = Simulator(config(1, 1, routing=routing, chunk_launch_s=0.003), ConstantModel())
+    first, second = sim.run(requests([(16, 2), (16, 2)]), [0.0, 0.001]).records()
+    assert first.ttft_ms == pytest.approx(20.0)
+    assert second.ttft_ms == pytest.approx(19.0)
+
+
 def test_disaggregated_timing_adds_the_pull_and_the_hops():
     reqs = requests([(10, 4)])
     sim = Simulator(config(1, 1, rpc_s=0.001, routing=RoutingConfig(remote_prefill_min_tokens=4)),
