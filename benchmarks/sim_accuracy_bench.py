@@ -4,7 +4,7 @@
     python benchmarks/sim_accuracy_bench.py real --out-dir runs/ [--model random:llama-3.1-8b]
     # anywhere (no GPU): `tandem simulate` on the same cases, and the error table
     python benchmarks/sim_accuracy_bench.py sim --out-dir runs/ --profile PROFILE.json
-    # the serving overhead (per step, per sequence) of one real run with one decode worker
+    # the serving costs of one real 1P:1D run (decode step, prefill chunk, answer, fixed)
     python benchmarks/sim_accuracy_bench.py overheads --out-dir runs/ --profile PROFILE.json \
         --fit-run real-1p1d-isl4096-osl256-6rps.json
 
@@ -161,15 +161,29 @@ def decode_steps(real: dict) -> list[tuple[float, int, int]]:
             if MIN_DECODE_STEP_S < step[0] - before[0] < MAX_DECODE_STEP_S]
 
 
-def fit_overheads(run_path: Path, profile: str) -> tuple[float, float]:
-    """tandem simulate's --step-overhead-ms and --token-overhead-us, from one real run."""
-    from tandem.planner.perf_model import PerfModel, fit_serving_overhead
+def fit_overheads(run_path: Path, profile: str, chunk_tokens: int) -> list[str]:
+    """tandem simulate's serving flags, from one real run with one prefill and one decode worker."""
+    from tandem.planner.perf_model import PerfModel, fit_prefill_serving, fit_serving_overhead
 
-    steps = decode_steps(json.loads(run_path.read_text()))
-    per_step_s, per_seq_s = fit_serving_overhead(PerfModel.load(profile), steps)
+    real = json.loads(run_path.read_text())
+    model = PerfModel.load(profile)
+    steps = decode_steps(real)
+    per_step_s, per_seq_s = fit_serving_overhead(model, steps)
     print(f"{run_path.name}: {len(steps)} decode steps; serving adds {per_step_s * 1e3:.2f} ms "
           f"a step and {per_seq_s * 1e6:.0f} us a sequence to the profile's decode step")
-    return per_step_s * 1e3, per_seq_s * 1e6
+    prefill = fit_prefill_serving(model, [(r["start_s"], r["ttft_ms"] / 1e3, r["prompt_tokens"])
+                                          for r in real["per_request"]
+                                          if r["error"] is None and r["ttft_ms"] is not None],
+                                  chunk_tokens)
+    print(f"prefill worker: {prefill.chunk_overhead_s * 1e3:.2f} ms a chunk beyond the profile "
+          f"({prefill.num_mid} requests inside a queue), an answer held "
+          f"{prefill.chunk_launch_s * 1e3:.1f} ms behind the next chunk ({prefill.num_heads} at a "
+          f"queue's head), {prefill.fixed_s * 1e3:.1f} ms fixed ({prefill.num_isolated} alone)")
+    return ["--step-overhead-ms", f"{per_step_s * 1e3:.2f}",
+            "--token-overhead-us", f"{per_seq_s * 1e6:.0f}",
+            "--chunk-overhead-ms", f"{prefill.chunk_overhead_s * 1e3:.2f}",
+            "--chunk-launch-ms", f"{prefill.chunk_launch_s * 1e3:.1f}",
+            "--frontend-overhead-ms", f"{prefill.fixed_s * 1e3:.1f}"]
 
 
 def compare(layout: str, case: str, real: dict, sim: dict, sim_s: float) -> dict:
@@ -248,6 +262,14 @@ def main() -> int:
                         help="sim: serving work per engine step (tandem simulate's flag)")
     parser.add_argument("--token-overhead-us", default="0",
                         help="sim: serving work per streamed token (tandem simulate's flag)")
+    parser.add_argument("--chunk-overhead-ms", default="0",
+                        help="sim: serving work per step with a prompt chunk (tandem simulate's)")
+    parser.add_argument("--chunk-launch-ms", default="0",
+                        help="sim: a prefill answer held behind the next chunk's launch")
+    parser.add_argument("--frontend-overhead-ms", default="0",
+                        help="sim: fixed latency per request before its first worker")
+    parser.add_argument("--chunk-tokens", type=int, default=2048,
+                        help="overheads: the real run's prefill chunk (max-num-batched-tokens)")
     parser.add_argument("--rates", default="3,6,9", help="request rates of the ISL/OSL cases")
     parser.add_argument("--short-long-rates", default="",
                         help="rates of ISL 256 / OSL 1024 cases (none by default)")
@@ -270,11 +292,14 @@ def main() -> int:
     if not args.profile:
         parser.error(f"{args.phase} needs --profile")
     if args.phase == "overheads":
-        step_ms, token_us = fit_overheads(args.out_dir / args.fit_run, args.profile)
-        print(f"--step-overhead-ms {step_ms:.2f} --token-overhead-us {token_us:.0f}")
+        print(" ".join(fit_overheads(args.out_dir / args.fit_run, args.profile,
+                                     args.chunk_tokens)))
         return 0
     overheads = ("--step-overhead-ms", args.step_overhead_ms,
-                 "--token-overhead-us", args.token_overhead_us)
+                 "--token-overhead-us", args.token_overhead_us,
+                 "--chunk-overhead-ms", args.chunk_overhead_ms,
+                 "--chunk-launch-ms", args.chunk_launch_ms,
+                 "--frontend-overhead-ms", args.frontend_overhead_ms)
     rows = run_sim(args.out_dir, args.profile, layouts, args.trace, plan, overheads)
     (args.out_dir / "accuracy.json").write_text(json.dumps(rows, indent=1))
     print_table(rows)

@@ -35,6 +35,7 @@ import logging
 import math
 import random
 from bisect import bisect_right
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -265,6 +266,51 @@ def fit_serving_overhead(model: PerfModel, steps: Iterable[tuple[float, int, int
     x = np.column_stack([np.ones(len(sizes)), sizes]) * weights[:, None]
     (per_step_s, per_seq_s), *_ = np.linalg.lstsq(x, np.array(medians) * weights, rcond=None)
     return max(float(per_step_s), 0.0), max(float(per_seq_s), 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillServing:
+    """What a serving prefill worker adds to the profile's steps (`tandem simulate`'s flags)."""
+    chunk_overhead_s: float  # per step carrying a prompt chunk (--chunk-overhead-ms)
+    chunk_launch_s: float    # an answer held behind the next chunk's launch (--chunk-launch-ms)
+    fixed_s: float           # per request, before the prefill worker (--frontend-overhead-ms)
+    num_mid: int             # requests each estimate rests on
+    num_isolated: int
+    num_heads: int
+
+
+def fit_prefill_serving(model: PerfModel, requests: Iterable[tuple[float, float, int]],
+                        chunk_tokens: int, margin_s: float = 0.03) -> PrefillServing:
+    """Read a serving prefill worker's costs off one real run's first tokens.
+
+    `requests` are (start_s, ttft_s, prompt tokens) of a run whose first tokens all come from one
+    prefill worker, FIFO. A request is queued when it arrived more than `margin_s` before the
+    previous first token (so it waited behind it). Three kinds of request give three costs:
+    inside a queue (it, the one before and the one after queued), first tokens are one service
+    apart, the model's chunk steps plus the overhead per chunk; alone (neither it nor the next
+    queued), the time to first token is the fixed latency plus that service; at the head of a
+    queue (not queued, the next one is), the answer also waits for the next chunk's launch.
+    Medians, so that a few requests held up elsewhere do not pull the estimates.
+    """
+    rows = sorted((start_s + ttft_s, start_s, ttft_s, n) for start_s, ttft_s, n in requests)
+    queued = [False] + [rows[i][1] < rows[i - 1][0] - margin_s for i in range(1, len(rows))]
+    queued.append(False)  # nothing follows the last request
+    mid, isolated, heads = [], [], []
+    for i, (first_s, _, ttft_s, num_prompt) in enumerate(rows):
+        chunks = [min(chunk_tokens, num_prompt - c) for c in range(0, num_prompt, chunk_tokens)]
+        service_s = sum(model.prefill_s(n, i_chunk * chunk_tokens)
+                        for i_chunk, n in enumerate(chunks))
+        if i and queued[i - 1] and queued[i] and queued[i + 1]:
+            mid.append((first_s - rows[i - 1][0] - service_s) / len(chunks))
+        elif not queued[i]:
+            (heads if queued[i + 1] else isolated).append((ttft_s - service_s, len(chunks)))
+    if not mid or not isolated or not heads:
+        raise ValueError(f"need requests inside a queue, alone and at a queue's head; got "
+                         f"{len(mid)}, {len(isolated)}, {len(heads)}: use a busier run")
+    overhead_s = max(float(np.median(mid)), 0.0)
+    fixed_s = max(float(np.median([e - n * overhead_s for e, n in isolated])), 0.0)
+    launch_s = max(float(np.median([e - n * overhead_s for e, n in heads])) - fixed_s, 0.0)
+    return PrefillServing(overhead_s, launch_s, fixed_s, len(mid), len(isolated), len(heads))
 
 
 def _mixed_features(p: dict) -> list[float]:

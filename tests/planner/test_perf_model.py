@@ -9,7 +9,8 @@ import timeit
 
 import pytest
 
-from tandem.planner.perf_model import PerfModel, fit_serving_overhead, holdout_error
+from tandem.planner.perf_model import (PerfModel, fit_prefill_serving, fit_serving_overhead,
+                                       holdout_error)
 
 # Known formulas, in seconds, shaped like a real device: a flat weight-read floor for short
 # prefills, attention work growing with cached context, decode linear in batch and KV read.
@@ -131,6 +132,29 @@ def test_serving_overhead_is_recovered_from_observed_decode_steps(model: PerfMod
     assert per_seq_s == pytest.approx(7e-5, rel=0.02)
     with pytest.raises(ValueError, match="two batch sizes"):
         fit_serving_overhead(model, [(0.01, 8, 8000)])
+
+
+def test_prefill_serving_costs_are_recovered_from_first_tokens(model: PerfModel):
+    # One FIFO prefill worker, 4096-token prompts in two 2048-token chunks, each chunk 4 ms over
+    # the model, 1 ms before the worker, an answer held 15 ms when another prompt waits.
+    chunk_s, launch_s, fixed_s = 4e-3, 15e-3, 1e-3
+    service_s = model.prefill_s(2048, 0) + model.prefill_s(2048, 2048) + 2 * chunk_s
+    starts = [0.0, 1.0, 1.02, 1.03, 1.04, 1.05, 3.0, 5.0, 5.01, 5.02, 7.0]
+    free_s, done = 0.0, []
+    for start_s in starts:
+        free_s = max(free_s, start_s + fixed_s) + service_s
+        done.append(free_s)
+    records = []
+    for i, (start_s, done_s) in enumerate(zip(starts, done)):
+        waits = i + 1 < len(starts) and starts[i + 1] + fixed_s < done_s
+        records.append((start_s, done_s + (launch_s if waits else 0.0) - start_s, 4096))
+    fit = fit_prefill_serving(model, records, 2048)
+    assert fit.chunk_overhead_s == pytest.approx(chunk_s, abs=1e-6)
+    assert fit.fixed_s == pytest.approx(fixed_s, abs=1e-6)
+    assert fit.chunk_launch_s == pytest.approx(launch_s, abs=1e-6)
+    assert (fit.num_mid, fit.num_isolated, fit.num_heads) == (2, 3, 2)
+    with pytest.raises(ValueError, match="busier run"):
+        fit_prefill_serving(model, records[:1], 2048)
 
 
 def test_no_transfer_points_says_so():
