@@ -56,7 +56,10 @@ class PrefillWorker(WorkerBase):
                 last = update
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        block_ids = await self.async_engine.call(lambda: self.engine.pinned_blocks(request_id))
+        # Read here, not queued behind the engine's next step (which would hold the answer for a
+        # whole step when another prompt is waiting): the blocks were pinned before the final
+        # update was sent, and only calls applied on this thread unpin them.
+        block_ids = self.engine.pinned_blocks(request_id)
         if block_ids is None:  # ended some other way (aborted as it finished)
             await context.abort(grpc.StatusCode.ABORTED, f"request {request_id} was aborted")
         self.pinned_at[request_id] = time.monotonic()
