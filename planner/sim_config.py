@@ -42,10 +42,12 @@ class SimConfig:
     # Host work of a step that carries a prompt chunk, beyond the profile's step: its 2048-token
     # inputs are built and launched while no step of its own is queued ahead of it.
     chunk_overhead_s: float = 0.0
-    # A prefill worker answers a finished prompt only at its next step boundary (the answer reads
-    # the pinned blocks through an engine operation, prefill_workers/service.py). When it goes
-    # straight on to a chunk that does not sample, that boundary comes once the chunk is launched,
-    # not run: this long after the chunk starts. 0: the answer leaves as the step ends.
+    # Serving up to commit e65eadc: a prefill worker answered a finished prompt only at
+    # its next step boundary (it read the pinned blocks through an engine operation). When it went
+    # straight on to a chunk that does not sample, that boundary came once the chunk was launched,
+    # not run: `chunk_launch_s` after the chunk starts. Off: the answer leaves as the step ends,
+    # as prefill_workers/service.py answers now. On, to replay runs of the older serving path.
+    answer_at_step_boundary: bool = False
     chunk_launch_s: float = 0.0
     # A serving worker queues a steady decode batch's next step before it applies the operations
     # that arrived during this one (engine/lookahead.py), so they take effect a step later.

@@ -27,10 +27,10 @@ engine step the profile times in three ways the worker models. A steady decode b
 running sequence decodes, nothing waits) has its next step queued on the device before the
 operations that arrived during this step are applied (engine/lookahead.py), so they take effect one
 step later. A step that carries a prompt chunk pays `chunk_overhead_s` of host work beyond the
-profile's step. A prefill worker answers a finished prompt at its next step boundary, since the
-answer reads the pinned blocks through an engine operation: at once when it goes idle, when the
-next step ends if that step samples, and `chunk_launch_s` into it if it is a chunk that does not
-(such a step returns once launched, its tokens not awaited).
+profile's step. A prefill worker answers a finished prompt as its step ends. (The serving path
+before answered at the worker's next step boundary: at once when it went idle, when the next step
+ended if that step sampled, and `chunk_launch_s` into it if it was a chunk that did not;
+`answer_at_step_boundary` replays that, for runs made then.)
 
 Synthetic tokens. The trace holds no output text, so the token sampled at position p is a fixed
 function of p: requests are run with `ignore_eos` and `max_tokens` set to their output length, so
@@ -71,7 +71,8 @@ class SimWorker:
     __slots__ = ("worker_id", "role", "block_manager", "scheduler", "state", "model",
                  "batch", "step_end_s", "ops", "num_steps", "busy_s", "_token_span",
                  "collapse", "stretch_ends_s", "generation", "step_overhead_s",
-                 "token_overhead_s", "chunk_overhead_s", "chunk_launch_s", "lookahead",
+                 "token_overhead_s", "chunk_overhead_s", "chunk_launch_s", "answer_at_step_boundary",
+                 "lookahead",
                  "_batch_is_decode", "_steady", "_deferred")
 
     def __init__(self, worker_id: str, role: str, config: SimConfig, model,
@@ -100,6 +101,7 @@ class SimWorker:
         self.token_overhead_s = config.token_overhead_s
         self.chunk_overhead_s = config.chunk_overhead_s
         self.chunk_launch_s = config.chunk_launch_s
+        self.answer_at_step_boundary = config.answer_at_step_boundary
         self.lookahead = config.decode_lookahead
         self._batch_is_decode = False  # the step in flight has decode rows only
         self._steady = False  # the last step was steady decode: the engine queued the next one
@@ -203,7 +205,7 @@ class SimWorker:
     def answer_delay_s(self, now_s: float) -> float:
         """How long after `now_s` (a step's end, the next step started) the prompts that step
         finished are answered: at the worker's next step boundary (the module docstring)."""
-        if self.step_end_s is None:
+        if not self.answer_at_step_boundary or self.step_end_s is None:
             return 0.0
         batch = self.batch
         if any(batch.samples(i) for i in range(len(batch.seqs))):

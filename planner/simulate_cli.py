@@ -75,9 +75,12 @@ def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
                      help="serving work per token streamed (worker and frontend)")
     sim.add_argument("--chunk-overhead-ms", type=float, default=0.0,
                      help="serving work a worker adds to a step that carries a prompt chunk")
+    sim.add_argument("--answer-at-step-boundary", action="store_true",
+                     help="prefill workers answer at their next step boundary, as serving did "
+                          "before answers left with the step's end (to replay runs made then)")
     sim.add_argument("--chunk-launch-ms", type=float, default=0.0,
-                     help="host time to launch a prompt chunk: a prefill worker's answer that "
-                          "waits for the next step boundary waits this long behind such a chunk")
+                     help="with --answer-at-step-boundary: host time to launch a prompt chunk, "
+                          "which an answer waiting for the next boundary waits behind")
     sim.add_argument("--no-decode-lookahead", action="store_true",
                      help="operations reach the next step even in a steady decode batch")
     sim.add_argument("--slo", nargs="+", default=[], metavar="NAME=MS",
@@ -128,6 +131,7 @@ def sim_config_from_args(args: argparse.Namespace, profile: dict, num_prefill: i
               "token_overhead_s": args.token_overhead_us / 1e6,
               "chunk_overhead_s": args.chunk_overhead_ms / 1e3,
               "chunk_launch_s": args.chunk_launch_ms / 1e3,
+              "answer_at_step_boundary": args.answer_at_step_boundary,
               "decode_lookahead": not args.no_decode_lookahead}
     if args.heartbeat_interval_s is not None:
         timing["heartbeat_interval_s"] = args.heartbeat_interval_s

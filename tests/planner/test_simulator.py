@@ -139,16 +139,27 @@ def test_a_prefill_answer_waits_for_the_workers_next_step_boundary():
     routing = RoutingConfig(remote_prefill_min_tokens=4)
     # Two-chunk prompts: A's answer is held behind B's first chunk's launch (3 ms); B's goes at
     # once, the worker then idle. Every chunk step costs 10 + 2 ms.
-    sim = Simulator(config(1, 1, routing=routing, chunk_overhead_s=0.002, chunk_launch_s=0.003),
+    sim = Simulator(config(1, 1, routing=routing, chunk_overhead_s=0.002, chunk_launch_s=0.003,
+                           answer_at_step_boundary=True),
                     ConstantModel())
     first, second = sim.run(requests([(32, 2), (32, 2)]), [0.0, 0.001]).records()
     assert first.ttft_ms == pytest.approx(24.0 + 3.0)
     assert second.ttft_ms == pytest.approx(48.0 - 1.0)
     # One-chunk prompts: the next step samples, so A's answer waits for all of it.
-    sim = Simulator(config(1, 1, routing=routing, chunk_launch_s=0.003), ConstantModel())
+    sim = Simulator(config(1, 1, routing=routing, chunk_launch_s=0.003,
+                           answer_at_step_boundary=True), ConstantModel())
     first, second = sim.run(requests([(16, 2), (16, 2)]), [0.0, 0.001]).records()
     assert first.ttft_ms == pytest.approx(20.0)
     assert second.ttft_ms == pytest.approx(19.0)
+
+
+def test_a_prefill_answer_leaves_as_its_step_ends():
+    routing = RoutingConfig(remote_prefill_min_tokens=4)
+    sim = Simulator(config(1, 1, routing=routing, chunk_overhead_s=0.002, chunk_launch_s=0.003),
+                    ConstantModel())
+    first, second = sim.run(requests([(32, 2), (32, 2)]), [0.0, 0.001]).records()
+    assert first.ttft_ms == pytest.approx(24.0)   # two chunk steps of 10 + 2 ms
+    assert second.ttft_ms == pytest.approx(48.0 - 1.0)
 
 
 def test_disaggregated_timing_adds_the_pull_and_the_hops():
