@@ -70,9 +70,9 @@ def paged_attention(query: torch.Tensor, kv_layer: torch.Tensor, meta: Attention
                                 meta.max_seq_len, num_splits=num_splits or meta.num_splits)
     if meta.rest is not None:
         # A mixed step: its leading one-token rows by the decode kernel (the prefill kernel would
-        # give each a whole query tile and read its context once per query head).
-        # One split: a kernel variant that does not change with the batch (a new variant would
-        # be compiled while serving), and a prompt chunk beside it fills the device anyway.
+        # give each a whole query tile and read its context once per query head), in one split:
+        # a kernel variant that does not change with the batch (a new one would be compiled while
+        # serving), and the prompt chunk beside it fills the device anyway.
         d = meta.num_decode_seqs
         decode_attention(query[:d], kv_layer, meta.block_tables[:d], meta.seq_lens[:d], scale,
                          out[:d], max(meta.seq_lens_cpu[:d]), num_splits=1)
