@@ -60,34 +60,32 @@ def host_inputs(batch: ScheduledBatch, block_size: int) -> HostInputs:
 
 def _decode_inputs(batch: ScheduledBatch, block_size: int) -> HostInputs:
     """One token per sequence: the same lists, built a column at a time (a decode step of a few
-    hundred sequences is the engine's most frequent step, and its host work is not overlapped)."""
+    hundred sequences is the engine's most frequent step)."""
     seqs = batch.seqs
     positions = [seq.num_computed_tokens for seq in seqs]
-    return HostInputs(
-        input_ids=[seq.token_ids[p] for seq, p in zip(seqs, positions)],
-        positions=positions,
-        slots=[seq.block_table[p // block_size] * block_size + p % block_size
-               for seq, p in zip(seqs, positions)],
-        query_start_loc=list(range(len(seqs) + 1)),
-        seq_lens=[p + 1 for p in positions],
-        block_tables=[seq.block_table for seq in seqs],
-        sampling_rows=[i for i, seq in enumerate(seqs) if seq.num_computed_tokens + 1
-                       == seq.num_tokens],
-        max_query_len=1)
+    return _one_token_each(
+        seqs, positions, [seq.token_ids[p] for seq, p in zip(seqs, positions)],
+        [i for i, seq in enumerate(seqs) if seq.num_computed_tokens + 1 == seq.num_tokens],
+        block_size)
 
 
 def ahead_inputs(batch: ScheduledBatch, block_size: int) -> HostInputs:
     """A decode step launched ahead (engine/lookahead.py): each sequence computes the position one
     past its last recorded token; its input token is still on the device (input_ids here: zeros)."""
     seqs = batch.seqs
-    positions = [seq.num_tokens for seq in seqs]
+    return _one_token_each(seqs, [seq.num_tokens for seq in seqs], [0] * len(seqs),
+                           list(range(len(seqs))), block_size)
+
+
+def _one_token_each(seqs: list, positions: list[int], input_ids: list[int],
+                    sampling_rows: list[int], block_size: int) -> HostInputs:
     return HostInputs(
-        input_ids=[0] * len(seqs),
+        input_ids=input_ids,
         positions=positions,
         slots=[seq.block_table[p // block_size] * block_size + p % block_size
                for seq, p in zip(seqs, positions)],
         query_start_loc=list(range(len(seqs) + 1)),
         seq_lens=[p + 1 for p in positions],
         block_tables=[seq.block_table for seq in seqs],
-        sampling_rows=list(range(len(seqs))),
+        sampling_rows=sampling_rows,
         max_query_len=1)
