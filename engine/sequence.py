@@ -35,7 +35,7 @@ class FinishReason(str, enum.Enum):
 @dataclass(slots=True)
 class Sequence:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int] | tuple[int, ...]  # read only: token_ids is the sequence's copy
     params: SamplingParams
     block_size: int
     arrival_time: float = 0.0          # time.monotonic() when the request reached this engine
@@ -93,8 +93,10 @@ class Sequence:
         return (num_tokens + self.block_size - 1) // self.block_size
 
     def append_token(self, token_id: int) -> None:
-        self.token_ids.append(token_id)
-        self.update_block_hashes()
+        token_ids = self.token_ids
+        token_ids.append(token_id)
+        if len(token_ids) >= (len(self.block_hashes) + 1) * self.block_size:  # a block filled
+            self.update_block_hashes()
 
     def update_block_hashes(self) -> None:
         """Extend the chained hashes to cover every full block of token_ids."""

@@ -214,7 +214,8 @@ class Simulator:
 
     def _new_sequence(self, request: SimRequest) -> Sequence:
         bench = request.bench
-        return Sequence(request.request_id, list(bench.prompt_token_ids),
+        # The bench prompt (a tuple) is shared, not copied: Sequence copies it into token_ids.
+        return Sequence(request.request_id, bench.prompt_token_ids,
                         SamplingParams(max_tokens=bench.output_len, temperature=0.0,
                                        ignore_eos=True),
                         self.config.block_size, arrival_time=request.send_s,
