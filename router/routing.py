@@ -23,8 +23,9 @@ and corrections from what workers report in their heartbeats. No I/O happens her
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from tandem.router.kv_index import KVIndex
 from tandem.router.kv_policy import ActiveLoadTracker, KVPolicyConfig, KVRouterPolicy
@@ -125,14 +126,7 @@ class Router:
         """The request ended, however it ended; safe to call more than once."""
         for key, hashes in self._pending_of.pop(request_id, []):
             pending = self._pending[key]
-            # One pass of plain dict operations: Counter.subtract and Counter.__delitem__ are
-            # Python-level, and a long prompt has hundreds of hashes.
-            for block_hash in hashes:
-                left = pending[block_hash] - 1
-                if left > 0:
-                    pending[block_hash] = left
-                else:
-                    pending.pop(block_hash, None)
+            _release_chain(pending, hashes)
             if not pending:
                 del self._pending[key]
         self.loads["decode"].on_finished(request_id)
@@ -163,7 +157,14 @@ class Router:
         if not block_hashes:
             return
         key = (role, worker_id)
-        self._pending.setdefault(key, Counter()).update(block_hashes)
+        pending = self._pending.setdefault(key, Counter())
+        # Whole chains: the hashes already pending are a leading run and the rest are new, so
+        # only the run is counted up one by one and the new tail goes in with one dict update
+        # (Counter.update gets and sets every hash).
+        num_held = _leading_run(block_hashes, pending)
+        for block_hash in block_hashes[:num_held]:
+            pending[block_hash] += 1
+        dict.update(pending, zip(block_hashes[num_held:], repeat(1)))
         self._pending_of.setdefault(request_id, []).append((key, block_hashes))
 
     def _choose(self, role: str, pool: list[WorkerState], num_blocks: int,
@@ -180,6 +181,17 @@ class Router:
                 overlaps[worker_id] = max(overlaps.get(worker_id, 0), held)
         loads = {w: tracker.load(w) for w in candidates}
         return self.policies[role].choose(candidates, num_blocks, overlaps, loads)
+
+
+def _release_chain(pending: Counter[int], hashes: list[int]) -> None:
+    """Drop one count of each hash of a chain routed earlier. Counts never rise along a chain
+    (whoever holds block k holds blocks 0..k-1), so the hashes this chain alone holds are a
+    tail, found by bisection and popped in one C-level pass; only the shared head is counted
+    down hash by hash (Counter.subtract is a Python loop, and a long prompt has hundreds)."""
+    num_shared = bisect_left(range(len(hashes)), True, key=lambda k: pending[hashes[k]] <= 1)
+    for block_hash in hashes[:num_shared]:
+        pending[block_hash] -= 1
+    deque(map(pending.pop, hashes[num_shared:]), maxlen=0)  # dict.pop: Counter's del is Python
 
 
 def _leading_run(block_hashes: list[int], held: Counter[int]) -> int:

@@ -117,6 +117,23 @@ def test_a_prefix_in_flight_counts_as_held_by_its_worker_until_the_request_ends(
     assert third.num_cached_tokens == 0  # the index never confirmed the blocks
 
 
+def test_finishing_a_request_drops_only_its_own_count_of_a_shared_prefix():
+    router = make(overlap_weight=3.0)
+    pool = [worker("d0")]
+    longer = hash_prompt_blocks(PROMPT + [7] * 8, BLOCK)  # PROMPT's chain and two more blocks
+    router.route("r1", len(PROMPT), HASHES, pool, [])
+    router.route("r2", len(PROMPT) + 8, longer, pool, [])
+    router.route("r3", len(PROMPT), HASHES, pool, [])
+    pending = router._pending[("decode", "d0")]
+    assert [pending[h] for h in longer] == [3] * len(HASHES) + [1, 1]
+    router.on_finished("r2")
+    assert dict(pending) == {h: 2 for h in HASHES}
+    router.on_finished("r1")
+    assert dict(pending) == {h: 1 for h in HASHES}
+    router.on_finished("r3")
+    assert router._pending == {} and router._pending_of == {}
+
+
 def test_totals_count_requests_tokens_and_length_classes():
     router = make()
     pool = [worker("d0")]
