@@ -195,7 +195,7 @@ def ideal_prefix_hit_rate_of_hashes(prompts: Iterable[tuple[Sequence[int], int]]
         # Chained hashes: once one block misses, no later block of this prompt can hit, and
         # `seen` holds whole prefixes, so the hits are a leading run found by bisection.
         hit_blocks = bisect_left(range(len(hashes)), True, key=lambda k: hashes[k] not in seen)
-        seen.update(hashes)
+        seen.update(hashes[hit_blocks:])  # the hits are in `seen` already
         hit_tokens += hit_blocks * block_size
         total_tokens += prompt_len
     return hit_tokens / total_tokens if total_tokens else 0.0
