@@ -67,12 +67,6 @@ from tandem.router.routing import RoutingConfig
 
 MAX_FIXED_POINT_ITERATIONS = 50
 PREFILL_TAIL_FRACTION = 0.1  # p90: a tail quantile is set by what happens in more than 10% of gaps
-# Handovers arrive with the bursts that fill a decode batch: their steps are those of a batch one
-# standard deviation above its mean. Calibrated on the conversation trace in the simulator
-# (benchmarks/RESULTS.md): two sigmas asked for 3-10 decode workers where 2 held the bound.
-BUSY_BATCH_SIGMAS = 1.0
-
-
 class PerfModel(Protocol):
     block_size: int
     kv_bytes_per_token: int
@@ -131,6 +125,9 @@ class SizingTarget:
     # are prefilled on their decode worker and never load the prefill pool.
     remote_prefill_min_tokens: int = field(
         default_factory=lambda: RoutingConfig().remote_prefill_min_tokens)
+    # Steps a serving decode worker queues ahead of the one in flight (engine/lookahead.py): an
+    # operation that reaches a steady batch takes effect after them. 0: applied at the next step.
+    decode_lookahead_steps: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,13 +177,14 @@ def decode_estimate(perf: PerfModel, load: Load, target: SizingTarget, n: int) -
     if not batch:
         return PoolEstimate(n, utilization, math.nan, math.inf, False)
     itl_s = _decode_step_s(perf, load, batch)
-    late, unreachable = _handoff_late(perf, load, target, batch)
+    late, unreachable = _handoff_late(perf, load, target, batch, n)
     budget = 1.0 - target.attainment
     # Past the knee, the late are the longest prompts' pulls: a worker that takes less than the
     # budget off the late list is not worth it.
     if late > budget:
         following = _little_batch(perf, load, target, n + 1)
-        late_after = _handoff_late(perf, load, target, following)[0] if following else late
+        late_after = (_handoff_late(perf, load, target, following, n + 1)[0] if following
+                      else late)
         is_handoff_ok = late - late_after < budget
     else:
         is_handoff_ok = True
@@ -224,25 +222,30 @@ def aggregated_estimate(perf: PerfModel, load: Load, target: SizingTarget,
                         unreachable_share(mix, target.ttft_ms / 1e3))
 
 
-def _handoff_late(perf: PerfModel, load: Load, target: SizingTarget, batch: int
-                  ) -> tuple[float, float]:
+def _handoff_late(perf: PerfModel, load: Load, target: SizingTarget, batch: int,
+                  num_workers: int) -> tuple[float, float]:
     """(share late, share unreachable) of first gaps on the decode worker over the ITL bound.
 
-    The gap is the KV pull, two waits for a step boundary (each uniform over one step) and the
-    request's own step, at the busy batch. A class whose pull and one step beside no one else
-    already exceed the bound is unreachable: more workers do not help it.
+    The gap is the KV pull, two operations that each wait for a step boundary (uniform over one
+    step) and the steps queued ahead, then the request's own step. A handover lands with its
+    clump-mates: under clumped arrivals of index of dispersion D = E[X^2] / E[X], a request has
+    D - 1 others in its clump on average, spread over the pool, so its steps carry
+    b + (D - 1) / n sequences. A class whose pull and steps beside no one else already exceed the
+    bound is unreachable: more workers do not help it.
     """
     mix = service_mix(perf, load.mix, load.prefix_hit_rate, target.prefill_chunk_tokens)
-    busy = batch + BUSY_BATCH_SIGMAS * math.sqrt(load.arrival_dispersion * batch)
+    busy = batch + max(0.0, load.arrival_dispersion - 1.0) / num_workers
     step_s = _decode_step_s(perf, load, max(batch, round(busy)))
     alone_step_s = _decode_step_s(perf, load, 1)
     bound_s = target.itl_ms / 1e3
     late = unreachable = 0.0
     for share, transfer_s in zip(mix.shares, mix.transfer_s):
-        if transfer_s + alone_step_s > bound_s:
+        if transfer_s + (1 + 2 * target.decode_lookahead_steps) * alone_step_s > bound_s:
             unreachable += share
             continue
-        slack = (bound_s - transfer_s) / step_s - 1.0  # what the two waits may take, in steps
+        # What the two waits for a step boundary may take, in steps: each operation also waits
+        # out the steps queued ahead, then the request's own step.
+        slack = (bound_s - transfer_s) / step_s - 1.0 - 2 * target.decode_lookahead_steps
         late += share * _two_uniforms_exceed(slack)
     return late, unreachable
 

@@ -17,8 +17,10 @@ INTERVAL_S = 30.0
 
 
 def make_planner(**overrides) -> Planner:
+    # The scripted shapes below are the sizing's for workers that apply operations at the next
+    # step; test_steady_load_with_steps_queued_ahead checks the default.
     settings = dict(mode="on", interval_s=INTERVAL_S, gpu_budget=8, hold_s=180.0,
-                    cooldown_s=60.0, ready_timeout_s=300.0)
+                    cooldown_s=60.0, ready_timeout_s=300.0, decode_lookahead_steps=0)
     settings.update(overrides)
     return Planner(PlannerConfig(**settings), LinearPerfModel())
 
@@ -79,6 +81,16 @@ def test_steady_load_gives_no_changes(predictor):
     decisions = run(make_planner(predictor=predictor), Cluster(1, 1), [3.0] * 40)
     assert all(d.is_hold for d in decisions)
     assert (decisions[-1].num_prefill, decisions[-1].num_decode) == (1, 1)
+
+
+@PREDICTORS
+def test_steady_load_with_steps_queued_ahead_gives_no_changes(predictor):
+    """The handoff waits out the decode step queued ahead: 3 req/s needs a second decode
+    worker, which the planner asks for once and then holds."""
+    decisions = run(make_planner(predictor=predictor, decode_lookahead_steps=1), Cluster(1, 2),
+                    [3.0] * 40)
+    assert all(d.is_hold for d in decisions)
+    assert (decisions[-1].num_prefill, decisions[-1].num_decode) == (1, 2)
 
 
 @PREDICTORS

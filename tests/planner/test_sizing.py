@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from tandem.planner.sizing import (Load, SizingTarget, decode_estimate, plan_pools,
-                                   prefill_estimate)
+from tandem.planner.sizing import (Load, SizingTarget, _handoff_late, _little_batch,
+                                   decode_estimate, plan_pools, prefill_estimate, smallest_pool)
 
 
 class LinearPerfModel:
@@ -94,14 +94,41 @@ def test_a_kv_pull_longer_than_the_itl_bound_is_reported_not_sized_for():
 
 
 def test_the_handoff_gap_sizes_the_decode_pool():
-    """4k-token prompts (6.4 ms pull) at 30 req/s: one decode worker's 9.1 ms steps meet a 30 ms
-    bound, but not the pull plus three steps; two workers' 7.2 ms steps do."""
+    """4k-token prompts (6.4 ms pull) at 30 req/s, on workers that apply operations at the next
+    step (no step queued ahead): one decode worker's 9.1 ms steps meet a 30 ms bound, but not the
+    pull plus three steps; two workers' 7.2 ms steps do."""
     load = Load(30.0, 4096, 64)
-    target = SizingTarget(ttft_ms=5000, itl_ms=30)
+    target = SizingTarget(ttft_ms=5000, itl_ms=30, decode_lookahead_steps=0)
     one, two = (decode_estimate(PERF, load, target, n) for n in (1, 2))
     transfer_ms = 1e3 * PERF.transfer_s(4096 * 131072)
     assert transfer_ms + 3 * one.itl_ms > 30 > transfer_ms + 3 * two.itl_ms
     assert one.itl_ms < 30 and not one.meets_slo and two.meets_slo
+
+
+def test_steps_queued_ahead_lengthen_the_handoff():
+    """With one step queued ahead, each of the handoff's two operations waits a step more: the
+    pull plus 3 to 5 steps. The 30 ms bound that two workers met above now needs more."""
+    load = Load(30.0, 4096, 64)
+    bounds = (1, 8)
+    before = smallest_pool(decode_estimate, PERF, load,
+                           SizingTarget(ttft_ms=5000, itl_ms=30, decode_lookahead_steps=0), bounds)
+    after = smallest_pool(decode_estimate, PERF, load, SizingTarget(ttft_ms=5000, itl_ms=30),
+                          bounds)
+    assert before.num_workers == 2 and after.num_workers > 2 and after.meets_slo
+
+
+def test_clumped_arrivals_hand_over_into_a_fuller_batch():
+    """A request lands with its clump-mates, (dispersion - 1) / n of them on its decode worker:
+    clumps of ten at the same mean rate leave more first gaps late than Poisson arrivals."""
+    target = SizingTarget(ttft_ms=5000, itl_ms=40)
+    poisson = Load(30.0, 4096, 64)
+    clumped = Load(30.0, 4096, 64, arrival_dispersion=10.0)
+    batch = _little_batch(PERF, poisson, target, 2)
+    late_poisson = _handoff_late(PERF, poisson, target, batch, 2)[0]
+    late_clumped = _handoff_late(PERF, clumped, target, batch, 2)[0]
+    assert late_clumped > late_poisson
+    # Spread over more workers, each holds fewer of the clump.
+    assert _handoff_late(PERF, clumped, target, batch, 8)[0] < late_clumped
 
 
 def test_prefix_hits_make_prefill_cheaper():
@@ -112,17 +139,24 @@ def test_prefix_hits_make_prefill_cheaper():
 
 def test_decode_itl_follows_littles_law():
     load = Load(6.0, 4096, 256)
-    estimate = decode_estimate(PERF, load, TARGET, 1)
+    # No step queued ahead: the handoff (the test above) stays within the bound with one worker.
+    estimate = decode_estimate(PERF, load, replace(TARGET, decode_lookahead_steps=0), 1)
     batch = math.ceil(6.0 * 256 * estimate.itl_ms / 1e3)  # running = rate * OSL * ITL
     assert estimate.itl_ms == pytest.approx(1e3 * PERF.decode_s(batch, batch * 4224), rel=0.02)
     assert estimate.meets_slo
 
 
 def test_pools_grow_with_load_and_zero_load_gives_minimum():
-    sizes = [plan_pools(PERF, Load(rate, 4096, 256), TARGET, "disagg", BOUNDS, 8)
+    target = replace(TARGET, decode_lookahead_steps=0)
+    sizes = [plan_pools(PERF, Load(rate, 4096, 256), target, "disagg", BOUNDS, 8)
              for rate in (0.0, 6.0, 12.0, 20.0)]
-    assert [(p.num_prefill, p.num_decode) for p in sizes] == [(1, 1), (2, 1), (3, 2), (3, 3)]
+    # Poisson arrivals: a handoff's steps are those of the mean batch (no clump lands with it).
+    assert [(p.num_prefill, p.num_decode) for p in sizes] == [(1, 1), (2, 1), (3, 2), (3, 2)]
     assert all(p.meets_slo and p.num_both == 0 for p in sizes)
+    # A step queued ahead lengthens every handoff: more decode workers, the minimum at zero load.
+    ahead = [plan_pools(PERF, Load(rate, 4096, 256), TARGET, "disagg", BOUNDS, 8)
+             for rate in (0.0, 6.0, 12.0)]
+    assert [(p.num_prefill, p.num_decode) for p in ahead] == [(1, 1), (2, 3), (3, 5)]
 
 
 def test_gpu_budget_and_max_bounds_are_respected():
