@@ -30,9 +30,11 @@ sequences at once (arrival rate of tokens times the time each takes), solved by 
 iteration; b above max_batch_size means the pool cannot keep up. The ITL bound is a bound on each
 request's worst gap, and a disaggregated request's first gap on its decode worker is the longest:
 the step in flight before it is admitted, its KV pull, the step in flight when the pull is done,
-then its own step (the engine applies operations between steps): transfer_s + (U1 + U2 + 1) * t
-with U1, U2 uniform on [0, 1]. Handovers arrive with the bursts that fill the batch, so t is the
-step of a busy batch, b + sqrt(dispersion * b) (arrival_dispersion as in the prefill pool). The
+then its own step (the engine applies operations between steps, and a serving worker's steady
+batch has `decode_lookahead_steps` more queued ahead that each operation waits out):
+transfer_s + (U1 + U2 + 1 + 2 * lookahead) * t with U1, U2 uniform on [0, 1]. A handover lands
+with its clump-mates (arrival_dispersion as in the prefill pool): t is the step of the mean batch
+plus (dispersion - 1) / n sequences. The
 pool is big enough when that exceeds the bound for at most `1 - attainment` of the requests, or
 when one more worker would take less than that off the late list (the rest are the longest
 prompts, whose pull alone takes most of the bound).
