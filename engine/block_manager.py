@@ -113,16 +113,19 @@ class BlockManager:
         old_hashes = [block_hashes[block_id] for block_id in allocated]
         for block_id in allocated:
             ref_counts[block_id] = 1
-        if old_hashes.count(None) != num_blocks:
-            self._evict(allocated, old_hashes)
+        num_uncached = old_hashes.count(None)
+        if num_uncached != num_blocks:
+            self._evict(allocated, old_hashes, num_uncached)
         # Which blocks are taken follows the LRU order; handing them out in ascending id order
         # makes consecutive runs, which a KV transfer moves as one descriptor instead of many.
         allocated.sort()
         return allocated
 
-    def _evict(self, block_ids: list[int], old_hashes: list[int | None]) -> None:
+    def _evict(self, block_ids: list[int], old_hashes: list[int | None],
+               num_uncached: int = 0) -> None:
         """Forget the hashes of cached blocks taken for reuse, in LRU order, as one event."""
-        evicted = tuple(h for h in old_hashes if h is not None)
+        evicted = (tuple([h for h in old_hashes if h is not None]) if num_uncached
+                   else tuple(old_hashes))
         hash_to_block, block_hashes = self.hash_to_block, self.block_hashes
         for block_hash in evicted:
             block_hashes[hash_to_block.pop(block_hash)] = None
