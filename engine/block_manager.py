@@ -157,11 +157,32 @@ class BlockManager:
         assert len(block_ids) == len(block_hashes)
         hash_to_block, parents, hash_of_block = (self.hash_to_block, self.parent_hashes,
                                                  self.block_hashes)
-        cached = []
-        run: list[int] = []  # consecutive newly stored hashes, published as one chained event
-        run_parent = parent_hash
+        # Most calls store a chain of fresh blocks (a prompt chunk, an output block): that first
+        # loop keeps no lists, which are the chain itself when nothing was skipped.
         parent = parent_hash
         for block_id, block_hash in zip(block_ids, block_hashes):
+            if block_hash in hash_to_block or hash_of_block[block_id] is not None:
+                break
+            hash_to_block[block_hash] = block_id
+            parents[block_id] = parent
+            hash_of_block[block_id] = block_hash
+            parent = block_hash
+        else:
+            self._publish_stored(parent_hash, block_hashes)
+            return list(block_ids)
+        num_fresh = block_ids.index(block_id)  # where it stopped: ids in a table are distinct
+        return self._cache_rest(block_ids, block_hashes, parent_hash, num_fresh)
+
+    def _cache_rest(self, block_ids: list[int], block_hashes: list[int],
+                    parent_hash: int | None, num_fresh: int) -> list[int]:
+        """cache_blocks past its first `num_fresh` blocks, already stored, at one to skip."""
+        hash_to_block, parents, hash_of_block = (self.hash_to_block, self.parent_hashes,
+                                                 self.block_hashes)
+        cached = block_ids[:num_fresh]
+        run = block_hashes[:num_fresh]  # consecutive newly stored hashes, one chained event
+        run_parent = parent_hash
+        parent = block_hashes[num_fresh - 1] if num_fresh else parent_hash
+        for block_id, block_hash in zip(block_ids[num_fresh:], block_hashes[num_fresh:]):
             block_parent, parent = parent, block_hash
             if block_hash in hash_to_block or hash_of_block[block_id] is not None:
                 self._publish_stored(run_parent, run)
