@@ -25,8 +25,9 @@ prefix in these workloads, except for identical prompts).
 Serving. A serving worker (engine/async_engine.py over LLMEngine.steps) differs from the bare
 engine step the profile times in three ways the worker models. A steady decode batch (every
 running sequence decodes, nothing waits) has its next step queued on the device before the
-operations that arrived during this step are applied (engine/lookahead.py), so they take effect one
-step later. A step that carries a prompt chunk pays `chunk_overhead_s` of host work beyond the
+operations that arrived during this step are applied (engine/lookahead.py), so a sequence they
+bring into the batch joins one step later (an operation that only parks a handed-over request and
+starts its pull takes effect at the boundary: `ops_now`). A step that carries a prompt chunk pays `chunk_overhead_s` of host work beyond the
 profile's step. A prefill worker answers a finished prompt as its step ends. (The serving path
 before answered at the worker's next step boundary: at once when it went idle, when the next step
 ended if that step sampled, and `chunk_launch_s` into it if it was a chunk that did not;
@@ -72,7 +73,7 @@ class SimWorker:
                  "batch", "step_end_s", "ops", "num_steps", "busy_s", "_token_span",
                  "collapse", "stretch_ends_s", "generation", "step_overhead_s",
                  "token_overhead_s", "chunk_overhead_s", "chunk_launch_s", "answer_at_step_boundary",
-                 "lookahead",
+                 "lookahead", "ops_now",
                  "_batch_is_decode", "_steady", "_deferred")
 
     def __init__(self, worker_id: str, role: str, config: SimConfig, model,
@@ -91,6 +92,7 @@ class SimWorker:
         self.batch: ScheduledBatch | None = None
         self.step_end_s: float | None = None  # None: idle, waiting for an operation
         self.ops: list[Callable[[], None]] = []
+        self.ops_now: list[Callable[[], None]] = []  # applied at the boundary even when deferring
         self.num_steps = 0
         self.busy_s = 0.0
         self._token_span = config.token_vocab_size - FIRST_ORDINARY_TOKEN_ID
@@ -113,6 +115,10 @@ class SimWorker:
 
     def start_step(self, now_s: float) -> float | None:
         """Apply queued operations, schedule a batch; the step's end time, or None when idle."""
+        if self.ops_now:
+            ops_now, self.ops_now = self.ops_now, []
+            for op in ops_now:
+                op()
         if self.ops and self._steady and not self._deferred and self.scheduler.running:
             self._deferred = True  # the step queued ahead runs first, the same decode batch
         else:
@@ -236,7 +242,8 @@ class SimWorker:
     def _num_identical_steps(self, batch: ScheduledBatch) -> int:
         """How many steps, this one included, repeat this pure decode batch (1: no stretch)."""
         scheduler = self.scheduler
-        if self.ops or scheduler.waiting or len(batch.seqs) != len(scheduler.running):
+        if (self.ops or self.ops_now or scheduler.waiting
+                or len(batch.seqs) != len(scheduler.running)):
             return 1
         max_model_len = scheduler.limits.max_model_len
         num_steps = max_model_len

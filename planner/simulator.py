@@ -153,15 +153,18 @@ class Simulator:
         else:
             fn()
 
-    def _send_op(self, worker: SimWorker, op: Callable[[], None]) -> None:
+    def _send_op(self, worker: SimWorker, op: Callable[[], None], joins: bool = True) -> None:
         """An operation that reaches `worker` one RPC hop from now."""
         if self.config.rpc_s > 0:
-            self._push(self.now_s + self.config.rpc_s, DELIVER, (worker, op))
+            self._push(self.now_s + self.config.rpc_s, DELIVER, (worker, op, joins))
         else:
-            self._deliver(worker, op)
+            self._deliver(worker, op, joins)
 
-    def _deliver(self, worker: SimWorker, op: Callable[[], None]) -> None:
-        worker.ops.append(op)
+    def _deliver(self, worker: SimWorker, op: Callable[[], None], joins: bool = True) -> None:
+        """`joins`: the operation brings a sequence into the batch, so a step queued ahead runs
+        without it (SimWorker.start_step); one that does not (starting a pull) takes effect at the
+        step boundary whatever runs next."""
+        (worker.ops if joins else worker.ops_now).append(op)
         if worker.is_idle:
             # Like the engine loop's wake-up: everything delivered at this instant is applied
             # before the first step, not just the first operation.
@@ -295,7 +298,10 @@ class Simulator:
             return
         first_token_id = prefill_seq.token_ids[-1]
         decode = request.decode_worker
-        self._send_op(decode, lambda: self._add_remote(decode, prefill, request, first_token_id))
+        # Parking it and starting its pull does not wait for the step queued ahead; its joining
+        # the batch when the pull completes does.
+        self._send_op(decode, lambda: self._add_remote(decode, prefill, request, first_token_id),
+                      joins=False)
 
     def _add_remote(self, decode: SimWorker, prefill: SimWorker, request: SimRequest,
                     first_token_id: int) -> None:
