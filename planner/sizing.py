@@ -31,8 +31,9 @@ iteration; b above max_batch_size means the pool cannot keep up. The ITL bound i
 request's worst gap, and a disaggregated request's first gap on its decode worker is the longest:
 the step in flight before it is admitted, its KV pull, the step in flight when the pull is done,
 then its own step (the engine applies operations between steps, and a serving worker's steady
-batch has `decode_lookahead_steps` more queued ahead that each operation waits out):
-transfer_s + (U1 + U2 + 1 + 2 * lookahead) * t with U1, U2 uniform on [0, 1]. A handover lands
+batch has `decode_lookahead_steps` more queued ahead, which the pulled request waits out before it
+joins; parking it and starting its pull does not wait for them):
+transfer_s + (U1 + U2 + 1 + lookahead) * t with U1, U2 uniform on [0, 1]. A handover lands
 with its clump-mates (arrival_dispersion as in the prefill pool): t is the step of the mean batch
 plus (dispersion - 1) / n sequences. The
 pool is big enough when that exceeds the bound for at most `1 - attainment` of the requests, or
@@ -127,8 +128,8 @@ class SizingTarget:
     # are prefilled on their decode worker and never load the prefill pool.
     remote_prefill_min_tokens: int = field(
         default_factory=lambda: RoutingConfig().remote_prefill_min_tokens)
-    # Steps a serving decode worker queues ahead of the one in flight (engine/lookahead.py): an
-    # operation that reaches a steady batch takes effect after them. 0: applied at the next step.
+    # Steps a serving decode worker queues ahead of the one in flight (engine/lookahead.py): a
+    # request that joins a steady batch joins after them. 0: at the next step.
     decode_lookahead_steps: int = 1
 
 
@@ -242,12 +243,12 @@ def _handoff_late(perf: PerfModel, load: Load, target: SizingTarget, batch: int,
     bound_s = target.itl_ms / 1e3
     late = unreachable = 0.0
     for share, transfer_s in zip(mix.shares, mix.transfer_s):
-        if transfer_s + (1 + 2 * target.decode_lookahead_steps) * alone_step_s > bound_s:
+        if transfer_s + (1 + target.decode_lookahead_steps) * alone_step_s > bound_s:
             unreachable += share
             continue
-        # What the two waits for a step boundary may take, in steps: each operation also waits
-        # out the steps queued ahead, then the request's own step.
-        slack = (bound_s - transfer_s) / step_s - 1.0 - 2 * target.decode_lookahead_steps
+        # What the two waits for a step boundary may take, in steps: the pulled request also
+        # waits out the steps queued ahead, then its own step.
+        slack = (bound_s - transfer_s) / step_s - 1.0 - target.decode_lookahead_steps
         late += share * _two_uniforms_exceed(slack)
     return late, unreachable
 

@@ -85,12 +85,15 @@ def test_steady_load_gives_no_changes(predictor):
 
 @PREDICTORS
 def test_steady_load_with_steps_queued_ahead_gives_no_changes(predictor):
-    """The handoff waits out the decode step queued ahead: 3 req/s needs a second decode
-    worker, which the planner asks for once and then holds."""
-    decisions = run(make_planner(predictor=predictor, decode_lookahead_steps=1), Cluster(1, 2),
-                    [3.0] * 40)
+    """The handoff waits out the decode step queued ahead: 8 req/s needs a second decode
+    worker (one would do without the step ahead), which the planner holds."""
+    decisions = run(make_planner(predictor=predictor, decode_lookahead_steps=1), Cluster(2, 2),
+                    [8.0] * 40)
     assert all(d.is_hold for d in decisions)
-    assert (decisions[-1].num_prefill, decisions[-1].num_decode) == (1, 2)
+    assert (decisions[-1].num_prefill, decisions[-1].num_decode) == (2, 2)
+    without = run(make_planner(predictor=predictor, decode_lookahead_steps=0), Cluster(2, 1),
+                  [8.0] * 40)
+    assert (without[-1].num_prefill, without[-1].num_decode) == (2, 1)
 
 
 @PREDICTORS

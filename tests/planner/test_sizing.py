@@ -120,7 +120,7 @@ def test_steps_queued_ahead_lengthen_the_handoff():
 def test_clumped_arrivals_hand_over_into_a_fuller_batch():
     """A request lands with its clump-mates, (dispersion - 1) / n of them on its decode worker:
     clumps of ten at the same mean rate leave more first gaps late than Poisson arrivals."""
-    target = SizingTarget(ttft_ms=5000, itl_ms=40)
+    target = SizingTarget(ttft_ms=5000, itl_ms=35)
     poisson = Load(30.0, 4096, 64)
     clumped = Load(30.0, 4096, 64, arrival_dispersion=10.0)
     batch = _little_batch(PERF, poisson, target, 2)
@@ -153,10 +153,11 @@ def test_pools_grow_with_load_and_zero_load_gives_minimum():
     # Poisson arrivals: a handoff's steps are those of the mean batch (no clump lands with it).
     assert [(p.num_prefill, p.num_decode) for p in sizes] == [(1, 1), (2, 1), (3, 2), (3, 2)]
     assert all(p.meets_slo and p.num_both == 0 for p in sizes)
-    # A step queued ahead lengthens every handoff: more decode workers, the minimum at zero load.
+    # A step queued ahead lengthens every handoff: more decode workers once the batch is large
+    # enough for a step to matter, the minimum at zero load.
     ahead = [plan_pools(PERF, Load(rate, 4096, 256), TARGET, "disagg", BOUNDS, 8)
-             for rate in (0.0, 6.0, 12.0)]
-    assert [(p.num_prefill, p.num_decode) for p in ahead] == [(1, 1), (2, 3), (3, 5)]
+             for rate in (0.0, 6.0, 12.0, 20.0)]
+    assert [(p.num_prefill, p.num_decode) for p in ahead] == [(1, 1), (2, 1), (3, 2), (3, 3)]
 
 
 def test_gpu_budget_and_max_bounds_are_respected():
