@@ -266,6 +266,9 @@ def main() -> int:
                         help="sim: serving work per step with a prompt chunk (tandem simulate's)")
     parser.add_argument("--chunk-launch-ms", default="0",
                         help="sim: a prefill answer held behind the next chunk's launch")
+    parser.add_argument("--answer-at-step-boundary", action="store_true",
+                        help="sim: prefill answers at the worker's next step boundary, as serving "
+                             "did up to commit e65eadc (to replay runs made then)")
     parser.add_argument("--frontend-overhead-ms", default="0",
                         help="sim: fixed latency per request before its first worker")
     parser.add_argument("--chunk-tokens", type=int, default=2048,
@@ -299,7 +302,8 @@ def main() -> int:
                  "--token-overhead-us", args.token_overhead_us,
                  "--chunk-overhead-ms", args.chunk_overhead_ms,
                  "--chunk-launch-ms", args.chunk_launch_ms,
-                 "--frontend-overhead-ms", args.frontend_overhead_ms)
+                 "--frontend-overhead-ms", args.frontend_overhead_ms,
+                 *(["--answer-at-step-boundary"] if args.answer_at_step_boundary else []))
     rows = run_sim(args.out_dir, args.profile, layouts, args.trace, plan, overheads)
     (args.out_dir / "accuracy.json").write_text(json.dumps(rows, indent=1))
     print_table(rows)
