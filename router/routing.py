@@ -23,9 +23,7 @@ and corrections from what workers report in their heartbeats. No I/O happens her
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import Counter, deque
 from dataclasses import dataclass, field
-from itertools import repeat
 
 from tandem.router.kv_index import KVIndex
 from tandem.router.kv_policy import ActiveLoadTracker, KVPolicyConfig, KVRouterPolicy
@@ -84,8 +82,10 @@ class Router:
         self.policies = {"decode": KVRouterPolicy(config.policy),
                          "prefill": KVRouterPolicy(config.policy)}
         self._prefill_of: dict[str, str] = {}  # request id -> its prefill worker
-        # Blocks routed but maybe not yet reported: (role, worker) -> hash -> requests holding it.
-        self._pending: dict[tuple[str, str], Counter[int]] = {}
+        # Prompts routed but maybe not yet reported, as whole chains: (role, worker) -> first
+        # hash -> the chains starting with it. A chain is kept by reference, not hash by hash:
+        # adding and dropping a 750-block prompt cost a dict insertion and deletion per block.
+        self._pending: dict[tuple[str, str], dict[int, list[list[int]]]] = {}
         self._pending_of: dict[str, list[tuple[tuple[str, str], list[int]]]] = {}
 
     def route(self, request_id: str, num_prompt_tokens: int, block_hashes: list[int],
@@ -126,9 +126,12 @@ class Router:
         """The request ended, however it ended; safe to call more than once."""
         for key, hashes in self._pending_of.pop(request_id, []):
             pending = self._pending[key]
-            _release_chain(pending, hashes)
-            if not pending:
-                del self._pending[key]
+            chains = pending[hashes[0]]
+            del chains[next(i for i, chain in enumerate(chains) if chain is hashes)]
+            if not chains:
+                del pending[hashes[0]]
+                if not pending:
+                    del self._pending[key]
         self.loads["decode"].on_finished(request_id)
         if self._prefill_of.pop(request_id, None) is not None:
             self.loads["prefill"].on_finished(request_id)
@@ -157,14 +160,7 @@ class Router:
         if not block_hashes:
             return
         key = (role, worker_id)
-        pending = self._pending.setdefault(key, Counter())
-        # Whole chains: the hashes already pending are a leading run and the rest are new, so
-        # only the run is counted up one by one and the new tail goes in with one dict update
-        # (Counter.update gets and sets every hash).
-        num_held = _leading_run(block_hashes, pending)
-        for block_hash in block_hashes[:num_held]:
-            pending[block_hash] += 1
-        dict.update(pending, zip(block_hashes[num_held:], repeat(1)))
+        self._pending.setdefault(key, {}).setdefault(block_hashes[0], []).append(block_hashes)
         self._pending_of.setdefault(request_id, []).append((key, block_hashes))
 
     def _choose(self, role: str, pool: list[WorkerState], num_blocks: int,
@@ -172,28 +168,20 @@ class Router:
         candidates = [w.worker_id for w in pool]
         tracker = self.loads[role]
         overlaps = dict(self.indexes[role].overlaps(block_hashes))
-        for worker_id in candidates:
-            pending = self._pending.get((role, worker_id))
-            if pending:
-                # Pending hashes are whole chains (each routed prompt's), so the prompt's
-                # pending blocks are a leading run: bisect instead of walking hundreds.
-                held = _leading_run(block_hashes, pending)
+        for worker_id in candidates if block_hashes else ():
+            chains = self._pending.get((role, worker_id), {}).get(block_hashes[0])
+            if chains:
+                # Chained hashes: a prompt holds a pending chain's block k only with blocks
+                # 0..k-1, so what is pending of it is its longest agreement with one chain.
+                held = max(_agreeing_length(chain, block_hashes) for chain in chains)
                 overlaps[worker_id] = max(overlaps.get(worker_id, 0), held)
         loads = {w: tracker.load(w) for w in candidates}
         return self.policies[role].choose(candidates, num_blocks, overlaps, loads)
 
 
-def _release_chain(pending: Counter[int], hashes: list[int]) -> None:
-    """Drop one count of each hash of a chain routed earlier. Counts never rise along a chain
-    (whoever holds block k holds blocks 0..k-1), so the hashes this chain alone holds are a
-    tail, found by bisection and popped in one C-level pass; only the shared head is counted
-    down hash by hash (Counter.subtract is a Python loop, and a long prompt has hundreds)."""
-    num_shared = bisect_left(range(len(hashes)), True, key=lambda k: pending[hashes[k]] <= 1)
-    for block_hash in hashes[:num_shared]:
-        pending[block_hash] -= 1
-    deque(map(pending.pop, hashes[num_shared:]), maxlen=0)  # dict.pop: Counter's del is Python
-
-
-def _leading_run(block_hashes: list[int], held: Counter[int]) -> int:
-    """How many leading hashes `held` has, for a `held` made of whole chains."""
-    return bisect_left(range(len(block_hashes)), True, key=lambda k: block_hashes[k] not in held)
+def _agreeing_length(chain: list[int], block_hashes: list[int]) -> int:
+    """How many leading hashes two chains share (equal at k means equal before k)."""
+    n = min(len(chain), len(block_hashes))
+    if chain[n - 1] == block_hashes[n - 1]:
+        return n
+    return bisect_left(range(n), True, key=lambda k: chain[k] != block_hashes[k])

@@ -117,20 +117,22 @@ def test_a_prefix_in_flight_counts_as_held_by_its_worker_until_the_request_ends(
     assert third.num_cached_tokens == 0  # the index never confirmed the blocks
 
 
-def test_finishing_a_request_drops_only_its_own_count_of_a_shared_prefix():
+def test_a_pending_prefix_counts_until_the_last_request_holding_it_ends():
     router = make(overlap_weight=3.0)
-    pool = [worker("d0")]
+    pool = [worker("d0"), worker("d1")]
     longer = hash_prompt_blocks(PROMPT + [7] * 8, BLOCK)  # PROMPT's chain and two more blocks
-    router.route("r1", len(PROMPT), HASHES, pool, [])
-    router.route("r2", len(PROMPT) + 8, longer, pool, [])
-    router.route("r3", len(PROMPT), HASHES, pool, [])
-    pending = router._pending[("decode", "d0")]
-    assert [pending[h] for h in longer] == [3] * len(HASHES) + [1, 1]
-    router.on_finished("r2")
-    assert dict(pending) == {h: 2 for h in HASHES}
+    other = hash_prompt_blocks([5] * 8 + PROMPT[8:], BLOCK)  # another first block
+    first = router.route("r1", len(PROMPT) + 8, longer, pool, [])
+    router.route("r2", len(PROMPT), HASHES, pool, [])
+    assert router.route("r3", len(PROMPT) + 8, longer, pool, []).num_cached_tokens == 32
+    assert router.route("r4", len(PROMPT), other, pool, []).num_cached_tokens == 0
     router.on_finished("r1")
-    assert dict(pending) == {h: 1 for h in HASHES}
     router.on_finished("r3")
+    # r2's chain is still pending there: 6 of the longer prompt's 8 blocks.
+    again = router.route("r5", len(PROMPT) + 8, longer, pool, [])
+    assert again.decode_worker == first.decode_worker and again.num_cached_tokens == 24
+    for request_id in ("r2", "r4", "r5"):
+        router.on_finished(request_id)
     assert router._pending == {} and router._pending_of == {}
 
 
