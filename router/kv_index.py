@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 from tandem.contracts.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from tandem.router.kv_runs import (MIN_SPAN, Run, agreeing_length, agreeing_stretch, chains_of,
-                                   overlap, refresh_breaks, touch)
+                                   drop_slots, overlap, pop_lone_tail, refresh_breaks, touch)
 
 logger = logging.getLogger(__name__)
 
@@ -371,6 +371,11 @@ class KVIndex:
         block_hashes = list(block_hashes)
         if len(block_hashes) >= MIN_SPAN and self._forget_span(worker, block_hashes):
             return
+        code = slots.get(block_hashes[0]) if len(block_hashes) == 1 else None  # a decode step's
+        if code is not None and pop_lone_tail(runs[code >> _OFFSET_BITS], code & _OFFSET_MASK, bit):
+            del slots[block_hashes[0]]
+            worker.num_blocks -= 1
+            return
         touched: dict[Run, list[int]] = {}
         for block_hash in block_hashes:
             code = slots.get(block_hash)
@@ -467,11 +472,9 @@ class KVIndex:
 
     def _settle(self, touched: dict[Run, list[int]]) -> None:
         """After bits were cleared: drop dead runs, trim dead tails, recompute breaks."""
-        slots = self._slots
         for run, (low, high) in touched.items():
             if run.num_live_slots == 0:
-                for block_hash in run.hashes:  # a loop's `del` costs 2/3 of map(__delitem__)'s
-                    del slots[block_hash]
+                drop_slots(self._slots, run.hashes)
                 self._runs[run.run_id] = None
                 self._free_run_ids.append(run.run_id)
                 continue
@@ -480,8 +483,7 @@ class KVIndex:
                 end = low  # an evicted tail: skip it in one C-level pass, not slot by slot
             while run.masks[end - 1] == 0:
                 end -= 1
-            for block_hash in run.hashes[end:]:
-                del slots[block_hash]
+            drop_slots(self._slots, run.hashes[end:])
             del run.hashes[end:], run.masks[end:]
             del run.breaks[bisect_left(run.breaks, len(run.masks)):]
             refresh_breaks(run, low, high)

@@ -105,6 +105,27 @@ def touch(touched: dict[Run, list[int]], run: Run, offset: int) -> None:
         span[1] = offset
 
 
+def pop_lone_tail(run: Run, offset: int, bit: int) -> bool:
+    """Drop the run's last slot if it is `offset`, held by `bit` alone, after a live slot: what
+    forgetting it and settling the run would do (one-block evictions, most removal events).
+    False, changing nothing, otherwise."""
+    masks = run.masks
+    if offset == 0 or offset != len(masks) - 1 or masks[offset] != bit or not masks[offset - 1]:
+        return False
+    run.hashes.pop()
+    masks.pop()
+    run.num_live_slots -= 1
+    if run.breaks and run.breaks[-1] == offset:
+        run.breaks.pop()
+    return True
+
+
+def drop_slots(slots: dict[int, int], hashes: list[int]) -> None:
+    """Delete the hashes' slots: a loop's `del` costs 2/3 of a map over dict.__delitem__."""
+    for block_hash in hashes:
+        del slots[block_hash]
+
+
 def refresh_breaks(run: Run, low: int, high: int) -> None:
     """Recompute the breaks that masks[low:high + 1] can affect: positions low .. high + 1."""
     masks, breaks = run.masks, run.breaks

@@ -9,6 +9,7 @@ import pytest
 from tandem.contracts.block_hash import hash_prompt_blocks
 from tandem.engine.block_manager import BlockManager
 from tandem.contracts.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from tandem.router import kv_index
 from tandem.router.kv_index import KVIndex
 
 BLOCK_SIZE = 4
@@ -307,6 +308,7 @@ def test_bulk_paths_leave_the_same_index_as_block_by_block(monkeypatch):
             monkeypatch.setattr(KVIndex, "_forget_span", lambda self, worker, block_hashes: False)
             monkeypatch.setattr(KVIndex, "_mark_span", lambda self, worker, codes: False)
             monkeypatch.setattr(KVIndex, "_store_fresh", lambda self, worker, parent, hashes: False)
+            monkeypatch.setattr(kv_index, "pop_lone_tail", lambda run, offset, bit: False)
         rng = random.Random(5)
         documents = [[rng.randrange(50_000) for _ in range(rng.randrange(8, 60))]
                      for _ in range(5)]
@@ -344,8 +346,13 @@ def test_bulk_paths_leave_the_same_index_as_block_by_block(monkeypatch):
     monkeypatch.setattr(KVIndex, "_mark_span",
                         lambda self, worker, codes: marks.append(original_mark(self, worker, codes))
                         or marks[-1])
+    lone_tails = []
+    original_lone_tail = kv_index.pop_lone_tail
+    monkeypatch.setattr(kv_index, "pop_lone_tail", lambda run, offset, bit: lone_tails.append(
+        original_lone_tail(run, offset, bit)) or lone_tails[-1])
     bulk = build(bulk=True)
     assert any(spans) and any(marks) and any(fresh) and not all(fresh)
+    assert any(lone_tails) and not all(lone_tails)
     assert bulk == build(bulk=False)
 
 
