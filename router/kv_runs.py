@@ -34,23 +34,7 @@ def agreeing_length(run: Run, offset: int, block_hashes: list[int], position: in
     if run.is_chain:  # agreeing at k means agreeing before k: bisect on single hashes
         return bisect_left(range(span), True,
                            key=lambda k: hashes[offset + k] != block_hashes[position + k])
-    # Windows grow fourfold while they agree, then bisection on "this whole window agrees" finds
-    # the first difference: about twice the agreeing length in C list compares.
-    low, window = 1, FIRST_WINDOW
-    while low < span:
-        high = min(low + window, span)
-        if hashes[offset + low:offset + high] != block_hashes[position + low:position + high]:
-            break
-        low, window = high, window * 4
-    else:
-        return span
-    while high - low > 1:  # everything before `low` agrees; something in [low, high) differs
-        middle = (low + high) // 2
-        if hashes[offset + low:offset + middle] == block_hashes[position + low:position + middle]:
-            low = middle
-        else:
-            high = middle
-    return low
+    return agreeing_stretch(hashes, offset, 1, block_hashes, position, span)
 
 
 def agreeing_stretch(hashes: list[int], offset: int, step: int, block_hashes: list[int],
