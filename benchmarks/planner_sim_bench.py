@@ -193,7 +193,8 @@ def best_static(args, profile, model, requests, offsets_s, slo, config,
             records = run_window(args, profile, model, shape, [requests[i] for i in peak],
                                  [offsets_s[i] for i in peak], start_s)
             attained = sum(1 for r in records if r.is_ok and meets_slo(r, slo)) / len(peak)
-            print(f"static {shape[0]}P+{shape[1]}D at the peak: {attained:.1%}", flush=True)
+            print(f"static {shape[0]}P+{shape[1]}D at the peak: {attained:.2%} "
+                  f"({round(attained * len(peak))} of {len(peak)})", flush=True)
             scored.append((attained, shape))
         attained, shape = max(scored)
         if attained >= args.target:

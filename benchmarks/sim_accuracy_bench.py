@@ -101,10 +101,12 @@ def run_real(out_dir: Path, model: str, device: str, layouts: list[str], trace: 
                 command = [sys.executable, "-m", "tandem.launcher.cli", "bench", "--backend",
                            "grpc", "--url", server.grpc_address, "--temperature", "0",
                            "--no-progress", "--save-requests", *case.workload, "--out", str(out)]
+                print(f"  {case.name}: starts at {time.time():.3f} (epoch s)", flush=True)
                 subprocess.run(command, check=True, timeout=300)
                 print(f"  {case.name}: {summary_line(json.loads(out.read_text()))}", flush=True)
         finally:
             server.stop()
+            (out_dir / f"server-{layout}.log").write_text("".join(server.lines))
 
 
 def run_sim(out_dir: Path, profile: str, layouts: list[str], trace: Path, plan: Plan,

@@ -8,6 +8,11 @@ will be once this step's tokens are recorded (one position further on), with its
 the device tensor of this step's tokens. A sequence that this step ends still has a row in the step
 ahead; its token there is dropped (the scheduler skips finished sequences when recording).
 
+No step is queued ahead while a handed-over request waits for its prompt's KV pull (decode role):
+the pull starts at a step boundary and usually ends within the next step, and a step queued ahead
+of that boundary would make the request wait one step more before it joins. Its first gap is the
+longest of its gaps (the one a gap SLO catches), and one step of host work left unhidden is cheaper.
+
 Blocks for the position ahead are reserved here, never by preempting: when the free blocks do not
 cover them, there is no step ahead and the next step is scheduled as usual.
 
@@ -34,7 +39,7 @@ def plan_ahead(scheduler: Scheduler, in_flight: ScheduledBatch,
     known now. `fits(num_seqs, max_seq_len)` says whether the runner can launch such a step ahead.
     Reserves the step's blocks when it returns a plan."""
     running = scheduler.running
-    if scheduler.waiting or not running:
+    if scheduler.waiting or scheduler.waiting_for_remote_kvs or not running:
         return None
     row_of = {id(seq): i for i, seq in enumerate(in_flight.seqs)}
     rows = []

@@ -61,6 +61,8 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Decode role only (DecodeScheduler.add_remote): parked until their prompt's KV is pulled.
+        self.waiting_for_remote_kvs: dict[str, Sequence] = {}
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0     # of which were found there
@@ -429,11 +431,6 @@ class DecodeScheduler(Scheduler):
     when the pull failed, queues it for a local recompute of the prompt. Either way the parked
     blocks are accounted for.
     """
-
-    def __init__(self, limits: SchedulerLimits, block_manager: BlockManager,
-                 eos_token_ids: set[int]):
-        super().__init__(limits, block_manager, eos_token_ids)
-        self.waiting_for_remote_kvs: dict[str, Sequence] = {}
 
     def add_remote(self, seq: Sequence, first_token_id: int) -> tuple[int, list[int]] | None:
         """(number of leading prompt blocks cached here, local blocks to pull the rest into).

@@ -88,8 +88,6 @@ class PlannerConfig:
     max_changes_per_interval: int = 2
     ready_timeout_s: float = 600.0     # weights of a 70B model load in minutes; ten is a failure
     max_kv_usage: float = 0.85         # leave room for the running requests' growing outputs
-    decode_lookahead_steps: int = 1    # serving decode workers queue a step ahead
-                                       # (engine/lookahead.py); handoffs wait it out
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -109,7 +107,6 @@ class PlannerConfig:
         for name in ("gpu_budget", "gpus_per_worker", "predictor_window",
                      "max_changes_per_interval"):
             _check_int(name, getattr(self, name), minimum=1)
-        _check_int("decode_lookahead_steps", self.decode_lookahead_steps, minimum=0)
         if self.shape_window is not None:
             _check_int("shape_window", self.shape_window, minimum=1)
         for role in ("prefill", "decode", "both"):

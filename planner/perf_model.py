@@ -226,9 +226,9 @@ class PerfModel:
         if num_prefill_tokens <= 0:
             return decode
         n, b = num_prefill_tokens, num_decode_seqs
-        if self._mixed is None:
-            return (self._prefill(num_prefill_cached_tokens, n + b)
-                    + decode - self._decode(b, b))
+        if self._mixed is None:  # noisy decode curves can make this difference negative
+            return max(self._prefill(num_prefill_cached_tokens, n + b)
+                       + decode - self._decode(b, b), decode)
         a, per_token, per_attn, per_seq, per_context = self._mixed
         t = (a + per_token * (n + b) + per_attn * n * (num_prefill_cached_tokens + 0.5 * n)
              + per_seq * b + per_context * num_decode_context_tokens)

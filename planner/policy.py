@@ -80,8 +80,7 @@ class Planner:
         self._target = SizingTarget(config.ttft_ms, config.itl_ms, config.max_utilization,
                                     max_batch_size, chunk_tokens, prefill_chunk_tokens,
                                     config.attainment, routing.max_prefill_queue,
-                                    routing.remote_prefill_min_tokens,
-                                    config.decode_lookahead_steps)
+                                    routing.remote_prefill_min_tokens)
         self._bounds = {role: config.pool_bounds(role) for role in ROLES}
         self._tracker = WorkerTracker(config.ready_timeout_s)
         self._history: deque[tuple[float, dict[str, int]]] = deque()  # (time_s, down target)

@@ -27,7 +27,9 @@ engine step the profile times in three ways the worker models. A steady decode b
 running sequence decodes, nothing waits) has its next step queued on the device before the
 operations that arrived during this step are applied (engine/lookahead.py), so a sequence they
 bring into the batch joins one step later (an operation that only parks a handed-over request and
-starts its pull takes effect at the boundary: `ops_now`). A step that carries a prompt chunk pays `chunk_overhead_s` of host work beyond the
+starts its pull takes effect at the boundary: `ops_now`; while a request is parked for its pull,
+no step is queued ahead, so the pulled request joins the step after the boundary its pull ends
+before). A step that carries a prompt chunk pays `chunk_overhead_s` of host work beyond the
 profile's step. A prefill worker answers a finished prompt as its step ends. (The serving path
 before answered at the worker's next step boundary: at once when it went idle, when the next step
 ended if that step sampled, and `chunk_launch_s` into it if it was a chunk that did not;
@@ -48,8 +50,7 @@ from itertools import accumulate
 
 from tandem.contracts.worker_stats import WorkerStats
 from tandem.engine.block_manager import BlockManager
-from tandem.engine.scheduler import (DecodeScheduler, ScheduledBatch, SchedulerLimits,
-                                     make_scheduler)
+from tandem.engine.scheduler import ScheduledBatch, SchedulerLimits, make_scheduler
 from tandem.engine.sequence import Sequence
 from tandem.planner.sim_config import SimConfig
 from tandem.router.worker_registry import WorkerState
@@ -178,7 +179,8 @@ class SimWorker:
             if len(ends) > 1:
                 num_steps = self.scheduler.advance_decode(len(ends) - 1, self._next_token_ids)
                 assert num_steps == len(ends) - 1, (num_steps, len(ends))
-            self._steady = self.lookahead  # a stretch is steady decode to its last step
+            # A stretch is steady decode to its last step; nothing is queued ahead during a pull.
+            self._steady = self.lookahead and not self.scheduler.waiting_for_remote_kvs
             return seqs
         advanced: list[Sequence] = []
         for i, end_s in enumerate(ends):
@@ -201,6 +203,7 @@ class SimWorker:
         self.batch = None
         scheduler = self.scheduler
         self._steady = (self.lookahead and self._batch_is_decode and not scheduler.waiting
+                        and not scheduler.waiting_for_remote_kvs
                         and len(batch.seqs) == len(scheduler.running))
         span = self._token_span
         sampled = [FIRST_ORDINARY_TOKEN_ID + (seq.num_tokens * TOKEN_MULTIPLIER) % span
@@ -293,7 +296,6 @@ class SimWorker:
     def is_drained(self) -> bool:
         """No request left and every block back in the free queue (cached or not)."""
         scheduler = self.scheduler
-        parked = (scheduler.waiting_for_remote_kvs if isinstance(scheduler, DecodeScheduler)
-                  else {})
-        return (not scheduler.has_work() and scheduler.num_pinned_requests == 0 and not parked
+        return (not scheduler.has_work() and scheduler.num_pinned_requests == 0
+                and not scheduler.waiting_for_remote_kvs
                 and self.block_manager.num_free_blocks == self.block_manager.num_blocks)

@@ -29,11 +29,10 @@ The ITL reported for n comes from Little's law: a worker runs b = (lambda * OSL 
 sequences at once (arrival rate of tokens times the time each takes), solved by fixed-point
 iteration; b above max_batch_size means the pool cannot keep up. The ITL bound is a bound on each
 request's worst gap, and a disaggregated request's first gap on its decode worker is the longest:
-the step in flight before it is admitted, its KV pull, the step in flight when the pull is done,
-then its own step (the engine applies operations between steps, and a serving worker's steady
-batch has `decode_lookahead_steps` more queued ahead, which the pulled request waits out before it
-joins; parking it and starting its pull does not wait for them):
-transfer_s + (U1 + U2 + 1 + lookahead) * t with U1, U2 uniform on [0, 1]. A handover lands
+the wait for the step boundary that parks it, the steps its KV pull spans (a pull starts at that
+boundary and the request joins the batch at the first boundary after the pull ends; no step is
+queued ahead while a request is parked, engine/lookahead.py), then its own step:
+(U + max(1, ceil(transfer_s / t)) + 1) * t with U uniform on [0, 1]. A handover lands
 with its clump-mates (arrival_dispersion as in the prefill pool): t is the step of the mean batch
 plus (dispersion - 1) / n sequences. The
 pool is big enough when that exceeds the bound for at most `1 - attainment` of the requests, or
@@ -128,9 +127,6 @@ class SizingTarget:
     # are prefilled on their decode worker and never load the prefill pool.
     remote_prefill_min_tokens: int = field(
         default_factory=lambda: RoutingConfig().remote_prefill_min_tokens)
-    # Steps a serving decode worker queues ahead of the one in flight (engine/lookahead.py): a
-    # request that joins a steady batch joins after them. 0: at the next step.
-    decode_lookahead_steps: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,12 +225,12 @@ def _handoff_late(perf: PerfModel, load: Load, target: SizingTarget, batch: int,
                   num_workers: int) -> tuple[float, float]:
     """(share late, share unreachable) of first gaps on the decode worker over the ITL bound.
 
-    The gap is the KV pull, two operations that each wait for a step boundary (uniform over one
-    step) and the steps queued ahead, then the request's own step. A handover lands with its
-    clump-mates: under clumped arrivals of index of dispersion D = E[X^2] / E[X], a request has
-    D - 1 others in its clump on average, spread over the pool, so its steps carry
-    b + (D - 1) / n sequences. A class whose pull and steps beside no one else already exceed the
-    bound is unreachable: more workers do not help it.
+    The gap is the wait for the step boundary that parks the request (uniform over one step), the
+    steps its KV pull spans (at least the one that starts at that boundary), then its own step. A
+    handover lands with its clump-mates: under clumped arrivals of index of dispersion
+    D = E[X^2] / E[X], a request has D - 1 others in its clump on average, spread over the pool, so
+    its steps carry b + (D - 1) / n sequences. A class whose pull and own step beside no one else
+    already exceed the bound is unreachable: more workers do not help it.
     """
     mix = service_mix(perf, load.mix, load.prefix_hit_rate, target.prefill_chunk_tokens)
     busy = batch + max(0.0, load.arrival_dispersion - 1.0) / num_workers
@@ -243,23 +239,18 @@ def _handoff_late(perf: PerfModel, load: Load, target: SizingTarget, batch: int,
     bound_s = target.itl_ms / 1e3
     late = unreachable = 0.0
     for share, transfer_s in zip(mix.shares, mix.transfer_s):
-        if transfer_s + (1 + target.decode_lookahead_steps) * alone_step_s > bound_s:
+        if (_pull_steps(transfer_s, alone_step_s) + 1) * alone_step_s > bound_s:
             unreachable += share
             continue
-        # What the two waits for a step boundary may take, in steps: the pulled request also
-        # waits out the steps queued ahead, then its own step.
-        slack = (bound_s - transfer_s) / step_s - 1.0 - target.decode_lookahead_steps
-        late += share * _two_uniforms_exceed(slack)
+        # What the wait for the parking boundary may take, in steps: P(U > slack).
+        slack = bound_s / step_s - _pull_steps(transfer_s, step_s) - 1
+        late += share * min(1.0, max(0.0, 1.0 - slack))
     return late, unreachable
 
 
-def _two_uniforms_exceed(x: float) -> float:
-    """P(U1 + U2 > x) for U1, U2 independent and uniform on [0, 1]."""
-    if x <= 0:
-        return 1.0
-    if x >= 2:
-        return 0.0
-    return 1.0 - x * x / 2 if x <= 1 else (2 - x) ** 2 / 2
+def _pull_steps(transfer_s: float, step_s: float) -> int:
+    """Steps from the boundary a pull starts at to the first boundary after it ends."""
+    return max(1, math.ceil(transfer_s / step_s))
 
 
 def remote_part(load: Load, target: SizingTarget) -> Load:

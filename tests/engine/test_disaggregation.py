@@ -106,3 +106,37 @@ def test_no_free_blocks_for_the_pull_queues_a_local_recompute(expected):
     tokens = run(d)
     assert [first] + tokens["r"] == expected
     assert d.block_manager.num_used_blocks == 0
+
+
+def test_no_step_is_queued_ahead_while_a_pull_is_parked(expected):
+    """A decode worker in steady decode queues each step before the last one's tokens are read;
+    a request parked for its KV pull stops that, so once the pull completes it joins the very
+    next step instead of waiting out one queued before it."""
+    p, d = engine("prefill"), engine("decode")
+    first, remote_blocks = prefill(p, "r")
+    d.add_request("a", PROMPT[:9], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    ahead = [0]
+    launch = d.runner.launch_ahead
+
+    def counted(*args):
+        ahead[0] += 1
+        return launch(*args)
+
+    d.runner.launch_ahead = counted
+    steps = d.steps(launch_before_yield=False)
+    for _ in range(3):  # a's prompt, then steady decode with a step queued ahead each time
+        next(steps)
+    assert ahead[0] > 0
+    num_cached, local_blocks = d.add_remote_request("r", PROMPT, first, PARAMS)
+    queued = ahead[0]
+    assert [u.request_id for u in next(steps)] == ["a"]  # the step queued before the park
+    assert ahead[0] == queued                              # none queued behind it
+    d.runner.kv_cache[local_blocks] = p.runner.kv_cache[remote_blocks[num_cached:]]
+    d.complete_remote_request("r", succeeded=True)
+    tokens = [first]
+    for updates in steps:
+        tokens += [t for u in updates if u.request_id == "r" for t in u.new_token_ids]
+        if len(tokens) == 2:
+            assert ahead[0] > queued  # r's own step: steady again, the next one queued ahead
+    assert tokens == expected
+    assert d.block_manager.num_used_blocks == 0

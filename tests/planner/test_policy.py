@@ -17,10 +17,8 @@ INTERVAL_S = 30.0
 
 
 def make_planner(**overrides) -> Planner:
-    # The scripted shapes below are the sizing's for workers that apply operations at the next
-    # step; test_steady_load_with_steps_queued_ahead checks the default.
     settings = dict(mode="on", interval_s=INTERVAL_S, gpu_budget=8, hold_s=180.0,
-                    cooldown_s=60.0, ready_timeout_s=300.0, decode_lookahead_steps=0)
+                    cooldown_s=60.0, ready_timeout_s=300.0)
     settings.update(overrides)
     return Planner(PlannerConfig(**settings), LinearPerfModel())
 
@@ -84,27 +82,14 @@ def test_steady_load_gives_no_changes(predictor):
 
 
 @PREDICTORS
-def test_steady_load_with_steps_queued_ahead_gives_no_changes(predictor):
-    """The handoff waits out the decode step queued ahead: 8 req/s needs a second decode
-    worker (one would do without the step ahead), which the planner holds."""
-    decisions = run(make_planner(predictor=predictor, decode_lookahead_steps=1), Cluster(2, 2),
-                    [8.0] * 40)
-    assert all(d.is_hold for d in decisions)
-    assert (decisions[-1].num_prefill, decisions[-1].num_decode) == (2, 2)
-    without = run(make_planner(predictor=predictor, decode_lookahead_steps=0), Cluster(2, 1),
-                  [8.0] * 40)
-    assert (without[-1].num_prefill, without[-1].num_decode) == (2, 1)
-
-
-@PREDICTORS
 def test_step_up_scales_up_within_one_interval(predictor):
     planner, cluster = make_planner(predictor=predictor), Cluster(1, 1)
     run(planner, cluster, [3.0] * 10)
-    decision = planner.on_tick(cluster.observe(10 * INTERVAL_S, 12.0))
+    decision = planner.on_tick(cluster.observe(10 * INTERVAL_S, 14.0))
     assert decision.num_prefill == 3 and decision.num_decode == 2
     assert decision.kind == "scale_up" and len(decision.actions) == 2   # max 2 per interval
     cluster.apply(decision)
-    rest = run(planner, cluster, [12.0] * 3, start_s=11 * INTERVAL_S)
+    rest = run(planner, cluster, [14.0] * 3, start_s=11 * INTERVAL_S)
     assert cluster.pools() == (3, 2)
     assert sum(len(d.actions) for d in rest) == 1    # the third add, not a repeat of the first two
 
@@ -132,7 +117,7 @@ def test_oscillating_load_changes_at_most_once_per_hold_period(predictor):
 
 def test_scale_down_waits_for_hold_and_respects_margin():
     planner, cluster = make_planner(scale_down_margin=0.1), Cluster(1, 1)
-    run(planner, cluster, [12.0] * 4)
+    run(planner, cluster, [14.0] * 4)
     assert cluster.pools() == (3, 2)
     decisions = run(planner, cluster, [2.0] * 12, start_s=4 * INTERVAL_S)
     downs = [i for i, d in enumerate(decisions) if d.actions]

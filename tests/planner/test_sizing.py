@@ -94,33 +94,33 @@ def test_a_kv_pull_longer_than_the_itl_bound_is_reported_not_sized_for():
 
 
 def test_the_handoff_gap_sizes_the_decode_pool():
-    """4k-token prompts (6.4 ms pull) at 30 req/s, on workers that apply operations at the next
-    step (no step queued ahead): one decode worker's 9.1 ms steps meet a 30 ms bound, but not the
-    pull plus three steps; two workers' 7.2 ms steps do."""
+    """4k-token prompts (6.4 ms pull) at 30 req/s: one decode worker's 9.1 ms steps meet a 25 ms
+    bound, but not the wait for the parking boundary, the step the pull spans and the request's
+    own step (18.3 to 27.4 ms); two workers' 7.2 ms steps do (at most 21.7 ms)."""
     load = Load(30.0, 4096, 64)
-    target = SizingTarget(ttft_ms=5000, itl_ms=30, decode_lookahead_steps=0)
+    target = SizingTarget(ttft_ms=5000, itl_ms=25)
     one, two = (decode_estimate(PERF, load, target, n) for n in (1, 2))
-    transfer_ms = 1e3 * PERF.transfer_s(4096 * 131072)
-    assert transfer_ms + 3 * one.itl_ms > 30 > transfer_ms + 3 * two.itl_ms
-    assert one.itl_ms < 30 and not one.meets_slo and two.meets_slo
+    assert 1e3 * PERF.transfer_s(4096 * 131072) < two.itl_ms  # the pull ends within a step
+    assert 2 * one.itl_ms < 25 < 3 * one.itl_ms and 3 * two.itl_ms < 25
+    assert one.itl_ms < 25 and not one.meets_slo and two.meets_slo
 
 
-def test_steps_queued_ahead_lengthen_the_handoff():
-    """With one step queued ahead, each of the handoff's two operations waits a step more: the
-    pull plus 3 to 5 steps. The 30 ms bound that two workers met above now needs more."""
-    load = Load(30.0, 4096, 64)
-    bounds = (1, 8)
-    before = smallest_pool(decode_estimate, PERF, load,
-                           SizingTarget(ttft_ms=5000, itl_ms=30, decode_lookahead_steps=0), bounds)
-    after = smallest_pool(decode_estimate, PERF, load, SizingTarget(ttft_ms=5000, itl_ms=30),
-                          bounds)
-    assert before.num_workers == 2 and after.num_workers > 2 and after.meets_slo
+def test_a_pull_longer_than_a_step_delays_the_join_by_whole_steps():
+    """The pulled request joins at the first step boundary after its pull ends: alone on its
+    worker, a 16k-token prompt's 22.5 ms pull spans four 6.5 ms steps, so its first gap is 5 to 6
+    steps (32.7-39.2 ms), late against a 36 ms bound half the time; a 4k-token prompt's 6.4 ms
+    pull spans two 6.2 ms steps, a first gap of 18.5-24.7 ms."""
+    target = SizingTarget(ttft_ms=60000, itl_ms=36)
+    short, long = Load(1.0, 4096, 64), Load(1.0, 16384, 64)
+    late_short = _handoff_late(PERF, short, target, 1, 1)[0]
+    late_long = _handoff_late(PERF, long, target, 1, 1)[0]
+    assert late_short == 0.0 and late_long == pytest.approx(0.495, abs=0.01)
 
 
 def test_clumped_arrivals_hand_over_into_a_fuller_batch():
     """A request lands with its clump-mates, (dispersion - 1) / n of them on its decode worker:
     clumps of ten at the same mean rate leave more first gaps late than Poisson arrivals."""
-    target = SizingTarget(ttft_ms=5000, itl_ms=35)
+    target = SizingTarget(ttft_ms=5000, itl_ms=21)
     poisson = Load(30.0, 4096, 64)
     clumped = Load(30.0, 4096, 64, arrival_dispersion=10.0)
     batch = _little_batch(PERF, poisson, target, 2)
@@ -139,25 +139,18 @@ def test_prefix_hits_make_prefill_cheaper():
 
 def test_decode_itl_follows_littles_law():
     load = Load(6.0, 4096, 256)
-    # No step queued ahead: the handoff (the test above) stays within the bound with one worker.
-    estimate = decode_estimate(PERF, load, replace(TARGET, decode_lookahead_steps=0), 1)
+    estimate = decode_estimate(PERF, load, TARGET, 1)
     batch = math.ceil(6.0 * 256 * estimate.itl_ms / 1e3)  # running = rate * OSL * ITL
     assert estimate.itl_ms == pytest.approx(1e3 * PERF.decode_s(batch, batch * 4224), rel=0.02)
     assert estimate.meets_slo
 
 
 def test_pools_grow_with_load_and_zero_load_gives_minimum():
-    target = replace(TARGET, decode_lookahead_steps=0)
-    sizes = [plan_pools(PERF, Load(rate, 4096, 256), target, "disagg", BOUNDS, 8)
+    sizes = [plan_pools(PERF, Load(rate, 4096, 256), TARGET, "disagg", BOUNDS, 8)
              for rate in (0.0, 6.0, 12.0, 20.0)]
     # Poisson arrivals: a handoff's steps are those of the mean batch (no clump lands with it).
-    assert [(p.num_prefill, p.num_decode) for p in sizes] == [(1, 1), (2, 1), (3, 2), (3, 2)]
+    assert [(p.num_prefill, p.num_decode) for p in sizes] == [(1, 1), (2, 1), (3, 1), (3, 2)]
     assert all(p.meets_slo and p.num_both == 0 for p in sizes)
-    # A step queued ahead lengthens every handoff: more decode workers once the batch is large
-    # enough for a step to matter, the minimum at zero load.
-    ahead = [plan_pools(PERF, Load(rate, 4096, 256), TARGET, "disagg", BOUNDS, 8)
-             for rate in (0.0, 6.0, 12.0, 20.0)]
-    assert [(p.num_prefill, p.num_decode) for p in ahead] == [(1, 1), (2, 1), (3, 2), (3, 3)]
 
 
 def test_gpu_budget_and_max_bounds_are_respected():
