@@ -3,7 +3,13 @@
 The request asks for `stream: true` with `stream_options.include_usage`, so the last event carries
 the server's token counts (and `prompt_tokens_details.cached_tokens`), and `ignore_eos` so every
 request generates exactly `max_tokens` tokens. The SSE stream is parsed here rather than through
-an SDK so that each chunk is timestamped the moment its line arrives.
+an SDK so that each chunk is timestamped the moment its bytes arrive.
+
+HTTP is aiohttp's, as in vLLM's serving benchmark: its C parser and a read that hands over
+whatever bytes arrived make a streamed chunk cost a few microseconds of the client's CPU, where
+httpx's line iterator (through httpcore and anyio) cost about 160 us per token and made the client,
+not the server, the ceiling of a short-prompt, long-output run on one host. Events are split out of
+those bytes here (`SSEEventSplitter`); every event in one read gets that read's arrival time.
 
 A chunk counts as carrying tokens when its choice has text, or has no finish reason (a token
 whose text the server's detokenizer is still holding back); a chunk with only a finish reason, or
@@ -12,12 +18,13 @@ the usage-only chunk, is not a token.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from typing import Any
 
-import httpx
+import aiohttp
 
 from tandem.bench.records import BenchRequest, RequestRecord
 from tandem.bench.stream_recorder import StreamRecorder
@@ -36,6 +43,35 @@ def parse_sse_data(line: str) -> str | None:
     if not line.startswith("data:"):
         return None
     return line[len("data:"):].strip()
+
+
+class SSEEventSplitter:
+    """The `data:` payloads of the events in a byte stream fed in arbitrary pieces. An event ends
+    at a blank line; lines end with LF, CRLF or CR (the SSE grammar); an event's several data lines
+    are joined with LF, and events with no data line give nothing."""
+
+    def __init__(self) -> None:
+        self._pending = b""   # the start of an event whose blank line has not arrived
+
+    def feed(self, data: bytes) -> list[str]:
+        data = self._pending + data
+        held = b""
+        if b"\r" in data:
+            if data.endswith(b"\r"):   # maybe the first half of a CRLF: wait for the next piece
+                data, held = data[:-1], b"\r"
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        events = data.split(b"\n\n")
+        self._pending = events.pop() + held
+        payloads = []
+        for event in events:
+            if event.startswith(b"data:") and b"\n" not in event:   # the usual one-line event
+                payloads.append(event[5:].decode().strip())
+                continue
+            lines = [parse_sse_data(line) for line in event.decode().split("\n")]
+            data_lines = [line for line in lines if line is not None]
+            if data_lines:
+                payloads.append("\n".join(data_lines))
+        return payloads
 
 
 def chunk_token_count(chunk: dict[str, Any]) -> int:
@@ -77,24 +113,35 @@ class OpenAICompletionsClient:
     def __init__(self, base_url: str, model: str | None, timeout_s: float,
                  temperature: float) -> None:
         self.model = model
+        self.base_url = base_url.rstrip("/")
         self._temperature = temperature
-        # No connection cap: a pool limit would queue requests inside the client and show up as
-        # server latency. trust_env=False keeps proxy settings away from loopback benchmarks.
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), trust_env=False,
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+        # timeout_s bounds each wait for bytes (as a read timeout), not the whole stream.
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=min(timeout_s, 30.0),
+                                              sock_read=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Made on first use: aiohttp wants its session made inside the running loop."""
+        if self._session is None:
+            # No connection cap (limit=0): a pool limit would queue requests inside the client and
+            # show up as server latency. trust_env=False (the default) keeps proxy settings away
+            # from loopback benchmarks.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), timeout=self._timeout,
+                auto_decompress=False)
+        return self._session
 
     async def prepare(self) -> None:
         """Ask the server for its model name when none was given."""
         if self.model is not None:
             return
         try:
-            response = await self._http.get("/v1/models")
-            response.raise_for_status()
-            models = response.json().get("data") or []
-        except (httpx.HTTPError, ValueError) as err:
-            raise ConnectionError(f"cannot list models at {self._http.base_url}: {err}") from err
+            async with self.session.get(self.base_url + "/v1/models") as response:
+                response.raise_for_status()
+                models = (await response.json(content_type=None)).get("data") or []
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as err:
+            raise ConnectionError(f"cannot list models at {self.base_url}: {err!r}") from err
         if not models:
             raise ValueError("the server lists no model at /v1/models; pass --model")
         self.model = str(models[0]["id"])
@@ -107,26 +154,29 @@ class OpenAICompletionsClient:
                                   send_s=time.perf_counter(),
                                   fallback_prompt_tokens=request.prompt_len)
         try:
-            async with self._http.stream("POST", self.endpoint, json=body) as response:
-                if response.status_code != 200:
-                    text = (await response.aread()).decode(errors="replace")[:300]
-                    return recorder.finish(time.perf_counter(),
-                                           f"HTTP {response.status_code}: {text}")
-                async for line in response.aiter_lines():
-                    now_s = time.perf_counter()
-                    payload = parse_sse_data(line)
-                    if payload is None:
-                        continue
-                    if payload == SSE_DONE:
-                        break
-                    self._record_chunk(recorder, json.loads(payload), now_s)
-        except (httpx.HTTPError, StreamError, ValueError) as err:
+            async with self.session.post(self.base_url + self.endpoint, json=body) as response:
+                if response.status != 200:
+                    text = (await response.read()).decode(errors="replace")[:300]
+                    return recorder.finish(time.perf_counter(), f"HTTP {response.status}: {text}")
+                await self._read_events(response, recorder)
+        except (aiohttp.ClientError, asyncio.TimeoutError, StreamError, ValueError) as err:
             logger.debug("request %d failed: %r", request_index, err)
             return recorder.finish(time.perf_counter(), f"{type(err).__name__}: {err}")
         return recorder.finish(time.perf_counter())
 
+    async def _read_events(self, response: aiohttp.ClientResponse,
+                           recorder: StreamRecorder) -> None:
+        splitter = SSEEventSplitter()
+        async for data in response.content.iter_any():
+            now_s = time.perf_counter()
+            for payload in splitter.feed(data):
+                if payload == SSE_DONE:
+                    return
+                self._record_chunk(recorder, json.loads(payload), now_s)
+
     async def close(self) -> None:
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def request_body(self, request: BenchRequest) -> dict[str, Any]:
         return completion_body(request, self.model or "", self._temperature)

@@ -7,8 +7,8 @@ import pytest
 from tandem.bench.clients import make_client
 from tandem.bench.openai_chat_client import chat_body, chat_chunk_token_count
 from tandem.bench.grpc_client import generate_request, grpc_target
-from tandem.bench.openai_client import (StreamError, chunk_token_count, chunk_usage,
-                                        completion_body, parse_sse_data)
+from tandem.bench.openai_client import (SSEEventSplitter, StreamError, chunk_token_count,
+                                        chunk_usage, completion_body, parse_sse_data)
 from tandem.bench.records import BenchRequest
 
 
@@ -17,6 +17,24 @@ def test_parse_sse_data():
     assert parse_sse_data("data:[DONE]") == "[DONE]"
     assert parse_sse_data(": keep-alive") is None
     assert parse_sse_data("") is None
+
+
+def test_sse_events_split_from_pieces_cut_anywhere():
+    stream = (b'data: {"a": 1}\n\n: keep-alive\n\ndata: {"b": 2}\r\n\r\n'
+              b'event: x\ndata: one\ndata: two\n\ndata:[DONE]\n\n')
+    expected = ['{"a": 1}', '{"b": 2}', "one\ntwo", "[DONE]"]
+    assert SSEEventSplitter().feed(stream) == expected
+    for cut in range(1, len(stream)):
+        splitter = SSEEventSplitter()
+        assert splitter.feed(stream[:cut]) + splitter.feed(stream[cut:]) == expected, cut
+    bytewise = SSEEventSplitter()
+    assert [p for i in range(len(stream)) for p in bytewise.feed(stream[i:i + 1])] == expected
+
+
+def test_sse_event_without_its_blank_line_is_held_back():
+    splitter = SSEEventSplitter()
+    assert splitter.feed(b'data: {"a": 1}\n') == []
+    assert splitter.feed(b"\n") == ['{"a": 1}']
 
 
 def test_which_chunks_carry_tokens():
