@@ -331,9 +331,9 @@ async def _events(chunks: AsyncIterator[tuple[int, GenerateChunk]],
             yield sse_event(payload)
         item = first
         while item is not None:
-            body = choices.add(*item)
-            if body is not None:
-                yield sse_event(body)
+            event = choices.stream_event(*item)
+            if event is not None:
+                yield event
             item = await anext(chunks, None)
         if prepared.include_usage:
             yield sse_event(choices.usage_chunk())

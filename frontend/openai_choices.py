@@ -79,11 +79,19 @@ class ChoiceSet:
     def prologue(self) -> list[dict]:
         return [payload for f in self.formatters for payload in f.prologue()]
 
-    def add(self, generation: int, chunk: GenerateChunk) -> dict | None:
-        """Fold a chunk in; the SSE payload it makes, if any."""
-        self.cumulative_logprobs[generation] += sum(lp.logprob for lp in chunk.logprobs)
-        formatter = self.formatters[generation]
-        return formatter.stream_body(formatter.add(chunk))
+    def add(self, generation: int, chunk: GenerateChunk) -> None:
+        """Fold a chunk of a whole (not streamed) response in."""
+        self._add_logprobs(generation, chunk)
+        self.formatters[generation].add(chunk)
+
+    def stream_event(self, generation: int, chunk: GenerateChunk) -> bytes | None:
+        """Fold a chunk in; the SSE event it makes, if any."""
+        self._add_logprobs(generation, chunk)
+        return self.formatters[generation].stream_event(chunk)
+
+    def _add_logprobs(self, generation: int, chunk: GenerateChunk) -> None:
+        if chunk.logprobs:
+            self.cumulative_logprobs[generation] += sum(lp.logprob for lp in chunk.logprobs)
 
     def kept(self) -> list[int]:
         """The generations returned: all, or each prompt's n likeliest (best_of)."""

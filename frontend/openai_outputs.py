@@ -5,6 +5,11 @@ tokens, cached prompt tokens, finish reason, logprobs) and returns the choice th
 to a stream; `stream_body(choice)` wraps it as one SSE payload; `response()` is the whole body of a
 non-streamed request and `usage_chunk()` the last payload of a stream that asked for usage.
 
+`stream_event(chunk)` does what `add` and `stream_body` do and returns the SSE event's bytes. Most
+streamed chunks carry text alone (no logprobs, tool calls, echo or finish reason); their event
+comes from a template of the choice's body (openai_sse.TextEventTemplate), the same bytes without
+building a pydantic model, dumping it and encoding a dict per token.
+
 Logprob conventions, as OpenAI documents them:
 - completions (`logprobs: n`): `top_logprobs[i]` maps token text to logprob for the n most likely
   tokens, plus the sampled token when it is not among them (so up to n + 1 entries); `text_offset[i]`
@@ -30,6 +35,7 @@ from tandem.frontend.openai_protocol import (ChatChoice, ChatCompletionChunk, Ch
                                            ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
                                            CompletionLogprobs, CompletionResponse,
                                            PromptTokensDetails, TopLogprob, UsageInfo)
+from tandem.frontend.openai_sse import TextEventTemplate, sse_event
 from tandem.frontend.openai_tools import ToolCalling, tool_call_delta, tool_call_out
 from tandem.frontend.types import GenerateChunk
 
@@ -65,6 +71,7 @@ class _Formatter:
         self.num_cached_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
+        self._template: TextEventTemplate | None = None   # made on the first text-only chunk
 
     @property
     def text(self) -> str:
@@ -85,6 +92,32 @@ class _Formatter:
     def prologue(self) -> list[dict]:
         """Payloads a stream sends before the first token."""
         return []
+
+    def stream_event(self, chunk: GenerateChunk) -> bytes | None:
+        """Fold a chunk in; the SSE event it makes, if any."""
+        if chunk.finish_reason is None and chunk.stop_reason is None and self._text_only:
+            if self._template is None:
+                self._template = TextEventTemplate.of(self._text_body)
+            if self._template is not None:
+                self._fold(chunk)
+                return self._template.event(chunk.text) if chunk.text else None
+        body = self.stream_body(self.add(chunk))
+        return None if body is None else sse_event(body)
+
+    @property
+    def _text_only(self) -> bool:
+        """Whether a chunk without a finish reason streams as its text alone."""
+        return not self.wants_logprobs
+
+    def _text_body(self, text: str) -> dict:
+        """The stream payload of a chunk that carries only `text`."""
+        raise NotImplementedError
+
+    def add(self, chunk: GenerateChunk):
+        raise NotImplementedError
+
+    def stream_body(self, choice) -> dict | None:
+        raise NotImplementedError
 
     def _fold(self, chunk: GenerateChunk, text: str | None = None) -> None:
         text = chunk.text if text is None else text
@@ -121,6 +154,13 @@ class CompletionFormatter(_Formatter):
                 getattr(self.logprobs, name).extend(getattr(logprobs, name))
         return CompletionChoice(index=self.index, text=text, logprobs=logprobs,
                                 finish_reason=chunk.finish_reason, stop_reason=chunk.stop_reason)
+
+    @property
+    def _text_only(self) -> bool:
+        return not self.wants_logprobs and not self.echo_text
+
+    def _text_body(self, text: str) -> dict:
+        return self._body([CompletionChoice(index=self.index, text=text)], usage=None)
 
     def stream_body(self, choice: CompletionChoice) -> dict | None:
         has_tokens = bool(choice.logprobs and choice.logprobs.tokens)
@@ -190,6 +230,14 @@ class ChatFormatter(_Formatter):
         finish = _chat_finish_reason(chunk.finish_reason, self.num_tool_calls_sent, self.tools)
         return ChatStreamChoice(index=self.index, delta=delta, logprobs=logprobs,
                                 finish_reason=finish, stop_reason=chunk.stop_reason)
+
+    @property
+    def _text_only(self) -> bool:
+        return not self.wants_logprobs and self.tool_stream is None
+
+    def _text_body(self, text: str) -> dict:
+        choice = ChatStreamChoice(index=self.index, delta=ChatDelta(content=text))
+        return self._chunk_body([choice], usage=None)
 
     def stream_body(self, choice: ChatStreamChoice) -> dict | None:
         has_tokens = bool(choice.logprobs and choice.logprobs.content)

@@ -37,9 +37,36 @@ class ClientDisconnected(Exception):
     """The HTTP client went away before its response was complete."""
 
 
+# One encoder for every event: json.dumps with options builds a new encoder on each call.
+encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
 def sse_event(payload: dict) -> bytes:
-    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return b"data: " + data.encode("utf-8") + b"\n\n"
+    return b"data: " + encode_json(payload).encode("utf-8") + b"\n\n"
+
+
+class TextEventTemplate:
+    """The SSE event of one streamed chunk whose only varying field is its text, made by pasting
+    the JSON string of the text between the bytes that `make_body(text)` puts around it. The
+    bytes are those `sse_event(make_body(text))` gives, without building and encoding the body."""
+
+    _MARKER = "\x00tandem-text\x00"   # a string no id or model name holds
+
+    def __init__(self, prefix: bytes, suffix: bytes):
+        self.prefix = prefix
+        self.suffix = suffix
+
+    @classmethod
+    def of(cls, make_body) -> TextEventTemplate | None:
+        """The template of `make_body`, a function of the text; None if its body holds the text
+        anywhere but once."""
+        parts = sse_event(make_body(cls._MARKER)).split(encode_json(cls._MARKER).encode("utf-8"))
+        if len(parts) != 2:
+            return None
+        return cls(*parts)
+
+    def event(self, text: str) -> bytes:
+        return self.prefix + encode_json(text).encode("utf-8") + self.suffix
 
 
 async def wait_for_disconnect(receive: Receive) -> None:

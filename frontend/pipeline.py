@@ -23,6 +23,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from prometheus_client import Histogram
+
 from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.contracts.block_hash import hash_prompt_blocks
@@ -58,6 +60,7 @@ class _Progress:
     queue_s: float | None = None        # on the first token's worker, arrival to first scheduled
     token_ids: list[int] | None = None  # streamed so far, across migrations
     attempt_has_token: bool = False     # the current attempt produced a token
+    itl: Histogram | None = None        # the decode worker's ITL child, looked up once per worker
 
 
 class Pipeline:
@@ -205,6 +208,7 @@ class Pipeline:
                    progress: _Progress) -> AsyncIterator[GenerateChunk]:
         decode = self.workers.workers[decision.decode_worker]
         progress.decode_worker = decode.worker_id
+        progress.itl = None
         worker_request = wpb.WorkerGenerateRequest(
             request_id=attempt.request_id, prompt_token_ids=attempt.prompt_token_ids,
             sampling=sampling_to_proto(attempt.params))
@@ -291,7 +295,7 @@ class Pipeline:
             self.metrics.transfer_seconds.labels(*labels).observe(message.kv_transfer_seconds)
         if message.recomputed:
             self.metrics.recomputed.inc()
-        if not request.HasField("remote") and progress.num_output_tokens == 0:
+        if progress.num_output_tokens == 0 and not request.HasField("remote"):
             progress.num_cached_tokens = max(progress.num_cached_tokens,
                                              message.num_cached_tokens)
             if progress.queue_s is None:   # prefilled here: its queue is this worker's
@@ -299,8 +303,8 @@ class Pipeline:
         stop_reason = message.stop_reason or None
         if stop_reason is not None and message.finish_reason == "stop" and stop_reason.isdigit():
             stop_reason = int(stop_reason)
-        return self._emit(progress, list(message.token_ids),
-                          [logprob_from_proto(lp) for lp in message.logprobs],
+        logprobs = [logprob_from_proto(lp) for lp in message.logprobs] if message.logprobs else []
+        return self._emit(progress, list(message.token_ids), logprobs,
                           message.finish_reason or None, stop_reason)
 
     def _emit(self, progress: _Progress, token_ids: list[int], logprobs: list,
@@ -338,8 +342,9 @@ class Pipeline:
             progress.first_token_s = now
             self.metrics.ttft.labels(*progress.first_worker).observe(now - progress.started_s)
         else:
-            self.metrics.itl.labels(progress.decode_worker, "decode").observe(
-                now - progress.last_token_s)
+            if progress.itl is None:
+                progress.itl = self.metrics.itl.labels(progress.decode_worker, "decode")
+            progress.itl.observe(now - progress.last_token_s)
         progress.last_token_s = now
         progress.num_output_tokens += num_tokens
 

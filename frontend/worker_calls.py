@@ -44,6 +44,8 @@ class _Tracked:
     ended_as: str | None = None  # LOST or DEADLINE_EXCEEDED once the frontend ended the call
     detail: str = ""
     timer: asyncio.TimerHandle | None = None
+    deadline_s: float = 0.0                # of the current wait for a message
+    waiting_since_s: float | None = None   # loop time that wait began; None between waits
 
     def end(self, code: str, detail: str) -> None:
         if self.ended_as is None:
@@ -51,16 +53,37 @@ class _Tracked:
             self.call.cancel()
 
     def arm(self, deadline_s: float) -> None:
-        """Start the idle deadline: the stream's next message must come within deadline_s. A
-        timer handle, not a task per message: streams carry one message per token."""
-        self.timer = asyncio.get_running_loop().call_later(
-            deadline_s, self.end, "DEADLINE_EXCEEDED", f"no message for {deadline_s:.0f} s")
+        """Start the idle deadline: the stream's next message must come within deadline_s. One
+        timer per call, moved only when it fires before the deadline is due: streams carry one
+        message per token, and a timer made and cancelled per message cost about 3% of the
+        frontend's CPU."""
+        loop = asyncio.get_running_loop()
+        now_s = loop.time()
+        self.deadline_s, self.waiting_since_s = deadline_s, now_s
+        if self.timer is None or self.timer.when() > now_s + deadline_s:
+            self.stop()
+            self.timer = loop.call_at(now_s + deadline_s, self._check)
 
     def disarm(self) -> None:
         """The message came (time the caller then takes, e.g. a slow client, is not counted)."""
+        self.waiting_since_s = None
+
+    def stop(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.waiting_since_s is None:   # not waiting: look again later (`arm` may bring it on)
+            self.timer = loop.call_later(self.deadline_s, self._check)
+            return
+        due_s = self.waiting_since_s + self.deadline_s
+        if loop.time() < due_s:
+            self.timer = loop.call_at(due_s, self._check)
+            return
+        self.timer = None
+        self.end("DEADLINE_EXCEEDED", f"no message for {self.deadline_s:.0f} s")
 
 
 class WorkerCalls:
@@ -127,7 +150,7 @@ class WorkerCalls:
         return tracked
 
     def _untrack(self, worker: WorkerState, tracked: _Tracked) -> None:
-        tracked.disarm()
+        tracked.stop()
         calls = self._inflight.get(worker.worker_id)
         if calls is not None:
             calls.discard(tracked)
