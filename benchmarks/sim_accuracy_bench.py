@@ -103,7 +103,14 @@ def run_real(out_dir: Path, model: str, device: str, layouts: list[str], trace: 
                            "--no-progress", "--save-requests", *case.workload, "--out", str(out)]
                 print(f"  {case.name}: starts at {time.time():.3f} (epoch s)", flush=True)
                 subprocess.run(command, check=True, timeout=300)
-                print(f"  {case.name}: {summary_line(json.loads(out.read_text()))}", flush=True)
+                # Where the server's prompts were prefilled so far: a prefill worker, their
+                # decode worker (short prompts, or a full prefill queue), or again after a pull.
+                where = ", ".join(f"{name} {server.metric(f'tandem_{metric}_total'):.0f}"
+                                  for name, metric in (("remote", "remote_prefill"),
+                                                       ("local", "local_prefill"),
+                                                       ("recomputed", "kv_transfer_fallback")))
+                print(f"  {case.name}: {summary_line(json.loads(out.read_text()))}; "
+                      f"prefills so far: {where}", flush=True)
         finally:
             server.stop()
             (out_dir / f"server-{layout}.log").write_text("".join(server.lines))
