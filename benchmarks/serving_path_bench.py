@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests.serving_harness
 
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
