@@ -21,6 +21,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,12 +36,15 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * TICK_S
 
 
-def run_bench(server, backend: str, args, extra: list[str]) -> dict:
+def run_bench(server, backend: str, extra: list[str], out: Path | None = None) -> dict:
+    """One `tandem bench` run; its CPU by process, its wall time and (with `out`) its summary."""
     from tests.serving_harness import worker_pids
 
     url = server.http_url if backend.startswith("openai") else server.grpc_address
     command = [sys.executable, "-m", "tandem.launcher.cli", "bench", "--backend", backend,
                "--url", url, "--temperature", "0", "--no-progress", *extra]
+    if out is not None:
+        command += ["--out", str(out)]
     pids = {"frontend": server.process.pid}
     pids.update({f"worker {pid}": pid for pid in worker_pids(server)})
     before = {name: cpu_s(pid) for name, pid in pids.items()}
@@ -55,7 +59,8 @@ def run_bench(server, backend: str, args, extra: list[str]) -> dict:
     cpu = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
     cpu["client"] = ((usage.children_user + usage.children_system)
                      - (usage_before.children_user + usage_before.children_system))
-    return {"output": output, "wall_s": wall_s, "cpu_s": cpu}
+    summary = json.loads(out.read_text()) if out is not None else None
+    return {"summary": summary, "wall_s": wall_s, "cpu_s": cpu}
 
 
 def main() -> None:
@@ -82,19 +87,20 @@ def main() -> None:
     server = start_server("--model", args.model, *shlex.split(args.serve), timeout_s=600.0)
     rows = []
     try:
-        warm = ["--dataset", "random", "--input-len", str(args.input_len), "--output-len", "16",
-                "--num-requests", "32", "--max-concurrency", "8"]
-        startup = run_bench(server, "grpc", args, warm[:-4] + ["--num-requests", "1",
-                                                                "--output-len", "1"])
-        run_bench(server, args.backends.split(",")[0], args, warm)
+        short = ["--dataset", "random", "--input-len", str(args.input_len)]
+        startup = run_bench(server, "grpc", [*short, "--output-len", "1", "--num-requests", "1"])
+        run_bench(server, args.backends.split(",")[0],
+                  [*short, "--output-len", "16", "--num-requests", "32", "--max-concurrency", "8"])
         for backend in args.backends.split(","):
-            result = run_bench(server, backend, args, [*workload, "--out", "/dev/null"])
-            tokens = _output_tokens(result["output"])
+            with tempfile.TemporaryDirectory() as tmp:
+                result = run_bench(server, backend, workload, Path(tmp) / "bench.json")
+            summary = result["summary"]
+            tokens = summary["total_output_tokens"]
             row = {"backend": backend, "wall_s": round(result["wall_s"], 1),
                    "output_tokens": tokens,
-                   "output_tok_per_s": _field(result["output"], "output throughput (tok/s)"),
-                   "tpot_p50_ms": _latency(result["output"], "tpot_ms"),
-                   "errors": _field(result["output"], "errors"),
+                   "output_tok_per_s": round(summary["output_token_throughput"], 1),
+                   "tpot_p50_ms": round(summary["tpot_ms"]["p50"], 2),
+                   "errors": summary["num_errors"],
                    "cpu_us_per_token": {name: round(1e6 * s / max(tokens, 1), 1)
                                         for name, s in result["cpu_s"].items()},
                    "cpu_share_of_wall": {name: round(s / result["wall_s"], 2)
@@ -122,24 +128,6 @@ def main() -> None:
         args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
                                         "rows": rows, "client_startup_cpu_s":
                                         startup["cpu_s"]["client"]}, indent=1))
-
-
-def _field(output: str, name: str) -> float:
-    for line in output.splitlines():
-        if line.startswith(name):
-            return float(line[len(name):].split()[0])
-    return float("nan")
-
-
-def _latency(output: str, name: str) -> float:
-    for line in output.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return float("nan")
-
-
-def _output_tokens(output: str) -> int:
-    return round(_field(output, "output throughput (tok/s)") * _field(output, "duration (s)"))
 
 
 if __name__ == "__main__":
