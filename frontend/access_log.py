@@ -131,6 +131,9 @@ class _CallLog:
         self.client_id = client_id
         self.ids: list[str] = []
         self.started_s = time.perf_counter()
+        # Read while the call is live: peer() on a call the client has cancelled reads the
+        # freed C call and crashes the process.
+        self.peer = context.peer()
 
     async def __aenter__(self) -> _CallLog:
         # Not reset on the way out: each call runs in a task of its own, whose context ends with
@@ -146,7 +149,7 @@ class _CallLog:
             code = "CANCELLED"
         else:
             code = self._code("UNKNOWN")
-        logger.info('%s "gRPC %s" %s %.3f s x-request-id=%s requests=%s', self.context.peer(),
+        logger.info('%s "gRPC %s" %s %.3f s x-request-id=%s requests=%s', self.peer,
                     self.method, code, time.perf_counter() - self.started_s, self.client_id,
                     ",".join(self.ids) or "-")
         return False
