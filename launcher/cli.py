@@ -1,6 +1,11 @@
 """The `tandem` command line: `serve` (the main job), `generate` (offline), `bench` (load against a
 server), `profile`, `simulate` and `plan` (capacity planning), `worker` (one worker process, started
-by `serve`)."""
+by `serve`).
+
+`serve` and `worker` need torch and the frontend, about 3 s of imports: their modules are imported
+only when one of them is the command (its --help included), so that `tandem --help`, `tandem bench`
+and the planner's commands start without them.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,39 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 
 from tandem.bench import add_bench_parser
 from tandem.planner.plan_cli import add_plan_parser
 from tandem.planner.profile_cli import add_profile_parser
 from tandem.planner.simulate_cli import add_simulate_parser
-from tandem.launcher.serve import add_serve_parser
-from tandem.launcher.worker import add_worker_parser
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser whose arguments may be added only once the command is chosen: `fill`
+    runs before its arguments are parsed (or its help printed), and at most once."""
+
+    def __init__(self, *args, fill: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fill = fill
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None):
+        if self._fill is not None:
+            fill, self._fill = self._fill, None
+            fill(self)
+        return super().parse_known_args(args, namespace)
+
+
+def _fill_serve(parser: argparse.ArgumentParser) -> None:
+    from tandem.launcher.serve import add_serve_arguments
+    add_serve_arguments(parser)
+
+
+def _fill_worker(parser: argparse.ArgumentParser) -> None:
+    from tandem.launcher.worker import add_worker_arguments
+    add_worker_arguments(parser)
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -62,18 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None,
                         help="DEBUG, INFO, WARNING or ERROR (default: TANDEM_LOG_LEVEL, else "
                              "WARNING); `tandem serve --log-level` works too")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     gen = commands.add_parser("generate", help="generate text offline")
     _add_engine_args(gen)
     _add_sampling_args(gen)
     gen.add_argument("prompts", nargs="+", help="one or more prompts")
     gen.set_defaults(func=generate_main)
-    add_serve_parser(commands)
+    commands.add_parser("serve", help="serve a model: frontend, prefill and decode workers",
+                        fill=_fill_serve)
     add_bench_parser(commands)
     add_profile_parser(commands)
     add_simulate_parser(commands)
     add_plan_parser(commands)
-    add_worker_parser(commands)
+    commands.add_parser("worker", help="one worker process (started by `tandem serve`)",
+                        fill=_fill_worker)
     return parser
 
 

@@ -164,12 +164,12 @@ def _supervise_once(frontend: Frontend, deployment: Deployment, specs: dict[str,
     frontend.report_pools(statuses)
 
 
-def add_serve_parser(commands) -> None:
-    parser = commands.add_parser(
-        "serve", help="serve a model: frontend, prefill and decode workers",
-        description="Each setting is a flag, a TANDEM_<NAME> environment variable (TANDEM_NUM_DECODE=2) "
-                    "and a key of the --config YAML file (num_decode: 2). Precedence: flag > "
-                    "environment > YAML > default.")
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Fill `tandem serve`'s parser (launcher/cli.py registers the command)."""
+    parser.description = (
+        "Each setting is a flag, a TANDEM_<NAME> environment variable (TANDEM_NUM_DECODE=2) and a "
+        "key of the --config YAML file (num_decode: 2). Precedence: flag > environment > YAML > "
+        "default.")
     parser.add_argument("--config", help="YAML file whose keys mirror these flags")
     for setting in SETTINGS:
         _add_setting_flag(parser, setting)

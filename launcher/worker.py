@@ -89,11 +89,10 @@ async def serve_worker(options: WorkerOptions, stop: asyncio.Event | None = None
     logger.info("worker %s stopped", options.worker_id)
 
 
-def add_worker_parser(commands) -> None:
-    parser = commands.add_parser(
-        "worker", help="one worker process (started by `tandem serve`)",
-        description=f"Reads its spec, a JSON WorkerOptions, from the environment variable "
-                    f"{SPEC_ENV} (not the command line, which every local user can read).")
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Fill `tandem worker`'s parser (launcher/cli.py registers the command)."""
+    parser.description = (f"Reads its spec, a JSON WorkerOptions, from the environment variable "
+                          f"{SPEC_ENV} (not the command line, which every local user can read).")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="exit when this process (the frontend) exits")
     parser.set_defaults(func=worker_main)
