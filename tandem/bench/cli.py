@@ -243,6 +243,9 @@ def _output_document(summary: dict, run: BenchRun, args: argparse.Namespace) -> 
     document["config"] = {key: _jsonable(value) for key, value in sorted(vars(args).items())
                           if key not in ("func", "compare", "command")}
     if args.save_requests:
+        # Each record's start_s counts from this wall-clock time, to line requests up with
+        # server-side events (a log line, a metric change).
+        document["started_at_epoch_s"] = run.started_at_epoch_s
         document["per_request"] = [record.to_json_dict() for record in run.records]
     return document
 

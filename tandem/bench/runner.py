@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 class BenchRun:
     records: list[RequestRecord]  # in request order
     duration_s: float
+    started_at_epoch_s: float = 0.0   # wall clock when the schedule began (start_s is from it)
 
 
 async def run_benchmark(client: BenchClient, requests: Sequence[BenchRequest],
@@ -42,7 +43,7 @@ async def run_benchmark(client: BenchClient, requests: Sequence[BenchRequest],
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     progress = tqdm(total=len(requests), disable=not show_progress, unit="req")
     records: list[RequestRecord | None] = [None] * len(requests)
-    start_s = time.perf_counter()
+    start_s, started_at_epoch_s = time.perf_counter(), time.time()
 
     async def one(index: int) -> None:
         try:
@@ -71,4 +72,4 @@ async def run_benchmark(client: BenchClient, requests: Sequence[BenchRequest],
     done = [record for record in records if record is not None]
     assert len(done) == len(requests), "every task stores a record"
     logger.info("%d requests in %.2f s", len(done), duration_s)
-    return BenchRun(records=done, duration_s=duration_s)
+    return BenchRun(records=done, duration_s=duration_s, started_at_epoch_s=started_at_epoch_s)
