@@ -31,6 +31,7 @@ import grpc
 from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.frontend.planner_metrics import PlannerExporter, read_totals
 from tandem.frontend.server import Frontend
+from tandem.engine.config import EngineConfig
 from tandem.launcher.deploy import Deployment
 from tandem.planner.config import PlannerConfig
 from tandem.planner.interval_stats import ServingTotals, observe_interval, worker_view
@@ -38,6 +39,7 @@ from tandem.planner.observation import AddWorker, Decision, FlipRole, Observatio
 from tandem.planner.perf_model import PerfModel
 from tandem.planner.profile_catalog import default_profile
 from tandem.planner.policy import Planner
+from tandem.router.routing import RoutingConfig
 from tandem.worker.clients import WorkerClients
 from tandem.worker.config import WorkerOptions
 
@@ -98,6 +100,16 @@ class FlipRecord:
     pid: int
 
 
+def serving_planner(config: PlannerConfig, perf_model: PerfModel, engine: EngineConfig,
+                    routing: RoutingConfig) -> Planner:
+    """The planner, sized as the workers run: at most max_num_seqs sequences each, prompts chunked
+    at their step budget, and the router's choice of which prompts reach the prefill pool and
+    when they spill to decode workers."""
+    return Planner(config, perf_model, max_batch_size=engine.max_num_seqs,
+                   chunk_tokens=engine.max_num_batched_tokens,
+                   prefill_chunk_tokens=engine.max_num_batched_tokens, routing=routing)
+
+
 class PlannerLoop:
     def __init__(self, config: PlannerConfig, perf_model: PerfModel, frontend: Frontend,
                  deployment: Deployment, specs: list[WorkerOptions], devices: list[str],
@@ -105,11 +117,8 @@ class PlannerLoop:
         if config.layout == "auto":
             raise ValueError("the serving planner supports layout disagg or agg, not auto")
         self.config = config
-        # Prefill workers chunk prompts at their step budget, and the router decides which
-        # prompts reach them and when they spill to decode workers: the sizing counts the same.
-        self.planner = Planner(config, perf_model,
-                               prefill_chunk_tokens=specs[-1].engine.max_num_batched_tokens,
-                               routing=frontend.router.config)
+        self.planner = serving_planner(config, perf_model, specs[-1].engine,
+                                       frontend.router.config)
         self.frontend = frontend
         self.deployment = deployment
         self.template = specs[-1]

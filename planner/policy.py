@@ -47,7 +47,8 @@ from tandem.planner.config import PlannerConfig
 from tandem.planner.observation import ROLES, Decision, Observation, is_missing
 from tandem.planner.predictors import LoadPredictor, MovingAveragePredictor, make_predictor
 from tandem.planner.scaling_actions import ActionLimits, choose_actions
-from tandem.planner.sizing import Load, PerfModel, PoolPlan, SizingTarget, plan_pools
+from tandem.planner.sizing import (Load, PerfModel, PoolPlan, SizingTarget, plan_pools,
+                                   remote_part)
 from tandem.planner.worker_tracking import WorkerTracker
 from tandem.router.routing import RoutingConfig
 
@@ -100,7 +101,7 @@ class Planner:
         down = _counts(self._plan(margin_load, plan.layout))
         up = self._react_to_slo(obs, plan, current, notes)
         settled = self._settle(obs.time_s, up, down, current, notes)
-        limits = self._limits(obs, settled, down, current, notes)
+        limits = self._limits(obs, load, settled, down, current, notes)
         actions, after = choose_actions(obs, current, settled, self._tracker.failed_ids,
                                         {w.worker_id for w in obs.workers
                                          if self._tracker.is_busy(w.worker_id)}, limits)
@@ -174,7 +175,7 @@ class Planner:
                              f"until the lower target lasts {self.config.hold_s:.0f} s")
         return settled
 
-    def _limits(self, obs: Observation, settled: dict[str, int], down: dict[str, int],
+    def _limits(self, obs: Observation, load: Load, settled: dict[str, int], down: dict[str, int],
                 current: dict[str, int], notes: list[str]) -> ActionLimits:
         in_cooldown = obs.time_s - self._last_action_s < self.config.cooldown_s
         may_shrink, flip_floor = set(), dict(current)
@@ -186,7 +187,7 @@ class Planner:
                 notes.append(f"cooldown: no {role} removal or flip until "
                              f"t={self._last_action_s + self.config.cooldown_s:.0f} s")
                 continue
-            blocker = self._shrink_blocker(obs, role, current[role] - 1)
+            blocker = self._shrink_blocker(obs, load, role, current[role] - 1)
             if blocker:
                 notes.append(f"{role} keeps {current[role]}: {blocker}")
                 continue
@@ -196,10 +197,14 @@ class Planner:
         return ActionLimits(self.config.max_changes_per_interval, self.config.max_workers,
                             frozenset(may_shrink), flip_floor)
 
-    def _shrink_blocker(self, obs: Observation, role: str, remaining: int) -> str:
+    def _shrink_blocker(self, obs: Observation, load: Load, role: str, remaining: int) -> str:
         """Why `role` must not lose a worker now, or "" if it may."""
         fraction = SHRINK_LATENCY_FRACTION
-        if role in ("prefill", "both") and not is_missing(obs.ttft_p90_ms) \
+        # A slow first token counts against the prefill pool only while prompts reach it: when
+        # every prompt is prefilled on its decode worker, the wait is the decode pool's.
+        ttft_is_prefills = role == "both" or (role == "prefill"
+                                              and self._prefills_remotely(obs, load))
+        if ttft_is_prefills and not is_missing(obs.ttft_p90_ms) \
                 and obs.ttft_p90_ms > fraction * self.config.ttft_ms:
             return f"TTFT p90 {obs.ttft_p90_ms:.0f} ms is near the {self.config.ttft_ms:.0f} ms SLO"
         if role in ("decode", "both") and not is_missing(obs.itl_p90_ms) \
@@ -211,6 +216,15 @@ class Planner:
                 return (f"the {remaining} left would hold {kv_used / remaining:.0%} KV, above "
                         f"{self.config.max_kv_usage:.0%}")
         return ""
+
+    def _prefills_remotely(self, obs: Observation, load: Load) -> bool:
+        """Whether the prefill pool has work: prompts of the window reach it, or it holds some."""
+        return (remote_part(load, self._target).request_rate_per_s > 0
+                or _busy(obs.pool("prefill")))
+
+
+def _busy(workers) -> bool:
+    return any(w.num_requests > 0 for w in workers)
 
 
 def merged_mix(mixes: Iterable[tuple[float, tuple[tuple[float, float], ...]]]

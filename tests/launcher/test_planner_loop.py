@@ -4,7 +4,8 @@ reports (registered, draining, being flipped, still starting)."""
 from __future__ import annotations
 
 from tandem.contracts.worker_stats import Registration, WorkerStats
-from tandem.launcher.planner_loop import Devices, PlannerLoop, WorkerIds, planner_role, worker_role
+from tandem.launcher.planner_loop import (Devices, PlannerLoop, WorkerIds, planner_role,
+                                          serving_planner, worker_role)
 from tandem.router.worker_registry import WorkerRegistry
 
 
@@ -76,3 +77,22 @@ def test_planner_flag_keeps_the_yaml_planner_section(tmp_path):
     path.write_text("planner: {hold_s: 4, min_prefill: 0}\n")
     config = build_serve_config({"planner": "on"}, str(path), environ={})
     assert (config.planner.mode, config.planner.hold_s, config.planner.min_prefill) == ("on", 4, 0)
+
+
+def test_the_sizing_uses_the_workers_batch_limit_and_step_budget():
+    # A decode worker runs at most max_num_seqs sequences: sized with the engine default (256)
+    # instead, the planner would count on batches the workers never run and keep too few.
+    from tandem.engine.config import EngineConfig
+    from tandem.planner.config import PlannerConfig
+    from tandem.planner.perf_model import PerfModel
+    from tandem.planner.profile_catalog import default_profile
+    from tandem.router.routing import RoutingConfig
+
+    engine = EngineConfig(max_num_seqs=64, max_num_batched_tokens=1024)
+    model = PerfModel.load(default_profile("random:tiny", "cpu"))
+    planner = serving_planner(PlannerConfig(mode="advisory", ttft_ms=1000, itl_ms=100), model,
+                              engine, RoutingConfig(remote_prefill_min_tokens=300))
+    target = planner._target
+    assert (target.max_batch_size, target.chunk_tokens, target.prefill_chunk_tokens) == (
+        64, 1024, 1024)
+    assert target.remote_prefill_min_tokens == 300

@@ -168,6 +168,18 @@ def test_flip_is_preferred_over_remove_and_add():
     assert (decision.num_prefill, decision.num_decode) == (1, 2)
 
 
+def test_a_slow_first_token_does_not_hold_an_idle_prefill_pool():
+    # Prompts below the remote-prefill threshold: the decode worker prefills them, and its queue
+    # is what makes the first token slow. The idle prefill worker flips to decode at once.
+    planner, cluster = make_planner(gpu_budget=2, min_prefill=0), Cluster(1, 1)
+    decision = planner.on_tick(cluster.observe(0.0, 5.0, isl=128, osl=2048, ttft_p90_ms=5000.0))
+    assert decision.actions == (FlipRole("p0", "decode"),)
+    # The same wait with prompts that reach the prefill pool keeps it.
+    planner, cluster = make_planner(gpu_budget=2, min_prefill=0), Cluster(1, 1)
+    decision = planner.on_tick(cluster.observe(0.0, 5.0, isl=4096, osl=2048, ttft_p90_ms=5000.0))
+    assert not any(isinstance(a, FlipRole) and a.to_role == "decode" for a in decision.actions)
+
+
 def test_gpu_budget_and_maximums_bound_the_pools():
     planner, cluster = make_planner(gpu_budget=4, max_decode=1), Cluster(1, 1)
     run(planner, cluster, [60.0] * 6)
