@@ -1,20 +1,27 @@
 """A workload that changes phase, served by the planner against the two static layouts (2x H200).
 
-Phase 1: long prompts, short outputs (prefill-heavy: 1 prefill + 1 decode is the better layout);
-phase 2: short prompts, long outputs (decode-heavy: 2 aggregated workers are). Phase 2's prompts
-are shorter than the router's remote-prefill threshold, so its decode workers prefill them and the
-planner (layout disagg, min_prefill 0) can empty the prefill pool: with the shipped H200 profile it
-asks for 0 prefill + 1 decode at 6 req/s (the prefill worker is removed) and for 0 + 2 from about
-15 req/s (the prefill worker flips to decode); in phase 1 it keeps 1 + 1 (the budget binds). Each layout serves
-both phases back to back with `tandem bench` (random dataset, Poisson arrivals); the score is SLO
-attainment over the whole run (requests meeting TTFT and worst-gap ITL bounds over requests sent),
-which the planner must win by flipping a worker between the phases.
+Phase 1: long prompts, short outputs (4096 / 32 tokens, 6 req/s: prefill-heavy, and 2048-token
+chunks in aggregated steps break the every-gap ITL bound, so 1 prefill + 1 decode is the better
+layout); phase 2: short prompts, long outputs (128 / 1024 tokens, 10 req/s: decode-heavy; with
+`--max-num-seqs 64` in every layout one decode worker holds about 8 req/s and two about 16, so
+2 aggregated workers are the better layout). Phase 2's prompts are below the router's
+remote-prefill threshold, so decode workers prefill them and the planner (layout disagg,
+min_prefill 0) can empty the prefill pool: with the shipped H200 profile it keeps 1 + 1 in phase
+1 (the budget binds) and asks for 0 + 2 in phase 2, a flip of the prefill worker. Each layout
+serves both phases back to back with `tandem bench` (random dataset, Poisson arrivals, after a
+short unscored warm-up); the score is SLO attainment over the whole run (requests meeting the TTFT
+and worst-gap ITL bounds over requests sent), which the planner must win by flipping a worker
+between the phases. The simulator's view of the two static layouts, before renting GPUs:
+
+    tandem simulate --profile planner/profiles/random-llama-3.1-8b-h200.json --num-prefill 1 \
+        --num-decode 1 --max-num-seqs 64 --dataset random --input-len 128 --output-len 1024 \
+        --request-rate 10 --num-requests 900 --slo ttft_ms=500 itl_ms=40 --out p2-1p1d.json
 
 Against a server you started (one layout at a time):
 
     tandem serve --model random:llama-3.1-8b --num-prefill 1 --num-decode 1 --config p.yaml \
         --slo ttft_ms=500 itl_ms=40 --gpu-budget 2 --planner-interval-s 10
-    # p.yaml: planner: {mode: 'on', min_prefill: 0}
+    # p.yaml: planner: {mode: 'on', min_prefill: 0}; add --max-num-seqs 64 as the bench does
     python benchmarks/planner_phase_bench.py --url http://127.0.0.1:8000 --name planner
 
 or let it start each layout in turn (`--serve`: planner, 1P+1D, 2 aggregated) and print the table:
@@ -36,10 +43,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 
 import httpx
 
@@ -63,15 +72,27 @@ def phase_args(args: argparse.Namespace, phase: int) -> list[str]:
             "--seed", str(phase), "--slo", f"ttft_ms={args.ttft_ms}", f"itl_ms={args.itl_ms}"]
 
 
+def warmup_args(args: argparse.Namespace, phase: int) -> list[str]:
+    """A few requests of the phase's prompt length, short outputs, other prompts (seed)."""
+    input_len = args.long_input if phase == 1 else args.short_input
+    return ["--dataset", "random", "--input-len", str(input_len), "--output-len", "64",
+            "--request-rate", "4", "--num-requests", str(args.warmup_requests),
+            "--seed", str(100 + phase)]
+
+
+def bench(url: str, flags: list[str], out: str) -> dict:
+    subprocess.run([sys.executable, "-m", "tandem.bench", "--url", url, "--no-progress",
+                    "--out", out, *flags], check=True)
+    with open(out) as f:
+        return json.load(f)
+
+
 def run_phases(url: str, args: argparse.Namespace, workdir: str) -> list[dict]:
-    summaries = []
-    for phase in (1, 2):
-        out = os.path.join(workdir, f"phase{phase}.json")
-        subprocess.run([sys.executable, "-m", "tandem.bench", "--url", url, "--no-progress",
-                        "--out", out, *phase_args(args, phase)], check=True)
-        with open(out) as f:
-            summaries.append(json.load(f))
-    return summaries
+    if args.warmup_requests > 0:
+        for phase in (1, 2):
+            bench(url, warmup_args(args, phase), os.path.join(workdir, "warmup.json"))
+    return [bench(url, [*phase_args(args, phase), "--save-requests"],
+                  os.path.join(workdir, f"phase{phase}.json")) for phase in (1, 2)]
 
 
 def attainment(summaries: list[dict]) -> float:
@@ -98,7 +119,7 @@ def serve_command(args: argparse.Namespace, layout: list[str], config: str) -> l
             "--model", args.model, "--device", args.device,
             "--slo", f"ttft_ms={args.ttft_ms}", f"itl_ms={args.itl_ms}", "--gpu-budget", "2",
             "--planner-interval-s", str(args.interval_s), "--http-port", str(args.port),
-            *layout, *args.serve_arg]
+            "--max-num-seqs", str(args.max_num_seqs), *layout, *args.serve_arg]
 
 
 def serve(args: argparse.Namespace, name: str, layout: list[str], workdir: str,
@@ -138,19 +159,67 @@ def planner_actions(log_path: str) -> list[str]:
                 or "planner: started" in line or "planner: removed" in line]
 
 
+FLIP_LINE = re.compile(r"^(\S+ \S+) .*planner: flipped worker (\S+) from (\S+) to (\S+) in "
+                       r"([\d.]+) s \(drain ([\d.]+) s, switch ([\d.]+) s\)")
+AROUND_S = 30.0   # the clients' view compares this long before a flip with this long after it
+
+
+def flips_from_log(log_path: str) -> list[dict]:
+    """Each flip the server logged: its wall-clock end (the log line's time), total, drain, switch."""
+    flips = []
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            match = FLIP_LINE.search(line)
+            if match:
+                end = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                flips.append({"worker": match[2], "from": match[3], "to": match[4],
+                              "end_epoch_s": end, "total_s": float(match[5]),
+                              "drain_s": float(match[6]), "switch_s": float(match[7])})
+    return flips
+
+
+def clients_around(flip: dict, summaries: list[dict], args: argparse.Namespace) -> dict:
+    """What the clients saw: requests sent in the 30 s before the flip began, during it, and in
+    the 30 s after it ended (count, failures, SLO attainment, TTFT and worst gap)."""
+    start, end = flip["end_epoch_s"] - flip["total_s"], flip["end_epoch_s"]
+    windows = {"before": (start - AROUND_S, start), "during": (start, end),
+               "after": (end, end + AROUND_S)}
+    sent = [(s["started_at_epoch_s"] + r["start_s"], r) for s in summaries
+            for r in s["per_request"]]
+    return {name: _window_stats([r for at, r in sent if low <= at < high], args)
+            for name, (low, high) in windows.items()}
+
+
+def _window_stats(records: list[dict], args: argparse.Namespace) -> dict:
+    ok = [r for r in records if not r["error"]]
+    worst_gaps = sorted(max(r["itl_ms"], default=0.0) for r in ok)
+    ttfts = sorted(r["ttft_ms"] for r in ok)
+    good = sum(1 for r in ok if r["ttft_ms"] <= args.ttft_ms
+               and max(r["itl_ms"], default=0.0) <= args.itl_ms)
+    return {"requests": len(records), "failed": len(records) - len(ok),
+            "within_slo": good, "ttft_p50_ms": _pick(ttfts, 0.5), "ttft_p90_ms": _pick(ttfts, 0.9),
+            "worst_gap_p50_ms": _pick(worst_gaps, 0.5)}
+
+
+def _pick(values: list[float], q: float) -> float | None:
+    return round(values[min(len(values) - 1, int(q * len(values)))], 1) if values else None
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
 def report(name: str, summaries: list[dict], url: str) -> dict:
     p1, p2 = summaries
+    keys = ("num_requests", "num_errors", "ttft_ms", "itl_ms", "tpot_ms")
     row = {"layout": name, "attainment": attainment(summaries),
-           "phase_1": {k: p1[k] for k in ("num_requests", "num_errors", "ttft_ms", "itl_ms")},
-           "phase_2": {k: p2[k] for k in ("num_requests", "num_errors", "ttft_ms", "itl_ms")},
+           "phase_1": {"attainment": attainment([p1]), **{k: p1[k] for k in keys}},
+           "phase_2": {"attainment": attainment([p2]), **{k: p2[k] for k in keys}},
            "flip_seconds": flip_seconds(url)}
-    print(f"{name:8s} attainment {row['attainment']:6.1%} | phase 1 TTFT p90 "
-          f"{p1['ttft_ms']['p90']} ms | phase 2 ITL p90 {p2['itl_ms']['p90']} ms | "
-          f"{row['flip_seconds']}", flush=True)
+    print(f"{name:8s} attainment {row['attainment']:6.1%} (phase 1 "
+          f"{row['phase_1']['attainment']:6.1%}, phase 2 {row['phase_2']['attainment']:6.1%}) | "
+          f"phase 1 TTFT p90 {p1['ttft_ms']['p90']} ms | phase 2 TTFT p90 {p2['ttft_ms']['p90']} "
+          f"ms, ITL p90 {p2['itl_ms']['p90']} ms | {row['flip_seconds']}", flush=True)
     return row
 
 
@@ -170,19 +239,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-dir", default=".", help="where each server's output goes")
     parser.add_argument("--out", default=None, help="write the table as JSON")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--interval-s", type=float, default=10.0)
+    parser.add_argument("--interval-s", type=float, default=5.0)
     parser.add_argument("--hold-s", type=float, default=None,
                         help="the planner's hold before a scale-down (default: its own, 180 s)")
     parser.add_argument("--cooldown-s", type=float, default=None)
-    parser.add_argument("--phase-s", type=float, default=300.0, help="length of each phase")
-    parser.add_argument("--long-input", type=int, default=8192)
+    parser.add_argument("--phase-s", type=float, default=120.0, help="length of each phase")
+    parser.add_argument("--max-num-seqs", type=int, default=64,
+                        help="sequences a worker runs at once, in every layout: with 64, one "
+                             "decode worker holds about 8 req/s of phase 2 and two hold 16")
+    parser.add_argument("--warmup-requests", type=int, default=16,
+                        help="per phase shape, sent before phase 1 and not scored (first-use "
+                             "kernel compiles)")
+    parser.add_argument("--long-input", type=int, default=4096)
     parser.add_argument("--short-output", type=int, default=32)
     parser.add_argument("--short-input", type=int, default=128,
                         help="below the router's remote-prefill threshold (256), so phase 2 "
                              "needs no prefill pool")
     parser.add_argument("--long-output", type=int, default=1024)
     parser.add_argument("--rate-1", type=float, default=6.0, help="phase 1 requests/s")
-    parser.add_argument("--rate-2", type=float, default=6.0, help="phase 2 requests/s")
+    parser.add_argument("--rate-2", type=float, default=10.0, help="phase 2 requests/s")
     parser.add_argument("--ttft-ms", type=float, default=500.0)
     parser.add_argument("--itl-ms", type=float, default=40.0)
     args = parser.parse_args(argv)
@@ -197,7 +272,8 @@ def serve_each(args: argparse.Namespace, workdir: str) -> list[dict]:
     for name in args.layouts.split(","):
         process = serve(args, name, LAYOUTS[name], workdir, with_planner=name == "planner")
         try:
-            rows.append(report(name, run_phases(url, args, workdir), url))
+            summaries = run_phases(url, args, workdir)
+            rows.append(report(name, summaries, url))
         finally:
             process.terminate()
             process.wait(timeout=120)
@@ -205,6 +281,12 @@ def serve_each(args: argparse.Namespace, workdir: str) -> list[dict]:
         rows[-1]["planner_actions"] = planner_actions(log_path)
         for line in rows[-1]["planner_actions"]:
             print(f"    {line}")
+        rows[-1]["flips"] = flips_from_log(log_path)
+        for flip in rows[-1]["flips"]:
+            flip["clients"] = clients_around(flip, summaries, args)
+            print(f"    flip {flip['from']} -> {flip['to']}: {flip['total_s']:.2f} s (drain "
+                  f"{flip['drain_s']:.2f}, switch {flip['switch_s']:.3f}); clients: "
+                  f"{json.dumps(flip['clients'])}")
     return rows
 
 
