@@ -20,7 +20,7 @@ import grpc
 
 from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
-from tandem.worker.auth import internal_channel
+from tandem.worker.auth import InternalChannel, internal_channel
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +49,17 @@ class CallDeadlines:
 class WorkerClients:
     def __init__(self, deadlines: CallDeadlines = CallDeadlines()):
         self.deadlines = deadlines
-        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.channels: dict[str, InternalChannel] = {}
+        # One stub per channel: a stub makes a multi-callable for each of the service's methods.
+        self._stubs: dict[str, wgrpc.WorkerStub] = {}
         self._unawaited: set[asyncio.Task] = set()  # referenced until done, as asyncio requires
 
     def stub(self, address: str) -> wgrpc.WorkerStub:
-        channel = self.channels.get(address)
-        if channel is None:
+        stub = self._stubs.get(address)
+        if stub is None:
             channel = self.channels[address] = internal_channel(address)
-        return wgrpc.WorkerStub(channel)
+            stub = self._stubs[address] = wgrpc.WorkerStub(channel)
+        return stub
 
     def send_soon(self, call: Coroutine) -> None:
         """Run a best-effort call (one of the methods below) without waiting for it."""
@@ -86,3 +89,4 @@ class WorkerClients:
         for channel in self.channels.values():
             await channel.close()
         self.channels.clear()
+        self._stubs.clear()

@@ -1,6 +1,8 @@
 """The internal secret on real gRPC calls in this process: a server built by `internal_server`
 serves unary and streaming calls from `internal_channel`s holding its secret, and refuses callers
-without it or with another one with UNAUTHENTICATED, without running the method."""
+without it or with another one with UNAUTHENTICATED, without running the method. The channel
+attaches the secret when a call opens, and hands back grpc's own call (no interceptor between the
+stream and its reader)."""
 
 from __future__ import annotations
 
@@ -20,9 +22,12 @@ SECRET = "s" * 43
 class FakeWorker(wgrpc.WorkerServicer):
     def __init__(self):
         self.calls: list[str] = []
+        self.metadata: list[tuple[str, str]] = []
 
     async def GetStats(self, request, context):
         self.calls.append("GetStats")
+        self.metadata = [(m.key, m.value) for m in context.invocation_metadata()
+                         if not m.key.startswith(("user-agent", "grpc-"))]
         return wpb.WorkerStats(num_running=3)
 
     async def Generate(self, request, context):
@@ -31,8 +36,8 @@ class FakeWorker(wgrpc.WorkerServicer):
             yield wpb.TokenChunk(token_ids=[token])
 
 
-async def serve_and_call(call) -> tuple[object, list[str]]:
-    worker = FakeWorker()
+async def serve_and_call(call, worker: FakeWorker | None = None) -> tuple[object, list[str]]:
+    worker = worker or FakeWorker()
     server = internal_server(SECRET)
     wgrpc.add_WorkerServicer_to_server(worker, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -80,6 +85,51 @@ def test_calls_without_the_secret_are_refused_before_the_method_runs(metadata):
     assert calls == []
 
 
+def test_a_channel_holding_another_secret_is_refused_with_a_clear_message():
+    async def call(address):
+        async with internal_channel(address, "w" * 43) as channel:
+            stub = wgrpc.WorkerStub(channel)
+            try:
+                await stub.GetStats(wpb.StatsRequest(), timeout=5)
+            except grpc.aio.AioRpcError as err:
+                unary = (err.code(), err.details())
+
+            async def drain():
+                return [c async for c in stub.Generate(wpb.WorkerGenerateRequest())]
+            return unary, await code_of(drain())
+
+    (unary, streamed), calls = asyncio.run(serve_and_call(call))
+    assert unary == (grpc.StatusCode.UNAUTHENTICATED,
+                     "this is an internal tandem API: a wrong secret")
+    assert streamed == grpc.StatusCode.UNAUTHENTICATED and calls == []
+
+
+def test_the_secret_joins_a_calls_own_metadata_once():
+    async def call(address):
+        async with internal_channel(address, SECRET) as channel:
+            stub = wgrpc.WorkerStub(channel)
+            await stub.GetStats(wpb.StatsRequest(), metadata=(("x-request-id", "r1"),), timeout=5)
+
+    worker = FakeWorker()
+    asyncio.run(serve_and_call(call, worker))
+    assert worker.metadata == [("x-request-id", "r1"), (METADATA_KEY, SECRET)]
+
+
+def test_a_stream_is_grpcs_own_call_read_without_an_interceptor():
+    async def call(address):
+        async with internal_channel(address, SECRET) as channel:
+            stream = wgrpc.WorkerStub(channel).Generate(wpb.WorkerGenerateRequest())
+            chunks = [(await stream.read()).token_ids[0], (await stream.read()).token_ids[0]]
+            return stream, chunks, await stream.read()
+
+    (stream, chunks, last), _ = asyncio.run(serve_and_call(call))
+    # grpc.aio wraps an intercepted stream in InterceptedUnaryStreamCall, a task per call and two
+    # async generators per message.
+    assert isinstance(stream, grpc.aio.UnaryStreamCall)
+    assert "Intercepted" not in type(stream).__name__
+    assert chunks == [7, 8] and last is grpc.aio.EOF
+
+
 def test_the_launcher_keeps_an_operators_secret_and_makes_one_otherwise():
     environ = {SECRET_ENV: SECRET}
     assert ensure_secret(environ) == SECRET
@@ -96,3 +146,7 @@ def test_no_internal_server_or_channel_without_a_secret(monkeypatch):
         process_secret()
     with pytest.raises(RuntimeError, match=SECRET_ENV):
         internal_server()
+    with pytest.raises(RuntimeError, match=SECRET_ENV):
+        internal_channel("127.0.0.1:1")
+    with pytest.raises(ValueError, match="at least 16"):
+        internal_channel("127.0.0.1:1", "short")
