@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.models.decoder import DecoderModel
+from tandem.engine.tokenizer import BUILTIN_VOCAB_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,11 @@ def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
 
 @torch.no_grad()
 def init_random_weights(model: DecoderModel, seed: int) -> None:
+    """Random weights at the model's shapes. A random model is served with the built-in tokenizer,
+    whose ids are the first BUILTIN_VOCAB_SIZE of a large vocabulary: the LM head's rows past them
+    are zero, so greedy decoding picks an id the tokenizer has (the largest of 2048 random logits
+    is positive) and every generated token streams as text, as a real model's would; the head is
+    as large as the real model's, so a step costs the same."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
@@ -50,6 +56,7 @@ def init_random_weights(model: DecoderModel, seed: int) -> None:
             param.zero_()
         else:
             param.normal_(0.0, RANDOM_INIT_STD, generator=generator)
+    model.lm_head.weight[BUILTIN_VOCAB_SIZE:].zero_()
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:

@@ -81,3 +81,20 @@ def test_not_a_directory_nor_a_preset():
         LLMEngine(EngineConfig(model="/no/such/model"))
     with pytest.raises(ValueError, match="unknown random preset"):
         LLMEngine(EngineConfig(model="random:nope"))
+
+
+def test_a_random_model_generates_ids_the_builtin_tokenizer_has():
+    # random:<preset> models have their real vocabulary (128k ids for llama) but the built-in
+    # tokenizer's 2048 ids: a generated id past those would stream as no text at all.
+    from tandem.engine.loader import build_model
+    from tandem.engine.model_config import ModelConfig
+    from tandem.engine.tokenizer import BUILTIN_VOCAB_SIZE
+
+    config = ModelConfig(architecture="LlamaForCausalLM", hidden_size=64, num_layers=1,
+                         num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
+                         vocab_size=4 * BUILTIN_VOCAB_SIZE, max_position_embeddings=64)
+    model = build_model(config, torch.device("cpu"), torch.float32, None, 64, seed=3)
+    head = model.lm_head.weight
+    assert head[BUILTIN_VOCAB_SIZE:].abs().sum() == 0 and head[:BUILTIN_VOCAB_SIZE].abs().min() > 0
+    hidden = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    assert int((hidden @ head.T).argmax(dim=-1).max()) < BUILTIN_VOCAB_SIZE
