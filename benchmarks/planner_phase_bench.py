@@ -2,8 +2,8 @@
 
 Phase 1: long prompts, short outputs (4096 / 32 tokens, 6 req/s: prefill-heavy, and 2048-token
 chunks in aggregated steps break the every-gap ITL bound, so 1 prefill + 1 decode is the better
-layout); phase 2: short prompts, long outputs (128 / 1024 tokens, 10 req/s: decode-heavy; with
-`--max-num-seqs 64` in every layout one decode worker holds about 8 req/s and two about 16, so
+layout); phase 2: short prompts, long outputs (128 / 1024 tokens, 6 req/s: decode-heavy; with
+`--max-num-seqs 32` in every layout one decode worker holds about 5 req/s and two about 10, so
 2 aggregated workers are the better layout). Phase 2's prompts are below the router's
 remote-prefill threshold, so decode workers prefill them and the planner (layout disagg,
 min_prefill 0) can empty the prefill pool: with the shipped H200 profile it keeps 1 + 1 in phase
@@ -14,14 +14,14 @@ and worst-gap ITL bounds over requests sent), which the planner must win by flip
 between the phases. The simulator's view of the two static layouts, before renting GPUs:
 
     tandem simulate --profile planner/profiles/random-llama-3.1-8b-h200.json --num-prefill 1 \
-        --num-decode 1 --max-num-seqs 64 --dataset random --input-len 128 --output-len 1024 \
-        --request-rate 10 --num-requests 900 --slo ttft_ms=500 itl_ms=40 --out p2-1p1d.json
+        --num-decode 1 --max-num-seqs 32 --dataset random --input-len 128 --output-len 1024 \
+        --request-rate 6 --num-requests 720 --slo ttft_ms=500 itl_ms=40 --out p2-1p1d.json
 
 Against a server you started (one layout at a time):
 
     tandem serve --model random:llama-3.1-8b --num-prefill 1 --num-decode 1 --config p.yaml \
         --slo ttft_ms=500 itl_ms=40 --gpu-budget 2 --planner-interval-s 10
-    # p.yaml: planner: {mode: 'on', min_prefill: 0}; add --max-num-seqs 64 as the bench does
+    # p.yaml: planner: {mode: 'on', min_prefill: 0}; add --max-num-seqs 32 as the bench does
     python benchmarks/planner_phase_bench.py --url http://127.0.0.1:8000 --name planner
 
 or let it start each layout in turn (`--serve`: planner, 1P+1D, 2 aggregated) and print the table:
@@ -244,9 +244,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the planner's hold before a scale-down (default: its own, 180 s)")
     parser.add_argument("--cooldown-s", type=float, default=None)
     parser.add_argument("--phase-s", type=float, default=120.0, help="length of each phase")
-    parser.add_argument("--max-num-seqs", type=int, default=64,
-                        help="sequences a worker runs at once, in every layout: with 64, one "
-                             "decode worker holds about 8 req/s of phase 2 and two hold 16")
+    parser.add_argument("--max-num-seqs", type=int, default=32,
+                        help="sequences a worker runs at once, in every layout: with 32, one "
+                             "decode worker holds about 5 req/s of phase 2 and two hold 10")
     parser.add_argument("--warmup-requests", type=int, default=16,
                         help="per phase shape, sent before phase 1 and not scored (first-use "
                              "kernel compiles)")
@@ -257,7 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "needs no prefill pool")
     parser.add_argument("--long-output", type=int, default=1024)
     parser.add_argument("--rate-1", type=float, default=6.0, help="phase 1 requests/s")
-    parser.add_argument("--rate-2", type=float, default=10.0, help="phase 2 requests/s")
+    parser.add_argument("--rate-2", type=float, default=6.0, help="phase 2 requests/s")
     parser.add_argument("--ttft-ms", type=float, default=500.0)
     parser.add_argument("--itl-ms", type=float, default=40.0)
     args = parser.parse_args(argv)
