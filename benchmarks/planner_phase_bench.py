@@ -148,7 +148,8 @@ def serve(args: argparse.Namespace, name: str, layout: list[str], workdir: str,
 def planner_yaml(args: argparse.Namespace) -> str:
     """The planner's section: its pools, and the hold and cooldown when given (short phases)."""
     knobs = "".join(f", {name}: {value}" for name, value in
-                    (("hold_s", args.hold_s), ("cooldown_s", args.cooldown_s)) if value is not None)
+                    (("hold_s", args.hold_s), ("cooldown_s", args.cooldown_s),
+                     ("shape_window", args.shape_window)) if value is not None)
     return PLANNER_YAML % knobs
 
 
@@ -243,7 +244,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hold-s", type=float, default=None,
                         help="the planner's hold before a scale-down (default: its own, 180 s)")
     parser.add_argument("--cooldown-s", type=float, default=None)
-    parser.add_argument("--phase-s", type=float, default=120.0, help="length of each phase")
+    parser.add_argument("--shape-window", type=int, default=2,
+                        help="intervals the planner averages prompt lengths over: with 2 (10 s), "
+                             "phase 1's long prompts leave its view ~10 s into phase 2")
+    parser.add_argument("--phase-s", type=float, default=90.0, help="length of each phase")
     parser.add_argument("--max-num-seqs", type=int, default=32,
                         help="sequences a worker runs at once, in every layout: with 32, one "
                              "decode worker holds about 5 req/s of phase 2 and two hold 10")
