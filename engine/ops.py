@@ -7,8 +7,6 @@ The choice is made inside engine/kernels/, per call.
 
 from __future__ import annotations
 
-from tandem.engine.kernels import (linear, paged_attention, prepare_qkv, rms_norm, rms_norm_linear,
-                                   silu_and_mul, silu_and_mul_linear)
+from tandem.engine.kernels import linear, paged_attention, prepare_qkv, rms_norm, silu_and_mul
 
-__all__ = ["linear", "paged_attention", "prepare_qkv", "rms_norm", "rms_norm_linear",
-           "silu_and_mul", "silu_and_mul_linear"]
+__all__ = ["linear", "paged_attention", "prepare_qkv", "rms_norm", "silu_and_mul"]

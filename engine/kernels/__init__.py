@@ -23,7 +23,7 @@ from tandem.engine.layers import (apply_rotary_reference, prepare_qkv_reference,
                                   rms_norm_reference, silu_and_mul_reference)
 
 __all__ = ["apply_rotary", "is_triton_usable", "linear", "paged_attention", "prepare_qkv",
-           "rms_norm", "rms_norm_linear", "silu_and_mul", "silu_and_mul_linear", "store_kv"]
+           "rms_norm", "silu_and_mul", "store_kv"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -130,27 +130,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         return torch.nn.functional.linear(x, weight, bias)
     from tandem.engine.kernels.skinny_gemm import linear as skinny_or_cublas
     return skinny_or_cublas(x, weight, bias)
-
-
-def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-                    eps: float, weight: torch.Tensor, bias: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + residual) * norm_weight @ weight^T + bias, x + residual): an RMSNorm and the
-    projection after it. On CUDA, a few rows may take one kernel for both where that was measured
-    faster than the two (kernels/skinny_fused.py)."""
-    if not is_triton_usable(x):
-        h, summed = rms_norm_reference(x, norm_weight, eps, residual)
-        return torch.nn.functional.linear(h, weight, bias), summed
-    from tandem.engine.kernels.skinny_fused import rms_norm_linear as fused_or_pair
-    return fused_or_pair(x, residual, norm_weight, eps, weight, bias)
-
-
-def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-                        ) -> torch.Tensor:
-    """silu(gate) * up @ weight^T + bias for x = (num_tokens, 2 * intermediate), gate first: the
-    MLP's activation and down projection. On CUDA, a few rows may take one kernel for both where
-    that was measured faster than the two (kernels/skinny_fused.py)."""
-    if not is_triton_usable(x):
-        return torch.nn.functional.linear(silu_and_mul_reference(x), weight, bias)
-    from tandem.engine.kernels.skinny_fused import silu_and_mul_linear as fused_or_pair
-    return fused_or_pair(x, weight, bias)

@@ -5,10 +5,8 @@ families differ in three switches of ModelConfig: a bias on the q/k/v projection
 RMSNorm on each head of q and k before rotary (Qwen3) and tied input/output embeddings.
 
 q/k/v are one fused projection and gate/up another (the loader stacks HF's separate weights), so a
-layer runs two matmuls where HF runs five. Each projection is called together with the
-elementwise step before it (the RMSNorm before QKV and gate_up, SiLU-and-mul before down), so that
-a decode step's few rows can take one kernel for both (engine/kernels/skinny_fused.py). Attention
-reads and writes the paged KV cache (engine/attention.py); the model itself holds no cache state.
+layer runs two matmuls where HF runs five. Attention reads and writes the paged KV cache
+(engine/attention.py); the model itself holds no cache state.
 """
 
 from __future__ import annotations
@@ -25,12 +23,6 @@ from tandem.engine.model_config import ModelConfig
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The layer's matmul through ops (a decode step's few rows may take a Triton kernel)."""
     return ops.linear(x, layer.weight, layer.bias)
-
-
-def _norm_linear(norm: RMSNorm, layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layer(norm(x + residual)), x + residual), in one kernel where that is faster."""
-    return ops.rms_norm_linear(x, residual, norm.weight, norm.eps, layer.weight, layer.bias)
 
 
 class RMSNorm(nn.Module):
@@ -72,11 +64,10 @@ class Attention(nn.Module):
     def k_norm_weight(self) -> torch.Tensor | None:
         return None if self.k_norm is None else self.k_norm.weight
 
-    def forward(self, qkv: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Attention from qkv_proj's output, (tokens, (heads + 2 * kv_heads) * head_dim), which
-        the layer computes together with the norm before it."""
-        num_tokens = qkv.shape[0]
+        num_tokens = x.shape[0]
+        qkv = _linear(self.qkv_proj, x)            # (tokens, (heads + 2 * kv_heads) * head_dim)
         kv_layer = kv_cache[:, self.layer_index]  # (blocks, 2, block_size, kv_heads, head_dim)
         # qk-norm, rotary and the KV store in one pass; q: (tokens, heads, head_dim)
         q = ops.prepare_qkv(qkv, positions, *rope, self.q_norm_weight, self.k_norm_weight,
@@ -93,10 +84,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The MLP from gate_up_proj's output (tokens, 2 * intermediate), which the layer
-        computes together with the norm before it."""
-        return ops.silu_and_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(self.down_proj, ops.silu_and_mul(_linear(self.gate_up_proj, x)))
 
 
 class DecoderLayer(nn.Module):
@@ -110,11 +99,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 meta: AttentionMetadata, kv_cache: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        qkv, residual = _norm_linear(self.input_layernorm, self.self_attn.qkv_proj, x, residual)
-        h = self.self_attn(qkv, positions, meta, kv_cache, rope)
-        gate_up, residual = _norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, h,
-                                         residual)
-        return self.mlp(gate_up), residual
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, meta, kv_cache, rope)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
