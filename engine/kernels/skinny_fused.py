@@ -1,27 +1,17 @@
 """The few-row matmul of skinny_gemm.py with the elementwise kernel before it folded into its
-prologue: the residual-add RMSNorm before the QKV and gate_up projections, SiLU-and-mul before
-the down projection.
+prologue: SiLU-and-mul before the down projection.
 
-At a decode step those elementwise kernels are launches of a microsecond or two over a few KB
-each (llama-3.1-8b at batch 1 on an H200: 65 norm and 32 activation launches, 180 us of a 4.64 ms
-step; a larger share for a small model). A program of the skinny matmul reads the whole input
-rows anyway (it streams its BLOCK_N rows of W along all of K), so it can as well read what the
-elementwise kernel would have read and compute its input tile by tile:
+At a decode step the activation kernel is a launch of a microsecond or two over a few KB
+(llama-3.1-8b at batch 1 on an H200: 32 launches, 47 us of a 4.64 ms step; a larger share for a
+small model). A program of the skinny matmul reads the whole input rows anyway (it streams its
+BLOCK_N rows of W along all of K), so it can as well read what the activation kernel would have
+read and compute its input tile by tile: `skinny_silu_linear` takes gate and up from the gate_up
+projection's output, rounds silu(gate) * up to the activation dtype and takes the dot with the
+down projection's tile.
 
-- `skinny_silu_linear`: gate and up from the gate_up projection's output, silu(gate) * up rounded
-  to the activation dtype, then the dot with the down projection's tile.
-- `skinny_rms_norm_linear`: every program first passes over the rows for their mean square (at
-  most 64 rows of 1024-8192 elements, from L2), then normalizes them tile by tile into the dot.
-  x + residual, the next residual, is stored by program 0 alone, into a fresh buffer that no
-  program reads: no race.
-
-Rounding is the unfused kernels': silu(gate) * up in fp32, rounded once to the activation dtype
-by activation.py's own `silu_mul`; x + residual rounded to the activation dtype, the normalized
-value rounded before the weight multiply and the weighted value before the matmul (rmsnorm.py's
-contract). So the SiLU variant equals the unfused pair bit for bit where both take one config
-(same tiles, same dot order; the tests hold it to that), and x + residual equals rmsnorm.py's.
-The mean square is summed in another order than rmsnorm.py's kernel sums it (as that kernel's
-differs from torch's), which can move a normalized value by one ulp.
+Rounding is the unfused kernel's: silu(gate) * up in fp32, rounded once to the activation dtype
+by activation.py's own `silu_mul`. So the fused kernel equals the unfused pair bit for bit where
+both take one config (same tiles, same dot order; the tests hold it to that).
 
 Every program repeats the prologue, so it computes only the rows there are (to a power of two)
 and repeats them to fill the 16 rows the tensor-core dot takes at least: at batch 1 that is one
@@ -29,13 +19,12 @@ row's exp and division per element where the whole tile would have taken 16 (the
 16 per clock per SM, would otherwise bound a narrow BLOCK_N). Padding rows of the dot's input
 only reach output rows that are never stored.
 
-Which is faster, fused or the unfused pair (the elementwise kernel, then whichever matmul
+Which is faster, fused or the unfused pair (the activation kernel, then whichever matmul
 skinny_gemm.linear chose), depends on the shape: the prologue's work grows with the rows and is
 repeated by every program. So it is measured as skinny_gemm.choose measures: once per shape, the
 first time the shape is seen outside a CUDA-graph capture (the engine's eager warm-up before each
 capture), each config of the fused kernel timed against the pair. Shapes first seen during a
-capture, more than MAX_ROWS rows, other dtypes and a norm with no residual (layer 0's first) take
-the pair.
+capture, more than MAX_ROWS rows and other dtypes take the pair.
 """
 
 from __future__ import annotations
@@ -49,7 +38,6 @@ import triton.language as tl
 
 from tandem.engine.kernels import skinny_gemm
 from tandem.engine.kernels.activation import silu_and_mul, silu_mul
-from tandem.engine.kernels.rmsnorm import rms_norm
 
 Config = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_K, num_warps, num_stages), skinny_gemm's
 # Fused must take under 97% of the pair's time. The margin keeps timing noise from switching
@@ -87,50 +75,6 @@ def _silu_gemm_kernel(
     _store_rows(acc, bias_ptr, out_ptr, cols, num_rows, stride_out, HAS_BIAS, BLOCK_M)
 
 
-@triton.jit(do_not_specialize=["num_rows"])
-def _rms_norm_gemm_kernel(
-    x_ptr, residual_ptr, norm_w_ptr, w_ptr, bias_ptr, out_ptr, residual_out_ptr, num_rows, K, eps,
-    stride_x, stride_residual, stride_w, stride_out, stride_residual_out,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, PROLOGUE_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    program = tl.program_id(0)
-    rows = tl.arange(0, PROLOGUE_M)
-    ks = tl.arange(0, BLOCK_K)
-    is_row = rows[:, None] < num_rows
-    x_tile = x_ptr + rows[:, None] * stride_x + ks[None, :]                # (PROLOGUE_M, BLOCK_K)
-    residual_tile = residual_ptr + rows[:, None] * stride_residual + ks[None, :]
-    summed_tile = residual_out_ptr + rows[:, None] * stride_residual_out + ks[None, :]
-    is_writer = is_row & (program == 0)
-    squares = tl.zeros([PROLOGUE_M, BLOCK_K], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):  # pass 1: the rows' sums of squares
-        x = _residual_sum(x_tile + k, residual_tile + k, is_row, residual_out_ptr)
-        tl.store(summed_tile + k, x, mask=is_writer)
-        h = x.to(tl.float32)
-        squares += h * h
-    rstd = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]             # (PROLOGUE_M, 1)
-    cols = program * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_tile = w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :]  # (BLOCK_N, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):  # pass 2: normalize, weigh, multiply
-        x = _residual_sum(x_tile + k, residual_tile + k, is_row, residual_out_ptr)
-        normed = (x.to(tl.float32) * rstd).to(x.dtype)
-        norm_w = tl.load(norm_w_ptr + k + ks)[None, :]
-        normed = (normed.to(tl.float32) * norm_w.to(tl.float32)).to(w_ptr.dtype.element_ty)
-        w = tl.load(w_tile)
-        acc += tl.dot(_dot_rows(normed, PROLOGUE_M, BLOCK_M, BLOCK_K), tl.trans(w))
-        w_tile += BLOCK_K
-    _store_rows(acc, bias_ptr, out_ptr, cols, num_rows, stride_out, HAS_BIAS, BLOCK_M)
-
-
-@triton.jit
-def _residual_sum(x_ptrs, residual_ptrs, mask, sum_ptr):
-    """x + residual, rounded to the dtype it is stored in (it becomes the next residual)."""
-    x = tl.load(x_ptrs, mask=mask, other=0.0)
-    residual = tl.load(residual_ptrs, mask=mask, other=0.0)
-    return (x.to(tl.float32) + residual.to(tl.float32)).to(sum_ptr.dtype.element_ty)
-
-
 @triton.jit
 def _dot_rows(x, PROLOGUE_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """The prologue's rows x (PROLOGUE_M, BLOCK_K) as the dot's (BLOCK_M, BLOCK_K) operand, row m
@@ -155,8 +99,7 @@ def _store_rows(acc, bias_ptr, out_ptr, cols, num_rows, stride_out,
 
 
 def fits(num_rows: int, weight: torch.Tensor, config: Config) -> bool:
-    """skinny_gemm.fits with the prologue's two input tiles (gate and up, or x and residual) per
-    pipeline stage."""
+    """skinny_gemm.fits with the prologue's two input tiles (gate, up) per pipeline stage."""
     return skinny_gemm.fits(num_rows, weight, config, input_tiles=2)
 
 
@@ -180,28 +123,6 @@ def skinny_silu_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.
     return out
 
 
-def skinny_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                           eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
-                           config: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + residual) * norm_weight @ weight^T + bias, x + residual) for x, residual (rows,
-    K), rows <= MAX_ROWS, all of weight's dtype; `fits` must hold."""
-    num_rows, n, k = x.shape[0], weight.shape[0], weight.shape[1]
-    if any(t.stride(-1) != 1 for t in (x, residual, norm_weight, weight)):
-        raise ValueError("skinny_rms_norm_linear needs the K axis of every input contiguous")
-    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
-    residual_out = torch.empty_like(x)  # (rows, K), written by program 0, read by none
-    block_n, block_k, num_warps, num_stages = config
-    block_m, prologue_m = _block_rows(num_rows)
-    _rms_norm_gemm_kernel[(n // block_n,)](
-        x, residual, norm_weight, weight, bias if bias is not None else weight, out, residual_out,
-        num_rows, k, eps, x.stride(0), residual.stride(0), weight.stride(0), out.stride(0),
-        residual_out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, PROLOGUE_M=prologue_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-    )
-    return out, residual_out
-
-
 def _block_rows(num_rows: int) -> tuple[int, int]:
     """(BLOCK_M, PROLOGUE_M): the dot's rows (16 at least, for the tensor cores) and the rows the
     prologue computes (the rows to a power of two)."""
@@ -223,29 +144,6 @@ def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch
         gate_up.shape[0], weight, unfused,
         lambda c: functools.partial(skinny_silu_linear, gate_up, weight, bias, c)))
     return unfused() if config is None else skinny_silu_linear(gate_up, weight, bias, config)
-
-
-def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-                    eps: float, weight: torch.Tensor, bias: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + residual) * norm_weight @ weight^T + bias, x + residual) for x (tokens, K): the
-    fused kernel where it was measured faster than rmsnorm.py's kernel and the matmul
-    skinny_gemm.linear chose."""
-    def unfused() -> tuple[torch.Tensor, torch.Tensor]:
-        h, summed = rms_norm(x, norm_weight, eps, residual)
-        return skinny_gemm.linear(h, weight, bias), summed
-
-    if (residual is None or x.dim() != 2 or residual.shape != x.shape
-            or not _may_fuse(x, weight, bias, residual, norm_weight)):
-        return unfused()
-    key = ("rms_norm", x.shape[0], *weight.shape, weight.dtype, bias is not None)
-    config = _chosen_config(key, lambda: _choose(
-        x.shape[0], weight, unfused,
-        lambda c: functools.partial(skinny_rms_norm_linear, x, residual, norm_weight, eps,
-                                    weight, bias, c)))
-    if config is None:
-        return unfused()
-    return skinny_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, config)
 
 
 _chosen: dict[tuple, Config | None] = {}

@@ -1,5 +1,5 @@
-"""The skinny matmul with a fused prologue (SiLU-and-mul; residual-add RMSNorm) against the torch
-references and against the unfused pair of kernels it replaces; the measured choice; CUDA graphs.
+"""The skinny matmul with a fused prologue (SiLU-and-mul) against the torch reference and against
+the unfused pair of kernels it replaces; the measured choice; CUDA graphs.
 
 On a CPU the kernels run in Triton's interpreter, in fp16 (the interpreter's bf16 dot multiplies
 raw bit patterns and its bf16 rounding truncates), each check in a fresh python: the interpreter
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tandem.engine.layers import rms_norm_reference, silu_and_mul_reference
+from tandem.engine.layers import silu_and_mul_reference
 
 REPO = Path(__file__).resolve().parents[3]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -31,12 +31,6 @@ def _silu_linear_reference(gate_up, weight, bias):
     matmul."""
     out = silu_and_mul_reference(gate_up).float() @ weight.float().T
     return out + bias.float() if bias is not None else out
-
-
-def _rms_norm_linear_reference(x, residual, norm_weight, weight, bias, eps=1e-5):
-    h, summed = rms_norm_reference(x, norm_weight, eps, residual)
-    out = h.float() @ weight.float().T
-    return (out + bias.float() if bias is not None else out), summed
 
 
 def _inputs(num_rows, n, k, dtype, device, gate_up=False, with_bias=False):
@@ -80,47 +74,6 @@ def check_silu_linear(dtype=torch.float16, device="cpu", n=64, k=256,
                                        rtol=torch.finfo(dtype).eps, atol=1e-5)
 
 
-def check_rms_norm_linear(dtype=torch.float16, device="cpu", n=64, k=256,
-                          row_counts=(1, 3, 16, 20)) -> None:
-    """x + residual bit-identical to torch's; the output near the reference and within rounding
-    of rmsnorm.py's kernel then skinny_linear with the same config."""
-    from tandem.engine.kernels.rmsnorm import rms_norm
-    from tandem.engine.kernels.skinny_fused import CONFIGS, fits, skinny_rms_norm_linear
-    from tandem.engine.kernels.skinny_gemm import skinny_linear
-
-    for num_rows in row_counts:
-        for with_bias in (False, True):
-            x, weight, bias = _inputs(num_rows, n, k, dtype, device, False, with_bias)
-            residual = torch.randn_like(x)
-            norm_weight = (1 + 0.1 * torch.randn(k, device=device)).to(dtype)
-            want, want_summed = _rms_norm_linear_reference(x, residual, norm_weight, weight, bias)
-            configs = [c for c in CONFIGS if fits(num_rows, weight, c)]
-            assert configs, num_rows
-            for config in configs:
-                got, summed = skinny_rms_norm_linear(x, residual, norm_weight, 1e-5, weight, bias,
-                                                     config)
-                assert got.shape == (num_rows, n) and got.dtype == dtype
-                assert torch.equal(summed, want_summed), (num_rows, config)
-                assert _relative_error(got, want) < 1e-2, (num_rows, config)
-                h, _ = rms_norm(x, norm_weight, 1e-5, residual)
-                pair = skinny_linear(h, weight, bias, config)
-                # Only the mean square's summation order differs: a normalized value may move
-                # by one ulp, so a few outputs by about that much.
-                assert _relative_error(got, pair) < 2e-3, (num_rows, config)
-            # Through an identity the output is the prologue's normalized rows, held to
-            # rmsnorm.py's test bound (two ulps of the reference) and to that kernel's output.
-            normed, _ = skinny_rms_norm_linear(x, residual, norm_weight, 1e-5,
-                                               _identity(k, dtype, device), None, configs[0])
-            tolerance = {"rtol": 2 * torch.finfo(dtype).eps, "atol": 1e-5}
-            torch.testing.assert_close(normed, rms_norm_reference(x, norm_weight, 1e-5,
-                                                                  residual)[0], **tolerance)
-            unfused, _ = rms_norm(x, norm_weight, 1e-5, residual)
-            torch.testing.assert_close(normed, unfused, **tolerance)
-            # Rounded at the same points, they differ only where the mean square's last bit
-            # tips a value over a rounding boundary: rare. Rounding once fewer differs in ~25%.
-            assert (normed != unfused).float().mean() < 0.01
-
-
 def _interpreted(check: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     code = f"from tests.engine.kernels.test_skinny_fused import {check}; {check}()"
@@ -129,7 +82,7 @@ def _interpreted(check: str) -> None:
     assert result.returncode == 0, result.stderr[-6000:]
 
 
-@pytest.mark.parametrize("check", ["check_silu_linear", "check_rms_norm_linear"])
+@pytest.mark.parametrize("check", ["check_silu_linear"])
 def test_interpreted_on_cpu(check):
     _interpreted(check)
 
@@ -137,7 +90,7 @@ def test_interpreted_on_cpu(check):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("check", [check_silu_linear, check_rms_norm_linear])
+@pytest.mark.parametrize("check", [check_silu_linear])
 def test_on_gpu(check, dtype):
     # llama-3.1-8b's down projection is 4096 x 14336; a narrower one keeps the test short.
     check(dtype, "cuda", n=1536, k=2048, row_counts=(1, 2, 5, 16, 33, 64))
@@ -149,33 +102,12 @@ def test_on_gpu(check, dtype):
 def test_choice_is_measured_once_and_matches_the_pair(num_rows):
     from tandem.engine.kernels import skinny_fused
     from tandem.engine.kernels.activation import silu_and_mul
-    from tandem.engine.kernels.rmsnorm import rms_norm
     from tandem.engine.kernels.skinny_gemm import linear
 
     gate_up, down, _ = _inputs(num_rows, 1024, 3072, torch.bfloat16, "cuda", gate_up=True)
     got = skinny_fused.silu_and_mul_linear(gate_up, down, None)
     assert ("silu", num_rows, 1024, 3072, torch.bfloat16, False) in skinny_fused._chosen
     assert _relative_error(got, linear(silu_and_mul(gate_up), down, None)) < 2e-3
-
-    x, qkv, bias = _inputs(num_rows, 2048, 1024, torch.bfloat16, "cuda", with_bias=True)
-    residual, norm_weight = torch.randn_like(x), torch.ones(1024, dtype=x.dtype, device="cuda")
-    got, summed = skinny_fused.rms_norm_linear(x, residual, norm_weight, 1e-6, qkv, bias)
-    assert ("rms_norm", num_rows, 2048, 1024, torch.bfloat16, True) in skinny_fused._chosen
-    h, want_summed = rms_norm(x, norm_weight, 1e-6, residual)
-    assert torch.equal(summed, want_summed)
-    assert _relative_error(got, linear(h, qkv, bias)) < 2e-3
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_many_rows_and_a_missing_residual_take_the_pair():
-    from tandem.engine.kernels import skinny_fused
-
-    x, weight, _ = _inputs(100, 512, 1024, torch.bfloat16, "cuda")
-    norm_weight = torch.ones(1024, dtype=x.dtype, device="cuda")
-    skinny_fused.rms_norm_linear(x, torch.randn_like(x), norm_weight, 1e-6, weight, None)
-    skinny_fused.rms_norm_linear(x[:4], None, norm_weight, 1e-6, weight, None)
-    assert not any(key[1] in (4, 100) and key[2:4] == (512, 1024) for key in skinny_fused._chosen)
 
 
 @pytest.mark.gpu
@@ -186,16 +118,12 @@ def test_cuda_graph_replays_the_fused_kernels(monkeypatch):
 
     num_rows, hidden, inter = 4, 1024, 2048
     gate_up, down, _ = _inputs(num_rows, hidden, inter, torch.bfloat16, "cuda", gate_up=True)
-    x, gate_up_w, _ = _inputs(num_rows, 2 * inter, hidden, torch.bfloat16, "cuda")
-    residual, norm_weight = torch.randn_like(x), torch.ones(hidden, dtype=x.dtype, device="cuda")
     config = (16, 256, 4, 4)  # fused, whatever this GPU would measure
     monkeypatch.setattr(skinny_fused, "_chosen", {
-        ("silu", num_rows, hidden, inter, torch.bfloat16, False): config,
-        ("rms_norm", num_rows, 2 * inter, hidden, torch.bfloat16, False): config})
+        ("silu", num_rows, hidden, inter, torch.bfloat16, False): config})
 
     def fused_step():
-        out, summed = skinny_fused.rms_norm_linear(x, residual, norm_weight, 1e-6, gate_up_w, None)
-        return skinny_fused.silu_and_mul_linear(gate_up, down, None), out, summed
+        return (skinny_fused.silu_and_mul_linear(gate_up, down, None),)
 
     def unseen_pair():  # a shape first seen in a capture takes the pair and is not measured
         return torch.nn.functional.linear(silu_and_mul(gate_up[:3]), down)
@@ -207,8 +135,8 @@ def test_cuda_graph_replays_the_fused_kernels(monkeypatch):
     with torch.cuda.graph(graph):
         static = fused_step()
         static_unseen = skinny_fused.silu_and_mul_linear(gate_up[:3], down, None)
-    assert len(skinny_fused._chosen) == 2
-    for t in (gate_up, x, residual):
+    assert len(skinny_fused._chosen) == 1
+    for t in (gate_up,):
         t.copy_(torch.randn_like(t))
     graph.replay()
     for got, want in zip(static, fused_step()):
