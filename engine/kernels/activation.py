@@ -2,8 +2,7 @@
 
 Same contract as `silu_and_mul_reference` in engine/layers.py. Unfused, torch reads the gate for
 silu, writes it, and reads it back with the up half for the product: three passes and two kernels
-per layer where one pass suffices. The math is done in fp32 and rounded once, by `silu_mul`, which
-the down projection's fused prologue (skinny_fused.py) calls too, so the two round alike.
+per layer where one pass suffices. The math is done in fp32 and rounded once.
 """
 
 from __future__ import annotations
@@ -14,21 +13,14 @@ import triton.language as tl
 
 
 @triton.jit
-def silu_mul(gate, up):
-    """silu(gate) * up in fp32, not yet rounded."""
-    gate = gate.to(tl.float32)
-    return gate / (1.0 + tl.exp(-gate)) * up.to(tl.float32)
-
-
-@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, intermediate,
                          BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + intermediate + cols, mask=mask, other=0.0)
-    out = silu_mul(gate, up)
+    out = gate / (1.0 + tl.exp(-gate)) * up.to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -14,30 +14,24 @@ Which of the two is faster depends on the shape and the GPU, so it is measured, 
 a cold L2 cache, the first time the shape is seen outside a CUDA-graph capture (the engine's eager warm-up before each
 capture), and keeps the fastest; Triton must win by a margin, so that timing noise does not switch
 implementations between runs. Shapes first seen during a capture, and row counts past
-MAX_ROWS, take cuBLAS. skinny_fused.py's variants, which fold the elementwise kernel before a
-matmul into it, are chosen the same way (`fastest`).
+MAX_ROWS, take cuBLAS.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-from collections.abc import Callable, Iterable
 
 import torch
 import triton
 import triton.language as tl
 
-logger = logging.getLogger(__name__)
-
 MAX_ROWS = 64       # past this a step is compute-heavy enough for cuBLAS's large tiles
 _MARGIN = 0.9       # Triton is chosen only when it takes under 90% of cuBLAS's time
-HALF_DTYPES = (torch.bfloat16, torch.float16)
-_LEAD_CYCLES = 200_000    # about 0.1 ms of device spin before a timed call
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 _SHARED_BYTES = 160 * 1024  # of an H100/H200 SM's 227 KiB, with room for the compiler's own
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): narrow column tiles for many programs, deep
 # pipelines for many loads in flight.
-CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4), (16, 512, 4, 3))
+_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4), (16, 512, 4, 3))
 
 
 @triton.jit
@@ -65,14 +59,12 @@ def _skinny_gemm_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=is_row)
 
 
-def fits(num_rows: int, weight: torch.Tensor, config: tuple[int, int, int, int],
-         input_tiles: int = 1) -> bool:
-    """Whether the config tiles this shape exactly and its pipeline fits in shared memory, with
-    `input_tiles` tiles of the rows loaded per stage (two where a prologue reads two tensors)."""
+def fits(num_rows: int, weight: torch.Tensor, config: tuple[int, int, int, int]) -> bool:
+    """Whether the config tiles this shape exactly and its pipeline fits in shared memory."""
     n, k = weight.shape
     block_n, block_k, _, num_stages = config
     block_m = max(16, triton.next_power_of_2(num_rows))
-    stage_bytes = (input_tiles * block_m + block_n) * block_k * weight.element_size()
+    stage_bytes = (block_m + block_n) * block_k * weight.element_size()
     return (0 < num_rows <= MAX_ROWS and n % block_n == 0 and k % block_k == 0
             and stage_bytes * num_stages <= _SHARED_BYTES)
 
@@ -99,7 +91,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     faster for this shape."""
     rows = x.reshape(-1, x.shape[-1])
     # fp32 stays with cuBLAS: Triton's dot would take it through tf32.
-    if rows.shape[0] > MAX_ROWS or rows.stride(-1) != 1 or weight.dtype not in HALF_DTYPES:
+    if rows.shape[0] > MAX_ROWS or rows.stride(-1) != 1 or weight.dtype not in _HALF_DTYPES:
         return torch.nn.functional.linear(x, weight, bias)
     key = (rows.shape[0], weight.shape[0], weight.shape[1], weight.dtype, bias is not None)
     config = _chosen.get(key)
@@ -118,27 +110,14 @@ _chosen: dict[tuple, tuple[int, int, int, int] | None] = {}
 def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
            ) -> tuple[int, int, int, int] | None:
     """The fastest config for this shape, or None where cuBLAS is (by the margin) faster."""
-    candidates = ((config, functools.partial(skinny_linear, x, weight, bias, config))
-                  for config in CONFIGS if fits(x.shape[0], weight, config))
-    return fastest(lambda: torch.nn.functional.linear(x, weight, bias), candidates, _MARGIN)
-
-
-def fastest(baseline: Callable[[], object],
-            candidates: Iterable[tuple[tuple[int, int, int, int], Callable[[], object]]],
-            margin: float) -> tuple[int, int, int, int] | None:
-    """The config whose call takes the least device time, if under `margin` times baseline's;
-    None otherwise. A config the GPU cannot run (too little shared memory, a compiler failure on
-    this GPU) is skipped: the baseline always can."""
-    best, best_s = None, _time_s(baseline) * margin
-    for config, fn in candidates:
+    best, best_s = None, _time_s(lambda: torch.nn.functional.linear(x, weight, bias)) * _MARGIN
+    for config in _CONFIGS:
+        if not fits(x.shape[0], weight, config):
+            continue
         try:
-            seconds = _time_s(fn)
+            seconds = _time_s(functools.partial(skinny_linear, x, weight, bias, config))
         except triton.runtime.errors.OutOfResources:
             continue  # a smaller GPU than the configs were sized for
-        except (triton.compiler.errors.CompilationError, triton.runtime.errors.PTXASError):
-            logger.warning("skinny matmul config %s failed to compile; skipped", config,
-                           exc_info=True)
-            continue
         if seconds < best_s:
             best, best_s = config, seconds
     return best
@@ -152,9 +131,6 @@ def _time_s(fn, repeats: int = 10) -> float:
     times = []
     for _ in range(repeats):
         flush.add_(1)
-        # The device spins while the host queues fn's launches (two Triton launches of an
-        # unfused pair take tens of us), so the time is the kernels' alone, as in a graph replay.
-        torch.cuda._sleep(_LEAD_CYCLES)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

@@ -16,13 +16,13 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("num_rows", [1, 5, 16, 33, 64])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_skinny_linear_matches_float64(num_rows, with_bias):
-    from tandem.engine.kernels.skinny_gemm import CONFIGS, fits, skinny_linear
+    from tandem.engine.kernels.skinny_gemm import _CONFIGS, fits, skinny_linear
 
     x = torch.randn(num_rows, 2048, dtype=torch.bfloat16, device="cuda")
     weight = torch.randn(1536, 2048, dtype=torch.bfloat16, device="cuda") * 0.02
     bias = torch.randn(1536, dtype=torch.bfloat16, device="cuda") if with_bias else None
     want = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
-    configs = [c for c in CONFIGS if fits(num_rows, weight, c)]
+    configs = [c for c in _CONFIGS if fits(num_rows, weight, c)]
     assert configs
     for config in configs:
         got = skinny_linear(x, weight, bias, config)
