@@ -36,9 +36,15 @@ _LOG2_E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 64  # one tile: below this a split is only merge overhead
 _MAX_SPLITS = 64  # past this the merge costs more than the extra parallelism gains (H200 sweep)
 _WAVES = 4  # programs per SM to aim for: batch-1 decode is latency-bound, more in flight helps
+_MERGE_WIDTH = triton.next_power_of_2(_MAX_SPLITS)  # every split count merges in one variant
 
 
-@triton.jit
+# Values that change from one eager step to the next (the block table's width, the number of
+# splits, which follows the batch size and the longest context) are not specialized on: Triton
+# would otherwise compile a variant for each new class of value (1, a multiple of 16, other) and
+# for each power of two of the merge's width, in the middle of serving (a stall of the whole batch
+# per compile). One variant of each kernel serves every eager step and every captured graph.
+@triton.jit(do_not_specialize=["stride_bt_seq", "num_splits"])
 def _decode_split_kernel(
     q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     stride_q_seq, stride_q_head,
@@ -104,7 +110,7 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + part_row, lse, mask=is_head)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_out_seq, stride_out_head, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -184,7 +190,7 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
     if not single:
         _decode_merge_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_S=_MERGE_WIDTH, num_warps=4,
         )
     return out
 

@@ -70,7 +70,9 @@ def _attend_tile(q, acc, m_i, l_i, kv_base, block_table, stride_cache_block, str
     return acc, m_new, l_i
 
 
-@triton.jit
+# The block table's width changes from step to step: not specialized on, so it never causes a
+# new compile while serving (decode_attention.py says why that matters).
+@triton.jit(do_not_specialize=["stride_bt_seq"])
 def _prefill_kernel(
     q_ptr, cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr,
     stride_q_token, stride_q_head,
