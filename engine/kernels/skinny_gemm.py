@@ -15,10 +15,18 @@ a cold L2 cache, the first time the shape is seen outside a CUDA-graph capture (
 capture), and keeps the fastest; Triton must win by a margin, so that timing noise does not switch
 implementations between runs. Shapes first seen during a capture, and row counts past
 MAX_ROWS, take cuBLAS.
+
+Once an engine serves (`serve_without_timing`, after its graphs are captured), nothing is timed or
+compiled any more: a row count first seen in an eager step (the sampled rows of a mixed step, a
+short prompt) takes the choice made for the nearest measured row count with the same row tile
+(BLOCK_M), or cuBLAS where there is none. Timing a shape costs tens of milliseconds and a new
+row count could compile new variants, a stall for every sequence of the batch; the kernel does
+not specialize on the row count, so one variant per config serves them all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -34,7 +42,7 @@ _SHARED_BYTES = 160 * 1024  # of an H100/H200 SM's 227 KiB, with room for the co
 _CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4), (16, 512, 4, 3))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, K,
     stride_x, stride_w, stride_out,
@@ -63,7 +71,7 @@ def fits(num_rows: int, weight: torch.Tensor, config: tuple[int, int, int, int])
     """Whether the config tiles this shape exactly and its pipeline fits in shared memory."""
     n, k = weight.shape
     block_n, block_k, _, num_stages = config
-    block_m = max(16, triton.next_power_of_2(num_rows))
+    block_m = _row_tile(num_rows)
     stage_bytes = (block_m + block_n) * block_k * weight.element_size()
     return (0 < num_rows <= MAX_ROWS and n % block_n == 0 and k % block_k == 0
             and stage_bytes * num_stages <= _SHARED_BYTES)
@@ -80,7 +88,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_gemm_kernel[(n // block_n,)](
         x, weight, bias if bias is not None else weight, out, num_rows, weight.shape[1],
         x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(num_rows)),
+        HAS_BIAS=bias is not None, BLOCK_M=_row_tile(num_rows),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -97,14 +105,53 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     config = _chosen.get(key)
     if config is None and key not in _chosen:
         if torch.cuda.is_current_stream_capturing():
-            return torch.nn.functional.linear(x, weight, bias)  # no timing inside a capture
-        config = _chosen[key] = choose(rows, weight, bias)
+            config = nearest_choice(key)   # no timing inside a capture; timed at the next chance
+        elif _timing.serving and not _timing.depth:
+            config = _chosen[key] = nearest_choice(key)
+        else:
+            config = _chosen[key] = choose(rows, weight, bias)
     if config is None:
         return torch.nn.functional.linear(x, weight, bias)
     return skinny_linear(rows, weight, bias, config).view(*x.shape[:-1], weight.shape[0])
 
 
 _chosen: dict[tuple, tuple[int, int, int, int] | None] = {}
+
+
+class _Timing:
+    serving = False   # an engine is serving: no more timing unless inside allow_timing()
+    depth = 0
+
+
+_timing = _Timing()
+
+
+def serve_without_timing() -> None:
+    """From now on, row counts not seen yet borrow a measured choice instead of being timed."""
+    _timing.serving = True
+
+
+@contextlib.contextmanager
+def allow_timing():
+    """Shapes may be timed inside: an engine's warm-up and graph capture."""
+    _timing.depth += 1
+    try:
+        yield
+    finally:
+        _timing.depth -= 1
+
+
+def _row_tile(num_rows: int) -> int:
+    return max(16, triton.next_power_of_2(num_rows))
+
+
+def nearest_choice(key: tuple) -> tuple[int, int, int, int] | None:
+    """The choice measured for the nearest row count with the same row tile and the same weight;
+    None (cuBLAS) when there is none."""
+    num_rows, rest = key[0], key[1:]
+    measured = [(abs(rows - num_rows), rows, config) for (rows, *other), config in _chosen.items()
+                if tuple(other) == rest and _row_tile(rows) == _row_tile(num_rows)]
+    return min(measured)[2] if measured else None
 
 
 def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None

@@ -41,3 +41,18 @@ def test_linear_dispatch_agrees_with_cublas_and_remembers_its_choice():
         assert _relative_error(got, want.double()) < 1e-2
     assert (1, 6144, 1024, torch.bfloat16, False) in skinny_gemm._chosen
     assert (100, 6144, 1024, torch.bfloat16, False) not in skinny_gemm._chosen  # cuBLAS, untimed
+
+
+def test_serving_takes_the_nearest_measured_choice_without_timing(monkeypatch):
+    from tandem.engine.kernels import skinny_gemm
+
+    weight = torch.randn(4096, 1024, dtype=torch.bfloat16, device="cuda") * 0.02
+    with skinny_gemm.allow_timing():
+        skinny_gemm.linear(torch.randn(16, 1024, dtype=torch.bfloat16, device="cuda"), weight, None)
+    monkeypatch.setattr(skinny_gemm._timing, "serving", True)
+    monkeypatch.setattr(skinny_gemm, "choose", lambda *args: pytest.fail("timed while serving"))
+    x = torch.randn(11, 1024, dtype=torch.bfloat16, device="cuda")
+    got = skinny_gemm.linear(x, weight, None)
+    assert _relative_error(got, torch.nn.functional.linear(x, weight, None).double()) < 1e-2
+    key = (11, 4096, 1024, torch.bfloat16, False)
+    assert skinny_gemm._chosen[key] == skinny_gemm._chosen[(16, *key[1:])]

@@ -16,3 +16,34 @@ def test_step_varying_arguments_compile_once():
     assert _unspecialized(prefill_attention._prefill_kernel) == {"stride_bt_seq"}
     # The merge's width is one constexpr for every split count the chooser can give.
     assert decode_attention._MERGE_WIDTH >= decode_attention._MAX_SPLITS
+
+
+def test_skinny_matmul_compiles_one_variant_for_every_row_count():
+    from tandem.engine.kernels import skinny_gemm
+    assert _unspecialized(skinny_gemm._skinny_gemm_kernel) == {"num_rows"}
+
+
+def test_a_serving_engine_borrows_the_nearest_measured_choice(monkeypatch):
+    # Once serving, an unseen row count is never timed: it takes the choice of the nearest
+    # measured row count with the same row tile, or cuBLAS (None) when there is none.
+    import torch
+
+    from tandem.engine.kernels import skinny_gemm
+
+    def no_timing(*args):
+        raise AssertionError("timed while serving")
+
+    weight = ("N", "K", torch.bfloat16, False)
+    monkeypatch.setattr(skinny_gemm, "_chosen", {(1, *weight): (16, 256, 4, 4),
+                                                 (16, *weight): (32, 256, 4, 4),
+                                                 (32, *weight): None})
+    monkeypatch.setattr(skinny_gemm, "choose", no_timing)
+    assert skinny_gemm.nearest_choice((13, *weight)) == (32, 256, 4, 4)   # 16 is nearest
+    assert skinny_gemm.nearest_choice((3, *weight)) == (16, 256, 4, 4)
+    assert skinny_gemm.nearest_choice((20, *weight)) is None              # 32's choice: cuBLAS
+    assert skinny_gemm.nearest_choice((40, *weight)) is None              # no 64-row tile measured
+    assert skinny_gemm.nearest_choice((3, "M", "K", torch.bfloat16, False)) is None
+    monkeypatch.setattr(skinny_gemm._timing, "serving", True)
+    with skinny_gemm.allow_timing():
+        assert skinny_gemm._timing.depth == 1
+    assert skinny_gemm._timing.depth == 0
