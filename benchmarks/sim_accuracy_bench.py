@@ -195,6 +195,21 @@ def fit_overheads(run_path: Path, profile: str, chunk_tokens: int) -> list[str]:
             "--frontend-overhead-ms", f"{prefill.fixed_s * 1e3:.1f}"]
 
 
+def write_serving_section(profile_path: str, flags: list[str], run_path: Path) -> None:
+    """Store the fitted overheads as the profile's `serving` section, which `tandem simulate` and
+    `tandem plan` use when their flags are not given."""
+    values = dict(zip(flags[::2], flags[1::2]))
+    profile = json.loads(Path(profile_path).read_text())
+    profile["serving"] = {
+        name.removeprefix("--").replace("-", "_"): float(values[name])
+        for name in ("--frontend-overhead-ms", "--step-overhead-ms", "--token-overhead-us",
+                     "--chunk-overhead-ms")}
+    profile["serving"]["measured"] = (f"benchmarks/sim_accuracy_bench.py overheads on "
+                                      f"{run_path.name}, {time.strftime('%Y-%m-%d')}")
+    Path(profile_path).write_text(json.dumps(profile, indent=1) + "\n")
+    print(f"wrote the serving overheads into {profile_path}")
+
+
 def compare(layout: str, case: str, real: dict, sim: dict, sim_s: float) -> dict:
     def error(path: tuple[str, ...]) -> tuple[float | None, float | None, float | None]:
         a, b = real, sim
@@ -278,6 +293,8 @@ def main() -> int:
     parser.add_argument("--answer-at-step-boundary", action="store_true",
                         help="sim: prefill answers at the worker's next step boundary, as serving "
                              "did up to commit e65eadc (to replay runs made then)")
+    parser.add_argument("--write-profile", action="store_true",
+                        help="overheads: also store them as the profile's `serving` section")
     parser.add_argument("--frontend-overhead-ms", default="0",
                         help="sim: fixed latency per request before its first worker")
     parser.add_argument("--chunk-tokens", type=int, default=2048,
@@ -304,8 +321,10 @@ def main() -> int:
     if not args.profile:
         parser.error(f"{args.phase} needs --profile")
     if args.phase == "overheads":
-        print(" ".join(fit_overheads(args.out_dir / args.fit_run, args.profile,
-                                     args.chunk_tokens)))
+        flags = fit_overheads(args.out_dir / args.fit_run, args.profile, args.chunk_tokens)
+        print(" ".join(flags))
+        if args.write_profile:
+            write_serving_section(args.profile, flags, args.out_dir / args.fit_run)
         return 0
     overheads = ("--step-overhead-ms", args.step_overhead_ms,
                  "--token-overhead-us", args.token_overhead_us,

@@ -23,8 +23,8 @@ from tandem.bench.metrics import parse_slo
 from tandem.planner.standalone import run_standalone
 from tandem.planner.plan import (MAX_PROBE_REQUESTS, PROBE_DURATION_S, PlanSearch, Planner, Shape,
                                  fewest_gpus, shapes_for)
-from tandem.planner.simulate_cli import add_deployment_arguments, load_profile, \
-    sim_config_from_args
+from tandem.planner.simulate_cli import (add_deployment_arguments, load_profile,
+                                         serving_overheads, sim_config_from_args)
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +84,15 @@ def plan_main(args: argparse.Namespace) -> int:
         "slo_rule": "TTFT <= ttft_ms and every inter-token gap <= itl_ms "
                     "(tandem.bench.metrics.meets_slo)",
         "num_requests_per_probe": len(planner.requests),
+        "serving_overheads": serving_overheads(args, profile),
         "table": [r.to_json_dict() for r in results],
         "best": results[0].to_json_dict(),
         "serve_command": serve_command(best.shape, profile.get("model")),
     }
     if math.isfinite(args.request_rate):
         document["fewest_gpus"] = _fewest(planner, args, thresholds, chunks)
+    print("serving overheads: " + ", ".join(
+        f"{name} {value:g}" for name, value in document["serving_overheads"].items()))
     print(_format_table(results))
     print(f"best: {best.shape.name}, goodput {best.goodput_rps:.2f} req/s "
           f"({best.goodput_per_gpu:.2f} per GPU)")

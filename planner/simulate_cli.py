@@ -66,15 +66,19 @@ def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--heartbeat-interval-s", type=float, default=None)
     sim.add_argument("--kv-event-delay-ms", type=float, default=0.0,
                      help="worker -> router KV event latency")
-    sim.add_argument("--frontend-overhead-ms", type=float, default=0.0,
-                     help="tokenize and route, per request")
+    # The serving overheads default to the profile's measured `serving` section (0 without one).
+    sim.add_argument("--frontend-overhead-ms", type=float, default=None,
+                     help="tokenize and route, per request (default: the profile's)")
     sim.add_argument("--rpc-ms", type=float, default=0.0, help="one frontend <-> worker hop")
-    sim.add_argument("--step-overhead-ms", type=float, default=0.0,
-                     help="serving work a worker adds to every engine step")
-    sim.add_argument("--token-overhead-us", type=float, default=0.0,
-                     help="serving work per token streamed (worker and frontend)")
-    sim.add_argument("--chunk-overhead-ms", type=float, default=0.0,
-                     help="serving work a worker adds to a step that carries a prompt chunk")
+    sim.add_argument("--step-overhead-ms", type=float, default=None,
+                     help="serving work a worker adds to every engine step (default: the "
+                          "profile's)")
+    sim.add_argument("--token-overhead-us", type=float, default=None,
+                     help="serving work per token streamed, worker and frontend (default: the "
+                          "profile's)")
+    sim.add_argument("--chunk-overhead-ms", type=float, default=None,
+                     help="serving work a worker adds to a step that carries a prompt chunk "
+                          "(default: the profile's)")
     sim.add_argument("--answer-at-step-boundary", action="store_true",
                      help="prefill workers answer at their next step boundary, as serving did "
                           "before answers left with the step's end (to replay runs made then)")
@@ -125,11 +129,13 @@ def sim_config_from_args(args: argparse.Namespace, profile: dict, num_prefill: i
         ("max_num_seqs", args.max_num_seqs),
         ("max_num_batched_tokens", _pick(max_num_batched_tokens, args.max_num_batched_tokens)))
         if value is not None}
+    overhead = serving_overheads(args, profile)
     timing = {"kv_event_delay_s": args.kv_event_delay_ms / 1e3,
-              "frontend_overhead_s": args.frontend_overhead_ms / 1e3, "rpc_s": args.rpc_ms / 1e3,
-              "step_overhead_s": args.step_overhead_ms / 1e3,
-              "token_overhead_s": args.token_overhead_us / 1e6,
-              "chunk_overhead_s": args.chunk_overhead_ms / 1e3,
+              "frontend_overhead_s": overhead["frontend_overhead_ms"] / 1e3,
+              "rpc_s": args.rpc_ms / 1e3,
+              "step_overhead_s": overhead["step_overhead_ms"] / 1e3,
+              "token_overhead_s": overhead["token_overhead_us"] / 1e6,
+              "chunk_overhead_s": overhead["chunk_overhead_ms"] / 1e3,
               "chunk_launch_s": args.chunk_launch_ms / 1e3,
               "answer_at_step_boundary": args.answer_at_step_boundary,
               "decode_lookahead": not args.no_decode_lookahead}
@@ -137,6 +143,21 @@ def sim_config_from_args(args: argparse.Namespace, profile: dict, num_prefill: i
         timing["heartbeat_interval_s"] = args.heartbeat_interval_s
     return sim_config_from_profile(profile, num_prefill, num_decode, args.num_kv_blocks,
                                    args.max_model_len, engine, routing, **timing)
+
+
+SERVING_OVERHEADS = ("frontend_overhead_ms", "step_overhead_ms", "token_overhead_us",
+                     "chunk_overhead_ms")
+
+
+def serving_overheads(args: argparse.Namespace, profile: dict) -> dict[str, float]:
+    """What serving adds to the profile's steps: each flag given wins, then the profile's measured
+    `serving` section (benchmarks/sim_accuracy_bench.py overheads --write-profile), then 0."""
+    measured = profile.get("serving") or {}
+    chosen = {}
+    for name in SERVING_OVERHEADS:
+        flag = getattr(args, name)
+        chosen[name] = float(flag if flag is not None else measured.get(name, 0.0))
+    return chosen
 
 
 def simulate(args: argparse.Namespace, config: SimConfig, model: PerfModel,

@@ -67,3 +67,32 @@ def test_plan_picks_a_shape_and_writes_the_table(profile_path, tmp_path, capsys)
     assert "fewest_gpus" in plan
     assert plan["serve_command"] in capsys.readouterr().out
     assert plot.stat().st_size > 0
+
+
+def test_serving_overheads_come_from_the_profile_unless_a_flag_sets_them(tmp_path):
+    import argparse
+
+    from tandem.planner.simulate_cli import (add_simulate_arguments, load_profile,
+                                             sim_config_from_args)
+
+    profile = synthetic_profile(num_kv_blocks=512, max_model_len=2048)
+    profile["serving"] = {"frontend_overhead_ms": 0.5, "step_overhead_ms": 0.25,
+                          "token_overhead_us": 40.0, "chunk_overhead_ms": 4.0, "measured": "x"}
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile))
+    parser = argparse.ArgumentParser()
+    add_simulate_arguments(parser)
+
+    def config(*flags: str):
+        args = parser.parse_args(["--profile", str(path), *flags])
+        return sim_config_from_args(args, load_profile(str(path))[0], 1, 1)
+
+    measured = config()
+    assert (measured.frontend_overhead_s, measured.step_overhead_s, measured.token_overhead_s,
+            measured.chunk_overhead_s) == pytest.approx((0.5e-3, 0.25e-3, 40e-6, 4e-3))
+    flagged = config("--chunk-overhead-ms", "0", "--token-overhead-us", "10")
+    assert (flagged.chunk_overhead_s, flagged.token_overhead_s) == (0.0, pytest.approx(10e-6))
+    assert flagged.step_overhead_s == pytest.approx(0.25e-3)
+    del profile["serving"]
+    path.write_text(json.dumps(profile))
+    assert config().chunk_overhead_s == 0.0
