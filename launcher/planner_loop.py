@@ -29,9 +29,9 @@ from dataclasses import dataclass, replace
 import grpc
 
 from tandem.api.worker.v1 import worker_pb2 as wpb
+from tandem.engine.config import EngineConfig
 from tandem.frontend.planner_metrics import PlannerExporter, read_totals
 from tandem.frontend.server import Frontend
-from tandem.engine.config import EngineConfig
 from tandem.launcher.deploy import Deployment
 from tandem.planner.config import PlannerConfig
 from tandem.planner.interval_stats import ServingTotals, observe_interval, worker_view
