@@ -21,10 +21,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+# benchmarks/ holds helpers; appended, so an installed tandem still wins.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.hardware import median_us
 
 KERNEL = Path(__file__).resolve().parents[1] / "engine" / "kernels" / "decode_attention.py"
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 32, 8, 128, 16, 4096   # llama-3.1-8b
@@ -66,19 +72,6 @@ def sweep(module, kv: torch.Tensor) -> tuple[list[tuple[int, int, float]], int]:
     return stalls, calls
 
 
-def steady_us(run, iters: int = 500) -> float:
-    for _ in range(20):
-        run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--against", type=Path, default=None,
@@ -98,7 +91,7 @@ def main() -> None:
         runs = {name: shape_call(module, kv, batch, context, seed=1)
                 for name, module in versions.items()}
         results = {name: run().clone() for name, run in runs.items()}
-        times = ", ".join(f"{name} {steady_us(run):.1f} us" for name, run in runs.items())
+        times = ", ".join(f"{name} {median_us(run):.1f} us" for name, run in runs.items())
         diff = ""
         if len(results) == 2:
             this, other = results.values()

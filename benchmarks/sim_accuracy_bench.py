@@ -198,12 +198,12 @@ def fit_overheads(run_path: Path, profile: str, chunk_tokens: int) -> list[str]:
 def write_serving_section(profile_path: str, flags: list[str], run_path: Path) -> None:
     """Store the fitted overheads as the profile's `serving` section, which `tandem simulate` and
     `tandem plan` use when their flags are not given."""
+    from tandem.planner.simulate_cli import SERVING_OVERHEADS
+
     values = dict(zip(flags[::2], flags[1::2]))
     profile = json.loads(Path(profile_path).read_text())
-    profile["serving"] = {
-        name.removeprefix("--").replace("-", "_"): float(values[name])
-        for name in ("--frontend-overhead-ms", "--step-overhead-ms", "--token-overhead-us",
-                     "--chunk-overhead-ms")}
+    profile["serving"] = {name: float(values["--" + name.replace("_", "-")])
+                          for name in SERVING_OVERHEADS}
     profile["serving"]["measured"] = (f"benchmarks/sim_accuracy_bench.py overheads on "
                                       f"{run_path.name}, {time.strftime('%Y-%m-%d')}")
     Path(profile_path).write_text(json.dumps(profile, indent=1) + "\n")

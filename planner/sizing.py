@@ -69,6 +69,8 @@ from tandem.router.routing import RoutingConfig
 
 MAX_FIXED_POINT_ITERATIONS = 50
 PREFILL_TAIL_FRACTION = 0.1  # p90: a tail quantile is set by what happens in more than 10% of gaps
+
+
 class PerfModel(Protocol):
     block_size: int
     kv_bytes_per_token: int
