@@ -36,14 +36,16 @@ _LOG2_E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 64  # one tile: below this a split is only merge overhead
 _MAX_SPLITS = 64  # past this the merge costs more than the extra parallelism gains (H200 sweep)
 _WAVES = 4  # programs per SM to aim for: batch-1 decode is latency-bound, more in flight helps
-_MERGE_WIDTH = triton.next_power_of_2(_MAX_SPLITS)  # every split count merges in one variant
+# The merge's tile over splits: the next power of two of the split count (a 64-wide tile for 3
+# splits cost batch 32 about 40% more attention time on H200). Every width is compiled on the
+# first call, so a new split count met mid-serving finds its variant ready.
+_MERGE_WIDTHS = tuple(2 ** i for i in range(1, _MAX_SPLITS.bit_length()))
 
 
 # Values that change from one eager step to the next (the block table's width, the number of
 # splits, which follows the batch size and the longest context) are not specialized on: Triton
-# would otherwise compile a variant for each new class of value (1, a multiple of 16, other) and
-# for each power of two of the merge's width, in the middle of serving (a stall of the whole batch
-# per compile). One variant of each kernel serves every eager step and every captured graph.
+# would otherwise compile a variant for each new class of value (1, a multiple of 16, other) in the
+# middle of serving (a stall of the whole batch per compile).
 @triton.jit(do_not_specialize=["stride_bt_seq", "num_splits"])
 def _decode_split_kernel(
     q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
@@ -170,6 +172,8 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, query.device)
     group = num_heads // num_kv_heads
     single = num_splits == 1
+    if not (out.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _compile_merge_widths(head_dim, out.dtype, out.device)
     if single:
         part_out = part_lse = out  # unused by the kernel; any tensor of the device will do
     else:
@@ -190,9 +194,21 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
     if not single:
         _decode_merge_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=_MERGE_WIDTH, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
         )
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_merge_widths(head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Runs the merge once at every width, on one empty row, so that no split count compiles
+    later."""
+    part_lse = torch.full((_MAX_SPLITS,), float("-inf"), dtype=torch.float32, device=device)
+    part_out = torch.zeros((_MAX_SPLITS, head_dim), dtype=torch.float32, device=device)
+    out = torch.empty((1, 1, head_dim), dtype=dtype, device=device)
+    for width in _MERGE_WIDTHS:
+        _decode_merge_kernel[(1, 1)](part_out, part_lse, out, out.stride(0), out.stride(1), width,
+                                     HEAD_DIM=head_dim, BLOCK_S=width, num_warps=4)
 
 
 def check_attention_shapes(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
