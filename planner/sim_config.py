@@ -42,6 +42,9 @@ class SimConfig:
     # Host work of a step that carries a prompt chunk, beyond the profile's step: its 2048-token
     # inputs are built and launched while no step of its own is queued ahead of it.
     chunk_overhead_s: float = 0.0
+    # The frontend's time per streamed token, shared by every worker: one FIFO server that every
+    # token passes through on its way to the client (planner/sim_frontend.py). 0: no such ceiling.
+    frontend_s_per_token: float = 0.0
     # Serving up to commit e65eadc: a prefill worker answered a finished prompt only at
     # its next step boundary (it read the pinned blocks through an engine operation). When it went
     # straight on to a chunk that does not sample, that boundary came once the chunk was launched,
@@ -70,7 +73,8 @@ class SimConfig:
             raise ValueError(f"heartbeat_interval_s must be positive, got "
                              f"{self.heartbeat_interval_s}")
         for name in ("kv_event_delay_s", "frontend_overhead_s", "rpc_s", "step_overhead_s",
-                     "token_overhead_s", "chunk_overhead_s", "chunk_launch_s"):
+                     "token_overhead_s", "chunk_overhead_s", "frontend_s_per_token",
+                     "chunk_launch_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.token_vocab_size <= 16:

@@ -23,7 +23,8 @@ class SimRequest:
     """One request's progress through the simulation."""
 
     __slots__ = ("index", "request_id", "bench", "offset_s", "send_s", "block_hashes", "seq",
-                 "decode_worker", "prefill_worker", "token_times_s", "cached_tokens",
+                 "decode_worker", "prefill_worker", "token_times_s", "first_token_s",
+                 "cached_tokens",
                  "kv_transfer_bytes", "done", "error")
 
     def __init__(self, index: int, bench: BenchRequest, offset_s: float):
@@ -36,7 +37,9 @@ class SimRequest:
         self.seq = None
         self.decode_worker = None
         self.prefill_worker = None
+        # When its tokens reached the client (through the frontend, when it is modelled).
         self.token_times_s: list[float] = []
+        self.first_token_s: float | None = None  # when its first token reached the frontend
         self.cached_tokens = 0
         self.kv_transfer_bytes = 0
         self.done = False
@@ -102,7 +105,7 @@ class SimResult:
                                           / scheduler.prefix_cache_queries
                                           if scheduler.prefix_cache_queries else 0.0),
             }
-        return {
+        stats = {
             "wall_s": round(self.wall_s, 3),
             "num_steps": sum(w.num_steps for w in sim.workers.values()),
             "num_remote_prefills": sim.num_remote_prefills,
@@ -110,3 +113,7 @@ class SimResult:
             "leaked_workers": [w for w, worker in sim.workers.items() if not worker.is_drained()],
             "workers": workers,
         }
+        if sim.frontend is not None:
+            stats["frontend"] = {"num_tokens": sim.frontend.num_tokens,
+                                 "busy_fraction": round(sim.frontend.busy_s / duration_s, 4)}
+        return stats

@@ -79,6 +79,10 @@ def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--chunk-overhead-ms", type=float, default=None,
                      help="serving work a worker adds to a step that carries a prompt chunk "
                           "(default: the profile's)")
+    sim.add_argument("--frontend-us-per-token", type=float, default=None,
+                     help="the frontend's time per streamed token, one queue shared by every "
+                          "worker: caps the deployment at 1e6 / this tok/s (default: the "
+                          "profile's)")
     sim.add_argument("--answer-at-step-boundary", action="store_true",
                      help="prefill workers answer at their next step boundary, as serving did "
                           "before answers left with the step's end (to replay runs made then)")
@@ -136,6 +140,7 @@ def sim_config_from_args(args: argparse.Namespace, profile: dict, num_prefill: i
               "step_overhead_s": overhead["step_overhead_ms"] / 1e3,
               "token_overhead_s": overhead["token_overhead_us"] / 1e6,
               "chunk_overhead_s": overhead["chunk_overhead_ms"] / 1e3,
+              "frontend_s_per_token": overhead["frontend_us_per_token"] / 1e6,
               "chunk_launch_s": args.chunk_launch_ms / 1e3,
               "answer_at_step_boundary": args.answer_at_step_boundary,
               "decode_lookahead": not args.no_decode_lookahead}
@@ -146,7 +151,7 @@ def sim_config_from_args(args: argparse.Namespace, profile: dict, num_prefill: i
 
 
 SERVING_OVERHEADS = ("frontend_overhead_ms", "step_overhead_ms", "token_overhead_us",
-                     "chunk_overhead_ms")
+                     "chunk_overhead_ms", "frontend_us_per_token")
 
 
 def serving_overheads(args: argparse.Namespace, profile: dict) -> dict[str, float]:

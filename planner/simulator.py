@@ -28,6 +28,15 @@ Every step is run through the scheduler: a stretch of identical decode steps is 
 event (planner/sim_worker.py) but executed step by step when it ends, so the schedule is exactly
 what the engine would run for the same arrivals (tests/planner/test_simulator.py checks it step by
 step); only the router hears of a stretch's output blocks when it ends.
+
+The frontend's token ceiling. With `frontend_s_per_token` > 0 every streamed token reaches its
+client through one shared FIFO server (planner/sim_frontend.py): a decode step's tokens are queued
+there as it ends, a stretch's as it is planned, a prefill answer's first token as the frontend gets
+it. A request's recorded token times are then delivery times, and it finishes (freeing its client's
+concurrency slot, ending its load in the router's books) when its last token is delivered: a
+check at its last token's arrival, run after every other event of that instant, serves
+the queue that far and schedules the finish. The router still hears of a first token on its
+arrival. With 0 none of this runs and tokens reach the client as they reach the frontend.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from tandem.contracts.worker_stats import Registration
 from tandem.engine.sequence import Sequence
 from tandem.planner.sim_clients import ClientBook
 from tandem.planner.sim_config import SimConfig
+from tandem.planner.sim_frontend import SharedFrontend, TokenBurst
 from tandem.planner.sim_prompt_hashes import PromptHasher
 from tandem.planner.sim_records import SimRequest, SimResult
 from tandem.planner.sim_worker import SimWorker
@@ -56,6 +66,8 @@ logger = logging.getLogger(__name__)
 
 SEND, DELIVER, STEP_END, PULLED, KV_EVENT, HEARTBEAT, CALL = range(7)
 MODEL_NAME = "simulated"
+# Added to the sequence number of an event that must run after every other event at its instant.
+AFTER_TIES = 1 << 62
 
 
 @contextmanager
@@ -97,6 +109,10 @@ class Simulator:
             self.router.indexes[role].add_worker(worker_id)
             worker.block_manager.subscribe(self._kv_listener(worker))
         self.pools = {role: self.registry.pool(role) for role in ("decode", "prefill")}
+        self.frontend = (SharedFrontend(config.frontend_s_per_token)
+                         if config.frontend_s_per_token > 0 else None)
+        self._ranks = {worker: rank for rank, worker in enumerate(self.workers.values())}
+        self._stretch_bursts: dict[SimWorker, TokenBurst] = {}  # with a frontend only
         self._heap: list = []
         self._waking: set[SimWorker] = set()
         self._counter = 0
@@ -116,6 +132,8 @@ class Simulator:
             self._push(self.config.heartbeat_interval_s, HEARTBEAT, None)
         with _collector_paused():
             self._loop()
+            if self.frontend is not None:
+                self.frontend.serve_all()
         return SimResult(self.requests, self, time.perf_counter() - started)
 
     # ---- the event loop --------------------------------------------------------------------------
@@ -123,6 +141,10 @@ class Simulator:
     def _push(self, time_s: float, kind: int, payload) -> None:
         self._counter += 1
         heapq.heappush(self._heap, (time_s, self._counter, kind, payload))
+
+    def _push_after_ties(self, time_s: float, kind: int, payload) -> None:
+        self._counter += 1
+        heapq.heappush(self._heap, (time_s, self._counter + AFTER_TIES, kind, payload))
 
     def _loop(self) -> None:
         heap = self._heap
@@ -184,8 +206,17 @@ class Simulator:
     def _start_step(self, worker: SimWorker) -> None:
         end_s = worker.start_step(self.now_s)
         if end_s is not None:
-            if self.on_step is not None and worker.stretch_ends_s is None:
-                self.on_step(worker, worker.batch)  # a stretch shows its batches as it runs
+            if worker.stretch_ends_s is None:
+                if self.on_step is not None:
+                    self.on_step(worker, worker.batch)  # a stretch shows its batches as it runs
+            elif self.frontend is not None:
+                # The frontend sees a stretch's steps as they are planned, so that it serves them
+                # in time order with the other workers' (its end times are shared: a cut shows).
+                lists = [self.requests[int(seq.request_id)].token_times_s
+                         for seq in worker.batch.seqs]
+                self._stretch_bursts[worker] = self.frontend.add(
+                    worker.stretch_ends_s, self.config.rpc_s, self._ranks[worker], lists,
+                    is_closed=False)
             self._push(end_s, STEP_END, (worker, worker.generation))
 
     # ---- requests ------------------------------------------------------------------------------
@@ -250,15 +281,24 @@ class Simulator:
                 self._later(delay_s, lambda r=requests[int(seq.request_id)], s=seq:
                             self._on_prefilled(r, s))
             return
+        frontend = self.frontend
         for seq in advanced:
             request = requests[int(seq.request_id)]
-            if not request.token_times_s:
+            if request.first_token_s is None:
+                request.first_token_s = token_s
                 request.cached_tokens = seq.num_cached_prompt_tokens
                 self._later(self.config.rpc_s,
                             lambda rid=request.request_id: self.router.on_first_token(rid))
-            request.token_times_s.append(token_s)
-            if seq.is_finished:
-                self._later(self.config.rpc_s, lambda r=request: self._on_finished(r))
+            if frontend is None:
+                request.token_times_s.append(token_s)
+                if seq.is_finished:
+                    self._later(self.config.rpc_s, lambda r=request: self._on_finished(r))
+        if frontend is not None and advanced:
+            streamed = [requests[int(seq.request_id)] for seq in advanced]
+            burst = frontend.add([self.now_s], self.config.rpc_s, self._ranks[worker],
+                                 [request.token_times_s for request in streamed])
+            self._finish_when_delivered(token_s, burst, [
+                request for request, seq in zip(streamed, advanced) if seq.is_finished])
         self._start_step(worker)
 
     def _end_stretch(self, worker: SimWorker) -> None:
@@ -266,6 +306,9 @@ class Simulator:
         rpc_s = self.config.rpc_s
         on_step = self.on_step
         requests = [self.requests[int(seq.request_id)] for seq in worker.batch.seqs]
+        if self.frontend is not None:
+            self._end_stretch_through_frontend(worker, requests)
+            return
         if on_step is None:
             token_times_s = [end_s + rpc_s for end_s in worker.stretch_ends_s]
             worker.run_stretch(None)
@@ -286,15 +329,49 @@ class Simulator:
                 self._later(rpc_s, lambda r=request: self._on_finished(r))
         self._start_step(worker)
 
+    def _end_stretch_through_frontend(self, worker: SimWorker, requests: list[SimRequest]
+                                      ) -> None:
+        """A stretch whose tokens the frontend queued when it was planned (_start_step)."""
+        on_step = self.on_step
+        burst = self._stretch_bursts.pop(worker)
+        worker.run_stretch(None if on_step is None
+                           else lambda batch, end_s: on_step(worker, batch))
+        self.frontend.close(burst)
+        self._finish_when_delivered(self.now_s + self.config.rpc_s, burst, [
+            request for request in requests if request.seq.is_finished])
+        self._start_step(worker)
+
+    def _finish_when_delivered(self, arrival_s: float, burst: TokenBurst,
+                               finished: list[SimRequest]) -> None:
+        """Finish requests once the frontend has delivered their last token (in `burst`, which
+        reaches it at `arrival_s`). That is worked out at `arrival_s`, after every other event of
+        that instant: by then every token that reaches the frontend before it has been queued."""
+        if finished:
+            self._push_after_ties(arrival_s, CALL, lambda: self._on_delivered(burst, finished))
+
+    def _on_delivered(self, burst: TokenBurst, finished: list[SimRequest]) -> None:
+        self.frontend.serve_through(burst)
+        for request in finished:  # its client has its last token: the request is done
+            self._push(request.token_times_s[-1], CALL, lambda r=request: self._on_finished(r))
+
     def _on_prefilled(self, request: SimRequest, prefill_seq: Sequence) -> None:
         """The frontend has the prefill worker's answer: stream the first token, hand over."""
-        request.token_times_s.append(self.now_s)
+        request.first_token_s = self.now_s
+        burst = None
+        if self.frontend is None:
+            request.token_times_s.append(self.now_s)
+        else:
+            burst = self.frontend.add([self.now_s], 0.0, self._ranks[request.prefill_worker],
+                                      [request.token_times_s])
         request.cached_tokens = prefill_seq.num_cached_prompt_tokens
         self.router.on_first_token(request.request_id)
         prefill = request.prefill_worker
         if request.bench.output_len <= 1:  # the first token ended it: free the pinned copy
             self._send_op(prefill, lambda: prefill.scheduler.release_pinned(request.request_id))
-            self._on_finished(request)
+            if burst is None:
+                self._on_finished(request)
+            else:
+                self._finish_when_delivered(self.now_s, burst, [request])
             return
         first_token_id = prefill_seq.token_ids[-1]
         decode = request.decode_worker
