@@ -20,6 +20,7 @@ import grpc
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.launcher.addresses import advertised_host, restrict_ucx_to
 from tandem.launcher.deploy import SPEC_ENV, die_with_parent
+from tandem.launcher.gc_pauses import freeze_startup_heap
 from tandem.engine.llm_engine import LLMEngine
 from tandem.launcher.role_switch import RoleSwitchingWorker
 from tandem.worker.base import register_and_heartbeat
@@ -66,6 +67,7 @@ async def serve_worker(options: WorkerOptions, stop: asyncio.Event | None = None
     worker.start()
     address = f"{advertised_host(options.host, node_ip)}:{port}"
     worker.address = address
+    freeze_startup_heap()  # the engine, its model and graphs stay out of every later collection
     logger.info("%s worker %s serving on %s", options.role, options.worker_id, address)
     if stop is None:
         stop = asyncio.Event()
