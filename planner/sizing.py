@@ -32,7 +32,10 @@ request's worst gap, and a disaggregated request's first gap on its decode worke
 the wait for the step boundary that parks it, the steps its KV pull spans (a pull starts at that
 boundary and the request joins the batch at the first boundary after the pull ends; no step is
 queued ahead while a request is parked, engine/lookahead.py), then its own step:
-(U + max(1, ceil(transfer_s / t)) + 1) * t with U uniform on [0, 1]. A handover lands
+(U + 1 + 1) * t for a pull shorter than a step, else U * t + transfer_s + V * t + t, with U and V
+uniform on [0, 1] (the pull ends at a random point of a step and waits out the rest; counting whole
+steps instead made the late share a saw-tooth in t, and the decode pool jumped 1 -> 3 -> 2 workers
+over a small load change in the planner's simulated hour). A handover lands
 with its clump-mates (arrival_dispersion as in the prefill pool): t is the step of the mean batch
 plus (dispersion - 1) / n sequences. The
 pool is big enough when that exceeds the bound for at most `1 - attainment` of the requests, or
@@ -227,8 +230,8 @@ def _handoff_late(perf: PerfModel, load: Load, target: SizingTarget, batch: int,
                   num_workers: int) -> tuple[float, float]:
     """(share late, share unreachable) of first gaps on the decode worker over the ITL bound.
 
-    The gap is the wait for the step boundary that parks the request (uniform over one step), the
-    steps its KV pull spans (at least the one that starts at that boundary), then its own step. A
+    The gap is the wait for the step boundary that parks the request (uniform over one step), its
+    KV pull up to the first boundary after it ends (`_late_handoff_share`), then its own step. A
     handover lands with its clump-mates: under clumped arrivals of index of dispersion
     D = E[X^2] / E[X], a request has D - 1 others in its clump on average, spread over the pool, so
     its steps carry b + (D - 1) / n sequences. A class whose pull and own step beside no one else
@@ -241,18 +244,26 @@ def _handoff_late(perf: PerfModel, load: Load, target: SizingTarget, batch: int,
     bound_s = target.itl_ms / 1e3
     late = unreachable = 0.0
     for share, transfer_s in zip(mix.shares, mix.transfer_s):
-        if (_pull_steps(transfer_s, alone_step_s) + 1) * alone_step_s > bound_s:
+        if max(transfer_s, alone_step_s) + alone_step_s > bound_s:
             unreachable += share
             continue
-        # What the wait for the parking boundary may take, in steps: P(U > slack).
-        slack = bound_s / step_s - _pull_steps(transfer_s, step_s) - 1
-        late += share * min(1.0, max(0.0, 1.0 - slack))
+        late += share * _late_handoff_share(transfer_s, step_s, bound_s)
     return late, unreachable
 
 
-def _pull_steps(transfer_s: float, step_s: float) -> int:
-    """Steps from the boundary a pull starts at to the first boundary after it ends."""
-    return max(1, math.ceil(transfer_s / step_s))
+def _late_handoff_share(transfer_s: float, step_s: float, bound_s: float) -> float:
+    """P(first gap > bound): U steps to the parking boundary, the pull, then the request's own
+    step. A pull shorter than a step ends at the next boundary; a longer one ends at a uniform
+    point V within a step and waits out the rest of it. U, V uniform on [0, 1]."""
+    if transfer_s <= step_s:
+        slack = bound_s / step_s - 2            # U + 1 + 1 steps
+        return min(1.0, max(0.0, 1.0 - slack))
+    slack = (bound_s - transfer_s) / step_s - 1  # U + V + transfer / step + 1 steps
+    if slack <= 0.0:
+        return 1.0
+    if slack >= 2.0:
+        return 0.0
+    return 1.0 - slack * slack / 2 if slack <= 1.0 else (2.0 - slack) ** 2 / 2
 
 
 def remote_part(load: Load, target: SizingTarget) -> Load:
