@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from tandem.bench.arrivals import arrival_offsets_s
+from tandem.bench.client_pauses import ClientPauses
 from tandem.bench.clients import BACKENDS, make_client
 from tandem.bench.datasets import (MultiTurnConfig, RandomDatasetConfig, SharedPrefixConfig,
                                    multi_turn_dataset, random_dataset, shared_prefix_dataset)
@@ -149,17 +150,22 @@ def _bench(args: argparse.Namespace) -> int:
     if requests and requests[0].arrival_offset_s is not None and not math.isinf(args.request_rate):
         logger.warning("--request-rate is ignored: the dataset carries its own arrival times")
     offsets_s = arrival_offsets_s(requests, args.request_rate, args.burstiness, args.seed)
-    run = asyncio.run(_run(args, requests, offsets_s))
+    with ClientPauses() as pauses:  # the prompts built above stay out of every collection
+        run = asyncio.run(_run(args, requests, offsets_s))
     sent_order = sorted(run.records, key=lambda record: record.start_s)
     ideal = ideal_prefix_hit_rate([requests[r.request_index] for r in sent_order],
                                   args.block_size)
     summary = summarize(run.records, run.duration_s, slo, ideal, percentiles).to_json_dict()
     print(format_summary(summary, slo))
+    if pauses.describe():
+        print(pauses.describe())
     errors = [record.error for record in run.records if record.error is not None]
     if errors:
         print(format_errors(errors))
     if args.out:
-        _write_json(args.out, _output_document(summary, run, args))
+        document = _output_document(summary, run, args)
+        document["client_gc_pauses_ms"] = [round(s * 1e3, 1) for s in pauses.long_pauses_s]
+        _write_json(args.out, document)
     if args.plot:
         from tandem.bench.plot import save_plot
         save_plot(run.records, run.duration_s, args.plot)

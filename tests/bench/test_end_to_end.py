@@ -47,7 +47,7 @@ def test_openai_random_run_counts_every_token(openai_server, tmp_path):
                    "--input-len", "40", "--output-len", "5", "--max-concurrency", "4",
                    "--request-rate", "200", "--save-requests", "--plot", str(plot),
                    "--slo", "ttft_ms=5000", "itl_ms=5000")
-    assert set(summary) == SUMMARY_KEYS | NEW_SUMMARY_KEYS | {"per_request", "started_at_epoch_s"}
+    assert set(summary) == SUMMARY_KEYS | NEW_SUMMARY_KEYS | {"per_request", "started_at_epoch_s", "client_gc_pauses_ms"}
     assert summary["num_requests"] == 8 and summary["num_errors"] == 0
     assert abs(summary["started_at_epoch_s"] - time.time()) < 60  # the wall clock of this run
     assert summary["goodput"] == pytest.approx(summary["request_throughput"])
@@ -135,7 +135,7 @@ def test_openai_chat_backend_on_a_sharegpt_file(openai_server, tmp_path):
                    "--dataset", f"sharegpt:{dataset}", "--tokenizer", "builtin",
                    "--percentiles", "50,99.9", "--save-requests")
     assert summary["num_requests"] == 4 and summary["num_errors"] == 0
-    assert set(summary) == SUMMARY_KEYS | NEW_SUMMARY_KEYS | {"per_request", "started_at_epoch_s"}
+    assert set(summary) == SUMMARY_KEYS | NEW_SUMMARY_KEYS | {"per_request", "started_at_epoch_s", "client_gc_pauses_ms"}
     sent = {served.prompt: served for served in openai_server.served}
     assert set(sent) == {f"question number {i} about kv caches" for i in range(4)}
     for text, served in sent.items():
