@@ -235,15 +235,19 @@ def _handoff_late(perf: PerfModel, load: Load, target: SizingTarget, batch: int,
     handover lands with its clump-mates: under clumped arrivals of index of dispersion
     D = E[X^2] / E[X], a request has D - 1 others in its clump on average, spread over the pool, so
     its steps carry b + (D - 1) / n sequences. A class whose pull and own step beside no one else
-    already exceed the bound is unreachable: more workers do not help it.
+    already exceed the bound is unreachable: more workers do not help it. A class whose prefill
+    alone passes the TTFT bound is left out: its requests miss the SLO whatever its first gap,
+    and the prefill pool's unreachable share counts them already.
     """
     mix = service_mix(perf, load.mix, load.prefix_hit_rate, target.prefill_chunk_tokens)
     busy = batch + max(0.0, load.arrival_dispersion - 1.0) / num_workers
     step_s = _decode_step_s(perf, load, max(batch, round(busy)))
     alone_step_s = _decode_step_s(perf, load, 1)
-    bound_s = target.itl_ms / 1e3
+    bound_s, ttft_bound_s = target.itl_ms / 1e3, target.ttft_ms / 1e3
     late = unreachable = 0.0
-    for share, transfer_s in zip(mix.shares, mix.transfer_s):
+    for share, transfer_s, floor_s in zip(mix.shares, mix.transfer_s, mix.floor_s):
+        if floor_s > ttft_bound_s:
+            continue  # late on its first token however it is served: the prefill pool's count
         if max(transfer_s, alone_step_s) + alone_step_s > bound_s:
             unreachable += share
             continue

@@ -231,3 +231,14 @@ def test_prompts_below_the_remote_prefill_threshold_need_no_prefill_pool():
         plan_pools(PERF, Load(5.0, 3968, 256), TARGET, "disagg", bounds, 8).num_prefill
     cached = Load(10.0, 4096, 256, prefix_hit_rate=0.95)     # 205 new tokens of each prompt
     assert plan_pools(PERF, cached, TARGET, "disagg", bounds, 8).num_prefill == 0
+
+
+def test_prompts_that_miss_the_ttft_bound_alone_do_not_size_the_decode_pool():
+    """A prompt whose prefill alone passes the TTFT bound misses the SLO whatever its first gap:
+    its pull is left out of the decode pool's late share (the prefill pool counts it)."""
+    itl_bound = SizingTarget(ttft_ms=60000, itl_ms=36)
+    long = Load(1.0, 16384, 64)
+    assert _handoff_late(PERF, long, itl_bound, 1, 1)[0] > 0.4
+    floor_s = prefill_estimate(PERF, long, itl_bound, 1).ttft_ms / 1e3
+    tight_ttft = SizingTarget(ttft_ms=1e3 * floor_s / 2, itl_ms=36)
+    assert _handoff_late(PERF, long, tight_ttft, 1, 1) == (0.0, 0.0)
