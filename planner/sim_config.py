@@ -42,8 +42,9 @@ class SimConfig:
     # Host work of a step that carries a prompt chunk, beyond the profile's step: its 2048-token
     # inputs are built and launched while no step of its own is queued ahead of it.
     chunk_overhead_s: float = 0.0
-    # The frontend's time per streamed token, shared by every worker: one FIFO server that every
-    # token passes through on its way to the client (planner/sim_frontend.py). 0: no such ceiling.
+    # The frontend's time per streamed token, shared by every worker: one server that every token
+    # passes through on its way to the client, taking the streams in turn (planner/sim_frontend.py).
+    # 0: no such ceiling.
     frontend_s_per_token: float = 0.0
     # Serving up to commit e65eadc: a prefill worker answered a finished prompt only at
     # its next step boundary (it read the pinned blocks through an engine operation). When it went

@@ -80,9 +80,9 @@ def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
                      help="serving work a worker adds to a step that carries a prompt chunk "
                           "(default: the profile's)")
     sim.add_argument("--frontend-us-per-token", type=float, default=None,
-                     help="the frontend's time per streamed token, one queue shared by every "
-                          "worker: caps the deployment at 1e6 / this tok/s (default: the "
-                          "profile's)")
+                     help="the frontend's time per streamed token, one server shared by every "
+                          "worker that takes the streams in turn: caps the deployment at 1e6 / "
+                          "this tok/s (default: the profile's)")
     sim.add_argument("--answer-at-step-boundary", action="store_true",
                      help="prefill workers answer at their next step boundary, as serving did "
                           "before answers left with the step's end (to replay runs made then)")

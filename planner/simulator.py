@@ -30,13 +30,15 @@ what the engine would run for the same arrivals (tests/planner/test_simulator.py
 step); only the router hears of a stretch's output blocks when it ends.
 
 The frontend's token ceiling. With `frontend_s_per_token` > 0 every streamed token reaches its
-client through one shared FIFO server (planner/sim_frontend.py): a decode step's tokens are queued
-there as it ends, a stretch's as it is planned, a prefill answer's first token as the frontend gets
-it. A request's recorded token times are then delivery times, and it finishes (freeing its client's
-concurrency slot, ending its load in the router's books) when its last token is delivered: a
-check at its last token's arrival, run after every other event of that instant, serves
-the queue that far and schedules the finish. The router still hears of a first token on its
-arrival. With 0 none of this runs and tokens reach the client as they reach the frontend.
+client through one shared server that takes the streams in turn (planner/sim_frontend.py): a
+decode step's tokens are queued there as it ends, a stretch's as it is planned, a prefill answer's
+first token as the frontend gets it. A request's recorded token times are then delivery times, and
+it finishes (freeing its client's concurrency slot, ending its load in the router's books) when its
+last token is delivered: a check at its last token's arrival, run after every other event of that
+instant, serves the frontend that far; if the token still waits, the check runs again when its
+turn can first start (the frontend's lower bound), until it is served, and schedules the finish.
+The router still hears of a first token on its arrival. With 0 none of this runs and tokens reach
+the client as they reach the frontend.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from tandem.contracts.worker_stats import Registration
 from tandem.engine.sequence import Sequence
 from tandem.planner.sim_clients import ClientBook
 from tandem.planner.sim_config import SimConfig
-from tandem.planner.sim_frontend import SharedFrontend, TokenBurst
+from tandem.planner.sim_frontend import SharedFrontend
 from tandem.planner.sim_prompt_hashes import PromptHasher
 from tandem.planner.sim_records import SimRequest, SimResult
 from tandem.planner.sim_worker import SimWorker
@@ -112,7 +114,6 @@ class Simulator:
         self.frontend = (SharedFrontend(config.frontend_s_per_token)
                          if config.frontend_s_per_token > 0 else None)
         self._ranks = {worker: rank for rank, worker in enumerate(self.workers.values())}
-        self._stretch_bursts: dict[SimWorker, TokenBurst] = {}  # with a frontend only
         self._heap: list = []
         self._waking: set[SimWorker] = set()
         self._counter = 0
@@ -214,9 +215,8 @@ class Simulator:
                 # in time order with the other workers' (its end times are shared: a cut shows).
                 lists = [self.requests[int(seq.request_id)].token_times_s
                          for seq in worker.batch.seqs]
-                self._stretch_bursts[worker] = self.frontend.add(
-                    worker.stretch_ends_s, self.config.rpc_s, self._ranks[worker], lists,
-                    is_closed=False)
+                self.frontend.add(worker.stretch_ends_s, self.config.rpc_s, self._ranks[worker],
+                                  lists)
             self._push(end_s, STEP_END, (worker, worker.generation))
 
     # ---- requests ------------------------------------------------------------------------------
@@ -295,9 +295,9 @@ class Simulator:
                     self._later(self.config.rpc_s, lambda r=request: self._on_finished(r))
         if frontend is not None and advanced:
             streamed = [requests[int(seq.request_id)] for seq in advanced]
-            burst = frontend.add([self.now_s], self.config.rpc_s, self._ranks[worker],
-                                 [request.token_times_s for request in streamed])
-            self._finish_when_delivered(token_s, burst, [
+            frontend.add([self.now_s], self.config.rpc_s, self._ranks[worker],
+                         [request.token_times_s for request in streamed])
+            self._finish_when_delivered(token_s, [
                 request for request, seq in zip(streamed, advanced) if seq.is_finished])
         self._start_step(worker)
 
@@ -333,45 +333,49 @@ class Simulator:
                                       ) -> None:
         """A stretch whose tokens the frontend queued when it was planned (_start_step)."""
         on_step = self.on_step
-        burst = self._stretch_bursts.pop(worker)
         worker.run_stretch(None if on_step is None
                            else lambda batch, end_s: on_step(worker, batch))
-        self.frontend.close(burst)
-        self._finish_when_delivered(self.now_s + self.config.rpc_s, burst, [
+        self._finish_when_delivered(self.now_s + self.config.rpc_s, [
             request for request in requests if request.seq.is_finished])
         self._start_step(worker)
 
-    def _finish_when_delivered(self, arrival_s: float, burst: TokenBurst,
-                               finished: list[SimRequest]) -> None:
-        """Finish requests once the frontend has delivered their last token (in `burst`, which
-        reaches it at `arrival_s`). That is worked out at `arrival_s`, after every other event of
-        that instant: by then every token that reaches the frontend before it has been queued."""
+    def _finish_when_delivered(self, arrival_s: float, finished: list[SimRequest]) -> None:
+        """Finish requests once the frontend has delivered their last token (which reaches it at
+        `arrival_s`). That is worked out at `arrival_s`, after every other event of that instant:
+        by then every token that reaches the frontend no later has been queued."""
         if finished:
-            self._push_after_ties(arrival_s, CALL, lambda: self._on_delivered(burst, finished))
+            self._push_after_ties(arrival_s, CALL, lambda: self._on_delivered(finished))
 
-    def _on_delivered(self, burst: TokenBurst, finished: list[SimRequest]) -> None:
-        self.frontend.serve_through(burst)
-        for request in finished:  # its client has its last token: the request is done
-            self._push(request.token_times_s[-1], CALL, lambda r=request: self._on_finished(r))
+    def _on_delivered(self, finished: list[SimRequest]) -> None:
+        frontend = self.frontend
+        frontend.serve_through(self.now_s)
+        waiting = []
+        for request in finished:
+            if frontend.is_delivered(request.token_times_s):  # its client has its last token
+                self._push(request.token_times_s[-1], CALL, lambda r=request: self._on_finished(r))
+            else:
+                waiting.append(request)
+        if waiting:  # streams ahead of them take turns first: look again when theirs can come
+            check_s = min(frontend.earliest_last_turn_s(r.token_times_s) for r in waiting)
+            self._push_after_ties(check_s, CALL, lambda: self._on_delivered(waiting))
 
     def _on_prefilled(self, request: SimRequest, prefill_seq: Sequence) -> None:
         """The frontend has the prefill worker's answer: stream the first token, hand over."""
         request.first_token_s = self.now_s
-        burst = None
         if self.frontend is None:
             request.token_times_s.append(self.now_s)
         else:
-            burst = self.frontend.add([self.now_s], 0.0, self._ranks[request.prefill_worker],
-                                      [request.token_times_s])
+            self.frontend.add([self.now_s], 0.0, self._ranks[request.prefill_worker],
+                              [request.token_times_s])
         request.cached_tokens = prefill_seq.num_cached_prompt_tokens
         self.router.on_first_token(request.request_id)
         prefill = request.prefill_worker
         if request.bench.output_len <= 1:  # the first token ended it: free the pinned copy
             self._send_op(prefill, lambda: prefill.scheduler.release_pinned(request.request_id))
-            if burst is None:
+            if self.frontend is None:
                 self._on_finished(request)
             else:
-                self._finish_when_delivered(self.now_s, burst, [request])
+                self._finish_when_delivered(self.now_s, [request])
             return
         first_token_id = prefill_seq.token_ids[-1]
         decode = request.decode_worker
