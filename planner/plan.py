@@ -15,7 +15,9 @@ at most `max_requests`) and judges attainment on all but the first `warmup_fract
 system has to fill up before it shows its steady state. A fixed handful of requests would not: at
 a decode-heavy workload's knee, 200 requests with 1,024-token outputs all run at once as a burst
 that never reaches the steady concurrency (rate x latency) and pass at any rate. A capped probe
-still under-states queueing for rates above `max_requests / probe_duration_s`.
+still under-states queueing for rates above `max_requests / probe_duration_s`. A probe whose
+requests in flight grow through it (`keeps_up`) is past the shape's capacity and counts as 0: its
+backlog would grow without bound, even when the probe ends before the SLO shows it.
 
 Shapes are ranked by goodput per GPU. The fewest GPUs that meet the SLO at the requested rate are
 found by bisection over the GPU count (assuming more GPUs never hurt), each count judged by its
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 MAX_PROBE_REQUESTS = 2000  # per probe: seconds to a minute of simulation on a CPU
 PROBE_DURATION_S = 60.0    # of arrivals per probe: many latencies long, so queues can build
+BACKLOG_NOISE_SIGMAS = 3.0  # growth of the requests in flight beyond this is a backlog, not noise
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +144,13 @@ class Planner:
                 requests, self._offsets_s(rate_rps, len(requests)))
             records = sorted(result.records(), key=lambda r: r.start_s)
             judged = records[int(len(records) * self.search.warmup_fraction):] or records
-            self._cache[key] = sum(meets_slo(r, self.search.slo) for r in judged) / len(judged)
+            attained = sum(meets_slo(r, self.search.slo) for r in judged) / len(judged)
+            if not self._recorded and not keeps_up(records):
+                logger.info("%s at %.2f req/s does not keep up: its backlog grows through the "
+                            "probe (%.0f%% within the SLO so far)", shape.name, rate_rps,
+                            100 * attained)
+                attained = 0.0
+            self._cache[key] = attained
         return self._cache[key]
 
     def _probe_requests(self, rate_rps: float) -> list[BenchRequest]:
@@ -177,6 +186,24 @@ class Planner:
             return [(o - offsets[0]) * scale for o in offsets]
         return gamma_arrival_offsets_s(num_requests, rate_rps, self.search.burstiness,
                                        self.search.seed)
+
+
+def keeps_up(records) -> bool:
+    """Whether the requests in the system stop growing over a probe of steady arrivals.
+
+    A shape past its capacity builds a backlog for as long as arrivals last, but a probe may end
+    before the backlog shows in the SLO: a frontend that takes streams in turn spreads an overload
+    over every stream's pace a little at a time. Counted at the last arrival and at half that
+    time, the requests in flight of a stable shape differ by noise (about sqrt(L)); an overloaded
+    one has gained (rate - capacity) x half the probe. Its steady-state attainment is then 0.
+    """
+    last_s = max(r.start_s for r in records)
+
+    def in_flight(at_s: float) -> int:
+        return sum(1 for r in records if r.start_s <= at_s < r.start_s + r.e2e_ms / 1e3)
+
+    midway, end = in_flight(last_s / 2), in_flight(last_s)
+    return end - midway <= BACKLOG_NOISE_SIGMAS * math.sqrt(max(midway, 1)) + 1
 
 
 def fewest_gpus(meets: Callable[[int], bool], max_gpus: int) -> int | None:

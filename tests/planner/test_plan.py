@@ -96,3 +96,15 @@ def test_serving_overheads_come_from_the_profile_unless_a_flag_sets_them(tmp_pat
     del profile["serving"]
     path.write_text(json.dumps(profile))
     assert config().chunk_overhead_s == 0.0
+
+
+def test_a_probe_whose_backlog_grows_does_not_keep_up():
+    """Stable: requests in flight stay level (each takes 2 s, one a second arrives). Overloaded:
+    each request takes longer than the one before, so the count in flight climbs all probe long."""
+    from types import SimpleNamespace
+
+    from tandem.planner.plan import keeps_up
+    stable = [SimpleNamespace(start_s=float(t), e2e_ms=2000.0) for t in range(120)]
+    growing = [SimpleNamespace(start_s=float(t), e2e_ms=2000.0 + 500.0 * t) for t in range(120)]
+    assert keeps_up(stable)
+    assert not keeps_up(growing)
