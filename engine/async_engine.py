@@ -36,6 +36,7 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._error: BaseException | None = None
+        self._gaps = SlowGapLog()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="engine-loop")
@@ -128,6 +129,7 @@ class AsyncEngine:
                         stream = self._streams.get(update.request_id)
                         if stream is not None:
                             stream.put_nowait(update)
+                    self._gaps.step(updates)
                     self._apply_ops()
         except asyncio.CancelledError:
             raise
@@ -151,3 +153,33 @@ class AsyncEngine:
                 continue
             if not future.done():
                 future.set_result(result)
+
+
+class SlowGapLog:
+    """Logs inter-token gaps over SLOW_GAP_S that the worker itself made: the time between two
+    steps that both gave a token to the same request, with what the later step carried. A gap a
+    client sees is this plus the frontend's relay; with this log the two can be told apart. At
+    most one line a second; the gaps in between are counted into the next line."""
+
+    SLOW_GAP_S = 0.03
+    LOG_EVERY_S = 1.0
+
+    def __init__(self) -> None:
+        self._last_s = 0.0
+        self._last_ids: set[str] = set()
+        self._logged_s = -self.LOG_EVERY_S
+        self._unlogged = 0
+
+    def step(self, updates: list[SequenceUpdate]) -> None:
+        now = time.perf_counter()
+        ids = {u.request_id for u in updates if u.new_token_ids and not u.finished}
+        gap_s = now - self._last_s
+        if gap_s > self.SLOW_GAP_S and not ids.isdisjoint(self._last_ids):
+            self._unlogged += 1
+            if now - self._logged_s >= self.LOG_EVERY_S:
+                logger.info("slow inter-token gap: %.1f ms between steps; the later step gave "
+                            "tokens to %d requests, %d of them not in the step before (%d such "
+                            "gaps since the last line)", gap_s * 1e3, len(ids),
+                            len(ids - self._last_ids), self._unlogged)
+                self._logged_s, self._unlogged = now, 0
+        self._last_s, self._last_ids = now, ids

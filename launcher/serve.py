@@ -22,6 +22,7 @@ from tandem.launcher.config import (SETTINGS, ServeConfig, build_serve_config, d
                                     field_type, listed_devices)
 from tandem.launcher.deploy import Deployment, LocalDeployment
 from tandem.launcher.gc_pauses import freeze_startup_heap
+from tandem.launcher.loop_lag import watch_loop_lag
 from tandem.launcher.planner_loop import start_planner
 from tandem.launcher.supervisor import Supervisor, describe_exit
 from tandem.engine.model_info import describe_model
@@ -109,6 +110,7 @@ async def run_serve(config: ServeConfig, deployment: Deployment) -> int:
               f"{host}:{frontend.grpc_port} model {config.engine.model} "
               f"({config.num_prefill} prefill, {config.num_decode} decode)", flush=True)
         freeze_startup_heap()
+        lag_watch = asyncio.create_task(watch_loop_lag("frontend"))  # noqa: F841 (as planner)
         planner = start_planner(  # noqa: F841 (the task must stay referenced while serving)
             config.planner, config.planner_profile, frontend, deployment,
             worker_specs(config, frontend.control_address), config.drain_timeout_s, stop)

@@ -21,6 +21,7 @@ from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.launcher.addresses import advertised_host, restrict_ucx_to
 from tandem.launcher.deploy import SPEC_ENV, die_with_parent
 from tandem.launcher.gc_pauses import freeze_startup_heap
+from tandem.launcher.loop_lag import watch_loop_lag
 from tandem.engine.llm_engine import LLMEngine
 from tandem.launcher.role_switch import RoleSwitchingWorker
 from tandem.worker.base import register_and_heartbeat
@@ -75,6 +76,7 @@ async def serve_worker(options: WorkerOptions, stop: asyncio.Event | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(register_and_heartbeat(worker, address)),
+             asyncio.create_task(watch_loop_lag(f"worker {options.worker_id}")),
              asyncio.create_task(worker.background())]
     stopped = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)

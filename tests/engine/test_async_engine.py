@@ -51,3 +51,32 @@ def test_an_engine_failure_after_queued_updates_still_ends_the_stream():
 
     got, error = asyncio.run(main())
     assert got == [[1]] and "device lost" in error
+
+
+def test_slow_gaps_between_a_requests_steps_are_logged_once_a_second(monkeypatch, caplog):
+    import logging
+
+    from tandem.engine import async_engine
+    from tandem.engine.async_engine import SlowGapLog
+    from tandem.engine.llm_engine import SequenceUpdate
+
+    def update(request_id: str) -> SequenceUpdate:
+        return SequenceUpdate(request_id, [7], [], False, None, None, 4, 0)
+
+    clock = iter([10.0, 10.005, 10.060, 10.065, 10.100, 11.5, 11.6])
+    monkeypatch.setattr(async_engine.time, "perf_counter", lambda: next(clock))
+    gaps = SlowGapLog()
+    with caplog.at_level(logging.INFO, logger=async_engine.__name__):
+        gaps.step([update("a")])
+        gaps.step([update("a")])                 # 5 ms
+        gaps.step([update("a"), update("b")])    # 55 ms: logged
+        gaps.step([update("c")])                 # 5 ms, and no request in both
+        gaps.step([update("c")])                 # 35 ms, within the second: counted, not logged
+        gaps.step([update("d")])                 # 1.4 s, but "d" had no token before: no gap
+        gaps.step([update("d")])                 # 100 ms, a second after the line: logged
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "slow inter-token gap: 55.0 ms between steps; the later step gave tokens to 2 requests, "
+        "1 of them not in the step before (1 such gaps since the last line)",
+        "slow inter-token gap: 100.0 ms between steps; the later step gave tokens to 1 requests, "
+        "0 of them not in the step before (2 such gaps since the last line)"]
