@@ -100,6 +100,8 @@ def main() -> None:
                    "output_tokens": tokens,
                    "output_tok_per_s": round(summary["output_token_throughput"], 1),
                    "tpot_p50_ms": round(summary["tpot_ms"]["p50"], 2),
+                   "ttft_p50_ms": round(summary["ttft_ms"]["p50"], 1),
+                   "ttft_p90_ms": round(summary["ttft_ms"]["p90"], 1),
                    "errors": summary["num_errors"],
                    "cpu_us_per_token": {name: round(1e6 * s / max(tokens, 1), 1)
                                         for name, s in result["cpu_s"].items()},
@@ -114,14 +116,14 @@ def main() -> None:
         server.stop()
     print(f"client start-up (one 1-token request, whole process): "
           f"{startup['cpu_s']['client']:.2f} s of CPU")
-    print("| backend | output tok/s | TPOT p50 ms | errors | CPU us/token: frontend | workers "
-          "| client (less start-up) | frontend CPU / wall |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| backend | output tok/s | TPOT p50 ms | TTFT p50 / p90 ms | errors | CPU us/token: "
+          "frontend | workers | client (less start-up) | frontend CPU / wall |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         us = row["cpu_us_per_token"]
         workers = " / ".join(f"{v}" for k, v in us.items() if k.startswith("worker"))
         print(f"| {row['backend']} | {row['output_tok_per_s']} | {row['tpot_p50_ms']} | "
-              f"{row['errors']} | {us['frontend']} | {workers} | {us['client']} "
+              f"{row['ttft_p50_ms']} / {row['ttft_p90_ms']} | {row['errors']} | {us['frontend']} | {workers} | {us['client']} "
               f"({row['client_streaming_us_per_token']}) | "
               f"{row['cpu_share_of_wall']['frontend']} |")
     if args.out:
