@@ -13,8 +13,6 @@ logger = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 0.05
 LAG_WARNING_S = 0.02
-
-
 LOG_EVERY_S = 1.0
 
 

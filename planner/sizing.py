@@ -29,18 +29,17 @@ The ITL reported for n comes from Little's law: a worker runs b = (lambda * OSL 
 sequences at once (arrival rate of tokens times the time each takes), solved by fixed-point
 iteration; b above max_batch_size means the pool cannot keep up. The ITL bound is a bound on each
 request's worst gap, and a disaggregated request's first gap on its decode worker is the longest:
-the wait for the step boundary that parks it, the steps its KV pull spans (a pull starts at that
-boundary and the request joins the batch at the first boundary after the pull ends; no step is
-queued ahead while a request is parked, engine/lookahead.py), then its own step:
-(U + 1 + 1) * t for a pull shorter than a step, else U * t + transfer_s + V * t + t, with U and V
-uniform on [0, 1] (the pull ends at a random point of a step and waits out the rest; counting whole
-steps instead made the late share a saw-tooth in t, and the decode pool jumped 1 -> 3 -> 2 workers
-over a small load change in the planner's simulated hour). A handover lands
-with its clump-mates (arrival_dispersion as in the prefill pool): t is the step of the mean batch
-plus (dispersion - 1) / n sequences. The
-pool is big enough when that exceeds the bound for at most `1 - attainment` of the requests, or
-when one more worker would take less than that off the late list (the rest are the longest
-prompts, whose pull alone takes most of the bound).
+the wait for the step boundary that parks it, its KV pull (a pull starts at that boundary and
+the request joins the batch at the first boundary after the pull ends; no step is queued ahead
+while a request is parked, engine/lookahead.py), then its own step: (U + 1 + 1) * t for a pull
+shorter than a step, else U * t + transfer_s + V * t + t, with U and V uniform on [0, 1] (the
+pull ends at a random point of a step and waits out the rest; counting whole steps instead made
+the late share a saw-tooth in t, and the decode pool jumped 1 -> 3 -> 2 workers over a small load
+change in the planner's simulated hour). A handover lands with its clump-mates
+(arrival_dispersion as in the prefill pool): t is the step of the mean batch plus
+(dispersion - 1) / n sequences. The pool is big enough when that exceeds the bound for at most
+`1 - attainment` of the requests, or when one more worker would take less than that off the late
+list (the rest are the longest prompts, whose pull alone takes most of the bound).
 
 Aggregated pool of n workers (role `both`). With S the mix's prefill time in chunks of
 `chunk_tokens`, a worker spends P = lambda / n * E[S] of each second on prefill, and uses D = lambda / n * OSL * t(B*) / B* of its decode capacity (as in the decode pool:
