@@ -123,7 +123,8 @@ def main() -> None:
         us = row["cpu_us_per_token"]
         workers = " / ".join(f"{v}" for k, v in us.items() if k.startswith("worker"))
         print(f"| {row['backend']} | {row['output_tok_per_s']} | {row['tpot_p50_ms']} | "
-              f"{row['ttft_p50_ms']} / {row['ttft_p90_ms']} | {row['errors']} | {us['frontend']} | {workers} | {us['client']} "
+              f"{row['ttft_p50_ms']} / {row['ttft_p90_ms']} | {row['errors']} | {us['frontend']} | "
+              f"{workers} | {us['client']} "
               f"({row['client_streaming_us_per_token']}) | "
               f"{row['cpu_share_of_wall']['frontend']} |")
     if args.out:
