@@ -129,6 +129,7 @@ def simulate_hour(args, profile, model, requests, offsets_s, slos: list[dict],
     workers += [SimWorkerSlot(f"decode-{i}", "decode", 0.0) for i in range(start_shape[1])]
     good = [0] * len(slos)
     sent, gpu_s, shapes = 0, 0.0, []
+    served: dict[tuple[int, int], list[int]] = {}
     for k, indexes in enumerate(windows(offsets_s, interval_s)):
         start_s = k * interval_s
         ready = [w for w in workers if w.ready_at_s <= start_s]
@@ -142,6 +143,10 @@ def simulate_hour(args, profile, model, requests, offsets_s, slos: list[dict],
         for n, slo in enumerate(slos):
             good[n] += sum(1 for r in records if r.is_ok and meets_slo(r, slo))
         sent += len(window)
+        by_shape = served.setdefault(shape, [0, 0, 0])   # intervals, requests, missed
+        by_shape[0] += 1
+        by_shape[1] += len(window)
+        by_shape[2] += sum(1 for r in records if not (r.is_ok and meets_slo(r, slos[0])))
         if planner is None:
             continue
         now_s = start_s + interval_s
@@ -152,7 +157,8 @@ def simulate_hour(args, profile, model, requests, offsets_s, slos: list[dict],
         print(f"t={now_s:5.0f} s {len(window):4d} req {missed:3d} missed  shape "
               f"{shape[0]}P+{shape[1]}D  {decision.kind}: {decision.reason[:170]}", flush=True)
     return {"attainment": [g / sent if sent else 0.0 for g in good],
-            "gpu_hours": gpu_s / 3600, "num_requests": sent, "shapes": shapes}
+            "gpu_hours": gpu_s / 3600, "num_requests": sent, "shapes": shapes,
+            "by_shape": served}
 
 
 def apply_actions(args, workers: list[SimWorkerSlot], actions, now_s: float
@@ -302,6 +308,11 @@ def report(slos, planned: dict, fixed: dict, static: tuple[int, int]) -> None:
               f"{fixed['attainment'][n]:.2%}")
     print(f"GPU-hours: planner {planned['gpu_hours']:.2f}, static {fixed['gpu_hours']:.2f} "
           f"({planned['gpu_hours'] / fixed['gpu_hours']:.0%})")
+    print("the planner's intervals by the shape that served them (misses under the planned SLO):")
+    for (num_prefill, num_decode), (intervals, requests, missed) in sorted(
+            planned["by_shape"].items()):
+        print(f"  {num_prefill}P+{num_decode}D: {intervals} intervals, {requests} requests, "
+              f"{missed} missed ({missed / max(requests, 1):.2%})")
 
 
 if __name__ == "__main__":
