@@ -166,20 +166,29 @@ class SlowGapLog:
 
     def __init__(self) -> None:
         self._last_s = 0.0
-        self._last_ids: set[str] = set()
+        self._last_updates: list[SequenceUpdate] = []
         self._logged_s = -self.LOG_EVERY_S
         self._unlogged = 0
 
     def step(self, updates: list[SequenceUpdate]) -> None:
+        """Called after every step: the request ids are only looked at after a slow one."""
         now = time.perf_counter()
-        ids = {u.request_id for u in updates if u.new_token_ids and not u.finished}
-        gap_s = now - self._last_s
-        if gap_s > self.SLOW_GAP_S and not ids.isdisjoint(self._last_ids):
-            self._unlogged += 1
-            if now - self._logged_s >= self.LOG_EVERY_S:
-                logger.info("slow inter-token gap: %.1f ms between steps; the later step gave "
-                            "tokens to %d requests, %d of them not in the step before (%d such "
-                            "gaps since the last line)", gap_s * 1e3, len(ids),
-                            len(ids - self._last_ids), self._unlogged)
-                self._logged_s, self._unlogged = now, 0
-        self._last_s, self._last_ids = now, ids
+        if now - self._last_s > self.SLOW_GAP_S:
+            self._check(now - self._last_s, now, updates)
+        self._last_s, self._last_updates = now, updates
+
+    def _check(self, gap_s: float, now: float, updates: list[SequenceUpdate]) -> None:
+        ids, last_ids = _streaming_ids(updates), _streaming_ids(self._last_updates)
+        if ids.isdisjoint(last_ids):
+            return  # no request got a token in both steps: not an inter-token gap
+        self._unlogged += 1
+        if now - self._logged_s >= self.LOG_EVERY_S:
+            logger.info("slow inter-token gap: %.1f ms between steps; the later step gave tokens "
+                        "to %d requests, %d of them not in the step before (%d such gaps since "
+                        "the last line)", gap_s * 1e3, len(ids), len(ids - last_ids),
+                        self._unlogged)
+            self._logged_s, self._unlogged = now, 0
+
+
+def _streaming_ids(updates: list[SequenceUpdate]) -> set[str]:
+    return {u.request_id for u in updates if u.new_token_ids and not u.finished}
