@@ -109,8 +109,10 @@ class LLMEngine:
         # scratch data into it (NixlKVAgent.warm) without touching any request's KV.
         self.spare_block = self.num_blocks
         self.runner.allocate_kv_cache(self.num_blocks + 1)
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self.runner.capture_graphs(min(config.max_num_seqs, 256), self.max_model_len)
+        if self.device.type == "cuda":
+            self.runner.compile_kernel_variants()
+            if not config.enforce_eager:
+                self.runner.capture_graphs(min(config.max_num_seqs, 256), self.max_model_len)
         self.block_manager = BlockManager(self.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens,

@@ -93,6 +93,12 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return peak
 
+    def compile_kernel_variants(self) -> None:
+        """Compiles now the kernel variants an eager step may need later (CUDA only), so that none
+        stalls a serving batch to compile."""
+        from tandem.engine.kernels import decode_attention   # CUDA only: Triton is usable here
+        decode_attention.compile_merge_widths(self.config.head_dim, self.dtype, self.device)
+
     def capture_graphs(self, max_batch: int, max_seq_len: int) -> None:
         from tandem.engine.kernels import skinny_gemm   # CUDA only: Triton is usable here
         self.graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_seq_len,

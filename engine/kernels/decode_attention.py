@@ -37,8 +37,8 @@ _MIN_TOKENS_PER_SPLIT = 64  # one tile: below this a split is only merge overhea
 _MAX_SPLITS = 64  # past this the merge costs more than the extra parallelism gains (H200 sweep)
 _WAVES = 4  # programs per SM to aim for: batch-1 decode is latency-bound, more in flight helps
 # The merge's tile over splits: the next power of two of the split count (a 64-wide tile for 3
-# splits cost batch 32 about 40% more attention time on H200). Every width is compiled on the
-# first call, so a new split count met mid-serving finds its variant ready.
+# splits cost batch 32 about 40% more attention time on H200). An engine compiles every width at
+# start-up (`compile_merge_widths`), so a new split count met mid-serving finds its variant ready.
 _MERGE_WIDTHS = tuple(2 ** i for i in range(1, _MAX_SPLITS.bit_length()))
 
 
@@ -172,8 +172,6 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, query.device)
     group = num_heads // num_kv_heads
     single = num_splits == 1
-    if not (out.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _compile_merge_widths(head_dim, out.dtype, out.device)
     if single:
         part_out = part_lse = out  # unused by the kernel; any tensor of the device will do
     else:
@@ -199,10 +197,9 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _compile_merge_widths(head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+def compile_merge_widths(head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
     """Runs the merge once at every width, on one empty row, so that no split count compiles
-    later."""
+    later (the engine calls it once, at start-up)."""
     part_lse = torch.full((_MAX_SPLITS,), float("-inf"), dtype=torch.float32, device=device)
     part_out = torch.zeros((_MAX_SPLITS, head_dim), dtype=torch.float32, device=device)
     out = torch.empty((1, 1, head_dim), dtype=dtype, device=device)

@@ -15,7 +15,7 @@ def test_step_varying_arguments_compile_once():
     assert _unspecialized(decode_attention._decode_merge_kernel) == {"num_splits"}
     assert _unspecialized(prefill_attention._prefill_kernel) == {"stride_bt_seq"}
     # The merge's width follows the split count; every width the chooser can need is compiled
-    # on the first call.
+    # at engine start-up (ModelRunner.compile_kernel_variants).
     import triton
     needed = {triton.next_power_of_2(n) for n in range(2, decode_attention._MAX_SPLITS + 1)}
     assert needed == set(decode_attention._MERGE_WIDTHS)
