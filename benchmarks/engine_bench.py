@@ -1,6 +1,11 @@
 """Engine benchmark on one NVIDIA GPU, each figure next to the limit it is measured against.
 
   python benchmarks/engine_bench.py [--only itl,prefill,sweep,mixed,throughput] [--hf]
+                                    [--pdl 0,wait,1]
+
+--pdl runs the per-model parts once for each programmatic-dependent-launch mode (TANDEM_PDL,
+engine/kernels/pdl.py: 0 off, wait without the matmuls' weight prefetch, 1 both), each with its
+own engine and captured graphs, so the modes compare within one run.
 
 1. Batch-1 inter-token latency at 1k and 4k context (random:llama-3.1-8b, random:qwen3-0.6b), next
    to the roofline: (weight bytes + KV bytes read) / HBM bandwidth measured by a 1 GiB copy.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import random
 import statistics
 import sys
@@ -36,6 +42,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.hardware import copy_rate_gbs, matmul_tflops, median_us
 from tandem import LLM, SamplingParams
+from tandem.engine.kernels import skinny_gemm
 from tandem.planner.profile_grid import Repeats
 from tandem.planner.profile_points import StepProbe
 
@@ -268,16 +275,7 @@ def release(llm: LLM | None) -> None:
     torch.cuda.empty_cache()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--only", default="itl,prefill,sweep,mixed,throughput")
-    parser.add_argument("--hf", action="store_true")
-    args = parser.parse_args()
-    random.seed(0)
-    hbm, tflops = copy_rate_gbs(), matmul_tflops()
-    row("hardware", torch.cuda.get_device_name(), f"copy {hbm:.0f} GB/s",
-        f"bf16 matmul {tflops:.0f} TFLOP/s")
-    parts = args.only.split(",")
+def bench_models(parts: list[str], hbm: float, tflops: float) -> None:
     for model in ("random:llama-3.1-8b", "random:qwen3-0.6b"):
         if "itl" in parts:
             bench_itl(model, hbm)
@@ -288,6 +286,25 @@ def main() -> None:
         if "mixed" in parts:
             bench_mixed(model)
             bench_mixed(model, batch=64, context=4096)  # aggregated serving at ISL 4096
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default="itl,prefill,sweep,mixed,throughput")
+    parser.add_argument("--hf", action="store_true")
+    parser.add_argument("--pdl", default=None, help="comma-separated TANDEM_PDL modes to compare")
+    args = parser.parse_args()
+    random.seed(0)
+    hbm, tflops = copy_rate_gbs(), matmul_tflops()
+    row("hardware", torch.cuda.get_device_name(), f"copy {hbm:.0f} GB/s",
+        f"bf16 matmul {tflops:.0f} TFLOP/s")
+    parts = args.only.split(",")
+    for mode in args.pdl.split(",") if args.pdl else [None]:
+        if mode is not None:
+            os.environ["TANDEM_PDL"] = mode
+            skinny_gemm._chosen.clear()  # each mode times its own matmul choices
+            row("pdl", f"TANDEM_PDL={mode}")
+        bench_models(parts, hbm, tflops)
     if "throughput" in parts:
         # The serving default step budget (2048 tokens), and a larger one for offline batches.
         for model in ("random:qwen3-0.6b", "random:llama-3.1-8b"):

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.engine.kernels import pdl
+
 _LOG2_E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 64  # one tile: below this a split is only merge overhead
 _MAX_SPLITS = 64  # past this the merge costs more than the extra parallelism gains (H200 sweep)
@@ -54,8 +56,9 @@ def _decode_split_kernel(
     stride_bt_seq, stride_out_seq, stride_out_head,
     qk_scale, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.enter(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -115,8 +118,9 @@ def _decode_split_kernel(
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_out_seq, stride_out_head, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.enter(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
@@ -187,12 +191,13 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
         scale * _LOG2_E, num_splits,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, SINGLE_SPLIT=single,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(query),
     )
     if not single:
         _decode_merge_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
             HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+            **pdl.launch_options(query),
         )
     return out
 
@@ -205,7 +210,8 @@ def compile_merge_widths(head_dim: int, dtype: torch.dtype, device: torch.device
     out = torch.empty((1, 1, head_dim), dtype=dtype, device=device)
     for width in _MERGE_WIDTHS:
         _decode_merge_kernel[(1, 1)](part_out, part_lse, out, out.stride(0), out.stride(1), width,
-                                     HEAD_DIM=head_dim, BLOCK_S=width, num_warps=4)
+                                     HEAD_DIM=head_dim, BLOCK_S=width, num_warps=4,
+                                     **pdl.launch_options(out))
 
 
 def check_attention_shapes(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.engine.kernels import pdl
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -26,8 +28,9 @@ def _store_kv_kernel(
     stride_key_token, stride_key_head, stride_value_token, stride_value_head,
     stride_cache_block, stride_cache_kv, stride_cache_slot, stride_cache_head,
     num_kv_heads, head_dim,
-    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.enter(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)
@@ -67,5 +70,5 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_layer: torch.Tensor,
         BLOCK_SIZE=kv_layer.shape[2],
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=4,
+        num_warps=4, **pdl.launch_options(kv_layer),
     )

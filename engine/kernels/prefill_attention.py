@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.engine.kernels import pdl
+
 from tandem.engine.attention import AttentionMetadata
 from tandem.engine.kernels.decode_attention import check_attention_shapes
 
@@ -79,8 +81,9 @@ def _prefill_kernel(
     stride_cache_block, stride_cache_kv, stride_cache_slot, stride_cache_head,
     stride_bt_seq, stride_out_token, stride_out_head, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.enter(USE_PDL)
     head = tl.program_id(0)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)
     seq = tl.program_id(2).to(tl.int64)
@@ -163,5 +166,6 @@ def prefill_attention(query: torch.Tensor, kv_layer: torch.Tensor, meta: Attenti
         meta.block_tables.stride(0), out.stride(0), out.stride(1), scale * _LOG2_E,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch_options(query),
     )
     return out

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.engine.kernels import pdl
+
 from tandem.engine.kernels.rotary import load_rope_row, rotate_halves
 
 
@@ -55,8 +57,9 @@ def _qkv_prep_kernel(
     stride_cache_block, stride_cache_kv, stride_cache_slot, stride_cache_head,
     eps, num_heads, num_kv_heads,
     HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_KV_H: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_KV_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.enter(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     dims = tl.arange(0, HALF)[None, :]
@@ -117,6 +120,6 @@ def prepare_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, s
         BLOCK_H=triton.next_power_of_2(num_heads),
         BLOCK_KV_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_SIZE=kv_layer.shape[2],
-        num_warps=4,
+        num_warps=4, **pdl.launch_options(qkv),
     )
     return q

@@ -19,14 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.engine.kernels import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     stride_x, stride_residual, stride_out, stride_residual_out,
     hidden_size, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden_size
@@ -75,6 +78,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         rows.stride(0), residual_rows.stride(0), out_rows.stride(0), residual_out_rows.stride(0),
         hidden_size, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block,
-        num_warps=min(max(block // 256, 1), 16),
+        num_warps=min(max(block // 256, 1), 16), **pdl.launch_options(x),
     )
     return out, residual_out

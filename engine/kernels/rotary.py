@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.engine.kernels import pdl
+
 
 @triton.jit
 def load_rope_row(cos_ptr, sin_ptr, position, stride_cos, stride_sin, HALF: tl.constexpr):
@@ -56,8 +58,9 @@ def _rotary_kernel(
     q_ptr, k_ptr, positions_ptr, cos_ptr, sin_ptr,
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_cos, stride_sin,
     num_heads, num_kv_heads,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV_H: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV_H: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.enter(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     cos1, cos2, sin1, sin2 = load_rope_row(cos_ptr, sin_ptr, position, stride_cos, stride_sin,
@@ -88,6 +91,6 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos:
         HALF=half,
         BLOCK_H=triton.next_power_of_2(num_heads),
         BLOCK_KV_H=triton.next_power_of_2(num_kv_heads),
-        num_warps=4,
+        num_warps=4, **pdl.launch_options(q),
     )
     return q, k

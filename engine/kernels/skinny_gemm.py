@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.engine.kernels import pdl
+
 MAX_ROWS = 64       # past this a step is compute-heavy enough for cuBLAS's large tiles
 _MARGIN = 0.9       # Triton is chosen only when it takes under 90% of cuBLAS's time
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -47,8 +49,12 @@ def _skinny_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, K,
     stride_x, stride_w, stride_out,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PREFETCH:  # the weights: no earlier kernel writes them, so they need not wait
+        pdl.prefetch_rows_l2(w_ptr, cols, stride_w, K, LINE=64, LINES=32)  # 128 B of 16-bit
+    pdl.enter(USE_PDL)
     rows = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
     is_row = rows[:, None] < num_rows
@@ -90,6 +96,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=_row_tile(num_rows),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        PREFETCH=pdl.prefetch_weights(x), **pdl.launch_options(x),
     )
     return out
 

@@ -1,0 +1,74 @@
+"""Programmatic dependent launch (Hopper and later) for the engine's Triton kernels.
+
+A decode step of a small model is hundreds of kernels of a few microseconds each, and between two
+of them the device drains the first grid before it starts the second. Launched with
+`launch_pdl=True`, a kernel's programs may start while the kernel before it on the stream is still
+finishing; each then waits (`gdc_wait`, griddepcontrol.wait) until that kernel has completed and
+its writes are visible, so the launch and the first loads' latency overlap the previous kernel's
+tail. `gdc_launch_dependents` lets the next kernel do the same to this one.
+
+The rule that keeps this correct: a kernel launched this way calls `enter` before any load or
+store of memory that an earlier kernel may write or read. Every entry kernel in engine/kernels
+calls it first (tests/engine/kernels/test_specialization.py checks the parameter), so the wait
+also orders each kernel after everything before it: kernel n cannot finish before kernel n-1 has.
+Work on memory no earlier kernel writes (a matmul's weights) may come before it.
+
+Off on CPUs, before Hopper, and with TANDEM_PDL=0. TANDEM_PDL=wait keeps the launches but drops
+the skinny matmul's weight prefetch ahead of the wait (kernels/skinny_gemm.py); the engine
+benchmark's A/B runs use both switches.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def enabled(tensor: torch.Tensor) -> bool:
+    """Whether kernels on this tensor's device launch with programmatic dependent launch."""
+    if os.environ.get("TANDEM_PDL", "1") == "0" or not tensor.is_cuda:
+        return False
+    return _supported(tensor.device.index if tensor.device.index is not None
+                      else torch.cuda.current_device())
+
+
+def prefetch_weights(tensor: torch.Tensor) -> bool:
+    """Whether a matmul asks L2 for its weights before waiting on the previous kernel."""
+    return enabled(tensor) and os.environ.get("TANDEM_PDL", "1") != "wait"
+
+
+def launch_options(tensor: torch.Tensor) -> dict:
+    """Keyword arguments for a kernel launch: USE_PDL for the kernel, launch_pdl for Triton."""
+    on = enabled(tensor)
+    return {"USE_PDL": on, "launch_pdl": on}
+
+
+@triton.jit
+def prefetch_rows_l2(base_ptr, rows, stride_row, length, LINE: tl.constexpr,
+                     LINES: tl.constexpr):
+    """Asks L2 for `length` elements of each of `rows` (one request per LINE-element cache line,
+    LINES lines a pass); loads nothing into registers."""
+    line_starts = tl.arange(0, LINES) * LINE
+    row_starts = base_ptr + rows[:, None].to(tl.int64) * stride_row
+    for start in range(0, length, LINE * LINES):
+        offsets = tl.minimum(start + line_starts, length - 1)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
+                                  [row_starts + offsets[None, :]], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def enter(USE_PDL: tl.constexpr):
+    """Wait for the previous kernel on the stream to complete, then let the next one launch."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
