@@ -10,9 +10,10 @@ along, padded to 16 for the tensor-core dot. With small BLOCK_N there are enough
 every SM's loads in flight.
 
 Which of the two is faster depends on the shape and the GPU, so it is measured, not guessed:
-`choose` times cuBLAS and each candidate config once per (rows, N, K) shape, with CUDA events and
-a cold L2 cache, the first time the shape is seen outside a CUDA-graph capture (the engine's eager warm-up before each
-capture), and keeps the fastest; Triton must win by a margin, so that timing noise does not switch
+`choose` times cuBLAS and each candidate config once per (rows, N, K) shape, as a captured graph of
+back-to-back calls on weights that miss the L2 cache (how a decode step runs them), the first time
+the shape is seen outside a CUDA-graph capture (the engine's eager warm-up before each capture),
+and keeps the fastest; Triton must win by a margin, so that timing noise does not switch
 implementations between runs. Shapes first seen during a capture, and row counts past
 MAX_ROWS, take cuBLAS.
 
@@ -164,12 +165,14 @@ def nearest_choice(key: tuple) -> tuple[int, int, int, int] | None:
 def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
            ) -> tuple[int, int, int, int] | None:
     """The fastest config for this shape, or None where cuBLAS is (by the margin) faster."""
-    best, best_s = None, _time_s(lambda: torch.nn.functional.linear(x, weight, bias)) * _MARGIN
+    copies = _cold_copies(weight)
+    best, best_s = None, _time_s(
+        lambda w: torch.nn.functional.linear(x, w, bias), copies) * _MARGIN
     for config in _CONFIGS:
         if not fits(x.shape[0], weight, config):
             continue
         try:
-            seconds = _time_s(functools.partial(skinny_linear, x, weight, bias, config))
+            seconds = _time_s(functools.partial(_skinny_on, x, bias, config), copies)
         except triton.runtime.errors.OutOfResources:
             continue  # a smaller GPU than the configs were sized for
         if seconds < best_s:
@@ -177,26 +180,48 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return best
 
 
-def _time_s(fn, repeats: int = 10) -> float:
-    """Median device time of fn with a cold L2: in a step every weight comes from HBM once, while
-    back-to-back calls on one small matrix would find it in the cache."""
-    fn()  # compiles a Triton config, warms cuBLAS
-    flush = _l2_flush_buffer(torch.cuda.current_device())
+def _skinny_on(x: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int, int],
+               weight: torch.Tensor) -> torch.Tensor:
+    return skinny_linear(x, weight, bias, config)
+
+
+def _time_s(fn, copies: list[torch.Tensor], repeats: int = 5) -> float:
+    """Median device time per call of fn(copy), the calls back to back in one captured graph.
+
+    That is how a decode step runs them: replayed from a graph, each kernel right after another,
+    where a programmatically launched kernel starts under the previous one's tail (kernels/pdl.py),
+    which a kernel timed alone between two events never shows. Each call reads its own copy of
+    the weight, so every weight comes from HBM as in a step, not from the L2 cache.
+    """
+    fn(copies[0])  # compiles a Triton config, warms cuBLAS, outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for weight in copies:
+            fn(weight)
+    graph.replay()
     times = []
     for _ in range(repeats):
-        flush.add_(1)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(start.elapsed_time(end) / 1e3 / len(copies))
     return sorted(times)[len(times) // 2]
 
 
-@functools.lru_cache(maxsize=None)
-def _l2_flush_buffer(device_index: int) -> torch.Tensor:
-    """A buffer larger than the L2 cache (50 MB on an H100, 60 MB on an H200): one pass over it
-    evicts everything else."""
-    l2_bytes = torch.cuda.get_device_properties(device_index).L2_cache_size
-    return torch.empty(2 * l2_bytes // 4, dtype=torch.int32, device=f"cuda:{device_index}")
+def _cold_copies(weight: torch.Tensor, most: int = 64) -> list[torch.Tensor]:
+    """Copies of the weight that together pass twice the L2 cache (at least 4, at most `most`),
+    so a graph cycling through them finds none in the cache; a weight larger than the cache
+    evicts itself and is used as it is."""
+    l2_bytes = torch.cuda.get_device_properties(weight.device).L2_cache_size
+    weight_bytes = weight.numel() * weight.element_size()
+    if weight_bytes >= l2_bytes:
+        return [weight] * 4
+    count = min(most, max(4, -(-2 * l2_bytes // weight_bytes)))
+    try:
+        stack = torch.empty((count, *weight.shape), dtype=weight.dtype, device=weight.device)
+    except torch.cuda.OutOfMemoryError:
+        return [weight] * 4   # partly cached: both sides gain alike, the choice still stands
+    stack.copy_(weight.expand_as(stack))
+    return list(stack)

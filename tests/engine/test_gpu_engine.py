@@ -73,3 +73,12 @@ def test_steps_ahead_with_graphs_equal_one_step_at_a_time(model_dir):
     assert got == expected and calls[0] > 0
     manager = llm.engine.block_manager
     assert manager.num_free_blocks == manager.num_blocks
+
+
+def test_kv_sizing_with_a_step_budget_past_the_context_length(model_dir):
+    # Sizing the KV cache runs one step of the whole token budget; its positions run past a
+    # max_model_len shorter than the budget and must stay inside the rotary table.
+    llm = LLM(model=model_dir, device="cuda", max_model_len=96, max_num_batched_tokens=1024,
+              gpu_memory_utilization=0.3)
+    assert llm.engine.num_blocks > 0
+    assert len(tokens(llm)[0]) == 16
