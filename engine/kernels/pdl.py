@@ -53,17 +53,16 @@ def launch_options(tensor: torch.Tensor) -> dict:
 
 
 @triton.jit
-def prefetch_rows_l2(base_ptr, rows, stride_row, length, LINE: tl.constexpr,
-                     LINES: tl.constexpr):
-    """Asks L2 for `length` elements of each of `rows` (one request per LINE-element cache line,
-    LINES lines a pass); loads nothing into registers."""
-    line_starts = tl.arange(0, LINES) * LINE
-    row_starts = base_ptr + rows[:, None].to(tl.int64) * stride_row
-    for start in range(0, length, LINE * LINES):
-        offsets = tl.minimum(start + line_starts, length - 1)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
-                                  [row_starts + offsets[None, :]], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+def prefetch_row_heads_l2(base_ptr, rows, stride_row, length, LINE: tl.constexpr,
+                          LINES: tl.constexpr):
+    """Asks L2 for the first LINES cache lines (LINE elements each) of each of `rows`, `length`
+    elements long; loads nothing into registers. Only the heads: prefetching whole rows of a
+    large matrix ahead of the loop evicts them again before use (the matmul then reads them
+    twice), while the heads cover the loop's first tiles."""
+    offsets = tl.minimum(tl.arange(0, LINES) * LINE, length - 1)
+    addresses = base_ptr + rows[:, None].to(tl.int64) * stride_row + offsets[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [addresses],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -54,7 +54,7 @@ def _skinny_gemm_kernel(
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if PREFETCH:  # the weights: no earlier kernel writes them, so they need not wait
-        pdl.prefetch_rows_l2(w_ptr, cols, stride_w, K, LINE=64, LINES=32)  # 128 B of 16-bit
+        pdl.prefetch_row_heads_l2(w_ptr, cols, stride_w, K, LINE=64, LINES=8)  # 128 B lines
     pdl.enter(USE_PDL)
     rows = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
