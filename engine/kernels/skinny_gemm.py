@@ -39,6 +39,12 @@ from tandem.engine.kernels import pdl
 MAX_ROWS = 64       # past this a step is compute-heavy enough for cuBLAS's large tiles
 _MARGIN = 0.9       # Triton is chosen only when it takes under 90% of cuBLAS's time
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
+# Up to one 16-row tile the matmul is all weight bytes, and with programmatic dependent launch
+# (kernels/pdl.py) the Triton kernel both streams them and keeps its neighbours overlapped, which a
+# cuBLAS kernel in the chain would break: the batch-1 step measured faster with Triton for every
+# matrix (llama-3.1-8b and qwen3-0.6b on H200, benchmarks/RESULTS.md), also where cuBLAS timed
+# alone was faster. Past it, cuBLAS is timed against it as usual.
+_CHAIN_ROWS = 16
 _SHARED_BYTES = 160 * 1024  # of an H100/H200 SM's 227 KiB, with room for the compiler's own
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): narrow column tiles for many programs, deep
 # pipelines for many loads in flight.
@@ -166,8 +172,11 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
            ) -> tuple[int, int, int, int] | None:
     """The fastest config for this shape, or None where cuBLAS is (by the margin) faster."""
     copies = _cold_copies(weight)
-    best, best_s = None, _time_s(
-        lambda w: torch.nn.functional.linear(x, w, bias), copies) * _MARGIN
+    if x.shape[0] <= _CHAIN_ROWS and pdl.enabled(x):
+        best, best_s = None, float("inf")   # Triton whatever cuBLAS takes alone
+    else:
+        best, best_s = None, _time_s(
+            lambda w: torch.nn.functional.linear(x, w, bias), copies) * _MARGIN
     for config in _CONFIGS:
         if not fits(x.shape[0], weight, config):
             continue

@@ -56,3 +56,17 @@ def test_serving_takes_the_nearest_measured_choice_without_timing(monkeypatch):
     assert _relative_error(got, torch.nn.functional.linear(x, weight, None).double()) < 1e-2
     key = (11, 4096, 1024, torch.bfloat16, False)
     assert skinny_gemm._chosen[key] == skinny_gemm._chosen[(16, *key[1:])]
+
+
+def test_with_pdl_a_row_tile_of_16_always_takes_triton(monkeypatch):
+    # Up to 16 rows the matmul keeps the programmatic launch chain (kernels/pdl.py) whatever
+    # cuBLAS takes alone; past that, cuBLAS is timed against it.
+    from tandem.engine.kernels import skinny_gemm
+
+    monkeypatch.setenv("TANDEM_PDL", "1")
+    if not skinny_gemm.pdl.enabled(torch.zeros(1, device="cuda")):
+        pytest.skip("programmatic dependent launch needs Hopper or later")
+    weight = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda") * 0.02
+    for num_rows in (1, 16):
+        x = torch.randn(num_rows, 4096, dtype=torch.bfloat16, device="cuda")
+        assert skinny_gemm.choose(x, weight, None) is not None
