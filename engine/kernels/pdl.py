@@ -7,9 +7,9 @@ finishing; each then waits (`gdc_wait`, griddepcontrol.wait) until that kernel h
 its writes are visible, so the launch and the first loads' latency overlap the previous kernel's
 tail. `gdc_launch_dependents` lets the next kernel do the same to this one.
 
-The rule that keeps this correct: a kernel launched this way calls `enter` before any load or
-store of memory that an earlier kernel may write or read. Every entry kernel in engine/kernels
-calls it first (tests/engine/kernels/test_specialization.py checks the parameter), so the wait
+The rule that keeps this correct: a kernel launched this way calls `enter` (or `wait`) before any
+load or store of memory that an earlier kernel may write or read. Every entry kernel in
+engine/kernels calls it first (tests/engine/kernels/test_pdl.py checks the parameter), so the wait
 also orders each kernel after everything before it: kernel n cannot finish before kernel n-1 has.
 Work on memory no earlier kernel writes (a matmul's weights) may come before it.
 
@@ -70,4 +70,20 @@ def enter(USE_PDL: tl.constexpr):
     """Wait for the previous kernel on the stream to complete, then let the next one launch."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def wait(USE_PDL: tl.constexpr):
+    """`enter` without the early release: for a kernel of many waves that reads a lot, whose
+    successor's programs would otherwise sit waiting on its SMs from its last wave on (the
+    decode attention's merge did, and made the split 6% slower at batch 32). Call `release`
+    after the program's last store."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def release(USE_PDL: tl.constexpr):
+    if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
