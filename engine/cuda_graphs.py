@@ -79,13 +79,15 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        from tandem.engine.kernels import pdl   # CUDA only: Triton is usable here
         free_before = torch.cuda.mem_get_info()[0]
         for batch in reversed(self.sizes):  # largest first: it sizes the pool
-            self._forward(batch)  # warm up: Triton compiles outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[batch] = self._forward(batch)
+            with pdl.plain_launches(batch > pdl.DECODE_MAX_BATCH):
+                self._forward(batch)  # warm up: Triton compiles outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.logits[batch] = self._forward(batch)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[batch] = graph

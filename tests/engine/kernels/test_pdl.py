@@ -82,3 +82,21 @@ def test_a_captured_chain_matches_the_unlaunched_one(monkeypatch, mode):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+
+
+def test_plain_launches_scope(monkeypatch):
+    from tandem.engine.kernels import pdl
+    monkeypatch.setattr(pdl, "_supported", lambda index: True)
+    cuda_like = torch.zeros(1)
+    monkeypatch.setattr(type(cuda_like), "is_cuda", property(lambda self: True))
+    monkeypatch.setenv("TANDEM_PDL", "1")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "current_device", lambda: 0)
+        assert pdl.enabled(cuda_like)
+        with pdl.plain_launches():
+            assert not pdl.enabled(cuda_like)
+            with pdl.plain_launches(False):
+                assert not pdl.enabled(cuda_like)
+        with pdl.plain_launches(False):
+            assert pdl.enabled(cuda_like)
+        assert pdl.enabled(cuda_like)
