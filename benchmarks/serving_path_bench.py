@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--request-rate", type=float, default=28.75)
     parser.add_argument("--num-requests", type=int, default=575)
     parser.add_argument("--max-concurrency", type=int, default=0, help="0: unbounded")
+    parser.add_argument("--slo", nargs="+", default=[], metavar="NAME=MS",
+                        help="as tandem bench's: adds each run's share of requests within it")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -84,6 +86,8 @@ def main() -> None:
                 str(args.request_rate), "--num-requests", str(args.num_requests)]
     if args.max_concurrency:
         workload += ["--max-concurrency", str(args.max_concurrency)]
+    if args.slo:
+        workload += ["--slo", *args.slo]
     server = start_server("--model", args.model, *shlex.split(args.serve), timeout_s=600.0)
     rows = []
     try:
@@ -103,6 +107,9 @@ def main() -> None:
                    "ttft_p50_ms": round(summary["ttft_ms"]["p50"], 1),
                    "ttft_p90_ms": round(summary["ttft_ms"]["p90"], 1),
                    "errors": summary["num_errors"],
+                   "within_slo": (round(summary["goodput"] * summary["duration_s"]
+                                        / max(summary["num_requests"], 1), 3)
+                                  if args.slo else None),
                    "cpu_us_per_token": {name: round(1e6 * s / max(tokens, 1), 1)
                                         for name, s in result["cpu_s"].items()},
                    "cpu_share_of_wall": {name: round(s / result["wall_s"], 2)
@@ -116,15 +123,15 @@ def main() -> None:
         server.stop()
     print(f"client start-up (one 1-token request, whole process): "
           f"{startup['cpu_s']['client']:.2f} s of CPU")
-    print("| backend | output tok/s | TPOT p50 ms | TTFT p50 / p90 ms | errors | CPU us/token: "
-          "frontend | workers | client (less start-up) | frontend CPU / wall |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| backend | output tok/s | TPOT p50 ms | TTFT p50 / p90 ms | errors | within SLO | "
+          "CPU us/token: frontend | workers | client (less start-up) | frontend CPU / wall |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         us = row["cpu_us_per_token"]
         workers = " / ".join(f"{v}" for k, v in us.items() if k.startswith("worker"))
         print(f"| {row['backend']} | {row['output_tok_per_s']} | {row['tpot_p50_ms']} | "
-              f"{row['ttft_p50_ms']} / {row['ttft_p90_ms']} | {row['errors']} | {us['frontend']} | "
-              f"{workers} | {us['client']} "
+              f"{row['ttft_p50_ms']} / {row['ttft_p90_ms']} | {row['errors']} | "
+              f"{row['within_slo']} | {us['frontend']} | {workers} | {us['client']} "
               f"({row['client_streaming_us_per_token']}) | "
               f"{row['cpu_share_of_wall']['frontend']} |")
     if args.out:
