@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--slo", nargs="+", default=[], metavar="NAME=MS",
                         help="as tandem bench's: adds each run's share of requests within it")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--server-log", type=Path,
+                        help="write the server's output here, logged at INFO (its stall and "
+                             "slow-gap lines included)")
     args = parser.parse_args()
 
     from tests.serving_harness import start_server
@@ -88,7 +91,8 @@ def main() -> None:
         workload += ["--max-concurrency", str(args.max_concurrency)]
     if args.slo:
         workload += ["--slo", *args.slo]
-    server = start_server("--model", args.model, *shlex.split(args.serve), timeout_s=600.0)
+    server = start_server("--model", args.model, *shlex.split(args.serve), timeout_s=600.0,
+                          log_level="INFO" if args.server_log else "WARNING")
     rows = []
     try:
         short = ["--dataset", "random", "--input-len", str(args.input_len)]
@@ -121,6 +125,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     finally:
         server.stop()
+        if args.server_log:
+            args.server_log.write_text("".join(server.lines))
     print(f"client start-up (one 1-token request, whole process): "
           f"{startup['cpu_s']['client']:.2f} s of CPU")
     print("| backend | output tok/s | TPOT p50 ms | TTFT p50 / p90 ms | errors | within SLO | "
