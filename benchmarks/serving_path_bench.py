@@ -141,7 +141,8 @@ def main() -> None:
               f"({row['client_streaming_us_per_token']}) | "
               f"{row['cpu_share_of_wall']['frontend']} |")
     if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
+        args.out.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v
+                                                 for k, v in vars(args).items()},
                                         "rows": rows, "client_startup_cpu_s":
                                         startup["cpu_s"]["client"]}, indent=1))
 
