@@ -82,7 +82,7 @@ class DecodeGraphs:
         from tandem.engine.kernels import pdl   # CUDA only: Triton is usable here
         free_before = torch.cuda.mem_get_info()[0]
         for batch in reversed(self.sizes):  # largest first: it sizes the pool
-            with pdl.plain_launches(batch > pdl.DECODE_MAX_BATCH):
+            with pdl.programmatic_launches(batch <= pdl.DECODE_MAX_BATCH):
                 self._forward(batch)  # warm up: Triton compiles outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()

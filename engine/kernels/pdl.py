@@ -13,7 +13,8 @@ engine/kernels calls it first (tests/engine/kernels/test_pdl.py checks the param
 also orders each kernel after everything before it: kernel n cannot finish before kernel n-1 has.
 Work on memory no earlier kernel writes (a matmul's weights) may come before it.
 
-Off on CPUs, before Hopper, and with TANDEM_PDL=0. TANDEM_PDL=wait keeps the launches but drops
+Used inside `programmatic_launches` only (the small decode graphs, engine/cuda_graphs.py); off on
+CPUs, before Hopper, and with TANDEM_PDL=0. TANDEM_PDL=wait keeps the launches but drops
 the skinny matmul's weight prefetch ahead of the wait (kernels/skinny_gemm.py); the engine
 benchmark's A/B runs use both switches.
 """
@@ -29,27 +30,29 @@ import triton
 import triton.language as tl
 
 
-# Decode graphs of larger batches are captured with plain launches: there the step measured no
-# faster with programmatic launch, and up to 4% slower at batch 32 with 4k contexts (its waiting
-# programs hold SMs that the attention's many waves want). Batch 1 measured 5-15% faster.
+# Only decode graphs of up to this many sequences are captured with programmatic launches: there
+# the step measured 5-15% faster; at batch 32 it was no faster, and up to 4% slower with 4k
+# contexts (waiting programs held SMs that the attention's many waves wanted). Eager steps launch
+# plainly: host-bound, they gain nothing, and their kernel variants stay the ones compiled at
+# start-up (a variant first met while serving would stop the batch to compile).
 DECODE_MAX_BATCH = 16
 
 
 class _Scope:
-    plain = 0
+    depth = 0
 
 
 _scope = _Scope()
 
 
 @contextlib.contextmanager
-def plain_launches(active: bool = True):
-    """While active, kernels launch plainly (and graphs captured inside keep it so)."""
-    _scope.plain += active
+def programmatic_launches(active: bool = True):
+    """While active, kernels launch programmatically (graphs captured inside keep it so)."""
+    _scope.depth += active
     try:
         yield
     finally:
-        _scope.plain -= active
+        _scope.depth -= active
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,7 +62,7 @@ def _supported(device_index: int) -> bool:
 
 def enabled(tensor: torch.Tensor) -> bool:
     """Whether kernels on this tensor's device launch with programmatic dependent launch."""
-    if os.environ.get("TANDEM_PDL", "1") == "0" or not tensor.is_cuda or _scope.plain:
+    if os.environ.get("TANDEM_PDL", "1") == "0" or not tensor.is_cuda or not _scope.depth:
         return False
     return _supported(tensor.device.index if tensor.device.index is not None
                       else torch.cuda.current_device())

@@ -28,9 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.engine.kernels import pdl
-
 from tandem.engine.attention import AttentionMetadata
+from tandem.engine.kernels import pdl
 from tandem.engine.kernels.decode_attention import check_attention_shapes
 
 _LOG2_E = 1.4426950408889634

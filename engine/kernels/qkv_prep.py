@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from tandem.engine.kernels import pdl
-
 from tandem.engine.kernels.rotary import load_rope_row, rotate_halves
 
 

@@ -41,6 +41,7 @@ def test_off_without_cuda(monkeypatch):
 def test_a_captured_chain_matches_the_unlaunched_one(monkeypatch, mode):
     # norm -> skinny matmul -> SiLU-and-mul -> skinny matmul -> norm, replayed from a CUDA graph
     # with PDL on new inputs each time, against the same kernels launched plainly.
+    from tandem.engine.kernels import pdl
     from tandem.engine.kernels.activation import silu_and_mul
     from tandem.engine.kernels.rmsnorm import rms_norm
     from tandem.engine.kernels.skinny_gemm import skinny_linear
@@ -69,12 +70,13 @@ def test_a_captured_chain_matches_the_unlaunched_one(monkeypatch, mode):
         residual.copy_(new_residual)
         want.append([t.clone() for t in chain()])
     monkeypatch.setenv("TANDEM_PDL", mode)
-    chain()  # compiles the PDL variants outside the capture
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        out = chain()
+    with pdl.programmatic_launches():
+        chain()  # compiles the PDL variants outside the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            out = chain()
     torch.cuda.current_stream().wait_stream(stream)
     for (new_x, new_residual), expected in zip(inputs, want):
         x.copy_(new_x)
@@ -84,19 +86,19 @@ def test_a_captured_chain_matches_the_unlaunched_one(monkeypatch, mode):
         assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
 
 
-def test_plain_launches_scope(monkeypatch):
+def test_only_inside_the_scope(monkeypatch):
     from tandem.engine.kernels import pdl
     monkeypatch.setattr(pdl, "_supported", lambda index: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     cuda_like = torch.zeros(1)
     monkeypatch.setattr(type(cuda_like), "is_cuda", property(lambda self: True))
     monkeypatch.setenv("TANDEM_PDL", "1")
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert not pdl.enabled(cuda_like)            # eager steps launch plainly
+    with pdl.programmatic_launches():
         assert pdl.enabled(cuda_like)
-        with pdl.plain_launches():
-            assert not pdl.enabled(cuda_like)
-            with pdl.plain_launches(False):
-                assert not pdl.enabled(cuda_like)
-        with pdl.plain_launches(False):
+        with pdl.programmatic_launches(False):
             assert pdl.enabled(cuda_like)
-        assert pdl.enabled(cuda_like)
+        monkeypatch.setenv("TANDEM_PDL", "0")
+        assert not pdl.enabled(cuda_like)
+    with pdl.programmatic_launches(False):
+        assert not pdl.enabled(cuda_like)

@@ -64,9 +64,10 @@ def test_with_pdl_a_row_tile_of_16_always_takes_triton(monkeypatch):
     from tandem.engine.kernels import skinny_gemm
 
     monkeypatch.setenv("TANDEM_PDL", "1")
-    if not skinny_gemm.pdl.enabled(torch.zeros(1, device="cuda")):
-        pytest.skip("programmatic dependent launch needs Hopper or later")
-    weight = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda") * 0.02
-    for num_rows in (1, 16):
-        x = torch.randn(num_rows, 4096, dtype=torch.bfloat16, device="cuda")
-        assert skinny_gemm.choose(x, weight, None) is not None
+    with skinny_gemm.pdl.programmatic_launches():
+        if not skinny_gemm.pdl.enabled(torch.zeros(1, device="cuda")):
+            pytest.skip("programmatic dependent launch needs Hopper or later")
+        weight = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda") * 0.02
+        for num_rows in (1, 16):
+            x = torch.randn(num_rows, 4096, dtype=torch.bfloat16, device="cuda")
+            assert skinny_gemm.choose(x, weight, None) is not None
