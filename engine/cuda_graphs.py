@@ -82,9 +82,13 @@ class DecodeGraphs:
         from tandem.engine.kernels import pdl   # CUDA only: Triton is usable here
         free_before = torch.cuda.mem_get_info()[0]
         for batch in reversed(self.sizes):  # largest first: it sizes the pool
-            with pdl.programmatic_launches(batch <= pdl.DECODE_MAX_BATCH):
+            programmatic = batch <= pdl.DECODE_MAX_BATCH
+            with pdl.programmatic_launches(programmatic):
                 self._forward(batch)  # warm up: Triton compiles outside the capture
-                torch.cuda.synchronize()
+            if programmatic:  # and the plain variants, which eager steps of as many rows launch
+                self._forward(batch)
+            torch.cuda.synchronize()
+            with pdl.programmatic_launches(programmatic):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
                     self.logits[batch] = self._forward(batch)
