@@ -143,17 +143,17 @@ def simulate_hour(args, profile, model, requests, offsets_s, slos: list[dict],
         for n, slo in enumerate(slos):
             good[n] += sum(1 for r in records if r.is_ok and meets_slo(r, slo))
         sent += len(window)
+        missed = sum(1 for r in records if not (r.is_ok and meets_slo(r, slos[0])))
         by_shape = served.setdefault(shape, [0, 0, 0])   # intervals, requests, missed
         by_shape[0] += 1
         by_shape[1] += len(window)
-        by_shape[2] += sum(1 for r in records if not (r.is_ok and meets_slo(r, slos[0])))
+        by_shape[2] += missed
         if planner is None:
             continue
         now_s = start_s + interval_s
         decision = planner.on_tick(observe(records, window, window_offsets_s, interval_s, now_s,
                                            workers))
         workers = apply_actions(args, workers, decision.actions, now_s)
-        missed = sum(1 for r in records if not (r.is_ok and meets_slo(r, slos[0])))
         print(f"t={now_s:5.0f} s {len(window):4d} req {missed:3d} missed  shape "
               f"{shape[0]}P+{shape[1]}D  {decision.kind}: {decision.reason[:170]}", flush=True)
     return {"attainment": [g / sent if sent else 0.0 for g in good],
