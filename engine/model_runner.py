@@ -15,6 +15,7 @@ import torch
 
 from tandem.engine.attention import AttentionMetadata
 from tandem.engine.cuda_graphs import DecodeGraphs
+from tandem.engine.step_graphs import StepGraphs
 from tandem.engine.step_inputs import HostInputs, ModelInputs, ahead_inputs, host_inputs
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.models.decoder import DecoderModel
@@ -60,6 +61,7 @@ class ModelRunner:
         self.kv_cache = torch.empty(0, dtype=dtype, device=device)
         self.sampler = Sampler(device, seed, tuple(model.config.eos_token_ids))
         self.graphs: DecodeGraphs | None = None
+        self.step_graphs: StepGraphs | None = None
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_cache = torch.zeros(kv_cache_shape(self.config, num_blocks, self.block_size),
@@ -102,14 +104,18 @@ class ModelRunner:
         from tandem.engine.kernels import decode_attention   # CUDA only: Triton is usable here
         decode_attention.compile_merge_widths(self.config.head_dim, self.dtype, self.device)
 
-    def capture_graphs(self, max_batch: int, max_seq_len: int) -> None:
+    def capture_graphs(self, max_batch: int, max_seq_len: int, max_step_tokens: int) -> None:
+        """Decode graphs up to max_batch sequences of max_seq_len, and the pieces of steps up to
+        max_step_tokens tokens (engine/step_graphs.py), in one memory pool."""
         from tandem.engine.kernels import skinny_gemm   # CUDA only: Triton is usable here
         self.graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_seq_len,
                                    self.block_size)
+        self.step_graphs = StepGraphs(self.model, self.kv_cache, max_step_tokens)
         # The capture's eager warm-up at each batch size is where the few-row matmuls are timed;
         # once serving, a row count not seen then borrows a choice instead of stalling the step.
         with skinny_gemm.allow_timing():
             self.graphs.capture()
+            self.step_graphs.capture(self.graphs.pool)
         skinny_gemm.serve_without_timing()
 
     @torch.inference_mode()
@@ -181,9 +187,13 @@ class ModelRunner:
         return out
 
     def _forward(self, host: HostInputs) -> torch.Tensor:
-        """Eager forward pass; logits of the sequences that sample."""
+        """A step that is not a captured decode graph, through the step graphs' pieces where they
+        hold it, eagerly otherwise; logits of the sequences that sample."""
         inputs = self.to_device(host)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
+        if self.step_graphs is not None and self.step_graphs.can_run(len(host.input_ids)):
+            hidden = self.step_graphs.run(inputs)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache)
         return self.model.compute_logits(hidden[inputs.sample_indices])
 
     def to_device(self, host: HostInputs) -> ModelInputs:

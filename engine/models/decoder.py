@@ -37,9 +37,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.layer_index = layer_index
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -64,17 +63,23 @@ class Attention(nn.Module):
     def k_norm_weight(self) -> torch.Tensor | None:
         return None if self.k_norm is None else self.k_norm.weight
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        num_tokens = x.shape[0]
+    def project(self, x: torch.Tensor, positions: torch.Tensor, kv_layer: torch.Tensor,
+                slot_mapping: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                ) -> torch.Tensor:
+        """q (tokens, heads, head_dim) of x, with K and V stored at slot_mapping (slots < 0
+        skipped): the projection, qk-norm and rotary in one pass after the matmul."""
         qkv = _linear(self.qkv_proj, x)            # (tokens, (heads + 2 * kv_heads) * head_dim)
-        kv_layer = kv_cache[:, self.layer_index]  # (blocks, 2, block_size, kv_heads, head_dim)
-        # qk-norm, rotary and the KV store in one pass; q: (tokens, heads, head_dim)
-        q = ops.prepare_qkv(qkv, positions, *rope, self.q_norm_weight, self.k_norm_weight,
-                            self.qk_norm_eps, kv_layer, meta.slot_mapping, self.num_heads,
-                            self.num_kv_heads, self.head_dim)
-        out = ops.paged_attention(q, kv_layer, meta, self.scale)
-        return _linear(self.o_proj, out.view(num_tokens, self.q_size))
+        return ops.prepare_qkv(qkv, positions, *rope, self.q_norm_weight, self.k_norm_weight,
+                               self.qk_norm_eps, kv_layer, slot_mapping, self.num_heads,
+                               self.num_kv_heads, self.head_dim)
+
+    def attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of q over the paged context; (tokens, heads, head_dim), into `out` if given."""
+        return ops.paged_attention(q, kv_layer, meta, self.scale, out)
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        return _linear(self.o_proj, attn.reshape(attn.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
@@ -89,19 +94,28 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_index)
+        self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                meta: AttentionMetadata, kv_cache: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    # A layer runs in two halves around attention, so that a CUDA graph can hold each half while
+    # attention, whose launch depends on the step's sequences, runs eagerly (engine/step_graphs.py).
+
+    def before_attention(self, x: torch.Tensor, residual: torch.Tensor | None,
+                         positions: torch.Tensor, kv_layer: torch.Tensor,
+                         slot_mapping: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, residual): the input norm and the q/k/v projection, K and V stored."""
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, meta, kv_cache, rope)
-        h, residual = self.post_attention_layernorm(h, residual)
+        return self.self_attn.project(h, positions, kv_layer, slot_mapping, rope), residual
+
+    def after_attention(self, attn: torch.Tensor, residual: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual): the output projection, the post-attention norm and the MLP."""
+        h, residual = self.post_attention_layernorm(self.self_attn.output(attn), residual)
         return self.mlp(h), residual
 
 
@@ -112,7 +126,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -130,8 +144,12 @@ class DecoderModel(nn.Module):
         assert self.rope is not None, "init_rope() must run before the first forward"
         x = self.embed_tokens(input_ids)  # (num_tokens, hidden)
         residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, positions, meta, kv_cache, self.rope)
+        for i, layer in enumerate(self.layers):
+            kv_layer = kv_cache[:, i]  # (blocks, 2, block_size, kv_heads, head_dim)
+            q, residual = layer.before_attention(x, residual, positions, kv_layer,
+                                                 meta.slot_mapping, self.rope)
+            x, residual = layer.after_attention(layer.self_attn.attend(q, kv_layer, meta),
+                                                residual)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
