@@ -15,7 +15,7 @@ def test_buckets_cover_every_step_with_bounded_padding():
     sizes = bucket_sizes(2048)
     assert sizes[0] == 16 and sizes[-1] == 2048 and sizes == sorted(set(sizes))
     for small, large in zip(sizes, sizes[1:]):
-        assert large - small <= 32 if large <= 256 else large <= 1.25 * small + 1
+        assert large - small <= 32 if large <= 256 else large <= 1.125 * small + 1
     assert bucket_sizes(100)[-1] == 100 and max(bucket_sizes(100)) == 100
     assert bucket_sizes(16) == [16]
 
