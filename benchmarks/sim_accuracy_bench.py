@@ -64,8 +64,11 @@ def cases(trace: Path, plan: Plan) -> list[Case]:
             for seed, rate in enumerate(plan.short_long_rates, start=101)]
     trace_flags = ("--dataset", f"trace:{trace}", "--num-requests", str(plan.trace_requests),
                    "--trace-block-tokens", "128", "--output-scale", "0.5")
-    out += [Case(f"trace-x{1 / scale:.1f}", (*trace_flags, "--time-scale", str(scale)))
-            for scale in plan.trace_scales]
+    # Each trace case its own seed too: the seed picks the tokens behind the trace's hash ids, so
+    # a later case keeps the trace's prefix structure without finding an earlier case's prompts.
+    out += [Case(f"trace-x{1 / scale:.1f}",
+                 (*trace_flags, "--time-scale", str(scale), "--seed", str(seed)))
+            for seed, scale in enumerate(plan.trace_scales, start=201)]
     return out
 
 
