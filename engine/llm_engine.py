@@ -25,7 +25,7 @@ from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.scheduler import (DecodeScheduler, ScheduledBatch, Scheduler, SchedulerLimits,
                                      make_scheduler)
 from tandem.engine.sequence import FinishReason, Sequence
-from tandem.engine.step_graphs import MAX_TOKENS as MAX_STEP_TOKENS
+from tandem.engine.step_buckets import MAX_TOKENS as MAX_STEP_TOKENS
 from tandem.engine.structured_output import JsonGrammar, StructuredOutput
 
 logger = logging.getLogger(__name__)

@@ -28,26 +28,11 @@ import logging
 
 import torch
 
+from tandem.engine.step_buckets import bucket_sizes, padded_tokens
 from tandem.engine.step_inputs import ModelInputs
 from tandem.engine.models.decoder import DecoderModel
 
 logger = logging.getLogger(__name__)
-
-# Past this a step's device time hides its eager launches even for a small model (qwen3-0.6b: 4096
-# tokens took 14 ms on H200), and capturing larger steps would lengthen start-up for nothing.
-MAX_TOKENS = 8192
-
-
-def bucket_sizes(max_tokens: int) -> list[int]:
-    """Token counts a piece is captured for: 16 to 64 by 16, 32 apart up to 256 (where a step's
-    time is its weight reads, whatever its rows), then eighths of the way to the next power of
-    two, so that padding adds at most an eighth to a step's work."""
-    sizes = [16, 32, 48, 64] + list(range(96, 257, 32))
-    edge = 256
-    while edge < max_tokens:
-        sizes += [edge + edge // 8 * k for k in range(1, 9)]
-        edge *= 2
-    return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
 
 
 class StepGraphs:
@@ -117,7 +102,7 @@ class StepGraphs:
         """Final hidden states (num_tokens, hidden) of a step: the pieces replayed, attention
         launched between them."""
         n = inputs.input_ids.shape[0]
-        bucket = next(b for b in self.sizes if b >= n)
+        bucket = padded_tokens(n, self.max_tokens)
         self.input_ids[:n].copy_(inputs.input_ids)
         self.positions[:n].copy_(inputs.positions)
         self.slot_mapping[:n].copy_(inputs.meta.slot_mapping)

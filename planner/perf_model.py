@@ -23,6 +23,13 @@ The form follows what each step is bound by:
   never below the pure decode step of the same batch.
 - Transfer (bytes): piecewise linear in bytes (latency plus bytes over bandwidth).
 
+Steps that are not decode-only run as captured graphs padded to a bucket of token counts
+(engine/step_buckets.py) up to the engine's step budget. A profile records the limit it was measured
+with (`step_graph_max_tokens`); its points are read at their padded row counts, and a step is priced
+at the rows it would pad to under the step budget it is served with. A 2048-token chunk beside 8
+decodes ran as 2304 rows under the profiler's 8192-token budget, but as exactly 2048 under a
+2048-token serving budget.
+
 Outside the grid, the end segments extend, with slopes clamped at zero so that more work is never
 predicted to be faster; a curve left with one point takes its slope from the nearest curve.
 `holdout_error` reports how well this predicts profile points it was not fitted on.
@@ -39,6 +46,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
+
+from tandem.engine.step_buckets import MAX_TOKENS, padded_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +172,10 @@ class PerfModel:
 
     def __init__(self, block_size: int, kv_bytes_per_token: int, prefill: CurveFamily,
                  decode: CurveFamily, mixed_coef: tuple[float, ...] | None,
-                 transfer: Curve | None, meta: dict | None = None):
+                 transfer: Curve | None, meta: dict | None = None,
+                 graph_tokens: int | None = None):
         self.block_size = block_size
+        self.graph_tokens = graph_tokens  # the profile's step-graph limit; None: measured eager
         self.kv_bytes_per_token = kv_bytes_per_token
         self._prefill = prefill
         self._decode = decode
@@ -178,27 +189,37 @@ class PerfModel:
         if not profile.get("prefill") or not profile.get("decode"):
             raise ValueError("the profile needs prefill and decode points; "
                              "rerun `tandem profile` to measure them")
-        prefill = CurveFamily(((p["num_cached_tokens"], p["num_new_tokens"], p["seconds"])
-                               for p in profile["prefill"]), log_log=True)
+        graph_tokens = (profile.get("engine") or {}).get("step_graph_max_tokens")
+        prefill = CurveFamily(((p["num_cached_tokens"], _rows(p["num_new_tokens"], graph_tokens),
+                                p["seconds"]) for p in profile["prefill"]), log_log=True)
         decode = CurveFamily(((p["batch_size"], p["num_context_tokens"], p["seconds"])
                               for p in profile["decode"]), log_log=False)
-        mixed = fit_mixed(profile.get("mixed") or [])
+        mixed = fit_mixed(profile.get("mixed") or [], graph_tokens)
         points = (profile.get("transfer") or {}).get("points") or []
         transfer = Curve(((p["num_bytes"], p["seconds"]) for p in points), log_log=False) \
             if points else None
         meta = {k: profile.get(k) for k in ("model", "device_name", "date", "tandem_version")}
         return cls(int(profile["block_size"]), int(profile["kv_bytes_per_token"]), prefill,
-                   decode, mixed, transfer, meta)
+                   decode, mixed, transfer, meta, graph_tokens)
 
     @classmethod
     def load(cls, path: str) -> "PerfModel":
         with open(path) as f:
             return cls.from_profile(json.load(f))
 
-    def prefill_s(self, num_new_tokens: int, num_cached_tokens: int = 0) -> float:
+    def prefill_s(self, num_new_tokens: int, num_cached_tokens: int = 0,
+                  step_budget: int | None = None) -> float:
+        """step_budget: the serving engine's max_num_batched_tokens (None: the profile's own)."""
         if num_new_tokens <= 0:
             return 0.0
-        return self._prefill(num_cached_tokens, num_new_tokens)
+        return self._prefill(num_cached_tokens, self._rows(num_new_tokens, step_budget))
+
+    def _rows(self, num_tokens: int, step_budget: int | None) -> int:
+        """The rows a step of num_tokens computes when served with step_budget."""
+        if self.graph_tokens is None:
+            return num_tokens
+        limit = self.graph_tokens if step_budget is None else min(step_budget, MAX_TOKENS)
+        return padded_tokens(num_tokens, limit)
 
     def decode_s(self, batch_size: int, num_context_tokens: int) -> float:
         """One decode step of the whole batch; num_context_tokens sums the batch's contexts."""
@@ -218,19 +239,21 @@ class PerfModel:
         return self._decode.many(batch_size, contexts).tolist()
 
     def step_s(self, num_prefill_tokens: int, num_prefill_cached_tokens: int,
-               num_decode_seqs: int, num_decode_context_tokens: int) -> float:
+               num_decode_seqs: int, num_decode_context_tokens: int,
+               step_budget: int | None = None) -> float:
         """Any step: pure prefill, pure decode, or a prefill chunk beside a decode batch."""
         if num_decode_seqs <= 0:
-            return self.prefill_s(num_prefill_tokens, num_prefill_cached_tokens)
+            return self.prefill_s(num_prefill_tokens, num_prefill_cached_tokens, step_budget)
         decode = self._decode(num_decode_seqs, num_decode_context_tokens)
         if num_prefill_tokens <= 0:
             return decode
         n, b = num_prefill_tokens, num_decode_seqs
+        rows = self._rows(n + b, step_budget)
         if self._mixed is None:  # noisy decode curves can make this difference negative
-            return max(self._prefill(num_prefill_cached_tokens, n + b)
+            return max(self._prefill(num_prefill_cached_tokens, rows)
                        + decode - self._decode(b, b), decode)
         a, per_token, per_attn, per_seq, per_context = self._mixed
-        t = (a + per_token * (n + b) + per_attn * n * (num_prefill_cached_tokens + 0.5 * n)
+        t = (a + per_token * rows + per_attn * n * (num_prefill_cached_tokens + 0.5 * n)
              + per_seq * b + per_context * num_decode_context_tokens)
         return t if t > decode else decode
 
@@ -313,21 +336,27 @@ def fit_prefill_serving(model: PerfModel, requests: Iterable[tuple[float, float,
     return PrefillServing(overhead_s, launch_s, fixed_s, len(mid), len(isolated), len(heads))
 
 
-def _mixed_features(p: dict) -> list[float]:
+def _rows(num_tokens: int, graph_tokens: int | None) -> int:
+    """The rows a profile step of num_tokens ran as (padded to its bucket under graphs)."""
+    return num_tokens if graph_tokens is None else padded_tokens(num_tokens, graph_tokens)
+
+
+def _mixed_features(p: dict, graph_tokens: int | None) -> list[float]:
     n, c = p["num_prefill_tokens"], p["num_prefill_cached_tokens"]
     b, k = p["num_decode_seqs"], p["num_decode_context_tokens"]
-    return [1.0, n + b, n * (c + 0.5 * n), b, k]
+    return [1.0, _rows(n + b, graph_tokens), n * (c + 0.5 * n), b, k]
 
 
-def fit_mixed(points: list[dict]) -> tuple[float, ...] | None:
-    """(a_s, per token, per attention pair, per decode seq, per context token), or None.
+def fit_mixed(points: list[dict], graph_tokens: int | None = None) -> tuple[float, ...] | None:
+    """(a_s, per token, per attention pair, per decode seq, per context token), or None; the
+    token feature is the rows each point ran as (graph_tokens: the profile's step-graph limit).
 
     Least squares on relative error; a slope that comes out negative (more work, less time: noise)
     is dropped and the rest refitted.
     """
     if len(points) < 6:
         return None
-    features = np.array([_mixed_features(p) for p in points])
+    features = np.array([_mixed_features(p, graph_tokens) for p in points])
     measured = np.array([p["seconds"] for p in points])
     weights = 1.0 / measured
     active = list(range(features.shape[1]))

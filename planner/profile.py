@@ -148,7 +148,10 @@ def _engine_settings(engine: LLMEngine) -> dict:
     settings.update(resolved_device=str(engine.device), resolved_dtype=str(engine.dtype),
                     resolved_num_kv_blocks=engine.num_blocks,
                     resolved_max_model_len=engine.max_model_len,
-                    cuda_graphs=engine.runner.graphs is not None, sampling="greedy")
+                    cuda_graphs=engine.runner.graphs is not None, sampling="greedy",
+                    # steps up to this many tokens ran as their bucket's (engine/step_buckets.py)
+                    step_graph_max_tokens=(engine.runner.step_graphs.max_tokens
+                                           if engine.runner.step_graphs is not None else None))
     return settings
 
 

@@ -70,7 +70,7 @@ def synthetic_token_id(num_tokens: int, vocab_size: int) -> int:
 class SimWorker:
     """A worker's engine state plus the step in flight, if any."""
 
-    __slots__ = ("worker_id", "role", "block_manager", "scheduler", "state", "model",
+    __slots__ = ("worker_id", "role", "block_manager", "scheduler", "state", "model", "step_budget",
                  "batch", "step_end_s", "ops", "num_steps", "busy_s", "_token_span",
                  "collapse", "stretch_ends_s", "generation", "step_overhead_s",
                  "token_overhead_s", "chunk_overhead_s", "chunk_launch_s", "answer_at_step_boundary",
@@ -90,6 +90,7 @@ class SimWorker:
         self.scheduler = make_scheduler(role, limits, self.block_manager, set())
         self.state = state
         self.model = model
+        self.step_budget = engine.max_num_batched_tokens  # prices steps at their graph bucket
         self.batch: ScheduledBatch | None = None
         self.step_end_s: float | None = None  # None: idle, waiting for an operation
         self.ops: list[Callable[[], None]] = []
@@ -238,7 +239,8 @@ class SimWorker:
                 weighted_cached += num_new * computed
         cached = weighted_cached // num_prefill if num_prefill else 0
         self._batch_is_decode = num_prefill == 0
-        return (self.model.step_s(num_prefill, cached, num_decode, num_context)
+        return (self.model.step_s(num_prefill, cached, num_decode, num_context,
+                                  step_budget=self.step_budget)
                 + self.step_overhead_s + self.token_overhead_s * num_sampled
                 + (self.chunk_overhead_s if num_prefill else 0.0))
 

@@ -7,17 +7,25 @@ import pytest
 import torch
 
 from tandem import LLM, SamplingParams
-from tandem.engine.step_graphs import bucket_sizes
+from tandem.engine.step_buckets import bucket_sizes, padded_tokens
 from tandem.engine.step_inputs import HostInputs
 
 
 def test_buckets_cover_every_step_with_bounded_padding():
     sizes = bucket_sizes(2048)
-    assert sizes[0] == 16 and sizes[-1] == 2048 and sizes == sorted(set(sizes))
+    assert sizes[0] == 16 and sizes[-1] == 2048 and list(sizes) == sorted(set(sizes))
     for small, large in zip(sizes, sizes[1:]):
         assert large - small <= 32 if large <= 256 else large <= 1.125 * small + 1
     assert bucket_sizes(100)[-1] == 100 and max(bucket_sizes(100)) == 100
-    assert bucket_sizes(16) == [16]
+    assert bucket_sizes(16) == (16,)
+
+
+def test_a_step_runs_as_its_bucket_or_eagerly_past_the_largest():
+    assert [padded_tokens(n, 2048) for n in (1, 16, 17, 100, 257, 2047, 2048)] == \
+        [16, 16, 32, 128, 288, 2048, 2048]
+    assert padded_tokens(2056, 8192) == 2304  # a 2048-token chunk beside 8 decodes
+    assert padded_tokens(2056, 2048) == 2056  # past the budget's largest bucket: eager
+    assert padded_tokens(2080, 2080) == 2080  # the budget itself is always a bucket
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")

@@ -211,3 +211,34 @@ def test_decode_steps_are_decode_s_step_by_step():
         for batch_size, first in [(1, 10), (7, 3_000), (64, 200_000), (500, 10_000_000)]:
             expected = [model.decode_s(batch_size, first + batch_size * j) for j in range(50)]
             assert model.decode_steps_s(batch_size, first, 50) == expected  # exactly
+
+
+def test_steps_are_priced_at_the_rows_their_graph_bucket_computes():
+    """A profile measured with step graphs ran each point at its bucket's rows; serving with a
+    smaller step budget pads to that budget's buckets (engine/step_buckets.py)."""
+    def padded_true(rows: int) -> float:
+        return WEIGHTS_S + PER_TOKEN_S * rows
+
+    profile = synthetic_profile()
+    profile["engine"] = {"step_graph_max_tokens": 8192}
+    for p in profile["prefill"]:
+        if p["num_cached_tokens"] == 0:
+            p["seconds"] = padded_true(p["num_new_tokens"])  # grid sizes are buckets themselves
+    for p in profile["mixed"]:  # 2048 + 8 decodes ran as 2304 rows, 512 + 8 as 576, ...
+        rows = {136: 160, 520: 576, 2056: 2304}.get(p["num_prefill_tokens"]
+                                                    + p["num_decode_seqs"])
+        if rows is not None:
+            p["seconds"] = mixed_true(rows - p["num_decode_seqs"], p["num_prefill_cached_tokens"],
+                                      p["num_decode_seqs"], p["num_decode_context_tokens"])
+    model = PerfModel.from_profile(profile)
+    assert model.graph_tokens == 8192
+    # as measured, under the profile's own budget: 2056 rows cost 2304's
+    assert model.step_s(2048, 0, 8, 8 * 1024) > model.step_s(2040, 0, 8, 8 * 1024, step_budget=2048)
+    # a 100-token prompt runs as 128 rows; under a 100-token budget as exactly 100
+    assert model.prefill_s(100) == pytest.approx(padded_true(128), rel=0.02)
+    assert model.prefill_s(100, step_budget=100) == pytest.approx(model.prefill_s(100, 0, 100))
+    assert model.prefill_s(100, step_budget=100) < model.prefill_s(100)
+    # a profile measured without step graphs is read as it was
+    eager = PerfModel.from_profile(synthetic_profile())
+    assert eager.graph_tokens is None
+    assert eager.prefill_s(100) == eager.prefill_s(100, step_budget=2048)

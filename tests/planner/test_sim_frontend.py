@@ -25,7 +25,7 @@ ROUND_ROBIN = RoutingConfig(policy=KVPolicyConfig(mode=RouterMode.ROUND_ROBIN))
 class BatchModel(ConstantModel):
     """Steps that grow with the batch, so that workers with different batches drift apart."""
 
-    def step_s(self, num_prefill, cached, num_decode, num_context) -> float:
+    def step_s(self, num_prefill, cached, num_decode, num_context, step_budget=None) -> float:
         return 0.004 + 0.0003 * num_prefill + 0.001 * num_decode + 1e-6 * num_context
 
     def decode_s(self, batch_size, context) -> float:

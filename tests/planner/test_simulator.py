@@ -34,7 +34,7 @@ class ConstantModel:
     def __init__(self, step_s: float = 0.01, transfer_s: float = 0.005):
         self.step, self.transfer = step_s, transfer_s
 
-    def step_s(self, *_) -> float:
+    def step_s(self, *_, step_budget=None) -> float:
         return self.step
 
     def decode_s(self, *_) -> float:
