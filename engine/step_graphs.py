@@ -17,9 +17,9 @@ smallest bucket that holds it:
     piece L        layer L-1 after attention, the final norm -> H
 
 Q, R, A and H are static buffers, sized for the largest bucket, that carry a step from one piece
-to the next; whatever a piece makes on the way lives in the graphs' pool. Padding rows get token 0
-at position 0 and slot -1 (the KV store skips them); attention never reads them, and every other
-op works row by row, so they touch no real row.
+to the next; whatever a piece makes on the way lives in the graphs' pool. Padding rows keep the
+tokens and positions an earlier step left there, with slot -1 (the KV store skips them); attention
+never reads them, and every other op works row by row, so they touch no real row.
 """
 
 from __future__ import annotations
