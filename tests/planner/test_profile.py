@@ -65,6 +65,8 @@ def test_profile_writes_a_valid_profile_on_cpu(tmp_path, capsys):
         assert key in profile, key
     assert profile["model"] == "random:tiny" and profile["block_size"] == 16
     assert profile["engine"]["resolved_device"] == "cpu"
+    # no CUDA graphs on a CPU: every point ran at its own row count
+    assert profile["engine"]["step_graph_max_tokens"] is None
     # tiny: 4 layers x K and V x 2 KV heads x 32 dims x 4 bytes (float32 on a CPU)
     assert profile["kv_bytes_per_token"] == 4 * 2 * 2 * 32 * 4
     assert len(profile["prefill"]) == 6 and len(profile["mixed"]) == 4
