@@ -72,9 +72,8 @@ class StepGraphs:
         self.residual[:n].copy_(residual)
 
     @torch.inference_mode()
-    def capture(self, pool=None):
-        """Captures every bucket's pieces, largest first, into `pool` (a graph pool to share);
-        returns the pool."""
+    def capture(self, pool=None) -> None:
+        """Captures every bucket's pieces, largest first, into `pool` (a graph pool to share)."""
         free_before = torch.cuda.mem_get_info()[0]
         num_pieces = len(self.model.layers) + 1
         for n in reversed(self.sizes):
@@ -93,7 +92,6 @@ class StepGraphs:
         used_mib = (free_before - torch.cuda.mem_get_info()[0]) / 2**20
         logger.info("captured step CUDA graphs for %d token counts up to %d, %d pieces each "
                     "(%.0f MiB)", len(self.sizes), self.max_tokens, num_pieces, used_mib)
-        return pool
 
     def can_run(self, num_tokens: int) -> bool:
         return num_tokens <= self.max_tokens

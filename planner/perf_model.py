@@ -190,8 +190,9 @@ class PerfModel:
             raise ValueError("the profile needs prefill and decode points; "
                              "rerun `tandem profile` to measure them")
         graph_tokens = (profile.get("engine") or {}).get("step_graph_max_tokens")
-        prefill = CurveFamily(((p["num_cached_tokens"], _rows(p["num_new_tokens"], graph_tokens),
-                                p["seconds"]) for p in profile["prefill"]), log_log=True)
+        prefill = CurveFamily(((p["num_cached_tokens"],
+                                _padded_rows(p["num_new_tokens"], graph_tokens), p["seconds"])
+                               for p in profile["prefill"]), log_log=True)
         decode = CurveFamily(((p["batch_size"], p["num_context_tokens"], p["seconds"])
                               for p in profile["decode"]), log_log=False)
         mixed = fit_mixed(profile.get("mixed") or [], graph_tokens)
@@ -216,10 +217,10 @@ class PerfModel:
 
     def _rows(self, num_tokens: int, step_budget: int | None) -> int:
         """The rows a step of num_tokens computes when served with step_budget."""
-        if self.graph_tokens is None:
-            return num_tokens
-        limit = self.graph_tokens if step_budget is None else min(step_budget, MAX_TOKENS)
-        return padded_tokens(num_tokens, limit)
+        limit = self.graph_tokens
+        if limit is not None and step_budget is not None:
+            limit = min(step_budget, MAX_TOKENS)
+        return _padded_rows(num_tokens, limit)
 
     def decode_s(self, batch_size: int, num_context_tokens: int) -> float:
         """One decode step of the whole batch; num_context_tokens sums the batch's contexts."""
@@ -336,15 +337,16 @@ def fit_prefill_serving(model: PerfModel, requests: Iterable[tuple[float, float,
     return PrefillServing(overhead_s, launch_s, fixed_s, len(mid), len(isolated), len(heads))
 
 
-def _rows(num_tokens: int, graph_tokens: int | None) -> int:
-    """The rows a profile step of num_tokens ran as (padded to its bucket under graphs)."""
+def _padded_rows(num_tokens: int, graph_tokens: int | None) -> int:
+    """The rows a step of num_tokens runs as when steps up to graph_tokens are captured (None:
+    none are, every step runs eagerly at its own rows)."""
     return num_tokens if graph_tokens is None else padded_tokens(num_tokens, graph_tokens)
 
 
 def _mixed_features(p: dict, graph_tokens: int | None) -> list[float]:
     n, c = p["num_prefill_tokens"], p["num_prefill_cached_tokens"]
     b, k = p["num_decode_seqs"], p["num_decode_context_tokens"]
-    return [1.0, _rows(n + b, graph_tokens), n * (c + 0.5 * n), b, k]
+    return [1.0, _padded_rows(n + b, graph_tokens), n * (c + 0.5 * n), b, k]
 
 
 def fit_mixed(points: list[dict], graph_tokens: int | None = None) -> tuple[float, ...] | None:

@@ -62,7 +62,8 @@ def _supported(device_index: int) -> bool:
 
 def enabled(tensor: torch.Tensor) -> bool:
     """Whether kernels on this tensor's device launch with programmatic dependent launch."""
-    if os.environ.get("TANDEM_PDL", "1") == "0" or not tensor.is_cuda or not _scope.depth:
+    # The scope first: eager steps launch outside it, and this runs on each of their launches.
+    if not _scope.depth or not tensor.is_cuda or os.environ.get("TANDEM_PDL", "1") == "0":
         return False
     return _supported(tensor.device.index if tensor.device.index is not None
                       else torch.cuda.current_device())
