@@ -1,0 +1,72 @@
+"""benchmarks/sim_accuracy_bench.py: each case's seed, and the real run's arrivals replayed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.sim_accuracy_bench import Plan, cases, replay_arrivals
+from tandem.bench.trace import TraceConfig, load_trace_dataset
+
+
+def _seeds(plan: Plan) -> dict[str, str]:
+    return {case.name: case.workload[case.workload.index("--seed") + 1]
+            for case in cases(Path("trace.jsonl"), plan)}
+
+
+def test_a_case_keeps_its_seed_in_any_subset():
+    full = _seeds(Plan(rates=(3, 6, 9), short_long_rates=(13,), trace_scales=(1.0, 0.5, 0.3)))
+    assert len(set(full.values())) == len(full)  # each case its own prompts
+    alone = {**_seeds(Plan(rates=(9,), trace_scales=())),
+             **_seeds(Plan(rates=(), short_long_rates=(13,), trace_scales=(0.3,)))}
+    assert alone == {name: full[name] for name in alone}
+    # Reordering the plan does not move a seed either.
+    assert _seeds(Plan(rates=(9, 3), trace_scales=(0.5, 1.0))) == {
+        name: full[name] for name in ("isl4096-osl256-9rps", "isl4096-osl256-3rps",
+                                      "trace-x2.0", "trace-x1.0")}
+
+
+def _trace(tmp_path: Path) -> Path:
+    path = tmp_path / "trace.jsonl"
+    rows = [{"timestamp": 0, "input_length": 512, "output_length": 4, "hash_ids": [0]},
+            {"timestamp": 3000, "input_length": 512, "output_length": 4, "hash_ids": [1]},
+            {"timestamp": 3000, "input_length": 1024, "output_length": 4, "hash_ids": [1, 2]},
+            {"timestamp": 6000, "input_length": 512, "output_length": 4, "hash_ids": [3]}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + "\n")
+    return path
+
+
+def test_replay_sends_each_trace_request_when_the_real_client_did(tmp_path):
+    trace = _trace(tmp_path)
+    flags = ("--dataset", f"trace:{trace}", "--num-requests", "3", "--time-scale", "0.5",
+             "--seed", "7")
+    # The real client sent request 2 before request 1, though the trace has them at one instant.
+    real = {"per_request": [{"request_index": 0, "start_s": 0.001},
+                            {"request_index": 2, "start_s": 1.5021},
+                            {"request_index": 1, "start_s": 1.5034}]}
+    out = tmp_path / "arrivals.jsonl"
+    replayed = replay_arrivals(flags, real, out)
+    assert replayed == ("--dataset", f"trace:{out}", "--num-requests", "3", "--time-scale", "1",
+                        "--seed", "7")
+    requests = load_trace_dataset(TraceConfig(str(out), num_requests=3, block_tokens=128), 7)
+    assert [r.arrival_offset_s for r in requests] == pytest.approx([0.0, 1.5024, 1.5011])
+    original = load_trace_dataset(TraceConfig(str(trace), num_requests=3, block_tokens=128), 7)
+    assert [r.prompt_token_ids for r in requests] == [r.prompt_token_ids for r in original]
+    assert [r.output_len for r in requests] == [r.output_len for r in original]
+
+
+def test_replay_leaves_other_workloads_and_checks_the_records(tmp_path):
+    flags = ("--dataset", "random", "--request-rate", "6", "--seed", "2")
+    assert replay_arrivals(flags, {"per_request": [{"request_index": 0, "start_s": 0.0}]},
+                           tmp_path / "x.jsonl") == flags
+    trace_flags = ("--dataset", f"trace:{_trace(tmp_path)}", "--num-requests", "2")
+    with pytest.raises(ValueError, match="one per request"):
+        replay_arrivals(trace_flags, {"per_request": [{"request_index": 1, "start_s": 0.0},
+                                                      {"request_index": 1, "start_s": 0.1}]},
+                        tmp_path / "y.jsonl")
+    with pytest.raises(ValueError, match="the trace has 4 rows"):
+        replay_arrivals(trace_flags, {"per_request": [{"request_index": i, "start_s": 0.0}
+                                                      for i in range(5)]},
+                        tmp_path / "z.jsonl")
