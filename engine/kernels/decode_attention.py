@@ -49,7 +49,7 @@ _WAVES = 4  # programs per SM to aim for: batch-1 decode is latency-bound, more 
 # splits cost batch 32 about 40% more attention time on H200). An engine compiles every width at
 # start-up (`compile_merge_widths`), so a new split count met mid-serving finds its variant ready.
 _MERGE_WIDTHS = tuple(2 ** i for i in range(1, _MAX_SPLITS.bit_length()))
-_MERGE_TILE = tl.constexpr(16)  # splits merged per pass by the last-arriving program
+_MERGE_TILE = 16         # splits merged per pass by the last-arriving program
 _MAX_COUNTERS = 1 << 16  # (sequence, KV head) pairs with an arrival counter: 256 KiB per device
 
 
