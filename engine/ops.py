@@ -7,7 +7,6 @@ The choice is made inside engine/kernels/, per call.
 
 from __future__ import annotations
 
-from tandem.engine.kernels import (gate_up_silu, linear, paged_attention, prepare_qkv, rms_norm,
-                                   silu_and_mul)
+from tandem.engine.kernels import linear, paged_attention, prepare_qkv, rms_norm, silu_and_mul
 
-__all__ = ["gate_up_silu", "linear", "paged_attention", "prepare_qkv", "rms_norm", "silu_and_mul"]
+__all__ = ["linear", "paged_attention", "prepare_qkv", "rms_norm", "silu_and_mul"]

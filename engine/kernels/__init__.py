@@ -22,8 +22,8 @@ from tandem.engine.attention import (AttentionMetadata, paged_attention_referenc
 from tandem.engine.layers import (apply_rotary_reference, prepare_qkv_reference,
                                   rms_norm_reference, silu_and_mul_reference)
 
-__all__ = ["apply_rotary", "gate_up_silu", "is_triton_usable", "linear", "paged_attention",
-           "prepare_qkv", "rms_norm", "silu_and_mul", "store_kv"]
+__all__ = ["apply_rotary", "is_triton_usable", "linear", "paged_attention", "prepare_qkv",
+           "rms_norm", "silu_and_mul", "store_kv"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,15 +106,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul_reference(x)
     from tandem.engine.kernels.activation import silu_and_mul as silu_and_mul_triton
     return silu_and_mul_triton(x)
-
-
-def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of x @ weight^T, weight stacking the gate and up projections. On CUDA a
-    few rows (a decode step) may take one fused Triton matmul (kernels/skinny_gemm.py)."""
-    if not is_triton_usable(x):
-        return silu_and_mul_reference(torch.nn.functional.linear(x, weight))
-    from tandem.engine.kernels.skinny_gemm import gate_up_silu as gate_up_silu_triton
-    return gate_up_silu_triton(x, weight)
 
 
 def prepare_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

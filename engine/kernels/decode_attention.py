@@ -11,15 +11,8 @@ is bytes over HBM bandwidth, and the two things that decide it are:
   arithmetic, which decode has to spare, not bytes).
 - Enough programs to fill the GPU. Batch 1 with 8 KV heads is 8 programs, a few percent of an
   H100's 132 SMs. As in flash-decoding (Dao et al., 2023), the context is cut into `num_splits`
-  pieces, each piece gets its own program and writes a partial output with its log-sum-exp, and
-  the pieces are merged with the usual softmax rescaling.
-
-The merge is done by whichever program of a (sequence, KV head) finishes last: each counts itself
-in on a per-device arrival counter after its partial is stored, and the one that sees every other
-split arrived merges the group's heads and puts the counter back to zero. A decode step of a small
-model is latency-bound kernel by kernel (a few microseconds each), so a second merge kernel per
-layer cost as much as the merge's work many times over. A separate merge kernel remains for
-batches past the counter buffer's size.
+  pieces, each piece gets its own program and writes a partial output with its log-sum-exp, and a
+  small second kernel merges the pieces with the usual softmax rescaling.
 
 Each split's token range is computed on the device from that sequence's seq_len, so the launch
 depends only on Python ints (batch size, num_splits): a CUDA graph captured once replays correctly
@@ -49,8 +42,6 @@ _WAVES = 4  # programs per SM to aim for: batch-1 decode is latency-bound, more 
 # splits cost batch 32 about 40% more attention time on H200). An engine compiles every width at
 # start-up (`compile_merge_widths`), so a new split count met mid-serving finds its variant ready.
 _MERGE_WIDTHS = tuple(2 ** i for i in range(1, _MAX_SPLITS.bit_length()))
-_MERGE_TILE = 16         # splits merged per pass by the last-arriving program
-_MAX_COUNTERS = 1 << 16  # (sequence, KV head) pairs with an arrival counter: 256 KiB per device
 
 
 # Values that change from one eager step to the next (the block table's width, the number of
@@ -60,13 +51,12 @@ _MAX_COUNTERS = 1 << 16  # (sequence, KV head) pairs with an arrival counter: 25
 @triton.jit(do_not_specialize=["stride_bt_seq", "num_splits"])
 def _decode_split_kernel(
     q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    arrivals_ptr, stride_q_seq, stride_q_head,
+    stride_q_seq, stride_q_head,
     stride_cache_block, stride_cache_kv, stride_cache_slot, stride_cache_head,
     stride_bt_seq, stride_out_seq, stride_out_head,
     qk_scale, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-    LAST_MERGES: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl.wait(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
@@ -123,45 +113,7 @@ def _decode_split_kernel(
                  mask=is_head[:, None])
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part_row, lse, mask=is_head)
-        if LAST_MERGES:
-            tl.debug_barrier()  # every thread's partial is stored before the count is released
-            counter = arrivals_ptr + seq * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
-                for g in tl.static_range(GROUP):
-                    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head * GROUP + g,
-                                num_heads, num_splits, stride_out_seq, stride_out_head,
-                                HEAD_DIM, _MERGE_TILE)
-                tl.atomic_xchg(counter, 0)  # every split has counted: ready for the next layer
     pdl.release(USE_PDL)
-
-
-@triton.jit
-def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, seq, head, num_heads, num_splits,
-                stride_out_seq, stride_out_head, HEAD_DIM: tl.constexpr, TILE: tl.constexpr):
-    """One head's output from its splits' partials, TILE splits a pass with a running maximum.
-    The partials were stored by other programs: read through L2 (.cg), never a stale L1 line."""
-    dims = tl.arange(0, HEAD_DIM)
-    row0 = (seq * num_heads + head) * num_splits
-    m = tl.full([1], float("-inf"), tl.float32)
-    total = tl.zeros([1], tl.float32)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for first in range(0, num_splits, TILE):
-        splits = first + tl.arange(0, TILE)
-        is_split = splits < num_splits
-        lse = tl.load(part_lse_ptr + row0 + splits, mask=is_split, other=float("-inf"),
-                      cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(lse, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # all empty so far
-        rescale = tl.exp2(m - m_safe)
-        weight = tl.exp2(lse - m_safe)
-        partial = tl.load(part_out_ptr + (row0 + splits)[:, None] * HEAD_DIM + dims[None, :],
-                          mask=is_split[:, None], other=0.0, cache_modifier=".cg")
-        acc = acc * rescale + tl.sum(partial * weight[:, None], axis=0)
-        total = total * rescale + tl.sum(weight, axis=0)
-        m = m_new
-    merged = acc / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_ptr + seq * stride_out_seq + head * stride_out_head + dims,
-             merged.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -225,7 +177,6 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, query.device)
     group = num_heads // num_kv_heads
     single = num_splits == 1
-    arrivals = None if single else _arrival_counters(query.device, num_seqs * num_kv_heads)
     if single:
         part_out = part_lse = out  # unused by the kernel; any tensor of the device will do
     else:
@@ -235,16 +186,15 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
                                device=query.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, kv_layer, block_tables, seq_lens, out, part_out, part_lse,
-        out if arrivals is None else arrivals, query.stride(0), query.stride(1),
+        query.stride(0), query.stride(1),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
         scale * _LOG2_E, num_splits,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, SINGLE_SPLIT=single,
-        LAST_MERGES=arrivals is not None, num_warps=num_warps, num_stages=num_stages,
-        **pdl.launch_options(query),
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(query),
     )
-    if not single and arrivals is None:
+    if not single:
         _decode_merge_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
             HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
@@ -253,25 +203,9 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
     return out
 
 
-_arrivals: dict[int, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor | None:
-    """The device's arrival counters (all zero between kernels), or None (merge by a second
-    kernel) when `needed` is past their number or they would first be made inside a graph
-    capture. Made once per device and kept for the process: captured graphs hold their address."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    counters = _arrivals.get(index)
-    if counters is None and not torch.cuda.is_current_stream_capturing():
-        counters = _arrivals[index] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
-    return counters if counters is not None and needed <= _MAX_COUNTERS else None
-
-
 def compile_merge_widths(head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
     """Runs the merge once at every width, on one empty row, so that no split count compiles
-    later, and makes the device's arrival counters before any graph is captured (the engine
-    calls it once, at start-up)."""
-    _arrival_counters(device, 0)
+    later (the engine calls it once, at start-up)."""
     part_lse = torch.full((_MAX_SPLITS,), float("-inf"), dtype=torch.float32, device=device)
     part_out = torch.zeros((_MAX_SPLITS, head_dim), dtype=torch.float32, device=device)
     out = torch.empty((1, 1, head_dim), dtype=dtype, device=device)

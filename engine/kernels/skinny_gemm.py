@@ -35,11 +35,9 @@ import triton
 import triton.language as tl
 
 from tandem.engine.kernels import pdl
-from tandem.engine.kernels.activation import silu_and_mul
 
 MAX_ROWS = 64       # past this a step is compute-heavy enough for cuBLAS's large tiles
 _MARGIN = 0.9       # Triton is chosen only when it takes under 90% of cuBLAS's time
-_FUSED_MARGIN = 0.97  # the fused SwiGLU kernel, against the matmul and activation apart
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 # Up to one 16-row tile the matmul is all weight bytes, and with programmatic dependent launch
 # (kernels/pdl.py) the Triton kernel both streams them and keeps its neighbours overlapped, which a
@@ -58,16 +56,11 @@ def _skinny_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, K,
     stride_x, stride_w, stride_out,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWIGLU: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    # With SWIGLU the weight is gate rows then up rows (N = 2 * intermediate): a program owns
-    # BLOCK_N columns of each half and writes silu(gate) * up for them, intermediate wide.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    up_offset = (tl.num_programs(0) * BLOCK_N).to(tl.int64) * stride_w
     if PREFETCH:  # the weights: no earlier kernel writes them, so they need not wait
         pdl.prefetch_row_heads_l2(w_ptr, cols, stride_w, K, LINE=64, LINES=8)  # 128 B lines
-        if SWIGLU:
-            pdl.prefetch_row_heads_l2(w_ptr + up_offset, cols, stride_w, K, LINE=64, LINES=8)
     pdl.enter(USE_PDL)
     rows = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
@@ -75,52 +68,42 @@ def _skinny_gemm_kernel(
     x_tile = x_ptr + rows[:, None] * stride_x + ks[None, :]          # (BLOCK_M, BLOCK_K)
     w_tile = w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :]  # (BLOCK_N, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for _ in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K, N of BLOCK_N (see `fits`)
         x = tl.load(x_tile, mask=is_row, other=0.0)
-        acc += tl.dot(x, tl.trans(tl.load(w_tile)))
-        if SWIGLU:
-            up += tl.dot(x, tl.trans(tl.load(w_tile + up_offset)))
+        w = tl.load(w_tile)
+        acc += tl.dot(x, tl.trans(w))
         x_tile += BLOCK_K
         w_tile += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols)[None, :].to(tl.float32)
-    if SWIGLU:  # rounded as the unfused pair rounds: gate and up to the dtype, then the product
-        gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-        up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
-        acc = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=is_row)
 
 
-def fits(num_rows: int, weight: torch.Tensor, config: tuple[int, int, int, int],
-         swiglu: bool = False) -> bool:
+def fits(num_rows: int, weight: torch.Tensor, config: tuple[int, int, int, int]) -> bool:
     """Whether the config tiles this shape exactly and its pipeline fits in shared memory."""
     n, k = weight.shape
     block_n, block_k, _, num_stages = config
     block_m = _row_tile(num_rows)
-    stage_bytes = (block_m + block_n * (1 + swiglu)) * block_k * weight.element_size()
-    return (0 < num_rows <= MAX_ROWS and n % (block_n * (1 + swiglu)) == 0 and k % block_k == 0
+    stage_bytes = (block_m + block_n) * block_k * weight.element_size()
+    return (0 < num_rows <= MAX_ROWS and n % block_n == 0 and k % block_k == 0
             and stage_bytes * num_stages <= _SHARED_BYTES)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  config: tuple[int, int, int, int], swiglu: bool = False) -> torch.Tensor:
-    """x (rows, K) @ weight (N, K)^T + bias, rows <= MAX_ROWS; `fits` must hold. With swiglu
-    (no bias), silu(gate) * up of that product's two halves, N / 2 wide."""
+                  config: tuple[int, int, int, int]) -> torch.Tensor:
+    """x (rows, K) @ weight (N, K)^T + bias, rows <= MAX_ROWS; `fits` must hold."""
     block_n, block_k, num_warps, num_stages = config
-    num_rows, n = x.shape[0], weight.shape[0] // (1 + swiglu)
+    num_rows, n = x.shape[0], weight.shape[0]
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("skinny_linear needs the K axis of x and weight contiguous")
-    if swiglu and bias is not None:
-        raise ValueError("the SwiGLU matmul takes no bias")
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     _skinny_gemm_kernel[(n // block_n,)](
         x, weight, bias if bias is not None else weight, out, num_rows, weight.shape[1],
         x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=_row_tile(num_rows),
-        BLOCK_N=block_n, BLOCK_K=block_k, SWIGLU=swiglu, num_warps=num_warps,
-        num_stages=num_stages, PREFETCH=pdl.prefetch_weights(x), **pdl.launch_options(x),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        PREFETCH=pdl.prefetch_weights(x), **pdl.launch_options(x),
     )
     return out
 
@@ -133,33 +116,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if rows.shape[0] > MAX_ROWS or rows.stride(-1) != 1 or weight.dtype not in _HALF_DTYPES:
         return torch.nn.functional.linear(x, weight, bias)
     key = (rows.shape[0], weight.shape[0], weight.shape[1], weight.dtype, bias is not None)
-    config = _choice(key, lambda: choose(rows, weight, bias))
-    if config is None:
-        return torch.nn.functional.linear(x, weight, bias)
-    return skinny_linear(rows, weight, bias, config).view(*x.shape[:-1], weight.shape[0])
-
-
-def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of x (..., K) @ weight^T, weight being the gate rows then the up rows:
-    one skinny kernel that writes only the product, where that was measured faster than the
-    matmul and the activation kernel apart."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] <= MAX_ROWS and rows.stride(-1) == 1 and weight.dtype in _HALF_DTYPES:
-        key = (rows.shape[0], weight.shape[0], weight.shape[1], weight.dtype, "swiglu")
-        config = _choice(key, lambda: choose_swiglu(rows, weight))
-        if config is not None:
-            out = skinny_linear(rows, weight, None, config, swiglu=True)
-            return out.view(*x.shape[:-1], out.shape[-1])
-    return _gate_up_then_silu(x, weight)
-
-
-def _gate_up_then_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    flat = linear(x, weight, None)
-    return silu_and_mul(flat.reshape(-1, flat.shape[-1])).view(*x.shape[:-1], -1)
-
-
-def _choice(key: tuple, time_choice) -> tuple[int, int, int, int] | None:
-    """The config chosen for key, measured by time_choice() the first time it may be."""
     config = _chosen.get(key)
     if config is None and key not in _chosen:
         if torch.cuda.is_current_stream_capturing():
@@ -167,8 +123,10 @@ def _choice(key: tuple, time_choice) -> tuple[int, int, int, int] | None:
         elif _timing.serving and not _timing.depth:
             config = _chosen[key] = nearest_choice(key)
         else:
-            config = _chosen[key] = time_choice()
-    return config
+            config = _chosen[key] = choose(rows, weight, bias)
+    if config is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    return skinny_linear(rows, weight, bias, config).view(*x.shape[:-1], weight.shape[0])
 
 
 _chosen: dict[tuple, tuple[int, int, int, int] | None] = {}
@@ -231,26 +189,9 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return best
 
 
-def choose_swiglu(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int] | None:
-    """The fastest fused SwiGLU config, or None where the matmul (as `linear` chose it) and the
-    activation kernel apart are faster."""
-    copies = _cold_copies(weight)
-    best, best_s = None, _time_s(functools.partial(_gate_up_then_silu, x), copies) * _FUSED_MARGIN
-    for config in _CONFIGS:
-        if not fits(x.shape[0], weight, config, swiglu=True):
-            continue
-        try:
-            seconds = _time_s(functools.partial(_skinny_on, x, None, config, swiglu=True), copies)
-        except triton.runtime.errors.OutOfResources:
-            continue
-        if seconds < best_s:
-            best, best_s = config, seconds
-    return best
-
-
 def _skinny_on(x: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int, int],
-               weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
-    return skinny_linear(x, weight, bias, config, swiglu)
+               weight: torch.Tensor) -> torch.Tensor:
+    return skinny_linear(x, weight, bias, config)
 
 
 def _time_s(fn, copies: list[torch.Tensor], repeats: int = 5) -> float:

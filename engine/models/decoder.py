@@ -90,7 +90,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self.down_proj, ops.gate_up_silu(x, self.gate_up_proj.weight))
+        return _linear(self.down_proj, ops.silu_and_mul(_linear(self.gate_up_proj, x)))
 
 
 class DecoderLayer(nn.Module):

@@ -30,36 +30,6 @@ def test_skinny_linear_matches_float64(num_rows, with_bias):
         assert _relative_error(got, want) < 1e-2, config
 
 
-@pytest.mark.parametrize("num_rows", [1, 5, 16, 33, 64])
-def test_swiglu_matmul_matches_float64(num_rows):
-    from tandem.engine.kernels.skinny_gemm import _CONFIGS, fits, skinny_linear
-    from tandem.engine.layers import silu_and_mul_reference
-
-    x = torch.randn(num_rows, 1024, dtype=torch.bfloat16, device="cuda")
-    weight = torch.randn(2 * 768, 1024, dtype=torch.bfloat16, device="cuda") * 0.03
-    want = silu_and_mul_reference(x.double() @ weight.double().T)
-    configs = [c for c in _CONFIGS if fits(num_rows, weight, c, swiglu=True)]
-    assert configs
-    for config in configs:
-        got = skinny_linear(x, weight, None, config, swiglu=True)
-        assert got.shape == (num_rows, 768) and got.dtype == torch.bfloat16
-        assert _relative_error(got, want) < 1e-2, config
-
-
-def test_gate_up_silu_dispatch_agrees_with_the_unfused_pair():
-    from tandem.engine.kernels import skinny_gemm
-    from tandem.engine.kernels.activation import silu_and_mul
-
-    weight = torch.randn(2 * 3072, 1024, dtype=torch.bfloat16, device="cuda") * 0.03
-    for num_rows in (1, 32, 100):
-        x = torch.randn(num_rows, 1024, dtype=torch.bfloat16, device="cuda")
-        want = silu_and_mul(torch.nn.functional.linear(x, weight))
-        got = skinny_gemm.gate_up_silu(x, weight)
-        assert got.shape == (num_rows, 3072)
-        assert _relative_error(got, want.double()) < 1e-2
-    assert (1, 6144, 1024, torch.bfloat16, "swiglu") in skinny_gemm._chosen
-
-
 def test_linear_dispatch_agrees_with_cublas_and_remembers_its_choice():
     from tandem.engine.kernels import skinny_gemm
 
