@@ -68,14 +68,12 @@ def decode_steps(context: int, num_splits: int, config: tuple[int, int, int]) ->
     batch = make_paged_batch([context] * num_copies, [1] * num_copies, NUM_HEADS, NUM_KV_HEADS,
                              HEAD_DIM, num_layers=1, spare_blocks=0)
     meta, scale = batch.meta, HEAD_DIM ** -0.5
-    block_n, num_warps, num_stages = config
     steps = []
     for i in range(num_copies):  # one sequence of batch 1 per step, each with its own blocks
         query, out = batch.query[i:i + 1], torch.empty_like(batch.query[i:i + 1])
         steps.append(lambda q=query, o=out, i=i: decode_attention(
             q, batch.kv_layer, meta.block_tables[i:i + 1], meta.seq_lens[i:i + 1], scale, o,
-            context, num_splits=num_splits, block_n=block_n, num_warps=num_warps,
-            num_stages=num_stages))
+            context, num_splits=num_splits, tiles=config))
     return steps
 
 

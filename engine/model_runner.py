@@ -102,7 +102,7 @@ class ModelRunner:
         """Compiles now the kernel variants an eager step may need later (CUDA only), so that none
         stalls a serving batch to compile."""
         from tandem.engine.kernels import decode_attention   # CUDA only: Triton is usable here
-        decode_attention.compile_merge_widths(self.config.head_dim, self.dtype, self.device)
+        decode_attention.compile_variants(self.kv_cache[:, 0], self.config.num_heads)
 
     def capture_graphs(self, max_batch: int, max_seq_len: int, max_step_tokens: int) -> None:
         """Decode graphs up to max_batch sequences of max_seq_len, and the pieces of steps up to

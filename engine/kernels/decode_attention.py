@@ -149,24 +149,47 @@ def _num_sms(device_index: int) -> int:
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
                       device: torch.device) -> int:
     """Enough splits for about _WAVES programs per SM, but no split shorter than
-    _MIN_TOKENS_PER_SPLIT tokens. A CUDA-graph caller should pick it once, from the longest
-    context it will serve, and pass it in on every replay."""
+    _MIN_TOKENS_PER_SPLIT tokens; one split once the batch alone gives every SM a program. A
+    CUDA-graph caller should pick it once, from the longest context it will serve, and pass it in
+    on every replay.
+
+    Past that point the kernel is a stream of whole contexts, and splitting them only adds
+    partials to write and merge: on an H200 (8 KV heads, head_dim 128, benchmarks/RESULTS.md),
+    batch 32 at 4k read its KV at 98% of the copy rate in one split against 80% in three."""
     num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if num_seqs * num_kv_heads >= num_sms:
+        return 1
     to_fill = math.ceil(_WAVES * num_sms / max(num_seqs * num_kv_heads, 1))
     by_length = math.ceil(max_seq_len / _MIN_TOKENS_PER_SPLIT)
     return max(1, min(to_fill, by_length, _MAX_SPLITS))
 
 
+def choose_tiles(num_programs: int, num_splits: int, device: torch.device
+                 ) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages) for a launch of num_programs programs.
+
+    Split contexts keep 64-token tiles two deep (short pieces, many programs). A whole context
+    per program streams longer: three tiles in flight, and 128-token tiles while there are at
+    most two programs an SM, whose loads alone must keep its memory pipe full. Measured on an
+    H200 at 8 KV heads, one split: batch 32 at 4k took 128 us with 128-token tiles against 145 us
+    with 64; batch 64 took 249 us with 64-token tiles against 292 us with 128."""
+    if num_splits > 1:
+        return 64, 4, 2
+    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return (128, 4, 3) if num_programs <= 2 * num_sms else (64, 4, 3)
+
+
 def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, out: torch.Tensor, max_seq_len: int,
-                     num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
-                     num_stages: int = 2) -> torch.Tensor:
+                     num_splits: int | None = None,
+                     tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context; writes and returns `out`.
 
     query, out: (num_seqs, num_heads, head_dim); kv_layer: (num_blocks, 2, block_size,
     num_kv_heads, head_dim), any strides with head_dim contiguous; block_tables: (num_seqs,
     max_blocks) int32; seq_lens: (num_seqs,) int32, including the new token, whose K/V must already
-    be stored. max_seq_len only sizes num_splits when num_splits is None.
+    be stored. max_seq_len only sizes num_splits when num_splits is None. tiles: (block_n,
+    num_warps, num_stages), by `choose_tiles` when None.
     """
     num_seqs, num_heads, head_dim = query.shape
     block_size, num_kv_heads = kv_layer.shape[2], kv_layer.shape[3]
@@ -175,6 +198,8 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
         return out
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, query.device)
+    block_n, num_warps, num_stages = tiles or choose_tiles(num_seqs * num_kv_heads * num_splits,
+                                                           num_splits, query.device)
     group = num_heads // num_kv_heads
     single = num_splits == 1
     if single:
@@ -203,9 +228,24 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
     return out
 
 
+def compile_variants(kv_layer: torch.Tensor, num_heads: int) -> None:
+    """Compiles now every variant a decode step over kv_layer (one layer of the engine's cache)
+    may launch later, so that none stalls a serving batch to compile (the engine calls it once,
+    at start-up): the split kernel with each tile choice of `choose_tiles`, reading block 0 for a
+    one-token sequence (it writes only its own output), and the merge at every width."""
+    head_dim, device = kv_layer.shape[4], kv_layer.device
+    query = torch.zeros((1, num_heads, head_dim), dtype=kv_layer.dtype, device=device)
+    block_tables = torch.zeros((1, 1), dtype=torch.int32, device=device)
+    seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+    for num_splits, tiles in ((1, (128, 4, 3)), (1, (64, 4, 3)), (2, (64, 4, 2))):
+        decode_attention(query, kv_layer, block_tables, seq_lens, 1.0, torch.empty_like(query),
+                         1, num_splits=num_splits, tiles=tiles)
+    compile_merge_widths(head_dim, kv_layer.dtype, device)
+
+
 def compile_merge_widths(head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
     """Runs the merge once at every width, on one empty row, so that no split count compiles
-    later (the engine calls it once, at start-up)."""
+    later."""
     part_lse = torch.full((_MAX_SPLITS,), float("-inf"), dtype=torch.float32, device=device)
     part_out = torch.zeros((_MAX_SPLITS, head_dim), dtype=torch.float32, device=device)
     out = torch.empty((1, 1, head_dim), dtype=dtype, device=device)

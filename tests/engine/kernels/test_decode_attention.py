@@ -16,14 +16,14 @@ HEAD_SHAPES = [(8, 8), (32, 8), (32, 4)]  # GQA ratios 1, 4, 8
 
 
 def run_decode(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
-               num_splits: int | None) -> float:
+               num_splits: int | None, tiles: tuple[int, int, int] | None = None) -> float:
     from tandem.engine.kernels.decode_attention import decode_attention
 
     batch = make_paged_batch(seq_lens, [1] * len(seq_lens), num_heads, num_kv_heads, head_dim)
     scale = head_dim ** -0.5
     out = torch.full_like(batch.query, float("nan"))
     decode_attention(batch.query, batch.kv_layer, batch.meta.block_tables, batch.meta.seq_lens,
-                     scale, out, batch.meta.max_seq_len, num_splits=num_splits)
+                     scale, out, batch.meta.max_seq_len, num_splits=num_splits, tiles=tiles)
     ref = paged_attention_reference(batch.query, batch.kv_layer, batch.meta, scale)
     assert torch.isfinite(out).all(), "unwritten (NaN) output rows"
     return relative_error(out, ref)
@@ -44,6 +44,24 @@ def test_decode_matches_reference_on_mixed_lengths(num_heads, num_kv_heads, head
 def test_decode_long_context_splits(num_heads, num_kv_heads, num_splits):
     err = run_decode([8192 + 5, 3001], num_heads, num_kv_heads, 128, num_splits)
     assert err < BF16_REL_TOL
+
+
+@pytest.mark.parametrize("num_splits,tiles", [(1, (128, 4, 3)), (1, (64, 4, 3)), (3, (64, 4, 2))])
+def test_decode_every_tile_choice_matches_reference(num_splits, tiles):
+    err = run_decode([1, 100, 127, 128, 129, 3000], 32, 8, 128, num_splits, tiles)
+    assert err < BF16_REL_TOL
+
+
+def test_one_split_once_the_batch_fills_the_device():
+    from tandem.engine.kernels.decode_attention import _num_sms, choose_num_splits, choose_tiles
+
+    device = torch.device("cuda")
+    sms = _num_sms(torch.cuda.current_device())
+    assert choose_num_splits(-(-sms // 8), 8, 4096, device) == 1
+    assert choose_num_splits(sms // 8 - 1, 8, 4096, device) > 1
+    assert choose_tiles(2 * sms, 1, device) == (128, 4, 3)
+    assert choose_tiles(2 * sms + 1, 1, device) == (64, 4, 3)
+    assert choose_tiles(8, 4, device) == (64, 4, 2)
 
 
 def test_decode_more_splits_than_tiles_leaves_no_gap():
