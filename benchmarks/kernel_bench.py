@@ -6,16 +6,22 @@ baseline measured in the same run.
   decode worker runs it) and achieved GB/s = KV bytes read / time, against the device-to-device
   copy rate measured here. Each replay walks several block tables over a cache larger than L2, so
   the figure is HBM, not cache. A small sweep of num_splits and tile configs shows the headroom.
+- decode attention over batches (`--only batches`): batch 1-128 at 1k and 4k contexts, the split
+  count and tiles the engine chooses (choose_num_splits, choose_tiles) against other split counts
+  and tiles, as GB/s of KV read against the copy rate.
 - prefill attention, one 4k prompt (and a 4k chunk after a 4k cached prefix): TFLOP/s of the
   causal attention FLOPs, against torch SDPA (flash) on contiguous K/V and a bf16 matmul.
 - fused residual RMSNorm and rotary: GB/s on a 4096-token batch.
 
 Run from the repository root (it borrows the tests' batch builder):
-    PYTHONPATH=. python benchmarks/kernel_bench.py    (needs a CUDA GPU and triton)
+    PYTHONPATH=. python benchmarks/kernel_bench.py [--only decode,batches,prefill,elementwise]
+(needs a CUDA GPU and triton)
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -24,7 +30,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from tandem.engine.kernels.decode_attention import choose_num_splits, decode_attention
+from tandem.engine.kernels.decode_attention import (choose_num_splits, choose_tiles,
+                                                    decode_attention)
 from tandem.engine.kernels.prefill_attention import default_config, prefill_attention
 from tandem.engine.kernels.rmsnorm import rms_norm
 from tandem.engine.kernels.rotary import apply_rotary
@@ -104,6 +111,37 @@ def bench_decode(copy_gbs: float) -> None:
             print(f"{context:>8} torch SDPA failed: {error}")
 
 
+def bench_decode_batches(copy_gbs: float) -> None:
+    print(f"\ndecode attention over batches, {NUM_HEADS}/{NUM_KV_HEADS} heads, CUDA graph; "
+          f"* = the engine's choice")
+    print(f"{'batch':>5} {'context':>7} {'splits':>7} {'tiles':>14} {'us':>8} {'of copy':>8}")
+    device = torch.device("cuda")
+    for batch_size in (1, 4, 8, 16, 32, 64, 128):
+        for context in (1024, 4096):
+            kv_bytes = batch_size * 2 * context * NUM_KV_HEADS * HEAD_DIM * 2
+            copies = max(1, math.ceil(L2_FLUSH_BYTES / kv_bytes))
+            batch = make_paged_batch([context] * batch_size * copies, [1] * batch_size * copies,
+                                     NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, num_layers=1,
+                                     spare_blocks=0)
+            meta, out = batch.meta, torch.empty_like(batch.query)
+            chosen = choose_num_splits(batch_size, NUM_KV_HEADS, context, device)
+            tiles = choose_tiles(batch_size * NUM_KV_HEADS * chosen, chosen, device)
+            rows = [(chosen, tiles)] + [
+                (s, t) for s in (1, 2, 4, 8, 16, 64) if context // s >= 64
+                for t in ((64, 4, 2), (64, 4, 3), (128, 4, 3)) if (s, t) != (chosen, tiles)]
+            for num_splits, config in rows:
+                def call(i: int, num_splits=num_splits, config=config) -> None:
+                    rows_i = slice(i * batch_size, (i + 1) * batch_size)
+                    decode_attention(batch.query[rows_i], batch.kv_layer,
+                                     meta.block_tables[rows_i], meta.seq_lens[rows_i],
+                                     HEAD_DIM ** -0.5, out[rows_i], context,
+                                     num_splits=num_splits, tiles=config)
+                us = graph_time_us([functools.partial(call, i) for i in range(copies)])
+                mark = "*" if (num_splits, config) == (chosen, tiles) else " "
+                print(f"{batch_size:>5} {context:>7} {num_splits:>6}{mark} {str(config):>14} "
+                      f"{us:>8.1f} {kv_bytes / us / 1e3 / copy_gbs:>8.0%}")
+
+
 def causal_flops(query_len: int, seq_len: int) -> float:
     prefix = seq_len - query_len
     pairs = query_len * prefix + query_len * (query_len + 1) / 2
@@ -161,11 +199,19 @@ def bench_elementwise(copy_gbs: float) -> None:
 def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}, triton {triton.__version__}, "
           f"torch {torch.__version__}")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default="decode,batches,prefill,elementwise")
+    parts = parser.parse_args().only.split(",")
     copy_gbs = copy_rate_gbs()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
-    bench_decode(copy_gbs)
-    bench_prefill(matmul_tflops())
-    bench_elementwise(copy_gbs)
+    if "decode" in parts:
+        bench_decode(copy_gbs)
+    if "batches" in parts:
+        bench_decode_batches(copy_gbs)
+    if "prefill" in parts:
+        bench_prefill(matmul_tflops())
+    if "elementwise" in parts:
+        bench_elementwise(copy_gbs)
 
 
 if __name__ == "__main__":

@@ -149,16 +149,16 @@ def _num_sms(device_index: int) -> int:
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
                       device: torch.device) -> int:
     """Enough splits for about _WAVES programs per SM, but no split shorter than
-    _MIN_TOKENS_PER_SPLIT tokens; one split once the batch alone gives every SM a program. A
-    CUDA-graph caller should pick it once, from the longest context it will serve, and pass it in
-    on every replay.
+    _MIN_TOKENS_PER_SPLIT tokens. A CUDA-graph caller should pick it once, from the longest
+    context it will serve, and pass it in on every replay.
 
-    Past that point the kernel is a stream of whole contexts, and splitting them only adds
-    partials to write and merge: on an H200 (8 KV heads, head_dim 128, benchmarks/RESULTS.md),
-    batch 32 at 4k read its KV at 98% of the copy rate in one split against 80% in three."""
+    Every sequence of a launch is cut into the same number of splits, so the longest context in a
+    batch sets the kernel's time. Fewer splits read even contexts faster (batch 32 at 4k on an
+    H200: 98% of the copy rate in one split, 80% in three) but leave a batch with one long context
+    waiting on that context's few programs: the conversation trace at twice its rate, served
+    with one split from batch 17 on, had a third higher TPOT p50 than the same arrivals served
+    before (benchmarks/RESULTS.md). Splits sized to each sequence's own length would have both."""
     num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    if num_seqs * num_kv_heads >= num_sms:
-        return 1
     to_fill = math.ceil(_WAVES * num_sms / max(num_seqs * num_kv_heads, 1))
     by_length = math.ceil(max_seq_len / _MIN_TOKENS_PER_SPLIT)
     return max(1, min(to_fill, by_length, _MAX_SPLITS))
