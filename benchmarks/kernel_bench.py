@@ -6,9 +6,10 @@ baseline measured in the same run.
   decode worker runs it) and achieved GB/s = KV bytes read / time, against the device-to-device
   copy rate measured here. Each replay walks several block tables over a cache larger than L2, so
   the figure is HBM, not cache. A small sweep of num_splits and tile configs shows the headroom.
-- decode attention over batches (`--only batches`): batch 1-128 at 1k and 4k contexts, the split
-  count and tiles the engine chooses (choose_num_splits, choose_tiles) against other split counts
-  and tiles, as GB/s of KV read against the copy rate.
+- decode attention over batches (`--only batches`): batch 1-128 at 1k and 4k contexts, and batches
+  with one 32k-token context among 1k ones, the split count and tiles the engine chooses
+  (choose_num_splits, choose_tiles) against other split counts and tiles, as KV bytes read over
+  the copy rate.
 - prefill attention, one 4k prompt (and a 4k chunk after a 4k cached prefix): TFLOP/s of the
   causal attention FLOPs, against torch SDPA (flash) on contiguous K/V and a bf16 matmul.
 - fused residual RMSNorm and rotary: GB/s on a 4096-token batch.
@@ -112,34 +113,38 @@ def bench_decode(copy_gbs: float) -> None:
 
 
 def bench_decode_batches(copy_gbs: float) -> None:
+    """Batches of even contexts, and uneven ones (one 32k-token context among 1k ones), where
+    every sequence of a launch gets the same number of splits and the long one sets the time."""
     print(f"\ndecode attention over batches, {NUM_HEADS}/{NUM_KV_HEADS} heads, CUDA graph; "
           f"* = the engine's choice")
-    print(f"{'batch':>5} {'context':>7} {'splits':>7} {'tiles':>14} {'us':>8} {'of copy':>8}")
+    print(f"{'batch':>5} {'contexts':>14} {'splits':>7} {'tiles':>14} {'us':>8} {'of copy':>8}")
+    cases = [(n, [context] * n) for n in (1, 4, 8, 16, 32, 64, 128) for context in (1024, 4096)]
+    cases += [(n, [32768] + [1024] * (n - 1)) for n in (8, 16, 32, 64)]
     device = torch.device("cuda")
-    for batch_size in (1, 4, 8, 16, 32, 64, 128):
-        for context in (1024, 4096):
-            kv_bytes = batch_size * 2 * context * NUM_KV_HEADS * HEAD_DIM * 2
-            copies = max(1, math.ceil(L2_FLUSH_BYTES / kv_bytes))
-            batch = make_paged_batch([context] * batch_size * copies, [1] * batch_size * copies,
-                                     NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, num_layers=1,
-                                     spare_blocks=0)
-            meta, out = batch.meta, torch.empty_like(batch.query)
-            chosen = choose_num_splits(batch_size, NUM_KV_HEADS, context, device)
-            tiles = choose_tiles(batch_size * NUM_KV_HEADS * chosen, chosen, device)
-            rows = [(chosen, tiles)] + [
-                (s, t) for s in (1, 2, 4, 8, 16, 64) if context // s >= 64
-                for t in ((64, 4, 2), (64, 4, 3), (128, 4, 3)) if (s, t) != (chosen, tiles)]
-            for num_splits, config in rows:
-                def call(i: int, num_splits=num_splits, config=config) -> None:
-                    rows_i = slice(i * batch_size, (i + 1) * batch_size)
-                    decode_attention(batch.query[rows_i], batch.kv_layer,
-                                     meta.block_tables[rows_i], meta.seq_lens[rows_i],
-                                     HEAD_DIM ** -0.5, out[rows_i], context,
-                                     num_splits=num_splits, tiles=config)
-                us = graph_time_us([functools.partial(call, i) for i in range(copies)])
-                mark = "*" if (num_splits, config) == (chosen, tiles) else " "
-                print(f"{batch_size:>5} {context:>7} {num_splits:>6}{mark} {str(config):>14} "
-                      f"{us:>8.1f} {kv_bytes / us / 1e3 / copy_gbs:>8.0%}")
+    for batch_size, contexts in cases:
+        kv_bytes = sum(contexts) * 2 * NUM_KV_HEADS * HEAD_DIM * 2
+        copies = max(1, math.ceil(L2_FLUSH_BYTES / kv_bytes))
+        batch = make_paged_batch(contexts * copies, [1] * batch_size * copies, NUM_HEADS,
+                                 NUM_KV_HEADS, HEAD_DIM, num_layers=1, spare_blocks=0)
+        meta, out = batch.meta, torch.empty_like(batch.query)
+        longest = max(contexts)
+        chosen = choose_num_splits(batch_size, NUM_KV_HEADS, longest, device)
+        tiles = choose_tiles(batch_size * NUM_KV_HEADS * chosen, chosen, device)
+        rows = [(chosen, tiles)] + [
+            (s, t) for s in (1, 2, 4, 8, 16, 64) if longest // s >= 64
+            for t in ((64, 4, 2), (64, 4, 3), (128, 4, 3)) if (s, t) != (chosen, tiles)]
+        label = (f"{contexts[0]}" if len(set(contexts)) == 1
+                 else f"{contexts[0]}+{batch_size - 1}x{contexts[1]}")
+        for num_splits, config in rows:
+            def call(i: int, num_splits=num_splits, config=config) -> None:
+                rows_i = slice(i * batch_size, (i + 1) * batch_size)
+                decode_attention(batch.query[rows_i], batch.kv_layer, meta.block_tables[rows_i],
+                                 meta.seq_lens[rows_i], HEAD_DIM ** -0.5, out[rows_i], longest,
+                                 num_splits=num_splits, tiles=config)
+            us = graph_time_us([functools.partial(call, i) for i in range(copies)])
+            mark = "*" if (num_splits, config) == (chosen, tiles) else " "
+            print(f"{batch_size:>5} {label:>14} {num_splits:>6}{mark} {str(config):>14} "
+                  f"{us:>8.1f} {kv_bytes / us / 1e3 / copy_gbs:>8.0%}")
 
 
 def causal_flops(query_len: int, seq_len: int) -> float:
