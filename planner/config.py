@@ -14,9 +14,11 @@ and the YAML keys of the same names build it, and nothing else keeps a second de
 - `min_*` / `max_*`: per-pool bounds in workers; a bound of None means "up to the GPU budget".
   Minimums apply to the pools the layout uses. `gpu_budget` caps the GPUs all workers hold
   together; `gpus_per_worker` is the tensor-parallel width of one worker.
-- `attainment`: the share of requests the TTFT bound is sized for. The prefill pool is big enough
-  when waiting makes at most `1 - attainment` of the requests late (planner.prefill_queue);
-  prompts too long to meet the bound even on an idle worker are reported, not sized for.
+- `attainment`: the share of requests the SLO is sized for. The pools are big enough when the
+  requests that wait past the TTFT bound for a prefill worker, those whose first gap after the
+  hand-over passes the ITL bound, and those too long to meet the bound even on an idle worker add
+  up to at most `1 - attainment` (planner.miss_budget); when that is out of reach, each pool is
+  sized on its own and the decision says the SLO cannot be met.
 - `predictor`: `constant` (last value), `moving_average` (last `predictor_window` intervals),
   `linear_trend` (a least-squares line through the last `predictor_window` intervals),
   `damped_trend` (Holt smoothing over about `predictor_window` intervals, its trend fading by

@@ -20,8 +20,8 @@ for requests that come in batches (the conversation trace sends clumps of ten ev
 A request waits at all with Erlang C's probability C, and then for an exponential time of mean
 Wq / C, so a class whose own prefill and transfer take f seconds misses a TTFT bound T with
 probability C * exp(-(T - f) * C / Wq). A class with f >= T misses it on an idle pool: no number of
-workers helps it, so `late_share` leaves it out, and the pool is sized so that waiting costs at
-most `1 - attainment` of the requests.
+workers helps it, so `late_share` leaves it out, and `unreachable_share` counts it; both go into
+the miss budget the two pools share (planner.miss_budget).
 
 Spill. The router gives a prefill worker at most `max_prefill_queue` prompts at once; when every
 worker has that many, a prompt is prefilled on its decode worker, in chunks mixed into the decode

@@ -5,18 +5,18 @@ The online planner calls this every tick, so it is closed-form reasoning over a 
 simulator is where a shape is checked in detail; this picks the shape quickly.
 
 Load: request rate lambda (1/s), the prompt-length mix (`input_mix`: mean prompt tokens and share
-of each length class; the mean input length ISL alone when nothing finer is known), mean output
-length OSL, prefix hit rate h. A request prefills tokens * (1 - h) new tokens over tokens * h cached.
+of each of the router's length classes, each spread over its range by planner.length_classes; the
+mean input length ISL alone when nothing finer is known), mean output length OSL, prefix hit rate
+h. A request prefills tokens * (1 - h) new tokens over tokens * h cached.
 
 Prefill pool of n workers (disaggregated): planner.prefill_queue, over the prompts the router sends
 it (uncached part at least `remote_prefill_min_tokens`; the rest are prefilled on their decode
 workers, so a workload of short prompts needs no prefill pool). Each prompt is prefilled in
-chunks of the worker's step budget; the pool is an M/G/c queue over the mix's service times, and it
-is big enough when its utilization is within `max_utilization` and waiting pushes at most
-`1 - attainment` of the requests past the TTFT bound. Prompts whose own prefill already exceeds the
-bound are counted apart: no pool size helps them, and the plan says it cannot meet the SLO when
-they are more than `1 - attainment` of the requests. The reported TTFT is the mean (wait, prefill,
-and the KV pull that the second token waits for).
+chunks of the worker's step budget; the pool is an M/G/c queue over the mix's service times; it
+keeps up when its utilization is within `max_utilization` and its bursts do not spill, and its
+late share is the requests that waiting pushes past the TTFT bound. Prompts whose own prefill
+already exceeds the bound are counted apart: no pool size helps them. The reported TTFT is the
+mean (wait, prefill, and the KV pull that the second token waits for).
 
 Decode pool of n workers. With ctx = ISL + OSL / 2 the mean context of a running sequence, one step
 of a batch of b takes t(b) = decode_s(b, b * ctx). B* is the largest b <= max_batch_size with
@@ -37,9 +37,14 @@ pull ends at a random point of a step and waits out the rest; counting whole ste
 the late share a saw-tooth in t, and the decode pool jumped 1 -> 3 -> 2 workers over a small load
 change in the planner's simulated hour). A handover lands with its clump-mates
 (arrival_dispersion as in the prefill pool): t is the step of the mean batch plus
-(dispersion - 1) / n sequences. The pool is big enough when that exceeds the bound for at most
-`1 - attainment` of the requests, or when one more worker would take less than that off the late
-list (the rest are the longest prompts, whose pull alone takes most of the bound).
+(dispersion - 1) / n sequences. Its late share is the requests whose first gap exceeds the bound.
+
+One budget for both (planner.miss_budget): the unreachable requests and the two pools' late
+shares add up, and the plan is the fewest workers whose sum is at most `1 - attainment`. When no
+pair reaches that, each pool is sized on its own, as before the budget was shared: big enough
+when its own late share is within `1 - attainment` (the decode pool also when one more worker
+would take less than that off its late list: the rest are the longest prompts, whose pull alone
+takes most of the bound), and the plan says it cannot meet the SLO.
 
 Aggregated pool of n workers (role `both`). With S the mix's prefill time in chunks of
 `chunk_tokens`, a worker spends P = lambda / n * E[S] of each second on prefill, and uses D = lambda / n * OSL * t(B*) / B* of its decode capacity (as in the decode pool:
@@ -65,6 +70,8 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from tandem.engine.config import EngineConfig
+from tandem.planner.length_classes import spread_classes
+from tandem.planner.miss_budget import MIN_GAIN_FRACTION, cheapest_pair
 from tandem.planner.prefill_queue import (late_share, mean_wait_s, service_mix, spills,
                                           stretched, unreachable_share)
 from tandem.router.routing import RoutingConfig
@@ -96,10 +103,16 @@ class Load:
     # (mean prompt tokens, share of the requests) per length class; empty: the mean alone
     input_mix: tuple[tuple[float, float], ...] = ()
     arrival_dispersion: float = 1.0    # variance / mean of arrivals per second; 1: Poisson
+    # True: input_mix holds the router's classes (bit lengths), each spread over its range
+    # (planner.length_classes); False: its entries are exact prompt lengths.
+    mix_is_classes: bool = True
 
     @property
     def mix(self) -> tuple[tuple[float, float], ...]:
-        return self.input_mix or ((self.mean_input_tokens, 1.0),)
+        """(prompt tokens, share) points the pools are sized over."""
+        if not self.input_mix:
+            return ((self.mean_input_tokens, 1.0),)
+        return spread_classes(self.input_mix) if self.mix_is_classes else self.input_mix
 
     @property
     def num_new_tokens(self) -> int:
@@ -139,8 +152,10 @@ class PoolEstimate:
     utilization: float                 # busy fraction per worker; inf when it cannot keep up
     ttft_ms: float                     # NaN for a decode pool
     itl_ms: float                      # NaN for a prefill pool
-    meets_slo: bool
+    meets_slo: bool                    # on its own: its late share within 1 - attainment
     unreachable_share: float = 0.0     # requests over the TTFT bound however many workers
+    late_share: float = 0.0            # requests it makes miss the SLO that more workers could save
+    keeps_up: bool = True              # within max_utilization (prefill: no spill; decode: ITL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,11 +180,12 @@ def prefill_estimate(perf: PerfModel, load: Load, target: SizingTarget, n: int) 
     ttft_s = wait_s + sum(p * f for p, f in zip(mix.shares, mix.floor_s))
     ttft_bound_s = target.ttft_ms / 1e3
     late = late_share(mix, wait_probability, wait_s, ttft_bound_s)
-    ok = (rho <= target.max_utilization and late <= 1.0 - target.attainment
-          and not spills(mix, rate, wait_s, n, target.max_prefill_queue, dispersion,
-                         target.attainment))
+    keeps_up = (rho <= target.max_utilization
+                and not spills(mix, rate, wait_s, n, target.max_prefill_queue, dispersion,
+                               target.attainment))
+    ok = keeps_up and late <= 1.0 - target.attainment
     return PoolEstimate(n, rho, 1e3 * ttft_s, math.nan, ok,
-                        unreachable_share(mix, ttft_bound_s))
+                        unreachable_share(mix, ttft_bound_s), late, keeps_up)
 
 
 def decode_estimate(perf: PerfModel, load: Load, target: SizingTarget, n: int) -> PoolEstimate:
@@ -178,7 +194,7 @@ def decode_estimate(perf: PerfModel, load: Load, target: SizingTarget, n: int) -
     utilization = load.request_rate_per_s * load.mean_output_tokens * step_s / (best * n)
     batch = _little_batch(perf, load, target, n)
     if not batch:
-        return PoolEstimate(n, utilization, math.nan, math.inf, False)
+        return PoolEstimate(n, utilization, math.nan, math.inf, False, keeps_up=False)
     itl_s = _decode_step_s(perf, load, batch)
     late, unreachable = _handoff_late(perf, load, target, batch, n)
     budget = 1.0 - target.attainment
@@ -191,9 +207,9 @@ def decode_estimate(perf: PerfModel, load: Load, target: SizingTarget, n: int) -
         is_handoff_ok = late - late_after < budget
     else:
         is_handoff_ok = True
-    ok = (utilization <= target.max_utilization and itl_s <= target.itl_ms / 1e3
-          and is_handoff_ok)
-    return PoolEstimate(n, utilization, math.nan, 1e3 * itl_s, ok, unreachable)
+    keeps_up = utilization <= target.max_utilization and itl_s <= target.itl_ms / 1e3
+    return PoolEstimate(n, utilization, math.nan, 1e3 * itl_s, keeps_up and is_handoff_ok,
+                        unreachable, late, keeps_up)
 
 
 def aggregated_estimate(perf: PerfModel, load: Load, target: SizingTarget,
@@ -201,7 +217,7 @@ def aggregated_estimate(perf: PerfModel, load: Load, target: SizingTarget,
     rate = load.request_rate_per_s / n
     batch = _little_batch(perf, load, target, n)
     if not batch:
-        return PoolEstimate(n, math.inf, math.inf, math.inf, False)
+        return PoolEstimate(n, math.inf, math.inf, math.inf, False, keeps_up=False)
     mix = service_mix(perf, load.mix, load.prefix_hit_rate, target.chunk_tokens)
     decode_step_s = _decode_step_s(perf, load, batch)
     best = _max_batch_within_itl(perf, load, target)
@@ -281,7 +297,7 @@ def remote_part(load: Load, target: SizingTarget) -> Load:
         return replace(load, request_rate_per_s=0.0)
     mean_tokens = sum(t * s for t, s in kept) / sum(s for _, s in kept)
     return replace(load, request_rate_per_s=load.request_rate_per_s * share,
-                   mean_input_tokens=mean_tokens, input_mix=kept)
+                   mean_input_tokens=mean_tokens, input_mix=kept, mix_is_classes=False)
 
 
 def smallest_pool(estimate, perf: PerfModel, load: Load, target: SizingTarget,
@@ -321,28 +337,71 @@ def plan_pools(perf: PerfModel, load: Load, target: SizingTarget, layout: str,
 
 def _plan_disagg(perf: PerfModel, load: Load, target: SizingTarget,
                  bounds: dict[str, tuple[int, int]], max_workers: int) -> PoolPlan:
-    prefill = smallest_pool(prefill_estimate, perf, remote_part(load, target), target,
-                            bounds["prefill"])
-    decode = smallest_pool(decode_estimate, perf, load, target, bounds["decode"])
-    unreachable = prefill.unreachable_share + decode.unreachable_share
-    ok = prefill.meets_slo and decode.meets_slo and unreachable <= 1.0 - target.attainment
-    prefill_note = (f"prefill {prefill.num_workers} at {prefill.utilization:.0%} busy, "
-                    f"TTFT ~{prefill.ttft_ms:.0f} ms" if not math.isnan(prefill.ttft_ms)
-                    else f"prefill {prefill.num_workers} (no prompt long enough to send there)")
-    note = f"{prefill_note}; decode {decode.num_workers}, ITL ~{decode.itl_ms:.1f} ms"
-    if prefill.unreachable_share > 0:
-        note += (f"; {prefill.unreachable_share:.1%} of prompts take longer than the TTFT bound "
-                 f"to prefill alone")
-    if decode.unreachable_share > 0:
-        note += (f"; {decode.unreachable_share:.1%} of prompts take longer than the ITL bound "
-                 f"to hand over")
+    """The fewest workers whose misses add up within the budget (planner.miss_budget); when no
+    pair does, each pool sized on its own budget, and the plan marked as missing the SLO."""
+    remote = remote_part(load, target)
+    remote_share = (remote.request_rate_per_s / load.request_rate_per_s
+                    if load.request_rate_per_s > 0 else 0.0)
+    prefills = _pool_options(prefill_estimate, perf, remote, target, bounds["prefill"])
+    decodes = _pool_options(decode_estimate, perf, load, target, bounds["decode"])
+    pair = None
+    if prefills and decodes:
+        unreachable = remote_share * prefills[0].unreachable_share + decodes[0].unreachable_share
+        pair = cheapest_pair([(p.num_workers, remote_share * p.late_share) for p in prefills],
+                             [(d.num_workers, d.late_share) for d in decodes],
+                             1.0 - target.attainment - unreachable, max_workers)
+    if pair is not None:
+        prefill = next(p for p in prefills if p.num_workers == pair[0])
+        decode = next(d for d in decodes if d.num_workers == pair[1])
+    else:
+        prefill = smallest_pool(prefill_estimate, perf, remote, target, bounds["prefill"])
+        decode = smallest_pool(decode_estimate, perf, load, target, bounds["decode"])
+    note = _disagg_note(prefill, decode, remote_share)
     if prefill.num_workers + decode.num_workers <= max_workers:
-        return PoolPlan("disagg", prefill.num_workers, decode.num_workers, 0, ok, note)
+        return PoolPlan("disagg", prefill.num_workers, decode.num_workers, 0, pair is not None,
+                        note)
     num_prefill, num_decode = _split_budget(prefill.num_workers, decode.num_workers,
                                             bounds, max_workers)
     note = (f"GPU budget of {max_workers} workers binds: prefill needs {prefill.num_workers}, "
             f"decode needs {decode.num_workers}")
     return PoolPlan("disagg", num_prefill, num_decode, 0, False, note)
+
+
+def _pool_options(estimate, perf: PerfModel, load: Load, target: SizingTarget,
+                  bounds: tuple[int, int]) -> list[PoolEstimate]:
+    """The pool's estimates that keep up, from its smallest size while each added worker takes at
+    least MIN_GAIN_FRACTION of the budget off the late list (planner.miss_budget)."""
+    low, high = bounds
+    if high <= 0 or (low == 0 and load.request_rate_per_s <= 0):
+        return [PoolEstimate(0, 0.0, math.nan, math.nan, True)]
+    min_gain = MIN_GAIN_FRACTION * (1.0 - target.attainment)
+    options: list[PoolEstimate] = []
+    for n in range(max(low, 1), high + 1):
+        result = estimate(perf, load, target, n)
+        if not result.keeps_up:
+            continue
+        if options and options[-1].late_share - result.late_share < min_gain:
+            break
+        options.append(result)
+        if result.late_share <= 0.0:
+            break
+    return options
+
+
+def _disagg_note(prefill: PoolEstimate, decode: PoolEstimate, remote_share: float) -> str:
+    prefill_note = (f"prefill {prefill.num_workers} at {prefill.utilization:.0%} busy, "
+                    f"TTFT ~{prefill.ttft_ms:.0f} ms" if not math.isnan(prefill.ttft_ms)
+                    else f"prefill {prefill.num_workers} (no prompt long enough to send there)")
+    note = f"{prefill_note}; decode {decode.num_workers}, ITL ~{decode.itl_ms:.1f} ms"
+    note += (f"; misses ~{remote_share * prefill.late_share:.2%} waiting for prefill, "
+             f"~{decode.late_share:.2%} on the hand-over")
+    if prefill.unreachable_share > 0:
+        note += (f"; {remote_share * prefill.unreachable_share:.1%} of prompts take longer than "
+                 f"the TTFT bound to prefill alone")
+    if decode.unreachable_share > 0:
+        note += (f"; {decode.unreachable_share:.1%} of prompts take longer than the ITL bound "
+                 f"to hand over")
+    return note
 
 
 def _plan_agg(perf: PerfModel, load: Load, target: SizingTarget,

@@ -61,7 +61,8 @@ def test_a_spread_of_prompt_lengths_needs_more_prefill_than_its_mean():
     long ones, and the long ones' chunks run over ever longer prefixes."""
     target = SizingTarget(ttft_ms=2000, itl_ms=80)    # every prompt fits in both alone
     even = Load(10.0, 4096, 256)
-    spread = Load(10.0, 4096, 256, input_mix=((1024, 0.9), (31744, 0.1)))
+    spread = Load(10.0, 4096, 256, input_mix=((1024, 0.9), (31744, 0.1)),
+                  mix_is_classes=False)
     plans = [plan_pools(PERF, load, target, "disagg", BOUNDS, 16) for load in (even, spread)]
     assert [p.num_prefill for p in plans] == [2, 3] and all(p.meets_slo for p in plans)
     # 0.9 * 30.6 ms + 0.1 * 1365 ms = 164 ms of prefill per request, against 116.5 ms
@@ -72,7 +73,8 @@ def test_a_spread_of_prompt_lengths_needs_more_prefill_than_its_mean():
 def test_prompts_too_long_for_the_ttft_bound_do_not_take_more_workers():
     # 10% of prompts take 1.37 s to prefill alone, over a 500 ms bound: no pool size helps them.
     target = SizingTarget(ttft_ms=500, itl_ms=80)
-    load = Load(2.0, 4096, 256, input_mix=((1024, 0.9), (31744, 0.1)))
+    load = Load(2.0, 4096, 256, input_mix=((1024, 0.9), (31744, 0.1)),
+                  mix_is_classes=False)
     estimate = prefill_estimate(PERF, load, target, 2)
     assert estimate.unreachable_share == pytest.approx(0.1)
     plan = plan_pools(PERF, load, target, "disagg", BOUNDS, 8)
@@ -85,7 +87,8 @@ def test_prompts_too_long_for_the_ttft_bound_do_not_take_more_workers():
 def test_a_kv_pull_longer_than_the_itl_bound_is_reported_not_sized_for():
     """The first gap on the decode worker is the pull, two waits for a step boundary and the
     request's own step: 42.6 ms to pull a 31744-token prompt already exceeds a 40 ms bound."""
-    load = Load(2.0, 4096, 256, input_mix=((1024, 0.9), (31744, 0.1)))
+    load = Load(2.0, 4096, 256, input_mix=((1024, 0.9), (31744, 0.1)),
+                  mix_is_classes=False)
     target = SizingTarget(ttft_ms=2000, itl_ms=40)
     estimate = decode_estimate(PERF, load, target, 1)
     assert estimate.unreachable_share == pytest.approx(0.1) and estimate.meets_slo
@@ -226,7 +229,8 @@ def test_prompts_below_the_remote_prefill_threshold_need_no_prefill_pool():
     short = Load(10.0, 128, 1024)
     plan = plan_pools(PERF, short, TARGET, "disagg", bounds, 8)
     assert plan.num_prefill == 0 and plan.num_decode >= 1 and plan.meets_slo
-    mixed = Load(10.0, 2048, 256, input_mix=((128.0, 0.5), (3968.0, 0.5)))
+    mixed = Load(10.0, 2048, 256, input_mix=((128.0, 0.5), (3968.0, 0.5)),
+                 mix_is_classes=False)
     assert plan_pools(PERF, mixed, TARGET, "disagg", bounds, 8).num_prefill == \
         plan_pools(PERF, Load(5.0, 3968, 256), TARGET, "disagg", bounds, 8).num_prefill
     cached = Load(10.0, 4096, 256, prefix_hit_rate=0.95)     # 205 new tokens of each prompt
@@ -242,3 +246,55 @@ def test_prompts_that_miss_the_ttft_bound_alone_do_not_size_the_decode_pool():
     floor_s = prefill_estimate(PERF, long, itl_bound, 1).ttft_ms / 1e3
     tight_ttft = SizingTarget(ttft_ms=1e3 * floor_s / 2, itl_ms=36)
     assert _handoff_late(PERF, long, tight_ttft, 1, 1) == (0.0, 0.0)
+
+
+def test_the_pools_share_one_miss_budget():
+    """20 req/s; 1% of the prompts have 16k tokens (a 22.5 ms pull beside a 36 ms ITL bound) and
+    0.4% have 32k tokens (1.4 s of prefill against a 1 s TTFT bound). On its own, each pool is
+    within 1%: 2 prefill workers leave 0.18% of the requests waiting past the TTFT bound, 1 decode
+    worker 0.62% with a late first gap; with the 0.4% no pool helps, 1.19% would miss. The plan is
+    the cheapest pair whose misses add up to 1% at most, as an exhaustive search finds it."""
+    target = SizingTarget(ttft_ms=1000, itl_ms=36)
+    mix = ((2048.0, 0.986), (16384.0, 0.01), (32768.0, 0.004))
+    load = Load(20.0, sum(t * s for t, s in mix), 64, input_mix=mix, mix_is_classes=False)
+    alone = (smallest_pool(prefill_estimate, PERF, load, target, BOUNDS["prefill"]),
+             smallest_pool(decode_estimate, PERF, load, target, BOUNDS["decode"]))
+    assert [pool.num_workers for pool in alone] == [2, 1]
+    assert [pool.late_share for pool in alone] == pytest.approx([0.00175, 0.00615], abs=5e-5)
+    assert alone[0].unreachable_share == pytest.approx(0.004)
+    plan = plan_pools(PERF, load, target, "disagg", BOUNDS, 16)
+    assert (plan.num_prefill, plan.num_decode) == (3, 2) and plan.meets_slo
+
+    fits = []
+    for p in range(1, 9):
+        for d in range(1, 9):
+            prefill = prefill_estimate(PERF, load, target, p)
+            decode = decode_estimate(PERF, load, target, d)
+            misses = (prefill.unreachable_share + decode.unreachable_share
+                      + prefill.late_share + decode.late_share)
+            if prefill.keeps_up and decode.keeps_up and misses <= 0.01:
+                fits.append((p + d, misses, (p, d)))
+    assert min(fits)[2] == (3, 2)
+
+
+def test_a_class_is_a_range_and_its_top_can_pass_the_ttft_bound():
+    """Class 15 (16,384 to 32,767 tokens) with its mean in the middle: eight points 2,048 tokens
+    apart from 17,408. The prefill of the class mean (24,576) fits a 1.1 s bound, but the top three
+    points' prefills alone do not: 3/8 of the class is unreachable."""
+    def floor_s(tokens: float) -> float:   # chunk by chunk, each over the prefix before it
+        done, total = 0, PERF.transfer_s(math.ceil(tokens / 16) * 16 * 131072)
+        while done < round(tokens):
+            chunk = min(2048, round(tokens) - done)
+            total += PERF.prefill_s(chunk, done)
+            done += chunk
+        return total
+
+    points = [17408 + 2048 * j for j in range(8)]
+    bound_s = 1.1
+    assert floor_s(24576) < bound_s
+    assert [floor_s(t) >= bound_s for t in points] == [False] * 5 + [True] * 3
+    target = SizingTarget(ttft_ms=1e3 * bound_s, itl_ms=80)
+    classes = Load(1.0, 10000, 64, input_mix=((2048.0, 0.8), (24576.0, 0.2)))
+    assert prefill_estimate(PERF, classes, target, 2).unreachable_share == pytest.approx(0.2 * 3 / 8)
+    exact = replace(classes, mix_is_classes=False)
+    assert prefill_estimate(PERF, exact, target, 2).unreachable_share == 0.0
