@@ -174,9 +174,16 @@ def choose_tiles(num_programs: int, num_splits: int, device: torch.device
     H200 at 8 KV heads, one split: batch 32 at 4k took 128 us with 128-token tiles against 145 us
     with 64; batch 64 took 249 us with 64-token tiles against 292 us with 128."""
     if num_splits > 1:
-        return 64, 4, 2
+        return _SPLIT_TILES
     num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return (128, 4, 3) if num_programs <= 2 * num_sms else (64, 4, 3)
+    tiles = (128, 4, 3) if num_programs <= 2 * num_sms else (64, 4, 3)
+    return _SPLIT_TILES if tiles in _too_big else tiles
+
+
+_SPLIT_TILES = (64, 4, 2)   # fits every GPU Triton runs on
+# Tiles whose pipeline passed this GPU's shared memory (128-token tiles three deep take about 200
+# KiB at head_dim 128: an H100's SM has 227, an A100's 163): `choose_tiles` no longer offers them.
+_too_big: set[tuple[int, int, int]] = set()
 
 
 def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
@@ -198,8 +205,9 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
         return out
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, query.device)
-    block_n, num_warps, num_stages = tiles or choose_tiles(num_seqs * num_kv_heads * num_splits,
-                                                           num_splits, query.device)
+    chosen = tiles is None
+    if chosen:
+        tiles = choose_tiles(num_seqs * num_kv_heads * num_splits, num_splits, query.device)
     group = num_heads // num_kv_heads
     single = num_splits == 1
     if single:
@@ -209,16 +217,26 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
                                device=query.device)
         part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32,
                                device=query.device)
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, kv_layer, block_tables, seq_lens, out, part_out, part_lse,
-        query.stride(0), query.stride(1),
-        kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        scale * _LOG2_E, num_splits,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, SINGLE_SPLIT=single,
-        num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(query),
-    )
+
+    def launch(block_n: int, num_warps: int, num_stages: int) -> None:
+        _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+            query, kv_layer, block_tables, seq_lens, out, part_out, part_lse,
+            query.stride(0), query.stride(1),
+            kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
+            block_tables.stride(0), out.stride(0), out.stride(1),
+            scale * _LOG2_E, num_splits,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+            BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, SINGLE_SPLIT=single,
+            num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(query),
+        )
+
+    try:
+        launch(*tiles)
+    except triton.runtime.errors.OutOfResources:
+        if not chosen or tiles == _SPLIT_TILES:
+            raise
+        _too_big.add(tiles)  # a GPU with less shared memory than the tiles were sized for
+        launch(*_SPLIT_TILES)
     if not single:
         _decode_merge_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
@@ -232,14 +250,20 @@ def compile_variants(kv_layer: torch.Tensor, num_heads: int) -> None:
     """Compiles now every variant a decode step over kv_layer (one layer of the engine's cache)
     may launch later, so that none stalls a serving batch to compile (the engine calls it once,
     at start-up): the split kernel with each tile choice of `choose_tiles`, reading block 0 for a
-    one-token sequence (it writes only its own output), and the merge at every width."""
+    one-token sequence (it writes only its own output), and the merge at every width. Tiles too
+    big for this GPU's shared memory are found here and left out of the choice."""
     head_dim, device = kv_layer.shape[4], kv_layer.device
     query = torch.zeros((1, num_heads, head_dim), dtype=kv_layer.dtype, device=device)
     block_tables = torch.zeros((1, 1), dtype=torch.int32, device=device)
     seq_lens = torch.ones(1, dtype=torch.int32, device=device)
-    for num_splits, tiles in ((1, (128, 4, 3)), (1, (64, 4, 3)), (2, (64, 4, 2))):
-        decode_attention(query, kv_layer, block_tables, seq_lens, 1.0, torch.empty_like(query),
-                         1, num_splits=num_splits, tiles=tiles)
+    for num_splits, tiles in ((1, (128, 4, 3)), (1, (64, 4, 3)), (2, _SPLIT_TILES)):
+        try:
+            decode_attention(query, kv_layer, block_tables, seq_lens, 1.0,
+                             torch.empty_like(query), 1, num_splits=num_splits, tiles=tiles)
+        except triton.runtime.errors.OutOfResources:
+            if tiles == _SPLIT_TILES:
+                raise
+            _too_big.add(tiles)   # past this GPU's shared memory: never chosen
     compile_merge_widths(head_dim, kv_layer.dtype, device)
 
 

@@ -107,3 +107,32 @@ def test_decode_padded_sequence_gives_zeros_not_nan():
                          out, 100, num_splits=num_splits)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         assert torch.isfinite(out[0]).all()
+
+
+def test_tiles_past_the_shared_memory_fall_back_and_are_not_chosen_again(monkeypatch):
+    # A GPU with less shared memory than an H100 cannot run the deep one-split tiles: the launch
+    # takes the split tiles instead, and the choice leaves the deep ones out from then on.
+    import triton
+
+    from tandem.engine.kernels import decode_attention
+
+    real = decode_attention._decode_split_kernel
+    launched = []
+
+    class SmallGpu:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append(kwargs["BLOCK_N"])
+                if kwargs["num_stages"] == 3:
+                    raise triton.runtime.errors.OutOfResources(200 * 1024, 163 * 1024,
+                                                               "shared memory")
+                return real[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(decode_attention, "_decode_split_kernel", SmallGpu())
+    monkeypatch.setattr(decode_attention, "_too_big", set())
+    assert run_decode([1000, 300, 17], 32, 8, 128, 1) < BF16_REL_TOL
+    assert launched == [128, 64] and (128, 4, 3) in decode_attention._too_big
+    assert decode_attention.choose_tiles(8, 1, torch.device("cuda")) == (64, 4, 2)
+    with pytest.raises(triton.runtime.errors.OutOfResources):  # asked for: not replaced
+        run_decode([100], 32, 8, 128, 1, tiles=(64, 4, 3))
