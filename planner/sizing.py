@@ -308,7 +308,7 @@ def smallest_pool(estimate, perf: PerfModel, load: Load, target: SizingTarget,
     n within the utilization bound: more workers than that buy nothing but cost GPUs.
     """
     low, high = bounds
-    if high <= 0 or (low == 0 and load.request_rate_per_s <= 0):
+    if _no_pool_needed(load, bounds):
         return PoolEstimate(0, 0.0, math.nan, math.nan, True)
     first_within_utilization = None
     for n in range(max(low, 1), high + 1):
@@ -318,6 +318,12 @@ def smallest_pool(estimate, perf: PerfModel, load: Load, target: SizingTarget,
         if first_within_utilization is None and result.utilization <= target.max_utilization:
             first_within_utilization = result
     return first_within_utilization or result
+
+
+def _no_pool_needed(load: Load, bounds: tuple[int, int]) -> bool:
+    """The pool may have no worker (capped at zero, or nothing to serve and no minimum)."""
+    low, high = bounds
+    return high <= 0 or (low == 0 and load.request_rate_per_s <= 0)
 
 
 def plan_pools(perf: PerfModel, load: Load, target: SizingTarget, layout: str,
@@ -372,7 +378,7 @@ def _pool_options(estimate, perf: PerfModel, load: Load, target: SizingTarget,
     """The pool's estimates that keep up, from its smallest size while each added worker takes at
     least MIN_GAIN_FRACTION of the budget off the late list (planner.miss_budget)."""
     low, high = bounds
-    if high <= 0 or (low == 0 and load.request_rate_per_s <= 0):
+    if _no_pool_needed(load, bounds):
         return [PoolEstimate(0, 0.0, math.nan, math.nan, True)]
     min_gain = MIN_GAIN_FRACTION * (1.0 - target.attainment)
     options: list[PoolEstimate] = []
