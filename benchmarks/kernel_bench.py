@@ -7,9 +7,9 @@ baseline measured in the same run.
   copy rate measured here. Each replay walks several block tables over a cache larger than L2, so
   the figure is HBM, not cache. A small sweep of num_splits and tile configs shows the headroom.
 - decode attention over batches (`--only batches`): batch 1-128 at 1k and 4k contexts, and batches
-  with one 32k-token context among 1k ones, the split count and tiles the engine chooses
-  (choose_num_splits, choose_tiles) against other split counts and tiles, as KV bytes read over
-  the copy rate.
+  with one 32k-token context among 1k ones (two 16k among 2k ones), the split count and tiles the
+  engine chooses (choose_num_splits, choose_tiles) against other split counts and tiles, as KV
+  bytes read over the copy rate.
 - prefill attention, one 4k prompt (and a 4k chunk after a 4k cached prefix): TFLOP/s of the
   causal attention FLOPs, against torch SDPA (flash) on contiguous K/V and a bf16 matmul.
 - fused residual RMSNorm and rotary: GB/s on a 4096-token batch.
@@ -114,12 +114,14 @@ def bench_decode(copy_gbs: float) -> None:
 
 def bench_decode_batches(copy_gbs: float) -> None:
     """Batches of even contexts, and uneven ones (one 32k-token context among 1k ones), where
-    every sequence of a launch gets the same number of splits and the long one sets the time."""
+    the long context must be spread over more programs than the short ones to not set the time.
+    A split count here is the most splits a sequence may take."""
     print(f"\ndecode attention over batches, {NUM_HEADS}/{NUM_KV_HEADS} heads, CUDA graph; "
           f"* = the engine's choice")
     print(f"{'batch':>5} {'contexts':>14} {'splits':>7} {'tiles':>14} {'us':>8} {'of copy':>8}")
     cases = [(n, [context] * n) for n in (1, 4, 8, 16, 32, 64, 128) for context in (1024, 4096)]
-    cases += [(n, [32768] + [1024] * (n - 1)) for n in (8, 16, 32, 64)]
+    cases += [(n, [32768] + [1024] * (n - 1)) for n in (8, 16, 32, 64, 128)]
+    cases += [(n, [16384] * 2 + [2048] * (n - 2)) for n in (32, 128)]
     device = torch.device("cuda")
     for batch_size, contexts in cases:
         kv_bytes = sum(contexts) * 2 * NUM_KV_HEADS * HEAD_DIM * 2
@@ -129,12 +131,14 @@ def bench_decode_batches(copy_gbs: float) -> None:
         meta, out = batch.meta, torch.empty_like(batch.query)
         longest = max(contexts)
         chosen = choose_num_splits(batch_size, NUM_KV_HEADS, longest, device)
-        tiles = choose_tiles(batch_size * NUM_KV_HEADS * chosen, chosen, device)
+        tiles = choose_tiles(batch_size * NUM_KV_HEADS, chosen, device)
         rows = [(chosen, tiles)] + [
-            (s, t) for s in (1, 2, 4, 8, 16, 64) if longest // s >= 64
-            for t in ((64, 4, 2), (64, 4, 3), (128, 4, 3)) if (s, t) != (chosen, tiles)]
-        label = (f"{contexts[0]}" if len(set(contexts)) == 1
-                 else f"{contexts[0]}+{batch_size - 1}x{contexts[1]}")
+            (s, t) for s in (1, 2, 3, 4, 8, 16, 64) if longest // s >= 64
+            for t in ((64, 4, 2), (64, 4, 3), (128, 4, 3))
+            if (s, t) != (chosen, tiles) and (s == 1 or t != (128, 4, 3))]
+        firsts = sum(c == contexts[0] for c in contexts)
+        label = (f"{contexts[0]}" if firsts == batch_size
+                 else f"{firsts}x{contexts[0]}+{batch_size - firsts}x{contexts[-1]}")
         for num_splits, config in rows:
             def call(i: int, num_splits=num_splits, config=config) -> None:
                 rows_i = slice(i * batch_size, (i + 1) * batch_size)

@@ -10,11 +10,14 @@ is bytes over HBM bandwidth, and the two things that decide it are:
   rows are padded to 16 so that q @ K^T and p @ V are tensor-core dots (the padding rows cost
   arithmetic, which decode has to spare, not bytes).
 - Enough programs to fill the GPU. Batch 1 with 8 KV heads is 8 programs, a few percent of an
-  H100's 132 SMs. As in flash-decoding (Dao et al., 2023), the context is cut into `num_splits`
-  pieces, each piece gets its own program and writes a partial output with its log-sum-exp, and a
-  small second kernel merges the pieces with the usual softmax rescaling.
+  H100's 132 SMs. As in flash-decoding (Dao et al., 2023), the context is cut into up to
+  `num_splits` pieces, each piece gets its own program and writes a partial output with its
+  log-sum-exp, and a small second kernel merges the pieces with the usual softmax rescaling.
+- Even work per program. A piece holds at least the batch's KV tokens over the programs the GPU
+  wants in flight, so a batch of short contexts keeps one piece each and a long context among them
+  takes as many as it needs (up to num_splits), instead of one program reading it end to end.
 
-Each split's token range is computed on the device from that sequence's seq_len, so the launch
+Each split's token range is computed on the device from the batch's seq_lens, so the launch
 depends only on Python ints (batch size, num_splits): a CUDA graph captured once replays correctly
 for any context lengths. With num_splits == 1 the first kernel writes the final output itself and
 the merge kernel is not launched.
@@ -36,8 +39,15 @@ from tandem.engine.kernels import pdl
 
 _LOG2_E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 64  # one tile: below this a split is only merge overhead
+_SUM_BLOCK = tl.constexpr(256)  # sequence lengths summed at a time, for the split size
 _MAX_SPLITS = 64  # past this the merge costs more than the extra parallelism gains (H200 sweep)
 _WAVES = 4  # programs per SM to aim for: batch-1 decode is latency-bound, more in flight helps
+# Spare splits for a long context among short ones: up to 16 a sequence while the grid stays
+# within 4096 programs, and 2 once the sequences' heads alone give every SM _WAVES programs. An
+# unused split's program only writes an empty log-sum-exp, yet on an H200 batch 128 at 1k took
+# 149-161 us with 4 splits a sequence, 140 with 2 and 146 with 1.
+_MAX_SPREAD = 16
+_SPREAD_PROGRAMS = 4096
 # The merge's tile over splits: the next power of two of the split count (a 64-wide tile for 3
 # splits cost batch 32 about 40% more attention time on H200). An engine compiles every width at
 # start-up (`compile_merge_widths`), so a new split count met mid-serving finds its variant ready.
@@ -48,13 +58,13 @@ _MERGE_WIDTHS = tuple(2 ** i for i in range(1, _MAX_SPLITS.bit_length()))
 # splits, which follows the batch size and the longest context) are not specialized on: Triton
 # would otherwise compile a variant for each new class of value (1, a multiple of 16, other) in the
 # middle of serving (a stall of the whole batch per compile).
-@triton.jit(do_not_specialize=["stride_bt_seq", "num_splits"])
+@triton.jit(do_not_specialize=["stride_bt_seq", "num_splits", "target_programs"])
 def _decode_split_kernel(
     q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     stride_q_seq, stride_q_head,
     stride_cache_block, stride_cache_kv, stride_cache_slot, stride_cache_head,
     stride_bt_seq, stride_out_seq, stride_out_head,
-    qk_scale, num_splits,
+    qk_scale, num_splits, target_programs,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
@@ -62,14 +72,50 @@ def _decode_split_kernel(
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    num_heads = tl.num_programs(1) * GROUP
+    num_seqs = tl.num_programs(0)
+    num_kv_heads = tl.num_programs(1)
+    num_heads = num_kv_heads * GROUP
 
     seq_len = tl.load(seq_lens_ptr + seq)
-    # Whole tiles per split, so only the last tile of a split is ragged.
-    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    # A split holds at least the batch's KV tokens over `target_programs` (a sequence takes as
+    # many splits as its own length needs, so one long context among short ones is spread over
+    # its num_splits programs while the short ones keep one), and at least its num_splits-th part
+    # of the sequence; whole tiles, so only the last tile of a split is ragged.
+    tokens_per_split = tl.cdiv(seq_len, num_splits).to(tl.int64)
+    if not SINGLE_SPLIT:
+        lens = tl.zeros([_SUM_BLOCK], tl.int64)
+        for first in range(0, num_seqs, _SUM_BLOCK):
+            rows = first + tl.arange(0, _SUM_BLOCK)
+            lens += tl.load(seq_lens_ptr + rows, mask=rows < num_seqs, other=0)
+        quantum = tl.cdiv(tl.sum(lens, axis=0) * num_kv_heads, target_programs)
+        tokens_per_split = tl.maximum(tokens_per_split, quantum)
+    tokens_per_split = tl.cdiv(tokens_per_split, BLOCK_N) * BLOCK_N
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
+    if (start < end) | (split == 0):
+        _attend_split(q_ptr, cache_ptr, block_tables_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+                      stride_q_seq, stride_q_head, stride_cache_block, stride_cache_kv,
+                      stride_cache_slot, stride_cache_head, stride_bt_seq, stride_out_seq,
+                      stride_out_head, qk_scale, num_splits, seq, kv_head, split, num_heads,
+                      start, end, GROUP, HEAD_DIM, BLOCK_SIZE, BLOCK_G, BLOCK_N, SINGLE_SPLIT)
+    elif not SINGLE_SPLIT:  # a split past the sequence's end: no keys, no weight in the merge
+        heads = kv_head * GROUP + tl.arange(0, BLOCK_G)
+        tl.store(part_lse_ptr + (seq * num_heads + heads) * num_splits + split,
+                 tl.full([BLOCK_G], float("-inf"), tl.float32), mask=heads < (kv_head + 1) * GROUP)
+    pdl.release(USE_PDL)
 
+
+@triton.jit
+def _attend_split(
+    q_ptr, cache_ptr, block_tables_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    stride_q_seq, stride_q_head, stride_cache_block, stride_cache_kv, stride_cache_slot,
+    stride_cache_head, stride_bt_seq, stride_out_seq, stride_out_head, qk_scale, num_splits,
+    seq, kv_head, split, num_heads, start, end,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+):
+    """One program's split: attention over tokens [start, end) of `seq` for the query heads of
+    `kv_head`, written as the final output (one split) or as a partial with its log-sum-exp."""
     group_rows = tl.arange(0, BLOCK_G)
     heads = kv_head * GROUP + group_rows
     is_head = group_rows < GROUP
@@ -113,7 +159,6 @@ def _decode_split_kernel(
                  mask=is_head[:, None])
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part_row, lse, mask=is_head)
-    pdl.release(USE_PDL)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -133,8 +178,10 @@ def _decode_merge_kernel(
     lse_max = tl.max(lse, axis=0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all empty: padded sequence
     weight = tl.exp2(lse - lse_max)
+    # A split past its sequence's end wrote only its -inf log-sum-exp.
+    has_keys = lse > float("-inf")
     partial = tl.load(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :],
-                      mask=is_split[:, None], other=0.0)  # (BLOCK_S, HEAD_DIM)
+                      mask=has_keys[:, None], other=0.0)  # (BLOCK_S, HEAD_DIM)
     total = tl.sum(weight, axis=0)
     merged = tl.sum(partial * weight[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + seq * stride_out_seq + head * stride_out_head + dims,
@@ -146,37 +193,45 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _device_sms(device: torch.device) -> int:
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
                       device: torch.device) -> int:
-    """Enough splits for about _WAVES programs per SM, but no split shorter than
-    _MIN_TOKENS_PER_SPLIT tokens. A CUDA-graph caller should pick it once, from the longest
-    context it will serve, and pass it in on every replay.
+    """The most splits a sequence of the launch may take: enough for about _WAVES programs per
+    SM, and up to _MAX_SPREAD while the grid stays within _SPREAD_PROGRAMS programs, but none
+    shorter than _MIN_TOKENS_PER_SPLIT tokens. A CUDA-graph caller should pick it once, from the
+    longest context it will serve, and pass it in on every replay.
 
-    Every sequence of a launch is cut into the same number of splits, so the longest context in a
-    batch sets the kernel's time. Fewer splits read even contexts faster (batch 32 at 4k on an
-    H200: 98% of the copy rate in one split, 80% in three) but leave a batch with one long context
-    waiting on that context's few programs: the conversation trace at twice its rate, served
-    with one split from batch 17 on, had a third higher TPOT p50 than the same arrivals served
-    before (benchmarks/RESULTS.md). Splits sized to each sequence's own length would have both."""
-    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    to_fill = math.ceil(_WAVES * num_sms / max(num_seqs * num_kv_heads, 1))
+    Each sequence takes only the splits its length needs (see `_decode_split_kernel`), so the
+    spare ones are for a long context among short ones: on an H200 at 8 KV heads, batch 32 with
+    one 32k-token context among 1k ones took 363 us in three equal splits and 99 us with up to
+    16 per sequence, batch 128 1024 us in one and 567 us in up to two."""
+    seq_heads = max(num_seqs * num_kv_heads, 1)
+    num_sms = _device_sms(device)
+    to_fill = math.ceil(_WAVES * num_sms / seq_heads)
+    to_spread = (min(_MAX_SPREAD, _SPREAD_PROGRAMS // seq_heads)
+                 if seq_heads <= _WAVES * num_sms else 2)
     by_length = math.ceil(max_seq_len / _MIN_TOKENS_PER_SPLIT)
-    return max(1, min(to_fill, by_length, _MAX_SPLITS))
+    return max(1, min(max(to_fill, to_spread), by_length, _MAX_SPLITS))
 
 
-def choose_tiles(num_programs: int, num_splits: int, device: torch.device
-                 ) -> tuple[int, int, int]:
-    """(block_n, num_warps, num_stages) for a launch of num_programs programs.
+def choose_tiles(seq_heads: int, num_splits: int, device: torch.device) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages) for a launch over seq_heads (sequences x KV heads).
 
-    Split contexts keep 64-token tiles two deep (short pieces, many programs). A whole context
-    per program streams longer: three tiles in flight, and 128-token tiles while there are at
-    most two programs an SM, whose loads alone must keep its memory pipe full. Measured on an
-    H200 at 8 KV heads, one split: batch 32 at 4k took 128 us with 128-token tiles against 145 us
-    with 64; batch 64 took 249 us with 64-token tiles against 292 us with 128."""
+    Split contexts keep 64-token tiles, two deep while the sequences' heads fit one wave of the
+    GPU's SMs (many short pieces), three past it. A whole context per program streams longer:
+    three tiles in flight, and 128-token tiles while there are at most two programs an SM, whose
+    loads alone must keep its memory pipe full. Measured on an H200 at 8 KV heads, one split:
+    batch 32 at 4k took 128 us with 128-token tiles against 145 us with 64; batch 64 took 249 us
+    with 64-token tiles against 292 us with 128. Up to 16 splits, batch 32 at 4k took 139 us
+    three deep, 144 us two deep."""
+    num_sms = _device_sms(device)
     if num_splits > 1:
-        return _SPLIT_TILES
-    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    tiles = (128, 4, 3) if num_programs <= 2 * num_sms else (64, 4, 3)
+        tiles = (64, 4, 3) if seq_heads > num_sms else _SPLIT_TILES
+    else:
+        tiles = (128, 4, 3) if seq_heads <= 2 * num_sms else (64, 4, 3)
     return _SPLIT_TILES if tiles in _too_big else tiles
 
 
@@ -207,7 +262,7 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, query.device)
     chosen = tiles is None
     if chosen:
-        tiles = choose_tiles(num_seqs * num_kv_heads * num_splits, num_splits, query.device)
+        tiles = choose_tiles(num_seqs * num_kv_heads, num_splits, query.device)
     group = num_heads // num_kv_heads
     single = num_splits == 1
     if single:
@@ -224,7 +279,7 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
             query.stride(0), query.stride(1),
             kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
             block_tables.stride(0), out.stride(0), out.stride(1),
-            scale * _LOG2_E, num_splits,
+            scale * _LOG2_E, num_splits, _WAVES * _device_sms(query.device),
             GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
             BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, SINGLE_SPLIT=single,
             num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(query),
@@ -256,7 +311,8 @@ def compile_variants(kv_layer: torch.Tensor, num_heads: int) -> None:
     query = torch.zeros((1, num_heads, head_dim), dtype=kv_layer.dtype, device=device)
     block_tables = torch.zeros((1, 1), dtype=torch.int32, device=device)
     seq_lens = torch.ones(1, dtype=torch.int32, device=device)
-    for num_splits, tiles in ((1, (128, 4, 3)), (1, (64, 4, 3)), (2, _SPLIT_TILES)):
+    for num_splits, tiles in ((1, (128, 4, 3)), (1, (64, 4, 3)), (2, (64, 4, 3)),
+                              (2, _SPLIT_TILES)):
         try:
             decode_attention(query, kv_layer, block_tables, seq_lens, 1.0,
                              torch.empty_like(query), 1, num_splits=num_splits, tiles=tiles)

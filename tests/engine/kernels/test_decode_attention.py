@@ -60,6 +60,28 @@ def test_tiles_follow_the_programs_an_sm_holds():
     assert choose_tiles(2 * sms, 1, device) == (128, 4, 3)
     assert choose_tiles(2 * sms + 1, 1, device) == (64, 4, 3)
     assert choose_tiles(8, 4, device) == (64, 4, 2)
+    assert choose_tiles(sms + 1, 4, device) == (64, 4, 3)
+
+
+def test_long_contexts_get_spare_splits_within_the_grid_budget():
+    from tandem.engine.kernels.decode_attention import _num_sms, choose_num_splits
+
+    device = torch.device("cuda")
+    sms = _num_sms(torch.cuda.current_device())
+    assert choose_num_splits(32, 8, 32768, device) == 16
+    assert choose_num_splits(64, 8, 32768, device) == 8
+    assert choose_num_splits(4 * sms // 8 + 1, 8, 32768, device) == 2   # every SM has 4 programs
+    assert choose_num_splits(32, 8, 128, device) == 2   # no split under one 64-token tile
+    assert choose_num_splits(1, 8, 32768, device) == min(64, -(-4 * sms // 8))
+
+
+@pytest.mark.parametrize("seq_lens", [[4000] * 40, [32768] + [1024] * 31, [16384, 20] * 8])
+@pytest.mark.parametrize("num_splits", [3, 16])
+def test_decode_splits_follow_each_sequence_length(seq_lens, num_splits):
+    # A batch's tokens over its programs set a split's least size, so short sequences leave most
+    # of their splits empty (written as no weight) while a long one takes them all.
+    err = run_decode(seq_lens, 32, 8, 128, num_splits)
+    assert err < BF16_REL_TOL
 
 
 def test_decode_more_splits_than_tiles_leaves_no_gap():
