@@ -58,7 +58,7 @@ _MERGE_WIDTHS = tuple(2 ** i for i in range(1, _MAX_SPLITS.bit_length()))
 # splits, which follows the batch size and the longest context) are not specialized on: Triton
 # would otherwise compile a variant for each new class of value (1, a multiple of 16, other) in the
 # middle of serving (a stall of the whole batch per compile).
-@triton.jit(do_not_specialize=["stride_bt_seq", "num_splits", "target_programs"])
+@triton.jit(do_not_specialize=["stride_bt_seq", "num_splits"])
 def _decode_split_kernel(
     q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     stride_q_seq, stride_q_head,
