@@ -255,13 +255,15 @@ def fit_overheads(run_path: Path, profile: str, chunk_tokens: int) -> list[str]:
                                           for r in real["per_request"]
                                           if r["error"] is None and r["ttft_ms"] is not None],
                                   chunk_tokens)
-    print(f"prefill worker: {prefill.chunk_overhead_s * 1e3:.2f} ms a chunk beyond the profile "
+    print(f"prefill worker: {prefill.prefill_token_overhead_s * 1e6:.2f} us a prompt token beyond "
+          f"the profile "
           f"({prefill.num_mid} requests inside a queue), an answer held "
           f"{prefill.chunk_launch_s * 1e3:.1f} ms behind the next chunk ({prefill.num_heads} at a "
           f"queue's head), {prefill.fixed_s * 1e3:.1f} ms fixed ({prefill.num_isolated} alone)")
     return ["--step-overhead-ms", f"{per_step_s * 1e3:.2f}",
             "--token-overhead-us", f"{per_seq_s * 1e6:.0f}",
-            "--chunk-overhead-ms", f"{prefill.chunk_overhead_s * 1e3:.2f}",
+            "--chunk-overhead-ms", "0",
+            "--prefill-token-overhead-us", f"{prefill.prefill_token_overhead_s * 1e6:.2f}",
             "--chunk-launch-ms", f"{prefill.chunk_launch_s * 1e3:.1f}",
             "--frontend-overhead-ms", f"{prefill.fixed_s * 1e3:.1f}"]
 
@@ -365,6 +367,8 @@ def main() -> int:
                         help="sim: serving work per streamed token (tandem simulate's flag)")
     parser.add_argument("--chunk-overhead-ms", default="0",
                         help="sim: serving work per step with a prompt chunk (tandem simulate's)")
+    parser.add_argument("--prefill-token-overhead-us", default="0",
+                        help="sim: serving work per prompt token of a step (tandem simulate's)")
     parser.add_argument("--chunk-launch-ms", default="0",
                         help="sim: a prefill answer held behind the next chunk's launch")
     parser.add_argument("--answer-at-step-boundary", action="store_true",
@@ -409,6 +413,7 @@ def main() -> int:
     overheads = ("--step-overhead-ms", args.step_overhead_ms,
                  "--token-overhead-us", args.token_overhead_us,
                  "--chunk-overhead-ms", args.chunk_overhead_ms,
+                 "--prefill-token-overhead-us", args.prefill_token_overhead_us,
                  "--chunk-launch-ms", args.chunk_launch_ms,
                  "--frontend-overhead-ms", args.frontend_overhead_ms,
                  *(["--answer-at-step-boundary"] if args.answer_at_step_boundary else []))

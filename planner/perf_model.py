@@ -295,7 +295,7 @@ def fit_serving_overhead(model: PerfModel, steps: Iterable[tuple[float, int, int
 @dataclass(frozen=True, slots=True)
 class PrefillServing:
     """What a serving prefill worker adds to the profile's steps (`tandem simulate`'s flags)."""
-    chunk_overhead_s: float  # per step carrying a prompt chunk (--chunk-overhead-ms)
+    prefill_token_overhead_s: float  # per prompt token of a step (--prefill-token-overhead-us)
     chunk_launch_s: float    # an answer held behind the next chunk's launch (--chunk-launch-ms)
     fixed_s: float           # per request, before the prefill worker (--frontend-overhead-ms)
     num_mid: int             # requests each estimate rests on
@@ -311,10 +311,14 @@ def fit_prefill_serving(model: PerfModel, requests: Iterable[tuple[float, float,
     prefill worker, FIFO. A request is queued when it arrived more than `margin_s` before the
     previous first token (so it waited behind it). Three kinds of request give three costs:
     inside a queue (it, the one before and the one after queued), first tokens are one service
-    apart, the model's chunk steps plus the overhead per chunk; alone (neither it nor the next
-    queued), the time to first token is the fixed latency plus that service; at the head of a
-    queue (not queued, the next one is), the answer also waits for the next chunk's launch.
+    apart, the model's chunk steps plus the overhead per prompt token; alone (neither it nor the
+    next queued), the time to first token is the fixed latency plus that service; at the head of
+    a queue (not queued, the next one is), the answer also waits for the next chunk's launch.
     Medians, so that a few requests held up elsewhere do not pull the estimates.
+
+    The overhead is priced per prompt token, not per chunk: fitted on 2048-token chunks, a cost
+    per chunk put 2 aggregated workers with 512-token chunks 19-149% over the real TTFT p50, a
+    cost per token 2-40% (benchmarks/RESULTS.md).
     """
     rows = sorted((start_s + ttft_s, start_s, ttft_s, n) for start_s, ttft_s, n in requests)
     queued = [False] + [rows[i][1] < rows[i - 1][0] - margin_s for i in range(1, len(rows))]
@@ -325,9 +329,9 @@ def fit_prefill_serving(model: PerfModel, requests: Iterable[tuple[float, float,
         service_s = sum(model.prefill_s(n, i_chunk * chunk_tokens)
                         for i_chunk, n in enumerate(chunks))
         if i and queued[i - 1] and queued[i] and queued[i + 1]:
-            mid.append((first_s - rows[i - 1][0] - service_s) / len(chunks))
+            mid.append((first_s - rows[i - 1][0] - service_s) / num_prompt)
         elif not queued[i]:
-            (heads if queued[i + 1] else isolated).append((ttft_s - service_s, len(chunks)))
+            (heads if queued[i + 1] else isolated).append((ttft_s - service_s, num_prompt))
     if not mid or not isolated or not heads:
         raise ValueError(f"need requests inside a queue, alone and at a queue's head; got "
                          f"{len(mid)}, {len(isolated)}, {len(heads)}: use a busier run")

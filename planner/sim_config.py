@@ -39,9 +39,11 @@ class SimConfig:
     # step through the worker and the frontend). 0: the profile's step alone.
     step_overhead_s: float = 0.0
     token_overhead_s: float = 0.0
-    # Host work of a step that carries a prompt chunk, beyond the profile's step: its 2048-token
-    # inputs are built and launched while no step of its own is queued ahead of it.
+    # Host work of a step that carries a prompt chunk, beyond the profile's step: its inputs are
+    # built and launched while no step of its own is queued ahead of it. Per such step, and per
+    # prompt token it carries.
     chunk_overhead_s: float = 0.0
+    prefill_token_overhead_s: float = 0.0
     # The frontend's time per streamed token, shared by every worker: one server that every token
     # passes through on its way to the client, taking the streams in turn (planner/sim_frontend.py).
     # 0: no such ceiling.
@@ -74,7 +76,8 @@ class SimConfig:
             raise ValueError(f"heartbeat_interval_s must be positive, got "
                              f"{self.heartbeat_interval_s}")
         for name in ("kv_event_delay_s", "frontend_overhead_s", "rpc_s", "step_overhead_s",
-                     "token_overhead_s", "chunk_overhead_s", "frontend_s_per_token",
+                     "token_overhead_s", "chunk_overhead_s", "prefill_token_overhead_s",
+                     "frontend_s_per_token",
                      "chunk_launch_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

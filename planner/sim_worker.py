@@ -30,7 +30,7 @@ bring into the batch joins one step later (an operation that only parks a handed
 starts its pull takes effect at the boundary: `ops_now`; while a request is parked for its pull,
 no step is queued ahead, so the pulled request joins the step after the boundary its pull ends
 before). A step that carries a prompt chunk pays `chunk_overhead_s` of host work beyond the
-profile's step. A prefill worker answers a finished prompt as its step ends. (The serving path
+profile's step, and `prefill_token_overhead_s` for each prompt token in it. A prefill worker answers a finished prompt as its step ends. (The serving path
 before answered at the worker's next step boundary: at once when it went idle, when the next step
 ended if that step sampled, and `chunk_launch_s` into it if it was a chunk that did not;
 `answer_at_step_boundary` replays that, for runs made then.)
@@ -73,7 +73,8 @@ class SimWorker:
     __slots__ = ("worker_id", "role", "block_manager", "scheduler", "state", "model", "step_budget",
                  "batch", "step_end_s", "ops", "num_steps", "busy_s", "_token_span",
                  "collapse", "stretch_ends_s", "generation", "step_overhead_s",
-                 "token_overhead_s", "chunk_overhead_s", "chunk_launch_s", "answer_at_step_boundary",
+                 "token_overhead_s", "chunk_overhead_s", "prefill_token_overhead_s",
+                 "chunk_launch_s", "answer_at_step_boundary",
                  "lookahead", "ops_now",
                  "_batch_is_decode", "_steady", "_deferred")
 
@@ -104,6 +105,7 @@ class SimWorker:
         self.step_overhead_s = config.step_overhead_s
         self.token_overhead_s = config.token_overhead_s
         self.chunk_overhead_s = config.chunk_overhead_s
+        self.prefill_token_overhead_s = config.prefill_token_overhead_s
         self.chunk_launch_s = config.chunk_launch_s
         self.answer_at_step_boundary = config.answer_at_step_boundary
         self.lookahead = config.decode_lookahead
@@ -242,7 +244,8 @@ class SimWorker:
         return (self.model.step_s(num_prefill, cached, num_decode, num_context,
                                   step_budget=self.step_budget)
                 + self.step_overhead_s + self.token_overhead_s * num_sampled
-                + (self.chunk_overhead_s if num_prefill else 0.0))
+                + (self.chunk_overhead_s if num_prefill else 0.0)
+                + self.prefill_token_overhead_s * num_prefill)
 
     def _num_identical_steps(self, batch: ScheduledBatch) -> int:
         """How many steps, this one included, repeat this pure decode batch (1: no stretch)."""

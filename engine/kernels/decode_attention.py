@@ -45,7 +45,7 @@ _WAVES = 4  # programs per SM to aim for: batch-1 decode is latency-bound, more 
 # Spare splits for a long context among short ones: up to 16 a sequence while the grid stays
 # within 4096 programs, and 2 once the sequences' heads alone give every SM _WAVES programs. An
 # unused split's program only writes an empty log-sum-exp, yet on an H200 batch 128 at 1k took
-# 149-161 us with 4 splits a sequence, 140 with 2 and 146 with 1.
+# 149-161 us with 4 splits a sequence, 137-140 with 2 and 146 with 1.
 _MAX_SPREAD = 16
 _SPREAD_PROGRAMS = 4096
 # The merge's tile over splits: the next power of two of the split count (a 64-wide tile for 3
@@ -200,8 +200,9 @@ def _device_sms(device: torch.device) -> int:
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
                       device: torch.device) -> int:
     """The most splits a sequence of the launch may take: enough for about _WAVES programs per
-    SM, and up to _MAX_SPREAD while the grid stays within _SPREAD_PROGRAMS programs, but none
-    shorter than _MIN_TOKENS_PER_SPLIT tokens. A CUDA-graph caller should pick it once, from the
+    SM, and up to _MAX_SPREAD while the grid stays within _SPREAD_PROGRAMS programs (2 once the
+    sequences' heads alone give every SM _WAVES programs), but none shorter than
+    _MIN_TOKENS_PER_SPLIT tokens. A CUDA-graph caller should pick it once, from the
     longest context it will serve, and pass it in on every replay.
 
     Each sequence takes only the splits its length needs (see `_decode_split_kernel`), so the

@@ -135,10 +135,10 @@ def test_serving_overhead_is_recovered_from_observed_decode_steps(model: PerfMod
 
 
 def test_prefill_serving_costs_are_recovered_from_first_tokens(model: PerfModel):
-    # One FIFO prefill worker, 4096-token prompts in two 2048-token chunks, each chunk 4 ms over
-    # the model, 1 ms before the worker, an answer held 15 ms when another prompt waits.
-    chunk_s, launch_s, fixed_s = 4e-3, 15e-3, 1e-3
-    service_s = model.prefill_s(2048, 0) + model.prefill_s(2048, 2048) + 2 * chunk_s
+    # One FIFO prefill worker, 4096-token prompts in two 2048-token chunks, 2 us a prompt token
+    # over the model, 1 ms before the worker, an answer held 15 ms when another prompt waits.
+    token_s, launch_s, fixed_s = 2e-6, 15e-3, 1e-3
+    service_s = model.prefill_s(2048, 0) + model.prefill_s(2048, 2048) + 4096 * token_s
     starts = [0.0, 1.0, 1.02, 1.03, 1.04, 1.05, 3.0, 5.0, 5.01, 5.02, 7.0]
     free_s, done = 0.0, []
     for start_s in starts:
@@ -149,7 +149,7 @@ def test_prefill_serving_costs_are_recovered_from_first_tokens(model: PerfModel)
         waits = i + 1 < len(starts) and starts[i + 1] + fixed_s < done_s
         records.append((start_s, done_s + (launch_s if waits else 0.0) - start_s, 4096))
     fit = fit_prefill_serving(model, records, 2048)
-    assert fit.chunk_overhead_s == pytest.approx(chunk_s, abs=1e-6)
+    assert fit.prefill_token_overhead_s == pytest.approx(token_s, abs=1e-9)
     assert fit.fixed_s == pytest.approx(fixed_s, abs=1e-6)
     assert fit.chunk_launch_s == pytest.approx(launch_s, abs=1e-6)
     assert (fit.num_mid, fit.num_isolated, fit.num_heads) == (2, 3, 2)

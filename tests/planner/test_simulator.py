@@ -179,6 +179,15 @@ def test_a_prefill_answer_leaves_as_its_step_ends():
     assert second.ttft_ms == pytest.approx(48.0 - 1.0)
 
 
+def test_a_step_pays_the_serving_overhead_of_each_prompt_token_it_carries():
+    routing = RoutingConfig(remote_prefill_min_tokens=4)
+    # 24 prompt tokens in chunks of 16 and 8: 10 ms a step, plus 1 ms a chunk and 0.5 ms a token.
+    sim = Simulator(config(1, 1, routing=routing, chunk_overhead_s=0.001,
+                           prefill_token_overhead_s=0.0005), ConstantModel())
+    record = sim.run(requests([(24, 2)]), [0.0]).records()[0]
+    assert record.ttft_ms == pytest.approx(2 * (10.0 + 1.0) + 24 * 0.5)
+
+
 def test_disaggregated_timing_adds_the_pull_and_the_hops():
     reqs = requests([(10, 4)])
     sim = Simulator(config(1, 1, rpc_s=0.001, routing=RoutingConfig(remote_prefill_min_tokens=4)),
