@@ -77,8 +77,7 @@ class SimConfig:
                              f"{self.heartbeat_interval_s}")
         for name in ("kv_event_delay_s", "frontend_overhead_s", "rpc_s", "step_overhead_s",
                      "token_overhead_s", "chunk_overhead_s", "prefill_token_overhead_s",
-                     "frontend_s_per_token",
-                     "chunk_launch_s"):
+                     "frontend_s_per_token", "chunk_launch_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.token_vocab_size <= 16:

@@ -30,10 +30,11 @@ bring into the batch joins one step later (an operation that only parks a handed
 starts its pull takes effect at the boundary: `ops_now`; while a request is parked for its pull,
 no step is queued ahead, so the pulled request joins the step after the boundary its pull ends
 before). A step that carries a prompt chunk pays `chunk_overhead_s` of host work beyond the
-profile's step, and `prefill_token_overhead_s` for each prompt token in it. A prefill worker answers a finished prompt as its step ends. (The serving path
-before answered at the worker's next step boundary: at once when it went idle, when the next step
-ended if that step sampled, and `chunk_launch_s` into it if it was a chunk that did not;
-`answer_at_step_boundary` replays that, for runs made then.)
+profile's step, and `prefill_token_overhead_s` for each prompt token in it. A prefill worker
+answers a finished prompt as its step ends. (The serving path before answered at the worker's next
+step boundary: at once when it went idle, when the next step ended if that step sampled, and
+`chunk_launch_s` into it if it was a chunk that did not; `answer_at_step_boundary` replays that,
+for runs made then.)
 
 Synthetic tokens. The trace holds no output text, so the token sampled at position p is a fixed
 function of p: requests are run with `ignore_eos` and `max_tokens` set to their output length, so
