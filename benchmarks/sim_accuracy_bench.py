@@ -262,6 +262,8 @@ def fit_overheads(run_path: Path, profile: str, chunk_tokens: int) -> list[str]:
           f"queue's head), {prefill.fixed_s * 1e3:.1f} ms fixed ({prefill.num_isolated} alone)")
     return ["--step-overhead-ms", f"{per_step_s * 1e3:.2f}",
             "--token-overhead-us", f"{per_seq_s * 1e6:.0f}",
+            # The per-chunk form is replaced by the per-token one: 0 also clears a profile's
+            # earlier per-chunk value when these flags are written into it.
             "--chunk-overhead-ms", "0",
             "--prefill-token-overhead-us", f"{prefill.prefill_token_overhead_s * 1e6:.2f}",
             "--chunk-launch-ms", f"{prefill.chunk_launch_s * 1e3:.1f}",
