@@ -14,6 +14,8 @@ the prefix cache:
 - grpc: the frontend's gRPC API (`tandem bench --backend grpc`);
 - openai: the OpenAI HTTP API with streaming (`tandem bench --backend openai`), the way real runs
   are measured.
+(The two `tandem bench` ways send Poisson arrivals at one per `--gap-s`, one request in flight, so
+their gaps are `--gap-s` on average.)
 `tandem serve` runs one decode worker and no prefill worker, so each prompt is prefilled where it
 decodes. What each way adds to the engine at the same gap is what the simulator's fixed
 per-request latency (`tandem simulate --frontend-overhead-ms`, plus `rpc_s`) stands for; what the
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import re
@@ -67,6 +70,7 @@ def engine_alone(model: str, device: str, num_tokens: int, num_requests: int,
             times.append(time.perf_counter() - start)
         out.append(times[2:])
     del llm
+    gc.collect()  # the engine's weights and KV cache go before the server's worker takes the GPU
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return out
