@@ -27,32 +27,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 
 import httpx
 
-from tandem.planner.sim_synthetic import synthetic_profile
+from tandem.planner.sim_synthetic import LinearSteps, synthetic_profile
 
 FLIP = re.compile(r"(\d\d:\d\d:\d\d,\d+) INFO tandem.launcher.planner_loop: planner: flipped worker "
                   r"(\S+) from (\w+) to (\w+) in ([\d.]+) s \(drain ([\d.]+) s, switch ([\d.]+) s\)")
-
-
-@dataclass(frozen=True)
-class LinearSteps:
-    overhead_s: float = 0.01
-    prefill_s_per_token: float = 3e-3
-    decode_s_per_seq: float = 23.4e-3
-    weight_bytes: float = 0.0
-    memory_bytes_per_s: float = 1e12
-    kv_bytes_per_token: int = 2048
-    transfer_latency_s: float = 1e-3
-    transfer_bytes_per_s: float = 1e9
-
-    def prefill_s(self, num_new: int, num_cached: int) -> float:
-        return self.overhead_s + self.prefill_s_per_token * num_new
-
-    def decode_s(self, batch_size: int, num_context: int) -> float:
-        return self.overhead_s + self.decode_s_per_seq * batch_size
 
 
 def start_server(workdir: str, port: int) -> tuple[subprocess.Popen, list[str]]:

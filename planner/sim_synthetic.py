@@ -46,10 +46,32 @@ class Roofline:
         return self.overhead_s + max(memory_s, compute_s)
 
 
-def synthetic_profile(roofline: Roofline = Roofline(), block_size: int = 16,
+@dataclass(frozen=True, slots=True)
+class LinearSteps:
+    """Step times linear in tokens and sequences, in `Roofline`'s shape: for runs of the planner
+    over random:tiny workers on a CPU (tests, planner_flip_bench.py), where a light load must ask
+    for more than one worker per pool."""
+    overhead_s: float = 0.01
+    prefill_s_per_token: float = 3e-3
+    decode_s_per_seq: float = 23.4e-3
+    weight_bytes: float = 0.0
+    memory_bytes_per_s: float = 1e12
+    kv_bytes_per_token: int = 2048
+    transfer_latency_s: float = 1e-3
+    transfer_bytes_per_s: float = 1e9
+
+    def prefill_s(self, num_new: int, num_cached: int) -> float:
+        return self.overhead_s + self.prefill_s_per_token * num_new
+
+    def decode_s(self, batch_size: int, num_context: int) -> float:
+        return self.overhead_s + self.decode_s_per_seq * batch_size
+
+
+def synthetic_profile(roofline: Roofline | LinearSteps = Roofline(), block_size: int = 16,
                       num_kv_blocks: int = 30000, max_model_len: int = 131072,
                       max_num_batched_tokens: int = 2048, with_transfer: bool = True) -> dict:
-    """A profile dict in `tandem profile`'s schema, from the roofline above."""
+    """A profile dict in `tandem profile`'s schema, from a step-time model (the roofline above, or
+    `LinearSteps`)."""
     news = [2 ** k for k in range(0, 15)]
     cacheds = [0, 1024, 4096, 16384, 65536]
     decodes = [(b, b * ctx) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -25,38 +25,18 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import grpc
 import httpx
 
 from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
-from tandem.planner.sim_synthetic import synthetic_profile
+from tandem.planner.sim_synthetic import LinearSteps, synthetic_profile
 from tests.serving_harness import Server, free_port
 
 # The deployment's internal secret, given by the operator (here) so this test can call workers.
 SECRET = "planner-serving-test-secret-0123456789"
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
-
-
-@dataclass(frozen=True)
-class LinearSteps:
-    """Step times linear in tokens and sequences, in sim_synthetic's roofline shape."""
-    overhead_s: float = 0.01
-    prefill_s_per_token: float = 3e-3
-    decode_s_per_seq: float = 23.4e-3
-    weight_bytes: float = 0.0
-    memory_bytes_per_s: float = 1e12
-    kv_bytes_per_token: int = 2048
-    transfer_latency_s: float = 1e-3
-    transfer_bytes_per_s: float = 1e9
-
-    def prefill_s(self, num_new: int, num_cached: int) -> float:
-        return self.overhead_s + self.prefill_s_per_token * num_new
-
-    def decode_s(self, batch_size: int, num_context: int) -> float:
-        return self.overhead_s + self.decode_s_per_seq * batch_size
 
 
 def start(tmp_path, *args: str) -> Server:
