@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import re
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -101,16 +99,14 @@ async def worker_direct(address: str, num_tokens: int, num_requests: int, gap_s:
 def bench_ttft_ms(server, backend: str, num_tokens: int, num_requests: int, gap_s: float,
                   seed: int) -> float:
     """TTFT p50 of `tandem bench`: one request at a time, about `gap_s` apart."""
-    url = server.http_url if backend == "openai" else server.grpc_address
+    from benchmarks.serving_path_bench import run_bench
+
+    workload = ["--dataset", "random", "--input-len", str(num_tokens), "--output-len", "2",
+                "--num-requests", str(num_requests), "--request-rate", str(1.0 / gap_s),
+                "--max-concurrency", "1", "--seed", str(seed)]
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bench.json"
-        command = [sys.executable, "-m", "tandem.launcher.cli", "bench", "--backend", backend,
-                   "--url", url, "--dataset", "random", "--input-len", str(num_tokens),
-                   "--output-len", "2", "--num-requests", str(num_requests),
-                   "--request-rate", str(1.0 / gap_s), "--max-concurrency", "1",
-                   "--temperature", "0", "--seed", str(seed), "--no-progress", "--out", str(out)]
-        subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
-        return json.loads(out.read_text())["ttft_ms"]["p50"]
+        return run_bench(server, backend, workload, Path(tmp) / "bench.json"
+                         )["summary"]["ttft_ms"]["p50"]
 
 
 def main() -> None:

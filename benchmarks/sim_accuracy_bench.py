@@ -256,8 +256,7 @@ def fit_overheads(run_path: Path, profile: str, chunk_tokens: int) -> list[str]:
                                           if r["error"] is None and r["ttft_ms"] is not None],
                                   chunk_tokens)
     print(f"prefill worker: {prefill.prefill_token_overhead_s * 1e6:.2f} us a prompt token beyond "
-          f"the profile "
-          f"({prefill.num_mid} requests inside a queue), an answer held "
+          f"the profile ({prefill.num_mid} requests inside a queue), an answer held "
           f"{prefill.chunk_launch_s * 1e3:.1f} ms behind the next chunk ({prefill.num_heads} at a "
           f"queue's head), {prefill.fixed_s * 1e3:.1f} ms fixed ({prefill.num_isolated} alone)")
     return ["--step-overhead-ms", f"{per_step_s * 1e3:.2f}",
