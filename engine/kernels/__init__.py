@@ -17,13 +17,14 @@ import importlib.util
 
 import torch
 
+from tandem.engine.kernels.partial_sums import PartialSums
 from tandem.engine.attention import (AttentionMetadata, paged_attention_reference,
                                      store_kv_reference)
 from tandem.engine.layers import (apply_rotary_reference, prepare_qkv_reference,
                                   rms_norm_reference, silu_and_mul_reference)
 
-__all__ = ["apply_rotary", "is_triton_usable", "linear", "paged_attention", "prepare_qkv",
-           "rms_norm", "silu_and_mul", "store_kv"]
+__all__ = ["PartialSums", "apply_rotary", "is_triton_usable", "linear", "paged_attention",
+           "prepare_qkv", "rms_norm", "silu_and_mul", "store_kv"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -81,10 +82,11 @@ def paged_attention(query: torch.Tensor, kv_layer: torch.Tensor, meta: Attention
     return prefill_attention(query, kv_layer, meta, scale, out)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+def rms_norm(x: torch.Tensor | PartialSums, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (norm(x + residual) * weight, x + residual); residual None means zero."""
-    if not is_triton_usable(x):
+    """Returns (norm(x + residual) * weight, x + residual); residual None means zero. x may be
+    the PartialSums of `linear(..., partial=True)` (CUDA only)."""
+    if not isinstance(x, PartialSums) and not is_triton_usable(x):
         return rms_norm_reference(x, weight, eps, residual)
     from tandem.engine.kernels.rmsnorm import rms_norm as rms_norm_triton
     return rms_norm_triton(x, weight, eps, residual)
@@ -123,10 +125,13 @@ def prepare_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, s
                               slot_mapping, num_heads, num_kv_heads, head_dim)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           partial: bool = False) -> torch.Tensor | PartialSums:
     """x @ weight^T + bias. On CUDA, a few rows (a decode step) may take the Triton skinny matmul
-    where it was measured faster than cuBLAS for that shape (kernels/skinny_gemm.py)."""
+    where it was measured faster than cuBLAS for that shape (kernels/skinny_gemm.py). With
+    `partial`, for a result that only `rms_norm` reads, that matmul may split K and return its
+    PartialSums of x as (rows, K) for rms_norm to add up."""
     if not is_triton_usable(x):
         return torch.nn.functional.linear(x, weight, bias)
     from tandem.engine.kernels.skinny_gemm import linear as skinny_or_cublas
-    return skinny_or_cublas(x, weight, bias)
+    return skinny_or_cublas(x, weight, bias, partial)

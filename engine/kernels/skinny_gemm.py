@@ -17,6 +17,10 @@ and keeps the fastest; Triton must win by a margin, so that timing noise does no
 implementations between runs. Shapes first seen during a capture, and row counts past
 MAX_ROWS, take cuBLAS.
 
+Where the caller lets the result stay as partial sums (`linear(..., partial=True)`: the output
+and down projections, read only by the residual-add RMSNorm), the candidates also split K in 2
+to 8 (kernels/partial_sums.py): more programs for a matrix with few columns.
+
 Once an engine serves (`serve_without_timing`, after its graphs are captured), nothing is timed or
 compiled any more: a row count first seen in an eager step (the sampled rows of a mixed step, a
 short prompt) takes the choice made for the nearest measured row count with the same row tile
@@ -35,6 +39,7 @@ import triton
 import triton.language as tl
 
 from tandem.engine.kernels import pdl
+from tandem.engine.kernels.partial_sums import PartialSums
 
 MAX_ROWS = 64       # past this a step is compute-heavy enough for cuBLAS's large tiles
 _MARGIN = 0.9       # Triton is chosen only when it takes under 90% of cuBLAS's time
@@ -49,73 +54,94 @@ _SHARED_BYTES = 160 * 1024  # of an H100/H200 SM's 227 KiB, with room for the co
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): narrow column tiles for many programs, deep
 # pipelines for many loads in flight.
 _CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4), (16, 512, 4, 3))
+_SPLITS = (2, 3, 4, 6, 8)  # K split this many ways, tried where the column tiles alone are few programs
 
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, K,
-    stride_x, stride_w, stride_out,
+    x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, k_per_split,
+    stride_x, stride_w, stride_out, stride_split,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
+    # Program (column tile, split): the split's slice of K. With one split out_ptr is the output;
+    # with more, an fp32 buffer of one (rows, N) slab of partial sums per split.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.multiple_of(tl.program_id(1) * k_per_split, BLOCK_K)  # aligned, vector loads
     if PREFETCH:  # the weights: no earlier kernel writes them, so they need not wait
-        pdl.prefetch_row_heads_l2(w_ptr, cols, stride_w, K, LINE=64, LINES=8)  # 128 B lines
+        pdl.prefetch_row_heads_l2(w_ptr + k_start, cols, stride_w, k_per_split, LINE=64,
+                                  LINES=8)  # 128 B lines
     pdl.enter(USE_PDL)
     rows = tl.arange(0, BLOCK_M)
-    ks = tl.arange(0, BLOCK_K)
+    ks = k_start + tl.arange(0, BLOCK_K)
     is_row = rows[:, None] < num_rows
     x_tile = x_ptr + rows[:, None] * stride_x + ks[None, :]          # (BLOCK_M, BLOCK_K)
     w_tile = w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :]  # (BLOCK_N, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for _ in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K, N of BLOCK_N (see `fits`)
+    for _ in range(0, k_per_split, BLOCK_K):  # a multiple of BLOCK_K, N of BLOCK_N (`fits`)
         x = tl.load(x_tile, mask=is_row, other=0.0)
         w = tl.load(w_tile)
         acc += tl.dot(x, tl.trans(w))
         x_tile += BLOCK_K
         w_tile += BLOCK_K
-    if HAS_BIAS:
+    if HAS_BIAS:  # only ever with one split
         acc += tl.load(bias_ptr + cols)[None, :].to(tl.float32)
+    out_ptr += tl.program_id(1) * stride_split
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=is_row)
 
 
-def fits(num_rows: int, weight: torch.Tensor, config: tuple[int, int, int, int]) -> bool:
-    """Whether the config tiles this shape exactly and its pipeline fits in shared memory."""
+# A choice: (BLOCK_N, BLOCK_K, num_warps, num_stages, splits of K).
+Choice = tuple[int, int, int, int, int]
+
+
+def fits(num_rows: int, weight: torch.Tensor, config: tuple[int, ...]) -> bool:
+    """Whether the config (a _CONFIGS entry or a Choice) tiles this shape exactly and its
+    pipeline fits in shared memory."""
     n, k = weight.shape
-    block_n, block_k, _, num_stages = config
+    block_n, block_k, _, num_stages = config[:4]
+    splits = config[4] if len(config) > 4 else 1
     block_m = _row_tile(num_rows)
     stage_bytes = (block_m + block_n) * block_k * weight.element_size()
-    return (0 < num_rows <= MAX_ROWS and n % block_n == 0 and k % block_k == 0
+    return (0 < num_rows <= MAX_ROWS and n % block_n == 0 and k % (block_k * splits) == 0
             and stage_bytes * num_stages <= _SHARED_BYTES)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  config: tuple[int, int, int, int]) -> torch.Tensor:
-    """x (rows, K) @ weight (N, K)^T + bias, rows <= MAX_ROWS; `fits` must hold."""
-    block_n, block_k, num_warps, num_stages = config
-    num_rows, n = x.shape[0], weight.shape[0]
+                  config: tuple[int, ...]) -> torch.Tensor | PartialSums:
+    """x (rows, K) @ weight (N, K)^T + bias, rows <= MAX_ROWS; `fits` must hold. A Choice with
+    more than one split of K returns PartialSums (and takes no bias)."""
+    block_n, block_k, num_warps, num_stages = config[:4]
+    splits = config[4] if len(config) > 4 else 1
+    num_rows, (n, k) = x.shape[0], weight.shape
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("skinny_linear needs the K axis of x and weight contiguous")
-    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
-    _skinny_gemm_kernel[(n // block_n,)](
-        x, weight, bias if bias is not None else weight, out, num_rows, weight.shape[1],
-        x.stride(0), weight.stride(0), out.stride(0),
+    if splits > 1 and bias is not None:
+        raise ValueError("a split-K matmul takes no bias")
+    out = torch.empty((splits, num_rows, n), dtype=x.dtype if splits == 1 else torch.float32,
+                      device=x.device)
+    _skinny_gemm_kernel[(n // block_n, splits)](
+        x, weight, bias if bias is not None else weight, out, num_rows, k // splits,
+        x.stride(0), weight.stride(0), out.stride(1), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=_row_tile(num_rows),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         PREFETCH=pdl.prefetch_weights(x), **pdl.launch_options(x),
     )
-    return out
+    return out[0] if splits == 1 else PartialSums(out, x.dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           partial: bool = False) -> torch.Tensor | PartialSums:
     """x (..., K) @ weight^T + bias through whichever of cuBLAS and skinny_linear was measured
-    faster for this shape."""
+    faster for this shape. With `partial`, a split-K matmul is among the candidates and its
+    result comes back as PartialSums of x as (rows, K)."""
     rows = x.reshape(-1, x.shape[-1])
     # fp32 stays with cuBLAS: Triton's dot would take it through tf32.
     if rows.shape[0] > MAX_ROWS or rows.stride(-1) != 1 or weight.dtype not in _HALF_DTYPES:
         return torch.nn.functional.linear(x, weight, bias)
-    key = (rows.shape[0], weight.shape[0], weight.shape[1], weight.dtype, bias is not None)
+    partial = partial and bias is None
+    key = (rows.shape[0], weight.shape[0], weight.shape[1], weight.dtype, bias is not None,
+           partial)
     config = _chosen.get(key)
     if config is None and key not in _chosen:
         if torch.cuda.is_current_stream_capturing():
@@ -123,13 +149,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         elif _timing.serving and not _timing.depth:
             config = _chosen[key] = nearest_choice(key)
         else:
-            config = _chosen[key] = choose(rows, weight, bias)
+            config = _chosen[key] = choose(rows, weight, bias, partial)
     if config is None:
         return torch.nn.functional.linear(x, weight, bias)
-    return skinny_linear(rows, weight, bias, config).view(*x.shape[:-1], weight.shape[0])
+    out = skinny_linear(rows, weight, bias, config)
+    return out if isinstance(out, PartialSums) else out.view(*x.shape[:-1], weight.shape[0])
 
 
-_chosen: dict[tuple, tuple[int, int, int, int] | None] = {}
+_chosen: dict[tuple, Choice | None] = {}
 
 
 class _Timing:
@@ -159,7 +186,7 @@ def _row_tile(num_rows: int) -> int:
     return max(16, triton.next_power_of_2(num_rows))
 
 
-def nearest_choice(key: tuple) -> tuple[int, int, int, int] | None:
+def nearest_choice(key: tuple) -> Choice | None:
     """The choice measured for the nearest row count with the same row tile and the same weight;
     None (cuBLAS) when there is none."""
     num_rows, rest = key[0], key[1:]
@@ -168,20 +195,35 @@ def nearest_choice(key: tuple) -> tuple[int, int, int, int] | None:
     return min(measured)[2] if measured else None
 
 
-def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-           ) -> tuple[int, int, int, int] | None:
-    """The fastest config for this shape, or None where cuBLAS is (by the margin) faster."""
+def candidates(num_rows: int, weight: torch.Tensor, partial: bool) -> list[Choice]:
+    """The Choices that fit this shape: each config whole, and with `partial` split in K where
+    its column tiles alone give fewer than two programs an SM. Only up to a 16-row tile: the
+    RMSNorm after it reads the partial sums with one program a row, splits x rows x N x 4 bytes."""
+    sms = torch.cuda.get_device_properties(weight.device).multi_processor_count
+    split = partial and num_rows <= _CHAIN_ROWS
+    found = []
+    for config in _CONFIGS:
+        programs = weight.shape[0] // config[0]
+        splits = (1, *(s for s in _SPLITS if programs < 2 * sms)) if split else (1,)
+        found += [(*config, s) for s in splits if fits(num_rows, weight, (*config, s))]
+    return found
+
+
+def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           partial: bool = False) -> Choice | None:
+    """The fastest Choice for this shape, or None where cuBLAS is (by the margin) faster. With
+    `partial` each candidate is timed with the RMSNorm that reads its result, since partial sums
+    cost that norm more reads than they may save the matmul."""
     copies = _cold_copies(weight)
+    then = _norm_reading(x.shape[0], weight) if partial else _as_is
     if x.shape[0] <= _CHAIN_ROWS and pdl.enabled(x):
         best, best_s = None, float("inf")   # Triton whatever cuBLAS takes alone
     else:
         best, best_s = None, _time_s(
-            lambda w: torch.nn.functional.linear(x, w, bias), copies) * _MARGIN
-    for config in _CONFIGS:
-        if not fits(x.shape[0], weight, config):
-            continue
+            lambda w: then(torch.nn.functional.linear(x, w, bias)), copies) * _MARGIN
+    for config in candidates(x.shape[0], weight, partial and bias is None):
         try:
-            seconds = _time_s(functools.partial(_skinny_on, x, bias, config), copies)
+            seconds = _time_s(functools.partial(_skinny_on, x, bias, config, then), copies)
         except triton.runtime.errors.OutOfResources:
             continue  # a smaller GPU than the configs were sized for
         if seconds < best_s:
@@ -189,9 +231,22 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return best
 
 
-def _skinny_on(x: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int, int],
-               weight: torch.Tensor) -> torch.Tensor:
-    return skinny_linear(x, weight, bias, config)
+def _skinny_on(x: torch.Tensor, bias: torch.Tensor | None, config: Choice, then,
+               weight: torch.Tensor):
+    return then(skinny_linear(x, weight, bias, config))
+
+
+def _as_is(out):
+    return out
+
+
+def _norm_reading(num_rows: int, weight: torch.Tensor):
+    """The residual-add RMSNorm of a decoder layer, applied to a (num_rows, N) result."""
+    from tandem.engine.kernels.rmsnorm import rms_norm
+
+    norm_weight = torch.ones(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    residual = torch.zeros((num_rows, weight.shape[0]), dtype=weight.dtype, device=weight.device)
+    return lambda out: rms_norm(out, norm_weight, 1e-6, residual)
 
 
 def _time_s(fn, copies: list[torch.Tensor], repeats: int = 5) -> float:

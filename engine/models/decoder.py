@@ -20,9 +20,11 @@ from tandem.engine.layers import rope_cos_sin, rope_inv_freq
 from tandem.engine.model_config import ModelConfig
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The layer's matmul through ops (a decode step's few rows may take a Triton kernel)."""
-    return ops.linear(x, layer.weight, layer.bias)
+def _linear(layer: nn.Linear, x: torch.Tensor, partial: bool = False
+            ) -> torch.Tensor | ops.PartialSums:
+    """The layer's matmul through ops (a decode step's few rows may take a Triton kernel). With
+    `partial` the result may be split-K partial sums, which only an RMSNorm reads."""
+    return ops.linear(x, layer.weight, layer.bias, partial)
 
 
 class RMSNorm(nn.Module):
@@ -78,8 +80,9 @@ class Attention(nn.Module):
         """Attention of q over the paged context; (tokens, heads, head_dim), into `out` if given."""
         return ops.paged_attention(q, kv_layer, meta, self.scale, out)
 
-    def output(self, attn: torch.Tensor) -> torch.Tensor:
-        return _linear(self.o_proj, attn.reshape(attn.shape[0], self.q_size))
+    def output(self, attn: torch.Tensor) -> torch.Tensor | ops.PartialSums:
+        """The output projection, for the post-attention norm only."""
+        return _linear(self.o_proj, attn.reshape(attn.shape[0], self.q_size), partial=True)
 
 
 class MLP(nn.Module):
@@ -89,8 +92,10 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self.down_proj, ops.silu_and_mul(_linear(self.gate_up_proj, x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor | ops.PartialSums:
+        """For the next norm only (the next layer's input norm or the model's final one)."""
+        return _linear(self.down_proj, ops.silu_and_mul(_linear(self.gate_up_proj, x)),
+                       partial=True)
 
 
 class DecoderLayer(nn.Module):

@@ -39,8 +39,8 @@ def test_linear_dispatch_agrees_with_cublas_and_remembers_its_choice():
         want = torch.nn.functional.linear(x, weight, None)
         got = skinny_gemm.linear(x, weight, None)
         assert _relative_error(got, want.double()) < 1e-2
-    assert (1, 6144, 1024, torch.bfloat16, False) in skinny_gemm._chosen
-    assert (100, 6144, 1024, torch.bfloat16, False) not in skinny_gemm._chosen  # cuBLAS, untimed
+    assert (1, 6144, 1024, torch.bfloat16, False, False) in skinny_gemm._chosen
+    assert (100, 6144, 1024, torch.bfloat16, False, False) not in skinny_gemm._chosen  # cuBLAS, untimed
 
 
 def test_serving_takes_the_nearest_measured_choice_without_timing(monkeypatch):
@@ -54,7 +54,7 @@ def test_serving_takes_the_nearest_measured_choice_without_timing(monkeypatch):
     x = torch.randn(11, 1024, dtype=torch.bfloat16, device="cuda")
     got = skinny_gemm.linear(x, weight, None)
     assert _relative_error(got, torch.nn.functional.linear(x, weight, None).double()) < 1e-2
-    key = (11, 4096, 1024, torch.bfloat16, False)
+    key = (11, 4096, 1024, torch.bfloat16, False, False)
     assert skinny_gemm._chosen[key] == skinny_gemm._chosen[(16, *key[1:])]
 
 
@@ -71,3 +71,42 @@ def test_with_pdl_a_row_tile_of_16_always_takes_triton(monkeypatch):
         for num_rows in (1, 16):
             x = torch.randn(num_rows, 4096, dtype=torch.bfloat16, device="cuda")
             assert skinny_gemm.choose(x, weight, None) is not None
+
+
+@pytest.mark.parametrize("num_rows", [1, 7, 16])
+def test_split_k_partial_sums_add_up_to_the_matmul(num_rows):
+    from tandem.engine.kernels.partial_sums import PartialSums
+    from tandem.engine.kernels.skinny_gemm import _CONFIGS, _SPLITS, fits, skinny_linear
+
+    x = torch.randn(num_rows, 3072, dtype=torch.bfloat16, device="cuda")
+    weight = torch.randn(1024, 3072, dtype=torch.bfloat16, device="cuda") * 0.02
+    want = x.double() @ weight.double().T
+    choices = [(*c, s) for c in _CONFIGS for s in _SPLITS if fits(num_rows, weight, (*c, s))]
+    assert {c[4] for c in choices} == {2, 3, 4, 6, 8}
+    for choice in choices:
+        got = skinny_linear(x, weight, None, choice)
+        assert isinstance(got, PartialSums) and got.parts.shape == (choice[4], num_rows, 1024)
+        assert got.parts.dtype == torch.float32 and got.shape == (num_rows, 1024)
+        assert _relative_error(got.total(), want) < 1e-2, choice
+
+
+def test_split_k_is_a_candidate_only_for_partial_results_of_few_rows():
+    from tandem.engine.kernels.skinny_gemm import candidates
+
+    weight = torch.empty(1024, 3072, dtype=torch.bfloat16, device="cuda")
+    assert {c[4] for c in candidates(1, weight, partial=True)} == {1, 2, 3, 4, 6, 8}
+    assert {c[4] for c in candidates(1, weight, partial=False)} == {1}
+    assert {c[4] for c in candidates(32, weight, partial=True)} == {1}
+    x = torch.randn(3, 3072, dtype=torch.bfloat16, device="cuda")
+    got = skinny_linear_through_dispatch(x, weight.normal_(0, 0.02))
+    want = torch.nn.functional.linear(x, weight, None)
+    assert _relative_error(got, want.double()) < 1e-2
+
+
+def skinny_linear_through_dispatch(x, weight):
+    """linear(partial=True), its result added up as the RMSNorm would."""
+    from tandem.engine.kernels import skinny_gemm
+    from tandem.engine.kernels.partial_sums import PartialSums
+
+    out = skinny_gemm.linear(x, weight, None, partial=True)
+    return out.total() if isinstance(out, PartialSums) else out
