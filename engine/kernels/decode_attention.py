@@ -67,8 +67,13 @@ def _decode_split_kernel(
     qk_scale, num_splits, target_programs,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    pdl.wait(USE_PDL)
+    # Before the wait only seq_lens and block tables are read, written at the step's start (with
+    # programmatic launch this kernel starts once the kernel two back has completed), and the
+    # split's first tile of K and V is asked of L2 (earlier steps wrote it; a prefetch into L2,
+    # where stores land, never reads this step's new token stale), so that tile's HBM latency
+    # passes under the q/k/v kernels still running.
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -92,6 +97,17 @@ def _decode_split_kernel(
     tokens_per_split = tl.cdiv(tokens_per_split, BLOCK_N) * BLOCK_N
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
+    if PREFETCH and start < end:
+        tokens = start + tl.arange(0, BLOCK_N)
+        page = tl.load(block_tables_ptr + seq * stride_bt_seq + tokens // BLOCK_SIZE,
+                       mask=tokens < end, other=0).to(tl.int64)
+        rows = (page * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_slot
+                + kv_head * stride_cache_head)
+        pdl.prefetch_row_heads_l2(cache_ptr, rows, 1, HEAD_DIM, LINE=64,
+                                  LINES=(HEAD_DIM + 63) // 64)
+        pdl.prefetch_row_heads_l2(cache_ptr + stride_cache_kv, rows, 1, HEAD_DIM, LINE=64,
+                                  LINES=(HEAD_DIM + 63) // 64)
+    pdl.wait(USE_PDL)
     if (start < end) | (split == 0):
         _attend_split(q_ptr, cache_ptr, block_tables_ptr, out_ptr, part_out_ptr, part_lse_ptr,
                       stride_q_seq, stride_q_head, stride_cache_block, stride_cache_kv,
@@ -283,7 +299,8 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
             scale * _LOG2_E, num_splits, _WAVES * _device_sms(query.device),
             GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
             BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, SINGLE_SPLIT=single,
-            num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(query),
+            PREFETCH=pdl.prefetch_weights(query), num_warps=num_warps, num_stages=num_stages,
+            **pdl.launch_options(query),
         )
 
     try:

@@ -11,7 +11,9 @@ The rule that keeps this correct: a kernel launched this way calls `enter` (or `
 load or store of memory that an earlier kernel may write or read. Every entry kernel in
 engine/kernels calls it first (tests/engine/kernels/test_pdl.py checks the parameter), so the wait
 also orders each kernel after everything before it: kernel n cannot finish before kernel n-1 has.
-Work on memory no earlier kernel writes (a matmul's weights) may come before it.
+Work on memory no earlier kernel writes (a matmul's weights) may come before it, and so may reads
+of what kernel n-2 or earlier wrote (a decode step's seq_lens and block tables): kernel n starts
+only once kernel n-1 has passed its own wait, that is once kernel n-2 has completed.
 
 Used inside `programmatic_launches` only (the small decode graphs, engine/cuda_graphs.py); off on
 CPUs, before Hopper, and with TANDEM_PDL=0. TANDEM_PDL=wait keeps the launches but drops
@@ -70,7 +72,8 @@ def enabled(tensor: torch.Tensor) -> bool:
 
 
 def prefetch_weights(tensor: torch.Tensor) -> bool:
-    """Whether a matmul asks L2 for its weights before waiting on the previous kernel."""
+    """Whether a matmul asks L2 for its weights (the decode attention for its first KV tile)
+    before waiting on the previous kernel."""
     return enabled(tensor) and os.environ.get("TANDEM_PDL", "1") != "wait"
 
 
