@@ -58,12 +58,15 @@ def _qkv_prep_kernel(
     HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_KV_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    pdl.enter(USE_PDL)
+    # Ahead of the wait: positions and slots are the step's inputs, written before the kernel two
+    # back completed, and the rotary tables are never written (kernels/pdl.py).
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
     dims = tl.arange(0, HALF)[None, :]
     cos1, cos2, sin1, sin2 = load_rope_row(cos_ptr, sin_ptr, position, stride_cos, stride_sin,
                                            HALF)
+    pdl.enter(USE_PDL)
     row = qkv_ptr + token * stride_qkv
 
     q1, q2 = _norm_rotate(row, num_heads, q_weight_ptr, eps, cos1, cos2, sin1, sin2,
@@ -76,7 +79,6 @@ def _qkv_prep_kernel(
     k_row = row + num_heads * (2 * HALF)
     k1, k2 = _norm_rotate(k_row, num_kv_heads, k_weight_ptr, eps, cos1, cos2, sin1, sin2,
                           HAS_NORM, BLOCK_KV_H, HALF)
-    slot = tl.load(slot_ptr + token).to(tl.int64)
     kv_heads = tl.arange(0, BLOCK_KV_H)[:, None]
     # A padding token (slot < 0) gets zero live heads: one straight-line path for every program.
     live = kv_heads < tl.where(slot >= 0, num_kv_heads, 0)

@@ -38,10 +38,11 @@ def _rms_norm_kernel(
     X_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    pdl.enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden_size
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)  # never written: before the wait
+    pdl.enter(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if NUM_PARTS > 1:  # split-K partial sums, fp32: their total is the matmul's output
         for part in tl.static_range(1, NUM_PARTS):
@@ -56,7 +57,6 @@ def _rms_norm_kernel(
     h = x.to(tl.float32)
     mean_square = tl.sum(h * h, axis=0) / hidden_size
     normed = (h * tl.rsqrt(mean_square + eps)).to(x.dtype)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     out = normed.to(tl.float32) * weight.to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -54,7 +54,8 @@ _SHARED_BYTES = 160 * 1024  # of an H100/H200 SM's 227 KiB, with room for the co
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): narrow column tiles for many programs, deep
 # pipelines for many loads in flight.
 _CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4), (16, 512, 4, 3))
-_SPLITS = (2, 3, 4, 6, 8)  # K split this many ways, tried where the column tiles alone are few programs
+# K split this many ways, tried where the column tiles alone are few programs
+_SPLITS = (2, 3, 4, 6, 8)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
