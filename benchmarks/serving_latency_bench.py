@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import gc
 import os
-import re
 import secrets
 import statistics
 import sys
@@ -118,7 +117,7 @@ def main() -> None:
     parser.add_argument("--gap-s", type=float, default=0.3)
     args = parser.parse_args()
 
-    from tests.serving_harness import start_server
+    from tests.serving_harness import registered_workers, start_server
 
     # One worker on a CPU gets every core (launcher/serve.py); the engine alone gets the same.
     threads = os.cpu_count() if args.device == "cpu" else None
@@ -128,8 +127,7 @@ def main() -> None:
     server = start_server("--model", args.model, "--device", args.device, "--num-prefill", "0",
                           "--num-decode", "1", timeout_s=600.0, log_level="INFO")
     try:
-        address = next(m.group(1) for line in server.lines
-                       if (m := re.search(r"registered as decode at (\S+)", line)))
+        address = next(a for role, a in registered_workers(server).values() if role == "decode")
         worker = asyncio.run(worker_direct(address, args.prompt_tokens, args.num_requests,
                                            args.gap_s))
         rows = {"engine, back to back": 1e3 * statistics.median(back_to_back),

@@ -79,6 +79,22 @@ def wait_ready(server: Server, timeout_s: float = 180.0) -> None:
             raise RuntimeError("tandem serve did not become ready:\n" + "".join(server.lines[-60:]))
 
 
+# The frontend's line for a worker's registration: worker id, role, address of its Worker service.
+REGISTERED = re.compile(r"worker (\S+) registered: (\w+) at (\S+),")
+
+
+def registered_workers(server: Server) -> dict[str, tuple[str, str]]:
+    """worker id -> (role, address) from the frontend's log: each worker's last registration,
+    without the workers the planner has removed since."""
+    workers: dict[str, tuple[str, str]] = {}
+    for line in server.lines:
+        if match := REGISTERED.search(line):
+            workers[match[1]] = (match[2], match[3])
+        elif match := re.search(r"planner: removed worker (\S+)", line):
+            workers.pop(match[1], None)
+    return workers
+
+
 def worker_pid(server: Server, worker_id: str) -> int:
     """Pid of the server's worker process with this id (a restarted worker has a new one)."""
     for pid in worker_pids(server):

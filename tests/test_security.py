@@ -39,7 +39,7 @@ from tandem.contracts.wire import registration_to_proto
 from tandem.contracts.worker_stats import Registration
 from tandem.launcher.safe_start import python_module_command
 from tandem.worker.auth import METADATA_KEY, SECRET_ENV
-from tests.serving_harness import Server, free_port, wait_ready
+from tests.serving_harness import Server, free_port, registered_workers, wait_ready
 
 pytest.importorskip("nixl")
 
@@ -150,9 +150,8 @@ def internal_secret(server: Server) -> str:
 
 
 def worker_addresses(server: Server) -> dict[str, str]:
-    """role -> the Worker service's address, from the frontend's registration log lines."""
-    found = (re.search(r"worker \S+ registered: (\w+) at (\S+),", line) for line in server.lines)
-    return {m.group(1): m.group(2) for m in found if m}
+    """role -> the Worker service's address (one worker a role here)."""
+    return dict(registered_workers(server).values())
 
 
 def control_address(server: Server) -> str:

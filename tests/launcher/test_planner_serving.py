@@ -32,7 +32,7 @@ import httpx
 from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.planner.sim_synthetic import LinearSteps, synthetic_profile
-from tests.serving_harness import Server, free_port
+from tests.serving_harness import Server, free_port, registered_workers
 
 # The deployment's internal secret, given by the operator (here) so this test can call workers.
 SECRET = "planner-serving-test-secret-0123456789"
@@ -137,16 +137,8 @@ def worker_pids_by_id(server: Server) -> dict[str, int]:
 
 
 def worker_addresses(server: Server) -> dict[str, str]:
-    """Each worker's address from its last registration, without the ones removed since."""
-    addresses: dict[str, str] = {}
-    for line in server.lines:
-        match = re.search(r"worker (\S+) registered: \w+ at (\S+),", line)
-        if match:
-            addresses[match[1]] = match[2]
-        match = re.search(r"planner: removed worker (\S+)", line)
-        if match:
-            addresses.pop(match[1], None)
-    return addresses
+    """Each live worker's address, by worker id."""
+    return {worker_id: address for worker_id, (_, address) in registered_workers(server).items()}
 
 
 def stats(address: str) -> wpb.WorkerStats:

@@ -27,7 +27,7 @@ from tandem.api.v1 import generation_pb2_grpc as pbgrpc
 from tandem.api.worker.v1 import worker_pb2 as wpb
 from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tests.internal_secret import internal_metadata
-from tests.serving_harness import Server, start_server
+from tests.serving_harness import REGISTERED, Server, start_server
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("nixl")
@@ -45,9 +45,6 @@ STREAM_TOKENS = 600  # long enough to be killed mid-stream, short enough to fini
 SERVE_ARGS = ["--device", "cpu", "--num-prefill", "1", "--num-decode", "2",
               "--num-kv-blocks", "128", "--remote-prefill-min-tokens", "16",
               "--drain-timeout-s", "5"]
-REGISTERED = re.compile(r"worker (\S+) registered: (\w+) at (\S+),")
-
-
 # ---- fixtures ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
