@@ -18,8 +18,8 @@ implementations between runs. Shapes first seen during a capture, and row counts
 MAX_ROWS, take cuBLAS.
 
 Where the caller lets the result stay as partial sums (`linear(..., partial=True)`: the output
-and down projections, read only by the residual-add RMSNorm), the candidates also split K in 2
-to 8 (kernels/partial_sums.py): more programs for a matrix with few columns.
+and down projections, read only by the residual-add RMSNorm), the candidates also split K in 2,
+4 or 8 (kernels/partial_sums.py): more programs for a matrix with few columns.
 
 Once an engine serves (`serve_without_timing`, after its graphs are captured), nothing is timed or
 compiled any more: a row count first seen in an eager step (the sampled rows of a mixed step, a
@@ -54,8 +54,9 @@ _SHARED_BYTES = 160 * 1024  # of an H100/H200 SM's 227 KiB, with room for the co
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): narrow column tiles for many programs, deep
 # pipelines for many loads in flight.
 _CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4), (16, 512, 4, 3))
-# K split this many ways, tried where the column tiles alone are few programs
-_SPLITS = (2, 3, 4, 6, 8)
+# K split this many ways, tried where the column tiles alone are few programs (each count tried
+# compiles a norm variant at start-up; 3 and 6 were tried on H200 and never chosen)
+_SPLITS = (2, 4, 8)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
