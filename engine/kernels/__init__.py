@@ -17,9 +17,9 @@ import importlib.util
 
 import torch
 
-from tandem.engine.kernels.partial_sums import PartialSums
 from tandem.engine.attention import (AttentionMetadata, paged_attention_reference,
                                      store_kv_reference)
+from tandem.engine.kernels.partial_sums import PartialSums
 from tandem.engine.layers import (apply_rotary_reference, prepare_qkv_reference,
                                   rms_norm_reference, silu_and_mul_reference)
 

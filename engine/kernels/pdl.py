@@ -9,11 +9,12 @@ tail. `gdc_launch_dependents` lets the next kernel do the same to this one.
 
 The rule that keeps this correct: a kernel launched this way calls `enter` (or `wait`) before any
 load or store of memory that an earlier kernel may write or read. Every entry kernel in
-engine/kernels calls it first (tests/engine/kernels/test_pdl.py checks the parameter), so the wait
-also orders each kernel after everything before it: kernel n cannot finish before kernel n-1 has.
+engine/kernels calls it (tests/engine/kernels/test_pdl.py checks the parameter), so the wait also
+orders each kernel after everything before it: kernel n cannot finish before kernel n-1 has.
 Work on memory no earlier kernel writes (a matmul's weights) may come before it, and so may reads
-of what kernel n-2 or earlier wrote (a decode step's seq_lens and block tables): kernel n starts
-only once kernel n-1 has passed its own wait, that is once kernel n-2 has completed.
+of what kernel n-2 or earlier wrote (a decode step's inputs: positions, slots, seq_lens, block
+tables): kernel n starts only once kernel n-1 has passed its own wait, that is once kernel n-2 has
+completed.
 
 Used inside `programmatic_launches` only (the small decode graphs, engine/cuda_graphs.py); off on
 CPUs, before Hopper, and with TANDEM_PDL=0. TANDEM_PDL=wait keeps the launches but drops

@@ -1,5 +1,6 @@
-"""Programmatic dependent launch: every Triton kernel waits before touching memory an earlier
-kernel wrote, and a captured chain of kernels gives the same bits with it as without."""
+"""Programmatic dependent launch: every Triton kernel takes the switch to wait before touching
+what the kernel before it wrote, and a captured chain of kernels gives the same bits with it as
+without."""
 
 from __future__ import annotations
 
