@@ -1,12 +1,15 @@
 """Where the engine's time goes, on one NVIDIA GPU: kernels per decode step and per prefill, and host
 against device time in an offline throughput run.
 
-  python benchmarks/profile_engine.py [--only decode,prefill,throughput] [--model M ...]
+  python benchmarks/profile_engine.py [--only decode,prefill,replay,throughput] [--model M ...]
 
 - decode: for each batch size and context, the kernels of one decode step (the captured graph's
   forward, run eagerly under torch.profiler so every kernel is its own record), grouped by kernel
   name, with the step's graph replay time beside the roofline (weights + KV read / copy rate).
 - prefill: the kernels of one prompt of 4096 tokens.
+- replay: the kernels of one decode step as its captured graph replays them (with programmatic
+  launch they overlap): each kernel charged the time it runs past the end of every kernel before
+  it, by kernel name, and the start and length of each kernel of one layer in the middle.
 - throughput: nano-vllm's workload (engine_bench.py) with each phase of a step timed on the host:
   scheduling, input preparation and launch, the wait for the sampled tokens, postprocessing,
   detokenization (which LLM.generate overlaps with the next step's device work).
@@ -69,6 +72,54 @@ def profile_decode(model: str, hbm_gbs: float, batches: list[int], contexts: lis
                     torch.cuda.synchronize()
                 for name, us, calls in kernel_table(prof, 4):
                     print(f"    {us:8.1f} us  x{calls:<4d} {name}")
+
+
+def critical_times(kernels: list[tuple[str, float, float]]
+                   ) -> tuple[dict[str, float], dict[str, int], float]:
+    """From (name, start, end) in start order: per name, the time its kernels ran past the end of
+    every kernel before them (overlapping kernels are not counted twice) and their count; and the
+    time no kernel ran."""
+    charged: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    idle, last_end = 0.0, kernels[0][1] if kernels else 0.0
+    for name, start, end in kernels:
+        idle += max(start - last_end, 0.0)
+        charged[name] += max(end - max(start, last_end), 0.0)
+        calls[name] += 1
+        last_end = max(last_end, end)
+    return dict(charged), dict(calls), idle
+
+
+def profile_replay(model: str, batches: list[int], context: int, replays: int = 3) -> None:
+    llm = LLM(model=model, max_model_len=context + 64)
+    engine, graphs = llm.engine, llm.engine.runner.graphs
+    for batch in batches:
+        bucket = next(b for b in graphs.sizes if b >= batch)
+        if not fill_decode(graphs, bucket, context, engine.config.block_size, engine.num_blocks):
+            continue
+        graph = graphs.graphs[bucket]
+        step_us = median_us(graph.replay)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                graph.replay()
+            torch.cuda.synchronize()
+        events = sorted((e for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA),
+                        key=lambda e: e.time_range.start)
+        last = events[-len(events) // replays:]  # the last replay
+        origin = last[0].time_range.start
+        kernels = [(e.name[:60], e.time_range.start - origin, e.time_range.end - origin)
+                   for e in last]
+        charged, calls, idle = critical_times(kernels)
+        print(f"replay {model} batch {batch} ctx {context}: {step_us:.0f} us a replay, "
+              f"{len(kernels)} kernels, {idle:.0f} us with none running")
+        for name, us in sorted(charged.items(), key=lambda kv: -kv[1]):
+            print(f"    {us:8.1f} us  x{calls[name]:<4d} {name}")
+        per_layer = (len(kernels) - 4) // len(engine.runner.model.layers)
+        middle = len(kernels) // 2
+        print("  one layer, start and length (us):")
+        for name, start, end in kernels[middle:middle + per_layer + 1]:
+            print(f"    {start:9.1f} {end - start:7.1f}  {name}")
 
 
 def profile_prefill(model: str, tokens: int = 4096) -> None:
@@ -164,6 +215,9 @@ def main() -> None:
             release(None)  # the engine is gone once the function returns
         if "prefill" in parts:
             profile_prefill(model)
+            release(None)
+        if "replay" in parts:
+            profile_replay(model, batches, contexts[0])
             release(None)
     if "throughput" in parts:
         profile_throughput("random:qwen3-0.6b")
