@@ -8,7 +8,9 @@ second (nvidia-smi). The ratio of the last part's median to the burst's is what 
 adds to the profile's step.
 
     python benchmarks/sustained_step_bench.py [--model random:llama-3.1-8b] [--seconds 20]
-(needs a CUDA GPU)
+        [--chunks 2048,512] [--cached 0] [--decodes 16] [--context 4096]
+(`--cached`: each chunk continues a prompt of that many computed tokens, as the later chunks of a
+long prompt do, whose attention then dominates the step.)
 """
 
 from __future__ import annotations
@@ -66,24 +68,28 @@ def main() -> None:
     parser.add_argument("--chunks", default="2048,512")
     parser.add_argument("--decodes", type=int, default=16, help="decode rows beside a mixed chunk")
     parser.add_argument("--context", type=int, default=4096, help="each decode row's context")
+    parser.add_argument("--cached", type=int, default=0,
+                        help="computed tokens of the prompt each chunk continues")
     args = parser.parse_args()
     chunks = [int(c) for c in args.chunks.split(",")]
-    llm = LLM(model=args.model, max_model_len=args.context + 2048,
+    llm = LLM(model=args.model, max_model_len=max(args.context, args.cached) + max(chunks) + 64,
               max_num_batched_tokens=max(chunks) + args.decodes)
     probe = StepProbe(llm.engine)
     print(f"{args.model}, GPU idle: SM clock {gpu_state()[0]:.0f} MHz", flush=True)
     for chunk in chunks:
         probe.warm_up(chunk)
         time.sleep(2.0)  # let the clock settle back before the burst
-        burst = statistics.median(probe.prefill_once(chunk, 0) for _ in range(5))
-        times, states = sustained(lambda c=chunk: probe.prefill_once(c, 0), args.seconds)
-        report(f"prefill {chunk}", burst, times, states)
+        cached = args.cached
+        burst = statistics.median(probe.prefill_once(chunk, cached) for _ in range(5))
+        times, states = sustained(lambda c=chunk: probe.prefill_once(c, cached), args.seconds)
+        report(f"prefill {chunk} after {cached}", burst, times, states)
         decodes = probe.place_decodes(args.decodes, args.context)
         time.sleep(2.0)
-        burst = statistics.median(probe.mixed_once(chunk, 0, decodes)[0] for _ in range(5))
-        times, states = sustained(lambda c=chunk: probe.mixed_once(c, 0, decodes)[0],
+        burst = statistics.median(probe.mixed_once(chunk, cached, decodes)[0] for _ in range(5))
+        times, states = sustained(lambda c=chunk: probe.mixed_once(c, cached, decodes)[0],
                                   args.seconds)
-        report(f"mixed {chunk} + {args.decodes} x {args.context}", burst, times, states)
+        report(f"mixed {chunk} after {cached} + {args.decodes} x {args.context}", burst, times,
+               states)
         probe.clear()
 
 
