@@ -467,7 +467,12 @@ class DecodeScheduler(Scheduler):
             self._cache_computed_blocks(seq)
             seq.status = SequenceStatus.RUNNING
             seq.append_token(first_token_id)
-            self.running.append(seq)
+            # Ahead of any sequence still computing its prompt here: `schedule` serves the running
+            # sequences in order, so a long prompt prefilled locally ahead of this one would take
+            # each step's budget until its last chunk (a second and more for 20k tokens), while
+            # this one needs a single token a step.
+            self.running.insert(next((i for i, other in enumerate(self.running)
+                                      if other.num_uncomputed_tokens > 1), len(self.running)), seq)
             self._check_stop(seq, first_token_id)
             return
         # The pulled blocks may hold anything: drop them, keep only what was cached here before.

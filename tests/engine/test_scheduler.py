@@ -160,3 +160,21 @@ def test_prompt_larger_than_the_whole_cache_is_refused():
     scheduler, _ = make(num_blocks=2)
     with pytest.raises(ValueError, match="KV cache has 2"):
         scheduler.add(seq("a", 8))
+
+
+def test_a_pulled_request_decodes_ahead_of_a_long_local_prefill():
+    # A decode worker prefilling a long prompt itself: a request whose KV arrives meanwhile
+    # decodes from the next step on, not after the prompt's last chunk.
+    scheduler, _ = make(num_blocks=32, budget=8, role="decode")
+    local = seq("local", 40, max_tokens=2)
+    scheduler.add(local)
+    run_step(scheduler)                                   # 8 of its 40 prompt tokens
+    remote = seq("remote", 6, start=100, max_tokens=8)
+    assert scheduler.add_remote(remote, first_token_id=9) == (0, [2, 3])
+    scheduler.complete_remote("remote", succeeded=True)
+    for step in range(4):                                 # the prompt's next four chunks
+        batch = run_step(scheduler)
+        assert batch.seqs == [remote, local] and batch.num_new_tokens == [1, 7], step
+    assert remote.num_output_tokens == 5 and local.num_computed_tokens == 36
+    # and it is the newest prompt, not the decoding request, that makes room when blocks run out
+    assert scheduler.running == [remote, local]
