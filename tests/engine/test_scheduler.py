@@ -176,5 +176,5 @@ def test_a_pulled_request_decodes_ahead_of_a_long_local_prefill():
         batch = run_step(scheduler)
         assert batch.seqs == [remote, local] and batch.num_new_tokens == [1, 7], step
     assert remote.num_output_tokens == 5 and local.num_computed_tokens == 36
-    # and it is the newest prompt, not the decoding request, that makes room when blocks run out
+    # running order is also preemption order (the last makes room first): the prompt goes first
     assert scheduler.running == [remote, local]
