@@ -76,10 +76,10 @@ def main() -> None:
               max_num_batched_tokens=max(chunks) + args.decodes)
     probe = StepProbe(llm.engine)
     print(f"{args.model}, GPU idle: SM clock {gpu_state()[0]:.0f} MHz", flush=True)
+    cached = args.cached
     for chunk in chunks:
         probe.warm_up(chunk)
         time.sleep(2.0)  # let the clock settle back before the burst
-        cached = args.cached
         burst = statistics.median(probe.prefill_once(chunk, cached) for _ in range(5))
         times, states = sustained(lambda c=chunk: probe.prefill_once(c, cached), args.seconds)
         report(f"prefill {chunk} after {cached}", burst, times, states)
