@@ -199,10 +199,11 @@ def nearest_choice(key: tuple) -> Choice | None:
 
 def candidates(num_rows: int, weight: torch.Tensor, partial: bool) -> list[Choice]:
     """The Choices that fit this shape: each config whole, and with `partial` split in K where
-    its column tiles alone give fewer than two programs an SM. Only up to a 16-row tile: the
-    RMSNorm after it reads the partial sums with one program a row, splits x rows x N x 4 bytes."""
+    its column tiles alone give fewer than two programs an SM (the RMSNorm after it reads the
+    partial sums, splits x rows x N x 4 bytes, with one program a row; `choose` times the two
+    together, and where cuBLAS is timed too, it is timed with that norm as well)."""
     sms = torch.cuda.get_device_properties(weight.device).multi_processor_count
-    split = partial and num_rows <= _CHAIN_ROWS
+    split = partial
     found = []
     for config in _CONFIGS:
         programs = weight.shape[0] // config[0]
