@@ -24,7 +24,7 @@ from tandem.engine.layers import (apply_rotary_reference, prepare_qkv_reference,
                                   rms_norm_reference, silu_and_mul_reference)
 
 __all__ = ["PartialSums", "apply_rotary", "is_triton_usable", "linear", "paged_attention",
-           "prepare_qkv", "rms_norm", "silu_and_mul", "store_kv"]
+           "prepare_and_attend", "prepare_qkv", "rms_norm", "silu_and_mul", "store_kv"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -123,6 +123,26 @@ def prepare_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, s
     from tandem.engine.kernels.qkv_prep import prepare_qkv as prepare_qkv_triton
     return prepare_qkv_triton(qkv, positions, cos, sin, q_weight, k_weight, eps, kv_layer,
                               slot_mapping, num_heads, num_kv_heads, head_dim)
+
+
+def prepare_and_attend(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, q_weight: torch.Tensor | None,
+                       k_weight: torch.Tensor | None, eps: float, kv_layer: torch.Tensor,
+                       meta: AttentionMetadata, scale: float, num_heads: int, num_kv_heads: int,
+                       head_dim: int) -> torch.Tensor:
+    """`prepare_qkv` then `paged_attention`: attention's output (num_tokens, heads, head_dim)
+    from a fused QKV projection. On CUDA a decode-only step does both in the decode attention's
+    split kernel (kernels/decode_attention.py), one kernel fewer a layer; qkv is then left as it
+    was, where `prepare_qkv` rotates q in place."""
+    if not is_triton_usable(qkv) or not meta.is_decode_only:
+        q = prepare_qkv(qkv, positions, cos, sin, q_weight, k_weight, eps, kv_layer,
+                        meta.slot_mapping, num_heads, num_kv_heads, head_dim)
+        return paged_attention(q, kv_layer, meta, scale)
+    from tandem.engine.kernels.decode_attention import QKVPrep, decode_attention
+    out = torch.empty((qkv.shape[0], num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    prep = QKVPrep(positions, cos, sin, q_weight, k_weight, eps, meta.slot_mapping)
+    return decode_attention(qkv, kv_layer, meta.block_tables, meta.seq_lens, scale, out,
+                            meta.max_seq_len, num_splits=meta.num_splits, prep=prep)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -24,18 +24,28 @@ the merge kernel is not launched.
 
 Scores live in the log2 domain (the softmax scale is premultiplied by log2(e)) so every exponential
 is a single exp2.
+
+A decode step may also hand the kernel the raw fused QKV projection (`prep`): each program then
+normalizes and rotates its group's q heads itself, and the program whose split holds the new
+token stores that token's K and V before it reads the cache, which is what kernels/qkv_prep.py
+would have done in a kernel of its own between the q/k/v matmul and this one. The arithmetic is
+qkv_prep's, so the cache holds the same bits either way; the output may differ in its last bit,
+as the compiler fuses multiply-adds differently in the two variants.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from tandem.engine.kernels import pdl
+from tandem.engine.kernels.qkv_prep import norm_rotate
+from tandem.engine.kernels.rotary import load_rope_row
 
 _LOG2_E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 64  # one tile: below this a split is only merge overhead
@@ -65,10 +75,16 @@ def _decode_split_kernel(
     stride_cache_block, stride_cache_kv, stride_cache_slot, stride_cache_head,
     stride_bt_seq, stride_out_seq, stride_out_head,
     qk_scale, num_splits, target_programs,
+    positions_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin, q_weight_ptr,
+    k_weight_ptr, eps,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, PREP: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
+    # PREP: q_ptr is the raw fused QKV row of each sequence; each program normalizes and rotates
+    # its group's q heads itself, and the program whose split holds the new token stores that
+    # token's K and V (what kernels/qkv_prep.py does), so no kernel runs between the q/k/v matmul
+    # and this one.
     # Before the wait only seq_lens and block tables are read, written at the step's start (with
     # programmatic launch this kernel starts once the kernel two back has completed), and the
     # split's first tile of K and V is asked of L2 (earlier steps wrote it; a prefetch into L2,
@@ -107,10 +123,29 @@ def _decode_split_kernel(
                                   LINES=(HEAD_DIM + 63) // 64)
         pdl.prefetch_row_heads_l2(cache_ptr + stride_cache_kv, rows, 1, HEAD_DIM, LINE=64,
                                   LINES=(HEAD_DIM + 63) // 64)
+    if PREP:  # the step's inputs and the rotary tables, ahead of the wait like seq_lens
+        position = tl.load(positions_ptr + seq).to(tl.int64)
+        slot = tl.load(slot_ptr + seq).to(tl.int64)
+        cos1, cos2, sin1, sin2 = load_rope_row(cos_ptr, sin_ptr, position, stride_cos,
+                                               stride_sin, HEAD_DIM // 2)
     pdl.wait(USE_PDL)
     if (start < end) | (split == 0):
-        _attend_split(q_ptr, cache_ptr, block_tables_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-                      stride_q_seq, stride_q_head, stride_cache_block, stride_cache_kv,
+        group_rows = tl.arange(0, BLOCK_G)
+        if PREP:
+            row = q_ptr + seq * stride_q_seq
+            q = _prepare_group(row, kv_head, num_heads, num_kv_heads, cos1, cos2, sin1, sin2,
+                               q_weight_ptr,
+                               k_weight_ptr, eps, cache_ptr, slot, stride_cache_block,
+                               stride_cache_kv, stride_cache_slot, stride_cache_head,
+                               (start <= seq_len - 1) & (seq_len - 1 < end),
+                               GROUP, HEAD_DIM, BLOCK_SIZE, BLOCK_G, HAS_NORM)
+        else:
+            heads = kv_head * GROUP + group_rows
+            dims = tl.arange(0, HEAD_DIM)
+            q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head
+                        + dims[None, :], mask=(group_rows < GROUP)[:, None], other=0.0)
+        _attend_split(q, cache_ptr, block_tables_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+                      stride_cache_block, stride_cache_kv,
                       stride_cache_slot, stride_cache_head, stride_bt_seq, stride_out_seq,
                       stride_out_head, qk_scale, num_splits, seq, kv_head, split, num_heads,
                       start, end, GROUP, HEAD_DIM, BLOCK_SIZE, BLOCK_G, BLOCK_N, SINGLE_SPLIT)
@@ -122,22 +157,56 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _prepare_group(
+    row_ptr, kv_head, num_heads, num_kv_heads, cos1, cos2, sin1, sin2, q_weight_ptr,
+    k_weight_ptr, eps, cache_ptr,
+    slot, stride_cache_block, stride_cache_kv, stride_cache_slot, stride_cache_head, store_kv,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, HAS_NORM: tl.constexpr,
+):
+    """The group's q heads (BLOCK_G, HEAD_DIM) from a raw fused QKV row, normalized and rotated
+    as kernels/qkv_prep.py does; with store_kv, the new token's K (so prepared) and V stored at
+    `slot` first (nothing when slot < 0), and visible to this program's loads after."""
+    q1, q2 = norm_rotate(row_ptr + kv_head * GROUP * HEAD_DIM, GROUP, q_weight_ptr, eps,
+                         cos1, cos2, sin1, sin2, HAS_NORM, BLOCK_G, HEAD_DIM // 2)
+    if store_kv:
+        k_row = row_ptr + (num_heads + kv_head) * HEAD_DIM
+        k1, k2 = norm_rotate(k_row, 1, k_weight_ptr, eps, cos1, cos2, sin1, sin2, HAS_NORM, 2,
+                             HEAD_DIM // 2)               # (2, HEAD_DIM / 2): row 0 is the head
+        v_row = row_ptr + (num_heads + num_kv_heads + kv_head) * HEAD_DIM
+        rows = tl.arange(0, 2)[:, None]
+        dims = tl.arange(0, HEAD_DIM // 2)[None, :]
+        live = (rows < 1) & (slot >= 0)
+        v1 = tl.load(v_row + rows * 0 + dims, mask=live, other=0.0)
+        v2 = tl.load(v_row + HEAD_DIM // 2 + rows * 0 + dims, mask=live, other=0.0)
+        dst = (cache_ptr + (slot // BLOCK_SIZE) * stride_cache_block
+               + (slot % BLOCK_SIZE) * stride_cache_slot + kv_head * stride_cache_head
+               + rows * 0 + dims)                        # (2, HEAD_DIM / 2), row 1 masked
+        cache_dtype = cache_ptr.dtype.element_ty
+        tl.store(dst, k1.to(cache_dtype), mask=live)
+        tl.store(dst + HEAD_DIM // 2, k2.to(cache_dtype), mask=live)
+        tl.store(dst + stride_cache_kv, v1.to(cache_dtype), mask=live)
+        tl.store(dst + stride_cache_kv + HEAD_DIM // 2, v2.to(cache_dtype), mask=live)
+    tl.debug_barrier()  # the stores above, before this program's threads read the cache
+    return tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_G, HEAD_DIM))
+
+
+@triton.jit
 def _attend_split(
-    q_ptr, cache_ptr, block_tables_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    stride_q_seq, stride_q_head, stride_cache_block, stride_cache_kv, stride_cache_slot,
+    q, cache_ptr, block_tables_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    stride_cache_block, stride_cache_kv, stride_cache_slot,
     stride_cache_head, stride_bt_seq, stride_out_seq, stride_out_head, qk_scale, num_splits,
     seq, kv_head, split, num_heads, start, end,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
 ):
-    """One program's split: attention over tokens [start, end) of `seq` for the query heads of
-    `kv_head`, written as the final output (one split) or as a partial with its log-sum-exp."""
+    """One program's split: attention of q (BLOCK_G, HEAD_DIM), the query heads of `kv_head`,
+    over tokens [start, end) of `seq`, written as the final output (one split) or as a partial
+    with its log-sum-exp."""
     group_rows = tl.arange(0, BLOCK_G)
     heads = kv_head * GROUP + group_rows
     is_head = group_rows < GROUP
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
-                mask=is_head[:, None], other=0.0)          # (BLOCK_G, HEAD_DIM)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -258,21 +327,46 @@ _SPLIT_TILES = (64, 4, 2)   # fits every GPU Triton runs on
 _too_big: set[tuple[int, int, int]] = set()
 
 
+@dataclass(frozen=True)
+class QKVPrep:
+    """prepare_qkv's other inputs (kernels/qkv_prep.py), for the split kernel to do that work
+    itself on a decode step."""
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_weight: torch.Tensor | None   # Qwen3's per-head norms, or None
+    k_weight: torch.Tensor | None
+    eps: float
+    slot_mapping: torch.Tensor
+
+
 def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, out: torch.Tensor, max_seq_len: int,
                      num_splits: int | None = None,
-                     tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+                     tiles: tuple[int, int, int] | None = None,
+                     prep: QKVPrep | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context; writes and returns `out`.
 
     query, out: (num_seqs, num_heads, head_dim); kv_layer: (num_blocks, 2, block_size,
     num_kv_heads, head_dim), any strides with head_dim contiguous; block_tables: (num_seqs,
     max_blocks) int32; seq_lens: (num_seqs,) int32, including the new token, whose K/V must already
     be stored. max_seq_len only sizes num_splits when num_splits is None. tiles: (block_n,
-    num_warps, num_stages), by `choose_tiles` when None.
+    num_warps, num_stages), by `choose_tiles` when None. With `prep`, query is instead the raw
+    fused QKV projection (num_seqs, (num_heads + 2 * num_kv_heads) * head_dim), rows contiguous:
+    the kernel prepares q and stores the new K and V as `prepare_qkv` would (qkv is not changed).
     """
-    num_seqs, num_heads, head_dim = query.shape
+    num_seqs, num_heads, head_dim = out.shape
     block_size, num_kv_heads = kv_layer.shape[2], kv_layer.shape[3]
-    check_attention_shapes(query, kv_layer, block_tables, out)
+    if prep is None:
+        check_attention_shapes(query, kv_layer, block_tables, out)
+        stride_q_seq, stride_q_head = query.stride(0), query.stride(1)
+    else:
+        check_attention_shapes(out, kv_layer, block_tables, out)
+        if query.shape != (num_seqs, (num_heads + 2 * num_kv_heads) * head_dim) \
+                or query.stride(-1) != 1 or prep.cos.stride(-1) != 1:
+            raise ValueError(f"qkv of shape {tuple(query.shape)} does not match out "
+                             f"{tuple(out.shape)} and {num_kv_heads} KV heads")
+        stride_q_seq, stride_q_head = query.stride(0), head_dim
     if num_seqs == 0:
         return out
     if num_splits is None:
@@ -290,14 +384,20 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
         part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32,
                                device=query.device)
 
+    has_norm = prep is not None and prep.q_weight is not None
+    p = prep or QKVPrep(query, query, query, None, None, 0.0, query)   # unused without PREP
+
     def launch(block_n: int, num_warps: int, num_stages: int) -> None:
         _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
             query, kv_layer, block_tables, seq_lens, out, part_out, part_lse,
-            query.stride(0), query.stride(1),
+            stride_q_seq, stride_q_head,
             kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
             block_tables.stride(0), out.stride(0), out.stride(1),
             scale * _LOG2_E, num_splits, _WAVES * _device_sms(query.device),
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+            p.positions, p.slot_mapping, p.cos, p.sin, p.cos.stride(0), p.sin.stride(0),
+            p.q_weight if has_norm else query, p.k_weight if has_norm else query, p.eps,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, PREP=prep is not None,
+            HAS_NORM=has_norm,
             BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, SINGLE_SPLIT=single,
             PREFETCH=pdl.prefetch_weights(query), num_warps=num_warps, num_stages=num_stages,
             **pdl.launch_options(query),
@@ -319,14 +419,19 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
     return out
 
 
-def compile_variants(kv_layer: torch.Tensor, num_heads: int) -> None:
+def compile_variants(kv_layer: torch.Tensor, num_heads: int, prep: QKVPrep | None = None
+                     ) -> None:
     """Compiles now every variant a decode step over kv_layer (one layer of the engine's cache)
     may launch later, so that none stalls a serving batch to compile (the engine calls it once,
     at start-up): the split kernel with each tile choice of `choose_tiles`, reading block 0 for a
-    one-token sequence (it writes only its own output), and the merge at every width. Tiles too
-    big for this GPU's shared memory are found here and left out of the choice."""
+    one-token sequence (it writes only its own output), with `prep` also as a decode step runs
+    it (prep's slot_mapping must be -1: nothing is stored), and the merge at every width. Tiles
+    too big for this GPU's shared memory are found here and left out of the choice."""
     head_dim, device = kv_layer.shape[4], kv_layer.device
+    num_kv_heads = kv_layer.shape[3]
     query = torch.zeros((1, num_heads, head_dim), dtype=kv_layer.dtype, device=device)
+    qkv = torch.zeros((1, (num_heads + 2 * num_kv_heads) * head_dim), dtype=kv_layer.dtype,
+                      device=device)
     block_tables = torch.zeros((1, 1), dtype=torch.int32, device=device)
     seq_lens = torch.ones(1, dtype=torch.int32, device=device)
     for num_splits, tiles in ((1, (128, 4, 3)), (1, (64, 4, 3)), (2, (64, 4, 3)),
@@ -334,6 +439,10 @@ def compile_variants(kv_layer: torch.Tensor, num_heads: int) -> None:
         try:
             decode_attention(query, kv_layer, block_tables, seq_lens, 1.0,
                              torch.empty_like(query), 1, num_splits=num_splits, tiles=tiles)
+            if prep is not None:
+                decode_attention(qkv, kv_layer, block_tables, seq_lens, 1.0,
+                                 torch.empty_like(query), 1, num_splits=num_splits, tiles=tiles,
+                                 prep=prep)
         except triton.runtime.errors.OutOfResources:
             if tiles == _SPLIT_TILES:
                 raise

@@ -27,7 +27,7 @@ from tandem.engine.kernels.rotary import load_rope_row, rotate_halves
 
 
 @triton.jit
-def _norm_rotate(x_ptr, num_heads, weight_ptr, eps, cos1, cos2, sin1, sin2,
+def norm_rotate(x_ptr, num_heads, weight_ptr, eps, cos1, cos2, sin1, sin2,
                  HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr):
     """Rotated (and normalized) halves of `num_heads` contiguous heads at x_ptr, each
     (BLOCK_H, HALF), in the activation dtype."""
@@ -69,7 +69,7 @@ def _qkv_prep_kernel(
     pdl.enter(USE_PDL)
     row = qkv_ptr + token * stride_qkv
 
-    q1, q2 = _norm_rotate(row, num_heads, q_weight_ptr, eps, cos1, cos2, sin1, sin2,
+    q1, q2 = norm_rotate(row, num_heads, q_weight_ptr, eps, cos1, cos2, sin1, sin2,
                           HAS_NORM, BLOCK_H, HALF)
     heads = tl.arange(0, BLOCK_H)[:, None]
     q_dst = row + heads * (2 * HALF) + dims
@@ -77,7 +77,7 @@ def _qkv_prep_kernel(
     tl.store(q_dst + HALF, q2, mask=heads < num_heads)
 
     k_row = row + num_heads * (2 * HALF)
-    k1, k2 = _norm_rotate(k_row, num_kv_heads, k_weight_ptr, eps, cos1, cos2, sin1, sin2,
+    k1, k2 = norm_rotate(k_row, num_kv_heads, k_weight_ptr, eps, cos1, cos2, sin1, sin2,
                           HAS_NORM, BLOCK_KV_H, HALF)
     kv_heads = tl.arange(0, BLOCK_KV_H)[:, None]
     # A padding token (slot < 0) gets zero live heads: one straight-line path for every program.

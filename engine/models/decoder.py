@@ -75,6 +75,17 @@ class Attention(nn.Module):
                                self.qk_norm_eps, kv_layer, slot_mapping, self.num_heads,
                                self.num_kv_heads, self.head_dim)
 
+    def project_and_attend(self, x: torch.Tensor, positions: torch.Tensor,
+                           kv_layer: torch.Tensor, meta: AttentionMetadata,
+                           rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """`project` then `attend` in one: a decode step's attention prepares q and stores K and
+        V itself (ops.prepare_and_attend)."""
+        qkv = _linear(self.qkv_proj, x)
+        return ops.prepare_and_attend(qkv, positions, *rope, self.q_norm_weight,
+                                      self.k_norm_weight, self.qk_norm_eps, kv_layer, meta,
+                                      self.scale, self.num_heads, self.num_kv_heads,
+                                      self.head_dim)
+
     def attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of q over the paged context; (tokens, heads, head_dim), into `out` if given."""
@@ -117,6 +128,14 @@ class DecoderLayer(nn.Module):
         h, residual = self.input_layernorm(x, residual)
         return self.self_attn.project(h, positions, kv_layer, slot_mapping, rope), residual
 
+    def attention(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                  kv_layer: torch.Tensor, meta: AttentionMetadata,
+                  rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention output, residual): the input norm, the q/k/v projection and attention, for
+        a step whose whole layer runs in one piece (a decode step)."""
+        h, residual = self.input_layernorm(x, residual)
+        return self.self_attn.project_and_attend(h, positions, kv_layer, meta, rope), residual
+
     def after_attention(self, attn: torch.Tensor, residual: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual): the output projection, the post-attention norm and the MLP."""
@@ -151,10 +170,14 @@ class DecoderModel(nn.Module):
         residual = None
         for i, layer in enumerate(self.layers):
             kv_layer = kv_cache[:, i]  # (blocks, 2, block_size, kv_heads, head_dim)
-            q, residual = layer.before_attention(x, residual, positions, kv_layer,
-                                                 meta.slot_mapping, self.rope)
-            x, residual = layer.after_attention(layer.self_attn.attend(q, kv_layer, meta),
-                                                residual)
+            if meta.is_decode_only:
+                attn, residual = layer.attention(x, residual, positions, kv_layer, meta,
+                                                 self.rope)
+            else:
+                q, residual = layer.before_attention(x, residual, positions, kv_layer,
+                                                     meta.slot_mapping, self.rope)
+                attn = layer.self_attn.attend(q, kv_layer, meta)
+            x, residual = layer.after_attention(attn, residual)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
