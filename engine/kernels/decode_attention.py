@@ -29,8 +29,8 @@ A decode step may also hand the kernel the raw fused QKV projection (`prep`): ea
 normalizes and rotates its group's q heads itself, and the program whose split holds the new
 token stores that token's K and V before it reads the cache, which is what kernels/qkv_prep.py
 would have done in a kernel of its own between the q/k/v matmul and this one. The arithmetic is
-qkv_prep's, so the cache holds the same bits either way; the output may differ in its last bit,
-as the compiler fuses multiply-adds differently in the two variants.
+qkv_prep's, so the cache holds the same bits either way; q may differ in its last bit where the
+compiler fuses the rotation's multiply-adds differently, and the output by rounding.
 """
 
 from __future__ import annotations

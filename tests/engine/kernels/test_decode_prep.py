@@ -1,5 +1,5 @@
 """The decode attention that prepares q and stores the new K/V itself, against prepare_qkv and
-the decode attention apart: the same bits in the cache, and the output within its last bit."""
+the decode attention apart: the same bits in the cache, and the output within rounding."""
 
 from __future__ import annotations
 
@@ -68,10 +68,12 @@ def test_the_same_cache_and_output_as_prepare_qkv_then_decode_attention(num_head
                      prep=QKVPrep(positions, cos, sin, qw, kw, 1e-6, slots))
     assert torch.equal(fused_qkv, qkv)                  # left as it was
     assert torch.equal(fused_cache, apart_cache)
-    # The two attention kernels are compiled apart, and the compiler may fuse their multiply-adds
-    # differently: on an H200 a few outputs differ in the last bf16 bit (the interpreter, which
-    # fuses none, gives the same bits). The padding row read an unwritten slot.
-    torch.testing.assert_close(fused[:-1], apart[:-1], rtol=2 ** -7, atol=1e-6)
+    # The padding row read an unwritten slot. The rest may differ by rounding: the compiler
+    # fuses the q rotation's multiply-adds differently in the two kernels, so an element of q can
+    # differ in its last bf16 bit (the interpreter, which fuses none, gives the same bits), and on
+    # an H200 the outputs of long contexts then differed by a few bits. Both stay as close to the
+    # float64 reference.
+    assert relative_error(fused[:-1], apart[:-1]) < 5e-3
     ref_cache = batch.kv_layer.clone()
     q_ref = prepare_qkv_reference(qkv.clone(), positions, cos, sin, qw, kw, 1e-6, ref_cache,
                                   slots, num_heads, num_kv_heads, head_dim)
