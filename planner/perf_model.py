@@ -173,7 +173,7 @@ class PerfModel:
     def __init__(self, block_size: int, kv_bytes_per_token: int, prefill: CurveFamily,
                  decode: CurveFamily, mixed_coef: tuple[float, ...] | None,
                  transfer: Curve | None, meta: dict | None = None,
-                 graph_tokens: int | None = None):
+                 graph_tokens: int | None = None, mixed_max_cached: int = 0):
         self.block_size = block_size
         self.graph_tokens = graph_tokens  # the profile's step-graph limit; None: measured eager
         self.kv_bytes_per_token = kv_bytes_per_token
@@ -181,6 +181,12 @@ class PerfModel:
         self._decode = decode
         # None: too few mixed points; then a mixed step is its prefill plus the decode rows' KV read
         self._mixed = mixed_coef
+        # The longest prefix among the mixed points. A chunk after a longer one is priced by the
+        # fit at this prefix plus what the prefill curves (measured to far longer prefixes) add
+        # for the rest: the fit is linear in the prefix, and attention over a long prefix is not
+        # (on an H200, extrapolated from prefixes of 0 and 4096 tokens it charged a 2048-token
+        # chunk after 16k-28k tokens 11-22% too much; benchmarks/RESULTS.md).
+        self._mixed_max_cached = mixed_max_cached
         self._transfer = transfer
         self.meta = meta or {}
 
@@ -195,13 +201,15 @@ class PerfModel:
                                for p in profile["prefill"]), log_log=True)
         decode = CurveFamily(((p["batch_size"], p["num_context_tokens"], p["seconds"])
                               for p in profile["decode"]), log_log=False)
-        mixed = fit_mixed(profile.get("mixed") or [], graph_tokens)
+        mixed_points = profile.get("mixed") or []
+        mixed = fit_mixed(mixed_points, graph_tokens)
+        mixed_max_cached = max((p["num_prefill_cached_tokens"] for p in mixed_points), default=0)
         points = (profile.get("transfer") or {}).get("points") or []
         transfer = Curve(((p["num_bytes"], p["seconds"]) for p in points), log_log=False) \
             if points else None
         meta = {k: profile.get(k) for k in ("model", "device_name", "date", "tandem_version")}
         return cls(int(profile["block_size"]), int(profile["kv_bytes_per_token"]), prefill,
-                   decode, mixed, transfer, meta, graph_tokens)
+                   decode, mixed, transfer, meta, graph_tokens, mixed_max_cached)
 
     @classmethod
     def load(cls, path: str) -> "PerfModel":
@@ -254,8 +262,13 @@ class PerfModel:
             return max(self._prefill(num_prefill_cached_tokens, rows)
                        + decode - self._decode(b, b), decode)
         a, per_token, per_attn, per_seq, per_context = self._mixed
-        t = (a + per_token * rows + per_attn * n * (num_prefill_cached_tokens + 0.5 * n)
+        cached = num_prefill_cached_tokens
+        fitted = min(cached, self._mixed_max_cached)
+        t = (a + per_token * rows + per_attn * n * (fitted + 0.5 * n)
              + per_seq * b + per_context * num_decode_context_tokens)
+        if cached > fitted:
+            t += (self.prefill_s(n, cached, step_budget)
+                  - self.prefill_s(n, fitted, step_budget))
         return t if t > decode else decode
 
     def transfer_s(self, num_bytes: int) -> float:

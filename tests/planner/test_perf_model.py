@@ -121,6 +121,38 @@ def test_few_mixed_points_fall_back_to_prefill_plus_decode_context():
     assert model.step_s(300, 0, 20, 20 * 2000) == pytest.approx(expected)
 
 
+def test_a_chunk_after_a_longer_prefix_than_the_mixed_points_grows_as_the_prefill_curves():
+    # A device whose attention cost bends over long prefixes; the mixed points stop at 4096
+    # cached tokens, the prefill points go to 65536. Past 4096 a line through the mixed points
+    # overcharges (as on the H200), the prefill curves know the bend.
+    def bent(cached: int) -> float:
+        return cached / (1 + cached / 20_000)
+
+    def prefill(new: int, cached: int) -> float:
+        return max(WEIGHTS_S, PER_TOKEN_S * new) + ATTN_S * new * (bent(cached) + new / 2)
+
+    def mixed(new: int, cached: int, batch: int, context: int) -> float:
+        return mixed_true(new, cached, batch, context) + prefill(new, cached) - prefill(new, 0) \
+            - ATTN_S * new * cached
+
+    profile = synthetic_profile()
+    for p in profile["prefill"]:
+        p["seconds"] = prefill(p["num_new_tokens"], p["num_cached_tokens"])
+    for p in profile["mixed"]:
+        p["seconds"] = mixed(p["num_prefill_tokens"], p["num_prefill_cached_tokens"],
+                             p["num_decode_seqs"], p["num_decode_context_tokens"])
+    model = PerfModel.from_profile(profile)
+
+    def prefix_s(step, cached: int) -> float:   # what the prefix adds to the chunk's step
+        return step(2048, cached, 64, 64 * 4096) - step(2048, 0, 64, 64 * 4096)
+
+    for cached in (4096, 16384):   # the mixed points' longest prefix, and a prefill grid point
+        want = prefix_s(mixed, cached)
+        assert prefix_s(model.step_s, cached) == pytest.approx(want, rel=0.03), cached
+    line = prefix_s(mixed, 4096) * 16384 / 4096   # what a line through the mixed points charges
+    assert line > 1.5 * prefix_s(mixed, 16384)
+
+
 def test_serving_overhead_is_recovered_from_observed_decode_steps(model: PerfModel):
     # Steps a serving worker would show: the model's decode step plus 0.4 ms a step and 70 us a
     # sequence, and a few steps mis-read from token timestamps (split or merged) among them.
