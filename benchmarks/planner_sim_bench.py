@@ -278,7 +278,7 @@ def main() -> int:
         argv += ["--dataset", "trace:/work/shared/traces/conversation_trace.jsonl"]
     args = parser.parse_args(argv)
     slos = [parse_slo(" ".join(args.planner_slo))] + [parse_slo(t) for t in args.report_slo]
-    profile, model = load_profile(args.profile)
+    profile, model = load_profile(args)
     requests = build_requests(args)
     offsets_s = warp_offsets([r.arrival_offset_s or 0.0 for r in requests], args.swing)
     started = time.perf_counter()

@@ -37,6 +37,7 @@ predicted to be faster; a curve left with one point takes its slope from the nea
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -275,8 +276,22 @@ class PerfModel:
         if num_bytes <= 0:
             return 0.0
         if self._transfer is None:
-            raise ValueError("this profile holds no KV transfer points (measured with one device)")
+            raise ValueError("this profile holds no KV transfer points (measured with one "
+                             "device): give the link between the workers (`--transfer-gbps`)")
         return self._transfer(num_bytes)
+
+    def with_transfer_link(self, bytes_per_s: float, latency_s: float) -> "PerfModel":
+        """This model with KV transfers priced on a link instead of the profile's points:
+        latency_s + bytes / bytes_per_s a transfer. For a profile measured on one device, or to
+        ask what another interconnect (RDMA between nodes, say) would do to a deployment."""
+        if bytes_per_s <= 0 or latency_s < 0:
+            raise ValueError(f"a link needs a positive bandwidth and a latency >= 0, got "
+                             f"{bytes_per_s:g} B/s and {latency_s:g} s")
+        model = copy.copy(self)
+        far = 1e12   # a line through two points: the curve extends it both ways
+        model._transfer = Curve([(0.0, latency_s), (far, latency_s + far / bytes_per_s)],
+                                log_log=False)
+        return model
 
 
 def fit_serving_overhead(model: PerfModel, steps: Iterable[tuple[float, int, int]]

@@ -66,7 +66,7 @@ def plan_main(args: argparse.Namespace) -> int:
                         probe_duration_s=args.probe_duration_s)
     if args.num_requests is None and not args.dataset.startswith("trace:"):
         args.num_requests = search.max_requests  # the pool each probe takes its first n from
-    profile, model = load_profile(args.profile)
+    profile, model = load_profile(args)
     base = sim_config_from_args(args, profile, 0, 1)
     thresholds = args.remote_prefill_min_tokens or [base.routing.remote_prefill_min_tokens]
     chunks = args.chunk_sizes or sorted({base.engine.max_num_batched_tokens,
@@ -85,6 +85,9 @@ def plan_main(args: argparse.Namespace) -> int:
                     "(tandem.bench.metrics.meets_slo)",
         "num_requests_per_probe": len(planner.requests),
         "serving_overheads": serving_overheads(args, profile),
+        "transfer": (f"link of {args.transfer_gbps:g} GB/s, {args.transfer_latency_us:g} us a "
+                     "transfer (--transfer-gbps)" if args.transfer_gbps is not None
+                     else "the profile's measured points"),
         "table": [r.to_json_dict() for r in results],
         "best": results[0].to_json_dict(),
         "serve_command": serve_command(best.shape, profile.get("model")),

@@ -49,6 +49,12 @@ def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
     """Profile, engine and router flags (shared with `tandem plan`); None: the config default."""
     group = parser.add_argument_group("deployment")
     group.add_argument("--profile", required=True, help="a `tandem profile` JSON file")
+    group.add_argument("--transfer-gbps", type=float, default=None,
+                       help="price KV transfers between workers on a link of this many GB/s "
+                            "instead of the profile's measured points: for a profile measured "
+                            "on one device, or to ask what another interconnect would do")
+    group.add_argument("--transfer-latency-us", type=float, default=20.0,
+                       help="with --transfer-gbps: the fixed cost of one transfer")
     group.add_argument("--num-kv-blocks", type=int, default=None,
                        help="KV blocks per worker (default: what the profile recorded)")
     group.add_argument("--max-model-len", type=int, default=None,
@@ -112,10 +118,16 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--plot", default=None, help="latency CDFs and throughput (PNG)")
 
 
-def load_profile(path: str) -> tuple[dict, PerfModel]:
-    with open(path, encoding="utf-8") as file:
+def load_profile(args: argparse.Namespace) -> tuple[dict, PerfModel]:
+    """The profile named by --profile and its model, with transfers on --transfer-gbps's link
+    when that is given."""
+    with open(args.profile, encoding="utf-8") as file:
         profile = json.load(file)
-    return profile, PerfModel.from_profile(profile)
+    model = PerfModel.from_profile(profile)
+    if args.transfer_gbps is not None:
+        model = model.with_transfer_link(args.transfer_gbps * 1e9,
+                                         args.transfer_latency_us / 1e6)
+    return profile, model
 
 
 def sim_config_from_args(args: argparse.Namespace, profile: dict, num_prefill: int,
@@ -182,7 +194,7 @@ def simulate_main(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
     slo = parse_slo(args.slo)
-    profile, model = load_profile(args.profile)
+    profile, model = load_profile(args)
     config = sim_config_from_args(args, profile, args.num_prefill, args.num_decode,
                                   args.remote_prefill_min_tokens)
     requests = build_requests(args)

@@ -86,7 +86,7 @@ def test_serving_overheads_come_from_the_profile_unless_a_flag_sets_them(tmp_pat
 
     def config(*flags: str):
         args = parser.parse_args(["--profile", str(path), *flags])
-        return sim_config_from_args(args, load_profile(str(path))[0], 1, 1)
+        return sim_config_from_args(args, load_profile(args)[0], 1, 1)
 
     measured = config()
     assert (measured.frontend_overhead_s, measured.step_overhead_s, measured.token_overhead_s,

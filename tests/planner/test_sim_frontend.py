@@ -360,7 +360,7 @@ def test_the_cost_comes_from_the_profile_unless_the_flag_sets_it(tmp_path):
 
     def config(*flags: str) -> SimConfig:
         args = parser.parse_args(["--profile", str(path), *flags])
-        return sim_config_from_args(args, load_profile(str(path))[0], 0, 2)
+        return sim_config_from_args(args, load_profile(args)[0], 0, 2)
 
     assert config().frontend_s_per_token == pytest.approx(76.6e-6)
     assert config("--frontend-us-per-token", "0").frontend_s_per_token == 0.0
