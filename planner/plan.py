@@ -128,6 +128,7 @@ class Planner:
         self.search = search
         self._recorded = all(r.arrival_offset_s is not None for r in self.requests)
         self._cache: dict[tuple[Shape, float], float] = {}
+        self._misses_alone: set[Shape] = set()   # shapes whose requests miss with none beside
 
     def config_for(self, shape: Shape) -> SimConfig:
         engine = replace(self.base.engine, max_num_batched_tokens=shape.max_num_batched_tokens)
@@ -145,6 +146,8 @@ class Planner:
             records = sorted(result.records(), key=lambda r: r.start_s)
             judged = records[int(len(records) * self.search.warmup_fraction):] or records
             attained = sum(meets_slo(r, self.search.slo) for r in judged) / len(judged)
+            if attained < self.search.attainment and one_at_a_time(records):
+                self._misses_alone.add(shape)   # a lower rate cannot change any request
             if not self._recorded and not keeps_up(records):
                 logger.info("%s at %.2f req/s does not keep up: its backlog grows through the "
                             "probe (%.0f%% within the SLO so far)", shape.name, rate_rps,
@@ -164,7 +167,8 @@ class Planner:
     def goodput(self, shape: Shape, start_rps: float) -> ShapeResult:
         target = self.search.attainment
         holds = lambda rate: self.attainment(shape, rate) >= target  # noqa: E731
-        low, high = _bracket(holds, start_rps, self.search.max_doublings)
+        low, high = _bracket(holds, start_rps, self.search.max_doublings,
+                             lambda: shape in self._misses_alone)
         for _ in range(self.search.bisect_steps if high > low else 0):
             middle = (low + high) / 2
             low, high = (middle, high) if holds(middle) else (low, middle)
@@ -206,6 +210,14 @@ def keeps_up(records) -> bool:
     return end - midway <= BACKLOG_NOISE_SIGMAS * math.sqrt(max(midway, 1)) + 1
 
 
+def one_at_a_time(records) -> bool:
+    """Whether each request of a probe ended before the next one came: then every latency is
+    that of a request alone, and no lower rate can change it."""
+    ordered = sorted(records, key=lambda r: r.start_s)
+    return all(later.start_s >= earlier.start_s + (earlier.e2e_ms or 0.0) / 1e3
+               for earlier, later in zip(ordered, ordered[1:]))
+
+
 def fewest_gpus(meets: Callable[[int], bool], max_gpus: int) -> int | None:
     """Smallest n in [1, max_gpus] with meets(n), by bisection (meets assumed monotone)."""
     if not meets(max_gpus):
@@ -217,9 +229,10 @@ def fewest_gpus(meets: Callable[[int], bool], max_gpus: int) -> int | None:
     return high
 
 
-def _bracket(holds: Callable[[float], bool], start_rps: float, max_doublings: int
-             ) -> tuple[float, float]:
-    """(a rate that holds or 0, a rate that fails) around the knee."""
+def _bracket(holds: Callable[[float], bool], start_rps: float, max_doublings: int,
+             hopeless: Callable[[], bool] = lambda: False) -> tuple[float, float]:
+    """(a rate that holds or 0, a rate that fails) around the knee; the search down stops once
+    `hopeless()` says no lower rate can hold."""
     rate = start_rps
     if holds(rate):
         for _ in range(max_doublings):
@@ -228,6 +241,8 @@ def _bracket(holds: Callable[[float], bool], start_rps: float, max_doublings: in
             rate *= 2
         return rate, rate  # never failed: report the highest rate tried
     for _ in range(max_doublings):
+        if hopeless():
+            break
         if holds(rate / 2):
             return rate / 2, rate
         rate /= 2

@@ -61,3 +61,23 @@ def test_plan_records_the_link_it_priced_transfers_on(tmp_path):
     plan = json.loads(out.read_text())
     assert plan["transfer"].startswith("link of 25 GB/s")
     assert "1P:1D min256 chunk512" in {row["name"] for row in plan["table"]}
+
+
+def test_a_shape_whose_requests_miss_even_alone_is_not_searched_to_the_floor(tmp_path):
+    # On a 0.5 GB/s link a 300-token prompt's KV takes about 80 ms to pull, so on 1P:1D every
+    # request's second token comes more than 40 ms after its first whatever the rate: once a
+    # probe's requests ran one at a time and missed, the search stops halving the rate.
+    path, out = tmp_path / "profile.json", tmp_path / "plan.json"
+    profile = synthetic_profile(num_kv_blocks=2000, max_model_len=4096, with_transfer=False)
+    assert 300 * profile["kv_bytes_per_token"] / 0.5e9 > 0.06
+    path.write_text(json.dumps(profile))
+    assert plan_cli.main(["--profile", str(path), "--gpus", "2", "--num-requests", "100",
+                          "--input-len", "300", "--output-len", "8", "--slo", "ttft_ms=500",
+                          "itl_ms=40", "--max-requests-per-probe", "100", "--chunk-sizes", "512",
+                          "--transfer-gbps", "0.5", "--out", str(out)]) == 0
+    rows = {row["name"]: row for row in json.loads(out.read_text())["table"]}
+    split, aggregated = rows["1P:1D min256 chunk512"], rows["2 aggregated chunk512"]
+    assert split["goodput_rps"] == 0.0
+    assert all(probe["attainment"] == 0.0 for probe in split["probes"])
+    assert len(split["probes"]) < 14          # not halved down max_doublings times
+    assert aggregated["goodput_rps"] > 0.0
