@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -145,6 +146,9 @@ def run_real(out_dir: Path, model: str, device: str, layouts: list[str], trace: 
 
     for layout in layouts:
         started = time.perf_counter()
+        # Each worker logs its steps (engine/step_log.py; benchmarks/step_log_report.py reads
+        # them): its cases one after another, cut apart by the start times printed below.
+        os.environ["TANDEM_STEP_LOG_DIR"] = str(out_dir / f"steps-{layout}")
         server = start_server(*serve_flags(layout, model, device), timeout_s=480.0)
         print(f"{layout}: ready in {time.perf_counter() - started:.0f} s", flush=True)
         try:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from tandem.engine.llm_engine import LLMEngine, SequenceUpdate, merge_updates
+from tandem.engine.step_log import StepLog
 from tandem.contracts.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,12 @@ class EngineDead(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, step_log: StepLog | None = None):
+        """`step_log`: where each step's shape and times go (engine/step_log.py), or None."""
         self.engine = engine
+        self._step_log = step_log
+        if step_log is not None:
+            engine.step_observer = step_log.observe
         self._ops: list[tuple[Callable[[], Any], asyncio.Future]] = []
         self._streams: dict[str, asyncio.Queue[SequenceUpdate | BaseException]] = {}
         self._wake = asyncio.Event()
@@ -45,6 +50,8 @@ class AsyncEngine:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._step_log is not None:
+            self._step_log.close()
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn()` on the engine between two steps and return its result."""
@@ -124,7 +131,7 @@ class AsyncEngine:
                         await self._wake.wait()
                     continue
                 steps = self.engine.steps(launch_before_yield=False)
-                while (updates := await asyncio.to_thread(next, steps, None)) is not None:
+                while (updates := await self._next_step(steps)) is not None:
                     for update in updates:
                         stream = self._streams.get(update.request_id)
                         if stream is not None:
@@ -141,6 +148,15 @@ class AsyncEngine:
             for _, future in self._ops:
                 if not future.done():
                     future.set_exception(EngineDead(f"engine stopped: {err}"))
+
+    async def _next_step(self, steps) -> list[SequenceUpdate] | None:
+        """The next step's updates, run on the step thread; timed into the step log if any."""
+        log = self._step_log
+        if log is None:
+            return await asyncio.to_thread(next, steps, None)
+        updates, began_s, ended_s = await asyncio.to_thread(_timed_next, steps)
+        log.record(began_s, ended_s, time.perf_counter())
+        return updates
 
     def _apply_ops(self) -> None:
         ops, self._ops = self._ops, []
@@ -188,6 +204,12 @@ class SlowGapLog:
                         "the last line)", gap_s * 1e3, len(ids), len(ids - last_ids),
                         self._unlogged)
             self._logged_s, self._unlogged = now, 0
+
+
+def _timed_next(steps) -> tuple[list[SequenceUpdate] | None, float, float]:
+    began_s = time.perf_counter()
+    updates = next(steps, None)
+    return updates, began_s, time.perf_counter()
 
 
 def _streaming_ids(updates: list[SequenceUpdate]) -> set[str]:

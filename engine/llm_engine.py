@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -122,6 +122,8 @@ class LLMEngine:
         self.scheduler: Scheduler = make_scheduler(
             config.role, limits, self.block_manager, set(self.model_config.eos_token_ids))
         self.sequences: dict[str, Sequence] = {}
+        # Called with each step's batch before its tokens are applied (engine/step_log.py)
+        self.step_observer: Callable[[ScheduledBatch], None] | None = None
         self.structured_output = StructuredOutput(self.model_dir, self.model_config.vocab_size,
                                                   tuple(self.model_config.eos_token_ids))
         logger.info("engine ready: %s on %s (%s), role %s, KV cache %d blocks x %d tokens = %d "
@@ -365,6 +367,8 @@ class LLMEngine:
         if step is None:
             return []
         batch = step.batch
+        if self.step_observer is not None:
+            self.step_observer(batch)
         out = self.runner.collect(step.pending)
         advanced = self.scheduler.postprocess(batch, out.token_ids)
         if step.held:

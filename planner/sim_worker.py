@@ -53,6 +53,7 @@ from tandem.contracts.worker_stats import WorkerStats
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.scheduler import ScheduledBatch, SchedulerLimits, make_scheduler
 from tandem.engine.sequence import Sequence
+from tandem.engine.step_log import step_terms
 from tandem.planner.sim_config import SimConfig
 from tandem.router.worker_registry import WorkerState
 
@@ -226,21 +227,7 @@ class SimWorker:
         return min(self.chunk_launch_s, self.step_end_s - now_s)
 
     def step_duration_s(self, batch: ScheduledBatch) -> float:
-        num_prefill = 0
-        weighted_cached = 0
-        num_decode = 0
-        num_context = 0
-        num_sampled = 0
-        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            num_sampled += batch.samples(i)
-            computed = seq.num_computed_tokens
-            if num_new == 1 and computed >= seq.num_prompt_tokens:
-                num_decode += 1
-                num_context += computed + 1
-            else:
-                num_prefill += num_new
-                weighted_cached += num_new * computed
-        cached = weighted_cached // num_prefill if num_prefill else 0
+        num_prefill, cached, num_decode, num_context, num_sampled = step_terms(batch)
         self._batch_is_decode = num_prefill == 0
         return (self.model.step_s(num_prefill, cached, num_decode, num_context,
                                   step_budget=self.step_budget)

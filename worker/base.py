@@ -17,6 +17,7 @@ from tandem.api.worker.v1 import worker_pb2_grpc as wgrpc
 from tandem.worker.auth import internal_channel
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.llm_engine import LLMEngine
+from tandem.engine.step_log import StepLog
 from tandem.worker.config import WorkerOptions
 from tandem.contracts.wire import kv_event_to_proto, registration_to_proto, worker_stats_to_proto
 from tandem.contracts.worker_stats import Registration, WorkerStats
@@ -52,7 +53,7 @@ class WorkerBase(wgrpc.WorkerServicer):
             self.kv_subscribers = previous.kv_subscribers
             self.loop = previous.loop
             return
-        self.async_engine = AsyncEngine(engine)
+        self.async_engine = AsyncEngine(engine, StepLog.from_env(options.worker_id))
         self.transfers = TransferCounters()
         self.kv_subscribers: list[asyncio.Queue] = []
         self.loop: asyncio.AbstractEventLoop | None = None

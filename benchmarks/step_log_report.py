@@ -1,0 +1,109 @@
+"""A serving worker's step log against the profile's model: where serving time goes beyond the
+bare steps a profile times.
+
+Serve with `TANDEM_STEP_LOG_DIR=DIR` in the environment (each worker writes DIR/<worker id>.jsonl,
+engine/step_log.py), run the load, then
+
+    python benchmarks/step_log_report.py --profile PROFILE.json DIR/decode-0.jsonl [...]
+        [--step-budget 2048]
+
+For each kind of step (decode only, a prompt chunk beside decodes, prompt only) it prints how
+many there were, the step thread's time over the model's price for the same shape (median and
+p90), and the loop's share between steps: from the thread's end to the loop taking the tokens
+(hand-off), and from there to the next step's start (the loop's own work). The last line splits
+the log's whole span into steps, hand-offs, loop work and idle time (no step in flight and none
+waiting to start: gaps over --idle-ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+from tandem.planner.perf_model import PerfModel
+
+
+def load(paths: list[str]) -> list[list[dict]]:
+    """Each file's steps, in order."""
+    logs = []
+    for path in paths:
+        with open(path, encoding="utf-8") as file:
+            logs.append([json.loads(line) for line in file if line.strip()])
+    return logs
+
+
+def kind(step: dict) -> str:
+    if step["prefill_tokens"] and step["decode_seqs"]:
+        return "mixed"
+    return "prefill" if step["prefill_tokens"] else "decode"
+
+
+def rows(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s: float
+         ) -> list[dict]:
+    """Per step: its kind, the thread's time, the model's price, the hand-off and the loop's
+    work before the next step (None for the last step, or before an idle gap)."""
+    out = []
+    for step, after in zip(steps, steps[1:] + [None]):
+        priced = model.step_s(step["prefill_tokens"], step["cached_tokens"], step["decode_seqs"],
+                              step["context_tokens"], step_budget)
+        loop_s = None if after is None else after["began_s"] - step["resumed_s"]
+        out.append({"kind": kind(step), "thread_s": step["ended_s"] - step["began_s"],
+                    "model_s": priced, "handoff_s": step["resumed_s"] - step["ended_s"],
+                    "loop_s": loop_s if loop_s is not None and loop_s <= idle_s else None,
+                    "idle_s": loop_s if loop_s is not None and loop_s > idle_s else 0.0})
+    return out
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def report(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s: float) -> str:
+    table = rows(steps, model, step_budget, idle_s)
+    lines = ["| steps | count | thread / model, median | p90 | hand-off ms, median | "
+             "loop ms, median | p90 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in ("decode", "mixed", "prefill"):
+        picked = [r for r in table if r["kind"] == name]
+        if not picked:
+            continue
+        ratios = [r["thread_s"] / r["model_s"] for r in picked if r["model_s"] > 0]
+        loops = [r["loop_s"] * 1e3 for r in picked if r["loop_s"] is not None] or [0.0]
+        lines.append(f"| {name} | {len(picked)} | {statistics.median(ratios):.3f} | "
+                     f"{_quantile(ratios, 0.9):.3f} | "
+                     f"{statistics.median(r['handoff_s'] * 1e3 for r in picked):.2f} | "
+                     f"{statistics.median(loops):.2f} | {_quantile(loops, 0.9):.2f} |")
+    span = steps[-1]["resumed_s"] - steps[0]["began_s"]
+    parts = {"steps": sum(r["thread_s"] for r in table),
+             "hand-offs": sum(r["handoff_s"] for r in table),
+             "loop": sum(r["loop_s"] or 0.0 for r in table),
+             "idle": sum(r["idle_s"] for r in table)}
+    lines.append(f"span {span:.2f} s: " + ", ".join(
+        f"{name} {seconds:.2f} s ({seconds / span:.0%})" for name, seconds in parts.items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("logs", nargs="+", help="step logs (one JSON line per step)")
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--step-budget", type=int, default=None,
+                        help="the workers' --max-num-batched-tokens (default: the profile's)")
+    parser.add_argument("--idle-ms", type=float, default=50.0,
+                        help="a gap between steps past this is idle time, not loop work")
+    parser.add_argument("--since", type=float, default=0.0,
+                        help="only steps logged at or after this epoch time (`at_s`): one case "
+                             "of several run against the same server")
+    parser.add_argument("--until", type=float, default=float("inf"))
+    args = parser.parse_args()
+    model = PerfModel.load(args.profile)
+    for path, logged in zip(args.logs, load(args.logs)):
+        steps = [s for s in logged if args.since <= s.get("at_s", 0.0) <= args.until]
+        print(f"{path}: {len(steps)} steps")
+        if steps:
+            print(report(steps, model, args.step_budget, args.idle_ms / 1e3))
+
+
+if __name__ == "__main__":
+    main()
