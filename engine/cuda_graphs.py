@@ -18,15 +18,11 @@ import logging
 import torch
 
 from tandem.engine.attention import AttentionMetadata
+from tandem.engine.step_buckets import decode_batch_sizes
 from tandem.engine.step_inputs import HostInputs
 from tandem.engine.models.decoder import DecoderModel
 
 logger = logging.getLogger(__name__)
-
-
-def bucket_sizes(max_batch: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, max_batch + 1, 16))
-    return sorted({s for s in sizes if s <= max_batch} | {max_batch})
 
 
 class DecodeGraphs:
@@ -40,7 +36,7 @@ class DecodeGraphs:
         self.max_seq_len = max_seq_len
         device = kv_cache.device
         max_blocks = -(-max_seq_len // block_size)
-        self.sizes = bucket_sizes(max_batch)
+        self.sizes = list(decode_batch_sizes(max_batch))
         # Staging: input ids, positions, slots and lengths side by side, max_batch each, so that
         # one copy moves them; the graphs read views of it. Two pinned buffers, used in turn: a
         # step launched ahead fills one while the previous step's copy may still read the other.

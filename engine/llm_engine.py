@@ -25,7 +25,7 @@ from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.scheduler import (DecodeScheduler, ScheduledBatch, Scheduler, SchedulerLimits,
                                      make_scheduler)
 from tandem.engine.sequence import FinishReason, Sequence
-from tandem.engine.step_buckets import MAX_TOKENS as MAX_STEP_TOKENS
+from tandem.engine.step_buckets import MAX_DECODE_BATCH, MAX_TOKENS as MAX_STEP_TOKENS
 from tandem.engine.structured_output import JsonGrammar, StructuredOutput
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class LLMEngine:
         if self.device.type == "cuda":
             self.runner.compile_kernel_variants()
             if not config.enforce_eager:
-                self.runner.capture_graphs(min(config.max_num_seqs, 256), self.max_model_len,
+                self.runner.capture_graphs(min(config.max_num_seqs, MAX_DECODE_BATCH), self.max_model_len,
                                            min(config.max_num_batched_tokens, MAX_STEP_TOKENS))
         self.block_manager = BlockManager(self.num_blocks, config.block_size,
                                           config.enable_prefix_caching)

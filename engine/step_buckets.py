@@ -1,5 +1,6 @@
 """The token counts that steps which are not decode-only are captured for (engine/step_graphs.py),
-and the count a step of n tokens runs as. Pure: the performance model prices steps with it too."""
+the batch sizes decode steps are captured for (engine/cuda_graphs.py), and what a step of n tokens
+or n sequences runs as. Pure: the performance model prices steps with it too."""
 
 from __future__ import annotations
 
@@ -30,3 +31,20 @@ def padded_tokens(num_tokens: int, max_tokens: int) -> int:
     sizes = bucket_sizes(max_tokens)
     i = bisect.bisect_left(sizes, num_tokens)
     return sizes[i] if i < len(sizes) else num_tokens
+
+
+MAX_DECODE_BATCH = 256   # decode graphs are captured up to min(max_num_seqs, this)
+
+
+def decode_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes a decode step is captured for: 1, 2, 4, 8, then every 16 up to max_batch."""
+    sizes = [1, 2, 4, 8] + list(range(16, max_batch + 1, 16))
+    return tuple(sorted({s for s in sizes if s <= max_batch} | {max_batch}))
+
+
+def padded_batch(num_seqs: int, max_batch: int) -> int:
+    """The batch a decode step of num_seqs sequences runs as when decode steps up to max_batch
+    are captured: its graph's (the padding rows read no KV), or its own past the largest."""
+    sizes = decode_batch_sizes(max_batch)
+    i = bisect.bisect_left(sizes, num_seqs)
+    return sizes[i] if i < len(sizes) else num_seqs

@@ -48,7 +48,7 @@ from typing import Iterable
 
 import numpy as np
 
-from tandem.engine.step_buckets import MAX_TOKENS, padded_tokens
+from tandem.engine.step_buckets import MAX_DECODE_BATCH, MAX_TOKENS, padded_batch, padded_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -174,9 +174,14 @@ class PerfModel:
     def __init__(self, block_size: int, kv_bytes_per_token: int, prefill: CurveFamily,
                  decode: CurveFamily, mixed_coef: tuple[float, ...] | None,
                  transfer: Curve | None, meta: dict | None = None,
-                 graph_tokens: int | None = None, mixed_max_cached: int = 0):
+                 graph_tokens: int | None = None, mixed_max_cached: int = 0,
+                 decode_graph_batch: int | None = None):
         self.block_size = block_size
         self.graph_tokens = graph_tokens  # the profile's step-graph limit; None: measured eager
+        # Decode steps of up to this many sequences ran as the next captured batch size
+        # (engine/step_buckets.py): a batch of 17 as one of 32, whose point the profile measured.
+        # None: decode steps ran eagerly, at their own size.
+        self.decode_graph_batch = decode_graph_batch
         self.kv_bytes_per_token = kv_bytes_per_token
         self._prefill = prefill
         self._decode = decode
@@ -196,7 +201,12 @@ class PerfModel:
         if not profile.get("prefill") or not profile.get("decode"):
             raise ValueError("the profile needs prefill and decode points; "
                              "rerun `tandem profile` to measure them")
-        graph_tokens = (profile.get("engine") or {}).get("step_graph_max_tokens")
+        engine = profile.get("engine") or {}
+        graph_tokens = engine.get("step_graph_max_tokens")
+        decode_graph_batch = engine.get("decode_graph_max_batch")
+        if decode_graph_batch is None and engine.get("cuda_graphs"):   # profiles before the key
+            decode_graph_batch = min(int(engine.get("max_num_seqs") or MAX_DECODE_BATCH),
+                                     MAX_DECODE_BATCH)
         prefill = CurveFamily(((p["num_cached_tokens"],
                                 _padded_rows(p["num_new_tokens"], graph_tokens), p["seconds"])
                                for p in profile["prefill"]), log_log=True)
@@ -210,7 +220,8 @@ class PerfModel:
             if points else None
         meta = {k: profile.get(k) for k in ("model", "device_name", "date", "tandem_version")}
         return cls(int(profile["block_size"]), int(profile["kv_bytes_per_token"]), prefill,
-                   decode, mixed, transfer, meta, graph_tokens, mixed_max_cached)
+                   decode, mixed, transfer, meta, graph_tokens, mixed_max_cached,
+                   decode_graph_batch)
 
     @classmethod
     def load(cls, path: str) -> "PerfModel":
@@ -235,7 +246,11 @@ class PerfModel:
         """One decode step of the whole batch; num_context_tokens sums the batch's contexts."""
         if batch_size <= 0:
             return 0.0
-        return self._decode(batch_size, num_context_tokens)
+        return self._decode(self._graph_batch(batch_size), num_context_tokens)
+
+    def _graph_batch(self, batch_size: int) -> int:
+        limit = self.decode_graph_batch
+        return batch_size if limit is None else padded_batch(batch_size, limit)
 
     def decode_steps_s(self, batch_size: int, first_context_tokens: int, num_steps: int
                        ) -> list[float]:
@@ -246,7 +261,7 @@ class PerfModel:
         if batch_size <= 0:
             return [0.0] * num_steps
         contexts = first_context_tokens + batch_size * np.arange(num_steps, dtype=np.int64)
-        return self._decode.many(batch_size, contexts).tolist()
+        return self._decode.many(self._graph_batch(batch_size), contexts).tolist()
 
     def step_s(self, num_prefill_tokens: int, num_prefill_cached_tokens: int,
                num_decode_seqs: int, num_decode_context_tokens: int,
@@ -254,9 +269,10 @@ class PerfModel:
         """Any step: pure prefill, pure decode, or a prefill chunk beside a decode batch."""
         if num_decode_seqs <= 0:
             return self.prefill_s(num_prefill_tokens, num_prefill_cached_tokens, step_budget)
-        decode = self._decode(num_decode_seqs, num_decode_context_tokens)
         if num_prefill_tokens <= 0:
-            return decode
+            return self.decode_s(num_decode_seqs, num_decode_context_tokens)
+        # A mixed step runs as token-count pieces (engine/step_graphs.py), not a decode graph.
+        decode = self._decode(num_decode_seqs, num_decode_context_tokens)
         n, b = num_prefill_tokens, num_decode_seqs
         rows = self._rows(n + b, step_budget)
         if self._mixed is None:  # noisy decode curves can make this difference negative

@@ -151,7 +151,10 @@ def _engine_settings(engine: LLMEngine) -> dict:
                     cuda_graphs=engine.runner.graphs is not None, sampling="greedy",
                     # steps up to this many tokens ran as their bucket's (engine/step_buckets.py)
                     step_graph_max_tokens=(engine.runner.step_graphs.max_tokens
-                                           if engine.runner.step_graphs is not None else None))
+                                           if engine.runner.step_graphs is not None else None),
+                    # decode steps ran as the next captured batch size up to this one
+                    decode_graph_max_batch=(max(engine.runner.graphs.sizes)
+                                            if engine.runner.graphs is not None else None))
     return settings
 
 

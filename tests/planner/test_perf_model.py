@@ -274,3 +274,29 @@ def test_steps_are_priced_at_the_rows_their_graph_bucket_computes():
     eager = PerfModel.from_profile(synthetic_profile())
     assert eager.graph_tokens is None
     assert eager.prefill_s(100) == eager.prefill_s(100, step_budget=2048)
+
+
+def test_a_decode_step_is_priced_at_the_batch_its_graph_runs():
+    # Decode graphs are captured at 1, 2, 4, 8, 16, 32, 48, ...: 17 sequences run as 32, with the
+    # padding rows reading no KV. A profile measured with graphs prices them so; one measured
+    # eagerly prices each batch at its own size.
+    from tandem.engine.step_buckets import padded_batch
+
+    profile = synthetic_profile()
+    eager = PerfModel.from_profile(profile)
+    profile["engine"] = {"cuda_graphs": True, "max_num_seqs": 256}
+    graphs = PerfModel.from_profile(profile)
+    assert padded_batch(17, 256) == 32 and padded_batch(33, 256) == 48
+    assert padded_batch(300, 256) == 300
+    for batch in (17, 20, 31):
+        assert graphs.decode_s(batch, batch * 1000) == pytest.approx(
+            eager.decode_s(32, batch * 1000))
+        assert graphs.step_s(0, 0, batch, batch * 1000) == graphs.decode_s(batch, batch * 1000)
+        assert graphs.decode_steps_s(batch, batch * 1000, 3)[0] == pytest.approx(
+            graphs.decode_s(batch, batch * 1000))
+    assert graphs.decode_s(16, 16000) == pytest.approx(eager.decode_s(16, 16000))
+    # a mixed step runs as token-count pieces: its decode rows are not padded to a decode graph
+    assert graphs.step_s(256, 0, 17, 17000) == pytest.approx(eager.step_s(256, 0, 17, 17000))
+    profile["engine"]["decode_graph_max_batch"] = 64   # recorded by newer profiles
+    assert PerfModel.from_profile(profile).decode_s(100, 100_000) == pytest.approx(
+        eager.decode_s(100, 100_000))
