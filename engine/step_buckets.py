@@ -36,6 +36,7 @@ def padded_tokens(num_tokens: int, max_tokens: int) -> int:
 MAX_DECODE_BATCH = 256   # decode graphs are captured up to min(max_num_seqs, this)
 
 
+@functools.lru_cache(maxsize=64)
 def decode_batch_sizes(max_batch: int) -> tuple[int, ...]:
     """Batch sizes a decode step is captured for: 1, 2, 4, 8, then every 16 up to max_batch."""
     sizes = [1, 2, 4, 8] + list(range(16, max_batch + 1, 16))

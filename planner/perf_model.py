@@ -246,11 +246,9 @@ class PerfModel:
         """One decode step of the whole batch; num_context_tokens sums the batch's contexts."""
         if batch_size <= 0:
             return 0.0
-        return self._decode(self._graph_batch(batch_size), num_context_tokens)
-
-    def _graph_batch(self, batch_size: int) -> int:
         limit = self.decode_graph_batch
-        return batch_size if limit is None else padded_batch(batch_size, limit)
+        return self._decode(batch_size if limit is None else padded_batch(batch_size, limit),
+                            num_context_tokens)
 
     def decode_steps_s(self, batch_size: int, first_context_tokens: int, num_steps: int
                        ) -> list[float]:
@@ -261,7 +259,9 @@ class PerfModel:
         if batch_size <= 0:
             return [0.0] * num_steps
         contexts = first_context_tokens + batch_size * np.arange(num_steps, dtype=np.int64)
-        return self._decode.many(self._graph_batch(batch_size), contexts).tolist()
+        limit = self.decode_graph_batch
+        key = batch_size if limit is None else padded_batch(batch_size, limit)
+        return self._decode.many(key, contexts).tolist()
 
     def step_s(self, num_prefill_tokens: int, num_prefill_cached_tokens: int,
                num_decode_seqs: int, num_decode_context_tokens: int,
@@ -270,7 +270,10 @@ class PerfModel:
         if num_decode_seqs <= 0:
             return self.prefill_s(num_prefill_tokens, num_prefill_cached_tokens, step_budget)
         if num_prefill_tokens <= 0:
-            return self.decode_s(num_decode_seqs, num_decode_context_tokens)
+            limit = self.decode_graph_batch
+            return self._decode(num_decode_seqs if limit is None
+                                else padded_batch(num_decode_seqs, limit),
+                                num_decode_context_tokens)
         # A mixed step runs as token-count pieces (engine/step_graphs.py), not a decode graph.
         decode = self._decode(num_decode_seqs, num_decode_context_tokens)
         n, b = num_prefill_tokens, num_decode_seqs
