@@ -291,12 +291,19 @@ class PerfModel:
                   - self.prefill_s(n, fitted, step_budget))
         return t if t > decode else decode
 
+    NO_TRANSFER = ("this profile holds no KV transfer points (measured with one device): give "
+                   "the link between the workers (`--transfer-gbps`)")
+
+    @property
+    def has_transfer(self) -> bool:
+        """Whether KV transfers can be priced: measured points, or a link."""
+        return self._transfer is not None
+
     def transfer_s(self, num_bytes: int) -> float:
         if num_bytes <= 0:
             return 0.0
         if self._transfer is None:
-            raise ValueError("this profile holds no KV transfer points (measured with one "
-                             "device): give the link between the workers (`--transfer-gbps`)")
+            raise ValueError(self.NO_TRANSFER)
         return self._transfer(num_bytes)
 
     def with_transfer_link(self, bytes_per_s: float, latency_s: float) -> "PerfModel":

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable
 
 from tandem.bench.cli import add_workload_arguments, build_requests
 from tandem.bench.metrics import parse_slo
@@ -74,8 +75,11 @@ def plan_main(args: argparse.Namespace) -> int:
                                              // 4)}, reverse=True)
     planner = Planner(base, model, build_requests(args), search)
     start_rps = 0.5 * args.gpus
-    results = [planner.goodput(shape, start_rps)
-               for shape in shapes_for(args.gpus, thresholds, chunks)]
+    shapes = _shapes(model, thresholds, chunks)
+    if not model.has_transfer:
+        print("no KV transfer points in the profile and no --transfer-gbps: aggregated shapes "
+              "only")
+    results = [planner.goodput(shape, start_rps) for shape in shapes(args.gpus)]
     results.sort(key=lambda r: r.goodput_per_gpu, reverse=True)
     best = results[0]
     document = {
@@ -87,13 +91,14 @@ def plan_main(args: argparse.Namespace) -> int:
         "serving_overheads": serving_overheads(args, profile),
         "transfer": (f"link of {args.transfer_gbps:g} GB/s, {args.transfer_latency_us:g} us a "
                      "transfer (--transfer-gbps)" if args.transfer_gbps is not None
-                     else "the profile's measured points"),
+                     else "the profile's measured points" if model.has_transfer
+                     else "none: aggregated shapes only"),
         "table": [r.to_json_dict() for r in results],
         "best": results[0].to_json_dict(),
         "serve_command": serve_command(best.shape, profile.get("model")),
     }
     if math.isfinite(args.request_rate):
-        document["fewest_gpus"] = _fewest(planner, args, thresholds, chunks)
+        document["fewest_gpus"] = _fewest(planner, args, shapes)
     print("serving overheads: " + ", ".join(
         f"{name} {value:g}" for name, value in document["serving_overheads"].items()))
     print(_format_table(results))
@@ -120,12 +125,21 @@ def serve_command(shape: Shape, model: str | None) -> str:
             f"--max-num-batched-tokens {shape.max_num_batched_tokens}")
 
 
-def _fewest(planner: Planner, args: argparse.Namespace, thresholds, chunks) -> dict | None:
+def _shapes(model, thresholds, chunks) -> Callable[[int], list[Shape]]:
+    """The shapes for n GPUs: every one, or the aggregated ones where transfers cannot be
+    priced (a one-device profile and no --transfer-gbps)."""
+    def shapes(num_gpus: int) -> list[Shape]:
+        found = shapes_for(num_gpus, thresholds, chunks)
+        return found if model.has_transfer else [s for s in found if s.num_prefill == 0]
+    return shapes
+
+
+def _fewest(planner: Planner, args: argparse.Namespace,
+            shapes: Callable[[int], list[Shape]]) -> dict | None:
     best: dict[int, tuple[Shape, float]] = {}
 
     def meets(num_gpus: int) -> bool:
-        best[num_gpus] = planner.best_at(shapes_for(num_gpus, thresholds, chunks),
-                                         args.request_rate)
+        best[num_gpus] = planner.best_at(shapes(num_gpus), args.request_rate)
         return best[num_gpus][1] >= planner.search.attainment
 
     num_gpus = fewest_gpus(meets, args.gpus)

@@ -195,6 +195,8 @@ def simulate_main(args: argparse.Namespace) -> int:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
     slo = parse_slo(args.slo)
     profile, model = load_profile(args)
+    if args.num_prefill > 0 and not model.has_transfer:
+        raise ValueError(model.NO_TRANSFER)
     config = sim_config_from_args(args, profile, args.num_prefill, args.num_decode,
                                   args.remote_prefill_min_tokens)
     requests = build_requests(args)

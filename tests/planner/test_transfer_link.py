@@ -81,3 +81,19 @@ def test_a_shape_whose_requests_miss_even_alone_is_not_searched_to_the_floor(tmp
     assert all(probe["attainment"] == 0.0 for probe in split["probes"])
     assert len(split["probes"]) < 14          # not halved down max_doublings times
     assert aggregated["goodput_rps"] > 0.0
+
+
+def test_plan_on_a_one_device_profile_without_a_link_ranks_the_aggregated_shapes(tmp_path,
+                                                                                  capsys):
+    path, out = tmp_path / "profile.json", tmp_path / "plan.json"
+    path.write_text(json.dumps(synthetic_profile(num_kv_blocks=2000, max_model_len=4096,
+                                                 with_transfer=False)))
+    assert plan_cli.main(["--profile", str(path), "--gpus", "2", "--num-requests", "10",
+                          "--input-len", "300", "--output-len", "8", "--slo", "ttft_ms=500",
+                          "--max-requests-per-probe", "10", "--chunk-sizes", "512",
+                          "--request-rate", "2", "--out", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert [row["num_prefill"] for row in plan["table"]] == [0]
+    assert plan["transfer"] == "none: aggregated shapes only"
+    assert "aggregated" in plan["fewest_gpus"]["shape"]
+    assert "aggregated shapes only" in capsys.readouterr().out
