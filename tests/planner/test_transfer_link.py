@@ -50,15 +50,20 @@ def test_a_one_device_profile_simulates_disaggregation_only_with_a_link(tmp_path
         (kv_bytes / 2e9 - kv_bytes / 400e9) * 1e3, rel=0.2)
 
 
-def test_plan_records_the_link_it_priced_transfers_on(tmp_path):
+def _plan(tmp_path, num_requests: int, *flags: str) -> dict:
+    """`tandem plan` for 2 GPUs on a one-device profile (no transfer points), 300-token prompts."""
     path, out = tmp_path / "profile.json", tmp_path / "plan.json"
     path.write_text(json.dumps(synthetic_profile(num_kv_blocks=2000, max_model_len=4096,
                                                  with_transfer=False)))
-    assert plan_cli.main(["--profile", str(path), "--gpus", "2", "--num-requests", "10",
-                          "--input-len", "300", "--output-len", "8", "--slo", "ttft_ms=500",
-                          "--max-requests-per-probe", "10", "--chunk-sizes", "512",
-                          "--transfer-gbps", "25", "--out", str(out)]) == 0
-    plan = json.loads(out.read_text())
+    assert plan_cli.main(["--profile", str(path), "--gpus", "2", "--num-requests",
+                          str(num_requests), "--input-len", "300", "--output-len", "8",
+                          "--max-requests-per-probe", str(num_requests), "--chunk-sizes", "512",
+                          "--out", str(out), *flags]) == 0
+    return json.loads(out.read_text())
+
+
+def test_plan_records_the_link_it_priced_transfers_on(tmp_path):
+    plan = _plan(tmp_path, 10, "--slo", "ttft_ms=500", "--transfer-gbps", "25")
     assert plan["transfer"].startswith("link of 25 GB/s")
     assert "1P:1D min256 chunk512" in {row["name"] for row in plan["table"]}
 
@@ -67,15 +72,9 @@ def test_a_shape_whose_requests_miss_even_alone_is_not_searched_to_the_floor(tmp
     # On a 0.5 GB/s link a 300-token prompt's KV takes about 80 ms to pull, so on 1P:1D every
     # request's second token comes more than 40 ms after its first whatever the rate: once a
     # probe's requests ran one at a time and missed, the search stops halving the rate.
-    path, out = tmp_path / "profile.json", tmp_path / "plan.json"
-    profile = synthetic_profile(num_kv_blocks=2000, max_model_len=4096, with_transfer=False)
-    assert 300 * profile["kv_bytes_per_token"] / 0.5e9 > 0.06
-    path.write_text(json.dumps(profile))
-    assert plan_cli.main(["--profile", str(path), "--gpus", "2", "--num-requests", "100",
-                          "--input-len", "300", "--output-len", "8", "--slo", "ttft_ms=500",
-                          "itl_ms=40", "--max-requests-per-probe", "100", "--chunk-sizes", "512",
-                          "--transfer-gbps", "0.5", "--out", str(out)]) == 0
-    rows = {row["name"]: row for row in json.loads(out.read_text())["table"]}
+    assert 300 * synthetic_profile()["kv_bytes_per_token"] / 0.5e9 > 0.06
+    plan = _plan(tmp_path, 100, "--slo", "ttft_ms=500", "itl_ms=40", "--transfer-gbps", "0.5")
+    rows = {row["name"]: row for row in plan["table"]}
     split, aggregated = rows["1P:1D min256 chunk512"], rows["2 aggregated chunk512"]
     assert split["goodput_rps"] == 0.0
     assert all(probe["attainment"] == 0.0 for probe in split["probes"])
@@ -85,14 +84,7 @@ def test_a_shape_whose_requests_miss_even_alone_is_not_searched_to_the_floor(tmp
 
 def test_plan_on_a_one_device_profile_without_a_link_ranks_the_aggregated_shapes(tmp_path,
                                                                                   capsys):
-    path, out = tmp_path / "profile.json", tmp_path / "plan.json"
-    path.write_text(json.dumps(synthetic_profile(num_kv_blocks=2000, max_model_len=4096,
-                                                 with_transfer=False)))
-    assert plan_cli.main(["--profile", str(path), "--gpus", "2", "--num-requests", "10",
-                          "--input-len", "300", "--output-len", "8", "--slo", "ttft_ms=500",
-                          "--max-requests-per-probe", "10", "--chunk-sizes", "512",
-                          "--request-rate", "2", "--out", str(out)]) == 0
-    plan = json.loads(out.read_text())
+    plan = _plan(tmp_path, 10, "--slo", "ttft_ms=500", "--request-rate", "2")
     assert [row["num_prefill"] for row in plan["table"]] == [0]
     assert plan["transfer"] == "none: aggregated shapes only"
     assert "aggregated" in plan["fewest_gpus"]["shape"]
