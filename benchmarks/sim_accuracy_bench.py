@@ -247,7 +247,8 @@ def fit_overheads(run_path: Path, profile: str, chunk_tokens: int) -> list[str]:
     remote_prefill_min_tokens, never more than max_prefill_queue waiting. The conversation trace
     breaks both (its short prompts and the overflow of its bursts go to the decode worker), so its
     prefill figures are not the prefill worker's."""
-    from tandem.planner.perf_model import PerfModel, fit_prefill_serving, fit_serving_overhead
+    from tandem.planner.perf_model import PerfModel
+    from tandem.planner.serving_fit import fit_prefill_serving, fit_serving_overhead
 
     real = json.loads(run_path.read_text())
     model = PerfModel.load(profile)

@@ -12,7 +12,9 @@ The form follows what each step is bound by:
   (a knee that log-log interpolation follows on a power-of-two grid). Between two C curves the time
   is interpolated linearly in C at the same N: attention over the cached prefix adds N * C work.
 - Decode (batch B, total context K): one curve over K per measured B, linear in K (the KV bytes
-  read grow linearly), and linear in B between curves at the same K.
+  read grow linearly), and linear in B between curves at the same K. A decode step runs as the
+  CUDA graph of the next captured batch size (17 sequences as 32, engine/step_buckets.py), so a
+  profile measured with graphs prices it at that batch.
 - Mixed (a prefill chunk of N tokens after C cached, beside a decode batch of B sequences holding
   K context tokens, as chunked prefill runs them): one eager forward pass, so a regression over
   what it computes, a + b * (N + B) + c * N * (C + N / 2) + d * B + e * K (tokens through the
@@ -20,8 +22,10 @@ The form follows what each step is bound by:
   squares on relative error with non-negative slopes. It is fitted on the mixed points alone:
   eager steps are host-bound and noisy at small sizes, and leaning on the prefill curves carried
   their noise into every mixed prediction (twice the held-back error on the H200 profiles). It is
-  never below the pure decode step of the same batch.
-- Transfer (bytes): piecewise linear in bytes (latency plus bytes over bandwidth).
+  never below the pure decode step of the same batch. Past the longest prefix among the mixed
+  points, the prefix's further cost comes from the prefill curves, measured much further.
+- Transfer (bytes): piecewise linear in bytes (latency plus bytes over bandwidth), or a given link
+  (`with_transfer_link`) where the profile has no points or the question is another interconnect.
 
 Steps that are not decode-only run as captured graphs padded to a bucket of token counts
 (engine/step_buckets.py) up to the engine's step budget. A profile records the limit it was measured
@@ -32,7 +36,8 @@ decodes ran as 2304 rows under the profiler's 8192-token budget, but as exactly 
 
 Outside the grid, the end segments extend, with slopes clamped at zero so that more work is never
 predicted to be faster; a curve left with one point takes its slope from the nearest curve.
-`holdout_error` reports how well this predicts profile points it was not fitted on.
+`holdout_error` reports how well this predicts profile points it was not fitted on. What serving
+adds to these bare steps is fitted from real runs in planner/serving_fit.py.
 """
 
 from __future__ import annotations
@@ -43,7 +48,6 @@ import logging
 import math
 import random
 from bisect import bisect_right
-from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -318,81 +322,6 @@ class PerfModel:
         model._transfer = Curve([(0.0, latency_s), (far, latency_s + far / bytes_per_s)],
                                 log_log=False)
         return model
-
-
-def fit_serving_overhead(model: PerfModel, steps: Iterable[tuple[float, int, int]]
-                         ) -> tuple[float, float]:
-    """(seconds per step, seconds per sequence) that serving adds to the model's decode step.
-
-    `steps` are pure decode steps observed on a serving worker: (duration_s, batch_size,
-    num_context_tokens). The profile times `LLMEngine.step()` alone; a serving worker adds its
-    loop and one gRPC message per sequence per step, so the excess over `decode_s` is fitted as a
-    line in the batch size (`tandem simulate --step-overhead-ms --token-overhead-us`). The median
-    excess of each batch size is fitted, weighted by its count, so that a few steps mis-read from
-    token timestamps do not pull the line.
-    """
-    excess: dict[int, list[float]] = {}
-    for duration_s, batch_size, context in steps:
-        if batch_size > 0:
-            excess.setdefault(batch_size, []).append(duration_s
-                                                     - model.decode_s(batch_size, context))
-    if len(excess) < 2:
-        raise ValueError("need decode steps of at least two batch sizes to fit an overhead")
-    sizes = sorted(excess)
-    weights = np.sqrt([len(excess[b]) for b in sizes])
-    medians = [float(np.median(excess[b])) for b in sizes]
-    x = np.column_stack([np.ones(len(sizes)), sizes]) * weights[:, None]
-    (per_step_s, per_seq_s), *_ = np.linalg.lstsq(x, np.array(medians) * weights, rcond=None)
-    return max(float(per_step_s), 0.0), max(float(per_seq_s), 0.0)
-
-
-@dataclass(frozen=True, slots=True)
-class PrefillServing:
-    """What a serving prefill worker adds to the profile's steps (`tandem simulate`'s flags)."""
-    prefill_token_overhead_s: float  # per prompt token of a step (--prefill-token-overhead-us)
-    chunk_launch_s: float    # an answer held behind the next chunk's launch (--chunk-launch-ms)
-    fixed_s: float           # per request, before the prefill worker (--frontend-overhead-ms)
-    num_mid: int             # requests each estimate rests on
-    num_isolated: int
-    num_heads: int
-
-
-def fit_prefill_serving(model: PerfModel, requests: Iterable[tuple[float, float, int]],
-                        chunk_tokens: int, margin_s: float = 0.03) -> PrefillServing:
-    """Read a serving prefill worker's costs off one real run's first tokens.
-
-    `requests` are (start_s, ttft_s, prompt tokens) of a run whose first tokens all come from one
-    prefill worker, FIFO. A request is queued when it arrived more than `margin_s` before the
-    previous first token (so it waited behind it). Three kinds of request give three costs:
-    inside a queue (it, the one before and the one after queued), first tokens are one service
-    apart, the model's chunk steps plus the overhead per prompt token; alone (neither it nor the
-    next queued), the time to first token is the fixed latency plus that service; at the head of
-    a queue (not queued, the next one is), the answer also waits for the next chunk's launch.
-    Medians, so that a few requests held up elsewhere do not pull the estimates.
-
-    The overhead is priced per prompt token, not per chunk: fitted on 2048-token chunks, a cost
-    per chunk put 2 aggregated workers with 512-token chunks 19-149% over the real TTFT p50, a
-    cost per token 2-40% (benchmarks/RESULTS.md).
-    """
-    rows = sorted((start_s + ttft_s, start_s, ttft_s, n) for start_s, ttft_s, n in requests)
-    queued = [False] + [rows[i][1] < rows[i - 1][0] - margin_s for i in range(1, len(rows))]
-    queued.append(False)  # nothing follows the last request
-    mid, isolated, heads = [], [], []
-    for i, (first_s, _, ttft_s, num_prompt) in enumerate(rows):
-        chunks = [min(chunk_tokens, num_prompt - c) for c in range(0, num_prompt, chunk_tokens)]
-        service_s = sum(model.prefill_s(n, i_chunk * chunk_tokens)
-                        for i_chunk, n in enumerate(chunks))
-        if i and queued[i - 1] and queued[i] and queued[i + 1]:
-            mid.append((first_s - rows[i - 1][0] - service_s) / num_prompt)
-        elif not queued[i]:
-            (heads if queued[i + 1] else isolated).append((ttft_s - service_s, num_prompt))
-    if not mid or not isolated or not heads:
-        raise ValueError(f"need requests inside a queue, alone and at a queue's head; got "
-                         f"{len(mid)}, {len(isolated)}, {len(heads)}: use a busier run")
-    overhead_s = max(float(np.median(mid)), 0.0)
-    fixed_s = max(float(np.median([e - n * overhead_s for e, n in isolated])), 0.0)
-    launch_s = max(float(np.median([e - n * overhead_s for e, n in heads])) - fixed_s, 0.0)
-    return PrefillServing(overhead_s, launch_s, fixed_s, len(mid), len(isolated), len(heads))
 
 
 def _padded_rows(num_tokens: int, graph_tokens: int | None) -> int:

@@ -9,8 +9,8 @@ import timeit
 
 import pytest
 
-from tandem.planner.perf_model import (PerfModel, fit_prefill_serving, fit_serving_overhead,
-                                       holdout_error)
+from tandem.planner.perf_model import PerfModel, holdout_error
+from tandem.planner.serving_fit import fit_prefill_serving, fit_serving_overhead
 
 # Known formulas, in seconds, shaped like a real device: a flat weight-read floor for short
 # prefills, attention work growing with cached context, decode linear in batch and KV read.

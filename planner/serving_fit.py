@@ -1,0 +1,90 @@
+"""What a serving worker adds to the profile's bare steps, read off one real run.
+
+The profile times `LLMEngine.step()` alone. These fits take a real run's observed steps and first
+tokens and return the extra costs that `tandem simulate` adds through its flags
+(benchmarks/sim_accuracy_bench.py `overheads` writes them into a profile's `serving` section).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from tandem.planner.perf_model import PerfModel
+
+
+def fit_serving_overhead(model: PerfModel, steps: Iterable[tuple[float, int, int]]
+                         ) -> tuple[float, float]:
+    """(seconds per step, seconds per sequence) that serving adds to the model's decode step.
+
+    `steps` are pure decode steps observed on a serving worker: (duration_s, batch_size,
+    num_context_tokens). The profile times `LLMEngine.step()` alone; a serving worker adds its
+    loop and one gRPC message per sequence per step, so the excess over `decode_s` is fitted as a
+    line in the batch size (`tandem simulate --step-overhead-ms --token-overhead-us`). The median
+    excess of each batch size is fitted, weighted by its count, so that a few steps mis-read from
+    token timestamps do not pull the line.
+    """
+    excess: dict[int, list[float]] = {}
+    for duration_s, batch_size, context in steps:
+        if batch_size > 0:
+            excess.setdefault(batch_size, []).append(duration_s
+                                                     - model.decode_s(batch_size, context))
+    if len(excess) < 2:
+        raise ValueError("need decode steps of at least two batch sizes to fit an overhead")
+    sizes = sorted(excess)
+    weights = np.sqrt([len(excess[b]) for b in sizes])
+    medians = [float(np.median(excess[b])) for b in sizes]
+    x = np.column_stack([np.ones(len(sizes)), sizes]) * weights[:, None]
+    (per_step_s, per_seq_s), *_ = np.linalg.lstsq(x, np.array(medians) * weights, rcond=None)
+    return max(float(per_step_s), 0.0), max(float(per_seq_s), 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillServing:
+    """What a serving prefill worker adds to the profile's steps (`tandem simulate`'s flags)."""
+    prefill_token_overhead_s: float  # per prompt token of a step (--prefill-token-overhead-us)
+    chunk_launch_s: float    # an answer held behind the next chunk's launch (--chunk-launch-ms)
+    fixed_s: float           # per request, before the prefill worker (--frontend-overhead-ms)
+    num_mid: int             # requests each estimate rests on
+    num_isolated: int
+    num_heads: int
+
+
+def fit_prefill_serving(model: PerfModel, requests: Iterable[tuple[float, float, int]],
+                        chunk_tokens: int, margin_s: float = 0.03) -> PrefillServing:
+    """Read a serving prefill worker's costs off one real run's first tokens.
+
+    `requests` are (start_s, ttft_s, prompt tokens) of a run whose first tokens all come from one
+    prefill worker, FIFO. A request is queued when it arrived more than `margin_s` before the
+    previous first token (so it waited behind it). Three kinds of request give three costs:
+    inside a queue (it, the one before and the one after queued), first tokens are one service
+    apart, the model's chunk steps plus the overhead per prompt token; alone (neither it nor the
+    next queued), the time to first token is the fixed latency plus that service; at the head of
+    a queue (not queued, the next one is), the answer also waits for the next chunk's launch.
+    Medians, so that a few requests held up elsewhere do not pull the estimates.
+
+    The overhead is priced per prompt token, not per chunk: fitted on 2048-token chunks, a cost
+    per chunk put 2 aggregated workers with 512-token chunks 19-149% over the real TTFT p50, a
+    cost per token 2-40% (benchmarks/RESULTS.md).
+    """
+    rows = sorted((start_s + ttft_s, start_s, ttft_s, n) for start_s, ttft_s, n in requests)
+    queued = [False] + [rows[i][1] < rows[i - 1][0] - margin_s for i in range(1, len(rows))]
+    queued.append(False)  # nothing follows the last request
+    mid, isolated, heads = [], [], []
+    for i, (first_s, _, ttft_s, num_prompt) in enumerate(rows):
+        chunks = [min(chunk_tokens, num_prompt - c) for c in range(0, num_prompt, chunk_tokens)]
+        service_s = sum(model.prefill_s(n, i_chunk * chunk_tokens)
+                        for i_chunk, n in enumerate(chunks))
+        if i and queued[i - 1] and queued[i] and queued[i + 1]:
+            mid.append((first_s - rows[i - 1][0] - service_s) / num_prompt)
+        elif not queued[i]:
+            (heads if queued[i + 1] else isolated).append((ttft_s - service_s, num_prompt))
+    if not mid or not isolated or not heads:
+        raise ValueError(f"need requests inside a queue, alone and at a queue's head; got "
+                         f"{len(mid)}, {len(isolated)}, {len(heads)}: use a busier run")
+    overhead_s = max(float(np.median(mid)), 0.0)
+    fixed_s = max(float(np.median([e - n * overhead_s for e, n in isolated])), 0.0)
+    launch_s = max(float(np.median([e - n * overhead_s for e, n in heads])) - fixed_s, 0.0)
+    return PrefillServing(overhead_s, launch_s, fixed_s, len(mid), len(isolated), len(heads))
