@@ -146,9 +146,11 @@ def run_real(out_dir: Path, model: str, device: str, layouts: list[str], trace: 
 
     for layout in layouts:
         started = time.perf_counter()
-        # Each worker logs its steps (engine/step_log.py; benchmarks/step_log_report.py reads
-        # them): its cases one after another, cut apart by the start times printed below.
-        os.environ["TANDEM_STEP_LOG_DIR"] = str(out_dir / f"steps-{layout}")
+        # Each worker logs its steps (engine/step_log.py), its cases one after another;
+        # cases.json beside the logs says when each ran (benchmarks/step_log_report.py --cases).
+        steps_dir = out_dir / f"steps-{layout}"
+        os.environ["TANDEM_STEP_LOG_DIR"] = str(steps_dir)
+        ran: list[dict] = []
         server = start_server(*serve_flags(layout, model, device), timeout_s=480.0)
         print(f"{layout}: ready in {time.perf_counter() - started:.0f} s", flush=True)
         try:
@@ -160,8 +162,11 @@ def run_real(out_dir: Path, model: str, device: str, layouts: list[str], trace: 
                 command = [sys.executable, "-m", "tandem.launcher.cli", "bench", "--backend",
                            "grpc", "--url", server.grpc_address, "--temperature", "0",
                            "--no-progress", "--save-requests", *case.workload, "--out", str(out)]
-                print(f"  {case.name}: starts at {time.time():.3f} (epoch s)", flush=True)
+                started_s = time.time()
+                print(f"  {case.name}: starts at {started_s:.3f} (epoch s)", flush=True)
                 subprocess.run(command, check=True, timeout=300)
+                ran.append({"case": case.name, "start_s": started_s, "end_s": time.time()})
+                (steps_dir / "cases.json").write_text(json.dumps(ran, indent=1))
                 # Where the server's prompts were prefilled so far: a prefill worker, their
                 # decode worker (short prompts, or a full prefill queue), or again after a pull.
                 where = ", ".join(f"{name} {server.metric(f'tandem_{metric}_total'):.0f}"

@@ -5,14 +5,15 @@ Serve with `TANDEM_STEP_LOG_DIR=DIR` in the environment (each worker writes DIR/
 engine/step_log.py), run the load, then
 
     python benchmarks/step_log_report.py --profile PROFILE.json DIR/decode-0.jsonl [...]
-        [--step-budget 2048]
+        [--step-budget 2048] [--cases DIR/cases.json]
 
 For each kind of step (decode only, a prompt chunk beside decodes, prompt only) it prints how
 many there were, the step thread's time over the model's price for the same shape (median and
 p90), and the loop's share between steps: from the thread's end to the loop taking the tokens
 (hand-off), and from there to the next step's start (the loop's own work). The last line splits
 the log's whole span into steps, hand-offs, loop work and idle time (no step in flight and none
-waiting to start: gaps over --idle-ms).
+waiting to start: gaps over --idle-ms). With `--cases` (the cases.json that `sim_accuracy_bench.py
+real` writes beside the logs: each case's name and epoch start and end), one report per case.
 """
 
 from __future__ import annotations
@@ -96,13 +97,20 @@ def main() -> None:
                         help="only steps logged at or after this epoch time (`at_s`): one case "
                              "of several run against the same server")
     parser.add_argument("--until", type=float, default=float("inf"))
+    parser.add_argument("--cases", default=None,
+                        help="a JSON list of {case, start_s, end_s}: one report per case")
     args = parser.parse_args()
     model = PerfModel.load(args.profile)
+    spans = [("", args.since, args.until)]
+    if args.cases:
+        with open(args.cases, encoding="utf-8") as file:
+            spans = [(c["case"] + ": ", c["start_s"], c["end_s"]) for c in json.load(file)]
     for path, logged in zip(args.logs, load(args.logs)):
-        steps = [s for s in logged if args.since <= s.get("at_s", 0.0) <= args.until]
-        print(f"{path}: {len(steps)} steps")
-        if steps:
-            print(report(steps, model, args.step_budget, args.idle_ms / 1e3))
+        for name, since, until in spans:
+            steps = [s for s in logged if since <= s.get("at_s", 0.0) <= until]
+            print(f"{name}{path}: {len(steps)} steps")
+            if steps:
+                print(report(steps, model, args.step_budget, args.idle_ms / 1e3))
 
 
 if __name__ == "__main__":

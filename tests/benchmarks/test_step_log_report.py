@@ -34,3 +34,25 @@ def test_each_step_is_set_against_the_models_price_and_the_loop_after_it():
     text = report(steps, model, None, 0.05)
     assert "| decode | 1 | 2.000 |" in text and "| prefill | 1 | 1.000 |" in text
     assert "idle" in text.splitlines()[-1]
+
+
+def test_cases_cut_a_log_into_one_report_each(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(synthetic_profile()))
+    steps = [{**_step(i * 0.01, 0.005, 0.0001, decodes=4, context=4000), "at_s": 100.0 + i}
+             for i in range(6)]
+    log = tmp_path / "decode-0.jsonl"
+    log.write_text("".join(json.dumps(s) + "\n" for s in steps))
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps([{"case": "light", "start_s": 100.0, "end_s": 101.5},
+                                 {"case": "heavy", "start_s": 102.0, "end_s": 110.0}]))
+    out = subprocess.run([sys.executable, str(Path(__file__).parents[2] /
+                                              "benchmarks/step_log_report.py"),
+                          "--profile", str(profile), str(log), "--cases", str(cases)],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    assert f"light: {log}: 2 steps" in out and f"heavy: {log}: 4 steps" in out
