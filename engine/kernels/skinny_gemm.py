@@ -203,11 +203,10 @@ def candidates(num_rows: int, weight: torch.Tensor, partial: bool) -> list[Choic
     partial sums, splits x rows x N x 4 bytes, with one program a row; `choose` times the two
     together, and where cuBLAS is timed too, it is timed with that norm as well)."""
     sms = torch.cuda.get_device_properties(weight.device).multi_processor_count
-    split = partial
     found = []
     for config in _CONFIGS:
         programs = weight.shape[0] // config[0]
-        splits = (1, *(s for s in _SPLITS if programs < 2 * sms)) if split else (1,)
+        splits = (1, *(s for s in _SPLITS if programs < 2 * sms)) if partial else (1,)
         found += [(*config, s) for s in splits if fits(num_rows, weight, (*config, s))]
     return found
 

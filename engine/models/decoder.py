@@ -132,7 +132,8 @@ class DecoderLayer(nn.Module):
                   kv_layer: torch.Tensor, meta: AttentionMetadata,
                   rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention output, residual): the input norm, the q/k/v projection and attention, for
-        a step whose whole layer runs in one piece (a decode step)."""
+        a step whose whole layer runs in one piece (the model's own forward; captured step pieces
+        cut the layer at attention, engine/step_graphs.py)."""
         h, residual = self.input_layernorm(x, residual)
         return self.self_attn.project_and_attend(h, positions, kv_layer, meta, rope), residual
 
@@ -170,13 +171,7 @@ class DecoderModel(nn.Module):
         residual = None
         for i, layer in enumerate(self.layers):
             kv_layer = kv_cache[:, i]  # (blocks, 2, block_size, kv_heads, head_dim)
-            if meta.is_decode_only:
-                attn, residual = layer.attention(x, residual, positions, kv_layer, meta,
-                                                 self.rope)
-            else:
-                q, residual = layer.before_attention(x, residual, positions, kv_layer,
-                                                     meta.slot_mapping, self.rope)
-                attn = layer.self_attn.attend(q, kv_layer, meta)
+            attn, residual = layer.attention(x, residual, positions, kv_layer, meta, self.rope)
             x, residual = layer.after_attention(attn, residual)
         return self.norm(x, residual)[0]
 
