@@ -250,9 +250,12 @@ class PerfModel:
         """One decode step of the whole batch; num_context_tokens sums the batch's contexts."""
         if batch_size <= 0:
             return 0.0
+        return self._decode(self._graph_batch(batch_size), num_context_tokens)
+
+    def _graph_batch(self, batch_size: int) -> int:
+        """The batch a decode step of batch_size runs as (its own where graphs were off)."""
         limit = self.decode_graph_batch
-        return self._decode(batch_size if limit is None else padded_batch(batch_size, limit),
-                            num_context_tokens)
+        return batch_size if limit is None else padded_batch(batch_size, limit)
 
     def decode_steps_s(self, batch_size: int, first_context_tokens: int, num_steps: int
                        ) -> list[float]:
@@ -263,9 +266,7 @@ class PerfModel:
         if batch_size <= 0:
             return [0.0] * num_steps
         contexts = first_context_tokens + batch_size * np.arange(num_steps, dtype=np.int64)
-        limit = self.decode_graph_batch
-        key = batch_size if limit is None else padded_batch(batch_size, limit)
-        return self._decode.many(key, contexts).tolist()
+        return self._decode.many(self._graph_batch(batch_size), contexts).tolist()
 
     def step_s(self, num_prefill_tokens: int, num_prefill_cached_tokens: int,
                num_decode_seqs: int, num_decode_context_tokens: int,
@@ -274,10 +275,7 @@ class PerfModel:
         if num_decode_seqs <= 0:
             return self.prefill_s(num_prefill_tokens, num_prefill_cached_tokens, step_budget)
         if num_prefill_tokens <= 0:
-            limit = self.decode_graph_batch
-            return self._decode(num_decode_seqs if limit is None
-                                else padded_batch(num_decode_seqs, limit),
-                                num_decode_context_tokens)
+            return self.decode_s(num_decode_seqs, num_decode_context_tokens)
         # A mixed step runs as token-count pieces (engine/step_graphs.py), not a decode graph.
         decode = self._decode(num_decode_seqs, num_decode_context_tokens)
         n, b = num_prefill_tokens, num_decode_seqs
