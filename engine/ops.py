@@ -8,7 +8,7 @@ The choice is made inside engine/kernels/, per call.
 from __future__ import annotations
 
 from tandem.engine.kernels import (PartialSums, linear, paged_attention, prepare_and_attend,
-                                   prepare_qkv, rms_norm, silu_and_mul)
+                                   prepare_qkv, rms_norm, silu_and_mul, swiglu)
 
 __all__ = ["PartialSums", "linear", "paged_attention", "prepare_and_attend", "prepare_qkv",
-           "rms_norm", "silu_and_mul"]
+           "rms_norm", "silu_and_mul", "swiglu"]

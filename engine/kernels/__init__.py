@@ -24,7 +24,7 @@ from tandem.engine.layers import (apply_rotary_reference, prepare_qkv_reference,
                                   rms_norm_reference, silu_and_mul_reference)
 
 __all__ = ["PartialSums", "apply_rotary", "is_triton_usable", "linear", "paged_attention",
-           "prepare_and_attend", "prepare_qkv", "rms_norm", "silu_and_mul", "store_kv"]
+           "prepare_and_attend", "prepare_qkv", "rms_norm", "silu_and_mul", "store_kv", "swiglu"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,6 +108,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul_reference(x)
     from tandem.engine.kernels.activation import silu_and_mul as silu_and_mul_triton
     return silu_and_mul_triton(x)
+
+
+def swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate^T) * (x @ up^T) for weight = gate over up, (2 * intermediate, hidden): the
+    gate/up projection and `silu_and_mul` in one. On CUDA a decode step's few rows may take one
+    Triton kernel for both (kernels/skinny_gemm.py), where that was measured faster."""
+    if not is_triton_usable(x):
+        return silu_and_mul_reference(torch.nn.functional.linear(x, weight))
+    from tandem.engine.kernels.skinny_gemm import swiglu as swiglu_triton
+    return swiglu_triton(x, weight)
 
 
 def prepare_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -17,6 +17,12 @@ and keeps the fastest; Triton must win by a margin, so that timing noise does no
 implementations between runs. Shapes first seen during a capture, and row counts past
 MAX_ROWS, take cuBLAS.
 
+For SwiGLU's gate/up projection (`swiglu`) the kernel applies the activation itself: each program
+streams a tile of gate columns and the matching tile of up columns side by side and stores
+silu(gate) * up, one kernel fewer a layer than the matmul and kernels/activation.py. Both halves
+are rounded to the weight's dtype first, as the two kernels would store them, so the result is
+the same bits as theirs.
+
 Where the caller lets the result stay as partial sums (`linear(..., partial=True)`: the output
 and down projections, read only by the residual-add RMSNorm), the candidates also split K in 2,
 4 or 8 (kernels/partial_sums.py): more programs for a matrix with few columns.
@@ -54,6 +60,10 @@ _SHARED_BYTES = 160 * 1024  # of an H100/H200 SM's 227 KiB, with room for the co
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): narrow column tiles for many programs, deep
 # pipelines for many loads in flight.
 _CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4), (16, 512, 4, 3))
+# The gated kernel's: two weight tiles a stage, so shallower or narrower in K than _CONFIGS to keep
+# two programs an SM (the fastest per shape on H200: qwen3-0.6b's gate/up at 1-16 rows
+# (32, 128, 4, 6), llama-3.1-8b's (32, 256, 4, 3), 32 rows (16, 128, 4, 4)).
+_GATED_CONFIGS = ((32, 128, 4, 6), (32, 128, 4, 5), (32, 256, 4, 3), (16, 128, 4, 4))
 # K split this many ways, tried where the column tiles alone are few programs (each count tried
 # compiles a norm variant at start-up; 3 and 6 were tried on H200 and never chosen)
 _SPLITS = (2, 4, 8)
@@ -61,71 +71,93 @@ _SPLITS = (2, 4, 8)
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, k_per_split,
+    x_ptr, w_ptr, bias_ptr, out_ptr, num_rows, k_per_split, up_row,
     stride_x, stride_w, stride_out, stride_split,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # Program (column tile, split): the split's slice of K. With one split out_ptr is the output;
-    # with more, an fp32 buffer of one (rows, N) slab of partial sums per split.
+    # with more, an fp32 buffer of one (rows, N) slab of partial sums per split. GATED: the tile's
+    # columns are gate rows of W, and the up rows they pair with start at W's row up_row.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = tl.multiple_of(tl.program_id(1) * k_per_split, BLOCK_K)  # aligned, vector loads
+    up_offset = up_row.to(tl.int64) * stride_w
     if PREFETCH:  # the weights: no earlier kernel writes them, so they need not wait
         pdl.prefetch_row_heads_l2(w_ptr + k_start, cols, stride_w, k_per_split, LINE=64,
                                   LINES=8)  # 128 B lines
-    pdl.enter(USE_PDL)
+        if GATED:
+            pdl.prefetch_row_heads_l2(w_ptr + up_offset + k_start, cols, stride_w, k_per_split,
+                                      LINE=64, LINES=8)
+    if GATED:  # the down projection's programs would sit on SMs its later waves want
+        pdl.wait(USE_PDL)
+    else:
+        pdl.enter(USE_PDL)
     rows = tl.arange(0, BLOCK_M)
     ks = k_start + tl.arange(0, BLOCK_K)
     is_row = rows[:, None] < num_rows
     x_tile = x_ptr + rows[:, None] * stride_x + ks[None, :]          # (BLOCK_M, BLOCK_K)
     w_tile = w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :]  # (BLOCK_N, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for _ in range(0, k_per_split, BLOCK_K):  # a multiple of BLOCK_K, N of BLOCK_N (`fits`)
         x = tl.load(x_tile, mask=is_row, other=0.0)
         w = tl.load(w_tile)
         acc += tl.dot(x, tl.trans(w))
+        if GATED:
+            up_acc += tl.dot(x, tl.trans(tl.load(w_tile + up_offset)))
         x_tile += BLOCK_K
         w_tile += BLOCK_K
     if HAS_BIAS:  # only ever with one split
         acc += tl.load(bias_ptr + cols)[None, :].to(tl.float32)
+    if GATED:  # each half rounded as a stored matmul result would be, then kernels/activation.py
+        gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        up = up_acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc = gate / (1.0 + tl.exp(-gate)) * up
     out_ptr += tl.program_id(1) * stride_split
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=is_row)
+    if GATED:
+        pdl.release(USE_PDL)
 
 
 # A choice: (BLOCK_N, BLOCK_K, num_warps, num_stages, splits of K).
 Choice = tuple[int, int, int, int, int]
 
 
-def fits(num_rows: int, weight: torch.Tensor, config: tuple[int, ...]) -> bool:
+def fits(num_rows: int, weight: torch.Tensor, config: tuple[int, ...], gated: bool = False
+         ) -> bool:
     """Whether the config (a _CONFIGS entry or a Choice) tiles this shape exactly and its
-    pipeline fits in shared memory."""
+    pipeline fits in shared memory; `gated`: as `swiglu` runs it (gate and up tiles, one split)."""
     n, k = weight.shape
     block_n, block_k, _, num_stages = config[:4]
     splits = config[4] if len(config) > 4 else 1
     block_m = _row_tile(num_rows)
-    stage_bytes = (block_m + block_n) * block_k * weight.element_size()
-    return (0 < num_rows <= MAX_ROWS and n % block_n == 0 and k % (block_k * splits) == 0
+    stage_bytes = (block_m + (2 if gated else 1) * block_n) * block_k * weight.element_size()
+    return (0 < num_rows <= MAX_ROWS and n % ((2 if gated else 1) * block_n) == 0
+            and k % (block_k * splits) == 0 and not (gated and splits > 1)
             and stage_bytes * num_stages <= _SHARED_BYTES)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  config: tuple[int, ...]) -> torch.Tensor | PartialSums:
+                  config: tuple[int, ...], gated: bool = False) -> torch.Tensor | PartialSums:
     """x (rows, K) @ weight (N, K)^T + bias, rows <= MAX_ROWS; `fits` must hold. A Choice with
-    more than one split of K returns PartialSums (and takes no bias)."""
+    more than one split of K returns PartialSums (and takes no bias). `gated`: weight is gate
+    over up, (2 * I, K), and the result silu(x @ gate^T) * (x @ up^T), (rows, I)."""
     block_n, block_k, num_warps, num_stages = config[:4]
     splits = config[4] if len(config) > 4 else 1
     num_rows, (n, k) = x.shape[0], weight.shape
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("skinny_linear needs the K axis of x and weight contiguous")
-    if splits > 1 and bias is not None:
-        raise ValueError("a split-K matmul takes no bias")
+    if splits > 1 and (bias is not None or gated):
+        raise ValueError("a split-K matmul takes no bias and applies no activation")
+    if gated:
+        n //= 2
     out = torch.empty((splits, num_rows, n), dtype=x.dtype if splits == 1 else torch.float32,
                       device=x.device)
     _skinny_gemm_kernel[(n // block_n, splits)](
-        x, weight, bias if bias is not None else weight, out, num_rows, k // splits,
+        x, weight, bias if bias is not None else weight, out, num_rows, k // splits, n,
         x.stride(0), weight.stride(0), out.stride(1), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=_row_tile(num_rows),
+        HAS_BIAS=bias is not None, GATED=gated, BLOCK_M=_row_tile(num_rows),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         PREFETCH=pdl.prefetch_weights(x), **pdl.launch_options(x),
     )
@@ -142,8 +174,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if rows.shape[0] > MAX_ROWS or rows.stride(-1) != 1 or weight.dtype not in _HALF_DTYPES:
         return torch.nn.functional.linear(x, weight, bias)
     partial = partial and bias is None
+    config = _choice(rows, weight, bias, "partial" if partial else "out")
+    if config is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    out = skinny_linear(rows, weight, bias, config)
+    return out if isinstance(out, PartialSums) else out.view(*x.shape[:-1], weight.shape[0])
+
+
+def swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate^T) * (x @ up^T) for x (rows, K) and weight gate over up, (2 * I, K): the
+    gated kernel where it was measured faster than cuBLAS and the activation kernel."""
+    from tandem.engine.kernels.activation import silu_and_mul
+
+    rows_ok = x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.stride(-1) == 1
+    config = (_choice(x, weight, None, "swiglu") if rows_ok and weight.dtype in _HALF_DTYPES
+              else None)
+    if config is None:
+        return silu_and_mul(torch.nn.functional.linear(x, weight))
+    return skinny_linear(x, weight, None, config, gated=True)
+
+
+def _choice(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            output: str) -> Choice | None:
+    """The Choice for this shape and output ("out", "partial" or "swiglu"), timed the first time
+    it is seen where timing is allowed; None is cuBLAS."""
     key = (rows.shape[0], weight.shape[0], weight.shape[1], weight.dtype, bias is not None,
-           partial)
+           output)
     config = _chosen.get(key)
     if config is None and key not in _chosen:
         if torch.cuda.is_current_stream_capturing():
@@ -151,11 +207,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         elif _timing.serving and not _timing.depth:
             config = _chosen[key] = nearest_choice(key)
         else:
-            config = _chosen[key] = choose(rows, weight, bias, partial)
-    if config is None:
-        return torch.nn.functional.linear(x, weight, bias)
-    out = skinny_linear(rows, weight, bias, config)
-    return out if isinstance(out, PartialSums) else out.view(*x.shape[:-1], weight.shape[0])
+            config = _chosen[key] = choose(rows, weight, bias, output)
+    return config
 
 
 _chosen: dict[tuple, Choice | None] = {}
@@ -197,35 +250,39 @@ def nearest_choice(key: tuple) -> Choice | None:
     return min(measured)[2] if measured else None
 
 
-def candidates(num_rows: int, weight: torch.Tensor, partial: bool) -> list[Choice]:
-    """The Choices that fit this shape: each config whole, and with `partial` split in K where
-    its column tiles alone give fewer than two programs an SM (the RMSNorm after it reads the
-    partial sums, splits x rows x N x 4 bytes, with one program a row; `choose` times the two
+def candidates(num_rows: int, weight: torch.Tensor, output: str = "out") -> list[Choice]:
+    """The Choices that fit this shape: each config whole, and for a "partial" output split in K
+    where its column tiles alone give fewer than two programs an SM (the RMSNorm after it reads
+    the partial sums, splits x rows x N x 4 bytes, with one program a row; `choose` times the two
     together, and where cuBLAS is timed too, it is timed with that norm as well)."""
     sms = torch.cuda.get_device_properties(weight.device).multi_processor_count
+    gated = output == "swiglu"
     found = []
-    for config in _CONFIGS:
+    for config in _GATED_CONFIGS if gated else _CONFIGS:
         programs = weight.shape[0] // config[0]
-        splits = (1, *(s for s in _SPLITS if programs < 2 * sms)) if partial else (1,)
-        found += [(*config, s) for s in splits if fits(num_rows, weight, (*config, s))]
+        splits = (1, *(s for s in _SPLITS if programs < 2 * sms)) if output == "partial" else (1,)
+        found += [(*config, s) for s in splits if fits(num_rows, weight, (*config, s), gated)]
     return found
 
 
 def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           partial: bool = False) -> Choice | None:
-    """The fastest Choice for this shape, or None where cuBLAS is (by the margin) faster. With
-    `partial` each candidate is timed with the RMSNorm that reads its result, since partial sums
-    cost that norm more reads than they may save the matmul."""
+           output: str = "out") -> Choice | None:
+    """The fastest Choice for this shape, or None where cuBLAS is (by the margin) faster. A
+    "partial" output is timed with the RMSNorm that reads it, since partial sums cost that norm
+    more reads than they may save the matmul; a "swiglu" one against cuBLAS followed by the
+    activation kernel."""
     copies = _cold_copies(weight)
-    then = _norm_reading(x.shape[0], weight) if partial else _as_is
+    then = _norm_reading(x.shape[0], weight) if output == "partial" else _as_is
     if x.shape[0] <= _CHAIN_ROWS and pdl.enabled(x):
         best, best_s = None, float("inf")   # Triton whatever cuBLAS takes alone
     else:
+        finish = _activation if output == "swiglu" else then
         best, best_s = None, _time_s(
-            lambda w: then(torch.nn.functional.linear(x, w, bias)), copies) * _MARGIN
-    for config in candidates(x.shape[0], weight, partial and bias is None):
+            lambda w: finish(torch.nn.functional.linear(x, w, bias)), copies) * _MARGIN
+    for config in candidates(x.shape[0], weight, output):
         try:
-            seconds = _time_s(functools.partial(_skinny_on, x, bias, config, then), copies)
+            seconds = _time_s(functools.partial(_skinny_on, x, bias, config, output == "swiglu",
+                                                then), copies)
         except triton.runtime.errors.OutOfResources:
             continue  # a smaller GPU than the configs were sized for
         if seconds < best_s:
@@ -233,13 +290,18 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return best
 
 
-def _skinny_on(x: torch.Tensor, bias: torch.Tensor | None, config: Choice, then,
+def _skinny_on(x: torch.Tensor, bias: torch.Tensor | None, config: Choice, gated: bool, then,
                weight: torch.Tensor):
-    return then(skinny_linear(x, weight, bias, config))
+    return then(skinny_linear(x, weight, bias, config, gated))
 
 
 def _as_is(out):
     return out
+
+
+def _activation(out):
+    from tandem.engine.kernels.activation import silu_and_mul
+    return silu_and_mul(out)
 
 
 def _norm_reading(num_rows: int, weight: torch.Tensor):

@@ -105,8 +105,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | ops.PartialSums:
         """For the next norm only (the next layer's input norm or the model's final one)."""
-        return _linear(self.down_proj, ops.silu_and_mul(_linear(self.gate_up_proj, x)),
-                       partial=True)
+        return _linear(self.down_proj, ops.swiglu(x, self.gate_up_proj.weight), partial=True)
 
 
 class DecoderLayer(nn.Module):

@@ -39,9 +39,9 @@ def test_linear_dispatch_agrees_with_cublas_and_remembers_its_choice():
         want = torch.nn.functional.linear(x, weight, None)
         got = skinny_gemm.linear(x, weight, None)
         assert _relative_error(got, want.double()) < 1e-2
-    assert (1, 6144, 1024, torch.bfloat16, False, False) in skinny_gemm._chosen
+    assert (1, 6144, 1024, torch.bfloat16, False, "out") in skinny_gemm._chosen
     # past MAX_ROWS: cuBLAS, untimed
-    assert (100, 6144, 1024, torch.bfloat16, False, False) not in skinny_gemm._chosen
+    assert (100, 6144, 1024, torch.bfloat16, False, "out") not in skinny_gemm._chosen
 
 
 def test_serving_takes_the_nearest_measured_choice_without_timing(monkeypatch):
@@ -55,7 +55,7 @@ def test_serving_takes_the_nearest_measured_choice_without_timing(monkeypatch):
     x = torch.randn(11, 1024, dtype=torch.bfloat16, device="cuda")
     got = skinny_gemm.linear(x, weight, None)
     assert _relative_error(got, torch.nn.functional.linear(x, weight, None).double()) < 1e-2
-    key = (11, 4096, 1024, torch.bfloat16, False, False)
+    key = (11, 4096, 1024, torch.bfloat16, False, "out")
     assert skinny_gemm._chosen[key] == skinny_gemm._chosen[(16, *key[1:])]
 
 
@@ -95,9 +95,9 @@ def test_split_k_is_a_candidate_only_for_partial_results():
     from tandem.engine.kernels.skinny_gemm import candidates
 
     weight = torch.empty(1024, 3072, dtype=torch.bfloat16, device="cuda")
-    assert {c[4] for c in candidates(1, weight, partial=True)} == {1, 2, 4, 8}
-    assert {c[4] for c in candidates(1, weight, partial=False)} == {1}
-    assert {c[4] for c in candidates(32, weight, partial=True)} == {1, 2, 4, 8}
+    assert {c[4] for c in candidates(1, weight, "partial")} == {1, 2, 4, 8}
+    assert {c[4] for c in candidates(1, weight, "out")} == {1}
+    assert {c[4] for c in candidates(32, weight, "partial")} == {1, 2, 4, 8}
     x = torch.randn(3, 3072, dtype=torch.bfloat16, device="cuda")
     got = skinny_linear_through_dispatch(x, weight.normal_(0, 0.02))
     want = torch.nn.functional.linear(x, weight, None)
@@ -111,3 +111,37 @@ def skinny_linear_through_dispatch(x, weight):
 
     out = skinny_gemm.linear(x, weight, None, partial=True)
     return out.total() if isinstance(out, PartialSums) else out
+
+
+@pytest.mark.parametrize("num_rows", [1, 5, 16, 33])
+def test_gated_kernel_is_the_matmul_then_the_activation_bit_for_bit(num_rows):
+    # Each half is rounded as the matmul would store it, so the fused kernel is the unfused pair.
+    from tandem.engine.kernels.activation import silu_and_mul
+    from tandem.engine.kernels.skinny_gemm import _CONFIGS, fits, skinny_linear
+    from tandem.engine.layers import silu_and_mul_reference
+
+    x = torch.randn(num_rows, 1024, dtype=torch.bfloat16, device="cuda")
+    weight = torch.randn(2 * 3072, 1024, dtype=torch.bfloat16, device="cuda") * 0.05
+    configs = [c for c in _CONFIGS if fits(num_rows, weight, c, gated=True)]
+    assert configs
+    want = silu_and_mul_reference((x.double() @ weight.double().T).float()).double()
+    for config in configs:
+        got = skinny_linear(x, weight, None, config, gated=True)
+        assert got.shape == (num_rows, 3072) and got.dtype == torch.bfloat16
+        assert torch.equal(got, silu_and_mul(skinny_linear(x, weight, None, config))), config
+        assert _relative_error(got, want) < 1e-2, config
+
+
+def test_swiglu_dispatch_agrees_with_cublas_and_the_activation():
+    from tandem.engine.kernels import skinny_gemm
+    from tandem.engine.layers import silu_and_mul_reference
+
+    weight = torch.randn(2 * 3072, 1024, dtype=torch.bfloat16, device="cuda") * 0.05
+    assert {c[4] for c in skinny_gemm.candidates(1, weight, "swiglu")} == {1}
+    for num_rows in (1, 8, 32, 100):
+        x = torch.randn(num_rows, 1024, dtype=torch.bfloat16, device="cuda")
+        want = silu_and_mul_reference(torch.nn.functional.linear(x, weight))
+        got = skinny_gemm.swiglu(x, weight)
+        assert got.shape == (num_rows, 3072)
+        assert _relative_error(got, want.double()) < 1e-2
+    assert (1, 6144, 1024, torch.bfloat16, False, "swiglu") in skinny_gemm._chosen

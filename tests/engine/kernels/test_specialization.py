@@ -36,7 +36,7 @@ def test_a_serving_engine_borrows_the_nearest_measured_choice(monkeypatch):
     def no_timing(*args):
         raise AssertionError("timed while serving")
 
-    weight = ("N", "K", torch.bfloat16, False)
+    weight = ("N", "K", torch.bfloat16, False, "out")
     monkeypatch.setattr(skinny_gemm, "_chosen", {(1, *weight): (16, 256, 4, 4),
                                                  (16, *weight): (32, 256, 4, 4),
                                                  (32, *weight): None})
@@ -45,7 +45,7 @@ def test_a_serving_engine_borrows_the_nearest_measured_choice(monkeypatch):
     assert skinny_gemm.nearest_choice((3, *weight)) == (16, 256, 4, 4)
     assert skinny_gemm.nearest_choice((20, *weight)) is None              # 32's choice: cuBLAS
     assert skinny_gemm.nearest_choice((40, *weight)) is None              # no 64-row tile measured
-    assert skinny_gemm.nearest_choice((3, "M", "K", torch.bfloat16, False)) is None
+    assert skinny_gemm.nearest_choice((3, "M", "K", torch.bfloat16, False, "out")) is None
     monkeypatch.setattr(skinny_gemm._timing, "serving", True)
     with skinny_gemm.allow_timing():
         assert skinny_gemm._timing.depth == 1
