@@ -48,7 +48,8 @@ SLO_TTFT_MS, SLO_GAP_MS = 1000.0, 40.0
 MAX_MODEL_LEN = 32768  # the longest replayed trace prompt is 30k tokens
 # name: (prefill workers, decode workers, flags of both the server and the simulation)
 LAYOUTS = {"1p1d": ("1", "1", ()), "2agg": ("0", "2", ()),
-           "2agg512": ("0", "2", ("--max-num-batched-tokens", "512"))}
+           "2agg512": ("0", "2", ("--max-num-batched-tokens", "512")),
+           "1agg": ("0", "1", ())}   # one aggregated worker: a one-GPU machine's case
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,13 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_layer: torch.Tensor,
     store_kv_triton(key, value, kv_layer, slot_mapping)
 
 
+# Past this many tokens in a mixed step's longest decode context its decode rows are split. On an
+# H200, qwen3-0.6b, a chunk beside 1-13 decodes of 20k tokens each: 13.4-24.9 ms in one split,
+# 7.4-21.6 split; of 600 tokens: 5.8-12.5 ms in one, 7.2-12.5 split (the merge's launches).
+# Every split count's variants are compiled at start-up (decode_attention.compile_variants).
+_MIXED_SPLIT_CONTEXT = 8192
+
+
 def paged_attention(query: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
                     scale: float, out: torch.Tensor | None = None,
                     num_splits: int | None = None) -> torch.Tensor:
@@ -71,12 +78,15 @@ def paged_attention(query: torch.Tensor, kv_layer: torch.Tensor, meta: Attention
                                 meta.max_seq_len, num_splits=num_splits or meta.num_splits)
     if meta.rest is not None:
         # A mixed step: its leading one-token rows by the decode kernel (the prefill kernel would
-        # give each a whole query tile and read its context once per query head), in one split:
-        # a kernel variant that does not change with the batch (a new one would be compiled while
-        # serving), and the prompt chunk beside it fills the device anyway.
+        # give each a whole query tile and read its context once per query head). Split as a
+        # decode step would be where a context is long: the two kernels run one after the other,
+        # and in one split the longest context alone decides the decode part. Short ones keep one
+        # split, whose step is host-bound (eager launches) and gains nothing from the merge.
         d = meta.num_decode_seqs
+        longest = max(meta.seq_lens_cpu[:d])
         decode_attention(query[:d], kv_layer, meta.block_tables[:d], meta.seq_lens[:d], scale,
-                         out[:d], max(meta.seq_lens_cpu[:d]), num_splits=1)
+                         out[:d], longest,
+                         num_splits=None if longest > _MIXED_SPLIT_CONTEXT else 1)
         prefill_attention(query[d:], kv_layer, meta.rest, scale, out[d:])
         return out
     return prefill_attention(query, kv_layer, meta, scale, out)

@@ -72,9 +72,12 @@ def mixed_metadata(batch) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("query_lens", [[1, 1, 30, 200], [1, 2, 1, 1]])
-def test_a_mixed_step_sends_its_leading_decodes_to_the_decode_kernel(query_lens):
-    batch = make_paged_batch([500, 40, 3000, 700], query_lens, 32, 8, 128)
+@pytest.mark.parametrize("seq_lens,query_lens", [([500, 40, 3000, 700], [1, 1, 30, 200]),
+                                                 ([500, 40, 3000, 700], [1, 2, 1, 1]),
+                                                 ([20000, 9000, 3000, 700], [1, 1, 30, 200])])
+def test_a_mixed_step_sends_its_leading_decodes_to_the_decode_kernel(seq_lens, query_lens):
+    # the last case's long decode contexts take several splits
+    batch = make_paged_batch(seq_lens, query_lens, 32, 8, 128)
     mixed_metadata(batch)
     assert batch.meta.num_decode_seqs == (2 if query_lens[1] == 1 else 1)
     got = kernels.paged_attention(batch.query, batch.kv_layer, batch.meta, 0.1)

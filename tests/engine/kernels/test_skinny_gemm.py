@@ -117,12 +117,12 @@ def skinny_linear_through_dispatch(x, weight):
 def test_gated_kernel_is_the_matmul_then_the_activation_bit_for_bit(num_rows):
     # Each half is rounded as the matmul would store it, so the fused kernel is the unfused pair.
     from tandem.engine.kernels.activation import silu_and_mul
-    from tandem.engine.kernels.skinny_gemm import _CONFIGS, fits, skinny_linear
+    from tandem.engine.kernels.skinny_gemm import _CONFIGS, _GATED_CONFIGS, fits, skinny_linear
     from tandem.engine.layers import silu_and_mul_reference
 
     x = torch.randn(num_rows, 1024, dtype=torch.bfloat16, device="cuda")
     weight = torch.randn(2 * 3072, 1024, dtype=torch.bfloat16, device="cuda") * 0.05
-    configs = [c for c in _CONFIGS if fits(num_rows, weight, c, gated=True)]
+    configs = [c for c in (*_GATED_CONFIGS, *_CONFIGS) if fits(num_rows, weight, c, gated=True)]
     assert configs
     want = silu_and_mul_reference((x.double() @ weight.double().T).float()).double()
     for config in configs:
