@@ -107,10 +107,12 @@ def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
         "kv_bytes_per_token": kv_bytes_per_token,
         "engine": _engine_settings(engine),
         "grid": dataclasses.asdict(grid),
-        "timing": "wall time of LLMEngine.step() between device synchronizations, garbage "
-                  "collector paused; prefill and mixed: median over interleaved passes of the "
-                  "grid in random order after a warm-up pass; decode: median of repeated steps "
-                  "of one placed batch after warm-up steps",
+        "timing": "garbage collector paused; prefill and mixed: wall time of LLMEngine.step() "
+                  "between device synchronizations, median over interleaved passes of the grid "
+                  "in random order after a warm-up pass; decode: interval between consecutive "
+                  "steps' tokens of one placed batch run through LLMEngine.steps() (each step "
+                  "queued before the previous one's tokens are read, as serving runs them), "
+                  "median after warm-up steps",
         "prefill": results["prefill"], "decode": results["decode"], "mixed": results["mixed"],
         "transfer": transfer,
     }

@@ -91,7 +91,8 @@ def plan_points(grid: ProfileGrid, num_kv_blocks: int, block_size: int, max_mode
             if cached + new < max_model_len and _blocks(cached + new + 1, block_size) \
                     <= num_kv_blocks:
                 points.append(("prefill", (new, cached)))
-    decode_steps = grid.repeats["decode"].max_steps
+    # StepProbe.decode: one step more than it times, and one position reserved ahead
+    decode_steps = grid.repeats["decode"].max_steps + 2
     for batch in grid.decode_batch_sizes:
         if batch > max_num_seqs:
             continue

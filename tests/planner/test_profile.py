@@ -78,3 +78,22 @@ def test_profile_writes_a_valid_profile_on_cpu(tmp_path, capsys):
     model = PerfModel.from_profile(profile)
     assert model.step_s(64, 0, 4, 4 * 64) > 0
     assert "held-back error" in capsys.readouterr().out
+
+
+def test_decode_points_run_back_to_back_and_leave_the_engine_empty():
+    # Decode is timed through LLMEngine.steps(), as serving runs it: the placed sequences end by
+    # themselves after the steps wanted, and every block they held comes back.
+    from tandem.engine.config import EngineConfig
+    from tandem.engine.llm_engine import LLMEngine
+    from tandem.planner.profile_points import StepProbe
+
+    engine = LLMEngine(EngineConfig(model="random:tiny", role="both", device="cpu",
+                                    num_kv_blocks=64, max_model_len=512))
+    probe = StepProbe(engine)
+    free = engine.block_manager.num_free_blocks
+    point = probe.decode(3, 40, Repeats(2, 4, 4, budget_s=1e9))
+    assert point["batch_size"] == 3 and point["num_repeats"] == 4
+    # the timed steps are the 4th to 7th: before them, 3 warm-up steps (one untimed, the first)
+    assert point["num_context_tokens"] == round(sum(3 * (40 + k) for k in range(3, 7)) / 4)
+    assert point["seconds"] > 0
+    assert engine.request_ids() == [] and engine.block_manager.num_free_blocks == free
