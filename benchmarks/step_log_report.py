@@ -40,6 +40,21 @@ def kind(step: dict) -> str:
     return "prefill" if step["prefill_tokens"] else "decode"
 
 
+def shape(step: dict) -> str:
+    """The step's kind, finer: decode steps by batch (up to 16 sequences a graph is one
+    programmatic-launch chain), a chunk beside decodes by the decodes' context tokens (their
+    attention is what grows with it)."""
+    name = kind(step)
+    if name == "decode":
+        batch = step["decode_seqs"]
+        return f"decode, {'1-16' if batch <= 16 else '17-32' if batch <= 32 else '33+'} seqs"
+    if name == "mixed":
+        context = step["context_tokens"]
+        band = "<50k" if context < 50_000 else "50k-150k" if context < 150_000 else "150k+"
+        return f"mixed, {band} decode context"
+    return name
+
+
 def rows(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s: float
          ) -> list[dict]:
     """Per step: its kind, the thread's time, the model's price, the hand-off and the loop's
@@ -49,7 +64,8 @@ def rows(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s: f
         priced = model.step_s(step["prefill_tokens"], step["cached_tokens"], step["decode_seqs"],
                               step["context_tokens"], step_budget)
         loop_s = None if after is None else after["began_s"] - step["resumed_s"]
-        out.append({"kind": kind(step), "thread_s": step["ended_s"] - step["began_s"],
+        out.append({"kind": kind(step), "shape": shape(step),
+                    "thread_s": step["ended_s"] - step["began_s"],
                     "model_s": priced, "handoff_s": step["resumed_s"] - step["ended_s"],
                     "loop_s": loop_s if loop_s is not None and loop_s <= idle_s else None,
                     "idle_s": loop_s if loop_s is not None and loop_s > idle_s else 0.0})
@@ -61,14 +77,16 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def report(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s: float) -> str:
+def report(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s: float,
+           by_shape: bool = False) -> str:
     table = rows(steps, model, step_budget, idle_s)
     lines = ["| steps | count | thread / model, median | p90 | hand-off ms, median | "
              "loop ms, median | p90 |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name in ("decode", "mixed", "prefill"):
-        picked = [r for r in table if r["kind"] == name]
-        if not picked:
-            continue
+    field = "shape" if by_shape else "kind"
+    order = ("decode", "mixed", "prefill")
+    for name in sorted({r[field] for r in table},
+                       key=lambda n: (order.index(n.split(",")[0]), _band_order(n))):
+        picked = [r for r in table if r[field] == name]
         ratios = [r["thread_s"] / r["model_s"] for r in picked if r["model_s"] > 0]
         loops = [r["loop_s"] * 1e3 for r in picked if r["loop_s"] is not None] or [0.0]
         lines.append(f"| {name} | {len(picked)} | {statistics.median(ratios):.3f} | "
@@ -85,6 +103,13 @@ def report(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s:
     return "\n".join(lines)
 
 
+def _band_order(name: str) -> int:
+    for i, band in enumerate(("1-16", "17-32", "33+", "<50k", "50k-150k", "150k+")):
+        if band in name:
+            return i
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("logs", nargs="+", help="step logs (one JSON line per step)")
@@ -97,6 +122,8 @@ def main() -> None:
                         help="only steps logged at or after this epoch time (`at_s`): one case "
                              "of several run against the same server")
     parser.add_argument("--until", type=float, default=float("inf"))
+    parser.add_argument("--by-shape", action="store_true",
+                        help="decode steps by batch, mixed steps by the decodes' context tokens")
     parser.add_argument("--cases", default=None,
                         help="a JSON list of {case, start_s, end_s}: one report per case")
     args = parser.parse_args()
@@ -110,7 +137,8 @@ def main() -> None:
             steps = [s for s in logged if since <= s.get("at_s", 0.0) <= until]
             print(f"{name}{path}: {len(steps)} steps")
             if steps:
-                print(report(steps, model, args.step_budget, args.idle_ms / 1e3))
+                print(report(steps, model, args.step_budget, args.idle_ms / 1e3,
+                             args.by_shape))
 
 
 if __name__ == "__main__":

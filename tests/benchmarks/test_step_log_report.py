@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.step_log_report import kind, report, rows
+from benchmarks.step_log_report import kind, report, rows, shape
 from tandem.planner.perf_model import PerfModel
 from tandem.planner.sim_synthetic import synthetic_profile
 
@@ -34,6 +34,21 @@ def test_each_step_is_set_against_the_models_price_and_the_loop_after_it():
     text = report(steps, model, None, 0.05)
     assert "| decode | 1 | 2.000 |" in text and "| prefill | 1 | 1.000 |" in text
     assert "idle" in text.splitlines()[-1]
+
+
+def test_by_shape_splits_decode_by_batch_and_mixed_by_decode_context():
+    model = PerfModel.from_profile(synthetic_profile())
+    steps = [_step(0.0, 0.01, 0.0, decodes=8, context=8000),
+             _step(0.02, 0.01, 0.0, decodes=40, context=160_000),
+             _step(0.04, 0.05, 0.0, prefill=512, decodes=30, context=120_000),
+             _step(0.10, 0.05, 0.0, prefill=512, decodes=8, context=20_000)]
+    assert [shape(s) for s in steps] == ["decode, 1-16 seqs", "decode, 33+ seqs",
+                                         "mixed, 50k-150k decode context",
+                                         "mixed, <50k decode context"]
+    names = [line.split(" | ")[0].lstrip("| ")
+             for line in report(steps, model, None, 0.05, by_shape=True).splitlines()[2:-1]]
+    assert names == ["decode, 1-16 seqs", "decode, 33+ seqs", "mixed, <50k decode context",
+                     "mixed, 50k-150k decode context"]
 
 
 def test_cases_cut_a_log_into_one_report_each(tmp_path):
