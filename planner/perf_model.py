@@ -62,7 +62,7 @@ KINDS = ("prefill", "decode", "mixed", "transfer")
 class Curve:
     """t(x) through measured (x, t) points, piecewise linear in x or in (log x, log t)."""
 
-    __slots__ = ("xs", "ys", "log_log")
+    __slots__ = ("xs", "ys", "log_log", "_arrays")
 
     def __init__(self, points: Iterable[tuple[float, float]], log_log: bool):
         merged: dict[float, list[float]] = {}
@@ -77,6 +77,7 @@ class Curve:
             xs = [math.log(max(x, 1.0)) for x in xs]
             ys = [math.log(max(y, 1e-12)) for y in ys]
         self.xs, self.ys = xs, ys
+        self._arrays: tuple | None = None  # many()'s knots and slopes, made at its first call
 
     def slope_at(self, x: float) -> float:
         """The slope of the segment over x, in the curve's own space (log-log or linear)."""
@@ -92,6 +93,7 @@ class Curve:
         x0, y0 = self.xs[0], self.ys[0]
         raw_x = math.exp(x0) if self.log_log else x0
         self.xs, self.ys = [x0, x0 + 1.0], [y0, y0 + max(donor.slope_at(raw_x), 0.0)]
+        self._arrays = None
 
     def __call__(self, x: float) -> float:
         xs, ys = self.xs, self.ys
@@ -111,21 +113,34 @@ class Curve:
         return math.exp(y) if self.log_log else max(y, 0.0)
 
     def many(self, xs: np.ndarray) -> np.ndarray:
-        """`self(x)` for each of xs, with the same float operations (so the same values)."""
-        knots, values = np.asarray(self.xs), np.asarray(self.ys)
+        """`self(x)` for each of xs, with the same float operations (so the same values).
+
+        A simulated decode stretch prices its steps here, tens of thousands of calls a run, each
+        of a few hundred points: numpy's per-call overhead is most of the cost, so the segment
+        slopes (the same division __call__ makes) are made once and a call makes few passes.
+        """
         x = xs.astype(np.float64)
         if self.log_log:
             x = np.where(x > 1.0, np.log(np.maximum(x, 1.0)), 0.0)
-        n = len(knots)
-        if n == 1:
-            y = np.full_like(x, values[0])
+        if len(self.xs) == 1:
+            y = np.full_like(x, self.ys[0])
         else:
-            i = np.clip(np.searchsorted(knots, x, side="right") - 1, 0, n - 2)
-            x0, y0 = knots[i], values[i]
-            slope = (values[i + 1] - y0) / (knots[i + 1] - x0)
-            slope = np.where((slope < 0.0) & ((x < knots[0]) | (x > knots[-1])), 0.0, slope)
-            y = y0 + slope * (x - x0)
+            knots, inner_knots, values, slopes, has_falling = self._arrays or self._make_arrays()
+            # Bisecting the inner knots gives __call__'s segment, clipped to the end segments.
+            i = np.searchsorted(inner_knots, x, side="right")
+            slope = slopes[i]
+            if has_falling:  # a falling segment is flat outside the knots, as in __call__
+                slope = np.where((slope < 0.0) & ((x < knots[0]) | (x > knots[-1])), 0.0, slope)
+            y = values[i] + slope * (x - knots[i])
         return np.exp(y) if self.log_log else np.maximum(y, 0.0)
+
+    def _make_arrays(self) -> tuple:
+        """(knots, inner knots, values, segment slopes, whether a slope is negative)."""
+        knots, values = np.asarray(self.xs), np.asarray(self.ys)
+        with np.errstate(divide="ignore", invalid="ignore"):  # equal knots: a segment none reads
+            slopes = (values[1:] - values[:-1]) / (knots[1:] - knots[:-1])
+        self._arrays = (knots, knots[1:-1], values, slopes, bool((slopes < 0.0).any()))
+        return self._arrays
 
 
 class CurveFamily:

@@ -69,11 +69,19 @@ def synthetic_token_id(num_tokens: int, vocab_size: int) -> int:
         vocab_size - FIRST_ORDINARY_TOKEN_ID)
 
 
+def synthetic_token_cycle(vocab_size: int) -> list[int]:
+    """synthetic_token_id(n) at n = 0, 1, ... for two periods: it depends on n only modulo
+    `vocab_size - FIRST_ORDINARY_TOKEN_ID`, so any run of up to a period is one slice."""
+    span = vocab_size - FIRST_ORDINARY_TOKEN_ID
+    cycle = [synthetic_token_id(n, vocab_size) for n in range(span)]
+    return cycle + cycle
+
+
 class SimWorker:
     """A worker's engine state plus the step in flight, if any."""
 
     __slots__ = ("worker_id", "role", "block_manager", "scheduler", "state", "model", "step_budget",
-                 "batch", "step_end_s", "ops", "num_steps", "busy_s", "_token_span",
+                 "batch", "step_end_s", "ops", "num_steps", "busy_s", "_token_span", "_token_cycle",
                  "collapse", "stretch_ends_s", "generation", "step_overhead_s",
                  "token_overhead_s", "chunk_overhead_s", "prefill_token_overhead_s",
                  "chunk_launch_s", "answer_at_step_boundary",
@@ -101,6 +109,7 @@ class SimWorker:
         self.num_steps = 0
         self.busy_s = 0.0
         self._token_span = config.token_vocab_size - FIRST_ORDINARY_TOKEN_ID
+        self._token_cycle = synthetic_token_cycle(config.token_vocab_size)
         self.collapse = config.collapse_decode_steps
         self.stretch_ends_s: list[float] | None = None  # end times of a planned decode stretch
         self.generation = 0  # bumped whenever the step end event is replaced
@@ -197,10 +206,12 @@ class SimWorker:
 
     def _next_token_ids(self, seq: Sequence, num_steps: int) -> list[int]:
         """The synthetic tokens seq samples in its next num_steps steps (finish_step's rule)."""
-        span = self._token_span
+        cycle, span = self._token_cycle, self._token_span
         first = seq.num_tokens
-        return [FIRST_ORDINARY_TOKEN_ID + (n * TOKEN_MULTIPLIER) % span
-                for n in range(first, first + num_steps)]
+        if num_steps <= span:
+            start = first % span
+            return cycle[start:start + num_steps]
+        return [cycle[n % span] for n in range(first, first + num_steps)]
 
     def finish_step(self) -> list[Sequence]:
         """Postprocess the step in flight; returns the sequences that got a token."""
@@ -210,8 +221,8 @@ class SimWorker:
         self._steady = (self.lookahead and self._batch_is_decode and not scheduler.waiting
                         and not scheduler.waiting_for_remote_kvs
                         and len(batch.seqs) == len(scheduler.running))
-        span = self._token_span
-        sampled = [FIRST_ORDINARY_TOKEN_ID + (seq.num_tokens * TOKEN_MULTIPLIER) % span
+        cycle, span = self._token_cycle, self._token_span
+        sampled = [cycle[seq.num_tokens % span]
                    if seq.num_computed_tokens + n == seq.num_tokens else None
                    for seq, n in zip(batch.seqs, batch.num_new_tokens)]
         return scheduler.postprocess(batch, sampled)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left, bisect_right
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -316,14 +315,15 @@ class KVIndex:
         run.num_live_slots += num_new
         worker.num_blocks += num_new
         worker.run_ids.add(run_id)
-        refresh_breaks(run, start, start)  # one mask over the new slots: a break only at start
+        if start and run.masks[start - 1] != bit:  # one mask over the new slots: a break only
+            run.breaks.append(start)  # at start (refresh_breaks inlined: 1/4 of a 1-block store)
         return True
 
     def _undo_update(self, block_hashes: Sequence[int]) -> None:
         """Put back the slots of hashes a dict update overwrote, and drop the ones it added."""
         hashes = set(block_hashes)
         slots = self._slots
-        deque(map(slots.__delitem__, hashes), maxlen=0)
+        drop_slots(slots, hashes)
         for run in self._runs:
             for position, block_hash in enumerate(run.hashes if run is not None else ()):
                 if block_hash in hashes:

@@ -34,3 +34,14 @@ def test_block_tokens_equal_default_rng_draws(seed, tokens_per_block, vocab_size
                                     vocab_size)
         assert tuple(blocks.tokens(hash_id)) == tuple(expected)
     assert blocks.tokens(3) is blocks.tokens(3)
+
+
+def test_an_id_whose_draws_numpy_rejects_is_drawn_as_numpy_draws_it():
+    # With seed 0, 512 tokens and 2,000 ids, id 128685 draws a word Lemire's method rejects (found
+    # by scanning ids): the batch must leave it to `integers`, which draws again there.
+    blocks = BlockTokens(0, 512, 2000)
+    ids = [5, 128685, 6]
+    blocks.prepare(ids)
+    for hash_id in ids:
+        expected = random_token_ids(np.random.default_rng([0, 3, hash_id]), 512, 2000)
+        assert tuple(blocks.tokens(hash_id)) == tuple(expected)

@@ -19,7 +19,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.scheduler import SchedulerLimits, make_scheduler
 from tandem.engine.sequence import Sequence
 from tandem.planner.sim_config import SimConfig
-from tandem.planner.sim_worker import synthetic_token_id
+from tandem.planner.sim_worker import synthetic_token_cycle, synthetic_token_id
 from tandem.planner.simulator import Simulator
 from tandem.router.routing import RoutingConfig
 
@@ -256,3 +256,11 @@ assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "num_requests" in json.loads((tmp_path / "s.json").read_text())
+
+
+def test_the_token_cycle_gives_the_synthetic_token_at_every_position():
+    cycle = synthetic_token_cycle(50)
+    assert len(cycle) == 2 * (50 - 16)
+    for n in range(0, 500, 7):
+        start = n % (50 - 16)
+        assert cycle[start:start + 30] == [synthetic_token_id(n + k, 50) for k in range(30)]
