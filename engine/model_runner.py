@@ -101,13 +101,14 @@ class ModelRunner:
     def compile_kernel_variants(self) -> None:
         """Compiles now the kernel variants an eager step may need later (CUDA only), so that none
         stalls a serving batch to compile."""
-        from tandem.engine.kernels import decode_attention   # CUDA only: Triton is usable here
+        from tandem.engine.kernels import decode_attention, prefill_attention   # CUDA only
         attn = self.model.layers[0].self_attn
         prep = decode_attention.QKVPrep(   # decode steps prepare q in the attention kernel
             torch.zeros(1, dtype=torch.int64, device=self.device), *self.model.rope,
             attn.q_norm_weight, attn.k_norm_weight, attn.qk_norm_eps,
             torch.full((1,), -1, dtype=torch.int64, device=self.device))
         decode_attention.compile_variants(self.kv_cache[:, 0], self.config.num_heads, prep)
+        prefill_attention.compile_variants(self.kv_cache[:, 0], self.config.num_heads)
 
     def capture_graphs(self, max_batch: int, max_seq_len: int, max_step_tokens: int) -> None:
         """Decode graphs up to max_batch sequences of max_seq_len, and the pieces of steps up to

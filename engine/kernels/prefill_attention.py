@@ -126,6 +126,9 @@ def _prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=is_row[:, None])
 
 
+_SHORT_QUERY = 64   # up to this many query rows a step takes the short chunks' tiles
+
+
 def default_config(head_dim: int, max_query_len: int) -> tuple[int, int, int, int]:
     """(block_m, block_n, num_warps, num_stages) for a shape. Short chunks take 64-row query tiles
     so fewer rows are padding. For head_dim 128, 128x128 tiles over 8 warps were the fastest of
@@ -133,7 +136,7 @@ def default_config(head_dim: int, max_query_len: int) -> tuple[int, int, int, in
     against 320 for 128x64; 4k chunk after a 4k prefix: 385)."""
     if head_dim > 128:
         return 64, 32, 4, 2
-    if max_query_len <= 64:
+    if max_query_len <= _SHORT_QUERY:
         return 64, 64, 4, 3
     if head_dim == 128:
         return 128, 128, 8, 3
@@ -168,3 +171,28 @@ def prefill_attention(query: torch.Tensor, kv_layer: torch.Tensor, meta: Attenti
         **pdl.launch_options(query),
     )
     return out
+
+
+# One query length per tile choice of `default_config` (compile_variants compiles each).
+VARIANT_QUERY_LENS = (_SHORT_QUERY, _SHORT_QUERY + 1)
+
+
+def compile_variants(kv_layer: torch.Tensor, num_heads: int) -> None:
+    """Compiles now each tile variant `default_config` may pick, so that none compiles while
+    serving: the engine calls it once, at start-up. Each runs one sequence whose new tokens are
+    its whole context, over the first blocks of kv_layer (one layer of the engine's cache); it
+    writes only a scratch output. Without it a server's first chunk of at most 64 tokens (a short
+    prompt, a prompt's short last chunk) waited about a second for its variant to compile
+    (benchmarks/first_step_bench.py)."""
+    head_dim, block_size, device = kv_layer.shape[4], kv_layer.shape[2], kv_layer.device
+    for query_len in VARIANT_QUERY_LENS:
+        num_blocks = -(-query_len // block_size)
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor([0, query_len], dtype=torch.int32, device=device),
+            seq_lens=torch.tensor([query_len], dtype=torch.int32, device=device),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
+            slot_mapping=torch.full((query_len,), -1, dtype=torch.int64, device=device),
+            max_query_len=query_len, max_seq_len=query_len,
+            query_start_loc_cpu=[0, query_len], seq_lens_cpu=[query_len])
+        query = torch.zeros((query_len, num_heads, head_dim), dtype=kv_layer.dtype, device=device)
+        prefill_attention(query, kv_layer, meta, 1.0, torch.empty_like(query))

@@ -59,3 +59,14 @@ def test_other_tile_configs(config):
 
 def test_long_prompt_with_long_prefix():
     assert run_prefill([4096 + 2048 + 3], [2048 + 3], 32, 8, 128) < BF16_REL_TOL
+
+
+def test_compile_variants_runs_each_tile_choice_on_a_cache_layer():
+    # What the engine calls at start-up (ModelRunner.compile_kernel_variants), on a layer view of
+    # a cache laid out as the engine's: (blocks, layers, 2, block size, KV heads, head_dim).
+    from tandem.engine.kernels import prefill_attention
+
+    cache = torch.randn(16, 2, 2, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
+    before = cache.clone()
+    prefill_attention.compile_variants(cache[:, 0], 32)
+    assert torch.equal(cache, before)   # reads only

@@ -50,3 +50,12 @@ def test_a_serving_engine_borrows_the_nearest_measured_choice(monkeypatch):
     with skinny_gemm.allow_timing():
         assert skinny_gemm._timing.depth == 1
     assert skinny_gemm._timing.depth == 0
+
+
+def test_every_prefill_tile_choice_is_compiled_at_start_up():
+    # compile_variants runs one query length per tile choice; every length a step may have maps
+    # to one of those choices, so no prefill variant is left to compile while serving.
+    for head_dim in (64, 128, 256):
+        every = {prefill_attention.default_config(head_dim, q) for q in range(1, 9000)}
+        assert every == {prefill_attention.default_config(head_dim, q)
+                         for q in prefill_attention.VARIANT_QUERY_LENS}
