@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -314,7 +315,26 @@ def compare(layout: str, case: str, real: dict, sim: dict, sim_s: float) -> dict
             "tpot_p50": error(("tpot_ms", "p50")),
             "throughput": error(("output_token_throughput",)),
             "attainment": (a, b, None if a is None or b is None else b - a),
-            "prefix_hit_rate": (real["prefix_hit_rate"], sim["prefix_hit_rate"], None)}
+            "prefix_hit_rate": (real["prefix_hit_rate"], sim["prefix_hit_rate"], None),
+            "ttft_request": per_request_error(real, sim, "ttft_ms"),
+            "tpot_request": per_request_error(real, sim, "tpot_ms")}
+
+
+def per_request_error(real: dict, sim: dict, key: str) -> float | None:
+    """The median over requests of sim / real - 1 for one request's `key` (ttft_ms, tpot_ms).
+
+    Both runs send the same requests at the same times, so each request is a comparison of its
+    own. A percentile over 150 requests that arrive in bursts is not: requests sent together get
+    about the same TTFT, so the median can sit on a step of the distribution. On one H200 (trace
+    at 1.7x) the TTFT p50 came out 20% under the real one while the median request was 6% under.
+    """
+    def values(run: dict) -> dict[int, float]:
+        return {r["request_index"]: r[key] for r in run.get("per_request") or []
+                if r["error"] is None and r[key]}
+
+    a, b = values(real), values(sim)
+    ratios = [b[i] / a[i] - 1 for i in a.keys() & b.keys()]
+    return statistics.median(ratios) if ratios else None
 
 
 def attainment(summary: dict) -> float | None:
@@ -335,14 +355,16 @@ def summary_line(summary: dict) -> str:
 
 def print_table(rows: list[dict]) -> None:
     print("| layout | case | TTFT p50 real / sim (err) | TTFT p90 real / sim (err) | "
-          "TPOT p50 real / sim (err) | tok/s real / sim (err) | SLO attainment real / sim | "
-          "prefix hits real / sim | sim s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "TPOT p50 real / sim (err) | tok/s real / sim (err) | per request: TTFT, TPOT "
+          "(median err) | SLO attainment real / sim | prefix hits real / sim | sim s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         cells = [_cell(row[key]) for key in ("ttft_p50", "ttft_p90", "tpot_p50", "throughput")]
+        per_request = ", ".join("-" if row.get(key) is None else f"{row[key]:+.0%}"
+                                for key in ("ttft_request", "tpot_request"))
         shares = [_shares(row[key]) for key in ("attainment", "prefix_hit_rate")]
-        print(f"| {row['layout']} | {row['case']} | {' | '.join(cells)} | {' | '.join(shares)} "
-              f"| {row['sim_s']:.1f} |")
+        print(f"| {row['layout']} | {row['case']} | {' | '.join(cells)} | {per_request} | "
+              f"{' | '.join(shares)} | {row['sim_s']:.1f} |")
 
 
 def _shares(values: tuple) -> str:

@@ -62,6 +62,9 @@ class SimConfig:
     # Run a stretch of identical decode steps as one event (planner/sim_worker.py says when that
     # is exact and what it delays); False: one event per step.
     collapse_decode_steps: bool = True
+    # Keep every step's shape and simulated times, as a serving worker's step log has them
+    # (engine/step_log.py), in SimWorker.step_log: `tandem simulate --step-log DIR`.
+    record_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.num_decode < 1:

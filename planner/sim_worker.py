@@ -86,7 +86,7 @@ class SimWorker:
                  "token_overhead_s", "chunk_overhead_s", "prefill_token_overhead_s",
                  "chunk_launch_s", "answer_at_step_boundary",
                  "lookahead", "ops_now",
-                 "_batch_is_decode", "_steady", "_deferred")
+                 "_batch_is_decode", "_steady", "_deferred", "step_log", "_logging")
 
     def __init__(self, worker_id: str, role: str, config: SimConfig, model,
                  state: WorkerState):
@@ -123,6 +123,10 @@ class SimWorker:
         self._batch_is_decode = False  # the step in flight has decode rows only
         self._steady = False  # the last step was steady decode: the engine queued the next one
         self._deferred = False  # this step is the one queued ahead; operations wait for its end
+        # config.record_steps: each step as a step log line, and the step (or stretch) in flight's
+        # shape and start until its end times are known
+        self.step_log: list[dict] | None = [] if config.record_steps else None
+        self._logging: tuple[tuple[int, ...], float] | None = None
 
     @property
     def is_idle(self) -> bool:
@@ -161,8 +165,24 @@ class SimWorker:
             if num_steps > 1:
                 self.stretch_ends_s = self._stretch_ends_s(batch, num_steps, self.step_end_s)
                 self.step_end_s = self.stretch_ends_s[-1]
+        if self.step_log is not None:
+            self._logging = (step_terms(batch), now_s)
+            if self.stretch_ends_s is None:
+                self._log_steps([self.step_end_s])
         self.generation += 1
         return self.step_end_s
+
+    def _log_steps(self, ends_s: list[float]) -> None:
+        """The step log's lines of the step or stretch in flight, which ends at ends_s: a decode
+        stretch's context grows by its batch each step. A simulated step has no hand-off (its
+        `resumed_s` is its end), and its `at_s` is its end in simulated seconds."""
+        (prefill, cached, decodes, context, sampled), began_s = self._logging
+        for i, end_s in enumerate(ends_s):
+            self.step_log.append({"began_s": began_s, "ended_s": end_s, "resumed_s": end_s,
+                                  "at_s": end_s, "prefill_tokens": prefill,
+                                  "cached_tokens": cached, "decode_seqs": decodes,
+                                  "context_tokens": context + i * decodes, "sampled": sampled})
+            began_s = end_s
 
     def cut_stretch(self, now_s: float) -> float | None:
         """An operation arrived during a stretch: end it with the step in flight; the new end."""
@@ -185,6 +205,8 @@ class SimWorker:
         """
         ends = self.stretch_ends_s
         self.stretch_ends_s = None
+        if self.step_log is not None:
+            self._log_steps(ends)
         self.num_steps += len(ends) - 1
         self.busy_s += ends[-1] - ends[0]
         if on_batch is None:

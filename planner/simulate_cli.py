@@ -17,6 +17,7 @@ import gc
 import json
 import logging
 import math
+import os
 import sys
 
 from tandem.bench.arrivals import arrival_offsets_s
@@ -113,6 +114,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     add_workload_arguments(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=None, help="write bench's summary JSON here")
+    out.add_argument("--step-log", default=None, metavar="DIR",
+                     help="each worker's simulated steps as DIR/<worker id>.jsonl, in a serving "
+                          "step log's format (benchmarks/step_log_report.py reads both)")
     out.add_argument("--save-requests", action="store_true",
                      help="add every request's record to --out")
     out.add_argument("--plot", default=None, help="latency CDFs and throughput (PNG)")
@@ -159,7 +163,8 @@ def sim_config_from_args(args: argparse.Namespace, profile: dict, num_prefill: i
               "frontend_s_per_token": overhead["frontend_us_per_token"] / 1e6,
               "chunk_launch_s": args.chunk_launch_ms / 1e3,
               "answer_at_step_boundary": args.answer_at_step_boundary,
-              "decode_lookahead": not args.no_decode_lookahead}
+              "decode_lookahead": not args.no_decode_lookahead,
+              "record_steps": bool(getattr(args, "step_log", None))}
     if args.heartbeat_interval_s is not None:
         timing["heartbeat_interval_s"] = args.heartbeat_interval_s
     return sim_config_from_profile(profile, num_prefill, num_decode, args.num_kv_blocks,
@@ -221,10 +226,21 @@ def simulate_main(args: argparse.Namespace) -> int:
             json.dump(document, file, indent=2)
             file.write("\n")
         logger.info("wrote %s", args.out)
+    if args.step_log:
+        write_step_logs(result, args.step_log)
     if args.plot:
         from tandem.bench.plot import save_plot
         save_plot(records, result.duration_s, args.plot)
     return 0 if summary["num_errors"] < summary["num_requests"] else 1
+
+
+def write_step_logs(result: SimResult, directory: str) -> None:
+    """Each worker's simulated steps as DIR/<worker id>.jsonl, the lines a serving worker's step
+    log has (engine/step_log.py), for benchmarks/step_log_report.py beside a real run's."""
+    os.makedirs(directory, exist_ok=True)
+    for worker_id, worker in result.simulator.workers.items():
+        with open(os.path.join(directory, f"{worker_id}.jsonl"), "w", encoding="utf-8") as file:
+            file.writelines(json.dumps(step) + "\n" for step in worker.step_log)
 
 
 def _simulate_frozen(args: argparse.Namespace, config: SimConfig, model: PerfModel,

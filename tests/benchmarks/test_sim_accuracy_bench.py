@@ -70,3 +70,21 @@ def test_replay_leaves_other_workloads_and_checks_the_records(tmp_path):
         replay_arrivals(trace_flags, {"per_request": [{"request_index": i, "start_s": 0.0}
                                                       for i in range(5)]},
                         tmp_path / "z.jsonl")
+
+
+def test_per_request_error_compares_each_request_with_itself():
+    from benchmarks.sim_accuracy_bench import per_request_error
+
+    def run(ttfts):
+        return {"per_request": [{"request_index": i, "ttft_ms": t, "error": None}
+                                for i, t in enumerate(ttfts)]}
+
+    # one request of five twice as fast moves the p50 from 300 to 210 (-30%); the median
+    # request is 5% slower
+    real, sim = run([100, 200, 300, 400, 500]), run([105, 210, 150, 420, 525])
+    assert per_request_error(real, sim, "ttft_ms") == pytest.approx(0.05)
+    assert per_request_error(run([100, 200, 400]), run([110, 180, 400]),
+                             "ttft_ms") == pytest.approx(0.0)
+    failed = {"per_request": [{"request_index": 0, "ttft_ms": None, "error": "timeout"}]}
+    assert per_request_error(failed, run([5]), "ttft_ms") is None
+    assert per_request_error({}, run([5]), "ttft_ms") is None

@@ -95,6 +95,25 @@ def test_advancing_decode_stretches_at_once_changes_nothing():
     assert runs[0] == runs[1]
 
 
+def test_the_step_log_lists_every_step_collapsed_or_not():
+    # Stretches are logged step by step: the log is the same whether decode steps collapse.
+    reqs = requests([(10, 9), (7, 30), (13, 25), (5, 40), (9, 3), (6, 35), (10, 28)])
+    offsets = [0.0, 0.0, 0.01, 0.02, 0.05, 0.3, 0.31]
+    logs = []
+    for collapse in (True, False):
+        sim = Simulator(config(0, 2, num_kv_blocks=40, record_steps=True,
+                               collapse_decode_steps=collapse), ConstantModel())
+        sim.run(reqs, offsets)
+        logs.append({wid: w.step_log for wid, w in sim.workers.items()})
+        for worker in sim.workers.values():
+            assert len(worker.step_log) == worker.num_steps
+            assert all(line["ended_s"] == pytest.approx(line["began_s"] + 0.01)
+                       for line in worker.step_log)
+    assert logs[0] == logs[1]
+    first = logs[0]["decode-0"][0]   # the first request's prompt, alone on its worker
+    assert (first["prefill_tokens"], first["decode_seqs"], first["sampled"]) == (10, 0, 1)
+
+
 def _snapshot(batch):
     return [(s.request_id, n, tuple(s.block_table)) for s, n in zip(batch.seqs,
                                                                     batch.num_new_tokens)]
