@@ -26,7 +26,6 @@ import logging
 import random
 import statistics
 import time
-from typing import Callable
 
 import torch
 
@@ -180,14 +179,3 @@ class StepProbe:
         return {"batch_size": batch_size,
                 "num_context_tokens": round(statistics.mean(c for _, c in timed)),
                 "seconds": statistics.median(t for t, _ in timed), "num_repeats": len(timed)}
-
-
-def _repeat(once: Callable[[], float], repeats: Repeats) -> list[float]:
-    """Timed runs of `once` after the warm-up ones, as many as Repeats allows."""
-    for _ in range(repeats.warmup):
-        once()
-    times: list[float] = []
-    while len(times) < repeats.min_timed or (len(times) < repeats.max_timed
-                                            and sum(times) < repeats.budget_s):
-        times.append(once())
-    return times
