@@ -44,7 +44,12 @@ def make_agent(options: WorkerOptions, engine: LLMEngine):
     # Prefill workers own the blocks that are read; decode workers only read (nixl_connector.py).
     # A worker the planner may flip keeps one agent for life, so it runs the owner's thread in
     # either role (benchmarks/RESULTS.md, "Planner": what that costs a decode worker's pulls).
-    progress_thread = options.role == "prefill" or options.may_change_role
+    # The thread polls without rest, a whole core even when idle (103% of one for an idle CPU
+    # prefill worker), for pulls that were measured faster with it on GPUs only; on a CPU a read
+    # completes at the owner's next notification poll instead (prefill_workers/service.py, every
+    # 2 ms), and the core goes to the steps.
+    progress_thread = ((options.role == "prefill" or options.may_change_role)
+                       and engine.kv_cache.is_cuda)
     return NixlKVAgent(options.worker_id, engine.kv_cache, progress_thread=progress_thread,
                        spare_block=engine.spare_block)
 
