@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--contexts", default="600,20000", help="each decode row's context")
     parser.add_argument("--max-model-len", type=int, default=32768)
     args = parser.parse_args()
-    chunks, cached_list = _ints(args.chunks), _ints(args.cached)
+    chunks, cached_list, contexts = _ints(args.chunks), _ints(args.cached), _ints(args.contexts)
     llm = LLM(model=args.model, max_model_len=args.max_model_len,
               max_num_batched_tokens=max(chunks) + max(_ints(args.decodes)))
     probe = StepProbe(llm.engine)
@@ -44,11 +44,11 @@ def main() -> None:
     print("| chunk | cached | decodes x context | first ms | second ms | stall |")
     print("| --- | --- | --- | --- | --- | --- |")
     stalls = 0
-    for context in _ints(args.contexts):
+    for context in contexts:
         for batch in _ints(args.decodes):
             for cached in cached_list:
                 for chunk in chunks:
-                    if batch == 0 and context != _ints(args.contexts)[0]:
+                    if batch == 0 and context != contexts[0]:
                         continue   # a chunk alone: once is enough
                     decodes = probe.place_decodes(batch, context) if batch else []
                     first = probe.mixed_once(chunk, cached, decodes)[0]

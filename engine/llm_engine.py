@@ -113,7 +113,8 @@ class LLMEngine:
         if self.device.type == "cuda":
             self.runner.compile_kernel_variants()
             if not config.enforce_eager:
-                self.runner.capture_graphs(min(config.max_num_seqs, MAX_DECODE_BATCH), self.max_model_len,
+                self.runner.capture_graphs(min(config.max_num_seqs, MAX_DECODE_BATCH),
+                                           self.max_model_len,
                                            min(config.max_num_batched_tokens, MAX_STEP_TOKENS))
         self.block_manager = BlockManager(self.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
