@@ -4,8 +4,10 @@ The grids are geometric where the time changes shape (the prefill knee where rea
 stops dominating, the decode batch buckets of the CUDA graphs) and reach the limits serving meets:
 the context length for cached prefixes, the KV memory for decode contexts, 256 sequences a batch.
 For each batch size, decode also gets one point at the largest context that fills the KV cache, so
-the model never extrapolates towards the memory limit. The CPU grids are small: a CPU profile
-serves tests and the pure-CPU path, not capacity figures.
+the model never extrapolates towards the memory limit. Mixed points reach decode contexts past the
+decode kernel's split threshold (engine/kernels, 8192 tokens), where a mixed step's decode rows
+change kernel configuration. The CPU grids are small: a CPU profile serves tests and the pure-CPU
+path, not capacity figures.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def default_grid(device_type: str, quick: bool = False) -> ProfileGrid:
             decode_batch_sizes=(1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256),
             decode_context_tokens=(128, 512, 2048, 8192, 32768),
             mixed_new_tokens=(128, 512, 2048), mixed_cached_tokens=(0, 4096),
-            mixed_batch_sizes=(8, 64, 192), mixed_context_tokens=(1024, 4096),
+            mixed_batch_sizes=(8, 64, 192), mixed_context_tokens=(1024, 4096, 16384),
             repeats={"prefill": Repeats(1, 3, 5, 45.0), "decode": Repeats(2, 8, 8),
                      "mixed": Repeats(1, 3, 5, 20.0)})
     return ProfileGrid(
