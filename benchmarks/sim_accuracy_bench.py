@@ -218,6 +218,7 @@ def run_sim(out_dir: Path, profile: str, layouts: list[str], trace: Path, plan: 
 STEP_GAP_S = 3e-3        # tokens of one step reach the client within this of the first
 MIN_DECODE_STEP_S = 4e-3  # below any decode step on the profiled GPU: a step read as two
 MAX_DECODE_STEP_S = 30e-3  # above: a prefill chunk rode in the step (a local prefill)
+STEP_LOG_IDLE_S = 0.05   # a step log's gap past this between steps is idle, not the loop's work
 
 
 def decode_steps(real: dict) -> list[tuple[float, int, int]]:
@@ -281,7 +282,36 @@ def fit_overheads(run_path: Path, profile: str, chunk_tokens: int) -> list[str]:
             "--frontend-overhead-ms", f"{prefill.fixed_s * 1e3:.1f}"]
 
 
-def write_serving_section(profile_path: str, flags: list[str], run_path: Path) -> None:
+def fit_step_log_overheads(log_path: Path, profile: str, case: str | None) -> list[str]:
+    """tandem simulate's per-step serving flags, from a worker's step log (any layout, one
+    aggregated worker too). `case`: only the steps of that case (the log's cases.json)."""
+    from benchmarks.step_log_report import load, rows
+    from tandem.planner.perf_model import PerfModel
+    from tandem.planner.serving_fit import StepInterval, fit_step_intervals
+
+    (steps,) = load([str(log_path)])
+    if case is not None:
+        spans = json.loads((log_path.parent / "cases.json").read_text())
+        (span,) = [s for s in spans if s["case"] == case]
+        steps = [s for s in steps if span["start_s"] <= s["at_s"] <= span["end_s"]]
+    model = PerfModel.load(profile)
+    intervals = [StepInterval(row["thread_s"] + row["handoff_s"] + row["loop_s"],
+                              step["prefill_tokens"], step["cached_tokens"], step["decode_seqs"],
+                              step["context_tokens"], step["sampled"])
+                 for step, row in zip(steps, rows(steps, model, None, STEP_LOG_IDLE_S))
+                 if row["loop_s"] is not None]   # a step before an idle gap: no loop to read
+    fit = fit_step_intervals(model, intervals)
+    print(f"{log_path} ({case or 'every case'}): {fit.num_decode} decode steps, serving adds "
+          f"{fit.step_overhead_s * 1e3:.2f} ms a step and {fit.token_overhead_s * 1e6:.0f} us a "
+          f"sampled token; {fit.num_chunk} steps with a prompt chunk, "
+          f"{fit.prefill_token_overhead_s * 1e6:.2f} us a prompt token")
+    return ["--step-overhead-ms", f"{fit.step_overhead_s * 1e3:.2f}",
+            "--token-overhead-us", f"{fit.token_overhead_s * 1e6:.0f}",
+            "--chunk-overhead-ms", "0",
+            "--prefill-token-overhead-us", f"{fit.prefill_token_overhead_s * 1e6:.2f}"]
+
+
+def write_serving_section(profile_path: str, flags: list[str], source: str) -> None:
     """Store the fitted overheads as the profile's `serving` section, which `tandem simulate` and
     `tandem plan` use when their flags are not given."""
     from tandem.planner.simulate_cli import SERVING_OVERHEADS
@@ -295,7 +325,7 @@ def write_serving_section(profile_path: str, flags: list[str], run_path: Path) -
                                                  before.get(name, 0.0)))
                           for name in SERVING_OVERHEADS}
     profile["serving"]["measured"] = (f"benchmarks/sim_accuracy_bench.py overheads on "
-                                      f"{run_path.name}, {time.strftime('%Y-%m-%d')}")
+                                      f"{source}, {time.strftime('%Y-%m-%d')}")
     profile["serving"].update((key, note) for key, note in before.items()
                               if key.endswith("_measured"))
     Path(profile_path).write_text(json.dumps(profile, indent=1) + "\n")
@@ -395,6 +425,12 @@ def main() -> int:
     parser.add_argument("--trace", type=Path, default=TRACE)
     parser.add_argument("--fit-run", default="real-1p1d-isl4096-osl256-6rps.json",
                         help="overheads: the real run (in --out-dir, one decode worker) to fit")
+    parser.add_argument("--step-log", type=Path, default=None,
+                        help="overheads: fit on this worker step log instead of --fit-run "
+                             "(any layout; the frontend and chunk-launch costs keep the "
+                             "profile's values)")
+    parser.add_argument("--fit-case", default=None,
+                        help="overheads with --step-log: only this case's steps")
     parser.add_argument("--step-overhead-ms", default="0",
                         help="sim: serving work per engine step (tandem simulate's flag)")
     parser.add_argument("--token-overhead-us", default="0",
@@ -439,10 +475,16 @@ def main() -> int:
     if not args.profile:
         parser.error(f"{args.phase} needs --profile")
     if args.phase == "overheads":
-        flags = fit_overheads(args.out_dir / args.fit_run, args.profile, args.chunk_tokens)
+        if args.step_log:
+            flags = fit_step_log_overheads(args.step_log, args.profile, args.fit_case)
+            source = (f"the step log {args.step_log.parent.name}/{args.step_log.name}"
+                      + (f", case {args.fit_case}" if args.fit_case else ""))
+        else:
+            flags = fit_overheads(args.out_dir / args.fit_run, args.profile, args.chunk_tokens)
+            source = args.fit_run
         print(" ".join(flags))
         if args.write_profile:
-            write_serving_section(args.profile, flags, args.out_dir / args.fit_run)
+            write_serving_section(args.profile, flags, source)
         return 0
     overheads = ("--step-overhead-ms", args.step_overhead_ms,
                  "--token-overhead-us", args.token_overhead_us,

@@ -1,7 +1,7 @@
 """What a serving worker adds to the profile's bare steps, read off one real run.
 
 The profile times `LLMEngine.step()` alone. These fits take a real run's observed steps and first
-tokens and return the extra costs that `tandem simulate` adds through its flags
+tokens, or a worker's step log, and return the extra costs that `tandem simulate` adds through its flags
 (benchmarks/sim_accuracy_bench.py `overheads` writes them into a profile's `serving` section).
 """
 
@@ -88,3 +88,49 @@ def fit_prefill_serving(model: PerfModel, requests: Iterable[tuple[float, float,
     fixed_s = max(float(np.median([e - n * overhead_s for e, n in isolated])), 0.0)
     launch_s = max(float(np.median([e - n * overhead_s for e, n in heads])) - fixed_s, 0.0)
     return PrefillServing(overhead_s, launch_s, fixed_s, len(mid), len(isolated), len(heads))
+
+
+@dataclass(frozen=True, slots=True)
+class StepInterval:
+    """One step of a serving worker's step log: from its start to the next step's start (the
+    engine's step, the hand-off of its tokens and the loop's work before the next)."""
+    interval_s: float
+    prefill_tokens: int
+    cached_tokens: int
+    decode_seqs: int
+    context_tokens: int
+    sampled: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepServing:
+    """What a serving worker adds to the profile's steps, read off its step log."""
+    step_overhead_s: float           # per step (--step-overhead-ms)
+    token_overhead_s: float          # per sampled token (--token-overhead-us)
+    prefill_token_overhead_s: float  # per prompt token of a step (--prefill-token-overhead-us)
+    num_decode: int                  # steps each estimate rests on
+    num_chunk: int
+
+
+def fit_step_intervals(model: PerfModel, steps: Iterable[StepInterval],
+                       step_budget: int | None = None) -> StepServing:
+    """The serving costs `tandem simulate` adds to each step, fitted on a real worker's steps.
+
+    Unlike `fit_serving_overhead`, which reads decode steps off the tokens a client saw, a step
+    log times every step of any worker, an aggregated one too. Pure decode steps give the cost
+    per step and per sampled token (a line in the batch size, as `fit_serving_overhead`); steps
+    with a prompt chunk then give the cost per prompt token: the median over those steps of
+    what is left of their interval, per prompt token.
+    """
+    steps = list(steps)
+    decode = [(s.interval_s, s.decode_seqs, s.context_tokens) for s in steps
+              if not s.prefill_tokens and s.decode_seqs]
+    per_step_s, per_seq_s = fit_serving_overhead(model, decode)
+    per_token = [(s.interval_s - per_step_s - per_seq_s * s.sampled
+                  - model.step_s(s.prefill_tokens, s.cached_tokens, s.decode_seqs,
+                                 s.context_tokens, step_budget)) / s.prefill_tokens
+                 for s in steps if s.prefill_tokens]
+    if not per_token:
+        raise ValueError("the step log holds no step with a prompt chunk")
+    return StepServing(per_step_s, per_seq_s, max(float(np.median(per_token)), 0.0),
+                       len(decode), len(per_token))
