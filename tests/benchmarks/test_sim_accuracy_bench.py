@@ -88,3 +88,39 @@ def test_per_request_error_compares_each_request_with_itself():
     failed = {"per_request": [{"request_index": 0, "ttft_ms": None, "error": "timeout"}]}
     assert per_request_error(failed, run([5]), "ttft_ms") is None
     assert per_request_error({}, run([5]), "ttft_ms") is None
+
+
+def test_overheads_are_fitted_on_one_case_of_a_step_log(tmp_path):
+    from benchmarks.sim_accuracy_bench import fit_step_log_overheads, write_serving_section
+    from tandem.planner.perf_model import PerfModel
+    from tandem.planner.sim_synthetic import synthetic_profile
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(synthetic_profile()))
+    model = PerfModel.load(str(profile))
+    # Two cases against one server: the first adds 0.2 ms a step and 10 us a sampled token and,
+    # with a chunk, 2 us a prompt token; the second, twice as much.
+    steps, now = [], 0.0
+    for case, scale in (("a", 1.0), ("b", 2.0)):
+        for new, seqs in [(0, b) for b in (1, 2, 4, 8, 16, 32)] + [(1024, 4), (2048, 16)]:
+            sampled = seqs + bool(new)
+            thread = model.step_s(new, 0, seqs, seqs * 3000)
+            interval = thread + scale * (2e-4 + 1e-5 * sampled + 2e-6 * new)
+            steps.append({"began_s": now, "ended_s": now + thread, "resumed_s": now + thread,
+                          "at_s": 100.0 * scale, "prefill_tokens": new, "cached_tokens": 0,
+                          "decode_seqs": seqs, "context_tokens": seqs * 3000,
+                          "sampled": sampled})
+            now += interval
+    log = tmp_path / "steps-1agg" / "decode-0.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps(s) + "\n" for s in steps))
+    (log.parent / "cases.json").write_text(json.dumps(
+        [{"case": "a", "start_s": 50.0, "end_s": 150.0},
+         {"case": "b", "start_s": 150.0, "end_s": 250.0}]))
+    flags = dict(zip(*[iter(fit_step_log_overheads(log, str(profile), "a"))] * 2))
+    assert flags == {"--step-overhead-ms": "0.20", "--token-overhead-us": "10",
+                     "--chunk-overhead-ms": "0", "--prefill-token-overhead-us": "2.00"}
+    write_serving_section(str(profile), list(sum(flags.items(), ())), "the step log, case a")
+    serving = json.loads(profile.read_text())["serving"]
+    assert serving["token_overhead_us"] == 10.0 and serving["prefill_token_overhead_us"] == 2.0
+    assert "case a" in serving["measured"]

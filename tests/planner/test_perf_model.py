@@ -10,7 +10,8 @@ import timeit
 import pytest
 
 from tandem.planner.perf_model import PerfModel, holdout_error
-from tandem.planner.serving_fit import fit_prefill_serving, fit_serving_overhead
+from tandem.planner.serving_fit import (StepInterval, fit_prefill_serving, fit_serving_overhead,
+                                        fit_step_intervals)
 
 # Known formulas, in seconds, shaped like a real device: a flat weight-read floor for short
 # prefills, attention work growing with cached context, decode linear in batch and KV read.
@@ -187,6 +188,25 @@ def test_prefill_serving_costs_are_recovered_from_first_tokens(model: PerfModel)
     assert (fit.num_mid, fit.num_isolated, fit.num_heads) == (2, 3, 2)
     with pytest.raises(ValueError, match="busier run"):
         fit_prefill_serving(model, records[:1], 2048)
+
+
+def test_step_log_costs_are_recovered_from_every_kind_of_step(model: PerfModel):
+    # A step log of an aggregated worker: each step's interval is the model's price plus 0.3 ms a
+    # step, 20 us a sampled token and, with a prompt chunk, 1.5 us a prompt token.
+    def step(new: int, cached: int, seqs: int, context: int, sampled: int) -> StepInterval:
+        interval = (model.step_s(new, cached, seqs, context) + 3e-4 + 2e-5 * sampled
+                    + 1.5e-6 * new)
+        return StepInterval(interval, new, cached, seqs, context, sampled)
+
+    steps = [step(0, 0, b, b * c, b) for b in (1, 4, 8, 16, 32) for c in (1000, 4000)]
+    steps += [step(n, 0, b, b * 2000, b + 1) for n in (512, 2048) for b in (0, 8, 32)]
+    fit = fit_step_intervals(model, steps)
+    assert fit.step_overhead_s == pytest.approx(3e-4, abs=1e-6)
+    assert fit.token_overhead_s == pytest.approx(2e-5, rel=1e-3)
+    assert fit.prefill_token_overhead_s == pytest.approx(1.5e-6, rel=1e-3)
+    assert (fit.num_decode, fit.num_chunk) == (10, 6)
+    with pytest.raises(ValueError, match="prompt chunk"):
+        fit_step_intervals(model, steps[:10])
 
 
 def test_no_transfer_points_says_so():
