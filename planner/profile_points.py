@@ -138,7 +138,11 @@ class StepProbe:
         return seconds, context
 
     def decode(self, batch_size: int, context_tokens: int, repeats: Repeats) -> dict:
-        """Decode steps of batch_size sequences of context_tokens each (they grow by one a step),
+        """Decode steps of batch_size sequences of context_tokens each: `decode_contexts`."""
+        return self.decode_contexts([context_tokens] * batch_size, repeats)
+
+    def decode_contexts(self, contexts: list[int], repeats: Repeats) -> dict:
+        """Decode steps of one sequence per context in `contexts` (they grow by one a step),
         run as a serving worker runs them: through `LLMEngine.steps()`, where each step is
         queued on the device before the previous one's tokens are read (engine/lookahead.py), so
         the host work between two steps is hidden as it is in serving. A step's time is the
@@ -150,8 +154,8 @@ class StepProbe:
         # would leave a step queued ahead.
         params = SamplingParams(temperature=0.0, max_tokens=repeats.max_steps + 1,
                                 ignore_eos=True)
-        seqs = [self.place(context_tokens, context_tokens - 1, params)
-                for _ in range(batch_size)]
+        seqs = [self.place(context, context - 1, params) for context in contexts]
+        batch_size = len(seqs)
         intervals: list[tuple[float, int]] = []   # (seconds, context tokens of that step)
         self.sync()
         gc.disable()   # as in step_s
