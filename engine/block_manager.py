@@ -4,6 +4,10 @@ Ideas from nano-vllm's BlockManager and vLLM v1's KV cache manager:
 
 - Every block has a reference count. A block whose count drops to zero goes to the back of the free
   queue; allocation takes from the front, so the queue is also the LRU eviction order.
+- The free queue is a deque of block ids. A prefix-cache hit takes a block out of its middle
+  lazily: the entry stays and is counted stale, and allocation skips it when it reaches the front.
+  Every block of every prompt passes through the queue, and a deque's append and pop cost 40% of
+  an OrderedDict's insertion and deletion (100 against 250 ns a block on a 2-core CPU machine).
 - A full block that has been computed is registered under its chained hash (tandem.contracts.block_hash).
   When it is freed it keeps its hash and contents, so a later prompt with the same prefix can take it
   back out of the free queue instead of recomputing it. Only when allocation reuses it for other
@@ -21,9 +25,8 @@ The manager does no I/O and knows nothing of sequences: callers hold block table
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from collections.abc import Callable
-from itertools import islice
+from collections import deque
+from collections.abc import Callable, Iterator
 
 from tandem.contracts.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
@@ -45,8 +48,11 @@ class BlockManager:
         # The parent hash of the hash each block is cached under: a list by block id costs a store
         # where a dict by hash cost an insertion and a deletion per block.
         self.parent_hashes: list[int | None] = [None] * num_blocks
-        # Blocks with no references, oldest first; an OrderedDict gives O(1) removal from the middle.
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # Blocks with no references, oldest first, among stale entries: num_stale[b] of b's entries
+        # (its oldest ones) were taken out by `acquire` and are skipped when they reach the front.
+        self._free_ids: deque[int] = deque(range(num_blocks))
+        self._num_stale = [0] * num_blocks
+        self._num_free = num_blocks
         self.next_event_id = 0
         self.subscribers: list[Callable[[KVEvent], None]] = []
 
@@ -55,11 +61,16 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks that can be allocated now: never used, or cached with no references."""
-        return len(self.free_queue)
+        return self._num_free
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free_queue)
+        return self.num_blocks - self._num_free
+
+    @property
+    def free_queue(self) -> list[int]:
+        """The free blocks in eviction order, oldest first: a snapshot."""
+        return list(self._iter_free())
 
     @property
     def usage(self) -> float:
@@ -89,34 +100,45 @@ class BlockManager:
         those among them with no reference sit in the free queue and leave it when acquired."""
         ref_counts = self.ref_counts
         num_leaving = [ref_counts[b] for b in reusing].count(0)  # 2/3 the time of sum(genexpr)
-        return num_blocks + num_leaving <= len(self.free_queue)
+        return num_blocks + num_leaving <= self._num_free
 
     def acquire(self, block_ids: list[int]) -> None:
         """Take a reference on blocks found by match_prefix (they may be sitting in the free queue)."""
+        ref_counts, num_stale = self.ref_counts, self._num_stale
         for block_id in block_ids:
-            if self.ref_counts[block_id] == 0:
-                del self.free_queue[block_id]
-            self.ref_counts[block_id] += 1
+            if ref_counts[block_id] == 0:  # its entry in the free queue goes stale
+                num_stale[block_id] += 1
+                self._num_free -= 1
+            ref_counts[block_id] += 1
+        if len(self._free_ids) > 2 * self.num_blocks:  # mostly stale: drop them
+            self._free_ids = deque(self._iter_free())
+            self._num_stale = [0] * self.num_blocks
 
     def allocate(self, num_blocks: int) -> list[int]:
         """Fresh blocks with one reference each, evicting cached free blocks in LRU order."""
-        free_queue = self.free_queue
-        if num_blocks > len(free_queue):
-            raise RuntimeError(f"asked for {num_blocks} blocks, {len(free_queue)} free")
+        if num_blocks > self._num_free:
+            raise RuntimeError(f"asked for {num_blocks} blocks, {self._num_free} free")
+        self._num_free -= num_blocks
+        pop_oldest, num_stale = self._free_ids.popleft, self._num_stale
         if num_blocks == 1:  # a decode step's new block, most calls: the same, without the passes
-            block_id = free_queue.popitem(False)[0]
+            block_id = pop_oldest()
+            while num_stale[block_id]:
+                num_stale[block_id] -= 1
+                block_id = pop_oldest()
             self.ref_counts[block_id] = 1
             old_hash = self.block_hashes[block_id]
             if old_hash is not None:
                 self._evict([block_id], [old_hash])
             return [block_id]
         ref_counts, block_hashes = self.ref_counts, self.block_hashes
-        # The oldest n read off in one C-level pass, then deleted: a fifth less than n popitems,
-        # each of which builds a pair.
-        allocated = list(islice(free_queue, num_blocks))
-        for block_id in allocated:
-            del free_queue[block_id]
+        allocated = []
+        for _ in range(num_blocks):
+            block_id = pop_oldest()
+            while num_stale[block_id]:
+                num_stale[block_id] -= 1
+                block_id = pop_oldest()
             ref_counts[block_id] = 1
+            allocated.append(block_id)
         old_hashes = [block_hashes[block_id] for block_id in allocated]
         num_uncached = old_hashes.count(None)
         if num_uncached != num_blocks:
@@ -138,13 +160,25 @@ class BlockManager:
 
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference on each block, last block first (see the module docstring)."""
-        ref_counts, free_queue = self.ref_counts, self.free_queue
+        ref_counts, free_ids = self.ref_counts, self._free_ids
+        queued = len(free_ids)
+        append = free_ids.append
         for block_id in reversed(block_ids):
             count = ref_counts[block_id]
             assert count > 0, f"block {block_id} freed twice"
             ref_counts[block_id] = count - 1
             if count == 1:
-                free_queue[block_id] = None
+                append(block_id)
+        self._num_free += len(free_ids) - queued
+
+    def _iter_free(self) -> Iterator[int]:
+        """The free queue's live entries, oldest first."""
+        to_skip = list(self._num_stale)
+        for block_id in self._free_ids:
+            if to_skip[block_id]:
+                to_skip[block_id] -= 1
+            else:
+                yield block_id
 
     # ---- prefix cache ------------------------------------------------------------------------
 

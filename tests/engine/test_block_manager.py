@@ -37,6 +37,31 @@ def test_freed_blocks_queue_in_reverse_so_the_tail_is_evicted_first():
     assert manager.allocate(1) == [3]
 
 
+def test_a_hit_on_a_free_block_takes_it_out_of_the_queue_and_keeps_the_order():
+    manager, _ = make()
+    table = manager.allocate(4)
+    manager.cache_blocks(table, [1, 2, 3, 4], None)
+    manager.free(table)  # free queue: 3, 2, 1, 0
+    manager.acquire([2])
+    assert manager.free_queue == [3, 1, 0] and manager.num_free_blocks == 3
+    manager.free([2])
+    assert manager.free_queue == [3, 1, 0, 2]
+    assert manager.allocate(2) == [1, 3]  # the two oldest, not block 2 from its old place
+    assert manager.allocate(2) == [0, 2]
+    assert manager.num_free_blocks == 0
+
+
+def test_stale_free_queue_entries_do_not_pile_up():
+    manager, _ = make()
+    manager.free(manager.allocate(4))  # free queue: 3, 2, 1, 0
+    for _ in range(50):
+        manager.acquire([1])
+        manager.free([1])
+    assert manager.free_queue == [3, 2, 0, 1]
+    assert len(manager._free_ids) <= 2 * manager.num_blocks + 1
+    assert manager.allocate(4) == [0, 1, 2, 3] and manager.num_free_blocks == 0
+
+
 def test_prefix_cache_hit_reuses_a_freed_block():
     manager, events = make()
     table = manager.allocate(2)
