@@ -58,6 +58,9 @@ class SimConfig:
     # A serving worker queues a steady decode batch's next step before it applies the operations
     # that arrived during this one (engine/lookahead.py), so they take effect a step later.
     decode_lookahead: bool = True
+    # Where the router's KV indexes run: in a helper process (planner/sim_index_process.py), which
+    # gives the same answers and takes their work off the event loop's core; or in this one.
+    kv_index_process: bool = False
     token_vocab_size: int = 2000        # synthetic output token ids are drawn below this
     # Run a stretch of identical decode steps as one event (planner/sim_worker.py says when that
     # is exact and what it delays); False: one event per step.

@@ -58,6 +58,7 @@ from tandem.engine.sequence import Sequence
 from tandem.planner.sim_clients import ClientBook
 from tandem.planner.sim_config import SimConfig
 from tandem.planner.sim_frontend import SharedFrontend
+from tandem.planner.sim_index_process import IndexProcess
 from tandem.planner.sim_prompt_hashes import PromptHasher
 from tandem.planner.sim_records import SimRequest, SimResult
 from tandem.planner.sim_worker import SimWorker
@@ -94,7 +95,9 @@ class Simulator:
         self.config = config
         self.model = model
         self.on_step = on_step  # test hook: sees every scheduled batch
-        self.router = Router(config.routing, config.block_size)
+        self.index_process = IndexProcess() if config.kv_index_process else None
+        self.router = Router(config.routing, config.block_size,
+                             self.index_process.indexes if self.index_process else None)
         self.prompt_hasher = PromptHasher(config.block_size)
         self.registry = WorkerRegistry(MODEL_NAME, config.block_size)
         self.workers: dict[str, SimWorker] = {}
@@ -136,6 +139,12 @@ class Simulator:
             if self.frontend is not None:
                 self.frontend.serve_all()
         return SimResult(self.requests, self, time.perf_counter() - started)
+
+    def close(self) -> None:
+        """Stop the KV index process, if the router's indexes run in one; they are gone after."""
+        if self.index_process is not None:
+            self.index_process.close()
+            self.index_process = None
 
     # ---- the event loop --------------------------------------------------------------------------
 

@@ -73,11 +73,14 @@ class RoutedTotals:
 
 
 class Router:
-    def __init__(self, config: RoutingConfig, block_size: int):
+    def __init__(self, config: RoutingConfig, block_size: int,
+                 indexes: dict[str, KVIndex] | None = None):
+        """`indexes`: the KV index of each pool, "decode" and "prefill" (by default new ones)."""
         self.config = config
         self.block_size = block_size
         self.totals = RoutedTotals()
-        self.indexes = {"decode": KVIndex(), "prefill": KVIndex()}
+        self.indexes = indexes if indexes is not None else {"decode": KVIndex(),
+                                                            "prefill": KVIndex()}
         self.loads = {"decode": ActiveLoadTracker(), "prefill": ActiveLoadTracker()}
         self.policies = {"decode": KVRouterPolicy(config.policy),
                          "prefill": KVRouterPolicy(config.policy)}
