@@ -285,15 +285,15 @@ def fit_overheads(run_path: Path, profile: str, chunk_tokens: int) -> list[str]:
 def fit_step_log_overheads(log_path: Path, profile: str, case: str | None) -> list[str]:
     """tandem simulate's per-step serving flags, from a worker's step log (any layout, one
     aggregated worker too). `case`: only the steps of that case (the log's cases.json)."""
-    from benchmarks.step_log_report import load, rows
+    from benchmarks.step_log_report import between, case_spans, load, rows
     from tandem.planner.perf_model import PerfModel
     from tandem.planner.serving_fit import StepInterval, fit_step_intervals
 
     (steps,) = load([str(log_path)])
     if case is not None:
-        spans = json.loads((log_path.parent / "cases.json").read_text())
-        (span,) = [s for s in spans if s["case"] == case]
-        steps = [s for s in steps if span["start_s"] <= s["at_s"] <= span["end_s"]]
+        ((since, until),) = [(since, until) for name, since, until
+                             in case_spans(str(log_path.parent / "cases.json")) if name == case]
+        steps = between(steps, since, until)
     model = PerfModel.load(profile)
     intervals = [StepInterval(row["thread_s"] + row["handoff_s"] + row["loop_s"],
                               step["prefill_tokens"], step["cached_tokens"], step["decode_seqs"],

@@ -34,6 +34,18 @@ def load(paths: list[str]) -> list[list[dict]]:
     return logs
 
 
+def case_spans(path: str) -> list[tuple[str, float, float]]:
+    """(case, start, end) in epoch seconds of each case of a cases file: a JSON list of
+    {case, start_s, end_s}, written beside the step logs of a run of several cases."""
+    with open(path, encoding="utf-8") as file:
+        return [(c["case"], c["start_s"], c["end_s"]) for c in json.load(file)]
+
+
+def between(steps: list[dict], since: float, until: float) -> list[dict]:
+    """The steps logged (`at_s`) from since to until."""
+    return [s for s in steps if since <= s.get("at_s", 0.0) <= until]
+
+
 def kind(step: dict) -> str:
     if step["prefill_tokens"] and step["decode_seqs"]:
         return "mixed"
@@ -130,11 +142,10 @@ def main() -> None:
     model = PerfModel.load(args.profile)
     spans = [("", args.since, args.until)]
     if args.cases:
-        with open(args.cases, encoding="utf-8") as file:
-            spans = [(c["case"] + ": ", c["start_s"], c["end_s"]) for c in json.load(file)]
+        spans = [(case + ": ", since, until) for case, since, until in case_spans(args.cases)]
     for path, logged in zip(args.logs, load(args.logs)):
         for name, since, until in spans:
-            steps = [s for s in logged if since <= s.get("at_s", 0.0) <= until]
+            steps = between(logged, since, until)
             print(f"{name}{path}: {len(steps)} steps")
             if steps:
                 print(report(steps, model, args.step_budget, args.idle_ms / 1e3,

@@ -1,8 +1,9 @@
 """What a serving worker adds to the profile's bare steps, read off one real run.
 
 The profile times `LLMEngine.step()` alone. These fits take a real run's observed steps and first
-tokens, or a worker's step log, and return the extra costs that `tandem simulate` adds through its flags
-(benchmarks/sim_accuracy_bench.py `overheads` writes them into a profile's `serving` section).
+tokens, or a worker's step log, and return the extra costs that `tandem simulate` adds through its
+flags (benchmarks/sim_accuracy_bench.py `overheads` writes them into a profile's `serving`
+section).
 """
 
 from __future__ import annotations
