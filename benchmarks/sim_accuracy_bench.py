@@ -301,10 +301,8 @@ def fit_step_log_overheads(log_path: Path, profile: str, case: str | None) -> li
                  for step, row in zip(steps, rows(steps, model, None, STEP_LOG_IDLE_S))
                  if row["loop_s"] is not None]   # a step before an idle gap: no loop to read
     fit = fit_step_intervals(model, intervals)
-    print(f"{log_path} ({case or 'every case'}): {fit.num_decode} decode steps, serving adds "
-          f"{fit.step_overhead_s * 1e3:.2f} ms a step and {fit.token_overhead_s * 1e6:.0f} us a "
-          f"sampled token; {fit.num_chunk} steps with a prompt chunk, "
-          f"{fit.prefill_token_overhead_s * 1e6:.2f} us a prompt token")
+    print(f"{log_path} ({case or 'every case'}): {fit.num_decode} decode steps and "
+          f"{fit.num_chunk} with a prompt chunk")
     return ["--step-overhead-ms", f"{fit.step_overhead_s * 1e3:.2f}",
             "--token-overhead-us", f"{fit.token_overhead_s * 1e6:.0f}",
             "--chunk-overhead-ms", "0",
@@ -425,12 +423,9 @@ def main() -> int:
     parser.add_argument("--trace", type=Path, default=TRACE)
     parser.add_argument("--fit-run", default="real-1p1d-isl4096-osl256-6rps.json",
                         help="overheads: the real run (in --out-dir, one decode worker) to fit")
-    parser.add_argument("--step-log", type=Path, default=None,
-                        help="overheads: fit on this worker step log instead of --fit-run "
-                             "(any layout; the frontend and chunk-launch costs keep the "
-                             "profile's values)")
-    parser.add_argument("--fit-case", default=None,
-                        help="overheads with --step-log: only this case's steps")
+    parser.add_argument("--step-log", type=Path, help="overheads: fit on this worker step log "
+                        "instead of --fit-run (any layout; frontend and chunk launch unchanged)")
+    parser.add_argument("--fit-case", help="overheads with --step-log: only this case's steps")
     parser.add_argument("--step-overhead-ms", default="0",
                         help="sim: serving work per engine step (tandem simulate's flag)")
     parser.add_argument("--token-overhead-us", default="0",
