@@ -27,6 +27,9 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]  # host copies, so the reference path never syncs
     seq_lens_cpu: list[int]
     num_splits: int | None = None   # decode kernel's KV splits; fixed for a captured CUDA graph
+    # The decode kernel's piece table (kernels/decode_pieces.py), made once at a captured step's
+    # start; None: each decode kernel launch makes its own.
+    pieces: object | None = None
     # A mixed step (prompt chunks beside decodes) puts its one-token sequences first: the first
     # num_decode_seqs go to the decode kernel, `rest` describes the others for the prefill kernel.
     num_decode_seqs: int = 0

@@ -7,8 +7,8 @@ replays the graph of the smallest bucket that fits. Padding rows get slot -1 (th
 them) and seq_len 0 (the decode kernel writes zeros for them), so they touch nothing real.
 
 The decode kernel's number of KV splits is fixed per bucket at capture, from the longest context the
-engine serves; the split boundaries themselves are computed on the GPU from seq_lens, so one graph
-serves every context length.
+engine serves; the pieces each sequence's context is cut into are computed on the GPU from seq_lens
+at the step's start (kernels/decode_pieces.py), so one graph serves every mix of context lengths.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class DecodeGraphs:
     def __init__(self, model: DecoderModel, kv_cache: torch.Tensor, max_batch: int,
                  max_seq_len: int, block_size: int):
         from tandem.engine.kernels.decode_attention import choose_num_splits
+        from tandem.engine.kernels.decode_pieces import Pieces
 
         self.model = model
         self.kv_cache = kv_cache
@@ -58,19 +59,26 @@ class DecodeGraphs:
         self.logits: dict[int, torch.Tensor] = {}
         self.num_splits = {bs: choose_num_splits(bs, model.config.num_kv_heads, max_seq_len, device)
                            for bs in self.sizes}
+        self.pieces = Pieces.empty(max_batch, max(self.num_splits.values()), device)
         self.pool = None
 
     def _meta(self, batch: int) -> AttentionMetadata:
+        from tandem.engine.kernels.decode_attention import step_pieces
+
+        num_splits = self.num_splits[batch]
+        pieces = step_pieces(self.seq_lens[:batch], self.model.config.num_kv_heads, num_splits,
+                             self.pieces.view(batch, num_splits))
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[:batch + 1], seq_lens=self.seq_lens[:batch],
             block_tables=self.block_tables[:batch], slot_mapping=self.slot_mapping[:batch],
             max_query_len=1, max_seq_len=self.max_seq_len, query_start_loc_cpu=[],
-            seq_lens_cpu=[], num_splits=self.num_splits[batch])
+            seq_lens_cpu=[], num_splits=num_splits, pieces=pieces)
 
     def _forward(self, batch: int) -> torch.Tensor:
         self.seq_lens[:batch].copy_(self.seq_lens_staged[:batch])  # int64 -> int32, in the graph
-        hidden = self.model(self.input_ids[:batch], self.positions[:batch], self._meta(batch),
-                            self.kv_cache)
+        # The piece table, made here, ahead of every kernel that may launch programmatically.
+        meta = self._meta(batch)
+        hidden = self.model(self.input_ids[:batch], self.positions[:batch], meta, self.kv_cache)
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()

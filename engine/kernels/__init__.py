@@ -75,7 +75,8 @@ def paged_attention(query: torch.Tensor, kv_layer: torch.Tensor, meta: Attention
     from tandem.engine.kernels.prefill_attention import prefill_attention
     if meta.is_decode_only:
         return decode_attention(query, kv_layer, meta.block_tables, meta.seq_lens, scale, out,
-                                meta.max_seq_len, num_splits=num_splits or meta.num_splits)
+                                meta.max_seq_len, num_splits=num_splits or meta.num_splits,
+                                pieces=None if num_splits else meta.pieces)
     if meta.rest is not None:
         # A mixed step: its leading one-token rows by the decode kernel (the prefill kernel would
         # give each a whole query tile and read its context once per query head). Split as a
@@ -170,7 +171,8 @@ def prepare_and_attend(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Te
     out = torch.empty((qkv.shape[0], num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     prep = QKVPrep(positions, cos, sin, q_weight, k_weight, eps, meta.slot_mapping)
     return decode_attention(qkv, kv_layer, meta.block_tables, meta.seq_lens, scale, out,
-                            meta.max_seq_len, num_splits=meta.num_splits, prep=prep)
+                            meta.max_seq_len, num_splits=meta.num_splits, prep=prep,
+                            pieces=meta.pieces)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

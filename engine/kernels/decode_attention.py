@@ -10,23 +10,24 @@ is bytes over HBM bandwidth, and the two things that decide it are:
   rows are padded to 16 so that q @ K^T and p @ V are tensor-core dots (the padding rows cost
   arithmetic, which decode has to spare, not bytes).
 - Enough programs to fill the GPU. Batch 1 with 8 KV heads is 8 programs, a few percent of an
-  H100's 132 SMs. As in flash-decoding (Dao et al., 2023), the context is cut into up to
-  `num_splits` pieces, each piece gets its own program and writes a partial output with its
-  log-sum-exp, and a small second kernel merges the pieces with the usual softmax rescaling.
-- Even work per program. A piece holds at least the batch's KV tokens over the programs the GPU
-  wants in flight, so a batch of short contexts keeps one piece each and a long context among them
-  takes as many as it needs (up to num_splits), instead of one program reading it end to end.
+  H100's 132 SMs. As in flash-decoding (Dao et al., 2023), the context is cut into pieces, each
+  piece gets its own program and writes a partial output with its log-sum-exp, and a small second
+  kernel merges a sequence's pieces with the usual softmax rescaling.
+- Even work per program. The launch has num_splits slots a sequence, and every piece is the same
+  size, at least the batch's KV tokens over the programs the GPU wants in flight: a batch of short
+  contexts keeps one piece each (its program writes the output, nothing to merge) and a long
+  context among them takes as many slots as its length needs, where the short ones left them
+  free (kernels/decode_pieces.py).
 
-Each split's token range is computed on the device from the batch's seq_lens, so the launch
-depends only on Python ints (batch size, num_splits): a CUDA graph captured once replays correctly
-for any context lengths. With num_splits == 1 the first kernel writes the final output itself and
-the merge kernel is not launched.
+The piece table is computed on the device from the batch's seq_lens, so the launch depends only on
+Python ints (batch size, num_splits): a CUDA graph captured once replays correctly for any context
+lengths. With num_splits == 1 each program reads its whole sequence and no table or merge runs.
 
 Scores live in the log2 domain (the softmax scale is premultiplied by log2(e)) so every exponential
 is a single exp2.
 
 A decode step may also hand the kernel the raw fused QKV projection (`prep`): each program then
-normalizes and rotates its group's q heads itself, and the program whose split holds the new
+normalizes and rotates its group's q heads itself, and the program whose piece holds the new
 token stores that token's K and V before it reads the cache, which is what kernels/qkv_prep.py
 would have done in a kernel of its own between the q/k/v matmul and this one. The arithmetic is
 qkv_prep's, so the cache holds the same bits either way; q may differ in its last bit where the
@@ -44,37 +45,33 @@ import triton
 import triton.language as tl
 
 from tandem.engine.kernels import pdl
+from tandem.engine.kernels.decode_pieces import Pieces, merge_pieces, piece_range, plan_pieces
 from tandem.engine.kernels.qkv_prep import norm_rotate
 from tandem.engine.kernels.rotary import load_rope_row
 
 _LOG2_E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 64  # one tile: below this a split is only merge overhead
-_SUM_BLOCK = tl.constexpr(256)  # sequence lengths summed at a time, for the split size
 _MAX_SPLITS = 64  # past this the merge costs more than the extra parallelism gains (H200 sweep)
 _WAVES = 4  # programs per SM to aim for: batch-1 decode is latency-bound, more in flight helps
-# Spare splits for a long context among short ones: up to 16 a sequence while the grid stays
-# within 4096 programs, and 2 once the sequences' heads alone give every SM _WAVES programs. An
-# unused split's program only writes an empty log-sum-exp, yet on an H200 batch 128 at 1k took
-# 149-161 us with 4 splits a sequence, 137-140 with 2 and 146 with 1.
+# Spare slots for a long context among short ones: up to 16 a sequence while the grid stays
+# within 4096 programs, and 2 once the sequences' heads alone give every SM _WAVES programs (an
+# H200 batch 128 at 1k took 149-161 us with 4 splits a sequence, 137-140 with 2 and 146 with 1,
+# when each split wrote at least an empty log-sum-exp).
 _MAX_SPREAD = 16
 _SPREAD_PROGRAMS = 4096
-# The merge's tile over splits: the next power of two of the split count (a 64-wide tile for 3
-# splits cost batch 32 about 40% more attention time on H200). An engine compiles every width at
-# start-up (`compile_merge_widths`), so a new split count met mid-serving finds its variant ready.
-_MERGE_WIDTHS = tuple(2 ** i for i in range(1, _MAX_SPLITS.bit_length()))
 
 
 # Values that change from one eager step to the next (the block table's width, the number of
 # splits, which follows the batch size and the longest context) are not specialized on: Triton
 # would otherwise compile a variant for each new class of value (1, a multiple of 16, other) in the
 # middle of serving (a stall of the whole batch per compile).
-@triton.jit(do_not_specialize=["stride_bt_seq", "num_splits"])
+@triton.jit(do_not_specialize=["stride_bt_seq"])
 def _decode_split_kernel(
     q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    slot_seq_ptr, first_slot_ptr, quantum_ptr,
     stride_q_seq, stride_q_head,
     stride_cache_block, stride_cache_kv, stride_cache_slot, stride_cache_head,
-    stride_bt_seq, stride_out_seq, stride_out_head,
-    qk_scale, num_splits, target_programs,
+    stride_bt_seq, stride_out_seq, stride_out_head, qk_scale,
     positions_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin, q_weight_ptr,
     k_weight_ptr, eps,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -82,60 +79,53 @@ def _decode_split_kernel(
     PREFETCH: tl.constexpr, PREP: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
     # PREP: q_ptr is the raw fused QKV row of each sequence; each program normalizes and rotates
-    # its group's q heads itself, and the program whose split holds the new token stores that
+    # its group's q heads itself, and the program whose piece holds the new token stores that
     # token's K and V (what kernels/qkv_prep.py does), so no kernel runs between the q/k/v matmul
     # and this one.
-    # Before the wait only seq_lens and block tables are read, written at the step's start (with
-    # programmatic launch this kernel starts once the kernel two back has completed), and the
-    # split's first tile of K and V is asked of L2 (earlier steps wrote it; a prefetch into L2,
-    # where stores land, never reads this step's new token stale), so that tile's HBM latency
-    # passes under the q/k/v kernels still running.
-    seq = tl.program_id(0).to(tl.int64)
+    # Before the wait only seq_lens, block tables and the piece table are read, written at the
+    # step's start (with programmatic launch this kernel starts once the kernel two back has
+    # completed), and the piece's first tile of K and V is asked of L2 (earlier steps wrote it; a
+    # prefetch into L2, where stores land, never reads this step's new token stale), so that
+    # tile's HBM latency passes under the q/k/v kernels still running.
     kv_head = tl.program_id(1)
-    split = tl.program_id(2)
     num_seqs = tl.num_programs(0)
     num_kv_heads = tl.num_programs(1)
     num_heads = num_kv_heads * GROUP
-
-    seq_len = tl.load(seq_lens_ptr + seq)
-    # A split holds at least the batch's KV tokens over `target_programs` (a sequence takes as
-    # many splits as its own length needs, so one long context among short ones is spread over
-    # its num_splits programs while the short ones keep one), and at least its num_splits-th part
-    # of the sequence; whole tiles, so only the last tile of a split is ragged.
-    tokens_per_split = tl.cdiv(seq_len, num_splits).to(tl.int64)
-    if not SINGLE_SPLIT:
-        lens = tl.zeros([_SUM_BLOCK], tl.int64)
-        for first in range(0, num_seqs, _SUM_BLOCK):
-            rows = first + tl.arange(0, _SUM_BLOCK)
-            lens += tl.load(seq_lens_ptr + rows, mask=rows < num_seqs, other=0)
-        quantum = tl.cdiv(tl.sum(lens, axis=0) * num_kv_heads, target_programs)
-        tokens_per_split = tl.maximum(tokens_per_split, quantum)
-    tokens_per_split = tl.cdiv(tokens_per_split, BLOCK_N) * BLOCK_N
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, seq_len)
-    if PREFETCH and start < end:
-        tokens = start + tl.arange(0, BLOCK_N)
-        page = tl.load(block_tables_ptr + seq * stride_bt_seq + tokens // BLOCK_SIZE,
-                       mask=tokens < end, other=0).to(tl.int64)
-        rows = (page * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_slot
-                + kv_head * stride_cache_head)
-        pdl.prefetch_row_heads_l2(cache_ptr, rows, 1, HEAD_DIM, LINE=64,
-                                  LINES=(HEAD_DIM + 63) // 64)
-        pdl.prefetch_row_heads_l2(cache_ptr + stride_cache_kv, rows, 1, HEAD_DIM, LINE=64,
-                                  LINES=(HEAD_DIM + 63) // 64)
-    if PREP:  # the step's inputs and the rotary tables, ahead of the wait like seq_lens
-        position = tl.load(positions_ptr + seq).to(tl.int64)
-        slot = tl.load(slot_ptr + seq).to(tl.int64)
-        cos1, cos2, sin1, sin2 = load_rope_row(cos_ptr, sin_ptr, position, stride_cos,
-                                               stride_sin, HEAD_DIM // 2)
-    pdl.wait(USE_PDL)
-    if (start < end) | (split == 0):
+    if SINGLE_SPLIT:   # one program reads a whole sequence
+        slot = tl.program_id(0)
+        seq = tl.program_id(0).to(tl.int64)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        start = tl.zeros([], tl.int64)
+        end = seq_len.to(tl.int64)
+        direct = True
+    else:   # program (seq, head, split) is slot split * num_seqs + seq (decode_pieces.py)
+        slot = tl.program_id(2) * num_seqs + tl.program_id(0)
+        seq, start, end, count, seq_len = piece_range(slot, seq_lens_ptr, slot_seq_ptr,
+                                                      first_slot_ptr, quantum_ptr)
+        direct = count == 1
+    if seq >= 0:   # an unused slot has no piece
+        if PREFETCH and start < end:
+            tokens = start + tl.arange(0, BLOCK_N)
+            page = tl.load(block_tables_ptr + seq * stride_bt_seq + tokens // BLOCK_SIZE,
+                           mask=tokens < end, other=0).to(tl.int64)
+            rows = (page * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_slot
+                    + kv_head * stride_cache_head)
+            pdl.prefetch_row_heads_l2(cache_ptr, rows, 1, HEAD_DIM, LINE=64,
+                                      LINES=(HEAD_DIM + 63) // 64)
+            pdl.prefetch_row_heads_l2(cache_ptr + stride_cache_kv, rows, 1, HEAD_DIM, LINE=64,
+                                      LINES=(HEAD_DIM + 63) // 64)
+        if PREP:  # the step's inputs and the rotary tables, ahead of the wait like seq_lens
+            position = tl.load(positions_ptr + seq).to(tl.int64)
+            new_slot = tl.load(slot_ptr + seq).to(tl.int64)
+            cos1, cos2, sin1, sin2 = load_rope_row(cos_ptr, sin_ptr, position, stride_cos,
+                                                   stride_sin, HEAD_DIM // 2)
+        pdl.wait(USE_PDL)
         group_rows = tl.arange(0, BLOCK_G)
         if PREP:
             row = q_ptr + seq * stride_q_seq
             q = _prepare_group(row, kv_head, num_heads, num_kv_heads, cos1, cos2, sin1, sin2,
                                q_weight_ptr,
-                               k_weight_ptr, eps, cache_ptr, slot, stride_cache_block,
+                               k_weight_ptr, eps, cache_ptr, new_slot, stride_cache_block,
                                stride_cache_kv, stride_cache_slot, stride_cache_head,
                                (start <= seq_len - 1) & (seq_len - 1 < end),
                                GROUP, HEAD_DIM, BLOCK_SIZE, BLOCK_G, HAS_NORM)
@@ -147,12 +137,10 @@ def _decode_split_kernel(
         _attend_split(q, cache_ptr, block_tables_ptr, out_ptr, part_out_ptr, part_lse_ptr,
                       stride_cache_block, stride_cache_kv,
                       stride_cache_slot, stride_cache_head, stride_bt_seq, stride_out_seq,
-                      stride_out_head, qk_scale, num_splits, seq, kv_head, split, num_heads,
-                      start, end, GROUP, HEAD_DIM, BLOCK_SIZE, BLOCK_G, BLOCK_N, SINGLE_SPLIT)
-    elif not SINGLE_SPLIT:  # a split past the sequence's end: no keys, no weight in the merge
-        heads = kv_head * GROUP + tl.arange(0, BLOCK_G)
-        tl.store(part_lse_ptr + (seq * num_heads + heads) * num_splits + split,
-                 tl.full([BLOCK_G], float("-inf"), tl.float32), mask=heads < (kv_head + 1) * GROUP)
+                      stride_out_head, qk_scale, seq, kv_head, slot, num_heads,
+                      start, end, direct, GROUP, HEAD_DIM, BLOCK_SIZE, BLOCK_G, BLOCK_N)
+    else:
+        pdl.wait(USE_PDL)
     pdl.release(USE_PDL)
 
 
@@ -195,14 +183,14 @@ def _prepare_group(
 def _attend_split(
     q, cache_ptr, block_tables_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     stride_cache_block, stride_cache_kv, stride_cache_slot,
-    stride_cache_head, stride_bt_seq, stride_out_seq, stride_out_head, qk_scale, num_splits,
-    seq, kv_head, split, num_heads, start, end,
+    stride_cache_head, stride_bt_seq, stride_out_seq, stride_out_head, qk_scale,
+    seq, kv_head, slot, num_heads, start, end, direct,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program's split: attention of q (BLOCK_G, HEAD_DIM), the query heads of `kv_head`,
-    over tokens [start, end) of `seq`, written as the final output (one split) or as a partial
-    with its log-sum-exp."""
+    """One program's piece: attention of q (BLOCK_G, HEAD_DIM), the query heads of `kv_head`,
+    over tokens [start, end) of `seq`, written as the final output (`direct`: the sequence's
+    only piece) or as the partial of `slot` with its log-sum-exp."""
     group_rows = tl.arange(0, BLOCK_G)
     heads = kv_head * GROUP + group_rows
     is_head = group_rows < GROUP
@@ -231,46 +219,18 @@ def _attend_split(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    # An empty split (short sequence) or a padded sequence (seq_len 0) has l_i == 0: its output is
-    # 0 and its weight in the merge is 0, never 0/0.
+    # A padded sequence (seq_len 0) has l_i == 0: its output is 0, never 0/0.
     has_keys = l_i > 0.0
     partial = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    if SINGLE_SPLIT:
+    if direct:
         dst = out_ptr + seq * stride_out_seq + heads[:, None] * stride_out_head + dims[None, :]
         tl.store(dst, partial.to(out_ptr.dtype.element_ty), mask=is_head[:, None])
     else:
-        part_row = (seq * num_heads + heads) * num_splits + split          # (BLOCK_G,)
+        part_row = slot.to(tl.int64) * num_heads + heads                   # (BLOCK_G,)
         tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], partial,
                  mask=is_head[:, None])
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part_row, lse, mask=is_head)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_out_seq, stride_out_head, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    pdl.enter(USE_PDL)
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    num_heads = tl.num_programs(1)
-    splits = tl.arange(0, BLOCK_S)
-    is_split = splits < num_splits
-    dims = tl.arange(0, HEAD_DIM)
-    part_row = (seq * num_heads + head) * num_splits + splits            # (BLOCK_S,)
-    lse = tl.load(part_lse_ptr + part_row, mask=is_split, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all empty: padded sequence
-    weight = tl.exp2(lse - lse_max)
-    # A split past its sequence's end wrote only its -inf log-sum-exp.
-    has_keys = lse > float("-inf")
-    partial = tl.load(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :],
-                      mask=has_keys[:, None], other=0.0)  # (BLOCK_S, HEAD_DIM)
-    total = tl.sum(weight, axis=0)
-    merged = tl.sum(partial * weight[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_ptr + seq * stride_out_seq + head * stride_out_head + dims,
-             merged.to(out_ptr.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
@@ -327,6 +287,20 @@ _SPLIT_TILES = (64, 4, 2)   # fits every GPU Triton runs on
 _too_big: set[tuple[int, int, int]] = set()
 
 
+def step_pieces(seq_lens: torch.Tensor, num_kv_heads: int, num_splits: int,
+                out: Pieces | None = None) -> Pieces | None:
+    """The piece table that `decode_attention` over seq_lens with num_splits would make itself,
+    for a caller to make once a step (None for one split): a CUDA graph makes it at the step's
+    start, into `out`, so that the kernels launched programmatically read it ahead of their
+    wait."""
+    if num_splits == 1:
+        return None
+    device = seq_lens.device
+    block_n = choose_tiles(seq_lens.shape[0] * num_kv_heads, num_splits, device)[0]
+    return plan_pieces(seq_lens, num_kv_heads, num_splits, block_n,
+                       _WAVES * _device_sms(device), out)
+
+
 @dataclass(frozen=True)
 class QKVPrep:
     """prepare_qkv's other inputs (kernels/qkv_prep.py), for the split kernel to do that work
@@ -344,7 +318,7 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
                      seq_lens: torch.Tensor, scale: float, out: torch.Tensor, max_seq_len: int,
                      num_splits: int | None = None,
                      tiles: tuple[int, int, int] | None = None,
-                     prep: QKVPrep | None = None) -> torch.Tensor:
+                     prep: QKVPrep | None = None, pieces: Pieces | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context; writes and returns `out`.
 
     query, out: (num_seqs, num_heads, head_dim); kv_layer: (num_blocks, 2, block_size,
@@ -354,6 +328,9 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
     num_warps, num_stages), by `choose_tiles` when None. With `prep`, query is instead the raw
     fused QKV projection (num_seqs, (num_heads + 2 * num_kv_heads) * head_dim), rows contiguous:
     the kernel prepares q and stores the new K and V as `prepare_qkv` would (qkv is not changed).
+    pieces: the step's piece table for num_splits > 1 (`plan_pieces`, which a CUDA graph runs at
+    the step's start, before the first kernel that may launch programmatically); made here when
+    None.
     """
     num_seqs, num_heads, head_dim = out.shape
     block_size, num_kv_heads = kv_layer.shape[2], kv_layer.shape[3]
@@ -376,12 +353,20 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
         tiles = choose_tiles(num_seqs * num_kv_heads, num_splits, query.device)
     group = num_heads // num_kv_heads
     single = num_splits == 1
+    target = _WAVES * _device_sms(query.device)
     if single:
         part_out = part_lse = out  # unused by the kernel; any tensor of the device will do
+        table = (seq_lens, seq_lens, seq_lens)
     else:
-        part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32,
+        if pieces is None:
+            pieces = plan_pieces(seq_lens, num_kv_heads, num_splits, tiles[0], target)
+        elif pieces.slot_seq.shape[0] != num_seqs * num_splits:
+            raise ValueError(f"piece table of {pieces.slot_seq.shape[0]} slots for {num_seqs} "
+                             f"sequences x {num_splits} splits")
+        table = (pieces.slot_seq, pieces.first_slot, pieces.quantum)
+        part_out = torch.empty((num_seqs * num_splits, num_heads, head_dim), dtype=torch.float32,
                                device=query.device)
-        part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32,
+        part_lse = torch.empty((num_seqs * num_splits, num_heads), dtype=torch.float32,
                                device=query.device)
 
     has_norm = prep is not None and prep.q_weight is not None
@@ -389,11 +374,10 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
 
     def launch(block_n: int, num_warps: int, num_stages: int) -> None:
         _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-            query, kv_layer, block_tables, seq_lens, out, part_out, part_lse,
+            query, kv_layer, block_tables, seq_lens, out, part_out, part_lse, *table,
             stride_q_seq, stride_q_head,
             kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
-            block_tables.stride(0), out.stride(0), out.stride(1),
-            scale * _LOG2_E, num_splits, _WAVES * _device_sms(query.device),
+            block_tables.stride(0), out.stride(0), out.stride(1), scale * _LOG2_E,
             p.positions, p.slot_mapping, p.cos, p.sin, p.cos.stride(0), p.sin.stride(0),
             p.q_weight if has_norm else query, p.k_weight if has_norm else query, p.eps,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, PREP=prep is not None,
@@ -411,11 +395,8 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
         _too_big.add(tiles)  # a GPU with less shared memory than the tiles were sized for
         launch(*_SPLIT_TILES)
     if not single:
-        _decode_merge_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
-            **pdl.launch_options(query),
-        )
+        merge_pieces(part_out, part_lse, out, seq_lens, pieces, num_splits,
+                     pdl.launch_options(query))
     return out
 
 
@@ -425,7 +406,7 @@ def compile_variants(kv_layer: torch.Tensor, num_heads: int, prep: QKVPrep | Non
     may launch later, so that none stalls a serving batch to compile (the engine calls it once,
     at start-up): the split kernel with each tile choice of `choose_tiles`, reading block 0 for a
     one-token sequence (it writes only its own output), with `prep` also as a decode step runs
-    it (prep's slot_mapping must be -1: nothing is stored), and the merge at every width. Tiles
+    it (prep's slot_mapping must be -1: nothing is stored), and the piece table and merge. Tiles
     too big for this GPU's shared memory are found here and left out of the choice."""
     head_dim, device = kv_layer.shape[4], kv_layer.device
     num_kv_heads = kv_layer.shape[3]
@@ -434,8 +415,9 @@ def compile_variants(kv_layer: torch.Tensor, num_heads: int, prep: QKVPrep | Non
                       device=device)
     block_tables = torch.zeros((1, 1), dtype=torch.int32, device=device)
     seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+    # One split count a merge tile width (decode_pieces.MERGE_TILES): 2, 32 and 64.
     for num_splits, tiles in ((1, (128, 4, 3)), (1, (64, 4, 3)), (2, (64, 4, 3)),
-                              (2, _SPLIT_TILES)):
+                              (2, _SPLIT_TILES), (32, _SPLIT_TILES), (64, _SPLIT_TILES)):
         try:
             decode_attention(query, kv_layer, block_tables, seq_lens, 1.0,
                              torch.empty_like(query), 1, num_splits=num_splits, tiles=tiles)
@@ -447,19 +429,6 @@ def compile_variants(kv_layer: torch.Tensor, num_heads: int, prep: QKVPrep | Non
             if tiles == _SPLIT_TILES:
                 raise
             _too_big.add(tiles)   # past this GPU's shared memory: never chosen
-    compile_merge_widths(head_dim, kv_layer.dtype, device)
-
-
-def compile_merge_widths(head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Runs the merge once at every width, on one empty row, so that no split count compiles
-    later."""
-    part_lse = torch.full((_MAX_SPLITS,), float("-inf"), dtype=torch.float32, device=device)
-    part_out = torch.zeros((_MAX_SPLITS, head_dim), dtype=torch.float32, device=device)
-    out = torch.empty((1, 1, head_dim), dtype=dtype, device=device)
-    for width in _MERGE_WIDTHS:
-        _decode_merge_kernel[(1, 1)](part_out, part_lse, out, out.stride(0), out.stride(1), width,
-                                     HEAD_DIM=head_dim, BLOCK_S=width, num_warps=4,
-                                     **pdl.launch_options(out))
 
 
 def check_attention_shapes(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,

@@ -158,3 +158,48 @@ def test_tiles_past_the_shared_memory_fall_back_and_are_not_chosen_again(monkeyp
     assert decode_attention.choose_tiles(8, 1, torch.device("cuda")) == (64, 4, 2)
     with pytest.raises(triton.runtime.errors.OutOfResources):  # asked for: not replaced
         run_decode([100], 32, 8, 128, 1, tiles=(64, 4, 3))
+
+
+@pytest.mark.parametrize("seq_lens,num_splits", [([1000] * 95 + [30000], 2),
+                                                 ([30000, 17] + [500] * 30, 2),
+                                                 ([0, 5000, 0, 64], 3)])
+def test_a_long_context_takes_the_slots_short_ones_leave(seq_lens, num_splits):
+    # Two slots a sequence, yet the long context is read by many programs, not two; padded rows
+    # (length 0) come out as zeros.
+    from tandem.engine.kernels.decode_attention import step_pieces
+
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    pieces = step_pieces(lengths, 8, num_splits)
+    quantum = int(pieces.quantum)
+    counts = [max(1, -(-n // quantum)) for n in seq_lens]
+    assert quantum % 64 == 0 and sum(counts) <= len(seq_lens) * num_splits
+    assert max(counts) > num_splits
+    owners = pieces.slot_seq.tolist()
+    assert owners == [i for i, c in enumerate(counts) for _ in range(c)] + \
+        [-1] * (len(owners) - sum(counts))
+    assert pieces.first_slot.tolist() == [sum(counts[:i]) for i in range(len(seq_lens))]
+
+    batch = make_paged_batch([max(n, 1) for n in seq_lens], [1] * len(seq_lens), 32, 8, 128)
+    batch.meta.seq_lens.copy_(lengths)
+    batch.meta.seq_lens_cpu = list(seq_lens)
+    scale = 128 ** -0.5
+    from tandem.engine.kernels.decode_attention import decode_attention
+    out = torch.full_like(batch.query, float("nan"))
+    decode_attention(batch.query, batch.kv_layer, batch.meta.block_tables, batch.meta.seq_lens,
+                     scale, out, max(seq_lens), num_splits=num_splits, pieces=pieces)
+    live = [i for i, n in enumerate(seq_lens) if n]
+    ref = paged_attention_reference(batch.query[live], batch.kv_layer, _rows(batch.meta, live),
+                                    scale)
+    assert torch.isfinite(out).all()
+    assert relative_error(out[live], ref) < BF16_REL_TOL
+    assert not out[[i for i, n in enumerate(seq_lens) if not n]].any()
+
+
+def _rows(meta, rows):
+    from tandem.engine.attention import AttentionMetadata
+    lens = [meta.seq_lens_cpu[i] for i in rows]
+    return AttentionMetadata(
+        query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32, device="cuda"),
+        seq_lens=meta.seq_lens[rows], block_tables=meta.block_tables[rows],
+        slot_mapping=meta.slot_mapping[rows], max_query_len=1, max_seq_len=max(lens),
+        query_start_loc_cpu=list(range(len(rows) + 1)), seq_lens_cpu=lens)

@@ -11,14 +11,16 @@ def _unspecialized(kernel) -> set[str]:
 
 
 def test_step_varying_arguments_compile_once():
-    assert _unspecialized(decode_attention._decode_split_kernel) == {"stride_bt_seq", "num_splits"}
-    assert _unspecialized(decode_attention._decode_merge_kernel) == {"num_splits"}
+    from tandem.engine.kernels import decode_pieces
+    assert _unspecialized(decode_attention._decode_split_kernel) == {"stride_bt_seq"}
+    assert _unspecialized(decode_pieces._piece_table_kernel) == {
+        "num_seqs", "num_slots", "target_programs", "num_kv_heads", "align"}
+    # The merge takes its piece counts from the table, a tile of pieces at a time; the tile
+    # follows the split count, and compile_variants runs one split count for each tile width.
+    assert not _unspecialized(decode_pieces._merge_pieces_kernel)
+    assert {decode_pieces.merge_tile(n) for n in (2, 32, 64)} == set(decode_pieces.MERGE_TILES)
+    assert {decode_pieces.merge_tile(n) for n in range(1, 200)} == set(decode_pieces.MERGE_TILES)
     assert _unspecialized(prefill_attention._prefill_kernel) == {"stride_bt_seq"}
-    # The merge's width follows the split count; every width the chooser can need is compiled
-    # at engine start-up (ModelRunner.compile_kernel_variants).
-    import triton
-    needed = {triton.next_power_of_2(n) for n in range(2, decode_attention._MAX_SPLITS + 1)}
-    assert needed == set(decode_attention._MERGE_WIDTHS)
 
 
 def test_skinny_matmul_compiles_one_variant_for_every_row_count():
