@@ -359,6 +359,9 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
         table = (seq_lens, seq_lens, seq_lens)
     else:
         if pieces is None:
+            if pdl.enabled(query):   # the split kernel reads the table ahead of its wait
+                raise ValueError("under programmatic launch the piece table is made at the "
+                                 "step's start (step_pieces) and passed in")
             pieces = plan_pieces(seq_lens, num_kv_heads, num_splits, tiles[0], target)
         elif pieces.slot_seq.shape[0] != num_seqs * num_splits:
             raise ValueError(f"piece table of {pieces.slot_seq.shape[0]} slots for {num_seqs} "

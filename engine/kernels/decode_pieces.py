@@ -151,13 +151,16 @@ def _merge_pieces_kernel(
     stride_out_seq, stride_out_head,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    pdl.enter(USE_PDL)
+    # The table and seq_lens were written at the step's start, so they are read before the wait
+    # and only the partials' loads wait on the split kernel (at batch 1 a load more after the
+    # wait measured 0.86 -> 0.91 ms a qwen3-0.6b step on an H200).
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
     quantum = tl.load(quantum_ptr)
     count = tl.maximum(tl.cdiv(tl.load(seq_lens_ptr + seq), quantum), 1)
     first = tl.load(first_slot_ptr + seq).to(tl.int64)
+    pdl.enter(USE_PDL)
     if count > 1:   # a sequence of one piece has its output from the split kernel
         dims = tl.arange(0, HEAD_DIM)
         m_i = tl.full([], float("-inf"), tl.float32)
