@@ -65,18 +65,18 @@ _SPREAD_PROGRAMS = 4096
 # splits, which follows the batch size and the longest context) are not specialized on: Triton
 # would otherwise compile a variant for each new class of value (1, a multiple of 16, other) in the
 # middle of serving (a stall of the whole batch per compile).
-@triton.jit(do_not_specialize=["stride_bt_seq"])
+@triton.jit(do_not_specialize=["stride_bt_seq", "num_splits"])
 def _decode_split_kernel(
     q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     slot_seq_ptr, first_slot_ptr, quantum_ptr,
     stride_q_seq, stride_q_head,
     stride_cache_block, stride_cache_kv, stride_cache_slot, stride_cache_head,
-    stride_bt_seq, stride_out_seq, stride_out_head, qk_scale,
+    stride_bt_seq, stride_out_seq, stride_out_head, qk_scale, num_splits, target_programs,
     positions_ptr, slot_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin, q_weight_ptr,
     k_weight_ptr, eps,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr, PREP: tl.constexpr, HAS_NORM: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, ONE_SEQ: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PREP: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
     # PREP: q_ptr is the raw fused QKV row of each sequence; each program normalizes and rotates
     # its group's q heads itself, and the program whose piece holds the new token stores that
@@ -100,8 +100,9 @@ def _decode_split_kernel(
         direct = True
     else:   # program (seq, head, split) is slot split * num_seqs + seq (decode_pieces.py)
         slot = tl.program_id(2) * num_seqs + tl.program_id(0)
-        seq, start, end, count, seq_len = piece_range(slot, seq_lens_ptr, slot_seq_ptr,
-                                                      first_slot_ptr, quantum_ptr)
+        seq, start, end, count, seq_len = piece_range(
+            slot, seq_lens_ptr, slot_seq_ptr, first_slot_ptr, quantum_ptr, num_splits,
+            num_kv_heads, target_programs, BLOCK_N, ONE_SEQ)
         direct = count == 1
     if seq >= 0:   # an unused slot has no piece
         if PREFETCH and start < end:
@@ -292,8 +293,8 @@ def step_pieces(seq_lens: torch.Tensor, num_kv_heads: int, num_splits: int,
     """The piece table that `decode_attention` over seq_lens with num_splits would make itself,
     for a caller to make once a step (None for one split): a CUDA graph makes it at the step's
     start, into `out`, so that the kernels launched programmatically read it ahead of their
-    wait."""
-    if num_splits == 1:
+    wait. None too for one split or a batch of one, which the kernels place without a table."""
+    if num_splits == 1 or seq_lens.shape[0] == 1:
         return None
     device = seq_lens.device
     block_n = choose_tiles(seq_lens.shape[0] * num_kv_heads, num_splits, device)[0]
@@ -358,7 +359,10 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
         part_out = part_lse = out  # unused by the kernel; any tensor of the device will do
         table = (seq_lens, seq_lens, seq_lens)
     else:
-        if pieces is None:
+        if num_seqs == 1:
+            pieces = None   # the kernels place a batch of one without a table
+            table = (seq_lens, seq_lens, seq_lens)
+        elif pieces is None:
             if pdl.enabled(query):   # the split kernel reads the table ahead of its wait
                 raise ValueError("under programmatic launch the piece table is made at the "
                                  "step's start (step_pieces) and passed in")
@@ -366,7 +370,8 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
         elif pieces.slot_seq.shape[0] != num_seqs * num_splits:
             raise ValueError(f"piece table of {pieces.slot_seq.shape[0]} slots for {num_seqs} "
                              f"sequences x {num_splits} splits")
-        table = (pieces.slot_seq, pieces.first_slot, pieces.quantum)
+        if pieces is not None:
+            table = (pieces.slot_seq, pieces.first_slot, pieces.quantum)
         part_out = torch.empty((num_seqs * num_splits, num_heads, head_dim), dtype=torch.float32,
                                device=query.device)
         part_lse = torch.empty((num_seqs * num_splits, num_heads), dtype=torch.float32,
@@ -375,31 +380,32 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
     has_norm = prep is not None and prep.q_weight is not None
     p = prep or QKVPrep(query, query, query, None, None, 0.0, query)   # unused without PREP
 
-    def launch(block_n: int, num_warps: int, num_stages: int) -> None:
+    def launch(block_n: int, num_warps: int, num_stages: int) -> int:
         _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
             query, kv_layer, block_tables, seq_lens, out, part_out, part_lse, *table,
             stride_q_seq, stride_q_head,
             kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
-            block_tables.stride(0), out.stride(0), out.stride(1), scale * _LOG2_E,
-            p.positions, p.slot_mapping, p.cos, p.sin, p.cos.stride(0), p.sin.stride(0),
+            block_tables.stride(0), out.stride(0), out.stride(1), scale * _LOG2_E, num_splits,
+            target, p.positions, p.slot_mapping, p.cos, p.sin, p.cos.stride(0), p.sin.stride(0),
             p.q_weight if has_norm else query, p.k_weight if has_norm else query, p.eps,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, PREP=prep is not None,
             HAS_NORM=has_norm,
             BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, SINGLE_SPLIT=single,
-            PREFETCH=pdl.prefetch_weights(query), num_warps=num_warps, num_stages=num_stages,
-            **pdl.launch_options(query),
+            ONE_SEQ=num_seqs == 1, PREFETCH=pdl.prefetch_weights(query), num_warps=num_warps,
+            num_stages=num_stages, **pdl.launch_options(query),
         )
+        return block_n
 
     try:
-        launch(*tiles)
+        block_n = launch(*tiles)
     except triton.runtime.errors.OutOfResources:
         if not chosen or tiles == _SPLIT_TILES:
             raise
         _too_big.add(tiles)  # a GPU with less shared memory than the tiles were sized for
-        launch(*_SPLIT_TILES)
+        block_n = launch(*_SPLIT_TILES)
     if not single:
-        merge_pieces(part_out, part_lse, out, seq_lens, pieces, num_splits,
-                     pdl.launch_options(query))
+        merge_pieces(part_out, part_lse, out, seq_lens, pieces, num_splits, num_kv_heads, target,
+                     block_n, pdl.launch_options(query))
     return out
 
 

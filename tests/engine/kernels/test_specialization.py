@@ -12,12 +12,12 @@ def _unspecialized(kernel) -> set[str]:
 
 def test_step_varying_arguments_compile_once():
     from tandem.engine.kernels import decode_pieces
-    assert _unspecialized(decode_attention._decode_split_kernel) == {"stride_bt_seq"}
+    assert _unspecialized(decode_attention._decode_split_kernel) == {"stride_bt_seq", "num_splits"}
     assert _unspecialized(decode_pieces._piece_table_kernel) == {
         "num_seqs", "num_slots", "target_programs", "num_kv_heads", "align"}
     # The merge takes its piece counts from the table, a tile of pieces at a time; the tile
     # follows the split count, and compile_variants runs one split count for each tile width.
-    assert not _unspecialized(decode_pieces._merge_pieces_kernel)
+    assert _unspecialized(decode_pieces._merge_pieces_kernel) == {"num_splits"}
     assert {decode_pieces.merge_tile(n) for n in (2, 32, 64)} == set(decode_pieces.MERGE_TILES)
     assert {decode_pieces.merge_tile(n) for n in range(1, 200)} == set(decode_pieces.MERGE_TILES)
     assert _unspecialized(prefill_attention._prefill_kernel) == {"stride_bt_seq"}
