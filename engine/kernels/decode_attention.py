@@ -291,9 +291,9 @@ _too_big: set[tuple[int, int, int]] = set()
 def step_pieces(seq_lens: torch.Tensor, num_kv_heads: int, num_splits: int,
                 out: Pieces | None = None) -> Pieces | None:
     """The piece table that `decode_attention` over seq_lens with num_splits would make itself,
-    for a caller to make once a step (None for one split): a CUDA graph makes it at the step's
-    start, into `out`, so that the kernels launched programmatically read it ahead of their
-    wait. None too for one split or a batch of one, which the kernels place without a table."""
+    for a caller to make once a step: a CUDA graph makes it at the step's start, into `out`, so
+    that the kernels launched programmatically read it ahead of their wait. None for one split
+    or a batch of one, which the kernels place without a table."""
     if num_splits == 1 or seq_lens.shape[0] == 1:
         return None
     device = seq_lens.device
