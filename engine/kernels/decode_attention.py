@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -391,8 +391,8 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
             GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, PREP=prep is not None,
             HAS_NORM=has_norm,
             BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, SINGLE_SPLIT=single,
-            ONE_SEQ=num_seqs == 1, PREFETCH=pdl.prefetch_weights(query), num_warps=num_warps,
-            num_stages=num_stages, **pdl.launch_options(query),
+            ONE_SEQ=num_seqs == 1 and not single, PREFETCH=pdl.prefetch_weights(query),
+            num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(query),
         )
         return block_n
 
@@ -413,31 +413,38 @@ def compile_variants(kv_layer: torch.Tensor, num_heads: int, prep: QKVPrep | Non
                      ) -> None:
     """Compiles now every variant a decode step over kv_layer (one layer of the engine's cache)
     may launch later, so that none stalls a serving batch to compile (the engine calls it once,
-    at start-up): the split kernel with each tile choice of `choose_tiles`, reading block 0 for a
-    one-token sequence (it writes only its own output), with `prep` also as a decode step runs
-    it (prep's slot_mapping must be -1: nothing is stored), and the piece table and merge. Tiles
-    too big for this GPU's shared memory are found here and left out of the choice."""
+    at start-up): the split kernel with each tile choice of `choose_tiles`, for a batch of one and
+    of two (a batch of one places its pieces without a table), reading block 0 for one-token
+    sequences (each writes only its own output), with `prep` also as a decode step runs it
+    (prep's one position and slot, which must be -1: nothing is stored), and the piece table and
+    merge. Tiles too big for this GPU's shared memory are found here and left out of the
+    choice."""
     head_dim, device = kv_layer.shape[4], kv_layer.device
     num_kv_heads = kv_layer.shape[3]
-    query = torch.zeros((1, num_heads, head_dim), dtype=kv_layer.dtype, device=device)
-    qkv = torch.zeros((1, (num_heads + 2 * num_kv_heads) * head_dim), dtype=kv_layer.dtype,
-                      device=device)
-    block_tables = torch.zeros((1, 1), dtype=torch.int32, device=device)
-    seq_lens = torch.ones(1, dtype=torch.int32, device=device)
-    # One split count a merge tile width (decode_pieces.MERGE_TILES): 2, 32 and 64.
-    for num_splits, tiles in ((1, (128, 4, 3)), (1, (64, 4, 3)), (2, (64, 4, 3)),
-                              (2, _SPLIT_TILES), (32, _SPLIT_TILES), (64, _SPLIT_TILES)):
-        try:
-            decode_attention(query, kv_layer, block_tables, seq_lens, 1.0,
-                             torch.empty_like(query), 1, num_splits=num_splits, tiles=tiles)
-            if prep is not None:
-                decode_attention(qkv, kv_layer, block_tables, seq_lens, 1.0,
-                                 torch.empty_like(query), 1, num_splits=num_splits, tiles=tiles,
-                                 prep=prep)
-        except triton.runtime.errors.OutOfResources:
-            if tiles == _SPLIT_TILES:
-                raise
-            _too_big.add(tiles)   # past this GPU's shared memory: never chosen
+    for num_seqs in (1, 2):
+        query = torch.zeros((num_seqs, num_heads, head_dim), dtype=kv_layer.dtype, device=device)
+        qkv = torch.zeros((num_seqs, (num_heads + 2 * num_kv_heads) * head_dim),
+                          dtype=kv_layer.dtype, device=device)
+        block_tables = torch.zeros((num_seqs, 1), dtype=torch.int32, device=device)
+        seq_lens = torch.ones(num_seqs, dtype=torch.int32, device=device)
+        seq_prep = prep and replace(prep, positions=prep.positions.repeat(num_seqs),
+                                    slot_mapping=prep.slot_mapping.repeat(num_seqs))
+        # One split count a merge tile width (decode_pieces.MERGE_TILES): 2, 32 and 64.
+        for num_splits, tiles in ((1, (128, 4, 3)), (1, (64, 4, 3)), (2, (64, 4, 3)),
+                                  (2, _SPLIT_TILES), (32, _SPLIT_TILES), (64, _SPLIT_TILES)):
+            if tiles in _too_big:
+                continue
+            try:
+                decode_attention(query, kv_layer, block_tables, seq_lens, 1.0,
+                                 torch.empty_like(query), 1, num_splits=num_splits, tiles=tiles)
+                if seq_prep is not None:
+                    decode_attention(qkv, kv_layer, block_tables, seq_lens, 1.0,
+                                     torch.empty_like(query), 1, num_splits=num_splits,
+                                     tiles=tiles, prep=seq_prep)
+            except triton.runtime.errors.OutOfResources:
+                if tiles == _SPLIT_TILES:
+                    raise
+                _too_big.add(tiles)   # past this GPU's shared memory: never chosen
 
 
 def check_attention_shapes(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,

@@ -61,3 +61,63 @@ def test_every_prefill_tile_choice_is_compiled_at_start_up():
         every = {prefill_attention.default_config(head_dim, q) for q in range(1, 9000)}
         assert every == {prefill_attention.default_config(head_dim, q)
                          for q in prefill_attention.VARIANT_QUERY_LENS}
+
+
+class _Recorder:
+    """Stands for a Triton kernel: records each launch's compile-time keywords."""
+
+    def __init__(self, seen: set):
+        self.seen = seen
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.seen.add(tuple(sorted(kwargs.items())))
+
+
+def test_every_decode_variant_a_step_launches_is_compiled_at_start_up(monkeypatch):
+    # The split, piece-table and merge kernels' launches are recorded, not run: what
+    # compile_variants launches at start-up against what decode steps of every batch size,
+    # longest context and split count launch later (eager: no programmatic launch).
+    import torch
+
+    from tandem.engine.kernels import decode_pieces
+    from tandem.engine.kernels.decode_attention import QKVPrep, choose_num_splits
+
+    monkeypatch.setattr(decode_attention, "_device_sms", lambda device: 132)
+    kernels = {"split": (decode_attention, "_decode_split_kernel"),
+               "table": (decode_pieces, "_piece_table_kernel"),
+               "merge": (decode_pieces, "_merge_pieces_kernel")}
+
+    def record() -> dict[str, set]:
+        seen = {key: set() for key in kernels}
+        for key, (module, name) in kernels.items():
+            monkeypatch.setattr(module, name, _Recorder(seen[key]))
+        return seen
+
+    heads, kv_heads, head_dim = 32, 8, 128
+    kv_layer = torch.zeros(64, 2, 16, kv_heads, head_dim, dtype=torch.bfloat16)
+    rope = torch.zeros(64, head_dim // 2)
+    prep = QKVPrep(torch.zeros(1, dtype=torch.int64), rope, rope, None, None, 1e-6,
+                   torch.full((1,), -1, dtype=torch.int64))
+    compiled = record()
+    decode_attention.compile_variants(kv_layer, heads, prep)
+    launched = record()
+    for num_seqs in (1, 2, 3, 8, 16, 17, 40, 66, 67, 200):
+        for longest in (16, 700, 5000, 32768):
+            for num_splits in {1, choose_num_splits(num_seqs, kv_heads, longest, "cpu")}:
+                lens = torch.full((num_seqs,), min(longest, 1024), dtype=torch.int32)
+                query = torch.zeros(num_seqs, heads, head_dim, dtype=torch.bfloat16)
+                tables = torch.zeros(num_seqs, 1, dtype=torch.int32)
+                decode_attention.decode_attention(query, kv_layer, tables, lens, 1.0,
+                                                  torch.empty_like(query), longest,
+                                                  num_splits=num_splits)
+                if num_seqs <= 16:
+                    qkv = torch.zeros(num_seqs, (heads + 2 * kv_heads) * head_dim,
+                                      dtype=torch.bfloat16)
+                    many = QKVPrep(prep.positions.repeat(num_seqs), rope, rope, None, None,
+                                   1e-6, prep.slot_mapping.repeat(num_seqs))
+                    decode_attention.decode_attention(qkv, kv_layer, tables, lens, 1.0,
+                                                      torch.empty_like(query), longest,
+                                                      num_splits=num_splits, prep=many)
+    for name in kernels:
+        assert launched[name] <= compiled[name], (name, launched[name] - compiled[name])
+    assert len(launched["split"]) >= 6 and launched["merge"]
