@@ -10,12 +10,11 @@ the short ones' spare splits sat empty.
 
 `plan_pieces` computes the step's table once, on the device, from seq_lens: the quantum, each
 sequence's first slot and each slot's sequence (-1 past the last piece). It is a tiny kernel and
-a CUDA graph replays it with the step, so one graph serves every mix of lengths. The quantum is the
-least of:
+a CUDA graph replays it with the step, so one graph serves every mix of lengths. The quantum is
+the least size, in whole tiles (so only a piece's last tile is ragged), that is at least:
 - the batch's tokens times its KV heads over the programs the GPU wants in flight (each program's
   share), and
-- enough that the pieces fit the slots,
-rounded up to whole tiles so only a piece's last tile is ragged.
+- enough that the pieces fit the slots.
 
 A sequence of one piece gets its output from its program directly. The merge combines the pieces of
 the others with the usual softmax rescaling, a tile of pieces at a time, so a few tile widths
@@ -35,9 +34,10 @@ from tandem.engine.kernels import pdl
 _LENS_BLOCK = tl.constexpr(256)   # sequence lengths read at a time
 _SLOT_BLOCK = 64                 # slots each program of the table kernel fills
 # Pieces the merge combines at a time: the next power of two of the slots a sequence, 16 to 64. A
-# batch of one reads its up to 64 pieces in one pass (looping over tiles of 16 cost qwen3-0.6b's
-# batch-1 step at 4k 0.95 -> 1.06 ms on an H200), while a wide tile for a few pieces costs
-# registers (a 64-wide tile for 3 splits cost batch 32 about 40% more attention time).
+# batch of one reads its up to 64 pieces in one pass (a first version, tiles of 16 and the table
+# read after the launch wait, took qwen3-0.6b's batch-1 step at 4k from 0.95 to 1.06 ms on an
+# H200), while a wide tile for a few pieces costs registers (a 64-wide tile for 3 splits cost
+# batch 32 about 40% more attention time).
 MERGE_TILES = (16, 32, 64)
 
 
