@@ -355,23 +355,22 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
     group = num_heads // num_kv_heads
     single = num_splits == 1
     target = _WAVES * _device_sms(query.device)
+    if single or num_seqs == 1:
+        pieces = None   # whole sequences, or a batch of one, which the kernels place themselves
+    elif pieces is None:
+        if pdl.enabled(query):   # the split kernel reads the table ahead of its wait
+            raise ValueError("under programmatic launch the piece table is made at the "
+                             "step's start (step_pieces) and passed in")
+        pieces = plan_pieces(seq_lens, num_kv_heads, num_splits, tiles[0], target)
+    elif pieces.slot_seq.shape[0] != num_seqs * num_splits:
+        raise ValueError(f"piece table of {pieces.slot_seq.shape[0]} slots for {num_seqs} "
+                         f"sequences x {num_splits} splits")
+    # Without a table its pointers are unused by the kernels; any tensor of the device will do.
+    table = ((seq_lens, seq_lens, seq_lens) if pieces is None
+             else (pieces.slot_seq, pieces.first_slot, pieces.quantum))
     if single:
-        part_out = part_lse = out  # unused by the kernel; any tensor of the device will do
-        table = (seq_lens, seq_lens, seq_lens)
+        part_out = part_lse = out  # unused by the kernel, as above
     else:
-        if num_seqs == 1:
-            pieces = None   # the kernels place a batch of one without a table
-            table = (seq_lens, seq_lens, seq_lens)
-        elif pieces is None:
-            if pdl.enabled(query):   # the split kernel reads the table ahead of its wait
-                raise ValueError("under programmatic launch the piece table is made at the "
-                                 "step's start (step_pieces) and passed in")
-            pieces = plan_pieces(seq_lens, num_kv_heads, num_splits, tiles[0], target)
-        elif pieces.slot_seq.shape[0] != num_seqs * num_splits:
-            raise ValueError(f"piece table of {pieces.slot_seq.shape[0]} slots for {num_seqs} "
-                             f"sequences x {num_splits} splits")
-        if pieces is not None:
-            table = (pieces.slot_seq, pieces.first_slot, pieces.quantum)
         part_out = torch.empty((num_seqs * num_splits, num_heads, head_dim), dtype=torch.float32,
                                device=query.device)
         part_lse = torch.empty((num_seqs * num_splits, num_heads), dtype=torch.float32,
