@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[3]
 
 SCRIPT = r"""
@@ -40,18 +43,23 @@ print(json.dumps(results))
 
 
 def _run(cases: list) -> list:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="a GPU runs the compiled kernels (test_decode_attention.py)")
 def test_pieces_split_and_merge_match_the_reference_in_the_interpreter():
     # Four "SMs" and 2 KV heads: each program's share is about 1011 * 2 / 16 tokens, so the
     # 900-token context takes 5 pieces of 192 tokens though the launch has 2 slots a sequence;
     # a batch of one places its pieces without a table; one split reads each sequence whole.
-    cases = [([900, 40, 70, 1], 2), ([700], 5), ([300, 20], 1)]
+    # Pieces of 512 tokens (8 tiles) for [2100, 1030, 570]: a remainder of up to one tile joins
+    # the sequence's last piece (2100 = 3 x 512 + 564, 570 = one piece).
+    cases = [([900, 40, 70, 1], 2), ([700], 5), ([300, 20], 1), ([2100, 1030, 570], 4)]
     results = _run(cases)
     for (err, finite, _), case in zip(results, cases):
         assert finite and err < 1e-5, (case, err)
@@ -59,3 +67,4 @@ def test_pieces_split_and_merge_match_the_reference_in_the_interpreter():
     assert quantum == 192
     assert slot_seq == [0, 0, 0, 0, 0, 1, 2, 3]
     assert first_slot == [0, 5, 6, 7]
+    assert results[3][2] == [[0, 0, 0, 0, 1, 1, 2] + [-1] * 5, [0, 4, 6], 512]
