@@ -4,9 +4,10 @@ a sequence's pieces.
 The split kernel (kernels/decode_attention.py) runs num_seqs x num_splits programs per KV head.
 They are slots, not one row of splits per sequence: the batch's tokens are cut into pieces of one
 size, the quantum (a sequence's last piece may also take a short remainder: `num_pieces`), and
-each sequence takes as many pieces as its length needs, on consecutive slots. So one long context among short ones is read by as many programs as its length asks for,
-where a fixed row of splits per sequence left it to num_splits programs (2 at large batches) while
-the short ones' spare splits sat empty.
+each sequence takes as many pieces as its length needs, on consecutive slots. So one long context
+among short ones is read by as many programs as its length asks for, where a fixed row of splits
+per sequence left it to num_splits programs (2 at large batches) while the short ones' spare
+splits sat empty.
 
 `plan_pieces` computes the step's table once, on the device, from seq_lens: the quantum, each
 sequence's first slot and each slot's sequence (-1 past the last piece). It is a tiny kernel and
