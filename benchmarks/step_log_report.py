@@ -55,16 +55,18 @@ def kind(step: dict) -> str:
 def shape(step: dict) -> str:
     """The step's kind, finer: decode steps by batch (up to 16 sequences a graph is one
     programmatic-launch chain), a chunk beside decodes by the decodes' context tokens (their
-    attention is what grows with it)."""
+    attention is what grows with it), and steps with prompt tokens of several prompts apart
+    (logs that record `prefill_seqs`)."""
     name = kind(step)
     if name == "decode":
         batch = step["decode_seqs"]
         return f"decode, {'1-16' if batch <= 16 else '17-32' if batch <= 32 else '33+'} seqs"
+    prompts = ", several prompts" if step.get("prefill_seqs", 1) > 1 else ""
     if name == "mixed":
         context = step["context_tokens"]
         band = "<50k" if context < 50_000 else "50k-150k" if context < 150_000 else "150k+"
-        return f"mixed, {band} decode context"
-    return name
+        return f"mixed, {band} decode context{prompts}"
+    return name + prompts
 
 
 def rows(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s: float
@@ -97,7 +99,8 @@ def report(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s:
     field = "shape" if by_shape else "kind"
     order = ("decode", "mixed", "prefill")
     for name in sorted({r[field] for r in table},
-                       key=lambda n: (order.index(n.split(",")[0]), _band_order(n))):
+                       key=lambda n: (order.index(n.split(",")[0]), _band_order(n),
+                                      "several" in n)):
         picked = [r for r in table if r[field] == name]
         ratios = [r["thread_s"] / r["model_s"] for r in picked if r["model_s"] > 0]
         loops = [r["loop_s"] * 1e3 for r in picked if r["loop_s"] is not None] or [0.0]

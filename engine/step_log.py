@@ -11,7 +11,8 @@ what arrived meanwhile before it starts the next. When the worker runs `TANDEM_S
 - `resumed_s`: when the event loop took the tokens, after the thread handed them back;
 - `at_s`: the same moment in epoch seconds (`time.time()`), to cut a log by wall-clock times;
 - the shape the performance model prices a step by: prompt tokens, their token-weighted cached
-  prefix, decoding sequences and their context tokens, and tokens sampled.
+  prefix, decoding sequences and their context tokens, and tokens sampled;
+- `prefill_seqs`: how many prompts those tokens came from (the model prices them as one).
 Times are `time.perf_counter()` seconds of the worker process. Lines go out in blocks, at most a
 second apart, so logging costs a step a dictionary and no write.
 """
@@ -71,7 +72,9 @@ class StepLog:
 
     def observe(self, batch: ScheduledBatch) -> None:
         """The engine's step observer: called with each batch before its tokens are applied."""
-        self._terms = step_terms(batch)
+        prompts = sum(num_new > 1 or seq.num_computed_tokens < seq.num_prompt_tokens
+                      for seq, num_new in zip(batch.seqs, batch.num_new_tokens))
+        self._terms = (*step_terms(batch), prompts)
 
     def record(self, began_s: float, ended_s: float, resumed_s: float) -> None:
         terms, self._terms = self._terms, None
@@ -80,7 +83,7 @@ class StepLog:
         self._lines.append(json.dumps({"began_s": round(began_s, 6), "ended_s": round(ended_s, 6),
                                        "resumed_s": round(resumed_s, 6),
                                        "at_s": round(time.time(), 3),
-                                       **dict(zip(_TERMS, terms))}))
+                                       **dict(zip(_TERMS + ("prefill_seqs",), terms))}))
         if resumed_s - self._flushed_s >= FLUSH_EVERY_S:
             self.flush()
 

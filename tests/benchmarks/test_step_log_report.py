@@ -41,13 +41,17 @@ def test_by_shape_splits_decode_by_batch_and_mixed_by_decode_context():
     steps = [_step(0.0, 0.01, 0.0, decodes=8, context=8000),
              _step(0.02, 0.01, 0.0, decodes=40, context=160_000),
              _step(0.04, 0.05, 0.0, prefill=512, decodes=30, context=120_000),
-             _step(0.10, 0.05, 0.0, prefill=512, decodes=8, context=20_000)]
+             _step(0.10, 0.05, 0.0, prefill=512, decodes=8, context=20_000),
+             {**_step(0.16, 0.05, 0.0, prefill=512, decodes=8, context=20_000),
+              "prefill_seqs": 3}]
     assert [shape(s) for s in steps] == ["decode, 1-16 seqs", "decode, 33+ seqs",
                                          "mixed, 50k-150k decode context",
-                                         "mixed, <50k decode context"]
+                                         "mixed, <50k decode context",
+                                         "mixed, <50k decode context, several prompts"]
     names = [line.split(" | ")[0].lstrip("| ")
              for line in report(steps, model, None, 0.05, by_shape=True).splitlines()[2:-1]]
     assert names == ["decode, 1-16 seqs", "decode, 33+ seqs", "mixed, <50k decode context",
+                     "mixed, <50k decode context, several prompts",
                      "mixed, 50k-150k decode context"]
 
 

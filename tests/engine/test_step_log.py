@@ -35,10 +35,33 @@ def test_every_step_of_a_request_is_logged_with_its_shape_and_times(tmp_path):
             for s in lines] == [(8, 0, 0, 0), (4, 8, 0, 1), (0, 0, 1, 1), (0, 0, 1, 1),
                                 (0, 0, 1, 1)]
     assert [s["context_tokens"] for s in lines[2:]] == [13, 14, 15]
+    assert [s["prefill_seqs"] for s in lines] == [1, 1, 0, 0, 0]
     for step, after in zip(lines, lines[1:] + [None]):
         assert step["began_s"] <= step["ended_s"] <= step["resumed_s"]
         if after is not None:
             assert step["resumed_s"] <= after["began_s"]
+
+
+def test_a_step_of_two_prompts_logs_both(tmp_path):
+    engine = LLMEngine(EngineConfig(model="random:tiny", block_size=4, num_kv_blocks=64,
+                                    max_num_batched_tokens=16))
+    log = StepLog(str(tmp_path / "worker.jsonl"))
+
+    async def main():
+        serving = AsyncEngine(engine, log)
+        serving.start()
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+
+        async def one(name, prompt):
+            return [u async for u in serving.generate(name, prompt, params)]
+        await asyncio.gather(one("a", list(range(1, 6))), one("b", list(range(7, 13))))
+        await serving.stop()
+
+    asyncio.run(main())
+    lines = [json.loads(line) for line in (tmp_path / "worker.jsonl").read_text().splitlines()]
+    first = lines[0]
+    assert (first["prefill_tokens"], first["prefill_seqs"], first["decode_seqs"]) == (11, 2, 0)
+    assert lines[1:] and {(s["prefill_seqs"], s["decode_seqs"]) for s in lines[1:]} == {(0, 2)}
 
 
 def test_the_log_is_off_unless_its_directory_is_set(tmp_path, monkeypatch):
