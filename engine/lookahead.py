@@ -5,8 +5,10 @@ tokens back, recording them) otherwise leaves the device idle between steps. Whe
 sequence is decoding and nothing waits, the next step is already known but for its input tokens,
 which are this step's sampled tokens, still on the device: it is planned from the sequences as they
 will be once this step's tokens are recorded (one position further on), with its inputs read from
-the device tensor of this step's tokens. A sequence that this step ends still has a row in the step
-ahead; its token there is dropped (the scheduler skips finished sequences when recording).
+the device tensor of this step's tokens. A sequence whose token in this step is its last by length
+(max_tokens, the context limit) has no row in the step ahead, and when that is every sequence there
+is no step ahead. One that this step ends otherwise (eos, a stop token or string) still has a row;
+its token there is dropped (the scheduler skips finished sequences when recording).
 
 No step is queued ahead while a handed-over request waits for its prompt's KV pull (decode role):
 the pull starts at a step boundary and usually ends within the next step, and a step queued ahead
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.engine.scheduler import ScheduledBatch, Scheduler
+from tandem.engine.stop_rule import ends_by_length
 
 
 @dataclass(slots=True)
@@ -42,9 +45,10 @@ def plan_ahead(scheduler: Scheduler, in_flight: ScheduledBatch,
     if scheduler.waiting or scheduler.waiting_for_remote_kvs or not running:
         return None
     row_of = {id(seq): i for i, seq in enumerate(in_flight.seqs)}
-    rows = []
+    seqs, rows = [], []
     num_needed = 0
     longest = 0
+    max_model_len = scheduler.limits.max_model_len
     for seq in running:
         i = row_of.get(id(seq))
         # Each must decode one token in the step in flight (so it samples there), and nothing may
@@ -53,20 +57,24 @@ def plan_ahead(scheduler: Scheduler, in_flight: ScheduledBatch,
                 or seq.num_computed_tokens + 1 != seq.num_tokens
                 or seq.grammar is not None or seq.params.changes_logits):
             return None
+        if ends_by_length(seq.params, seq.num_output_tokens + 1, seq.num_tokens + 1,
+                          max_model_len):
+            continue   # its token in flight is its last
+        seqs.append(seq)
         rows.append(i)
         # After this step it holds num_tokens + 1 tokens, the last of which the step ahead computes.
         num_needed += max(0, seq.num_blocks_for(seq.num_tokens + 1) - len(seq.block_table))
         longest = max(longest, seq.num_tokens + 1)
-    if not fits(len(running), longest):
+    if not seqs or not fits(len(seqs), longest):
         return None
     manager = scheduler.block_manager
     if num_needed and not manager.can_allocate(num_needed):
         return None
-    for seq in running:
+    for seq in seqs:
         missing = seq.num_blocks_for(seq.num_tokens + 1) - len(seq.block_table)
         if missing > 0:
             seq.block_table.extend(manager.allocate(missing))
-    return AheadPlan(ScheduledBatch(list(running), [1] * len(running)), rows)
+    return AheadPlan(ScheduledBatch(seqs, [1] * len(seqs)), rows)
 
 
 def blocks_written(batch: ScheduledBatch, ahead: bool) -> list[int]:

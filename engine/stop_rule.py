@@ -22,11 +22,17 @@ def finish_after_token(params: SamplingParams, token_id: int, num_output_tokens:
             return FinishReason.STOP
         if token_id in params.stop_token_ids:
             return FinishReason.STOP
-    if params.max_tokens is not None and num_output_tokens >= params.max_tokens:
-        return FinishReason.LENGTH
-    if num_tokens >= max_model_len:
+    if ends_by_length(params, num_output_tokens, num_tokens, max_model_len):
         return FinishReason.LENGTH
     return None
+
+
+def ends_by_length(params: SamplingParams, num_output_tokens: int, num_tokens: int,
+                   max_model_len: int) -> bool:
+    """Whether a request with these counts has reached max_tokens or the context limit: it ends
+    whatever its last token was."""
+    return ((params.max_tokens is not None and num_output_tokens >= params.max_tokens)
+            or num_tokens >= max_model_len)
 
 
 def stop_reason_of(reason: FinishReason | None, params: SamplingParams,

@@ -153,6 +153,25 @@ def test_a_sequence_ended_in_flight_is_skipped_and_the_rest_keep_their_rows():
     assert advanced == [b] and a.num_tokens == 6 and b.token_ids[-1] == 12
 
 
+def test_a_sequence_whose_token_in_flight_is_its_last_by_length_has_no_row_ahead():
+    # a has 1 output token and max_tokens 2: its token in flight is its last. c reaches the
+    # context limit (24) with it. When only those are left there is no step ahead at all.
+    scheduler = Scheduler(SchedulerLimits(8, 64, 24), BlockManager(32, 4, True), {0})
+    a = decoding(scheduler, 5, "a", SamplingParams(temperature=0, max_tokens=2))
+    b = decoding(scheduler, 5, "b")
+    c = decoding(scheduler, 22, "c")
+    in_flight = run_prompts(scheduler)
+    plan = plan_ahead(scheduler, in_flight, lambda n, longest: True)
+    assert plan is not None and plan.batch.seqs == [b] and plan.rows == [1]
+    scheduler.postprocess(in_flight, [11, 12, 13])
+    assert a.is_finished and c.is_finished and list(scheduler.running) == [b]
+
+    scheduler = new_scheduler()
+    decoding(scheduler, 5, "a", SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    in_flight = run_prompts(scheduler)
+    assert plan_ahead(scheduler, in_flight, lambda n, longest: True) is None
+
+
 def test_a_step_in_flight_keeps_the_blocks_it_writes_from_being_handed_out():
     llm = LLM(model="random:tiny", block_size=4, num_kv_blocks=64)
     engine = llm.engine
