@@ -1,6 +1,6 @@
 """Engine benchmark on one NVIDIA GPU, each figure next to the limit it is measured against.
 
-  python benchmarks/engine_bench.py [--only itl,prefill,sweep,mixed,throughput] [--hf]
+  python benchmarks/engine_bench.py [--only itl,prefill,sweep,steps,mixed,throughput] [--hf]
                                     [--pdl 0,wait,1]
 
 --pdl runs the per-model parts once for each programmatic-dependent-launch mode (TANDEM_PDL,
@@ -12,6 +12,10 @@ own engine and captured graphs, so the modes compare within one run.
 2. Prefill throughput at 1k and 4k tokens, next to FLOPs / measured bf16 matmul rate.
 3. sweep: the decode step (its captured graph replayed) at batch 1, 32, 128 and 256 with 1k and 4k
    contexts, next to the same roofline.
+   steps: decode steps as a serving worker runs them (`StepProbe.decode`: `LLMEngine.steps()`,
+   graphs, lookahead, the contexts growing by one a step) at batch 1, 32, 64 and 128, from 1000
+   and 1024 tokens (1024 lands one past a multiple of the attention's tiles), and 4096; the same
+   roofline beside each. Not in the default list.
 4. mixed: a 2048-token prompt chunk scheduled beside 32 decoding sequences at 1k context (and 64 at
    4k, where aggregated serving of 4k prompts runs), against the chunk alone
    plus the decode step alone.
@@ -137,6 +141,21 @@ def bench_sweep(model: str, hbm_gbs: float) -> None:
             row("sweep", model, f"batch {batch}", f"ctx {context}", f"{step_s * 1e3:.2f} ms",
                 f"roofline {roofline_s * 1e3:.2f} ms", f"{step_s / roofline_s:.2f}x roofline")
     del engine, graphs
+    release(llm)
+
+
+def bench_steps(model: str, hbm_gbs: float) -> None:
+    """Decode steps timed as serving runs them, next to the roofline."""
+    release(None)
+    llm = LLM(model=model, max_model_len=8192)
+    probe, weights = StepProbe(llm.engine), weight_bytes(llm)
+    for context in (1000, 1024, 4096):
+        for batch in (1, 32, 64, 128):
+            step_s = probe.decode(batch, context, Repeats(3, 10, 10))["seconds"]
+            roofline_s = (weights + kv_bytes(llm, batch * context)) / (hbm_gbs * 1e9)
+            row("steps", model, f"batch {batch}", f"from ctx {context}", f"{step_s * 1e3:.3f} ms",
+                f"roofline {roofline_s * 1e3:.2f} ms", f"{step_s / roofline_s:.2f}x roofline")
+    del probe
     release(llm)
 
 
@@ -283,6 +302,8 @@ def bench_models(parts: list[str], hbm: float, tflops: float) -> None:
             bench_prefill(model, tflops)
         if "sweep" in parts:
             bench_sweep(model, hbm)
+        if "steps" in parts:
+            bench_steps(model, hbm)
         if "mixed" in parts:
             bench_mixed(model)
             bench_mixed(model, batch=64, context=4096)  # aggregated serving at ISL 4096
