@@ -21,6 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import dataclass
+
+import numpy as np
 
 from tandem.planner.perf_model import PerfModel
 
@@ -118,6 +121,75 @@ def report(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s:
     return "\n".join(lines)
 
 
+def recent_prompt_duty(steps: list[dict], index: int, window_s: float) -> float:
+    """The share of the window_s seconds before steps[index] began that steps with prompt tokens
+    ran (a GPU that has run chunk after chunk may have lowered its clock)."""
+    began = steps[index]["began_s"]
+    busy = 0.0
+    for step in reversed(steps[:index]):
+        if step["ended_s"] <= began - window_s:
+            break
+        if step["prefill_tokens"]:
+            busy += step["ended_s"] - max(step["began_s"], began - window_s)
+    return busy / window_s
+
+
+@dataclass(frozen=True)
+class MixedTerms:
+    """A least-squares line of mixed steps' thread time over the model's price."""
+    num_steps: int
+    intercept: float
+    per_duty: float          # per unit of prompt duty in the window before the step
+    per_ten_seqs: float      # per 10 decoding sequences beside the chunk
+    per_100k_context: float  # per 100k context tokens of those sequences
+    sd: float
+    residual_sd: float
+    bands: list[tuple[float, float, int, float, float, float]]  # duty from, to, steps, medians
+
+
+def fit_mixed_terms(steps: list[dict], model: PerfModel, step_budget: int | None,
+                    window_s: float = 2.0, min_prompt_tokens: int = 1024) -> MixedTerms | None:
+    """What a mixed step's time over the model's price goes with: the prompt duty of the window
+    before it, its decoding sequences and their context tokens; None under 8 steps. Steps of at
+    least min_prompt_tokens prompt tokens only: a short chunk's ratio is mostly the noise of a
+    few milliseconds."""
+    table = []
+    for i, step in enumerate(steps):
+        if kind(step) == "mixed" and step["prefill_tokens"] >= min_prompt_tokens:
+            priced = model.step_s(step["prefill_tokens"], step["cached_tokens"],
+                                  step["decode_seqs"], step["context_tokens"], step_budget)
+            table.append(((step["ended_s"] - step["began_s"]) / priced,
+                          recent_prompt_duty(steps, i, window_s), step["decode_seqs"] / 10,
+                          step["context_tokens"] / 1e5))
+    if len(table) < 8:
+        return None
+    data = np.array(table)
+    terms = np.c_[np.ones(len(data)), data[:, 1:]]
+    coef, *_ = np.linalg.lstsq(terms, data[:, 0], rcond=None)
+    bands = []
+    for low, high in ((0.0, 0.5), (0.5, 0.8), (0.8, 0.95), (0.95, 1.01)):
+        band = data[(data[:, 1] >= low) & (data[:, 1] < high)]
+        if len(band):
+            bands.append((low, min(high, 1.0), len(band), float(np.median(band[:, 0])),
+                          float(np.median(band[:, 2])) * 10, float(np.median(band[:, 3])) * 1e5))
+    return MixedTerms(len(data), *(float(c) for c in coef), float(data[:, 0].std()),
+                      float((data[:, 0] - terms @ coef).std()), bands)
+
+
+def mixed_terms_text(fit: MixedTerms | None, window_s: float = 2.0) -> str:
+    if fit is None:
+        return "mixed steps: too few to fit"
+    lines = [f"mixed steps: {fit.num_steps}; thread / model = {fit.intercept:.3f} "
+             f"{fit.per_duty:+.3f} x prompt duty of the {window_s:g} s before "
+             f"{fit.per_ten_seqs:+.4f} x decoding sequences / 10 "
+             f"{fit.per_100k_context:+.4f} x their context / 100k "
+             f"(sd {fit.sd:.3f}, residual sd {fit.residual_sd:.3f})"]
+    for low, high, count, ratio, seqs, context in fit.bands:
+        lines.append(f"  duty {low:g}-{high:g}: {count} steps, thread / model {ratio:.3f}, "
+                     f"decoding sequences {seqs:.0f}, context {context:.0f} (medians)")
+    return "\n".join(lines)
+
+
 def _band_order(name: str) -> int:
     for i, band in enumerate(("1-16", "17-32", "33+", "<50k", "50k-150k", "150k+")):
         if band in name:
@@ -139,6 +211,10 @@ def main() -> None:
     parser.add_argument("--until", type=float, default=float("inf"))
     parser.add_argument("--by-shape", action="store_true",
                         help="decode steps by batch, mixed steps by the decodes' context tokens")
+    parser.add_argument("--mixed-terms", action="store_true",
+                        help="also fit the time over the model's price of mixed steps (1024+ "
+                             "prompt tokens) on the prompt duty before them, their decode batch "
+                             "and its context")
     parser.add_argument("--cases", default=None,
                         help="a JSON list of {case, start_s, end_s}: one report per case")
     args = parser.parse_args()
@@ -153,6 +229,8 @@ def main() -> None:
             if steps:
                 print(report(steps, model, args.step_budget, args.idle_ms / 1e3,
                              args.by_shape))
+                if args.mixed_terms:
+                    print(mixed_terms_text(fit_mixed_terms(steps, model, args.step_budget)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.step_log_report import kind, report, rows, shape
+from benchmarks.step_log_report import (fit_mixed_terms, kind, mixed_terms_text,
+                                         recent_prompt_duty, report, rows, shape)
 from tandem.planner.perf_model import PerfModel
 from tandem.planner.sim_synthetic import synthetic_profile
 
@@ -75,3 +76,30 @@ def test_cases_cut_a_log_into_one_report_each(tmp_path):
                           "--profile", str(profile), str(log), "--cases", str(cases)],
                          capture_output=True, text=True, check=True, timeout=60).stdout
     assert f"light: {log}: 2 steps" in out and f"heavy: {log}: 4 steps" in out
+
+
+def test_mixed_terms_find_what_a_mixed_steps_excess_grows_with():
+    # Mixed steps of 2048 prompt tokens whose time over the model's price grows 1% a decoding
+    # sequence (whatever their context), a second of decode steps between two halves.
+    model = PerfModel.from_profile(synthetic_profile())
+    steps, now = [], 0.0
+    for i in range(40):
+        if i == 20:
+            steps.append(_step(now, 1.0, 0.0, decodes=8, context=8000))
+            now += 1.0
+        decodes, context = 4 + i % 20, (4 + i % 20) * (1000 + 700 * (i % 3))
+        seconds = model.step_s(2048, 0, decodes, context) * (1 + 0.01 * decodes)
+        steps.append(_step(now, seconds, 0.0, prefill=2048, decodes=decodes, context=context))
+        now += seconds
+    after_rest = next(i for i, s in enumerate(steps) if not s["prefill_tokens"]) + 1
+    assert recent_prompt_duty(steps, after_rest, 2.0) < 0.55
+    assert recent_prompt_duty(steps, len(steps) - 1, 0.5) == pytest.approx(1.0)
+    fit = fit_mixed_terms(steps, model, None)
+    assert fit.num_steps == 40
+    assert fit.intercept == pytest.approx(1.0, abs=1e-6)
+    assert fit.per_ten_seqs == pytest.approx(0.1, abs=1e-6)
+    assert fit.per_duty == pytest.approx(0.0, abs=1e-6)
+    assert fit.per_100k_context == pytest.approx(0.0, abs=1e-6)
+    assert fit.residual_sd == pytest.approx(0.0, abs=1e-9)
+    assert mixed_terms_text(fit).startswith("mixed steps: 40; thread / model = 1.000 ")
+    assert fit_mixed_terms(steps[:5], model, None) is None
