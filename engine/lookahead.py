@@ -32,7 +32,8 @@ from tandem.engine.stop_rule import ends_by_length
 
 @dataclass(slots=True)
 class AheadPlan:
-    batch: ScheduledBatch  # every running sequence, one token each, at the position after this step's
+    # The running sequences that go on past this step, one token each, a position further on.
+    batch: ScheduledBatch
     rows: list[int]        # each sequence's row in the step in flight, whose token is its input
 
 
