@@ -13,22 +13,33 @@ from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.step_log import StepLog
 
 
-def test_every_step_of_a_request_is_logged_with_its_shape_and_times(tmp_path):
+def serve(tmp_path, step_budget: int, prompts: list[list[int]], max_tokens: int
+          ) -> tuple[list[list], list[dict]]:
+    """The prompts served at once by a real engine under the serving loop, with a step log:
+    (each request's updates, the log's lines)."""
     engine = LLMEngine(EngineConfig(model="random:tiny", block_size=4, num_kv_blocks=64,
-                                    max_num_batched_tokens=8))
+                                    max_num_batched_tokens=step_budget))
     log = StepLog(str(tmp_path / "worker.jsonl"))
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
     async def main():
         serving = AsyncEngine(engine, log)
         serving.start()
-        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-        got = [u async for u in serving.generate("r", list(range(1, 13)), params)]
+
+        async def one(name, prompt):
+            return [u async for u in serving.generate(name, prompt, params)]
+        got = await asyncio.gather(*(one(f"r{i}", p) for i, p in enumerate(prompts)))
         await serving.stop()
         return got
 
     updates = asyncio.run(main())
-    assert sum(len(u.new_token_ids) for u in updates) == 4
     lines = [json.loads(line) for line in (tmp_path / "worker.jsonl").read_text().splitlines()]
+    return updates, lines
+
+
+def test_every_step_of_a_request_is_logged_with_its_shape_and_times(tmp_path):
+    (updates,), lines = serve(tmp_path, 8, [list(range(1, 13))], 4)
+    assert sum(len(u.new_token_ids) for u in updates) == 4
     # A 12-token prompt in chunks of 8 and 4 (the second samples the first token), then three
     # decode steps whose context grows by one.
     assert [(s["prefill_tokens"], s["cached_tokens"], s["decode_seqs"], s["sampled"])
@@ -43,22 +54,7 @@ def test_every_step_of_a_request_is_logged_with_its_shape_and_times(tmp_path):
 
 
 def test_a_step_of_two_prompts_logs_both(tmp_path):
-    engine = LLMEngine(EngineConfig(model="random:tiny", block_size=4, num_kv_blocks=64,
-                                    max_num_batched_tokens=16))
-    log = StepLog(str(tmp_path / "worker.jsonl"))
-
-    async def main():
-        serving = AsyncEngine(engine, log)
-        serving.start()
-        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-
-        async def one(name, prompt):
-            return [u async for u in serving.generate(name, prompt, params)]
-        await asyncio.gather(one("a", list(range(1, 6))), one("b", list(range(7, 13))))
-        await serving.stop()
-
-    asyncio.run(main())
-    lines = [json.loads(line) for line in (tmp_path / "worker.jsonl").read_text().splitlines()]
+    _, lines = serve(tmp_path, 16, [list(range(1, 6)), list(range(7, 13))], 2)
     first = lines[0]
     assert (first["prefill_tokens"], first["prefill_seqs"], first["decode_seqs"]) == (11, 2, 0)
     # One decode step: the second token is both requests' last, so none is queued after it.
