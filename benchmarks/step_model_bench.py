@@ -8,7 +8,10 @@ beside each, so the model's error where serving meets it is a measured figure.
 
     python benchmarks/step_model_bench.py --profile planner/profiles/random-llama-3.1-8b-h200.json
         [--model random:llama-3.1-8b] [--chunk 2048] [--cached 0,4096,8192,16384,28672]
-        [--decodes 16,48] [--context 4096]
+        [--decodes 16,48] [--context 4096] [--prompts 1,4]
+
+--prompts: mixed steps whose chunk is the last tokens of that many prompts at once (the trace sends
+up to 16 requests at the same instant), each after the same prefix; the model prices them as one.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main() -> None:
     parser.add_argument("--cached", default="0,4096,8192,16384,28672")
     parser.add_argument("--decodes", default="16,48", help="decode rows beside the chunk")
     parser.add_argument("--context", type=int, default=4096, help="each decode row's context")
+    parser.add_argument("--prompts", default="1", help="prompts the mixed steps' chunk is cut into")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     model = PerfModel.load(args.profile)
@@ -42,22 +46,25 @@ def main() -> None:
     probe = StepProbe(llm.engine)
     probe.warm_up(chunk)
     print(f"{args.model}, chunks of {chunk}; model from {args.profile}")
-    print("| step | cached | decode rows | measured ms | model ms | model / measured |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| step | cached | decode rows | prompts | measured ms | model ms | model / measured |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for cached in cached_list:
         seconds = statistics.median(probe.prefill_once(chunk, cached)
                                     for _ in range(args.repeats))
         priced = model.prefill_s(chunk, cached)
-        print(f"| prefill | {cached} | 0 | {seconds * 1e3:.2f} | {priced * 1e3:.2f} | "
+        print(f"| prefill | {cached} | 0 | 1 | {seconds * 1e3:.2f} | {priced * 1e3:.2f} | "
               f"{priced / seconds:.3f} |", flush=True)
     for batch in _ints(args.decodes):
         decodes = probe.place_decodes(batch, args.context)
         for cached in cached_list:
-            runs = [probe.mixed_once(chunk, cached, decodes) for _ in range(args.repeats)]
-            seconds = statistics.median(r[0] for r in runs)
-            priced = model.step_s(chunk, cached, batch, runs[0][1])
-            print(f"| mixed | {cached} | {batch} x {args.context} | {seconds * 1e3:.2f} | "
-                  f"{priced * 1e3:.2f} | {priced / seconds:.3f} |", flush=True)
+            for prompts in _ints(args.prompts):
+                runs = [probe.mixed_once(chunk, cached, decodes, prompts)
+                        for _ in range(args.repeats)]
+                seconds = statistics.median(r[0] for r in runs)
+                priced = model.step_s(chunk, cached, batch, runs[0][1])
+                print(f"| mixed | {cached} | {batch} x {args.context} | {prompts} | "
+                      f"{seconds * 1e3:.2f} | {priced * 1e3:.2f} | {priced / seconds:.3f} |",
+                      flush=True)
         probe.clear()
 
 

@@ -125,16 +125,20 @@ class StepProbe:
         """batch_size sequences that each decode their next token at context_tokens."""
         return [self.place(context_tokens, context_tokens - 1) for _ in range(batch_size)]
 
-    def mixed_once(self, num_new: int, num_cached: int, decodes: list[Sequence]
-                   ) -> tuple[float, int]:
-        """A prefill chunk scheduled after the decode batch, as the running list orders them.
+    def mixed_once(self, num_new: int, num_cached: int, decodes: list[Sequence],
+                   num_prompts: int = 1) -> tuple[float, int]:
+        """A prefill chunk scheduled after the decode batch, as the running list orders them:
+        num_new prompt tokens, the last ones of num_prompts prompts (as evenly as they split),
+        each after num_cached tokens already in KV.
 
         Returns (seconds, the decode batch's context tokens in that step).
         """
         context = sum(s.num_tokens for s in decodes)
-        seq = self.place(num_cached + num_new, num_cached)
-        seconds = self.step_s(expect_tokens=len(decodes) + 1)
-        self.remove(seq)
+        sizes = [num_new // num_prompts + (i < num_new % num_prompts) for i in range(num_prompts)]
+        seqs = [self.place(num_cached + size, num_cached) for size in sizes]
+        seconds = self.step_s(expect_tokens=len(decodes) + num_prompts)
+        for seq in seqs:
+            self.remove(seq)
         return seconds, context
 
     def decode(self, batch_size: int, context_tokens: int, repeats: Repeats) -> dict:

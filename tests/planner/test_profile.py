@@ -97,3 +97,22 @@ def test_decode_points_run_back_to_back_and_leave_the_engine_empty():
     assert point["num_context_tokens"] == round(sum(3 * (40 + k) for k in range(3, 7)) / 4)
     assert point["seconds"] > 0
     assert engine.request_ids() == [] and engine.block_manager.num_free_blocks == free
+
+
+def test_a_mixed_point_cuts_its_chunk_into_several_prompts_of_one_step():
+    # 10 new tokens over 3 prompts (4 + 3 + 3, each after 8 cached) beside 2 decodes: one step
+    # samples 5 tokens (step_s checks it) and leaves only the decodes running.
+    from tandem.engine.config import EngineConfig
+    from tandem.engine.llm_engine import LLMEngine
+    from tandem.planner.profile_points import StepProbe
+
+    engine = LLMEngine(EngineConfig(model="random:tiny", role="both", device="cpu",
+                                    num_kv_blocks=64, max_model_len=512))
+    probe = StepProbe(engine)
+    seen = []
+    engine.step_observer = lambda batch: seen.append(list(batch.num_new_tokens))
+    decodes = probe.place_decodes(2, 20)
+    seconds, context = probe.mixed_once(10, 8, decodes, num_prompts=3)
+    assert seconds > 0 and context == 40
+    assert seen == [[1, 1, 4, 3, 3]]
+    assert sorted(engine.request_ids()) == sorted(s.request_id for s in decodes)
