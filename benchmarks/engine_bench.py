@@ -13,9 +13,9 @@ own engine and captured graphs, so the modes compare within one run.
 3. sweep: the decode step (its captured graph replayed) at batch 1, 32, 128 and 256 with 1k and 4k
    contexts, next to the same roofline.
    steps: decode steps as a serving worker runs them (`StepProbe.decode`: `LLMEngine.steps()`,
-   graphs, lookahead, the contexts growing by one a step) at batch 1, 32, 64 and 128, from 1000
-   and 1024 tokens (1024 lands one past a multiple of the attention's tiles), and 4096; the same
-   roofline beside each. Not in the default list.
+   graphs, lookahead, the contexts growing by one a step) at batch 1, 32, 64 and 128, from 1000,
+   1024 and 4096 tokens (a step from 1024 reads 1025, just past a multiple of the decode
+   attention's pieces, where 1000 is not); the same roofline beside each. Not in the default list.
 4. mixed: a 2048-token prompt chunk scheduled beside 32 decoding sequences at 1k context (and 64 at
    4k, where aggregated serving of 4k prompts runs), against the chunk alone
    plus the decode step alone.
