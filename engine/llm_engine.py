@@ -22,8 +22,8 @@ from tandem.engine.lookahead import blocks_written, plan_ahead
 from tandem.engine.model_info import describe_model
 from tandem.engine.model_runner import ModelRunner, PendingStep, bytes_per_block
 from tandem.contracts.sampling_params import SamplingParams
-from tandem.engine.scheduler import (DecodeScheduler, ScheduledBatch, Scheduler, SchedulerLimits,
-                                     make_scheduler)
+from tandem.engine.role_schedulers import DecodeScheduler, make_scheduler
+from tandem.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from tandem.engine.sequence import FinishReason, Sequence
 from tandem.engine.step_buckets import MAX_DECODE_BATCH, MAX_TOKENS as MAX_STEP_TOKENS
 from tandem.engine.structured_output import JsonGrammar, StructuredOutput

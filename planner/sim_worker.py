@@ -51,7 +51,8 @@ from itertools import accumulate
 
 from tandem.contracts.worker_stats import WorkerStats
 from tandem.engine.block_manager import BlockManager
-from tandem.engine.scheduler import ScheduledBatch, SchedulerLimits, make_scheduler
+from tandem.engine.role_schedulers import make_scheduler
+from tandem.engine.scheduler import ScheduledBatch, SchedulerLimits
 from tandem.engine.sequence import Sequence
 from tandem.engine.step_log import step_terms
 from tandem.planner.sim_config import SimConfig

@@ -5,7 +5,8 @@ from __future__ import annotations
 from tandem.contracts.kv_events import BlockRemoved, BlockStored
 from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.block_manager import BlockManager
-from tandem.engine.scheduler import SchedulerLimits, make_scheduler
+from tandem.engine.role_schedulers import make_scheduler
+from tandem.engine.scheduler import SchedulerLimits
 from tandem.engine.sequence import FinishReason, Sequence
 
 BLOCK = 4

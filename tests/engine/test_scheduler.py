@@ -6,7 +6,8 @@ import pytest
 
 from tandem.engine.block_manager import BlockManager
 from tandem.contracts.sampling_params import SamplingParams
-from tandem.engine.scheduler import (PrefillScheduler, SchedulerLimits, make_scheduler)
+from tandem.engine.role_schedulers import PrefillScheduler, make_scheduler
+from tandem.engine.scheduler import SchedulerLimits
 from tandem.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 BLOCK = 4

@@ -8,7 +8,8 @@ import pytest
 from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.engine.scheduler import DecodeScheduler, PrefillScheduler, Scheduler
+from tandem.engine.role_schedulers import DecodeScheduler, PrefillScheduler
+from tandem.engine.scheduler import Scheduler
 
 PROMPT = list(range(10, 47))  # 37 tokens: 9 full blocks of 4 and a partial one
 PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)

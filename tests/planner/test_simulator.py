@@ -16,7 +16,8 @@ from tandem.bench.trace import TraceConfig, load_trace_dataset
 from tandem.contracts.sampling_params import SamplingParams
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig
-from tandem.engine.scheduler import SchedulerLimits, make_scheduler
+from tandem.engine.role_schedulers import make_scheduler
+from tandem.engine.scheduler import SchedulerLimits
 from tandem.engine.sequence import Sequence
 from tandem.planner.sim_config import SimConfig
 from tandem.planner.sim_worker import synthetic_token_cycle, synthetic_token_id
