@@ -91,7 +91,7 @@ def test_per_request_error_compares_each_request_with_itself():
 
 
 def test_overheads_are_fitted_on_one_case_of_a_step_log(tmp_path):
-    from benchmarks.sim_accuracy_bench import fit_step_log_overheads, write_serving_section
+    from benchmarks.serving_overheads import fit_step_log_overheads, write_serving_section
     from tandem.planner.perf_model import PerfModel
     from tandem.planner.sim_synthetic import synthetic_profile
 

@@ -1,0 +1,129 @@
+"""Serving overheads for `tandem simulate`, fitted on a real run: what a serving worker adds to the
+profile's bare steps (the `overheads` phase of benchmarks/sim_accuracy_bench.py).
+
+- `fit_overheads`: from a 1P:1D run's client-side tokens (decode steps read off the token times,
+  the prefill worker's per-token cost, answer hold and fixed cost off the TTFTs);
+- `fit_step_log_overheads`: from any worker's step log (engine/step_log.py): each step's interval
+  against the model's price;
+- `write_serving_section`: the fitted flags stored as a profile's `serving` section.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+STEP_GAP_S = 3e-3        # tokens of one step reach the client within this of the first
+MIN_DECODE_STEP_S = 4e-3  # below any decode step on the profiled GPU: a step read as two
+MAX_DECODE_STEP_S = 30e-3  # above: a prefill chunk rode in the step (a local prefill)
+STEP_LOG_IDLE_S = 0.05   # a step log's gap past this between steps is idle, not the loop's work
+
+
+def decode_steps(real: dict) -> list[tuple[float, int, int]]:
+    """(duration_s, batch size, context tokens) of each decode step of a run's only decode worker.
+
+    The first token comes from the prefill worker; every later token was sampled by the decode
+    worker, and all tokens of one step reach the client within STEP_GAP_S. A step's duration is
+    the time from the previous step's tokens to its own.
+    """
+    tokens = []
+    for record in real["per_request"]:
+        if record["error"] is not None or record["ttft_ms"] is None:
+            continue
+        time_s = record["start_s"] + record["ttft_ms"] / 1e3
+        for num_output, gap_ms in enumerate(record["itl_ms"], start=1):
+            time_s += gap_ms / 1e3
+            tokens.append((time_s, record["prompt_tokens"] + num_output))
+    tokens.sort()
+    steps: list[list] = []  # [first token time, batch size, context tokens]
+    for time_s, context in tokens:
+        if steps and time_s - steps[-1][0] < STEP_GAP_S:
+            steps[-1][1] += 1
+            steps[-1][2] += context
+        else:
+            steps.append([time_s, 1, context])
+    return [(step[0] - before[0], step[1], step[2]) for before, step in zip(steps, steps[1:])
+            if MIN_DECODE_STEP_S < step[0] - before[0] < MAX_DECODE_STEP_S]
+
+
+def fit_overheads(run_path: Path, profile: str, chunk_tokens: int) -> list[str]:
+    """tandem simulate's serving flags, from one real run with one prefill and one decode worker.
+
+    Every prompt must have been prefilled on the prefill worker: none shorter than the router's
+    remote_prefill_min_tokens, never more than max_prefill_queue waiting. The conversation trace
+    breaks both (its short prompts and the overflow of its bursts go to the decode worker), so its
+    prefill figures are not the prefill worker's."""
+    from tandem.planner.perf_model import PerfModel
+    from tandem.planner.serving_fit import fit_prefill_serving, fit_serving_overhead
+
+    real = json.loads(run_path.read_text())
+    model = PerfModel.load(profile)
+    steps = decode_steps(real)
+    per_step_s, per_seq_s = fit_serving_overhead(model, steps)
+    print(f"{run_path.name}: {len(steps)} decode steps; serving adds {per_step_s * 1e3:.2f} ms "
+          f"a step and {per_seq_s * 1e6:.0f} us a sequence to the profile's decode step")
+    prefill = fit_prefill_serving(model, [(r["start_s"], r["ttft_ms"] / 1e3, r["prompt_tokens"])
+                                          for r in real["per_request"]
+                                          if r["error"] is None and r["ttft_ms"] is not None],
+                                  chunk_tokens)
+    print(f"prefill worker: {prefill.prefill_token_overhead_s * 1e6:.2f} us a prompt token beyond "
+          f"the profile ({prefill.num_mid} requests inside a queue), an answer held "
+          f"{prefill.chunk_launch_s * 1e3:.1f} ms behind the next chunk ({prefill.num_heads} at a "
+          f"queue's head), {prefill.fixed_s * 1e3:.1f} ms fixed ({prefill.num_isolated} alone)")
+    return ["--step-overhead-ms", f"{per_step_s * 1e3:.2f}",
+            "--token-overhead-us", f"{per_seq_s * 1e6:.0f}",
+            # The per-chunk form is replaced by the per-token one: 0 also clears a profile's
+            # earlier per-chunk value when these flags are written into it.
+            "--chunk-overhead-ms", "0",
+            "--prefill-token-overhead-us", f"{prefill.prefill_token_overhead_s * 1e6:.2f}",
+            "--chunk-launch-ms", f"{prefill.chunk_launch_s * 1e3:.1f}",
+            "--frontend-overhead-ms", f"{prefill.fixed_s * 1e3:.1f}"]
+
+
+def fit_step_log_overheads(log_path: Path, profile: str, case: str | None) -> list[str]:
+    """tandem simulate's per-step serving flags, from a worker's step log (any layout, one
+    aggregated worker too). `case`: only the steps of that case (the log's cases.json)."""
+    from benchmarks.step_log_report import between, case_spans, load, rows
+    from tandem.planner.perf_model import PerfModel
+    from tandem.planner.serving_fit import StepInterval, fit_step_intervals
+
+    (steps,) = load([str(log_path)])
+    if case is not None:
+        ((since, until),) = [(since, until) for name, since, until
+                             in case_spans(str(log_path.parent / "cases.json")) if name == case]
+        steps = between(steps, since, until)
+    model = PerfModel.load(profile)
+    intervals = [StepInterval(row["thread_s"] + row["handoff_s"] + row["loop_s"],
+                              step["prefill_tokens"], step["cached_tokens"], step["decode_seqs"],
+                              step["context_tokens"], step["sampled"])
+                 for step, row in zip(steps, rows(steps, model, None, STEP_LOG_IDLE_S))
+                 if row["loop_s"] is not None]   # a step before an idle gap: no loop to read
+    fit = fit_step_intervals(model, intervals)
+    print(f"{log_path} ({case or 'every case'}): {fit.num_decode} decode steps and "
+          f"{fit.num_chunk} with a prompt chunk")
+    return ["--step-overhead-ms", f"{fit.step_overhead_s * 1e3:.2f}",
+            "--token-overhead-us", f"{fit.token_overhead_s * 1e6:.0f}",
+            "--chunk-overhead-ms", "0",
+            "--prefill-token-overhead-us", f"{fit.prefill_token_overhead_s * 1e6:.2f}"]
+
+
+def write_serving_section(profile_path: str, flags: list[str], source: str) -> None:
+    """Store the fitted overheads as the profile's `serving` section, which `tandem simulate` and
+    `tandem plan` use when their flags are not given."""
+    from tandem.planner.simulate_cli import SERVING_OVERHEADS
+
+    values = dict(zip(flags[::2], flags[1::2]))
+    profile = json.loads(Path(profile_path).read_text())
+    # An overhead this fit does not give (the frontend's per-token time, from
+    # serving_path_bench.py) keeps the profile's value and its own `<name>_measured` note.
+    before = profile.get("serving") or {}
+    profile["serving"] = {name: float(values.get("--" + name.replace("_", "-"),
+                                                 before.get(name, 0.0)))
+                          for name in SERVING_OVERHEADS}
+    profile["serving"]["measured"] = (f"benchmarks/sim_accuracy_bench.py overheads on "
+                                      f"{source}, {time.strftime('%Y-%m-%d')}")
+    profile["serving"].update((key, note) for key, note in before.items()
+                              if key.endswith("_measured"))
+    Path(profile_path).write_text(json.dumps(profile, indent=1) + "\n")
+    print(f"wrote the serving overheads into {profile_path}")
