@@ -145,22 +145,28 @@ class MixedTerms:
     sd: float
     residual_sd: float
     bands: list[tuple[float, float, int, float, float, float]]  # duty from, to, steps, medians
+    per_extra_prompt: float | None = None   # per prompt past the first (logs with prefill_seqs)
 
 
 def fit_mixed_terms(steps: list[dict], model: PerfModel, step_budget: int | None,
                     window_s: float = 2.0, min_prompt_tokens: int = 1024) -> MixedTerms | None:
     """What a mixed step's time over the model's price goes with: the prompt duty of the window
-    before it, its decoding sequences and their context tokens; None under 8 steps. Steps of at
-    least min_prompt_tokens prompt tokens only: a short chunk's ratio is mostly the noise of a
+    before it, its decoding sequences and their context tokens, and, in logs that record
+    `prefill_seqs`, the prompts past the first its chunk came from; None under 8 steps. Steps of
+    at least min_prompt_tokens prompt tokens only: a short chunk's ratio is mostly the noise of a
     few milliseconds."""
     table = []
-    for i, step in enumerate(steps):
-        if kind(step) == "mixed" and step["prefill_tokens"] >= min_prompt_tokens:
-            priced = model.step_s(step["prefill_tokens"], step["cached_tokens"],
-                                  step["decode_seqs"], step["context_tokens"], step_budget)
-            table.append(((step["ended_s"] - step["began_s"]) / priced,
-                          recent_prompt_duty(steps, i, window_s), step["decode_seqs"] / 10,
-                          step["context_tokens"] / 1e5))
+    mixed = [i for i, step in enumerate(steps)
+             if kind(step) == "mixed" and step["prefill_tokens"] >= min_prompt_tokens]
+    with_prompts = bool(mixed) and all("prefill_seqs" in steps[i] for i in mixed)
+    for i in mixed:
+        step = steps[i]
+        priced = model.step_s(step["prefill_tokens"], step["cached_tokens"],
+                              step["decode_seqs"], step["context_tokens"], step_budget)
+        table.append(((step["ended_s"] - step["began_s"]) / priced,
+                      recent_prompt_duty(steps, i, window_s), step["decode_seqs"] / 10,
+                      step["context_tokens"] / 1e5)
+                     + ((step["prefill_seqs"] - 1,) if with_prompts else ()))
     if len(table) < 8:
         return None
     data = np.array(table)
@@ -172,8 +178,9 @@ def fit_mixed_terms(steps: list[dict], model: PerfModel, step_budget: int | None
         if len(band):
             bands.append((low, min(high, 1.0), len(band), float(np.median(band[:, 0])),
                           float(np.median(band[:, 2])) * 10, float(np.median(band[:, 3])) * 1e5))
-    return MixedTerms(len(data), *(float(c) for c in coef), float(data[:, 0].std()),
-                      float((data[:, 0] - terms @ coef).std()), bands)
+    return MixedTerms(len(data), *(float(c) for c in coef[:4]), float(data[:, 0].std()),
+                      float((data[:, 0] - terms @ coef).std()), bands,
+                      float(coef[4]) if with_prompts else None)
 
 
 def mixed_terms_text(fit: MixedTerms | None, window_s: float = 2.0) -> str:
@@ -183,7 +190,9 @@ def mixed_terms_text(fit: MixedTerms | None, window_s: float = 2.0) -> str:
              f"{fit.per_duty:+.3f} x prompt duty of the {window_s:g} s before "
              f"{fit.per_ten_seqs:+.4f} x decoding sequences / 10 "
              f"{fit.per_100k_context:+.4f} x their context / 100k "
-             f"(sd {fit.sd:.3f}, residual sd {fit.residual_sd:.3f})"]
+             + (f"{fit.per_extra_prompt:+.4f} x prompts past the first "
+                if fit.per_extra_prompt is not None else "")
+             + f"(sd {fit.sd:.3f}, residual sd {fit.residual_sd:.3f})"]
     for low, high, count, ratio, seqs, context in fit.bands:
         lines.append(f"  duty {low:g}-{high:g}: {count} steps, thread / model {ratio:.3f}, "
                      f"decoding sequences {seqs:.0f}, context {context:.0f} (medians)")

@@ -101,5 +101,22 @@ def test_mixed_terms_find_what_a_mixed_steps_excess_grows_with():
     assert fit.per_duty == pytest.approx(0.0, abs=1e-6)
     assert fit.per_100k_context == pytest.approx(0.0, abs=1e-6)
     assert fit.residual_sd == pytest.approx(0.0, abs=1e-9)
+    assert fit.per_extra_prompt is None     # the log does not record prefill_seqs
     assert mixed_terms_text(fit).startswith("mixed steps: 40; thread / model = 1.000 ")
     assert fit_mixed_terms(steps[:5], model, None) is None
+
+
+def test_mixed_terms_price_the_prompts_of_a_step_where_the_log_records_them():
+    # 2% more a prompt past the first, whatever the decode batch.
+    model = PerfModel.from_profile(synthetic_profile())
+    steps, now = [], 0.0
+    for i in range(30):
+        decodes, prompts = 4 + i % 7, 1 + i % 5
+        seconds = model.step_s(2048, 0, decodes, decodes * 3000) * (1 + 0.02 * (prompts - 1))
+        steps.append({**_step(now, seconds, 0.0, prefill=2048, decodes=decodes,
+                              context=decodes * 3000), "prefill_seqs": prompts})
+        now += seconds
+    fit = fit_mixed_terms(steps, model, None)
+    assert fit.per_extra_prompt == pytest.approx(0.02, abs=1e-6)
+    assert fit.per_ten_seqs == pytest.approx(0.0, abs=1e-6)
+    assert "+0.0200 x prompts past the first" in mixed_terms_text(fit)
