@@ -186,9 +186,11 @@ def run_real(out_dir: Path, model: str, device: str, layouts: list[str], trace: 
 
 
 def run_sim(out_dir: Path, profile: str, layouts: list[str], trace: Path, plan: Plan,
-            overheads: tuple[str, ...] = (), replay: bool = True) -> list[dict]:
+            overheads: tuple[str, ...] = (), replay: bool = True,
+            step_logs: bool = False) -> list[dict]:
     """Each case with its real run's seed; replay: a trace case's requests sent when the real
-    client sent them (`replay_arrivals`), else at the trace's times, ties in request order."""
+    client sent them (`replay_arrivals`), else at the trace's times, ties in request order.
+    step_logs: each case's simulated step logs in out_dir/sim-steps-<layout>-<case>/."""
     rows = []
     for layout in layouts:
         num_prefill, num_decode, extra = LAYOUTS[layout]
@@ -206,12 +208,14 @@ def run_sim(out_dir: Path, profile: str, layouts: list[str], trace: Path, plan: 
                 workload = replay_arrivals(workload, real,
                                            out_dir / f"arrivals-{layout}-{case.name}.jsonl")
             out = out_dir / f"sim-{layout}-{case.name}.json"
+            logs = (("--step-log", str(out_dir / f"sim-steps-{layout}-{case.name}"))
+                    if step_logs else ())
             started = time.perf_counter()
             subprocess.run([sys.executable, "-m", "tandem.planner.simulate_cli",
                             "--profile", profile, "--num-prefill", num_prefill,
                             "--num-decode", num_decode, "--num-kv-blocks", str(NUM_KV_BLOCKS),
                             "--max-model-len", str(MAX_MODEL_LEN), *extra, *workload,
-                            *overheads, "--save-requests", "--out", str(out)],
+                            *overheads, *logs, "--save-requests", "--out", str(out)],
                            check=True, capture_output=True, timeout=600)
             rows.append(compare(layout, case.name, real, json.loads(out.read_text()),
                                 time.perf_counter() - started))
@@ -330,6 +334,8 @@ def main() -> int:
     parser.add_argument("--nominal-arrivals", action="store_true",
                         help="sim: the trace's own arrival times instead of the real run's "
                              "(requests sent at the same instant go in request order)")
+    parser.add_argument("--sim-step-logs", action="store_true",
+                        help="sim: write each case's simulated step logs beside its JSON")
     parser.add_argument("--write-profile", action="store_true",
                         help="overheads: also store them as the profile's `serving` section")
     parser.add_argument("--frontend-overhead-ms", default="0",
@@ -377,7 +383,7 @@ def main() -> int:
                  "--frontend-overhead-ms", args.frontend_overhead_ms,
                  *(["--answer-at-step-boundary"] if args.answer_at_step_boundary else []))
     rows = run_sim(args.out_dir, args.profile, layouts, args.trace, plan, overheads,
-                   replay=not args.nominal_arrivals)
+                   replay=not args.nominal_arrivals, step_logs=args.sim_step_logs)
     (args.out_dir / "accuracy.json").write_text(json.dumps(rows, indent=1))
     print_table(rows)
     return 0

@@ -46,6 +46,13 @@ def step_terms(batch: ScheduledBatch) -> tuple[int, int, int, int, int]:
     return prefill, cached // prefill if prefill else 0, decodes, context, sampled
 
 
+def prompt_count(batch: ScheduledBatch) -> int:
+    """How many prompts a batch's prompt tokens come from (`step_terms` counts the rest as
+    decoding)."""
+    return sum(num_new > 1 or seq.num_computed_tokens < seq.num_prompt_tokens
+               for seq, num_new in zip(batch.seqs, batch.num_new_tokens))
+
+
 _TERMS = ("prefill_tokens", "cached_tokens", "decode_seqs", "context_tokens", "sampled")
 
 
@@ -72,9 +79,7 @@ class StepLog:
 
     def observe(self, batch: ScheduledBatch) -> None:
         """The engine's step observer: called with each batch before its tokens are applied."""
-        prompts = sum(num_new > 1 or seq.num_computed_tokens < seq.num_prompt_tokens
-                      for seq, num_new in zip(batch.seqs, batch.num_new_tokens))
-        self._terms = (*step_terms(batch), prompts)
+        self._terms = (*step_terms(batch), prompt_count(batch))
 
     def record(self, began_s: float, ended_s: float, resumed_s: float) -> None:
         terms, self._terms = self._terms, None

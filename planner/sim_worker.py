@@ -54,7 +54,7 @@ from tandem.engine.block_manager import BlockManager
 from tandem.engine.role_schedulers import make_scheduler
 from tandem.engine.scheduler import ScheduledBatch, SchedulerLimits
 from tandem.engine.sequence import Sequence
-from tandem.engine.step_log import step_terms
+from tandem.engine.step_log import prompt_count, step_terms
 from tandem.planner.sim_config import SimConfig
 from tandem.router.worker_registry import WorkerState
 
@@ -127,7 +127,7 @@ class SimWorker:
         # config.record_steps: each step as a step log line, and the step (or stretch) in flight's
         # shape and start until its end times are known
         self.step_log: list[dict] | None = [] if config.record_steps else None
-        self._logging: tuple[tuple[int, ...], float] | None = None
+        self._logging: tuple[tuple[int, ...], int, float] | None = None
 
     @property
     def is_idle(self) -> bool:
@@ -167,7 +167,7 @@ class SimWorker:
                 self.stretch_ends_s = self._stretch_ends_s(batch, num_steps, self.step_end_s)
                 self.step_end_s = self.stretch_ends_s[-1]
         if self.step_log is not None:
-            self._logging = (step_terms(batch), now_s)
+            self._logging = (step_terms(batch), prompt_count(batch), now_s)
             if self.stretch_ends_s is None:
                 self._log_steps([self.step_end_s])
         self.generation += 1
@@ -177,12 +177,13 @@ class SimWorker:
         """The step log's lines of the step or stretch in flight, which ends at ends_s: a decode
         stretch's context grows by its batch each step. A simulated step has no hand-off (its
         `resumed_s` is its end), and its `at_s` is its end in simulated seconds."""
-        (prefill, cached, decodes, context, sampled), began_s = self._logging
+        (prefill, cached, decodes, context, sampled), prompts, began_s = self._logging
         for i, end_s in enumerate(ends_s):
             self.step_log.append({"began_s": began_s, "ended_s": end_s, "resumed_s": end_s,
                                   "at_s": end_s, "prefill_tokens": prefill,
                                   "cached_tokens": cached, "decode_seqs": decodes,
-                                  "context_tokens": context + i * decodes, "sampled": sampled})
+                                  "context_tokens": context + i * decodes, "sampled": sampled,
+                                  "prefill_seqs": prompts})
             began_s = end_s
 
     def cut_stretch(self, now_s: float) -> float | None:

@@ -113,6 +113,9 @@ def test_the_step_log_lists_every_step_collapsed_or_not():
     assert logs[0] == logs[1]
     first = logs[0]["decode-0"][0]   # the first request's prompt, alone on its worker
     assert (first["prefill_tokens"], first["decode_seqs"], first["sampled"]) == (10, 0, 1)
+    assert first["prefill_seqs"] == 1
+    assert all((line["prefill_seqs"] > 0) == (line["prefill_tokens"] > 0)
+               for log in logs[0].values() for line in log)
 
 
 def _snapshot(batch):
