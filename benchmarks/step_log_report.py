@@ -5,7 +5,7 @@ Serve with `TANDEM_STEP_LOG_DIR=DIR` in the environment (each worker writes DIR/
 engine/step_log.py), run the load, then
 
     python benchmarks/step_log_report.py --profile PROFILE.json DIR/decode-0.jsonl [...]
-        [--step-budget 2048] [--cases DIR/cases.json]
+        [--step-budget 2048] [--cases DIR/cases.json] [--by-shape] [--mixed-terms]
 
 For each kind of step (decode only, a prompt chunk beside decodes, prompt only) it prints how
 many there were, the step thread's time over the model's price for the same shape (median and
@@ -14,6 +14,8 @@ p90), and the loop's share between steps: from the thread's end to the loop taki
 the log's whole span into steps, hand-offs, loop work and idle time (no step in flight and none
 waiting to start: gaps over --idle-ms). With `--cases` (the cases.json that `sim_accuracy_bench.py
 real` writes beside the logs: each case's name and epoch start and end), one report per case.
+`--by-shape` splits the kinds finer; `--mixed-terms` fits what mixed steps' time over the model
+goes with (`fit_mixed_terms`). `tandem simulate --step-log` writes logs of the same form.
 """
 
 from __future__ import annotations
