@@ -46,13 +46,6 @@ def step_terms(batch: ScheduledBatch) -> tuple[int, int, int, int, int]:
     return prefill, cached // prefill if prefill else 0, decodes, context, sampled
 
 
-def prompt_count(batch: ScheduledBatch) -> int:
-    """How many prompts a batch's prompt tokens come from (`step_terms` counts the rest as
-    decoding)."""
-    return sum(num_new > 1 or seq.num_computed_tokens < seq.num_prompt_tokens
-               for seq, num_new in zip(batch.seqs, batch.num_new_tokens))
-
-
 _TERMS = ("prefill_tokens", "cached_tokens", "decode_seqs", "context_tokens", "sampled")
 
 
@@ -79,7 +72,8 @@ class StepLog:
 
     def observe(self, batch: ScheduledBatch) -> None:
         """The engine's step observer: called with each batch before its tokens are applied."""
-        self._terms = (*step_terms(batch), prompt_count(batch))
+        terms = step_terms(batch)
+        self._terms = (*terms, len(batch.seqs) - terms[2])   # the rows not decoding: prompts
 
     def record(self, began_s: float, ended_s: float, resumed_s: float) -> None:
         terms, self._terms = self._terms, None

@@ -54,7 +54,7 @@ from tandem.engine.block_manager import BlockManager
 from tandem.engine.role_schedulers import make_scheduler
 from tandem.engine.scheduler import ScheduledBatch, SchedulerLimits
 from tandem.engine.sequence import Sequence
-from tandem.engine.step_log import prompt_count, step_terms
+from tandem.engine.step_log import step_terms
 from tandem.planner.sim_config import SimConfig
 from tandem.router.worker_registry import WorkerState
 
@@ -167,7 +167,8 @@ class SimWorker:
                 self.stretch_ends_s = self._stretch_ends_s(batch, num_steps, self.step_end_s)
                 self.step_end_s = self.stretch_ends_s[-1]
         if self.step_log is not None:
-            self._logging = (step_terms(batch), prompt_count(batch), now_s)
+            terms = step_terms(batch)
+            self._logging = (terms, len(batch.seqs) - terms[2], now_s)   # prompts: the rest
             if self.stretch_ends_s is None:
                 self._log_steps([self.step_end_s])
         self.generation += 1
