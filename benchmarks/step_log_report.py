@@ -9,8 +9,9 @@ engine/step_log.py), run the load, then
 
 For each kind of step (decode only, a prompt chunk beside decodes, prompt only) it prints how
 many there were, the step thread's time over the model's price for the same shape (median and
-p90), and the loop's share between steps: from the thread's end to the loop taking the tokens
-(hand-off), and from there to the next step's start (the loop's own work). The last line splits
+p90), the host's time to schedule and queue the step (logs that record `host_s`), and the loop's
+share between steps: from the thread's end to the loop taking the tokens (hand-off), and from
+there to the next step's start (the loop's own work). The last line splits
 the log's whole span into steps, hand-offs, loop work and idle time (no step in flight and none
 waiting to start: gaps over --idle-ms). With `--cases` (the cases.json that `sim_accuracy_bench.py
 real` writes beside the logs: each case's name and epoch start and end), one report per case.
@@ -85,7 +86,8 @@ def rows(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s: f
         loop_s = None if after is None else after["began_s"] - step["resumed_s"]
         out.append({"kind": kind(step), "shape": shape(step),
                     "thread_s": step["ended_s"] - step["began_s"],
-                    "model_s": priced, "handoff_s": step["resumed_s"] - step["ended_s"],
+                    "model_s": priced, "host_s": step.get("host_s"),
+                    "handoff_s": step["resumed_s"] - step["ended_s"],
                     "loop_s": loop_s if loop_s is not None and loop_s <= idle_s else None,
                     "idle_s": loop_s if loop_s is not None and loop_s > idle_s else 0.0})
     return out
@@ -99,8 +101,9 @@ def _quantile(values: list[float], q: float) -> float:
 def report(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s: float,
            by_shape: bool = False) -> str:
     table = rows(steps, model, step_budget, idle_s)
-    lines = ["| steps | count | thread / model, median | p90 | hand-off ms, median | "
-             "loop ms, median | p90 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| steps | count | thread / model, median | p90 | host ms, median | p90 | "
+             "hand-off ms, median | loop ms, median | p90 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     field = "shape" if by_shape else "kind"
     order = ("decode", "mixed", "prefill")
     for name in sorted({r[field] for r in table},
@@ -109,8 +112,11 @@ def report(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s:
         picked = [r for r in table if r[field] == name]
         ratios = [r["thread_s"] / r["model_s"] for r in picked if r["model_s"] > 0]
         loops = [r["loop_s"] * 1e3 for r in picked if r["loop_s"] is not None] or [0.0]
+        hosts = [r["host_s"] * 1e3 for r in picked if r["host_s"] is not None]
+        host = (f"{statistics.median(hosts):.2f} | {_quantile(hosts, 0.9):.2f}" if hosts
+                else "- | -")   # logs before host_s was recorded
         lines.append(f"| {name} | {len(picked)} | {statistics.median(ratios):.3f} | "
-                     f"{_quantile(ratios, 0.9):.3f} | "
+                     f"{_quantile(ratios, 0.9):.3f} | {host} | "
                      f"{statistics.median(r['handoff_s'] * 1e3 for r in picked):.2f} | "
                      f"{statistics.median(loops):.2f} | {_quantile(loops, 0.9):.2f} |")
     span = steps[-1]["resumed_s"] - steps[0]["began_s"]

@@ -60,6 +60,7 @@ class InFlightStep:
     batch: ScheduledBatch
     pending: PendingStep
     held: list[int] = field(default_factory=list)  # blocks it writes, referenced until collected
+    host_s: float = 0.0   # host time to schedule and queue it (perf_counter seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +124,8 @@ class LLMEngine:
         self.scheduler: Scheduler = make_scheduler(
             config.role, limits, self.block_manager, set(self.model_config.eos_token_ids))
         self.sequences: dict[str, Sequence] = {}
-        # Called with each step's batch before its tokens are applied (engine/step_log.py)
-        self.step_observer: Callable[[ScheduledBatch], None] | None = None
+        # Called with each step before its tokens are applied (engine/step_log.py)
+        self.step_observer: Callable[[InFlightStep], None] | None = None
         self.structured_output = StructuredOutput(self.model_dir, self.model_config.vocab_size,
                                                   tuple(self.model_config.eos_token_ids))
         logger.info("engine ready: %s on %s (%s), role %s, KV cache %d blocks x %d tokens = %d "
@@ -335,12 +336,14 @@ class LLMEngine:
     def _begin_ahead(self, step: InFlightStep) -> InFlightStep | None:
         if step.pending.tokens is None:
             return None
+        began_s = time.perf_counter()
         plan = plan_ahead(self.scheduler, step.batch, self.runner.can_launch_ahead)
         if plan is None:
             return None
         ahead = InFlightStep(plan.batch, self.runner.launch_ahead(plan.batch, plan.rows,
                                                                   step.pending),
                              blocks_written(plan.batch, ahead=True))
+        ahead.host_s = time.perf_counter() - began_s
         self.block_manager.acquire(ahead.held)
         return ahead
 
@@ -354,6 +357,7 @@ class LLMEngine:
         """Schedule a step and queue it on the device, without waiting for it; None when there
         is nothing to run. `finish_step` must follow before any other call that changes requests
         (add, finish, another step)."""
+        began_s = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return None
@@ -361,7 +365,8 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-        return InFlightStep(batch, self.runner.launch(batch))
+        pending = self.runner.launch(batch)
+        return InFlightStep(batch, pending, host_s=time.perf_counter() - began_s)
 
     def finish_step(self, step: InFlightStep | None) -> list[SequenceUpdate]:
         """Wait for a step's tokens and apply them: what the step did to each request."""
@@ -369,7 +374,7 @@ class LLMEngine:
             return []
         batch = step.batch
         if self.step_observer is not None:
-            self.step_observer(batch)
+            self.step_observer(step)
         out = self.runner.collect(step.pending)
         advanced = self.scheduler.postprocess(batch, out.token_ids)
         if step.held:

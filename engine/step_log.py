@@ -12,7 +12,10 @@ what arrived meanwhile before it starts the next. When the worker runs `TANDEM_S
 - `at_s`: the same moment in epoch seconds (`time.time()`), to cut a log by wall-clock times;
 - the shape the performance model prices a step by: prompt tokens, their token-weighted cached
   prefix, decoding sequences and their context tokens, and tokens sampled;
-- `prefill_seqs`: how many prompts those tokens came from (the model prices them as one).
+- `prefill_seqs`: how many prompts those tokens came from (the model prices them as one);
+- `host_s`: the host's time to schedule the step and queue it on the device (for a decode step
+  launched ahead, while the step before it ran). A step whose thread time exceeds the model's
+  price by about its host time was held up on the host, not on the device.
 Times are `time.perf_counter()` seconds of the worker process. Lines go out in blocks, at most a
 second apart, so logging costs a step a dictionary and no write.
 """
@@ -23,6 +26,7 @@ import json
 import os
 import time
 
+from tandem.engine.llm_engine import InFlightStep
 from tandem.engine.scheduler import ScheduledBatch
 
 ENV = "TANDEM_STEP_LOG_DIR"
@@ -70,10 +74,11 @@ class StepLog:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         return cls(os.path.join(directory, f"{safe}.jsonl"))
 
-    def observe(self, batch: ScheduledBatch) -> None:
-        """The engine's step observer: called with each batch before its tokens are applied."""
-        terms = step_terms(batch)
-        self._terms = (*terms, len(batch.seqs) - terms[2])   # the rows not decoding: prompts
+    def observe(self, step: InFlightStep) -> None:
+        """The engine's step observer: called with each step before its tokens are applied."""
+        terms = step_terms(step.batch)
+        # the rows not decoding are prompts
+        self._terms = (*terms, len(step.batch.seqs) - terms[2], round(step.host_s, 6))
 
     def record(self, began_s: float, ended_s: float, resumed_s: float) -> None:
         terms, self._terms = self._terms, None
@@ -82,7 +87,7 @@ class StepLog:
         self._lines.append(json.dumps({"began_s": round(began_s, 6), "ended_s": round(ended_s, 6),
                                        "resumed_s": round(resumed_s, 6),
                                        "at_s": round(time.time(), 3),
-                                       **dict(zip(_TERMS + ("prefill_seqs",), terms))}))
+                                       **dict(zip(_TERMS + ("prefill_seqs", "host_s"), terms))}))
         if resumed_s - self._flushed_s >= FLUSH_EVERY_S:
             self.flush()
 

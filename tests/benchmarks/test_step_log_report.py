@@ -35,6 +35,14 @@ def test_each_step_is_set_against_the_models_price_and_the_loop_after_it():
     text = report(steps, model, None, 0.05)
     assert "| decode | 1 | 2.000 |" in text and "| prefill | 1 | 1.000 |" in text
     assert "idle" in text.splitlines()[-1]
+    assert all(" | - | - | " in line for line in text.splitlines()[2:-1])   # no host_s logged
+
+
+def test_the_report_gives_the_host_time_where_the_log_records_it():
+    model = PerfModel.from_profile(synthetic_profile())
+    steps = [{**_step(0.01 * i, 0.01, 0.0, decodes=8, context=8000), "host_s": 0.001 * (i + 1)}
+             for i in range(10)]
+    assert " | 5.50 | 10.00 | " in report(steps, model, None, 0.05)   # median, p90 in ms
 
 
 def test_by_shape_splits_decode_by_batch_and_mixed_by_decode_context():

@@ -110,7 +110,7 @@ def test_a_mixed_point_cuts_its_chunk_into_several_prompts_of_one_step():
                                     num_kv_blocks=64, max_model_len=512))
     probe = StepProbe(engine)
     seen = []
-    engine.step_observer = lambda batch: seen.append(list(batch.num_new_tokens))
+    engine.step_observer = lambda step: seen.append(list(step.batch.num_new_tokens))
     decodes = probe.place_decodes(2, 20)
     seconds, context = probe.mixed_once(10, 8, decodes, num_prompts=3)
     assert seconds > 0 and context == 40
