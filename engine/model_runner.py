@@ -16,7 +16,8 @@ import torch
 from tandem.engine.attention import AttentionMetadata
 from tandem.engine.cuda_graphs import DecodeGraphs
 from tandem.engine.step_graphs import StepGraphs
-from tandem.engine.step_inputs import HostInputs, ModelInputs, ahead_inputs, host_inputs
+from tandem.engine.step_inputs import (HostInputs, ModelInputs, ahead_inputs, block_table_array,
+                                       host_inputs)
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.models.decoder import DecoderModel
 from tandem.engine.logits_processors import TokenHistory
@@ -211,7 +212,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             query_start_loc=tensor(host.query_start_loc, torch.int32),
             seq_lens=tensor(host.seq_lens, torch.int32),
-            block_tables=tensor(_padded(host.block_tables), torch.int32),
+            block_tables=torch.from_numpy(block_table_array(host.block_tables)).to(
+                device, non_blocking=True),
             slot_mapping=tensor(host.slots, torch.int64),
             max_query_len=host.max_query_len,
             max_seq_len=max(host.seq_lens),
@@ -253,12 +255,6 @@ def _mixed_split(host: HostInputs, meta: AttentionMetadata
         max_query_len=meta.max_query_len, max_seq_len=max(host.seq_lens[d:]),
         query_start_loc_cpu=[x - d for x in qsl[d:]], seq_lens_cpu=host.seq_lens[d:])
     return d, rest
-
-
-def _padded(block_tables: list[list[int]]) -> list[list[int]]:
-    """(num_seqs, max_blocks), padded with block 0."""
-    width = max(len(table) for table in block_tables)
-    return [table + [0] * (width - len(table)) for table in block_tables]
 
 
 def _histories(seqs: list[Sequence]) -> list[TokenHistory] | None:

@@ -120,6 +120,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_prompt_work(self) -> bool:
+        """Whether prompt tokens wait to be computed: a waiting request, or a running one whose
+        prompt is not all computed yet (the next chunk of a long prompt)."""
+        return bool(self.waiting) or any(seq.num_computed_tokens < seq.num_prompt_tokens
+                                         for seq in self.running)
+
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch([], [])
         budget = self.limits.max_num_batched_tokens

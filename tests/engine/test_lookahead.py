@@ -206,3 +206,49 @@ def test_blocks_written_by_a_prompt_chunk_and_by_a_step_ahead():
     assert blocks_written(ScheduledBatch([seq], [1]), ahead=True) == [9]
     seq.token_ids.extend([1, 2])                      # 12 tokens: ahead writes position 12
     assert blocks_written(ScheduledBatch([seq], [1]), ahead=True) == [12]
+
+
+def launches_and_yields(engine, steps) -> list:
+    """Runs `steps` to its end, recording each launch (the prompt tokens it computes) and
+    each yield, in order."""
+    events = []
+    launch = engine.runner.launch
+
+    def recorded(batch):
+        events.append(("launch", sum(n for n in batch.num_new_tokens if n > 1)))
+        return launch(batch)
+
+    engine.runner.launch = recorded
+    for _ in steps:
+        events.append("yield")
+    return events
+
+
+def test_serving_queues_a_prompts_next_chunk_before_handing_back_the_tokens():
+    # A 12-token prompt in chunks of 8 and 4, beside a decoding request: the second chunk is
+    # decided (nothing added now can join it ahead of it), so it is queued before the first
+    # chunk's step yields; the decode steps after the prompt keep their usual order.
+    llm = LLM(model="random:tiny", block_size=4, num_kv_blocks=64, max_num_batched_tokens=9)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.add_request("d", [3, 4], params)
+    engine.step()                       # "d" is decoding now
+    engine.add_request("p", list(range(1, 13)), params)
+    events = launches_and_yields(engine, engine.steps(launch_before_yield=False))
+    assert events[:4] == [("launch", 8), ("launch", 4), "yield", "yield"]
+
+
+def test_serving_without_prompt_work_schedules_after_the_yield_so_additions_join():
+    llm = LLM(model="random:tiny", block_size=4, num_kv_blocks=64)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    engine.add_request("a", [3, 4, 5], params)
+    steps = engine.steps(launch_before_yield=False)
+    next(steps)                          # a's prompt; no prompt work left, nothing queued yet
+    engine.add_request("b", [6, 7], params)
+    batch_seen = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda batch: (batch_seen.append(
+        [s.request_id for s in batch.seqs]), launch(batch))[1]
+    next(steps)
+    assert batch_seen[0] == ["a", "b"]   # b joined the step right after the yield
