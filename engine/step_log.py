@@ -25,9 +25,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import TYPE_CHECKING
 
-from tandem.engine.llm_engine import InFlightStep
 from tandem.engine.scheduler import ScheduledBatch
+
+if TYPE_CHECKING:   # the simulator imports step_terms without the engine's torch
+    from tandem.engine.llm_engine import InFlightStep
 
 ENV = "TANDEM_STEP_LOG_DIR"
 FLUSH_EVERY_S = 1.0
