@@ -11,6 +11,7 @@ profile's bare steps (the `overheads` phase of benchmarks/sim_accuracy_bench.py)
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -102,10 +103,22 @@ def fit_step_log_overheads(log_path: Path, profile: str, case: str | None) -> li
     fit = fit_step_intervals(model, intervals)
     print(f"{log_path} ({case or 'every case'}): {fit.num_decode} decode steps and "
           f"{fit.num_chunk} with a prompt chunk")
-    return ["--step-overhead-ms", f"{fit.step_overhead_s * 1e3:.2f}",
-            "--token-overhead-us", f"{fit.token_overhead_s * 1e6:.0f}",
-            "--chunk-overhead-ms", "0",
-            "--prefill-token-overhead-us", f"{fit.prefill_token_overhead_s * 1e6:.2f}"]
+    flags = ["--step-overhead-ms", f"{fit.step_overhead_s * 1e3:.2f}",
+             "--token-overhead-us", f"{fit.token_overhead_s * 1e6:.0f}",
+             "--chunk-overhead-ms", "0",
+             "--prefill-token-overhead-us", f"{fit.prefill_token_overhead_s * 1e6:.2f}"]
+    launch_s = prompt_launch_s(steps)
+    if launch_s is not None:
+        flags += ["--prompt-launch-ms", f"{launch_s * 1e3:.1f}"]
+    return flags
+
+
+def prompt_launch_s(steps: list[dict]) -> float | None:
+    """The median host time to schedule and launch a step carrying prompt tokens, which the
+    tokens of the step before it wait behind (`tandem simulate --prompt-launch-ms`); None for a
+    log without host times or without such steps."""
+    times = [step["host_s"] for step in steps if step["prefill_tokens"] and "host_s" in step]
+    return statistics.median(times) if times else None
 
 
 def write_serving_section(profile_path: str, flags: list[str], source: str) -> None:

@@ -328,6 +328,9 @@ def main() -> int:
                         help="sim: serving work per prompt token of a step (tandem simulate's)")
     parser.add_argument("--chunk-launch-ms", default="0",
                         help="sim: a prefill answer held behind the next chunk's launch")
+    parser.add_argument("--prompt-launch-ms", default="0",
+                        help="sim: a step's tokens held behind the next step's launch when that "
+                             "step carries prompt tokens (tandem simulate's)")
     parser.add_argument("--answer-at-step-boundary", action="store_true",
                         help="sim: prefill answers at the worker's next step boundary, as serving "
                              "did up to commit e65eadc (to replay runs made then)")
@@ -380,6 +383,7 @@ def main() -> int:
                  "--chunk-overhead-ms", args.chunk_overhead_ms,
                  "--prefill-token-overhead-us", args.prefill_token_overhead_us,
                  "--chunk-launch-ms", args.chunk_launch_ms,
+                 "--prompt-launch-ms", args.prompt_launch_ms,
                  "--frontend-overhead-ms", args.frontend_overhead_ms,
                  *(["--answer-at-step-boundary"] if args.answer_at_step_boundary else []))
     rows = run_sim(args.out_dir, args.profile, layouts, args.trace, plan, overheads,

@@ -55,6 +55,11 @@ class SimConfig:
     # as prefill_workers/service.py answers now. On, to replay runs of the older serving path.
     answer_at_step_boundary: bool = False
     chunk_launch_s: float = 0.0
+    # A serving worker with prompt tokens left to compute queues its next step before it hands
+    # back this step's tokens (LLMEngine.steps), so they leave once that step is launched:
+    # `prompt_launch_s` after the step's end (a step log's `host_s` of steps with prompt tokens).
+    # 0: they leave as the step ends.
+    prompt_launch_s: float = 0.0
     # A serving worker queues a steady decode batch's next step before it applies the operations
     # that arrived during this one (engine/lookahead.py), so they take effect a step later.
     decode_lookahead: bool = True
@@ -83,7 +88,7 @@ class SimConfig:
                              f"{self.heartbeat_interval_s}")
         for name in ("kv_event_delay_s", "frontend_overhead_s", "rpc_s", "step_overhead_s",
                      "token_overhead_s", "chunk_overhead_s", "prefill_token_overhead_s",
-                     "frontend_s_per_token", "chunk_launch_s"):
+                     "frontend_s_per_token", "chunk_launch_s", "prompt_launch_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.token_vocab_size <= 16:

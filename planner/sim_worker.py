@@ -30,8 +30,11 @@ bring into the batch joins one step later (an operation that only parks a handed
 starts its pull takes effect at the boundary: `ops_now`; while a request is parked for its pull,
 no step is queued ahead, so the pulled request joins the step after the boundary its pull ends
 before). A step that carries a prompt chunk pays `chunk_overhead_s` of host work beyond the
-profile's step, and `prefill_token_overhead_s` for each prompt token in it. A prefill worker
-answers a finished prompt as its step ends. (The serving path before answered at the worker's next
+profile's step, and `prefill_token_overhead_s` for each prompt token in it. With prompt tokens left
+to compute, a worker queues its next step before it hands back this step's tokens
+(LLMEngine.steps), so they leave `prompt_launch_s` after the step ends (`handoff_s`; not modeled
+for the last step of a decode stretch an arrival cuts short). A prefill worker answers a finished
+prompt as its step ends, or that much later. (The serving path before answered at the worker's next
 step boundary: at once when it went idle, when the next step ended if that step sampled, and
 `chunk_launch_s` into it if it was a chunk that did not; `answer_at_step_boundary` replays that,
 for runs made then.)
@@ -85,7 +88,7 @@ class SimWorker:
                  "batch", "step_end_s", "ops", "num_steps", "busy_s", "_token_span", "_token_cycle",
                  "collapse", "stretch_ends_s", "generation", "step_overhead_s",
                  "token_overhead_s", "chunk_overhead_s", "prefill_token_overhead_s",
-                 "chunk_launch_s", "answer_at_step_boundary",
+                 "chunk_launch_s", "prompt_launch_s", "answer_at_step_boundary",
                  "lookahead", "ops_now",
                  "_batch_is_decode", "_steady", "_deferred", "step_log", "_logging")
 
@@ -119,6 +122,7 @@ class SimWorker:
         self.chunk_overhead_s = config.chunk_overhead_s
         self.prefill_token_overhead_s = config.prefill_token_overhead_s
         self.chunk_launch_s = config.chunk_launch_s
+        self.prompt_launch_s = config.prompt_launch_s
         self.answer_at_step_boundary = config.answer_at_step_boundary
         self.lookahead = config.decode_lookahead
         self._batch_is_decode = False  # the step in flight has decode rows only
@@ -255,12 +259,22 @@ class SimWorker:
     def answer_delay_s(self, now_s: float) -> float:
         """How long after `now_s` (a step's end, the next step started) the prompts that step
         finished are answered: at the worker's next step boundary (the module docstring)."""
-        if not self.answer_at_step_boundary or self.step_end_s is None:
+        if not self.answer_at_step_boundary:
+            return self.handoff_s()
+        if self.step_end_s is None:
             return 0.0
         batch = self.batch
         if any(batch.samples(i) for i in range(len(batch.seqs))):
             return self.step_end_s - now_s
         return min(self.chunk_launch_s, self.step_end_s - now_s)
+
+    def handoff_s(self) -> float:
+        """How long after a step's end its tokens leave, called once the next step has started:
+        `prompt_launch_s` when that step carries prompt tokens (queued before the hand-back),
+        else 0."""
+        if self.step_end_s is None or self._batch_is_decode:
+            return 0.0
+        return self.prompt_launch_s
 
     def step_duration_s(self, batch: ScheduledBatch) -> float:
         num_prefill, cached, num_decode, num_context, num_sampled = step_terms(batch)

@@ -100,6 +100,9 @@ def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--chunk-launch-ms", type=float, default=0.0,
                      help="with --answer-at-step-boundary: host time to launch a prompt chunk, "
                           "which an answer waiting for the next boundary waits behind")
+    sim.add_argument("--prompt-launch-ms", type=float, default=None,
+                     help="host time to launch a step with prompt tokens, which the tokens of "
+                          "the step before wait behind (default: the profile's)")
     sim.add_argument("--no-decode-lookahead", action="store_true",
                      help="operations reach the next step even in a steady decode batch")
     sim.add_argument("--slo", nargs="+", default=[], metavar="NAME=MS",
@@ -163,6 +166,7 @@ def sim_config_from_args(args: argparse.Namespace, profile: dict, num_prefill: i
               "prefill_token_overhead_s": overhead["prefill_token_overhead_us"] / 1e6,
               "frontend_s_per_token": overhead["frontend_us_per_token"] / 1e6,
               "chunk_launch_s": args.chunk_launch_ms / 1e3,
+              "prompt_launch_s": overhead["prompt_launch_ms"] / 1e3,
               "answer_at_step_boundary": args.answer_at_step_boundary,
               "decode_lookahead": not args.no_decode_lookahead,
               "record_steps": bool(getattr(args, "step_log", None))}
@@ -173,7 +177,8 @@ def sim_config_from_args(args: argparse.Namespace, profile: dict, num_prefill: i
 
 
 SERVING_OVERHEADS = ("frontend_overhead_ms", "step_overhead_ms", "token_overhead_us",
-                     "chunk_overhead_ms", "prefill_token_overhead_us", "frontend_us_per_token")
+                     "chunk_overhead_ms", "prefill_token_overhead_us", "frontend_us_per_token",
+                     "prompt_launch_ms")
 
 
 def serving_overheads(args: argparse.Namespace, profile: dict) -> dict[str, float]:

@@ -281,15 +281,18 @@ class Simulator:
             self._end_stretch(worker)
             return
         advanced = worker.finish_step()
-        token_s = self.now_s + self.config.rpc_s
         requests = self.requests
-        if worker.role == "prefill":
-            self._start_step(worker)  # its answers leave at the boundary this step reaches
+        # The next step starts first: one carrying prompt tokens is queued before this step's
+        # tokens are handed back (SimWorker.handoff_s).
+        self._start_step(worker)
+        if worker.role == "prefill":   # its answers leave at the boundary this step reaches
             delay_s = worker.answer_delay_s(self.now_s) + self.config.rpc_s
             for seq in advanced:
                 self._later(delay_s, lambda r=requests[int(seq.request_id)], s=seq:
                             self._on_prefilled(r, s))
             return
+        sent_s = self.now_s + worker.handoff_s()
+        token_s = sent_s + self.config.rpc_s
         frontend = self.frontend
         for seq in advanced:
             request = requests[int(seq.request_id)]
@@ -304,11 +307,10 @@ class Simulator:
                     self._later(self.config.rpc_s, lambda r=request: self._on_finished(r))
         if frontend is not None and advanced:
             streamed = [requests[int(seq.request_id)] for seq in advanced]
-            frontend.add([self.now_s], self.config.rpc_s, self._ranks[worker],
+            frontend.add([sent_s], self.config.rpc_s, self._ranks[worker],
                          [request.token_times_s for request in streamed])
             self._finish_when_delivered(token_s, [
                 request for request, seq in zip(streamed, advanced) if seq.is_finished])
-        self._start_step(worker)
 
     def _end_stretch(self, worker: SimWorker) -> None:
         """Run a stretch of identical decode steps: every sequence gets a token each step."""

@@ -124,3 +124,10 @@ def test_overheads_are_fitted_on_one_case_of_a_step_log(tmp_path):
     serving = json.loads(profile.read_text())["serving"]
     assert serving["token_overhead_us"] == 10.0 and serving["prefill_token_overhead_us"] == 2.0
     assert "case a" in serving["measured"]
+    # A log with host times also gives the launch a step with prompt tokens takes: the median
+    # of those steps' host times (here 3, 5 and 8 ms; decode steps' are not counted).
+    for step, host_ms in zip(steps, [1.0] * 6 + [3.0, 5.0] + [1.0] * 6 + [8.0, 9.0]):
+        step["host_s"] = host_ms / 1e3
+    log.write_text("".join(json.dumps(s) + "\n" for s in steps[:-1]))
+    flags = dict(zip(*[iter(fit_step_log_overheads(log, str(profile), None))] * 2))
+    assert flags["--prompt-launch-ms"] == "5.0"

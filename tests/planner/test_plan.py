@@ -78,7 +78,8 @@ def test_serving_overheads_come_from_the_profile_unless_a_flag_sets_them(tmp_pat
     profile = synthetic_profile(num_kv_blocks=512, max_model_len=2048)
     profile["serving"] = {"frontend_overhead_ms": 0.5, "step_overhead_ms": 0.25,
                           "token_overhead_us": 40.0, "chunk_overhead_ms": 4.0,
-                          "prefill_token_overhead_us": 2.0, "measured": "x"}
+                          "prefill_token_overhead_us": 2.0, "prompt_launch_ms": 8.0,
+                          "measured": "x"}
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(profile))
     parser = argparse.ArgumentParser()
@@ -92,6 +93,8 @@ def test_serving_overheads_come_from_the_profile_unless_a_flag_sets_them(tmp_pat
     assert (measured.frontend_overhead_s, measured.step_overhead_s, measured.token_overhead_s,
             measured.chunk_overhead_s, measured.prefill_token_overhead_s
             ) == pytest.approx((0.5e-3, 0.25e-3, 40e-6, 4e-3, 2e-6))
+    assert measured.prompt_launch_s == pytest.approx(8e-3)
+    assert config("--prompt-launch-ms", "0").prompt_launch_s == 0.0
     flagged = config("--chunk-overhead-ms", "0", "--token-overhead-us", "10")
     assert (flagged.chunk_overhead_s, flagged.token_overhead_s) == (0.0, pytest.approx(10e-6))
     assert flagged.step_overhead_s == pytest.approx(0.25e-3)
