@@ -316,10 +316,10 @@ class LLMEngine:
         on the device. Otherwise, with `launch_before_yield`, the next step is scheduled and
         queued before the yield, so the caller's handling of the updates overlaps it (offline
         generation); without, after it, so requests the caller adds join that step (serving),
-        unless prompt tokens are left to compute: that step's chunk is already decided (a request
-        added now queues behind it), and scheduled before the yield its host work does not
-        contend with the caller's handling of the updates (a serving loop relaying tokens to
-        their streams) while the device waits for it.
+        unless this step decoded and prompt tokens are left to compute: the next step's chunk is
+        already decided (a request added now queues behind it), and scheduled before the yield
+        its host work does not contend with the caller's relay of the decoded tokens to their
+        streams while the device waits for it.
 
         Between yields the caller may add requests, finish them (a stop string, an abort) and
         allocate or free blocks (KV transfer), with a step in flight: a finished request's token
@@ -329,9 +329,11 @@ class LLMEngine:
         step = self._held(self.begin_step())
         while step is not None:
             ahead = self._begin_ahead(step)
+            decoded = 1 in step.batch.num_new_tokens
             updates = self.finish_step(step)
             step = ahead
-            if step is None and (launch_before_yield or self.scheduler.has_prompt_work()):
+            if step is None and (launch_before_yield
+                                 or (decoded and self.scheduler.has_prompt_work())):
                 step = self._held(self.begin_step())
             yield updates
             if step is None and not launch_before_yield:

@@ -55,8 +55,9 @@ class SimConfig:
     # as prefill_workers/service.py answers now. On, to replay runs of the older serving path.
     answer_at_step_boundary: bool = False
     chunk_launch_s: float = 0.0
-    # A serving worker with prompt tokens left to compute queues its next step before it hands
-    # back this step's tokens (LLMEngine.steps), so they leave once that step is launched:
+    # A serving worker with prompt tokens left to compute after a step that decoded queues its
+    # next step before it hands back this step's tokens (LLMEngine.steps), so they leave once
+    # that step is launched:
     # `prompt_launch_s` after the step's end (a step log's `host_s` of steps with prompt tokens).
     # 0: they leave as the step ends.
     prompt_launch_s: float = 0.0

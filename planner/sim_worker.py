@@ -31,10 +31,10 @@ starts its pull takes effect at the boundary: `ops_now`; while a request is park
 no step is queued ahead, so the pulled request joins the step after the boundary its pull ends
 before). A step that carries a prompt chunk pays `chunk_overhead_s` of host work beyond the
 profile's step, and `prefill_token_overhead_s` for each prompt token in it. With prompt tokens left
-to compute, a worker queues its next step before it hands back this step's tokens
-(LLMEngine.steps), so they leave `prompt_launch_s` after the step ends (`handoff_s`; not modeled
-for the last step of a decode stretch an arrival cuts short). A prefill worker answers a finished
-prompt as its step ends, or that much later. (The serving path before answered at the worker's next
+to compute after a step that decoded, a worker queues its next step before it hands back this
+step's tokens (LLMEngine.steps), so they leave `prompt_launch_s` after the step ends (`handoff_s`;
+not modeled for the last step of a decode stretch an arrival cuts short). A prefill worker answers
+a finished prompt as its step ends. (The serving path before answered at the worker's next
 step boundary: at once when it went idle, when the next step ended if that step sampled, and
 `chunk_launch_s` into it if it was a chunk that did not; `answer_at_step_boundary` replays that,
 for runs made then.)
@@ -256,11 +256,11 @@ class SimWorker:
                    for seq, n in zip(batch.seqs, batch.num_new_tokens)]
         return scheduler.postprocess(batch, sampled)
 
-    def answer_delay_s(self, now_s: float) -> float:
+    def answer_delay_s(self, now_s: float, decoded: bool) -> float:
         """How long after `now_s` (a step's end, the next step started) the prompts that step
         finished are answered: at the worker's next step boundary (the module docstring)."""
         if not self.answer_at_step_boundary:
-            return self.handoff_s()
+            return self.handoff_s(decoded)
         if self.step_end_s is None:
             return 0.0
         batch = self.batch
@@ -268,11 +268,11 @@ class SimWorker:
             return self.step_end_s - now_s
         return min(self.chunk_launch_s, self.step_end_s - now_s)
 
-    def handoff_s(self) -> float:
+    def handoff_s(self, decoded: bool) -> float:
         """How long after a step's end its tokens leave, called once the next step has started:
-        `prompt_launch_s` when that step carries prompt tokens (queued before the hand-back),
-        else 0."""
-        if self.step_end_s is None or self._batch_is_decode:
+        `prompt_launch_s` when the step that ended decoded (`decoded`: it had one-token rows) and
+        the next carries prompt tokens (queued before the hand-back), else 0."""
+        if not decoded or self.step_end_s is None or self._batch_is_decode:
             return 0.0
         return self.prompt_launch_s
 

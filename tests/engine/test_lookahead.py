@@ -238,6 +238,16 @@ def test_serving_queues_a_prompts_next_chunk_before_handing_back_the_tokens():
     assert events[:4] == [("launch", 8), ("launch", 4), "yield", "yield"]
 
 
+def test_serving_queues_a_chunk_after_the_yield_when_the_step_before_decoded_nothing():
+    # A prompt alone (a prefill worker's steps): its chunks relay no decoded tokens, so the next
+    # chunk is scheduled after the yield, and the answer of a finished prompt is not held.
+    llm = LLM(model="random:tiny", block_size=4, num_kv_blocks=64, max_num_batched_tokens=8)
+    engine = llm.engine
+    engine.add_request("p", list(range(1, 21)), SamplingParams(temperature=0, max_tokens=1))
+    events = launches_and_yields(engine, engine.steps(launch_before_yield=False))
+    assert events == [("launch", 8), "yield", ("launch", 8), "yield", ("launch", 4), "yield"]
+
+
 def test_serving_without_prompt_work_schedules_after_the_yield_so_additions_join():
     llm = LLM(model="random:tiny", block_size=4, num_kv_blocks=64)
     engine = llm.engine

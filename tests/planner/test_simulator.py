@@ -203,25 +203,25 @@ def test_a_prefill_answer_leaves_as_its_step_ends():
 
 
 def test_tokens_wait_behind_the_launch_of_a_next_step_with_prompt_tokens():
-    # prompt_launch_s: a worker with prompt tokens left queues that step before it hands back
-    # the tokens of the step before (LLMEngine.steps). A's 32-token prompt runs in 16-token
-    # chunks (0-10, 10-20); B's chunk is next, so A's first token leaves 3 ms after 20. Alone, a
-    # request's next step only decodes and its tokens leave as each step ends.
-    for launch_s, ttft_ms in ((0.0, 20.0), (0.003, 23.0)):
+    # prompt_launch_s: after a step that decoded, a worker with prompt tokens left queues the
+    # next step before it hands back the tokens (LLMEngine.steps). D (4-token prompt) is
+    # prefilled 0-10; A's 32 tokens then run beside D's decodes in 10 ms steps: 15 (10-20), 15
+    # (20-30), 2 (30-40, A samples). D's tokens of the steps ending at 20 and 30 are followed by
+    # A's chunks, so they leave 3 ms late; the one at 40 is followed by decodes only. D's prompt
+    # step decoded nothing, so its first token leaves at 10.
+    for launch_s, itl_ms in ((0.0, (10.0, 10.0, 10.0)), (0.003, (13.0, 10.0, 7.0))):
         sim = Simulator(config(prompt_launch_s=launch_s), ConstantModel())
-        first, _ = sim.run(requests([(32, 3), (32, 3)]), [0.0, 0.001]).records()
-        assert first.ttft_ms == pytest.approx(ttft_ms)
-        alone = Simulator(config(prompt_launch_s=launch_s), ConstantModel())
-        record = alone.run(requests([(10, 4)]), [0.0]).records()[0]
-        assert record.ttft_ms == pytest.approx(10.0)
-        assert record.itl_ms == pytest.approx((10.0, 10.0, 10.0))
-    # A prefill worker's answer waits the same way when its next step is another prompt's chunk.
+        d, a = sim.run(requests([(4, 8), (32, 2)]), [0.0, 0.001]).records()
+        assert d.ttft_ms == pytest.approx(10.0)
+        assert d.itl_ms[:3] == pytest.approx(itl_ms) and d.itl_ms[3:] == pytest.approx((10.0,) * 4)
+        assert a.ttft_ms == pytest.approx(39.0)
+    # A prefill worker's steps decode nothing: its answers leave as the step ends.
     routing = RoutingConfig(remote_prefill_min_tokens=4)
     sim = Simulator(config(1, 1, routing=routing, chunk_overhead_s=0.002,
                            prompt_launch_s=0.003), ConstantModel())
     first, second = sim.run(requests([(32, 2), (32, 2)]), [0.0, 0.001]).records()
-    assert first.ttft_ms == pytest.approx(24.0 + 3.0)
-    assert second.ttft_ms == pytest.approx(48.0 - 1.0)   # the worker idle after it
+    assert first.ttft_ms == pytest.approx(24.0)
+    assert second.ttft_ms == pytest.approx(48.0 - 1.0)
 
 
 def test_a_step_pays_the_serving_overhead_of_each_prompt_token_it_carries():
