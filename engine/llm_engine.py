@@ -60,7 +60,7 @@ class InFlightStep:
     batch: ScheduledBatch
     pending: PendingStep
     held: list[int] = field(default_factory=list)  # blocks it writes, referenced until collected
-    host_s: float = 0.0   # host time to schedule and queue it (perf_counter seconds)
+    host_s: float = 0.0   # seconds the host took to schedule and queue it
 
 
 @dataclass(frozen=True, slots=True)

@@ -258,7 +258,8 @@ class SimWorker:
 
     def answer_delay_s(self, now_s: float, decoded: bool) -> float:
         """How long after `now_s` (a step's end, the next step started) the prompts that step
-        finished are answered: at the worker's next step boundary (the module docstring)."""
+        finished are answered: behind the next step's launch (`handoff_s`), or, replaying the
+        older serving path, at the worker's next step boundary (the module docstring)."""
         if not self.answer_at_step_boundary:
             return self.handoff_s(decoded)
         if self.step_end_s is None:
