@@ -262,3 +262,22 @@ def test_serving_without_prompt_work_schedules_after_the_yield_so_additions_join
         [s.request_id for s in batch.seqs]), launch(batch))[1]
     next(steps)
     assert batch_seen[0] == ["a", "b"]   # b joined the step right after the yield
+
+
+def test_serving_steps_with_chunks_queued_early_equal_one_step_at_a_time():
+    # A 6-token budget cuts the prompts into chunks beside decodes, so chunks are queued before
+    # the yield; the tokens are those of steps scheduled one at a time, and no block leaks.
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 17, 9)]
+    llm = LLM(model="random:tiny", block_size=4, num_kv_blocks=64, max_num_batched_tokens=6)
+    engine = llm.engine
+    for i, (prompt, p) in enumerate(zip(PROMPTS, params)):
+        engine.add_request(f"s-{i}", prompt, p)
+    got: dict[str, list[int]] = {f"s-{i}": [] for i in range(len(PROMPTS))}
+    events = launches_and_yields(engine, (
+        [got[u.request_id].extend(u.new_token_ids) for u in updates]
+        for updates in engine.steps(launch_before_yield=False)))
+    assert any(a != "yield" and b != "yield" for a, b in zip(events, events[1:]))  # early
+    manager = engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks
+    # The reference afterwards: its prompts hit the prefix cache, which gives the same tokens.
+    assert [got[f"s-{i}"] for i in range(len(PROMPTS))] == one_at_a_time(llm, PROMPTS, params)
