@@ -197,17 +197,24 @@ def keeps_up(records) -> bool:
 
     A shape past its capacity builds a backlog for as long as arrivals last, but a probe may end
     before the backlog shows in the SLO: a frontend that takes streams in turn spreads an overload
-    over every stream's pace a little at a time. Counted at the last arrival and at half that
-    time, the requests in flight of a stable shape differ by noise (about sqrt(L)); an overloaded
-    one has gained (rate - capacity) x half the probe. Its steady-state attainment is then 0.
+    over every stream's pace a little at a time. The mean number of requests in flight over the
+    second quarter of the arrivals and over the last quarter: a stable shape's differ by noise
+    (taken as sqrt(L)); an overloaded one has gained (rate - capacity) x half the probe. Its
+    steady-state attainment is then 0. Means over windows, not counts at two instants: at a few
+    requests in flight an instant often finds none, which read a stable probe as a backlog.
     """
     last_s = max(r.start_s for r in records)
+    spans = [(r.start_s, r.start_s + r.e2e_ms / 1e3) for r in records]
 
-    def in_flight(at_s: float) -> int:
-        return sum(1 for r in records if r.start_s <= at_s < r.start_s + r.e2e_ms / 1e3)
+    def mean_in_flight(since_s: float, until_s: float) -> float:
+        if until_s <= since_s:
+            return float(sum(1 for start, end in spans if start <= since_s < end))
+        busy = sum(max(0.0, min(end, until_s) - max(start, since_s)) for start, end in spans)
+        return busy / (until_s - since_s)
 
-    midway, end = in_flight(last_s / 2), in_flight(last_s)
-    return end - midway <= BACKLOG_NOISE_SIGMAS * math.sqrt(max(midway, 1)) + 1
+    early = mean_in_flight(last_s / 4, last_s / 2)
+    late = mean_in_flight(3 * last_s / 4, last_s)
+    return late - early <= BACKLOG_NOISE_SIGMAS * math.sqrt(max(early, 1.0)) + 1
 
 
 def one_at_a_time(records) -> bool:

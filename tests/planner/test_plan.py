@@ -113,3 +113,18 @@ def test_a_probe_whose_backlog_grows_does_not_keep_up():
     growing = [SimpleNamespace(start_s=float(t), e2e_ms=2000.0 + 500.0 * t) for t in range(120)]
     assert keeps_up(stable)
     assert not keeps_up(growing)
+
+
+def test_a_stable_probe_whose_arrivals_pause_midway_keeps_up():
+    """A few requests in flight, and a lull at half the probe (none in flight then), later a
+    short burst: counted at two instants (0 at the midpoint, 6 at the last arrival) it read as a
+    backlog; over windows the load is level."""
+    from types import SimpleNamespace
+
+    from tandem.planner.plan import keeps_up
+    starts = ([k * 0.5 for k in range(101) if not 45 <= k <= 50]      # none from 22.5 to 25 s
+              + [49.6, 49.7, 49.8, 49.9])
+    records = [SimpleNamespace(start_s=t, e2e_ms=1500.0) for t in sorted(starts)]
+    at = lambda t: sum(1 for r in records if r.start_s <= t < r.start_s + 1.5)  # noqa: E731
+    assert (at(25.0), at(50.0)) == (0, 7)   # what the instants saw: 7 > 3 x sqrt(1) + 1
+    assert keeps_up(records)
