@@ -11,9 +11,9 @@ For each kind of step (decode only, a prompt chunk beside decodes, prompt only) 
 many there were, the step thread's time over the model's price for the same shape (median and
 p90), the host's time to schedule and queue the step (logs that record `host_s`), and the loop's
 share between steps: from the thread's end to the loop taking the tokens (hand-off), and from
-there to the next step's start (the loop's own work). The last line splits
-the log's whole span into steps, hand-offs, loop work and idle time (no step in flight and none
-waiting to start: gaps over --idle-ms). With `--cases` (the cases.json that `sim_accuracy_bench.py
+there to the next step's start (the loop's own work). The last line splits the log's whole span
+into steps, hand-offs, loop work and idle time (no step in flight and none waiting to start: gaps
+over --idle-ms). With `--cases` (the cases.json that `sim_accuracy_bench.py
 real` writes beside the logs: each case's name and epoch start and end), one report per case.
 `--by-shape` splits the kinds finer; `--mixed-terms` fits what mixed steps' time over the model
 goes with (`fit_mixed_terms`). `tandem simulate --step-log` writes logs of the same form.

@@ -57,9 +57,8 @@ class SimConfig:
     chunk_launch_s: float = 0.0
     # A serving worker with prompt tokens left to compute after a step that decoded queues its
     # next step before it hands back this step's tokens (LLMEngine.steps), so they leave once
-    # that step is launched:
-    # `prompt_launch_s` after the step's end (a step log's `host_s` of steps with prompt tokens).
-    # 0: they leave as the step ends.
+    # that step is launched: `prompt_launch_s` after the step's end (a step log's `host_s` of
+    # steps with prompt tokens). 0: they leave as the step ends.
     prompt_launch_s: float = 0.0
     # A serving worker queues a steady decode batch's next step before it applies the operations
     # that arrived during this one (engine/lookahead.py), so they take effect a step later.
