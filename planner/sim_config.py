@@ -60,6 +60,9 @@ class SimConfig:
     # that step is launched: `prompt_launch_s` after the step's end (a step log's `host_s` of
     # steps with prompt tokens). 0: they leave as the step ends.
     prompt_launch_s: float = 0.0
+    # And so the operations that arrived during that step take effect a step later (False: the
+    # serving path before 022ce11, which scheduled every such step after applying them).
+    queue_prompts_early: bool = True
     # A serving worker queues a steady decode batch's next step before it applies the operations
     # that arrived during this one (engine/lookahead.py), so they take effect a step later.
     decode_lookahead: bool = True

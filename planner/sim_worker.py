@@ -88,7 +88,8 @@ class SimWorker:
                  "batch", "step_end_s", "ops", "num_steps", "busy_s", "_token_span", "_token_cycle",
                  "collapse", "stretch_ends_s", "generation", "step_overhead_s",
                  "token_overhead_s", "chunk_overhead_s", "prefill_token_overhead_s",
-                 "chunk_launch_s", "prompt_launch_s", "answer_at_step_boundary",
+                 "chunk_launch_s", "prompt_launch_s", "queue_prompts_early",
+                 "answer_at_step_boundary",
                  "lookahead", "ops_now",
                  "_batch_is_decode", "_steady", "_deferred", "step_log", "_logging")
 
@@ -123,10 +124,14 @@ class SimWorker:
         self.prefill_token_overhead_s = config.prefill_token_overhead_s
         self.chunk_launch_s = config.chunk_launch_s
         self.prompt_launch_s = config.prompt_launch_s
+        self.queue_prompts_early = config.queue_prompts_early
         self.answer_at_step_boundary = config.answer_at_step_boundary
         self.lookahead = config.decode_lookahead
         self._batch_is_decode = False  # the step in flight has decode rows only
-        self._steady = False  # the last step was steady decode: the engine queued the next one
+        # The engine queued the next step before it applied the operations that arrived during
+        # this one: a steady decode batch's (engine/lookahead.py), or, after a step that decoded,
+        # one with prompt tokens left to compute (LLMEngine.steps)
+        self._steady = False
         self._deferred = False  # this step is the one queued ahead; operations wait for its end
         # config.record_steps: each step as a step log line, and the step (or stretch) in flight's
         # shape and start until its end times are known
@@ -144,7 +149,7 @@ class SimWorker:
             for op in ops_now:
                 op()
         if self.ops and self._steady and not self._deferred and self.scheduler.running:
-            self._deferred = True  # the step queued ahead runs first, the same decode batch
+            self._deferred = True  # the step queued ahead runs first
         else:
             self._deferred = False
             ops, self.ops = self.ops, []
@@ -254,7 +259,11 @@ class SimWorker:
         sampled = [cycle[seq.num_tokens % span]
                    if seq.num_computed_tokens + n == seq.num_tokens else None
                    for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-        return scheduler.postprocess(batch, sampled)
+        advanced = scheduler.postprocess(batch, sampled)
+        if (self.queue_prompts_early and not self._steady and 1 in batch.num_new_tokens
+                and scheduler.has_prompt_work()):
+            self._steady = True   # the next step is queued before the operations (LLMEngine.steps)
+        return advanced
 
     def answer_delay_s(self, now_s: float, decoded: bool) -> float:
         """How long after `now_s` (a step's end, the next step started) the prompts that step

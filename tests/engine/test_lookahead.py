@@ -281,3 +281,28 @@ def test_serving_steps_with_chunks_queued_early_equal_one_step_at_a_time():
     assert manager.num_free_blocks == manager.num_blocks
     # The reference afterwards: its prompts hit the prefix cache, which gives the same tokens.
     assert [got[f"s-{i}"] for i in range(len(PROMPTS))] == one_at_a_time(llm, PROMPTS, params)
+
+
+def test_a_request_added_while_a_chunk_is_queued_early_joins_the_step_after():
+    # D decodes; A's 20-token prompt runs 15 tokens beside it. That step decoded and A has 5
+    # tokens left, so the next step (D and A's last 5) is queued before the step yields: B, added
+    # at that yield, joins the step after it, not that one (tandem simulate models the same:
+    # tests/planner/test_simulator.py).
+    llm = LLM(model="random:tiny", block_size=4, num_kv_blocks=64, max_num_batched_tokens=16)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.add_request("d", [3, 4, 5, 6], SamplingParams(temperature=0, max_tokens=10,
+                                                         ignore_eos=True))
+    engine.step()                                   # d's prompt: d decodes from now on
+    engine.add_request("a", list(range(1, 21)), params)
+    batches = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda batch: (batches.append(
+        [(s.request_id, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]), launch(batch))[1]
+    steps = engine.steps(launch_before_yield=False)
+    next(steps)
+    engine.add_request("b", list(range(30, 38)), params)
+    next(steps)
+    next(steps)
+    assert batches[:3] == [[("d", 1), ("a", 15)], [("d", 1), ("a", 5)],
+                           [("d", 1), ("a", 1), ("b", 8)]]

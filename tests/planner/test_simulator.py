@@ -224,6 +224,21 @@ def test_tokens_wait_behind_the_launch_of_a_next_step_with_prompt_tokens():
     assert second.ttft_ms == pytest.approx(48.0 - 1.0)
 
 
+def test_an_arrival_joins_a_step_later_when_the_next_chunk_was_queued_first():
+    # D decodes; A's 20-token prompt runs 15 tokens beside it (10-20), B arrives at 15. After a
+    # step that decoded, with A's 5 tokens left, the engine queues the next step (20-30: D and
+    # A) before it applies B's arrival, so B runs 30-40 (TTFT 25 ms). Scheduled after the
+    # arrival, as serving did before, B's 8 tokens fit beside them at 20 (TTFT 15 ms).
+    for early, b_ttft_ms in ((True, 25.0), (False, 15.0)):
+        for collapse in (True, False):
+            sim = Simulator(config(queue_prompts_early=early, collapse_decode_steps=collapse),
+                            ConstantModel())
+            d, a, b = sim.run(requests([(4, 12), (20, 3), (8, 3)]),
+                              [0.0, 0.001, 0.015]).records()
+            assert (d.ttft_ms, a.ttft_ms) == (pytest.approx(10.0), pytest.approx(29.0))
+            assert b.ttft_ms == pytest.approx(b_ttft_ms)
+
+
 def test_a_step_pays_the_serving_overhead_of_each_prompt_token_it_carries():
     routing = RoutingConfig(remote_prefill_min_tokens=4)
     # 24 prompt tokens in chunks of 16 and 8: 10 ms a step, plus 1 ms a chunk and 0.5 ms a token.
