@@ -18,7 +18,7 @@ import torch
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import ROLES, EngineConfig
 from tandem.engine.loader import build_model
-from tandem.engine.lookahead import blocks_written, plan_ahead
+from tandem.engine.lookahead import blocks_written, plan_ahead, queues_before_hand_back
 from tandem.engine.model_info import describe_model
 from tandem.engine.model_runner import ModelRunner, PendingStep, bytes_per_block
 from tandem.contracts.sampling_params import SamplingParams
@@ -329,11 +329,10 @@ class LLMEngine:
         step = self._held(self.begin_step())
         while step is not None:
             ahead = self._begin_ahead(step)
-            decoded = 1 in step.batch.num_new_tokens
             updates = self.finish_step(step)
-            step = ahead
+            finished, step = step.batch, ahead
             if step is None and (launch_before_yield
-                                 or (decoded and self.scheduler.has_prompt_work())):
+                                 or queues_before_hand_back(self.scheduler, finished)):
                 step = self._held(self.begin_step())
             yield updates
             if step is None and not launch_before_yield:

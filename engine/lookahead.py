@@ -78,6 +78,14 @@ def plan_ahead(scheduler: Scheduler, in_flight: ScheduledBatch,
     return AheadPlan(ScheduledBatch(seqs, [1] * len(seqs)), rows)
 
 
+def queues_before_hand_back(scheduler: Scheduler, finished: ScheduledBatch) -> bool:
+    """Whether a serving worker queues the step after `finished` (its tokens just recorded)
+    before it hands back those tokens and applies what arrived meanwhile (LLMEngine.steps): when
+    that step decoded (one-token rows: tokens for the loop to relay) and prompt tokens are left
+    to compute, whose next chunk a request added now could only queue behind."""
+    return 1 in finished.num_new_tokens and scheduler.has_prompt_work()
+
+
 def blocks_written(batch: ScheduledBatch, ahead: bool) -> list[int]:
     """The blocks a step writes K/V into: each sequence's new tokens' blocks (`ahead`: the one
     block of the position past its last recorded token)."""

@@ -54,6 +54,7 @@ from itertools import accumulate
 
 from tandem.contracts.worker_stats import WorkerStats
 from tandem.engine.block_manager import BlockManager
+from tandem.engine.lookahead import queues_before_hand_back
 from tandem.engine.role_schedulers import make_scheduler
 from tandem.engine.scheduler import ScheduledBatch, SchedulerLimits
 from tandem.engine.sequence import Sequence
@@ -91,7 +92,8 @@ class SimWorker:
                  "chunk_launch_s", "prompt_launch_s", "queue_prompts_early",
                  "answer_at_step_boundary",
                  "lookahead", "ops_now",
-                 "_batch_is_decode", "_steady", "_deferred", "step_log", "_logging")
+                 "_batch_is_decode", "_steady", "_queued_early", "_deferred", "step_log",
+                 "_logging")
 
     def __init__(self, worker_id: str, role: str, config: SimConfig, model,
                  state: WorkerState):
@@ -128,10 +130,10 @@ class SimWorker:
         self.answer_at_step_boundary = config.answer_at_step_boundary
         self.lookahead = config.decode_lookahead
         self._batch_is_decode = False  # the step in flight has decode rows only
-        # The engine queued the next step before it applied the operations that arrived during
-        # this one: a steady decode batch's (engine/lookahead.py), or, after a step that decoded,
-        # one with prompt tokens left to compute (LLMEngine.steps)
-        self._steady = False
+        self._steady = False  # the last step was steady decode: the engine queued the next one
+        # The last step decoded with prompt tokens left: the engine queues the next step before
+        # it hands back the tokens and applies the operations (queues_before_hand_back)
+        self._queued_early = False
         self._deferred = False  # this step is the one queued ahead; operations wait for its end
         # config.record_steps: each step as a step log line, and the step (or stretch) in flight's
         # shape and start until its end times are known
@@ -148,7 +150,8 @@ class SimWorker:
             ops_now, self.ops_now = self.ops_now, []
             for op in ops_now:
                 op()
-        if self.ops and self._steady and not self._deferred and self.scheduler.running:
+        if (self.ops and (self._steady or self._queued_early) and not self._deferred
+                and self.scheduler.running):
             self._deferred = True  # the step queued ahead runs first
         else:
             self._deferred = False
@@ -157,12 +160,12 @@ class SimWorker:
                 op()
         if not self.scheduler.has_work():
             self.step_end_s = None
-            self._steady = False
+            self._steady = self._queued_early = False
             return None
         batch = self.scheduler.schedule()
         if not batch.seqs:  # waiting for blocks that only an operation (a release) can free
             self.step_end_s = None
-            self._steady = False
+            self._steady = self._queued_early = False
             return None
         duration_s = self.step_duration_s(batch)
         self.batch = batch
@@ -260,17 +263,16 @@ class SimWorker:
                    if seq.num_computed_tokens + n == seq.num_tokens else None
                    for seq, n in zip(batch.seqs, batch.num_new_tokens)]
         advanced = scheduler.postprocess(batch, sampled)
-        if (self.queue_prompts_early and not self._steady and 1 in batch.num_new_tokens
-                and scheduler.has_prompt_work()):
-            self._steady = True   # the next step is queued before the operations (LLMEngine.steps)
+        self._queued_early = (self.queue_prompts_early and not self._steady
+                              and queues_before_hand_back(scheduler, batch))
         return advanced
 
-    def answer_delay_s(self, now_s: float, decoded: bool) -> float:
+    def answer_delay_s(self, now_s: float) -> float:
         """How long after `now_s` (a step's end, the next step started) the prompts that step
         finished are answered: behind the next step's launch (`handoff_s`), or, replaying the
         older serving path, at the worker's next step boundary (the module docstring)."""
         if not self.answer_at_step_boundary:
-            return self.handoff_s(decoded)
+            return self.handoff_s()
         if self.step_end_s is None:
             return 0.0
         batch = self.batch
@@ -278,11 +280,11 @@ class SimWorker:
             return self.step_end_s - now_s
         return min(self.chunk_launch_s, self.step_end_s - now_s)
 
-    def handoff_s(self, decoded: bool) -> float:
+    def handoff_s(self) -> float:
         """How long after a step's end its tokens leave, called once the next step has started:
-        `prompt_launch_s` when the step that ended decoded (`decoded`: it had one-token rows) and
-        the next carries prompt tokens (queued before the hand-back), else 0."""
-        if not decoded or self.step_end_s is None or self._batch_is_decode:
+        `prompt_launch_s` when that step, carrying prompt tokens, was queued before the
+        hand-back, else 0."""
+        if not self._queued_early or self.step_end_s is None or self._batch_is_decode:
             return 0.0
         return self.prompt_launch_s
 

@@ -280,19 +280,18 @@ class Simulator:
         if worker.stretch_ends_s is not None:
             self._end_stretch(worker)
             return
-        decoded = 1 in worker.batch.num_new_tokens
         advanced = worker.finish_step()
         requests = self.requests
         # The next step starts first: after a step that decoded, one carrying prompt tokens is
         # queued before this step's tokens are handed back (SimWorker.handoff_s).
         self._start_step(worker)
         if worker.role == "prefill":   # its answers leave at the boundary this step reaches
-            delay_s = worker.answer_delay_s(self.now_s, decoded) + self.config.rpc_s
+            delay_s = worker.answer_delay_s(self.now_s) + self.config.rpc_s
             for seq in advanced:
                 self._later(delay_s, lambda r=requests[int(seq.request_id)], s=seq:
                             self._on_prefilled(r, s))
             return
-        sent_s = self.now_s + worker.handoff_s(decoded)
+        sent_s = self.now_s + worker.handoff_s()
         token_s = sent_s + self.config.rpc_s
         frontend = self.frontend
         for seq in advanced:
