@@ -4,8 +4,9 @@
         [--context 1024] [--cached 0] [--cprofile 15]
 
 For prompt chunks of 16-2048 tokens, alone and beside 8 or 32 decoding sequences (--context tokens
-each; --shapes CHUNKxDECODES,... for others; --cached tokens before each chunk), one row per shape: the engine step's wall time (median of 5, after one), the time `runner.launch`
-takes to return (the host's share: input preparation, launches, sampling), and the sum of the
+each; --shapes CHUNKxDECODES,... for others; --cached tokens before each chunk), one row per
+shape: the engine step's wall time (median of 5, after one), the time `runner.launch` takes to
+return (the host's share: input preparation, launches, sampling), and the sum of the
 step's device kernel times from torch.profiler, with their count. A step whose launch time is near
 its wall time and far above its kernel time is bound by the host. `--cprofile N` prints, per shape,
 the N functions the launches spent most of their own time in (cProfile over its timed steps).
@@ -88,13 +89,13 @@ def main() -> None:
         profiler = cProfile.Profile()   # the five timed steps' launches only
         wall = [step() for _ in range(5)]
         host = statistics.median(launch_s)
+        text = io.StringIO()   # before the profiled step below adds its launch
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.cprofile)
         device_ms, count = kernel_ms(step)
         probe.clear()
         print(f"{args.model} | {chunk} + {num_decodes} | {statistics.median(wall) * 1e3:.2f} | "
               f"{host * 1e3:.2f} | {device_ms:.2f} | {count}", flush=True)
         if args.cprofile:
-            text = io.StringIO()
-            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.cprofile)
             print(text.getvalue().split("\n\n", 1)[-1], flush=True)
 
 
