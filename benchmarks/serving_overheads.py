@@ -4,12 +4,14 @@ profile's bare steps (the `overheads` phase of benchmarks/sim_accuracy_bench.py)
 - `fit_overheads`: from a 1P:1D run's client-side tokens (decode steps read off the token times,
   the prefill worker's per-token cost, answer hold and fixed cost off the TTFTs);
 - `fit_step_log_overheads`: from any worker's step log (engine/step_log.py): each step's interval
-  against the model's price;
+  against the model's price, and the serving path in before a request's prompt step starts
+  (`request_path_s`, pooled over the runs beside the log);
 - `write_serving_section`: the fitted flags stored as a profile's `serving` section.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import statistics
 import time
@@ -110,6 +112,9 @@ def fit_step_log_overheads(log_path: Path, profile: str, case: str | None) -> li
     launch_s = prompt_launch_s(steps)
     if launch_s is not None:
         flags += ["--prompt-launch-ms", f"{launch_s * 1e3:.1f}"]
+    path_s = fit_request_path_s(log_path)
+    if path_s is not None:
+        flags += ["--frontend-overhead-ms", f"{path_s * 1e3:.1f}"]
     return flags
 
 
@@ -119,6 +124,42 @@ def prompt_launch_s(steps: list[dict]) -> float | None:
     log without host times or without such steps."""
     times = [step["host_s"] for step in steps if step["prefill_tokens"] and "host_s" in step]
     return statistics.median(times) if times else None
+
+
+def request_path_s(steps: list[dict], sent_epoch_s: list[float]) -> float | None:
+    """The median time from a request's send to the start of the worker step that takes its
+    prompt, over requests sent while no step ran and answered by the very next step: the serving
+    path in (client, frontend, router, the worker's RPC and loop), which `tandem simulate
+    --frontend-overhead-ms` charges a request; None when no request qualifies.
+
+    Steps are a worker's step log (engine/step_log.py); its perf-counter times are put on the
+    epoch by each line's `at_s` (its `resumed_s` moment, logged in milliseconds)."""
+    if not steps:
+        return None
+    offset = statistics.median(step["at_s"] - step["resumed_s"] for step in steps)
+    began = [step["began_s"] + offset for step in steps]
+    waits = []
+    for sent in sent_epoch_s:
+        i = bisect.bisect_left(began, sent)
+        if 0 < i < len(steps) and steps[i]["prefill_tokens"] and (
+                steps[i - 1]["resumed_s"] + offset < sent):
+            waits.append(began[i] - sent)
+    return statistics.median(waits) if waits else None
+
+
+def fit_request_path_s(log_path: Path) -> float | None:
+    """`request_path_s` pooled over the real runs beside the log's folder (steps-<layout>/ next
+    to real-<layout>-<case>.json, as sim_accuracy_bench.py real writes them)."""
+    from benchmarks.step_log_report import load
+
+    (steps,) = load([str(log_path)])
+    layout = log_path.parent.name.removeprefix("steps-")
+    sent = []
+    for run in sorted(log_path.parent.parent.glob(f"real-{layout}-*.json")):
+        real = json.loads(run.read_text())
+        sent += [real["started_at_epoch_s"] + request["start_s"]
+                 for request in real.get("per_request") or []]
+    return request_path_s(sorted(steps, key=lambda step: step["began_s"]), sorted(sent))
 
 
 def write_serving_section(profile_path: str, flags: list[str], source: str) -> None:

@@ -131,3 +131,20 @@ def test_overheads_are_fitted_on_one_case_of_a_step_log(tmp_path):
     log.write_text("".join(json.dumps(s) + "\n" for s in steps[:-1]))
     flags = dict(zip(*[iter(fit_step_log_overheads(log, str(profile), None))] * 2))
     assert flags["--prompt-launch-ms"] == "5.0"
+
+
+def test_the_request_path_is_read_off_requests_sent_to_an_idle_worker():
+    from benchmarks.serving_overheads import request_path_s
+
+    def step(began, resumed, prompt):
+        return {"began_s": began, "ended_s": resumed, "resumed_s": resumed,
+                "at_s": 1000.0 + resumed, "prefill_tokens": prompt}
+
+    steps = [step(0.0, 0.010, 0), step(0.020, 0.030, 512), step(0.030, 0.040, 0),
+             step(0.050, 0.060, 0), step(0.090, 0.100, 2048)]
+    # Sent at 1000.012 (idle, its prompt step began 8 ms later) and 1000.084 (idle, 6 ms): both
+    # count. Sent during a step (1000.035), or before a step without prompt tokens (1000.045):
+    # neither does.
+    assert request_path_s(steps, [1000.012, 1000.035, 1000.045, 1000.084]) == pytest.approx(0.007)
+    assert request_path_s(steps, [1000.035]) is None
+    assert request_path_s([], [1000.0]) is None
