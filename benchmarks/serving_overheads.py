@@ -99,15 +99,16 @@ def fit_step_log_overheads(log_path: Path, profile: str, case: str | None) -> li
     model = PerfModel.load(profile)
     intervals = [StepInterval(row["thread_s"] + row["handoff_s"] + row["loop_s"],
                               step["prefill_tokens"], step["cached_tokens"], step["decode_seqs"],
-                              step["context_tokens"], step["sampled"])
-                 for step, row in zip(steps, rows(steps, model, None, STEP_LOG_IDLE_S))
+                              step["context_tokens"], step["sampled"], early)
+                 for step, row, early in zip(steps, rows(steps, model, None, STEP_LOG_IDLE_S),
+                                             queued_early(steps))
                  if row["loop_s"] is not None]   # a step before an idle gap: no loop to read
     fit = fit_step_intervals(model, intervals)
     print(f"{log_path} ({case or 'every case'}): {fit.num_decode} decode steps and "
-          f"{fit.num_chunk} with a prompt chunk")
+          f"{fit.num_chunk} with a prompt chunk ({fit.num_first} not queued early)")
     flags = ["--step-overhead-ms", f"{fit.step_overhead_s * 1e3:.2f}",
              "--token-overhead-us", f"{fit.token_overhead_s * 1e6:.0f}",
-             "--chunk-overhead-ms", "0",
+             "--chunk-overhead-ms", f"{fit.chunk_overhead_s * 1e3:.2f}",
              "--prefill-token-overhead-us", f"{fit.prefill_token_overhead_s * 1e6:.2f}"]
     launch_s = prompt_launch_s(steps)
     if launch_s is not None:
@@ -116,6 +117,16 @@ def fit_step_log_overheads(log_path: Path, profile: str, case: str | None) -> li
     if path_s is not None:
         flags += ["--frontend-overhead-ms", f"{path_s * 1e3:.1f}"]
     return flags
+
+
+def queued_early(steps: list[dict]) -> list[bool]:
+    """For each step of a log, whether the worker queued it before handing back the step before
+    it: a step with prompt tokens after a step that decoded beside prompt tokens, so that prompt
+    work was left when that step ended (engine/lookahead.queues_before_hand_back). The log does
+    not say which prompts a step's tokens come from; a prompt arriving just as another's last
+    chunk ends is counted as queued early too."""
+    return [bool(i and step["prefill_tokens"] and steps[i - 1]["prefill_tokens"]
+                 and steps[i - 1]["decode_seqs"]) for i, step in enumerate(steps)]
 
 
 def prompt_launch_s(steps: list[dict]) -> float | None:

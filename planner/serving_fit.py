@@ -101,6 +101,9 @@ class StepInterval:
     decode_seqs: int
     context_tokens: int
     sampled: int
+    # Queued before the hand-back of the step before it (engine/lookahead.py): its host work ran
+    # while that step was on the device.
+    queued_early: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +112,10 @@ class StepServing:
     step_overhead_s: float           # per step (--step-overhead-ms)
     token_overhead_s: float          # per sampled token (--token-overhead-us)
     prefill_token_overhead_s: float  # per prompt token of a step (--prefill-token-overhead-us)
+    chunk_overhead_s: float          # per prompt step not queued early (--chunk-overhead-ms)
     num_decode: int                  # steps each estimate rests on
     num_chunk: int
+    num_first: int                   # of num_chunk, the steps not queued early
 
 
 def fit_step_intervals(model: PerfModel, steps: Iterable[StepInterval],
@@ -121,17 +126,30 @@ def fit_step_intervals(model: PerfModel, steps: Iterable[StepInterval],
     log times every step of any worker, an aggregated one too. Pure decode steps give the cost
     per step and per sampled token (a line in the batch size, as `fit_serving_overhead`); steps
     with a prompt chunk then give the cost per prompt token: the median over those steps of
-    what is left of their interval, per prompt token.
+    what is left of their interval, per prompt token. Where the log tells steps queued before
+    the hand-back from the others and has both, the cost per prompt token comes from the first
+    kind (their host work ran under the step before), and the others give the cost of a step whose
+    host work the device waited for: the median of what is left of their interval after that.
     """
     steps = list(steps)
     decode = [(s.interval_s, s.decode_seqs, s.context_tokens) for s in steps
               if not s.prefill_tokens and s.decode_seqs]
     per_step_s, per_seq_s = fit_serving_overhead(model, decode)
-    per_token = [(s.interval_s - per_step_s - per_seq_s * s.sampled
-                  - model.step_s(s.prefill_tokens, s.cached_tokens, s.decode_seqs,
-                                 s.context_tokens, step_budget)) / s.prefill_tokens
-                 for s in steps if s.prefill_tokens]
-    if not per_token:
+    prompt = [s for s in steps if s.prefill_tokens]
+    if not prompt:
         raise ValueError("the step log holds no step with a prompt chunk")
-    return StepServing(per_step_s, per_seq_s, max(float(np.median(per_token)), 0.0),
-                       len(decode), len(per_token))
+
+    def left_s(s: StepInterval) -> float:
+        return (s.interval_s - per_step_s - per_seq_s * s.sampled
+                - model.step_s(s.prefill_tokens, s.cached_tokens, s.decode_seqs,
+                               s.context_tokens, step_budget))
+
+    early = [s for s in prompt if s.queued_early]
+    first = [s for s in prompt if not s.queued_early]
+    if not early or not first:
+        early, first = prompt, []
+    per_token_s = max(float(np.median([left_s(s) / s.prefill_tokens for s in early])), 0.0)
+    chunk_s = (max(float(np.median([left_s(s) - per_token_s * s.prefill_tokens for s in first])),
+                   0.0) if first else 0.0)
+    return StepServing(per_step_s, per_seq_s, per_token_s, chunk_s, len(decode), len(prompt),
+                       len(first))

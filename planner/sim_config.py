@@ -39,9 +39,9 @@ class SimConfig:
     # step through the worker and the frontend). 0: the profile's step alone.
     step_overhead_s: float = 0.0
     token_overhead_s: float = 0.0
-    # Host work of a step that carries a prompt chunk, beyond the profile's step: its inputs are
-    # built and launched while no step of its own is queued ahead of it. Per such step, and per
-    # prompt token it carries.
+    # Host work of a step that carries a prompt chunk, beyond the profile's step: per prompt token
+    # it carries, and per such step that was not queued before the hand-back of the step before
+    # it (`prompt_launch_s` below), whose inputs are built and launched while the device is idle.
     chunk_overhead_s: float = 0.0
     prefill_token_overhead_s: float = 0.0
     # The frontend's time per streamed token, shared by every worker: one server that every token

@@ -29,8 +29,9 @@ operations that arrived during this step are applied (engine/lookahead.py), so a
 bring into the batch joins one step later (an operation that only parks a handed-over request and
 starts its pull takes effect at the boundary: `ops_now`; while a request is parked for its pull,
 no step is queued ahead, so the pulled request joins the step after the boundary its pull ends
-before). A step that carries a prompt chunk pays `chunk_overhead_s` of host work beyond the
-profile's step, and `prefill_token_overhead_s` for each prompt token in it. With prompt tokens left
+before). A step that carries a prompt chunk pays `prefill_token_overhead_s` for each prompt token
+in it beyond the profile's step, and, unless it was queued before the hand-back of the step before
+it (below), `chunk_overhead_s` of host work that no step on the device hides. With prompt tokens left
 to compute after a step that decoded, a worker queues its next step before it hands back this
 step's tokens (LLMEngine.steps), so they leave `prompt_launch_s` after the step ends (`handoff_s`;
 not modeled for the last step of a decode stretch an arrival cuts short). A prefill worker answers
@@ -294,7 +295,7 @@ class SimWorker:
         return (self.model.step_s(num_prefill, cached, num_decode, num_context,
                                   step_budget=self.step_budget)
                 + self.step_overhead_s + self.token_overhead_s * num_sampled
-                + (self.chunk_overhead_s if num_prefill else 0.0)
+                + (self.chunk_overhead_s if num_prefill and not self._queued_early else 0.0)
                 + self.prefill_token_overhead_s * num_prefill)
 
     def _num_identical_steps(self, batch: ScheduledBatch) -> int:

@@ -99,13 +99,17 @@ def test_overheads_are_fitted_on_one_case_of_a_step_log(tmp_path):
     profile.write_text(json.dumps(synthetic_profile()))
     model = PerfModel.load(str(profile))
     # Two cases against one server: the first adds 0.2 ms a step and 10 us a sampled token and,
-    # with a chunk, 2 us a prompt token; the second, twice as much.
+    # with a chunk, 2 us a prompt token, and 3 ms to the prompt step after decode steps (not
+    # queued early: the next one, after a step that decoded beside a chunk, is); the second, twice
+    # as much.
     steps, now = [], 0.0
     for case, scale in (("a", 1.0), ("b", 2.0)):
-        for new, seqs in [(0, b) for b in (1, 2, 4, 8, 16, 32)] + [(1024, 4), (2048, 16)]:
+        for new, seqs in [(0, b) for b in (1, 2, 4, 8, 16, 32)] + [(1024, 4), (2048, 16),
+                                                                  (0, 17)]:
             sampled = seqs + bool(new)
             thread = model.step_s(new, 0, seqs, seqs * 3000)
-            interval = thread + scale * (2e-4 + 1e-5 * sampled + 2e-6 * new)
+            interval = thread + scale * (2e-4 + 1e-5 * sampled + 2e-6 * new
+                                         + (3e-3 if new == 1024 else 0.0))
             steps.append({"began_s": now, "ended_s": now + thread, "resumed_s": now + thread,
                           "at_s": 100.0 * scale, "prefill_tokens": new, "cached_tokens": 0,
                           "decode_seqs": seqs, "context_tokens": seqs * 3000,
@@ -119,16 +123,16 @@ def test_overheads_are_fitted_on_one_case_of_a_step_log(tmp_path):
          {"case": "b", "start_s": 150.0, "end_s": 250.0}]))
     flags = dict(zip(*[iter(fit_step_log_overheads(log, str(profile), "a"))] * 2))
     assert flags == {"--step-overhead-ms": "0.20", "--token-overhead-us": "10",
-                     "--chunk-overhead-ms": "0", "--prefill-token-overhead-us": "2.00"}
+                     "--chunk-overhead-ms": "3.00", "--prefill-token-overhead-us": "2.00"}
     write_serving_section(str(profile), list(sum(flags.items(), ())), "the step log, case a")
     serving = json.loads(profile.read_text())["serving"]
     assert serving["token_overhead_us"] == 10.0 and serving["prefill_token_overhead_us"] == 2.0
     assert "case a" in serving["measured"]
     # A log with host times also gives the launch a step with prompt tokens takes: the median
     # of those steps' host times (here 3, 5 and 8 ms; decode steps' are not counted).
-    for step, host_ms in zip(steps, [1.0] * 6 + [3.0, 5.0] + [1.0] * 6 + [8.0, 9.0]):
+    for step, host_ms in zip(steps, ([1.0] * 6 + [3.0, 5.0, 1.0] + [1.0] * 6 + [8.0, 9.0, 1.0])):
         step["host_s"] = host_ms / 1e3
-    log.write_text("".join(json.dumps(s) + "\n" for s in steps[:-1]))
+    log.write_text("".join(json.dumps(s) + "\n" for s in steps[:-2]))
     flags = dict(zip(*[iter(fit_step_log_overheads(log, str(profile), None))] * 2))
     assert flags["--prompt-launch-ms"] == "5.0"
 

@@ -209,6 +209,26 @@ def test_step_log_costs_are_recovered_from_every_kind_of_step(model: PerfModel):
         fit_step_intervals(model, steps[:10])
 
 
+def test_a_prompt_step_the_device_waited_for_costs_its_own_overhead(model: PerfModel):
+    # Prompt steps queued before the hand-back cost 1.5 us a prompt token over the model; those
+    # that were not (the device idle while their inputs were built) 2 ms more.
+    def step(new: int, seqs: int, early: bool) -> StepInterval:
+        sampled = seqs + bool(new)
+        interval = (model.step_s(new, 0, seqs, seqs * 2000) + 3e-4 + 2e-5 * sampled
+                    + 1.5e-6 * new + (0.0 if early or not new else 2e-3))
+        return StepInterval(interval, new, 0, seqs, seqs * 2000, sampled, early)
+
+    steps = [step(0, b, False) for b in (1, 4, 8, 16, 32)]
+    steps += [step(n, b, early) for n in (512, 2048) for b in (4, 32) for early in (False, True)]
+    fit = fit_step_intervals(model, steps)
+    assert fit.prefill_token_overhead_s == pytest.approx(1.5e-6, rel=1e-3)
+    assert fit.chunk_overhead_s == pytest.approx(2e-3, rel=1e-3)
+    assert (fit.num_chunk, fit.num_first) == (8, 4)
+    # A log without steps queued early (a prefill worker's): every prompt step prices the token.
+    fit = fit_step_intervals(model, [s for s in steps if not s.queued_early])
+    assert fit.chunk_overhead_s == 0.0 and fit.num_first == 0
+
+
 def test_no_transfer_points_says_so():
     profile = synthetic_profile()
     profile["transfer"] = {"points": [], "note": "one device"}

@@ -239,6 +239,19 @@ def test_an_arrival_joins_a_step_later_when_the_next_chunk_was_queued_first():
             assert b.ttft_ms == pytest.approx(b_ttft_ms)
 
 
+def test_a_chunk_queued_before_the_hand_back_pays_no_launch_of_its_own():
+    # Every prompt step scheduled after the hand-back pays the 2 ms chunk overhead: D's prompt
+    # (0-12), then A's first 15 tokens beside D's decode (12-24). A's last 5 tokens were queued
+    # before the hand-back of that step, their host work done under it: 24-34, A's TTFT 33 ms.
+    # Scheduled after the hand-back, as serving did before, they pay it too: 24-36.
+    for early, a_ttft_ms in ((True, 33.0), (False, 35.0)):
+        sim = Simulator(config(queue_prompts_early=early, chunk_overhead_s=0.002),
+                        ConstantModel())
+        d, a = sim.run(requests([(4, 12), (20, 3)]), [0.0, 0.001]).records()
+        assert d.ttft_ms == pytest.approx(12.0)
+        assert a.ttft_ms == pytest.approx(a_ttft_ms)
+
+
 def test_a_step_pays_the_serving_overhead_of_each_prompt_token_it_carries():
     routing = RoutingConfig(remote_prefill_min_tokens=4)
     # 24 prompt tokens in chunks of 16 and 8: 10 ms a step, plus 1 ms a chunk and 0.5 ms a token.
