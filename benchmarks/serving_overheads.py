@@ -121,12 +121,13 @@ def fit_step_log_overheads(log_path: Path, profile: str, case: str | None) -> li
 
 def queued_early(steps: list[dict]) -> list[bool]:
     """For each step of a log, whether the worker queued it before handing back the step before
-    it: a step with prompt tokens after a step that decoded beside prompt tokens, so that prompt
-    work was left when that step ended (engine/lookahead.queues_before_hand_back). The log does
-    not say which prompts a step's tokens come from; a prompt arriving just as another's last
-    chunk ends is counted as queued early too."""
-    return [bool(i and step["prefill_tokens"] and steps[i - 1]["prefill_tokens"]
-                 and steps[i - 1]["decode_seqs"]) for i, step in enumerate(steps)]
+    it (engine/lookahead.queues_before_hand_back): a step with prompt tokens right after a step
+    that decoded, since its prompt work was there when that step ended (a prompt that arrived
+    during a steady decode step was added while the step queued ahead of it ran). Not: one after
+    a step without decodes, or after an idle gap."""
+    return [bool(i and step["prefill_tokens"] and steps[i - 1]["decode_seqs"]
+                 and step["began_s"] - steps[i - 1]["resumed_s"] < STEP_LOG_IDLE_S)
+            for i, step in enumerate(steps)]
 
 
 def prompt_launch_s(steps: list[dict]) -> float | None:

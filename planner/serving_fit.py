@@ -101,8 +101,8 @@ class StepInterval:
     decode_seqs: int
     context_tokens: int
     sampled: int
-    # Queued before the hand-back of the step before it (engine/lookahead.py): its host work ran
-    # while that step was on the device.
+    # Queued before the hand-back of the step before it (engine/lookahead.py): the loop's relay of
+    # that step's tokens and the operations it applies ran while this one was on the device.
     queued_early: bool = False
 
 
@@ -128,8 +128,8 @@ def fit_step_intervals(model: PerfModel, steps: Iterable[StepInterval],
     with a prompt chunk then give the cost per prompt token: the median over those steps of
     what is left of their interval, per prompt token. Where the log tells steps queued before
     the hand-back from the others and has both, the cost per prompt token comes from the first
-    kind (their host work ran under the step before), and the others give the cost of a step whose
-    host work the device waited for: the median of what is left of their interval after that.
+    kind, and the others give the cost of a step that waited for the loop's hand-back of the step
+    before: the median of what is left of their interval after that.
     """
     steps = list(steps)
     decode = [(s.interval_s, s.decode_seqs, s.context_tokens) for s in steps

@@ -40,8 +40,9 @@ class SimConfig:
     step_overhead_s: float = 0.0
     token_overhead_s: float = 0.0
     # Host work of a step that carries a prompt chunk, beyond the profile's step: per prompt token
-    # it carries, and per such step that was not queued before the hand-back of the step before
-    # it (`prompt_launch_s` below), whose inputs are built and launched while the device is idle.
+    # it carries, and per such step scheduled after the hand-back of the step before it (not
+    # queued early, `prompt_launch_s` below): the loop's token relay and the operations it applies
+    # come first, with the device idle.
     chunk_overhead_s: float = 0.0
     prefill_token_overhead_s: float = 0.0
     # The frontend's time per streamed token, shared by every worker: one server that every token

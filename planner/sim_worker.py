@@ -26,19 +26,19 @@ Serving. A serving worker (engine/async_engine.py over LLMEngine.steps) differs 
 engine step the profile times in three ways the worker models. A steady decode batch (every
 running sequence decodes, nothing waits) has its next step queued on the device before the
 operations that arrived during this step are applied (engine/lookahead.py), so a sequence they
-bring into the batch joins one step later (an operation that only parks a handed-over request and
-starts its pull takes effect at the boundary: `ops_now`; while a request is parked for its pull,
-no step is queued ahead, so the pulled request joins the step after the boundary its pull ends
-before). A step that carries a prompt chunk pays `prefill_token_overhead_s` for each prompt token
-in it beyond the profile's step, and, unless it was queued before the hand-back of the step before
-it (below), `chunk_overhead_s` of host work that no step on the device hides. With prompt tokens left
-to compute after a step that decoded, a worker queues its next step before it hands back this
-step's tokens (LLMEngine.steps), so they leave `prompt_launch_s` after the step ends (`handoff_s`;
-not modeled for the last step of a decode stretch an arrival cuts short). A prefill worker answers
-a finished prompt as its step ends. (The serving path before answered at the worker's next
-step boundary: at once when it went idle, when the next step ended if that step sampled, and
-`chunk_launch_s` into it if it was a chunk that did not; `answer_at_step_boundary` replays that,
-for runs made then.)
+bring into the batch joins one step later; the loop applies them while that step runs, so they
+are in the scheduler when it ends (an operation that only parks a handed-over request and starts
+its pull takes effect at the boundary: `ops_now`; while a request is parked for its pull, no step
+is queued ahead, so the pulled request joins the step after the boundary its pull ends before).
+With prompt tokens left to compute after a step that decoded, a worker queues its next step before
+it hands back this step's tokens (LLMEngine.steps), so they leave `prompt_launch_s` after the step
+ends (`handoff_s`); a step that carries a prompt chunk pays `prefill_token_overhead_s` for each
+prompt token in it beyond the profile's step and, where it was not so queued, `chunk_overhead_s`:
+the loop's hand-back of the step before (its token relay, the operations it applies) then comes
+first, with the device idle. A prefill worker answers a finished prompt as its step ends. (The
+serving path before answered at the worker's next step boundary: at once when it went idle, when
+the next step ended if that step sampled, and `chunk_launch_s` into it if it was a chunk that did
+not; `answer_at_step_boundary` replays that, for runs made then.)
 
 Synthetic tokens. The trace holds no output text, so the token sampled at position p is a fixed
 function of p: requests are run with `ignore_eos` and `max_tokens` set to their output length, so
@@ -93,7 +93,8 @@ class SimWorker:
                  "chunk_launch_s", "prompt_launch_s", "queue_prompts_early",
                  "answer_at_step_boundary",
                  "lookahead", "ops_now",
-                 "_batch_is_decode", "_steady", "_queued_early", "_deferred", "step_log",
+                 "_batch_is_decode", "_steady", "_queued_early", "_deferred", "_deferred_ops",
+                 "step_log",
                  "_logging")
 
     def __init__(self, worker_id: str, role: str, config: SimConfig, model,
@@ -136,6 +137,7 @@ class SimWorker:
         # it hands back the tokens and applies the operations (queues_before_hand_back)
         self._queued_early = False
         self._deferred = False  # this step is the one queued ahead; operations wait for its end
+        self._deferred_ops: list[Callable[[], None]] = []
         # config.record_steps: each step as a step log line, and the step (or stretch) in flight's
         # shape and start until its end times are known
         self.step_log: list[dict] | None = [] if config.record_steps else None
@@ -153,7 +155,10 @@ class SimWorker:
                 op()
         if (self.ops and (self._steady or self._queued_early) and not self._deferred
                 and self.scheduler.running):
-            self._deferred = True  # the step queued ahead runs first
+            # The step queued ahead runs first; the engine's loop applies these operations
+            # while it runs, so they are in the scheduler when it ends (finish_step).
+            self._deferred = True
+            self._deferred_ops, self.ops = self.ops, []
         else:
             self._deferred = False
             ops, self.ops = self.ops, []
@@ -256,6 +261,11 @@ class SimWorker:
         batch = self.batch
         self.batch = None
         scheduler = self.scheduler
+        if self._deferred_ops:
+            ops, self._deferred_ops = self._deferred_ops, []
+            for op in ops:
+                op()
+            self._deferred = False   # operations arriving during this step wait a step too
         self._steady = (self.lookahead and self._batch_is_decode and not scheduler.waiting
                         and not scheduler.waiting_for_remote_kvs
                         and len(batch.seqs) == len(scheduler.running))
@@ -301,7 +311,7 @@ class SimWorker:
     def _num_identical_steps(self, batch: ScheduledBatch) -> int:
         """How many steps, this one included, repeat this pure decode batch (1: no stretch)."""
         scheduler = self.scheduler
-        if (self.ops or self.ops_now or scheduler.waiting
+        if (self.ops or self.ops_now or self._deferred_ops or scheduler.waiting
                 or len(batch.seqs) != len(scheduler.running)):
             return 1
         max_model_len = scheduler.limits.max_model_len

@@ -99,17 +99,16 @@ def test_overheads_are_fitted_on_one_case_of_a_step_log(tmp_path):
     profile.write_text(json.dumps(synthetic_profile()))
     model = PerfModel.load(str(profile))
     # Two cases against one server: the first adds 0.2 ms a step and 10 us a sampled token and,
-    # with a chunk, 2 us a prompt token, and 3 ms to the prompt step after decode steps (not
-    # queued early: the next one, after a step that decoded beside a chunk, is); the second, twice
-    # as much.
+    # with a chunk, 2 us a prompt token, and 3 ms to the prompt step after a step that did not
+    # decode (not queued early: the one after decode steps is); the second, twice as much.
     steps, now = [], 0.0
     for case, scale in (("a", 1.0), ("b", 2.0)):
-        for new, seqs in [(0, b) for b in (1, 2, 4, 8, 16, 32)] + [(1024, 4), (2048, 16),
+        for new, seqs in [(0, b) for b in (1, 2, 4, 8, 16, 32)] + [(1024, 0), (2048, 16),
                                                                   (0, 17)]:
             sampled = seqs + bool(new)
             thread = model.step_s(new, 0, seqs, seqs * 3000)
             interval = thread + scale * (2e-4 + 1e-5 * sampled + 2e-6 * new
-                                         + (3e-3 if new == 1024 else 0.0))
+                                         + (3e-3 if new == 2048 else 0.0))
             steps.append({"began_s": now, "ended_s": now + thread, "resumed_s": now + thread,
                           "at_s": 100.0 * scale, "prefill_tokens": new, "cached_tokens": 0,
                           "decode_seqs": seqs, "context_tokens": seqs * 3000,

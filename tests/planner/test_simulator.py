@@ -252,6 +252,21 @@ def test_a_chunk_queued_before_the_hand_back_pays_no_launch_of_its_own():
         assert a.ttft_ms == pytest.approx(a_ttft_ms)
 
 
+def test_an_arrival_in_a_steady_decode_is_in_the_scheduler_when_the_step_queued_ahead_ends():
+    # D's prompt 0-12 (the 2 ms chunk overhead), then D decodes steadily. A arrives at 25, during
+    # 22-32; the step queued ahead (32-42) runs first and the loop adds A meanwhile, so when it
+    # ends A's prompt waits: the engine queues the next step (42-52, D and A's 8 tokens) before
+    # it hands back D's token, 3 ms later (prompt_launch_s), and that step pays no chunk
+    # overhead. A's TTFT is 27 ms.
+    for collapse in (True, False):
+        sim = Simulator(config(chunk_overhead_s=0.002, prompt_launch_s=0.003,
+                               collapse_decode_steps=collapse), ConstantModel())
+        d, a = sim.run(requests([(4, 12), (8, 3)]), [0.0, 0.025]).records()
+        assert a.ttft_ms == pytest.approx(27.0)
+        assert d.ttft_ms == pytest.approx(12.0)
+        assert d.itl_ms[:4] == pytest.approx((10.0, 10.0, 13.0, 7.0))
+
+
 def test_a_step_pays_the_serving_overhead_of_each_prompt_token_it_carries():
     routing = RoutingConfig(remote_prefill_min_tokens=4)
     # 24 prompt tokens in chunks of 16 and 8: 10 ms a step, plus 1 ms a chunk and 0.5 ms a token.
