@@ -55,7 +55,25 @@ class ProfileSettings:
     max_num_seqs: int = 256
     transfer_peer: str = "auto"         # auto: the other of two GPUs; none; or a device name
     quick: bool = False                 # a few points per kind: for tests and smoke runs
+    # Mixed points as a series of a long prompt's chunks run through LLMEngine.steps(), as
+    # serving runs them (StepProbe.mixed_series), instead of one step timed alone.
+    mixed_as_served: bool = False
     seed: int = 0
+
+
+_DECODE_TIMING = ("decode: interval between consecutive steps' tokens of one placed batch run "
+                  "through LLMEngine.steps() (each step queued before the previous one's tokens "
+                  "are read, as serving runs them), median after warm-up steps")
+_TIMING = ("garbage collector paused; prefill and mixed: wall time of LLMEngine.step() between "
+           "device synchronizations, median over interleaved passes of the grid in random order "
+           "after a warm-up pass; " + _DECODE_TIMING)
+_TIMING_AS_SERVED = ("garbage collector paused; prefill: wall time of LLMEngine.step() between "
+                     "device synchronizations, median over interleaved passes of the grid in "
+                     "random order after a warm-up pass; mixed: in the same passes, each point a "
+                     "series of a long prompt's chunks beside its decode batch run through "
+                     "LLMEngine.steps(), the interval between consecutive steps' tokens but the "
+                     "first and the last, the cached prefix and decode context their steps' "
+                     "mean; " + _DECODE_TIMING)
 
 
 def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
@@ -89,9 +107,11 @@ def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
         args = [a for k, a in points if k == kind]
         if kind == "decode":
             results[kind] = sweep_decode(probe, args, grid.repeats[kind], bar.update)
+        elif kind == "prefill":
+            results[kind] = sweep_prefill(probe, args, grid.repeats[kind], rng, bar.update)
         else:
-            sweep = sweep_prefill if kind == "prefill" else sweep_mixed
-            results[kind] = sweep(probe, args, grid.repeats[kind], rng, bar.update)
+            results[kind] = sweep_mixed(probe, args, grid.repeats[kind], rng, bar.update,
+                                        settings.mixed_as_served)
         measure_s[kind] = time.perf_counter() - kind_start
     bar.close()
     setup_s = time.perf_counter() - start - sum(measure_s.values())
@@ -107,12 +127,7 @@ def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
         "kv_bytes_per_token": kv_bytes_per_token,
         "engine": _engine_settings(engine),
         "grid": dataclasses.asdict(grid),
-        "timing": "garbage collector paused; prefill and mixed: wall time of LLMEngine.step() "
-                  "between device synchronizations, median over interleaved passes of the grid "
-                  "in random order after a warm-up pass; decode: interval between consecutive "
-                  "steps' tokens of one placed batch run through LLMEngine.steps() (each step "
-                  "queued before the previous one's tokens are read, as serving runs them), "
-                  "median after warm-up steps",
+        "timing": _TIMING_AS_SERVED if settings.mixed_as_served else _TIMING,
         "prefill": results["prefill"], "decode": results["decode"], "mixed": results["mixed"],
         "transfer": transfer,
     }

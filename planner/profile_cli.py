@@ -45,6 +45,10 @@ def add_profile_args(parser: argparse.ArgumentParser) -> None:
                              "none, or a device such as cuda:1")
     parser.add_argument("--quick", action="store_true",
                         help="a few points per step kind (smoke runs and tests)")
+    parser.add_argument("--mixed-as-served", action="store_true",
+                        help="time each mixed point as serving runs it: a series of a long "
+                             "prompt's chunks beside its decode batch, each step queued before "
+                             "the previous one's tokens are read")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -55,7 +59,8 @@ def profile_main(args: argparse.Namespace) -> int:
     settings = ProfileSettings(
         model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-        max_num_seqs=args.max_num_seqs, transfer_peer=args.transfer_peer, quick=args.quick)
+        max_num_seqs=args.max_num_seqs, transfer_peer=args.transfer_peer, quick=args.quick,
+        mixed_as_served=args.mixed_as_served)
     profile = run_profile(settings, progress=not args.no_progress)
     profile["fit"] = holdout_error(profile)
     with open(args.out, "w") as f:

@@ -26,6 +26,7 @@ import logging
 import random
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -140,6 +141,58 @@ class StepProbe:
         for seq in seqs:
             self.remove(seq)
         return seconds, context
+
+    def mixed_series(self, num_new: int, num_cached: int, batch_size: int, context_tokens: int,
+                     num_steps: int = 4) -> tuple[float, int, int]:
+        """Mixed steps as a serving worker runs a long prompt beside a decode batch: through
+        `LLMEngine.steps()`, each step num_new prompt tokens of one prompt (its cached prefix
+        num_cached, then growing by num_new a step) after batch_size decodes of context_tokens
+        each. Every step decodes with prompt tokens left, so the engine queues the next before it
+        hands back this one's tokens (engine/lookahead.py), and a step's time is the interval
+        between its tokens and the previous step's, host work included as serving pays it. Timed
+        one at a time between synchronizations (`mixed_once`), a small model's mixed step also
+        carried host work that serving hides (qwen3-0.6b on an H200: a 6-token chunk beside
+        decodes priced 5.5 ms, served in 2.2).
+
+        The interval ending with a step's tokens holds the rest of that step's device work and
+        the next step's host work (queued before the yield), so the first and the last (no step
+        follows) are left out. Returns (the median of the others, the prompt's mean cached tokens
+        and the decode batch's mean context tokens over their steps)."""
+        engine = self.engine
+        limits = engine.scheduler.limits
+        decode_params = SamplingParams(temperature=0.0, max_tokens=num_steps + 1, ignore_eos=True)
+        decodes = [self.place(context_tokens, context_tokens - 1, decode_params)
+                   for _ in range(batch_size)]
+        prompt = self.place(num_cached + num_new * (num_steps + 1), num_cached,
+                            SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        # Each step's budget takes the decodes and one chunk; the prompt's last chunk and the
+        # decodes' last tokens come in the same step, so the series ends by itself.
+        engine.scheduler.limits = replace(limits, max_num_batched_tokens=num_new + batch_size)
+        intervals, shapes = [], []
+        self.sync()
+        gc.disable()   # as in step_s
+        try:
+            last = None
+            for _ in engine.steps(launch_before_yield=False):
+                now = time.perf_counter()
+                if last is not None:
+                    intervals.append(now - last)
+                last = now
+                shapes.append((prompt.num_computed_tokens - num_new,
+                               sum(s.num_tokens for s in decodes) - batch_size))
+        finally:
+            gc.enable()
+            engine.scheduler.limits = limits
+        self.clear()
+        if num_steps < 3 or len(intervals) < num_steps:
+            raise RuntimeError(f"a mixed series ran {len(intervals) + 1} steps, "
+                               f"{num_steps + 1} (at least 4) expected (out of KV blocks?)")
+        timed = intervals[1:-1]
+        # Interval i ends with step i + 1's tokens: that step's shape.
+        cached = [c for c, _ in shapes[2:len(timed) + 2]]
+        contexts = [k for _, k in shapes[2:len(timed) + 2]]
+        return (statistics.median(timed), round(statistics.mean(cached)),
+                round(statistics.mean(contexts)))
 
     def decode(self, batch_size: int, context_tokens: int, repeats: Repeats) -> dict:
         """Decode steps of batch_size sequences of context_tokens each: `decode_contexts`."""

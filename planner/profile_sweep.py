@@ -9,7 +9,9 @@ passes, which spreads every regime over many points instead of a few.
 
 Decode steps replay CUDA graphs and barely drift; their state (up to a million placed context
 tokens) is expensive to build, so each decode point is built once and stepped repeatedly.
-Mixed points are grouped by their decode batch, which is built once per group and pass.
+Mixed points are grouped by their decode batch, which is built once per group and pass; timed
+as served (`tandem profile --mixed-as-served`), each is a short series of a long prompt's chunks
+beside its decode batch (`StepProbe.mixed_series`), placed afresh each pass.
 """
 
 from __future__ import annotations
@@ -62,7 +64,12 @@ def sweep_prefill(probe: StepProbe, points: list[tuple[int, int]], repeats: Repe
 
 
 def sweep_mixed(probe: StepProbe, points: list[tuple[int, int, int, int]], repeats: Repeats,
-                rng: random.Random, tick) -> list[dict]:
+                rng: random.Random, tick, as_served: bool = False) -> list[dict]:
+    """Each point one step timed alone, or with `as_served` a short series of steps run as
+    serving runs them (`StepProbe.mixed_series`), whose figures are the steps' own: the prompt's
+    cached prefix grows along the series."""
+    if as_served:
+        return _sweep_mixed_series(probe, points, repeats, rng, tick)
     groups: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
     for new, cached, batch, context in points:
         groups[(batch, context)].append((new, cached))
@@ -82,6 +89,26 @@ def sweep_mixed(probe: StepProbe, points: list[tuple[int, int, int, int]], repea
     return [{"num_prefill_tokens": p[0], "num_prefill_cached_tokens": p[1],
              "num_decode_seqs": p[2],
              "num_decode_context_tokens": round(statistics.mean(contexts[p])),
+             "seconds": statistics.median(times[p]), "num_repeats": len(times[p])}
+            for p in points]
+
+
+def _sweep_mixed_series(probe: StepProbe, points: list[tuple[int, int, int, int]],
+                        repeats: Repeats, rng: random.Random, tick) -> list[dict]:
+    times: dict[tuple, list[float]] = defaultdict(list)
+    shapes: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+    for timed in PassClock(repeats).passes():
+        for point in rng.sample(points, len(points)):
+            new, cached, batch, context = point
+            seconds, num_cached, num_context = probe.mixed_series(new, cached, batch, context)
+            if timed:
+                times[point].append(seconds)
+                shapes[point].append((num_cached, num_context))
+            tick()
+    return [{"num_prefill_tokens": p[0],
+             "num_prefill_cached_tokens": round(statistics.mean(c for c, _ in shapes[p])),
+             "num_decode_seqs": p[2],
+             "num_decode_context_tokens": round(statistics.mean(k for _, k in shapes[p])),
              "seconds": statistics.median(times[p]), "num_repeats": len(times[p])}
             for p in points]
 

@@ -116,3 +116,41 @@ def test_a_mixed_point_cuts_its_chunk_into_several_prompts_of_one_step():
     assert seconds > 0 and context == 40
     assert seen == [[1, 1, 4, 3, 3]]
     assert sorted(engine.request_ids()) == sorted(s.request_id for s in decodes)
+
+
+def test_a_mixed_series_runs_a_prompts_chunks_beside_its_decodes_as_serving_does():
+    # 32-token chunks of one prompt (64 cached at first) beside 3 decodes of 100 tokens: five
+    # steps through LLMEngine.steps() under a budget of the decodes and one chunk; the intervals
+    # but the first and the last time steps 2 and 3 (cached 128 and 160, decodes at 102 and 103
+    # tokens each). The engine is left empty, its budget as it was.
+    from tandem.engine.config import EngineConfig
+    from tandem.engine.llm_engine import LLMEngine
+    from tandem.planner.profile_points import StepProbe
+
+    engine = LLMEngine(EngineConfig(model="random:tiny", role="both", device="cpu",
+                                    num_kv_blocks=256, max_model_len=2048))
+    probe = StepProbe(engine)
+    budget = engine.scheduler.limits.max_num_batched_tokens
+    seen = []
+    engine.step_observer = lambda step: seen.append(
+        (list(step.batch.num_new_tokens), step.batch.seqs[-1].num_computed_tokens))
+    seconds, cached, context = probe.mixed_series(32, 64, 3, 100, num_steps=4)
+    assert seen == [([1, 1, 1, 32], c) for c in (64, 96, 128, 160, 192)]
+    assert seconds > 0 and cached == 144 and context == round((306 + 309) / 2)
+    assert engine.request_ids() == [] and engine.scheduler.limits.max_num_batched_tokens == budget
+
+
+@pytest.mark.slow
+def test_profile_times_mixed_points_as_served_when_asked(tmp_path):
+    from tandem.planner.profile_cli import main
+
+    out = tmp_path / "tiny.json"
+    assert main(["--model", "random:tiny", "--device", "cpu", "--out", str(out), "--quick",
+                 "--num-kv-blocks", "256", "--no-progress", "--mixed-as-served"]) == 0
+    profile = json.loads(out.read_text())
+    assert "series of a long prompt's chunks" in profile["timing"]
+    points = profile["mixed"]
+    assert len(points) == 4 and all(p["seconds"] > 0 for p in points)
+    # A series' timed steps come after its first two chunks: their cached prefix is past them.
+    assert all(p["num_prefill_cached_tokens"] >= 2 * p["num_prefill_tokens"] for p in points)
+    assert PerfModel.from_profile(profile).step_s(64, 0, 4, 4 * 64) > 0
