@@ -168,22 +168,14 @@ class StepProbe:
         # Each step's budget takes the decodes and one chunk; the prompt's last chunk and the
         # decodes' last tokens come in the same step, so the series ends by itself.
         engine.scheduler.limits = replace(limits, max_num_batched_tokens=num_new + batch_size)
-        intervals, shapes = [], []
-        self.sync()
-        gc.disable()   # as in step_s
         try:
-            last = None
-            for _ in engine.steps(launch_before_yield=False):
-                now = time.perf_counter()
-                if last is not None:
-                    intervals.append(now - last)
-                last = now
-                shapes.append((prompt.num_computed_tokens - num_new,
-                               sum(s.num_tokens for s in decodes) - batch_size))
+            served = self._served(lambda: (prompt.num_computed_tokens - num_new,
+                                           sum(s.num_tokens for s in decodes) - batch_size))
         finally:
-            gc.enable()
             engine.scheduler.limits = limits
         self.clear()
+        intervals = [b[0] - a[0] for a, b in zip(served, served[1:])]
+        shapes = [shape for _, _, shape in served]
         if num_steps < 3 or len(intervals) < num_steps:
             raise RuntimeError(f"a mixed series ran {len(intervals) + 1} steps, "
                                f"{num_steps + 1} (at least 4) expected (out of KV blocks?)")
@@ -193,6 +185,21 @@ class StepProbe:
         contexts = [k for _, k in shapes[2:len(timed) + 2]]
         return (statistics.median(timed), round(statistics.mean(cached)),
                 round(statistics.mean(contexts)))
+
+    def _served(self, shape) -> list[tuple[float, int, object]]:
+        """Runs the placed sequences as a serving worker does, through `LLMEngine.steps()` (each
+        step queued before the previous one's tokens are read when it can be), until they end:
+        per step, when its tokens came back, how many, and shape() read then."""
+        served = []
+        self.sync()
+        gc.disable()   # as in step_s
+        try:
+            for updates in self.engine.steps(launch_before_yield=False):
+                now = time.perf_counter()
+                served.append((now, len(updates), shape()))
+        finally:
+            gc.enable()
+        return served
 
     def decode(self, batch_size: int, context_tokens: int, repeats: Repeats) -> dict:
         """Decode steps of batch_size sequences of context_tokens each: `decode_contexts`."""
@@ -213,24 +220,16 @@ class StepProbe:
                                 ignore_eos=True)
         seqs = [self.place(context, context - 1, params) for context in contexts]
         batch_size = len(seqs)
-        intervals: list[tuple[float, int]] = []   # (seconds, context tokens of that step)
-        self.sync()
-        gc.disable()   # as in step_s
-        try:
-            last = None
-            for updates in self.engine.steps(launch_before_yield=False):
-                now = time.perf_counter()
-                if len(intervals) == repeats.max_steps:
-                    continue   # the sequences' last step, and the one queued behind it
-                if len(updates) != batch_size:
-                    raise RuntimeError(f"a decode step sampled {len(updates)} tokens, "
-                                       f"{batch_size} expected (out of KV blocks?)")
-                if last is not None:
-                    intervals.append((now - last[0], last[1]))
-                last = (now, sum(s.num_tokens for s in seqs))
-        finally:
-            gc.enable()
+        served = self._served(lambda: sum(s.num_tokens for s in seqs))
         self.clear()
+        # Past the steps wanted: the sequences' last step, and the one queued behind it.
+        served = served[:repeats.max_steps + 1]
+        for _, num_updates, _ in served:
+            if num_updates != batch_size:
+                raise RuntimeError(f"a decode step sampled {num_updates} tokens, {batch_size} "
+                                   "expected (out of KV blocks?)")
+        # (seconds, context tokens of that step)
+        intervals = [(b[0] - a[0], a[2]) for a, b in zip(served, served[1:])]
         timed = intervals[repeats.warmup:]
         count = repeats.min_timed
         while count < min(repeats.max_timed, len(timed)) \
