@@ -93,7 +93,7 @@ class SimWorker:
                  "chunk_launch_s", "prompt_launch_s", "queue_prompts_early",
                  "answer_at_step_boundary",
                  "lookahead", "ops_now",
-                 "_batch_is_decode", "_steady", "_queued_early", "_deferred", "_deferred_ops",
+                 "_batch_is_decode", "_steady", "_queued_early", "_deferred_ops",
                  "step_log",
                  "_logging")
 
@@ -136,7 +136,7 @@ class SimWorker:
         # The last step decoded with prompt tokens left: the engine queues the next step before
         # it hands back the tokens and applies the operations (queues_before_hand_back)
         self._queued_early = False
-        self._deferred = False  # this step is the one queued ahead; operations wait for its end
+        # Operations that wait for the end of the step in flight, the one queued ahead
         self._deferred_ops: list[Callable[[], None]] = []
         # config.record_steps: each step as a step log line, and the step (or stretch) in flight's
         # shape and start until its end times are known
@@ -153,14 +153,13 @@ class SimWorker:
             ops_now, self.ops_now = self.ops_now, []
             for op in ops_now:
                 op()
-        if (self.ops and (self._steady or self._queued_early) and not self._deferred
-                and self.scheduler.running):
+        if self._deferred_ops:   # the step they waited behind was never scheduled
+            self._apply_deferred()
+        if self.ops and (self._steady or self._queued_early) and self.scheduler.running:
             # The step queued ahead runs first; the engine's loop applies these operations
             # while it runs, so they are in the scheduler when it ends (finish_step).
-            self._deferred = True
             self._deferred_ops, self.ops = self.ops, []
         else:
-            self._deferred = False
             ops, self.ops = self.ops, []
             for op in ops:
                 op()
@@ -261,11 +260,7 @@ class SimWorker:
         batch = self.batch
         self.batch = None
         scheduler = self.scheduler
-        if self._deferred_ops:
-            ops, self._deferred_ops = self._deferred_ops, []
-            for op in ops:
-                op()
-            self._deferred = False   # operations arriving during this step wait a step too
+        self._apply_deferred()   # operations arriving during this step wait a step too
         self._steady = (self.lookahead and self._batch_is_decode and not scheduler.waiting
                         and not scheduler.waiting_for_remote_kvs
                         and len(batch.seqs) == len(scheduler.running))
@@ -277,6 +272,11 @@ class SimWorker:
         self._queued_early = (self.queue_prompts_early and not self._steady
                               and queues_before_hand_back(scheduler, batch))
         return advanced
+
+    def _apply_deferred(self) -> None:
+        ops, self._deferred_ops = self._deferred_ops, []
+        for op in ops:
+            op()
 
     def answer_delay_s(self, now_s: float) -> float:
         """How long after `now_s` (a step's end, the next step started) the prompts that step
