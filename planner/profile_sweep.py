@@ -74,7 +74,7 @@ def sweep_mixed(probe: StepProbe, points: list[tuple[int, int, int, int]], repea
     for new, cached, batch, context in points:
         groups[(batch, context)].append((new, cached))
     times: dict[tuple, list[float]] = defaultdict(list)
-    contexts: dict[tuple, list[int]] = defaultdict(list)
+    shapes: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
     for timed in PassClock(repeats).passes():
         for batch, context in rng.sample(list(groups), len(groups)):
             decodes = probe.place_decodes(batch, context)
@@ -83,14 +83,10 @@ def sweep_mixed(probe: StepProbe, points: list[tuple[int, int, int, int]], repea
                 seconds, num_context = probe.mixed_once(new, cached, decodes)
                 if timed:
                     times[(new, cached, batch, context)].append(seconds)
-                    contexts[(new, cached, batch, context)].append(num_context)
+                    shapes[(new, cached, batch, context)].append((cached, num_context))
                 tick()
             probe.clear()
-    return [{"num_prefill_tokens": p[0], "num_prefill_cached_tokens": p[1],
-             "num_decode_seqs": p[2],
-             "num_decode_context_tokens": round(statistics.mean(contexts[p])),
-             "seconds": statistics.median(times[p]), "num_repeats": len(times[p])}
-            for p in points]
+    return _mixed_rows(points, times, shapes)
 
 
 def _sweep_mixed_series(probe: StepProbe, points: list[tuple[int, int, int, int]],
@@ -105,6 +101,13 @@ def _sweep_mixed_series(probe: StepProbe, points: list[tuple[int, int, int, int]
                 times[point].append(seconds)
                 shapes[point].append((num_cached, num_context))
             tick()
+    return _mixed_rows(points, times, shapes)
+
+
+def _mixed_rows(points: list[tuple[int, int, int, int]], times: dict[tuple, list[float]],
+                shapes: dict[tuple, list[tuple[int, int]]]) -> list[dict]:
+    """One row a point: its median time, and the cached prefix and decode context its steps had
+    (mean over the repeats: placement rounds them to blocks, a series grows the prefix)."""
     return [{"num_prefill_tokens": p[0],
              "num_prefill_cached_tokens": round(statistics.mean(c for c, _ in shapes[p])),
              "num_decode_seqs": p[2],
