@@ -82,3 +82,20 @@ def test_kv_sizing_with_a_step_budget_past_the_context_length(model_dir):
               gpu_memory_utilization=0.3)
     assert llm.engine.num_blocks > 0
     assert len(tokens(llm)[0]) == 16
+
+
+def test_a_batch_past_sixteen_decodes_in_graphs_as_it_does_eagerly(model_dir):
+    """Decode graphs up to pdl.DECODE_MAX_BATCH sequences launch programmatically: a batch of
+    40 (the 48 bucket) gives the eager step's greedy tokens (fp32, so rounding cannot differ)."""
+    from tandem.engine.kernels import pdl
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids = [[(7 * i + j) % 200 + 3 for j in range(5 + 3 * i)] for i in range(40)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = []
+    for eager in (False, True):
+        llm = LLM(model=model_dir, device="cuda", dtype="float32", block_size=16,
+                  num_kv_blocks=512, enforce_eager=eager)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(ids, params)])
+    assert 40 <= pdl.DECODE_MAX_BATCH
+    assert outs[0] == outs[1]
