@@ -86,7 +86,8 @@ def test_kv_sizing_with_a_step_budget_past_the_context_length(model_dir):
 
 def test_a_batch_past_sixteen_decodes_in_graphs_as_it_does_eagerly(model_dir):
     """Decode graphs up to pdl.DECODE_MAX_BATCH sequences launch programmatically: a batch of
-    40 (the 48 bucket) gives the eager step's greedy tokens (fp32, so rounding cannot differ)."""
+    40 (the 48 bucket) gives the eager step's greedy tokens (fp32: no rounding gap that could flip
+    one)."""
     from tandem.engine.kernels import pdl
 
     torch.backends.cuda.matmul.allow_tf32 = False
