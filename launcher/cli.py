@@ -120,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        # A file a flag names (a profile, a trace, a model directory): no traceback for a typo.
+        print(f"error: {err.strerror}: {err.filename}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C reaches every process of the group; no traceback
         return 130
 

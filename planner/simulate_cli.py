@@ -129,8 +129,15 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
 def load_profile(args: argparse.Namespace) -> tuple[dict, PerfModel]:
     """The profile named by --profile and its model, with transfers on --transfer-gbps's link
     when that is given."""
-    with open(args.profile, encoding="utf-8") as file:
-        profile = json.load(file)
+    try:
+        with open(args.profile, encoding="utf-8") as file:
+            profile = json.load(file)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--profile {args.profile} is not a JSON profile ({err}); "
+                         f"`tandem profile` writes one") from err
+    if not isinstance(profile, dict):
+        raise ValueError(f"--profile {args.profile} holds no profile object; `tandem profile` "
+                         f"writes one")
     model = PerfModel.from_profile(profile)
     if args.transfer_gbps is not None:
         model = model.with_transfer_link(args.transfer_gbps * 1e9,

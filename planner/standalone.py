@@ -2,8 +2,8 @@
 
 `tandem profile|simulate|plan` are the usual way in (launcher/cli.py); these module entry points
 exist for machines and scripts that import only the planner floor (a GPU host profiling, a
-simulation in a job). One function parses, sets up logging and turns a ValueError into exit code
-2, for all three.
+simulation in a job). One function parses, sets up logging and turns a ValueError or a missing
+file into a one-line error and exit code 2, for all three.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ def run_standalone(prog: str, description: str,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        print(f"error: {err.strerror}: {err.filename}", file=sys.stderr)
         return 2

@@ -184,7 +184,8 @@ def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
     dataset = args.dataset
     if dataset == "random":
         return random_dataset(RandomDatasetConfig(
-            num_requests=args.num_requests or DEFAULT_RANDOM_REQUESTS, input_len=args.input_len,
+            num_requests=(DEFAULT_RANDOM_REQUESTS if args.num_requests is None
+                          else args.num_requests), input_len=args.input_len,
             output_len=args.output_len, range_ratio=args.range_ratio,
             vocab_size=args.vocab_size), args.seed)
     if args.num_requests is not None and not dataset.startswith("trace:"):
