@@ -97,12 +97,13 @@ def fit_step_log_overheads(log_path: Path, profile: str, case: str | None) -> li
                              in case_spans(str(log_path.parent / "cases.json")) if name == case]
         steps = between(steps, since, until)
     model = PerfModel.load(profile)
-    intervals = [StepInterval(row["thread_s"] + row["handoff_s"] + row["loop_s"],
-                              step["prefill_tokens"], step["cached_tokens"], step["decode_seqs"],
-                              step["context_tokens"], step["sampled"], early)
-                 for step, row, early in zip(steps, rows(steps, model, None, STEP_LOG_IDLE_S),
-                                             queued_early(steps))
-                 if row["loop_s"] is not None]   # a step before an idle gap: no loop to read
+    times = [None if row["loop_s"] is None   # before an idle gap: no loop to read
+             else row["thread_s"] + row["handoff_s"] + row["loop_s"]
+             for row in rows(steps, model, None, STEP_LOG_IDLE_S)]
+    intervals = [StepInterval(time_s, step["prefill_tokens"], step["cached_tokens"],
+                              step["decode_seqs"], step["context_tokens"], step["sampled"], early)
+                 for step, time_s, early in zip(steps, times, queued_early(steps))
+                 if time_s is not None]
     fit = fit_step_intervals(model, intervals)
     print(f"{log_path} ({case or 'every case'}): {fit.num_decode} decode steps and "
           f"{fit.num_chunk} with a prompt chunk ({fit.num_first} not queued early)")
@@ -128,6 +129,29 @@ def queued_early(steps: list[dict]) -> list[bool]:
     return [bool(i and step["prefill_tokens"] and steps[i - 1]["decode_seqs"]
                  and step["began_s"] - steps[i - 1]["resumed_s"] < STEP_LOG_IDLE_S)
             for i, step in enumerate(steps)]
+
+
+def device_spans_s(steps: list[dict]) -> list[float | None]:
+    """Each step's span on the device's timeline, what the simulator prices a step at: from the
+    moment the engine had the step before it finished (its start, after an idle gap) to the
+    moment it had this one finished. A step's interval in the log (one call of the step thread)
+    is not that: a step queued before the hand-back of the one before it (`queued_early`) is
+    launched at the end of that one's call, after its finish, so its launch (`host_s`) moves
+    from that interval to its own. Exact for steps that sample (their tokens are waited for);
+    a prompt-only chunk that samples nothing is not waited for, so its device work shows in the
+    span of the step after it. None for the first step, and for every step of a log without
+    host times."""
+    if not steps or any("host_s" not in step for step in steps):
+        return [None] * len(steps)
+    early = queued_early(steps)
+    finished = [step["ended_s"] - (steps[i + 1]["host_s"] if i + 1 < len(steps)
+                                   and early[i + 1] else 0.0)
+                for i, step in enumerate(steps)]
+    spans: list[float | None] = [None]
+    for i in range(1, len(steps)):
+        idle = steps[i]["began_s"] - steps[i - 1]["resumed_s"] >= STEP_LOG_IDLE_S
+        spans.append(finished[i] - (steps[i]["began_s"] if idle else finished[i - 1]))
+    return spans
 
 
 def prompt_launch_s(steps: list[dict]) -> float | None:

@@ -9,7 +9,9 @@ engine/step_log.py), run the load, then
 
 For each kind of step (decode only, a prompt chunk beside decodes, prompt only) it prints how
 many there were, the step thread's time over the model's price for the same shape (median and
-p90), the host's time to schedule and queue the step (logs that record `host_s`), and the loop's
+p90), its span on the device's timeline over that price (a step queued before the hand-back of
+the one before it has its launch in that one's thread time: `serving_overheads.device_spans_s`),
+the host's time to schedule and queue the step (logs that record `host_s`), and the loop's
 share between steps: from the thread's end to the loop taking the tokens (hand-off), and from
 there to the next step's start (the loop's own work). The last line splits the log's whole span
 into steps, hand-offs, loop work and idle time (no step in flight and none waiting to start: gaps
@@ -24,10 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+# benchmarks/ and tests/ hold helpers; appended, so an installed tandem still wins.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.serving_overheads import device_spans_s
 from tandem.planner.perf_model import PerfModel
 
 
@@ -78,16 +86,17 @@ def shape(step: dict) -> str:
 def rows(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s: float
          ) -> list[dict]:
     """Per step: its kind, the thread's time, the model's price, the hand-off and the loop's
-    work before the next step (None for the last step, or before an idle gap)."""
+    work before the next step (None for the last step, or before an idle gap), and its span on
+    the device's timeline (`serving_overheads.device_spans_s`; None without host times)."""
     out = []
-    for step, after in zip(steps, steps[1:] + [None]):
+    for step, after, span in zip(steps, steps[1:] + [None], device_spans_s(steps)):
         priced = model.step_s(step["prefill_tokens"], step["cached_tokens"], step["decode_seqs"],
                               step["context_tokens"], step_budget)
         loop_s = None if after is None else after["began_s"] - step["resumed_s"]
         out.append({"kind": kind(step), "shape": shape(step),
                     "thread_s": step["ended_s"] - step["began_s"],
                     "model_s": priced, "host_s": step.get("host_s"),
-                    "handoff_s": step["resumed_s"] - step["ended_s"],
+                    "handoff_s": step["resumed_s"] - step["ended_s"], "span_s": span,
                     "loop_s": loop_s if loop_s is not None and loop_s <= idle_s else None,
                     "idle_s": loop_s if loop_s is not None and loop_s > idle_s else 0.0})
     return out
@@ -101,9 +110,9 @@ def _quantile(values: list[float], q: float) -> float:
 def report(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s: float,
            by_shape: bool = False) -> str:
     table = rows(steps, model, step_budget, idle_s)
-    lines = ["| steps | count | thread / model, median | p90 | host ms, median | p90 | "
-             "hand-off ms, median | loop ms, median | p90 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| steps | count | thread / model, median | p90 | span / model, median | "
+             "host ms, median | p90 | hand-off ms, median | loop ms, median | p90 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     field = "shape" if by_shape else "kind"
     order = ("decode", "mixed", "prefill")
     for name in sorted({r[field] for r in table},
@@ -111,12 +120,15 @@ def report(steps: list[dict], model: PerfModel, step_budget: int | None, idle_s:
                                       "several" in n)):
         picked = [r for r in table if r[field] == name]
         ratios = [r["thread_s"] / r["model_s"] for r in picked if r["model_s"] > 0]
+        spans = [r["span_s"] / r["model_s"] for r in picked
+                 if r["span_s"] is not None and r["model_s"] > 0]
+        span = f"{statistics.median(spans):.3f}" if spans else "-"
         loops = [r["loop_s"] * 1e3 for r in picked if r["loop_s"] is not None] or [0.0]
         hosts = [r["host_s"] * 1e3 for r in picked if r["host_s"] is not None]
         host = (f"{statistics.median(hosts):.2f} | {_quantile(hosts, 0.9):.2f}" if hosts
                 else "- | -")   # logs before host_s was recorded
         lines.append(f"| {name} | {len(picked)} | {statistics.median(ratios):.3f} | "
-                     f"{_quantile(ratios, 0.9):.3f} | {host} | "
+                     f"{_quantile(ratios, 0.9):.3f} | {span} | {host} | "
                      f"{statistics.median(r['handoff_s'] * 1e3 for r in picked):.2f} | "
                      f"{statistics.median(loops):.2f} | {_quantile(loops, 0.9):.2f} |")
     span = steps[-1]["resumed_s"] - steps[0]["began_s"]

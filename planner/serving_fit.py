@@ -106,6 +106,11 @@ class StepInterval:
     queued_early: bool = False
 
 
+# Prompt steps not queued early a fit of their own cost needs: a log of one busy case may hold
+# one or two, whose median is any one step's noise (37 ms for llama-3.1-8b's 4.5 req/s case).
+MIN_FIRST_STEPS = 10
+
+
 @dataclass(frozen=True, slots=True)
 class StepServing:
     """What a serving worker adds to the profile's steps, read off its step log."""
@@ -128,8 +133,9 @@ def fit_step_intervals(model: PerfModel, steps: Iterable[StepInterval],
     with a prompt chunk then give the cost per prompt token: the median over those steps of
     what is left of their interval, per prompt token. Where the log tells steps queued before
     the hand-back from the others and has both, the cost per prompt token comes from the first
-    kind, and the others give the cost of a step that waited for the loop's hand-back of the step
-    before: the median of what is left of their interval after that.
+    kind, and the others (at least MIN_FIRST_STEPS of them) give the cost of a step that waited
+    for the loop's hand-back of the step before: the median of what is left of their interval
+    after that.
     """
     steps = list(steps)
     decode = [(s.interval_s, s.decode_seqs, s.context_tokens) for s in steps
@@ -146,7 +152,7 @@ def fit_step_intervals(model: PerfModel, steps: Iterable[StepInterval],
 
     early = [s for s in prompt if s.queued_early]
     first = [s for s in prompt if not s.queued_early]
-    if not early or not first:
+    if not early or len(first) < MIN_FIRST_STEPS:   # too few to tell one kind from the other
         early, first = prompt, []
     per_token_s = max(float(np.median([left_s(s) / s.prefill_tokens for s in early])), 0.0)
     chunk_s = (max(float(np.median([left_s(s) - per_token_s * s.prefill_tokens for s in first])),

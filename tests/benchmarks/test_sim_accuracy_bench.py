@@ -100,11 +100,12 @@ def test_overheads_are_fitted_on_one_case_of_a_step_log(tmp_path):
     model = PerfModel.load(str(profile))
     # Two cases against one server: the first adds 0.2 ms a step and 10 us a sampled token and,
     # with a chunk, 2 us a prompt token, and 3 ms to the prompt step after a step that did not
-    # decode (not queued early: the one after decode steps is); the second, twice as much.
+    # decode (not queued early: the one after decode steps is); the second, twice as much. Ten
+    # rounds a case: a fit of the steps not queued early needs ten of them.
     steps, now = [], 0.0
     for case, scale in (("a", 1.0), ("b", 2.0)):
-        for new, seqs in [(0, b) for b in (1, 2, 4, 8, 16, 32)] + [(1024, 0), (2048, 16),
-                                                                  (0, 17)]:
+        for new, seqs in 10 * ([(0, b) for b in (1, 2, 4, 8, 16, 32)] + [(1024, 0), (2048, 16),
+                                                                        (0, 17)]):
             sampled = seqs + bool(new)
             thread = model.step_s(new, 0, seqs, seqs * 3000)
             interval = thread + scale * (2e-4 + 1e-5 * sampled + 2e-6 * new
@@ -129,9 +130,10 @@ def test_overheads_are_fitted_on_one_case_of_a_step_log(tmp_path):
     assert "case a" in serving["measured"]
     # A log with host times also gives the launch a step with prompt tokens takes: the median
     # of those steps' host times (here 3, 5 and 8 ms; decode steps' are not counted).
-    for step, host_ms in zip(steps, ([1.0] * 6 + [3.0, 5.0, 1.0] + [1.0] * 6 + [8.0, 9.0, 1.0])):
+    first = steps[:9] + steps[90:99]   # each case's first round
+    for step, host_ms in zip(first, ([1.0] * 6 + [3.0, 5.0, 1.0] + [1.0] * 6 + [8.0, 9.0, 1.0])):
         step["host_s"] = host_ms / 1e3
-    log.write_text("".join(json.dumps(s) + "\n" for s in steps[:-2]))
+    log.write_text("".join(json.dumps(s) + "\n" for s in first[:-2]))
     flags = dict(zip(*[iter(fit_step_log_overheads(log, str(profile), None))] * 2))
     assert flags["--prompt-launch-ms"] == "5.0"
 
@@ -151,3 +153,24 @@ def test_the_request_path_is_read_off_requests_sent_to_an_idle_worker():
     assert request_path_s(steps, [1000.012, 1000.035, 1000.045, 1000.084]) == pytest.approx(0.007)
     assert request_path_s(steps, [1000.035]) is None
     assert request_path_s([], [1000.0]) is None
+
+
+def test_a_step_queued_early_takes_its_launch_back_from_the_interval_before():
+    # decode, a chunk and a prompt's 4-token tail both queued before the hand-back (launched at
+    # the end of the call before, 6 and 5 ms), a decode step launched in its own call, and one
+    # after an idle gap. Milliseconds.
+    from benchmarks.serving_overheads import device_spans_s
+
+    def step(began, ended, resumed, host, new, seqs):
+        return {"began_s": began / 1e3, "ended_s": ended / 1e3, "resumed_s": resumed / 1e3,
+                "host_s": host / 1e3, "prefill_tokens": new, "decode_seqs": seqs}
+
+    steps = [step(0.0, 7.0, 7.2, 0.5, 0, 2), step(7.4, 15.4, 15.6, 6.0, 2046, 2),
+             step(15.8, 16.3, 16.4, 5.0, 4, 2), step(16.6, 18.3, 18.4, 0.7, 0, 3),
+             step(118.4, 120.0, 120.1, 0.7, 0, 3)]
+    spans = device_spans_s(steps)
+    assert spans[0] is None
+    # The chunk: its launch, the loop's relay of the decode step's tokens, its device wait.
+    assert [round(s * 1e3, 6) for s in spans[1:]] == [9.4, 5.9, 2.0, 1.6]
+    del steps[2]["host_s"]   # a log without host times has no spans
+    assert device_spans_s(steps) == [None] * 5

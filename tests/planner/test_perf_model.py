@@ -219,11 +219,16 @@ def test_a_prompt_step_the_device_waited_for_costs_its_own_overhead(model: PerfM
         return StepInterval(interval, new, 0, seqs, seqs * 2000, sampled, early)
 
     steps = [step(0, b, False) for b in (1, 4, 8, 16, 32)]
-    steps += [step(n, b, early) for n in (512, 2048) for b in (4, 32) for early in (False, True)]
+    steps += [step(n, b, early) for n in (256, 512, 1024, 2048, 4096) for b in (4, 32)
+              for early in (False, True)]
     fit = fit_step_intervals(model, steps)
     assert fit.prefill_token_overhead_s == pytest.approx(1.5e-6, rel=1e-3)
     assert fit.chunk_overhead_s == pytest.approx(2e-3, rel=1e-3)
-    assert (fit.num_chunk, fit.num_first) == (8, 4)
+    assert (fit.num_chunk, fit.num_first) == (20, 10)
+    # Fewer steps not queued early than a fit of their own needs: all price the token.
+    few = [s for s in steps if s.queued_early or s.prefill_tokens != 4096]
+    fit = fit_step_intervals(model, few)
+    assert fit.chunk_overhead_s == 0.0 and fit.num_first == 0
     # A log without steps queued early (a prefill worker's): every prompt step prices the token.
     fit = fit_step_intervals(model, [s for s in steps if not s.queued_early])
     assert fit.chunk_overhead_s == 0.0 and fit.num_first == 0
