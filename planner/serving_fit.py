@@ -131,7 +131,9 @@ def fit_step_intervals(model: PerfModel, steps: Iterable[StepInterval],
     log times every step of any worker, an aggregated one too. Pure decode steps give the cost
     per step and per sampled token (a line in the batch size, as `fit_serving_overhead`); steps
     with a prompt chunk then give the cost per prompt token: the median over those steps of
-    what is left of their interval, per prompt token. Where the log tells steps queued before
+    what is left of their interval after the step cost, per prompt token. Their sampled tokens
+    are not charged the decode steps' cost: on the H200 step logs a step with a chunk shows
+    none (qwen3-0.6b: -1 to -3 us a sampled token, least squares with the prompt tokens). Where the log tells steps queued before
     the hand-back from the others and has both, the cost per prompt token comes from the first
     kind, and the others (at least MIN_FIRST_STEPS of them) give the cost of a step that waited
     for the loop's hand-back of the step before: the median of what is left of their interval
@@ -145,8 +147,8 @@ def fit_step_intervals(model: PerfModel, steps: Iterable[StepInterval],
     if not prompt:
         raise ValueError("the step log holds no step with a prompt chunk")
 
-    def left_s(s: StepInterval) -> float:
-        return (s.interval_s - per_step_s - per_seq_s * s.sampled
+    def left_s(s: StepInterval) -> float:   # a step with a chunk pays no per-token cost
+        return (s.interval_s - per_step_s
                 - model.step_s(s.prefill_tokens, s.cached_tokens, s.decode_seqs,
                                s.context_tokens, step_budget))
 

@@ -35,8 +35,9 @@ class SimConfig:
     frontend_overhead_s: float = 0.0    # tokenize, hash, route: before a request reaches a worker
     rpc_s: float = 0.0                  # one gRPC hop (frontend <-> worker), each direction
     # What a serving worker adds to the engine step a profile measures: host work per step (the
-    # worker's loop, its gRPC server), and per token streamed back (one message per request per
-    # step through the worker and the frontend). 0: the profile's step alone.
+    # worker's loop, its gRPC server), and per token a decode-only step streams back (one message
+    # per request per step through the worker and the frontend; a step with a prompt chunk pays
+    # per prompt token instead, below). 0: the profile's step alone.
     step_overhead_s: float = 0.0
     token_overhead_s: float = 0.0
     # Host work of a step that carries a prompt chunk, beyond the profile's step: per prompt token

@@ -33,7 +33,9 @@ is queued ahead, so the pulled request joins the step after the boundary its pul
 With prompt tokens left to compute after a step that decoded, a worker queues its next step before
 it hands back this step's tokens (LLMEngine.steps), so they leave `prompt_launch_s` after the step
 ends (`handoff_s`); a step that carries a prompt chunk pays `prefill_token_overhead_s` for each
-prompt token in it beyond the profile's step and, where it was not so queued, `chunk_overhead_s`:
+prompt token in it beyond the profile's step (and not `token_overhead_s`, which decode-only steps
+pay for each token they sample: the step logs show no cost a sampled token in a step with a
+chunk) and, where it was not so queued, `chunk_overhead_s`:
 the loop's hand-back of the step before (its token relay, the operations it applies) then comes
 first, with the device idle. A prefill worker answers a finished prompt as its step ends. (The
 serving path before answered at the worker's next step boundary: at once when it went idle, when
@@ -304,7 +306,8 @@ class SimWorker:
         self._batch_is_decode = num_prefill == 0
         return (self.model.step_s(num_prefill, cached, num_decode, num_context,
                                   step_budget=self.step_budget)
-                + self.step_overhead_s + self.token_overhead_s * num_sampled
+                + self.step_overhead_s
+                + (0.0 if num_prefill else self.token_overhead_s * num_sampled)
                 + (self.chunk_overhead_s if num_prefill and not self._queued_early else 0.0)
                 + self.prefill_token_overhead_s * num_prefill)
 

@@ -82,8 +82,8 @@ def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
                      help="serving work a worker adds to every engine step (default: the "
                           "profile's)")
     sim.add_argument("--token-overhead-us", type=float, default=None,
-                     help="serving work per token streamed, worker and frontend (default: the "
-                          "profile's)")
+                     help="serving work per token a decode-only step streams, worker and "
+                          "frontend (default: the profile's)")
     sim.add_argument("--chunk-overhead-ms", type=float, default=None,
                      help="serving work a worker adds to a step that carries a prompt chunk "
                           "(default: the profile's)")

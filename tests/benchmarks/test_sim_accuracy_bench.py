@@ -98,8 +98,8 @@ def test_overheads_are_fitted_on_one_case_of_a_step_log(tmp_path):
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps(synthetic_profile()))
     model = PerfModel.load(str(profile))
-    # Two cases against one server: the first adds 0.2 ms a step and 10 us a sampled token and,
-    # with a chunk, 2 us a prompt token, and 3 ms to the prompt step after a step that did not
+    # Two cases against one server: the first adds 0.2 ms a step and 10 us a sampled token or,
+    # with a chunk, 2 us a prompt token instead, and 3 ms to the prompt step after a step that did not
     # decode (not queued early: the one after decode steps is); the second, twice as much. Ten
     # rounds a case: a fit of the steps not queued early needs ten of them.
     steps, now = [], 0.0
@@ -108,7 +108,7 @@ def test_overheads_are_fitted_on_one_case_of_a_step_log(tmp_path):
                                                                         (0, 17)]):
             sampled = seqs + bool(new)
             thread = model.step_s(new, 0, seqs, seqs * 3000)
-            interval = thread + scale * (2e-4 + 1e-5 * sampled + 2e-6 * new
+            interval = thread + scale * (2e-4 + (2e-6 * new if new else 1e-5 * sampled)
                                          + (3e-3 if new == 2048 else 0.0))
             steps.append({"began_s": now, "ended_s": now + thread, "resumed_s": now + thread,
                           "at_s": 100.0 * scale, "prefill_tokens": new, "cached_tokens": 0,

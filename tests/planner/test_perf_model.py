@@ -192,10 +192,10 @@ def test_prefill_serving_costs_are_recovered_from_first_tokens(model: PerfModel)
 
 def test_step_log_costs_are_recovered_from_every_kind_of_step(model: PerfModel):
     # A step log of an aggregated worker: each step's interval is the model's price plus 0.3 ms a
-    # step, 20 us a sampled token and, with a prompt chunk, 1.5 us a prompt token.
+    # step and 20 us a sampled token or, with a prompt chunk, 1.5 us a prompt token instead.
     def step(new: int, cached: int, seqs: int, context: int, sampled: int) -> StepInterval:
-        interval = (model.step_s(new, cached, seqs, context) + 3e-4 + 2e-5 * sampled
-                    + 1.5e-6 * new)
+        interval = (model.step_s(new, cached, seqs, context) + 3e-4
+                    + (1.5e-6 * new if new else 2e-5 * sampled))
         return StepInterval(interval, new, cached, seqs, context, sampled)
 
     steps = [step(0, 0, b, b * c, b) for b in (1, 4, 8, 16, 32) for c in (1000, 4000)]
@@ -214,8 +214,9 @@ def test_a_prompt_step_the_device_waited_for_costs_its_own_overhead(model: PerfM
     # that were not (the device idle while their inputs were built) 2 ms more.
     def step(new: int, seqs: int, early: bool) -> StepInterval:
         sampled = seqs + bool(new)
-        interval = (model.step_s(new, 0, seqs, seqs * 2000) + 3e-4 + 2e-5 * sampled
-                    + 1.5e-6 * new + (0.0 if early or not new else 2e-3))
+        interval = (model.step_s(new, 0, seqs, seqs * 2000) + 3e-4
+                    + (1.5e-6 * new if new else 2e-5 * sampled)
+                    + (0.0 if early or not new else 2e-3))
         return StepInterval(interval, new, 0, seqs, seqs * 2000, sampled, early)
 
     steps = [step(0, b, False) for b in (1, 4, 8, 16, 32)]

@@ -134,13 +134,14 @@ def test_aggregated_timing_is_the_models():
 
 def test_serving_overheads_reach_every_step_of_a_decode_stretch():
     # Two requests decode side by side: after the shared prefill step, 7 identical decode steps
-    # run as one stretch; each must cost step + 2 sequences x token overhead, like a single step.
+    # run as one stretch; each must cost step + 2 sequences x token overhead, like a single step
+    # (the prompt step pays the step overhead, and per prompt token instead of per sampled one).
     reqs = requests([(6, 8), (6, 8)])
     for collapse in (True, False):
         sim = Simulator(config(step_overhead_s=0.002, token_overhead_s=0.0005,
                                collapse_decode_steps=collapse), ConstantModel())
         records = sim.run(reqs, [0.0, 0.0]).records()
-        assert records[0].ttft_ms == pytest.approx(13.0)  # 10 + 2 + 2 x 0.5
+        assert records[0].ttft_ms == pytest.approx(12.0)  # 10 + 2
         assert records[0].itl_ms == pytest.approx((13.0,) * 7)
         assert records[1].itl_ms == records[0].itl_ms
 
