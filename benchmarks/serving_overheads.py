@@ -3,8 +3,8 @@ profile's bare steps (the `overheads` phase of benchmarks/sim_accuracy_bench.py)
 
 - `fit_overheads`: from a 1P:1D run's client-side tokens (decode steps read off the token times,
   the prefill worker's per-token cost, answer hold and fixed cost off the TTFTs);
-- `fit_step_log_overheads`: from any worker's step log (engine/step_log.py): each step's interval
-  against the model's price, and the serving path in before a request's prompt step starts
+- `fit_step_log_overheads`: from any worker's step log (engine/step_log.py): each step's span on
+  the device's timeline (`device_spans_s`) against the model's price, and the serving path in before a request's prompt step starts
   (`request_path_s`, pooled over the runs beside the log);
 - `write_serving_section`: the fitted flags stored as a profile's `serving` section.
 """
@@ -97,20 +97,34 @@ def fit_step_log_overheads(log_path: Path, profile: str, case: str | None) -> li
                              in case_spans(str(log_path.parent / "cases.json")) if name == case]
         steps = between(steps, since, until)
     model = PerfModel.load(profile)
-    times = [None if row["loop_s"] is None   # before an idle gap: no loop to read
-             else row["thread_s"] + row["handoff_s"] + row["loop_s"]
-             for row in rows(steps, model, None, STEP_LOG_IDLE_S)]
+    # Each step's span on the device's timeline where the log has host times, else its interval
+    # from its start to the next step's start (which holds the next step's launch when that one
+    # was queued early, and not its own).
+    times = device_spans_s(steps)
+    if all(time_s is None for time_s in times):
+        times = [None if row["loop_s"] is None   # before an idle gap: no loop to read
+                 else row["thread_s"] + row["handoff_s"] + row["loop_s"]
+                 for row in rows(steps, model, None, STEP_LOG_IDLE_S)]
+    # A step after one that sampled nothing: the engine did not wait for that one, whose device
+    # work then shows in this step's interval (a prompt's chunks before its last).
+    unwaited = [bool(i and not steps[i - 1]["sampled"]
+                     and step["began_s"] - steps[i - 1]["resumed_s"] < STEP_LOG_IDLE_S)
+                for i, step in enumerate(steps)]
     intervals = [StepInterval(time_s, step["prefill_tokens"], step["cached_tokens"],
-                              step["decode_seqs"], step["context_tokens"], step["sampled"], early)
-                 for step, time_s, early in zip(steps, times, queued_early(steps))
-                 if time_s is not None]
+                              step["decode_seqs"], step["context_tokens"], step["sampled"], early,
+                              step.get("prefill_seqs", 1))
+                 for step, time_s, early, after in zip(steps, times, queued_early(steps),
+                                                       unwaited)
+                 if time_s is not None and not after]
     fit = fit_step_intervals(model, intervals)
     print(f"{log_path} ({case or 'every case'}): {fit.num_decode} decode steps and "
-          f"{fit.num_chunk} with a prompt chunk ({fit.num_first} not queued early)")
+          f"{fit.num_chunk} with a prompt chunk ({fit.num_first} not queued early, "
+          f"{fit.num_several} queued early with several prompts)")
     flags = ["--step-overhead-ms", f"{fit.step_overhead_s * 1e3:.2f}",
              "--token-overhead-us", f"{fit.token_overhead_s * 1e6:.0f}",
              "--chunk-overhead-ms", f"{fit.chunk_overhead_s * 1e3:.2f}",
-             "--prefill-token-overhead-us", f"{fit.prefill_token_overhead_s * 1e6:.2f}"]
+             "--prefill-token-overhead-us", f"{fit.prefill_token_overhead_s * 1e6:.2f}",
+             "--extra-prompt-overhead-ms", f"{fit.extra_prompt_overhead_s * 1e3:.2f}"]
     launch_s = prompt_launch_s(steps)
     if launch_s is not None:
         flags += ["--prompt-launch-ms", f"{launch_s * 1e3:.1f}"]

@@ -324,6 +324,9 @@ def main() -> int:
                         help="sim: serving work per streamed token (tandem simulate's flag)")
     parser.add_argument("--chunk-overhead-ms", default="0",
                         help="sim: serving work per step with a prompt chunk (tandem simulate's)")
+    parser.add_argument("--extra-prompt-overhead-ms", default="0",
+                        help="sim: serving work per prompt past the first in a step "
+                             "(tandem simulate's)")
     parser.add_argument("--prefill-token-overhead-us", default="0",
                         help="sim: serving work per prompt token of a step (tandem simulate's)")
     parser.add_argument("--chunk-launch-ms", default="0",
@@ -382,6 +385,7 @@ def main() -> int:
                  "--token-overhead-us", args.token_overhead_us,
                  "--chunk-overhead-ms", args.chunk_overhead_ms,
                  "--prefill-token-overhead-us", args.prefill_token_overhead_us,
+                 "--extra-prompt-overhead-ms", args.extra_prompt_overhead_ms,
                  "--chunk-launch-ms", args.chunk_launch_ms,
                  "--prompt-launch-ms", args.prompt_launch_ms,
                  "--frontend-overhead-ms", args.frontend_overhead_ms,

@@ -93,8 +93,10 @@ def fit_prefill_serving(model: PerfModel, requests: Iterable[tuple[float, float,
 
 @dataclass(frozen=True, slots=True)
 class StepInterval:
-    """One step of a serving worker's step log: from its start to the next step's start (the
-    engine's step, the hand-off of its tokens and the loop's work before the next)."""
+    """One step of a serving worker's step log and its time: its span on the device's timeline
+    (benchmarks/serving_overheads.device_spans_s), or in a log without host times from its start
+    to the next step's start (the engine's step, the hand-off of its tokens and the loop's work
+    before the next)."""
     interval_s: float
     prefill_tokens: int
     cached_tokens: int
@@ -104,6 +106,7 @@ class StepInterval:
     # Queued before the hand-back of the step before it (engine/lookahead.py): the loop's relay of
     # that step's tokens and the operations it applies ran while this one was on the device.
     queued_early: bool = False
+    prompts: int = 1   # the prompts its prompt tokens came from (a step log's prefill_seqs)
 
 
 # Prompt steps not queued early a fit of their own cost needs: a log of one busy case may hold
@@ -121,6 +124,8 @@ class StepServing:
     num_decode: int                  # steps each estimate rests on
     num_chunk: int
     num_first: int                   # of num_chunk, the steps not queued early
+    extra_prompt_overhead_s: float = 0.0   # per prompt past the first (--extra-prompt-overhead-ms)
+    num_several: int = 0             # of num_chunk, the steps queued early with several prompts
 
 
 def fit_step_intervals(model: PerfModel, steps: Iterable[StepInterval],
@@ -137,7 +142,9 @@ def fit_step_intervals(model: PerfModel, steps: Iterable[StepInterval],
     the hand-back from the others and has both, the cost per prompt token comes from the first
     kind, and the others (at least MIN_FIRST_STEPS of them) give the cost of a step that waited
     for the loop's hand-back of the step before: the median of what is left of their interval
-    after that.
+    after that. Where the log says how many prompts each step's tokens came from and at least
+    MIN_FIRST_STEPS steps queued early had several, the cost per prompt token comes from those
+    of one prompt, and theirs gives the cost of each prompt past the first.
     """
     steps = list(steps)
     decode = [(s.interval_s, s.decode_seqs, s.context_tokens) for s in steps
@@ -156,8 +163,15 @@ def fit_step_intervals(model: PerfModel, steps: Iterable[StepInterval],
     first = [s for s in prompt if not s.queued_early]
     if not early or len(first) < MIN_FIRST_STEPS:   # too few to tell one kind from the other
         early, first = prompt, []
-    per_token_s = max(float(np.median([left_s(s) / s.prefill_tokens for s in early])), 0.0)
-    chunk_s = (max(float(np.median([left_s(s) - per_token_s * s.prefill_tokens for s in first])),
-                   0.0) if first else 0.0)
+    several = [s for s in early if s.prompts > 1]
+    if len(several) < MIN_FIRST_STEPS:
+        several = []
+    single = [s for s in early if s.prompts == 1] if several else early
+    per_token_s = max(float(np.median([left_s(s) / s.prefill_tokens for s in single])), 0.0)
+    extra_s = (max(float(np.median([(left_s(s) - per_token_s * s.prefill_tokens) / (s.prompts - 1)
+                                    for s in several])), 0.0) if several else 0.0)
+    chunk_s = (max(float(np.median([left_s(s) - per_token_s * s.prefill_tokens
+                                    - extra_s * (s.prompts - 1) for s in first])), 0.0)
+               if first else 0.0)
     return StepServing(per_step_s, per_seq_s, per_token_s, chunk_s, len(decode), len(prompt),
-                       len(first))
+                       len(first), extra_s, len(several))

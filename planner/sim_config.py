@@ -46,6 +46,10 @@ class SimConfig:
     # come first, with the device idle.
     chunk_overhead_s: float = 0.0
     prefill_token_overhead_s: float = 0.0
+    # Per prompt past the first in a step (a prompt's last chunk beside the next one's first, a
+    # burst of short prompts): the profile times one prompt a step, and each further one adds its
+    # own host and kernel work (benchmarks/RESULTS.md, "prompts a step").
+    extra_prompt_overhead_s: float = 0.0
     # The frontend's time per streamed token, shared by every worker: one server that every token
     # passes through on its way to the client, taking the streams in turn (planner/sim_frontend.py).
     # 0: no such ceiling.

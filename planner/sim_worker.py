@@ -35,7 +35,8 @@ it hands back this step's tokens (LLMEngine.steps), so they leave `prompt_launch
 ends (`handoff_s`); a step that carries a prompt chunk pays `prefill_token_overhead_s` for each
 prompt token in it beyond the profile's step (and not `token_overhead_s`, which decode-only steps
 pay for each token they sample: the step logs show no cost a sampled token in a step with a
-chunk) and, where it was not so queued, `chunk_overhead_s`:
+chunk), `extra_prompt_overhead_s` for each prompt past its first and, where it was not so
+queued and the step before it sampled (the engine waited for it), `chunk_overhead_s`:
 the loop's hand-back of the step before (its token relay, the operations it applies) then comes
 first, with the device idle. A prefill worker answers a finished prompt as its step ends. (The
 serving path before answered at the worker's next step boundary: at once when it went idle, when
@@ -92,10 +93,11 @@ class SimWorker:
                  "batch", "step_end_s", "ops", "num_steps", "busy_s", "_token_span", "_token_cycle",
                  "collapse", "stretch_ends_s", "generation", "step_overhead_s",
                  "token_overhead_s", "chunk_overhead_s", "prefill_token_overhead_s",
+                 "extra_prompt_overhead_s",
                  "chunk_launch_s", "prompt_launch_s", "queue_prompts_early",
                  "answer_at_step_boundary",
                  "lookahead", "ops_now",
-                 "_batch_is_decode", "_steady", "_queued_early", "_deferred_ops",
+                 "_batch_is_decode", "_steady", "_queued_early", "_overlapped", "_deferred_ops",
                  "step_log",
                  "_logging")
 
@@ -127,6 +129,7 @@ class SimWorker:
         self.step_overhead_s = config.step_overhead_s
         self.token_overhead_s = config.token_overhead_s
         self.chunk_overhead_s = config.chunk_overhead_s
+        self.extra_prompt_overhead_s = config.extra_prompt_overhead_s
         self.prefill_token_overhead_s = config.prefill_token_overhead_s
         self.chunk_launch_s = config.chunk_launch_s
         self.prompt_launch_s = config.prompt_launch_s
@@ -138,6 +141,7 @@ class SimWorker:
         # The last step decoded with prompt tokens left: the engine queues the next step before
         # it hands back the tokens and applies the operations (queues_before_hand_back)
         self._queued_early = False
+        self._overlapped = False
         # Operations that wait for the end of the step in flight, the one queued ahead
         self._deferred_ops: list[Callable[[], None]] = []
         # config.record_steps: each step as a step log line, and the step (or stretch) in flight's
@@ -167,12 +171,12 @@ class SimWorker:
                 op()
         if not self.scheduler.has_work():
             self.step_end_s = None
-            self._steady = self._queued_early = False
+            self._steady = self._queued_early = self._overlapped = False
             return None
         batch = self.scheduler.schedule()
         if not batch.seqs:  # waiting for blocks that only an operation (a release) can free
             self.step_end_s = None
-            self._steady = self._queued_early = False
+            self._steady = self._queued_early = self._overlapped = False
             return None
         duration_s = self.step_duration_s(batch)
         self.batch = batch
@@ -271,6 +275,9 @@ class SimWorker:
                    if seq.num_computed_tokens + n == seq.num_tokens else None
                    for seq, n in zip(batch.seqs, batch.num_new_tokens)]
         advanced = scheduler.postprocess(batch, sampled)
+        # A step that samples nothing (a prompt's chunk before its last) is not waited for: the
+        # loop's work after it overlaps its device work.
+        self._overlapped = all(token is None for token in sampled)
         self._queued_early = (self.queue_prompts_early and not self._steady
                               and queues_before_hand_back(scheduler, batch))
         return advanced
@@ -308,8 +315,11 @@ class SimWorker:
                                   step_budget=self.step_budget)
                 + self.step_overhead_s
                 + (0.0 if num_prefill else self.token_overhead_s * num_sampled)
-                + (self.chunk_overhead_s if num_prefill and not self._queued_early else 0.0)
-                + self.prefill_token_overhead_s * num_prefill)
+                + (self.chunk_overhead_s
+                   if num_prefill and not self._queued_early and not self._overlapped else 0.0)
+                + self.prefill_token_overhead_s * num_prefill
+                + (self.extra_prompt_overhead_s * (len(batch.seqs) - num_decode - 1)
+                   if num_prefill else 0.0))
 
     def _num_identical_steps(self, batch: ScheduledBatch) -> int:
         """How many steps, this one included, repeat this pure decode batch (1: no stretch)."""

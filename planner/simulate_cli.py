@@ -90,6 +90,9 @@ def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--prefill-token-overhead-us", type=float, default=None,
                      help="serving work a worker adds to a step for each prompt token it "
                           "carries (default: the profile's)")
+    sim.add_argument("--extra-prompt-overhead-ms", type=float, default=None,
+                     help="serving work a worker adds to a step for each prompt past the first "
+                          "it carries (default: the profile's)")
     sim.add_argument("--frontend-us-per-token", type=float, default=None,
                      help="the frontend's time per streamed token, one server shared by every "
                           "worker that takes the streams in turn: caps the deployment at 1e6 / "
@@ -171,6 +174,7 @@ def sim_config_from_args(args: argparse.Namespace, profile: dict, num_prefill: i
               "token_overhead_s": overhead["token_overhead_us"] / 1e6,
               "chunk_overhead_s": overhead["chunk_overhead_ms"] / 1e3,
               "prefill_token_overhead_s": overhead["prefill_token_overhead_us"] / 1e6,
+              "extra_prompt_overhead_s": overhead["extra_prompt_overhead_ms"] / 1e3,
               "frontend_s_per_token": overhead["frontend_us_per_token"] / 1e6,
               "chunk_launch_s": args.chunk_launch_ms / 1e3,
               "prompt_launch_s": overhead["prompt_launch_ms"] / 1e3,
@@ -184,8 +188,8 @@ def sim_config_from_args(args: argparse.Namespace, profile: dict, num_prefill: i
 
 
 SERVING_OVERHEADS = ("frontend_overhead_ms", "step_overhead_ms", "token_overhead_us",
-                     "chunk_overhead_ms", "prefill_token_overhead_us", "frontend_us_per_token",
-                     "prompt_launch_ms")
+                     "chunk_overhead_ms", "prefill_token_overhead_us", "extra_prompt_overhead_ms",
+                     "frontend_us_per_token", "prompt_launch_ms")
 
 
 def serving_overheads(args: argparse.Namespace, profile: dict) -> dict[str, float]:

@@ -123,7 +123,8 @@ def test_overheads_are_fitted_on_one_case_of_a_step_log(tmp_path):
          {"case": "b", "start_s": 150.0, "end_s": 250.0}]))
     flags = dict(zip(*[iter(fit_step_log_overheads(log, str(profile), "a"))] * 2))
     assert flags == {"--step-overhead-ms": "0.20", "--token-overhead-us": "10",
-                     "--chunk-overhead-ms": "3.00", "--prefill-token-overhead-us": "2.00"}
+                     "--chunk-overhead-ms": "3.00", "--prefill-token-overhead-us": "2.00",
+                     "--extra-prompt-overhead-ms": "0.00"}   # (a log of one prompt a step)
     write_serving_section(str(profile), list(sum(flags.items(), ())), "the step log, case a")
     serving = json.loads(profile.read_text())["serving"]
     assert serving["token_overhead_us"] == 10.0 and serving["prefill_token_overhead_us"] == 2.0
@@ -174,3 +175,37 @@ def test_a_step_queued_early_takes_its_launch_back_from_the_interval_before():
     assert [round(s * 1e3, 6) for s in spans[1:]] == [9.4, 5.9, 2.0, 1.6]
     del steps[2]["host_s"]   # a log without host times has no spans
     assert device_spans_s(steps) == [None] * 5
+
+
+def test_a_step_after_one_the_engine_did_not_wait_for_is_left_out_of_the_fit(tmp_path):
+    # A chunk that samples nothing is not waited for: the step after it holds its device work.
+    # Such steps (50 ms longer here) must not move the fitted costs.
+    from benchmarks.serving_overheads import fit_step_log_overheads
+    from tandem.planner.perf_model import PerfModel
+    from tandem.planner.sim_synthetic import synthetic_profile
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(synthetic_profile()))
+    model = PerfModel.load(str(profile))
+
+    def log(with_unwaited: bool) -> dict:
+        steps, now = [], 0.0
+        shapes = 12 * ([(0, b, b) for b in (1, 2, 4, 8, 16, 32)] + [(2048, 16, 17)])
+        if with_unwaited:
+            shapes += 12 * [(2048, 0, 0), (2048, 0, 1)]
+        for i, (new, seqs, sampled) in enumerate(shapes):
+            thread = model.step_s(new, 0, seqs, seqs * 3000)
+            extra = 0.05 if i and shapes[i - 1][2] == 0 else 0.0
+            interval = thread + 2e-4 + (2e-6 * new if new else 1e-5 * sampled) + extra
+            steps.append({"began_s": now, "ended_s": now + interval - 1e-4,
+                          "resumed_s": now + interval - 1e-4, "at_s": 100.0,
+                          "prefill_tokens": new, "cached_tokens": 0, "decode_seqs": seqs,
+                          "context_tokens": seqs * 3000, "sampled": sampled})
+            now += interval
+        path = tmp_path / f"steps-{with_unwaited}" / "decode-0.jsonl"
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps(s) + "\n" for s in steps))
+        return dict(zip(*[iter(fit_step_log_overheads(path, str(profile), None))] * 2))
+
+    without, with_unwaited = log(False), log(True)
+    assert with_unwaited == without and without["--prefill-token-overhead-us"] == "2.00"

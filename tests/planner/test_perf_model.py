@@ -346,3 +346,22 @@ def test_a_decode_step_is_priced_at_the_batch_its_graph_runs():
     profile["engine"]["decode_graph_max_batch"] = 64   # recorded by newer profiles
     assert PerfModel.from_profile(profile).decode_s(100, 100_000) == pytest.approx(
         eager.decode_s(100, 100_000))
+
+
+def test_each_prompt_past_the_first_in_a_step_costs_its_own_overhead(model: PerfModel):
+    # Steps queued early: 1.5 us a prompt token, and 1.2 ms for each prompt past the first.
+    def step(new: int, prompts: int) -> StepInterval:
+        interval = (model.step_s(new, 0, 8, 16000) + 3e-4 + 1.5e-6 * new
+                    + 1.2e-3 * (prompts - 1))
+        return StepInterval(interval, new, 0, 8, 16000, 8 + prompts, True, prompts)
+
+    decode = [StepInterval(model.step_s(0, 0, b, b * 2000) + 3e-4 + 2e-5 * b, 0, 0, b, b * 2000,
+                           b) for b in (1, 4, 8, 16, 32)]
+    steps = decode + [step(n, p) for n in (256, 512, 1024, 2048) for p in (1, 1, 2, 3, 4)]
+    fit = fit_step_intervals(model, steps)
+    assert fit.prefill_token_overhead_s == pytest.approx(1.5e-6, rel=1e-3)
+    assert fit.extra_prompt_overhead_s == pytest.approx(1.2e-3, rel=1e-3)
+    assert fit.num_several == 12
+    # Fewer steps of several prompts than a fit of their own needs: no such cost.
+    fit = fit_step_intervals(model, [s for s in steps if s.prompts < 3])
+    assert fit.extra_prompt_overhead_s == 0.0 and fit.num_several == 0
