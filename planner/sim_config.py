@@ -42,8 +42,9 @@ class SimConfig:
     token_overhead_s: float = 0.0
     # Host work of a step that carries a prompt chunk, beyond the profile's step: per prompt token
     # it carries, and per such step scheduled after the hand-back of the step before it (not
-    # queued early, `prompt_launch_s` below): the loop's token relay and the operations it applies
-    # come first, with the device idle.
+    # queued early, `prompt_launch_s` below) where the engine waited for that step (it sampled;
+    # a prompt's chunk before its last is not waited for): the loop's token relay and the
+    # operations it applies come first, with the device idle.
     chunk_overhead_s: float = 0.0
     prefill_token_overhead_s: float = 0.0
     # Per prompt past the first in a step (a prompt's last chunk beside the next one's first, a
