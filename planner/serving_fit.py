@@ -138,7 +138,8 @@ def fit_step_intervals(model: PerfModel, steps: Iterable[StepInterval],
     with a prompt chunk then give the cost per prompt token: the median over those steps of
     what is left of their interval after the step cost, per prompt token. Their sampled tokens
     are not charged the decode steps' cost: on the H200 step logs a step with a chunk shows
-    none (qwen3-0.6b: -1 to -3 us a sampled token, least squares with the prompt tokens). Where the log tells steps queued before
+    none (qwen3-0.6b: -1 to -3 us a sampled token, least squares with the prompt tokens).
+    Where the log tells steps queued before
     the hand-back from the others and has both, the cost per prompt token comes from the first
     kind, and the others (at least MIN_FIRST_STEPS of them) give the cost of a step that waited
     for the loop's hand-back of the step before: the median of what is left of their interval
