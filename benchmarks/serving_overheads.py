@@ -4,8 +4,8 @@ profile's bare steps (the `overheads` phase of benchmarks/sim_accuracy_bench.py)
 - `fit_overheads`: from a 1P:1D run's client-side tokens (decode steps read off the token times,
   the prefill worker's per-token cost, answer hold and fixed cost off the TTFTs);
 - `fit_step_log_overheads`: from any worker's step log (engine/step_log.py): each step's span on
-  the device's timeline (`device_spans_s`) against the model's price, and the serving path in before a request's prompt step starts
-  (`request_path_s`, pooled over the runs beside the log);
+  the device's timeline (`device_spans_s`) against the model's price, and the serving path in
+  before a request's prompt step starts (`request_path_s`, pooled over the runs beside the log);
 - `write_serving_section`: the fitted flags stored as a profile's `serving` section.
 """
 
