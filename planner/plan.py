@@ -144,8 +144,7 @@ class Planner:
             result = Simulator(self.config_for(shape), self.model).run(
                 requests, self._offsets_s(rate_rps, len(requests)))
             records = sorted(result.records(), key=lambda r: r.start_s)
-            judged = records[int(len(records) * self.search.warmup_fraction):] or records
-            attained = sum(meets_slo(r, self.search.slo) for r in judged) / len(judged)
+            attained = judged_attainment(records, self.search.slo, self.search.warmup_fraction)
             if attained < self.search.attainment and one_at_a_time(records):
                 self._misses_alone.add(shape)   # a lower rate cannot change any request
             if not self._recorded and not keeps_up(records):
@@ -190,6 +189,13 @@ class Planner:
             return [(o - offsets[0]) * scale for o in offsets]
         return gamma_arrival_offsets_s(num_requests, rate_rps, self.search.burstiness,
                                        self.search.seed)
+
+
+def judged_attainment(records, slo: dict[str, float], warmup_fraction: float) -> float:
+    """The share of a probe's requests (RequestRecords in order of sending) within the SLO, all
+    but the first warmup_fraction of them judged."""
+    judged = records[int(len(records) * warmup_fraction):] or records
+    return sum(meets_slo(r, slo) for r in judged) / len(judged)
 
 
 def keeps_up(records) -> bool:
