@@ -86,9 +86,19 @@ class Stream(threading.Thread):
         self.elapsed_s = time.monotonic() - started
 
 
-def busiest_decode_worker(server: Server) -> str:
-    decode = [w for w, role in workers_of(server).items() if role == "decode"]
-    return max(decode, key=lambda w: server.metric("vllm:num_requests_running", worker=w))
+def decode_workers(server: Server) -> list[str]:
+    return [w for w, role in workers_of(server).items() if role == "decode"]
+
+
+def busiest_decode_worker(server: Server, num_streams: int) -> str:
+    """The decode worker running the most of the test's streams, once the workers' heartbeats
+    (every 0.5 s) count all of them: a count read before could still be an earlier request's,
+    and pick a worker that runs none."""
+    wait_until(lambda: sum(server.metric("vllm:num_requests_running", worker=w)
+                           for w in decode_workers(server)) >= num_streams, 10,
+               "every stream in the decode workers' heartbeats")
+    return max(decode_workers(server),
+               key=lambda w: server.metric("vllm:num_requests_running", worker=w))
 
 
 SUSPECT_AFTER_S, DEAD_AFTER_S = 1.0, 10.0
@@ -110,13 +120,12 @@ def disaggregated():
 def test_killed_decode_worker_mid_stream_migrates_and_greedy_output_continues(disaggregated):
     server = disaggregated
     reference = client_of(server).completions.create(model="random:tiny", prompt=PROMPT,
-                                                     max_tokens=300, **GREEDY)
-    streams = [Stream(server, 300) for _ in range(4)]
+                                                     max_tokens=600, **GREEDY)
+    streams = [Stream(server, 600) for _ in range(4)]
     for stream in streams:
         stream.start()
     wait_until(lambda: all(s.num_chunks >= 5 for s in streams), 30, "streams started")
-    wait_until(lambda: server.metric("vllm:num_requests_running") > 0, 5, "heartbeats")
-    victim = busiest_decode_worker(server)
+    victim = busiest_decode_worker(server, len(streams))
     os.kill(worker_pid(server, victim), signal.SIGKILL)
     for stream in streams:
         stream.join(timeout=60)
@@ -135,15 +144,15 @@ def test_a_decode_worker_stopped_for_less_than_the_dead_threshold_keeps_its_stre
     """A slow host, played by SIGSTOP: the late worker gets no new request, but its streams are
     not ended; they finish once it runs again, with no migration and no error."""
     server = disaggregated
+    wait_until(lambda: len(decode_workers(server)) == 2, 90, "both decode workers registered")
     prompt = PROMPT + "Pause."
     reference = client_of(server).completions.create(model="random:tiny", prompt=prompt,
-                                                     max_tokens=200, **GREEDY)
-    streams = [Stream(server, 200, prompt) for _ in range(2)]
+                                                     max_tokens=400, **GREEDY)
+    streams = [Stream(server, 400, prompt) for _ in range(2)]
     for stream in streams:
         stream.start()
     wait_until(lambda: all(s.num_chunks >= 5 for s in streams), 30, "streams started")
-    wait_until(lambda: server.metric("vllm:num_requests_running") > 0, 5, "heartbeats")
-    victim = busiest_decode_worker(server)
+    victim = busiest_decode_worker(server, len(streams))
     migrations = server.metric("tandem_request_migrations_total")
     pid = worker_pid(server, victim)
     os.kill(pid, signal.SIGSTOP)
@@ -171,13 +180,12 @@ def test_a_decode_worker_stopped_for_less_than_the_dead_threshold_keeps_its_stre
 def test_stopped_decode_worker_mid_stream_migrates_once_declared_dead(disaggregated):
     server = disaggregated
     reference = client_of(server).completions.create(model="random:tiny", prompt=PROMPT + "Go.",
-                                                     max_tokens=300, **GREEDY)
-    streams = [Stream(server, 300, PROMPT + "Go.") for _ in range(2)]
+                                                     max_tokens=600, **GREEDY)
+    streams = [Stream(server, 600, PROMPT + "Go.") for _ in range(2)]
     for stream in streams:
         stream.start()
     wait_until(lambda: all(s.num_chunks >= 5 for s in streams), 30, "streams started")
-    wait_until(lambda: server.metric("vllm:num_requests_running") > 0, 5, "heartbeats")
-    victim = busiest_decode_worker(server)
+    victim = busiest_decode_worker(server, len(streams))
     pid = worker_pid(server, victim)
     os.kill(pid, signal.SIGSTOP)
     try:
