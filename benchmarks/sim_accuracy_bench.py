@@ -2,7 +2,8 @@
 
     # on two GPUs: real `tandem serve` + `tandem bench` for every case, one JSON each
     python benchmarks/sim_accuracy_bench.py real --out-dir runs/ [--model random:llama-3.1-8b]
-    # anywhere (no GPU): `tandem simulate` on the same cases, and the error table
+    # anywhere (no GPU): `tandem simulate` on the same cases, and the error table (with the
+    # profile's serving overheads, each unless its flag gives another: --token-overhead-us ...)
     python benchmarks/sim_accuracy_bench.py sim --out-dir runs/ --profile PROFILE.json
     # the serving costs of one real 1P:1D run (decode step, prefill chunk, answer, fixed)
     python benchmarks/sim_accuracy_bench.py overheads --out-dir runs/ --profile PROFILE.json \
@@ -318,20 +319,21 @@ def main() -> int:
     parser.add_argument("--step-log", type=Path, help="overheads: fit on this worker step log "
                         "instead of --fit-run (any layout; frontend and chunk launch unchanged)")
     parser.add_argument("--fit-case", help="overheads with --step-log: only this case's steps")
-    parser.add_argument("--step-overhead-ms", default="0",
-                        help="sim: serving work per engine step (tandem simulate's flag)")
-    parser.add_argument("--token-overhead-us", default="0",
+    parser.add_argument("--step-overhead-ms", default=None,
+                        help="sim: serving work per engine step (tandem simulate's flag; "
+                             "default: the profile's, as for each overhead below)")
+    parser.add_argument("--token-overhead-us", default=None,
                         help="sim: serving work per streamed token (tandem simulate's flag)")
-    parser.add_argument("--chunk-overhead-ms", default="0",
+    parser.add_argument("--chunk-overhead-ms", default=None,
                         help="sim: serving work per step with a prompt chunk (tandem simulate's)")
-    parser.add_argument("--extra-prompt-overhead-ms", default="0",
+    parser.add_argument("--extra-prompt-overhead-ms", default=None,
                         help="sim: serving work per prompt past the first in a step "
                              "(tandem simulate's)")
-    parser.add_argument("--prefill-token-overhead-us", default="0",
+    parser.add_argument("--prefill-token-overhead-us", default=None,
                         help="sim: serving work per prompt token of a step (tandem simulate's)")
     parser.add_argument("--chunk-launch-ms", default="0",
                         help="sim: a prefill answer held behind the next chunk's launch")
-    parser.add_argument("--prompt-launch-ms", default="0",
+    parser.add_argument("--prompt-launch-ms", default=None,
                         help="sim: a step's tokens held behind the next step's launch when that "
                              "step carries prompt tokens (tandem simulate's)")
     parser.add_argument("--answer-at-step-boundary", action="store_true",
@@ -344,7 +346,7 @@ def main() -> int:
                         help="sim: write each case's simulated step logs beside its JSON")
     parser.add_argument("--write-profile", action="store_true",
                         help="overheads: also store them as the profile's `serving` section")
-    parser.add_argument("--frontend-overhead-ms", default="0",
+    parser.add_argument("--frontend-overhead-ms", default=None,
                         help="sim: fixed latency per request before its first worker")
     parser.add_argument("--chunk-tokens", type=int, default=2048,
                         help="overheads: the real run's prefill chunk (max-num-batched-tokens)")
@@ -381,14 +383,17 @@ def main() -> int:
         if args.write_profile:
             write_serving_section(args.profile, flags, source)
         return 0
-    overheads = ("--step-overhead-ms", args.step_overhead_ms,
-                 "--token-overhead-us", args.token_overhead_us,
-                 "--chunk-overhead-ms", args.chunk_overhead_ms,
-                 "--prefill-token-overhead-us", args.prefill_token_overhead_us,
-                 "--extra-prompt-overhead-ms", args.extra_prompt_overhead_ms,
+    # The overheads a flag gives; the others are the profile's `serving` section, as `tandem
+    # simulate` takes them.
+    given = (("--step-overhead-ms", args.step_overhead_ms),
+             ("--token-overhead-us", args.token_overhead_us),
+             ("--chunk-overhead-ms", args.chunk_overhead_ms),
+             ("--prefill-token-overhead-us", args.prefill_token_overhead_us),
+             ("--extra-prompt-overhead-ms", args.extra_prompt_overhead_ms),
+             ("--prompt-launch-ms", args.prompt_launch_ms),
+             ("--frontend-overhead-ms", args.frontend_overhead_ms))
+    overheads = (*(item for flag, value in given if value is not None for item in (flag, value)),
                  "--chunk-launch-ms", args.chunk_launch_ms,
-                 "--prompt-launch-ms", args.prompt_launch_ms,
-                 "--frontend-overhead-ms", args.frontend_overhead_ms,
                  *(["--answer-at-step-boundary"] if args.answer_at_step_boundary else []))
     rows = run_sim(args.out_dir, args.profile, layouts, args.trace, plan, overheads,
                    replay=not args.nominal_arrivals, step_logs=args.sim_step_logs)
