@@ -19,6 +19,7 @@ target, below the lowest one that did not.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shlex
@@ -34,6 +35,9 @@ from tandem.planner.plan import (MAX_PROBE_REQUESTS, PROBE_DURATION_S, PlanSearc
                                  judged_attainment, keeps_up)
 
 CLI = [sys.executable, "-m", "tandem.launcher.cli"]
+# The plan's floor of requests a probe (PlanSearch.min_requests).
+MIN_PROBE_REQUESTS = next(f.default for f in dataclasses.fields(PlanSearch)
+                          if f.name == "min_requests")
 
 
 def shape_flags(best: dict) -> list[str]:
@@ -43,9 +47,10 @@ def shape_flags(best: dict) -> list[str]:
             "--max-num-batched-tokens", str(best["max_num_batched_tokens"])]
 
 
-def probe_flags(rate_rps: float, duration_s: float, max_requests: int, seed: int) -> list[str]:
+def probe_flags(rate_rps: float, duration_s: float, max_requests: int, seed: int,
+                min_requests: int = MIN_PROBE_REQUESTS) -> list[str]:
     """The load flags of one probe at rate_rps, as the plan sizes it."""
-    num_requests = min(max(1, math.ceil(rate_rps * duration_s)), max_requests)
+    num_requests = min(max(min_requests, math.ceil(rate_rps * duration_s)), max_requests)
     return ["--request-rate", f"{rate_rps:g}", "--num-requests", str(num_requests),
             "--seed", str(seed)]
 

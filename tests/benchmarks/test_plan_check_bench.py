@@ -14,6 +14,7 @@ def test_the_probe_is_sized_as_the_plan_sizes_its_own():
     assert probe_flags(8.25, 60.0, 2000, 3) == ["--request-rate", "8.25", "--num-requests",
                                                 "495", "--seed", "3"]
     assert probe_flags(50.0, 60.0, 2000, 0)[3] == "2000"   # the plan's cap
+    assert probe_flags(0.5, 60.0, 2000, 0)[3] == "100"     # and its floor
     best = {"num_prefill": 1, "num_decode": 1, "remote_prefill_min_tokens": 256,
             "max_num_batched_tokens": 2048}
     assert shape_flags(best) == ["--num-prefill", "1", "--num-decode", "1",
