@@ -107,9 +107,8 @@ def fit_step_log_overheads(log_path: Path, profile: str, case: str | None) -> li
                  for row in rows(steps, model, None, STEP_LOG_IDLE_S)]
     # A step after one that sampled nothing: the engine did not wait for that one, whose device
     # work then shows in this step's interval (a prompt's chunks before its last).
-    unwaited = [bool(i and not steps[i - 1]["sampled"]
-                     and step["began_s"] - steps[i - 1]["resumed_s"] < STEP_LOG_IDLE_S)
-                for i, step in enumerate(steps)]
+    unwaited = [bool(i and not steps[i - 1]["sampled"] and follows_at_once(steps, i))
+                for i in range(len(steps))]
     intervals = [StepInterval(time_s, step["prefill_tokens"], step["cached_tokens"],
                               step["decode_seqs"], step["context_tokens"], step["sampled"], early,
                               step.get("prefill_seqs", 1))
@@ -141,8 +140,14 @@ def queued_early(steps: list[dict]) -> list[bool]:
     during a steady decode step was added while the step queued ahead of it ran). Not: one after
     a step without decodes, or after an idle gap."""
     return [bool(i and step["prefill_tokens"] and steps[i - 1]["decode_seqs"]
-                 and step["began_s"] - steps[i - 1]["resumed_s"] < STEP_LOG_IDLE_S)
+                 and follows_at_once(steps, i))
             for i, step in enumerate(steps)]
+
+
+def follows_at_once(steps: list[dict], i: int) -> bool:
+    """Whether step i (> 0) of a log began right after the step before it, not after an idle
+    gap (one over STEP_LOG_IDLE_S)."""
+    return steps[i]["began_s"] - steps[i - 1]["resumed_s"] < STEP_LOG_IDLE_S
 
 
 def device_spans_s(steps: list[dict]) -> list[float | None]:
@@ -163,8 +168,8 @@ def device_spans_s(steps: list[dict]) -> list[float | None]:
                 for i, step in enumerate(steps)]
     spans: list[float | None] = [None]
     for i in range(1, len(steps)):
-        idle = steps[i]["began_s"] - steps[i - 1]["resumed_s"] >= STEP_LOG_IDLE_S
-        spans.append(finished[i] - (steps[i]["began_s"] if idle else finished[i - 1]))
+        start = finished[i - 1] if follows_at_once(steps, i) else steps[i]["began_s"]
+        spans.append(finished[i] - start)
     return spans
 
 

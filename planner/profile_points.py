@@ -149,10 +149,9 @@ class StepProbe:
         num_cached, then growing by num_new a step) after batch_size decodes of context_tokens
         each. Every step decodes with prompt tokens left, so the engine queues the next before it
         hands back this one's tokens (engine/lookahead.py), and a step's time is the interval
-        between its tokens and the previous step's, host work included as serving pays it. Timed
-        one at a time between synchronizations (`mixed_once`), a small model's mixed step also
-        carried host work that serving hides (qwen3-0.6b on an H200: a 6-token chunk beside
-        decodes priced 5.5 ms, served in 2.2).
+        between its tokens and the previous step's, host work included as serving pays it (the
+        opt-in alternative to `mixed_once`'s one step timed between synchronizations; measured
+        on both H200 profiles no closer to real runs, benchmarks/RESULTS.md).
 
         The interval ending with a step's tokens holds the rest of that step's device work and
         the next step's host work (queued before the yield), so the first and the last (no step

@@ -89,4 +89,3 @@ def test_plan_on_a_one_device_profile_without_a_link_ranks_the_aggregated_shapes
     assert plan["transfer"] == "none: aggregated shapes only"
     assert "aggregated" in plan["fewest_gpus"]["shape"]
     assert "aggregated shapes only" in capsys.readouterr().out
-
