@@ -48,6 +48,23 @@ def sustained(step, seconds: float) -> tuple[list[float], list[tuple[float, floa
     return times, states
 
 
+class SteadyDecodes:
+    """The decode rows beside a mixed chunk, placed again once they have grown `slack` tokens:
+    each step adds one to every row, and a sustained run of a small model's steps (thousands)
+    would otherwise time longer and longer contexts, and pass the engine's length limit."""
+
+    def __init__(self, probe: StepProbe, batch: int, context: int, slack: int = 64):
+        self.probe, self.batch, self.context, self.slack = probe, batch, context, slack
+        self.rows = probe.place_decodes(batch, context)
+
+    def mixed_s(self, chunk: int, cached: int) -> float:
+        if self.rows and self.rows[0].num_tokens - self.context >= self.slack:
+            for seq in self.rows:
+                self.probe.remove(seq)
+            self.rows = self.probe.place_decodes(self.batch, self.context)
+        return self.probe.mixed_once(chunk, cached, self.rows)[0]
+
+
 def report(name: str, burst_s: float, times: list[float], states: list[tuple[float, float]]
            ) -> None:
     tail = times[len(times) * 3 // 4:]
@@ -83,11 +100,10 @@ def main() -> None:
         burst = statistics.median(probe.prefill_once(chunk, cached) for _ in range(5))
         times, states = sustained(lambda c=chunk: probe.prefill_once(c, cached), args.seconds)
         report(f"prefill {chunk} after {cached}", burst, times, states)
-        decodes = probe.place_decodes(args.decodes, args.context)
+        decodes = SteadyDecodes(probe, args.decodes, args.context)
         time.sleep(2.0)
-        burst = statistics.median(probe.mixed_once(chunk, cached, decodes)[0] for _ in range(5))
-        times, states = sustained(lambda c=chunk: probe.mixed_once(c, cached, decodes)[0],
-                                  args.seconds)
+        burst = statistics.median(decodes.mixed_s(chunk, cached) for _ in range(5))
+        times, states = sustained(lambda c=chunk: decodes.mixed_s(c, cached), args.seconds)
         report(f"mixed {chunk} after {cached} + {args.decodes} x {args.context}", burst, times,
                states)
         probe.clear()
