@@ -62,7 +62,7 @@ KINDS = ("prefill", "decode", "mixed", "transfer")
 class Curve:
     """t(x) through measured (x, t) points, piecewise linear in x or in (log x, log t)."""
 
-    __slots__ = ("xs", "ys", "log_log", "_arrays")
+    __slots__ = ("xs", "ys", "log_log", "tail_slope", "_arrays")
 
     def __init__(self, points: Iterable[tuple[float, float]], log_log: bool):
         merged: dict[float, list[float]] = {}
@@ -77,7 +77,15 @@ class Curve:
             xs = [math.log(max(x, 1.0)) for x in xs]
             ys = [math.log(max(y, 1e-12)) for y in ys]
         self.xs, self.ys = xs, ys
+        # Past the last knot: this slope from it (None: the last segment's). Set by a CurveFamily
+        # from a neighbour measured further out.
+        self.tail_slope: float | None = None
         self._arrays: tuple | None = None  # many()'s knots and slopes, made at its first call
+
+    def last_slope(self) -> float:
+        """The slope of the last segment, in the curve's own space."""
+        xs, ys = self.xs, self.ys
+        return (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
 
     def slope_at(self, x: float) -> float:
         """The slope of the segment over x, in the curve's own space (log-log or linear)."""
@@ -104,9 +112,13 @@ class Curve:
             y = ys[0]
         else:
             i = bisect_right(xs, x) - 1
-            i = 0 if i < 0 else (n - 2 if i > n - 2 else i)
-            x0, y0 = xs[i], ys[i]
-            slope = (ys[i + 1] - y0) / (xs[i + 1] - x0)
+            if i > n - 2:  # at or past the last knot: from it, at the tail's slope
+                x0, y0 = xs[-1], ys[-1]
+                slope = self.last_slope() if self.tail_slope is None else self.tail_slope
+            else:
+                i = 0 if i < 0 else i
+                x0, y0 = xs[i], ys[i]
+                slope = (ys[i + 1] - y0) / (xs[i + 1] - x0)
             if slope < 0.0 and (x < xs[0] or x > xs[-1]):
                 slope = 0.0  # never extrapolate a falling time
             y = y0 + slope * (x - x0)
@@ -126,7 +138,8 @@ class Curve:
             y = np.full_like(x, self.ys[0])
         else:
             knots, inner_knots, values, slopes, has_falling = self._arrays or self._make_arrays()
-            # Bisecting the inner knots gives __call__'s segment, clipped to the end segments.
+            # Bisecting all knots but the first gives __call__'s segment: before the second knot
+            # the first segment, from the last knot on the tail.
             i = np.searchsorted(inner_knots, x, side="right")
             slope = slopes[i]
             if has_falling:  # a falling segment is flat outside the knots, as in __call__
@@ -135,11 +148,14 @@ class Curve:
         return np.exp(y) if self.log_log else np.maximum(y, 0.0)
 
     def _make_arrays(self) -> tuple:
-        """(knots, inner knots, values, segment slopes, whether a slope is negative)."""
+        """(knots, knots past the first, values, segment slopes and the tail's, whether a slope
+        is negative)."""
         knots, values = np.asarray(self.xs), np.asarray(self.ys)
         with np.errstate(divide="ignore", invalid="ignore"):  # equal knots: a segment none reads
             slopes = (values[1:] - values[:-1]) / (knots[1:] - knots[:-1])
-        self._arrays = (knots, knots[1:-1], values, slopes, bool((slopes < 0.0).any()))
+        tail = self.last_slope() if self.tail_slope is None else self.tail_slope
+        slopes = np.append(slopes, tail)
+        self._arrays = (knots, knots[1:], values, slopes, bool((slopes < 0.0).any()))
         return self._arrays
 
 
@@ -156,7 +172,15 @@ class CurveFamily:
         self.curves = [Curve(by_key[k], log_log) for k in self.keys]
         donors = [(k, c) for k, c in zip(self.keys, self.curves) if len(c.xs) > 1]
         for key, curve in zip(self.keys, self.curves):
-            if len(curve.xs) == 1 and donors:
+            further = [(k, c) for k, c in donors if c.xs[-1] > curve.xs[-1]]
+            if len(curve.xs) > 1 and further and not log_log:
+                # Past its last point a linear curve runs at the far slope of the nearest curve
+                # measured further out, not at its own last segment's, which its short x make
+                # steeper (decode: a step's time per context token falls towards the KV read's as
+                # contexts grow, the same bytes a token at every batch size). A log-log curve's
+                # slope is an exponent, which does not carry over between curves so.
+                curve.tail_slope = min(further, key=lambda d: abs(d[0] - key))[1].last_slope()
+            elif len(curve.xs) == 1 and donors:
                 curve.borrow_slope(min(donors, key=lambda d: abs(d[0] - key))[1])
 
     def __call__(self, key: float, x: float) -> float:

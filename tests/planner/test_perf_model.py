@@ -291,6 +291,22 @@ def test_decode_steps_are_decode_s_step_by_step():
             assert model.decode_steps_s(batch_size, first, 50) == expected  # exactly
 
 
+def test_a_decode_curve_past_its_points_takes_the_far_slope_of_a_batch_measured_further():
+    # Per context token a step costs more at short contexts (launch-bound splits) and falls to
+    # the KV read's cost, the same at every batch; batch 1 was measured only to 2k tokens.
+    def step_s(batch: int, context: int) -> float:
+        return 1e-3 + 2e-5 * batch + 2.7e-8 * context + 1e-4 * min(context, 2048) / 2048
+
+    points = [(1, c) for c in (128, 512, 2048)] + [(2, c) for c in (256, 4096, 16384, 65536)]
+    profile = {**synthetic_profile(), "decode": [
+        {"batch_size": b, "num_context_tokens": c, "seconds": step_s(b, c)} for b, c in points]}
+    model = PerfModel.from_profile(profile)
+    for context in (8192, 32768, 131072):
+        assert model.decode_s(1, context) == pytest.approx(step_s(1, context), rel=1e-6)
+    steps = model.decode_steps_s(1, 30000, 20)
+    assert steps == [model.decode_s(1, 30000 + j) for j in range(20)]  # exactly
+
+
 def test_steps_are_priced_at_the_rows_their_graph_bucket_computes():
     """A profile measured with step graphs ran each point at its bucket's rows; serving with a
     smaller step budget pads to that budget's buckets (engine/step_buckets.py)."""
