@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from tandem.engine.kernels import pdl
+from tandem.engine.kernels.fast_launch import Launcher
 from tandem.engine.kernels.decode_pieces import Pieces, merge_pieces, piece_range, plan_pieces
 from tandem.engine.kernels.qkv_prep import norm_rotate
 from tandem.engine.kernels.rotary import load_rope_row
@@ -234,6 +235,9 @@ def _attend_split(
         tl.store(part_lse_ptr + part_row, lse, mask=is_head)
 
 
+_split_launch = Launcher(_decode_split_kernel)
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -380,7 +384,8 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
     p = prep or QKVPrep(query, query, query, None, None, 0.0, query)   # unused without PREP
 
     def launch(block_n: int, num_warps: int, num_stages: int) -> int:
-        _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        _split_launch(
+            (num_seqs, num_kv_heads, num_splits),
             query, kv_layer, block_tables, seq_lens, out, part_out, part_lse, *table,
             stride_q_seq, stride_q_head,
             kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from tandem.engine.kernels import pdl
+from tandem.engine.kernels.fast_launch import Launcher
 
 _LENS_BLOCK = tl.constexpr(256)   # sequence lengths read at a time
 _SLOT_BLOCK = 64                 # slots each program of the table kernel fills
@@ -125,6 +126,9 @@ def _piece_table_kernel(seq_lens_ptr, slot_seq_ptr, first_slot_ptr, quantum_ptr,
     pdl.release(USE_PDL)
 
 
+_piece_table_launch = Launcher(_piece_table_kernel)
+
+
 def plan_pieces(seq_lens: torch.Tensor, num_kv_heads: int, num_splits: int, align: int,
                 target_programs: int, out: Pieces | None = None) -> Pieces:
     """The piece table of a decode step over seq_lens ((num_seqs,) int32 on the device) with
@@ -138,7 +142,8 @@ def plan_pieces(seq_lens: torch.Tensor, num_kv_heads: int, num_splits: int, alig
     if pieces.slot_seq.shape[0] < num_slots or pieces.first_slot.shape[0] < num_seqs:
         raise ValueError(f"piece table for {pieces.first_slot.shape[0]} sequences is too small "
                          f"for {num_seqs} x {num_splits}")
-    _piece_table_kernel[(triton.cdiv(num_slots, _SLOT_BLOCK),)](
+    _piece_table_launch(
+        (triton.cdiv(num_slots, _SLOT_BLOCK),),
         seq_lens, pieces.slot_seq, pieces.first_slot, pieces.quantum, num_seqs, num_slots,
         target_programs, num_kv_heads, align, SLOT_BLOCK=_SLOT_BLOCK, num_warps=4,
         **pdl.launch_options(seq_lens))
@@ -223,6 +228,9 @@ def _merge_pieces_kernel(
                  (acc / l_i).to(out_ptr.dtype.element_ty))
 
 
+_merge_launch = Launcher(_merge_pieces_kernel)
+
+
 def merge_tile(num_splits: int) -> int:
     return min(MERGE_TILES[-1], max(MERGE_TILES[0], triton.next_power_of_2(num_splits)))
 
@@ -238,7 +246,8 @@ def merge_pieces(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tens
     num_seqs, num_heads, head_dim = out.shape
     first_slot, quantum = (seq_lens, seq_lens) if pieces is None else (pieces.first_slot,
                                                                        pieces.quantum)
-    _merge_pieces_kernel[(num_seqs, num_heads)](
+    _merge_launch(
+        (num_seqs, num_heads),
         part_out, part_lse, out, seq_lens, first_slot, quantum, out.stride(0), out.stride(1),
         num_splits, num_kv_heads, target_programs, align, HEAD_DIM=head_dim,
         BLOCK_S=merge_tile(num_splits), ONE_SEQ=pieces is None, num_warps=4, **launch_options)

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from tandem.engine.attention import AttentionMetadata
 from tandem.engine.kernels import pdl
+from tandem.engine.kernels.fast_launch import Launcher
 from tandem.engine.kernels.decode_attention import check_attention_shapes
 
 _LOG2_E = 1.4426950408889634
@@ -126,6 +127,9 @@ def _prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=is_row[:, None])
 
 
+_prefill_launch = Launcher(_prefill_kernel)
+
+
 _SHORT_QUERY = 64   # up to this many query rows a step takes the short chunks' tiles
 
 
@@ -161,7 +165,8 @@ def prefill_attention(query: torch.Tensor, kv_layer: torch.Tensor, meta: Attenti
     block_m, block_n, num_warps, num_stages = config or default_config(head_dim,
                                                                        meta.max_query_len)
     grid = (num_heads, triton.cdiv(meta.max_query_len, block_m), meta.num_seqs)
-    _prefill_kernel[grid](
+    _prefill_launch(
+        grid,
         query, kv_layer, meta.block_tables, meta.query_start_loc, meta.seq_lens, out,
         query.stride(0), query.stride(1),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),

@@ -151,7 +151,7 @@ def test_tiles_past_the_shared_memory_fall_back_and_are_not_chosen_again(monkeyp
                 return real[grid](*args, **kwargs)
             return run
 
-    monkeypatch.setattr(decode_attention, "_decode_split_kernel", SmallGpu())
+    monkeypatch.setattr(decode_attention._split_launch, "kernel", SmallGpu())
     monkeypatch.setattr(decode_attention, "_too_big", set())
     assert run_decode([1000, 300, 17], 32, 8, 128, 1) < BF16_REL_TOL
     assert launched == [128, 64] and (128, 4, 3) in decode_attention._too_big

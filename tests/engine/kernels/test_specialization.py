@@ -83,14 +83,14 @@ def test_every_decode_variant_a_step_launches_is_compiled_at_start_up(monkeypatc
     from tandem.engine.kernels.decode_attention import QKVPrep, choose_num_splits
 
     monkeypatch.setattr(decode_attention, "_device_sms", lambda device: 132)
-    kernels = {"split": (decode_attention, "_decode_split_kernel"),
-               "table": (decode_pieces, "_piece_table_kernel"),
-               "merge": (decode_pieces, "_merge_pieces_kernel")}
+    kernels = {"split": (decode_attention._split_launch, "kernel"),
+               "table": (decode_pieces._piece_table_launch, "kernel"),
+               "merge": (decode_pieces._merge_launch, "kernel")}
 
     def record() -> dict[str, set]:
         seen = {key: set() for key in kernels}
-        for key, (module, name) in kernels.items():
-            monkeypatch.setattr(module, name, _Recorder(seen[key]))
+        for key, (launcher, name) in kernels.items():
+            monkeypatch.setattr(launcher, name, _Recorder(seen[key]))
         return seen
 
     heads, kv_heads, head_dim = 32, 8, 128
