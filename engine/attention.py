@@ -34,6 +34,9 @@ class AttentionMetadata:
     # num_decode_seqs go to the decode kernel, `rest` describes the others for the prefill kernel.
     num_decode_seqs: int = 0
     rest: AttentionMetadata | None = None
+    # A mixed step's views of its query and output, decode rows and the rest, made at its first
+    # layer and reused by the others (the same buffers every layer): kernels.paged_attention.
+    mixed_views: tuple | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -83,14 +83,24 @@ def paged_attention(query: torch.Tensor, kv_layer: torch.Tensor, meta: Attention
         # decode step would be where a context is long: the two kernels run one after the other,
         # and in one split the longest context alone decides the decode part. Short ones keep one
         # split, whose step is host-bound (eager launches) and gains nothing from the merge.
-        d = meta.num_decode_seqs
-        longest = max(meta.seq_lens_cpu[:d])
-        decode_attention(query[:d], kv_layer, meta.block_tables[:d], meta.seq_lens[:d], scale,
-                         out[:d], longest,
+        views = meta.mixed_views
+        if views is None or views[0] is not query or views[1] is not out:
+            views = meta.mixed_views = _mixed_views(query, out, meta)
+        _, _, decode_q, decode_out, rest_q, rest_out, tables, lens, longest = views
+        decode_attention(decode_q, kv_layer, tables, lens, scale, decode_out, longest,
                          num_splits=None if longest > _MIXED_SPLIT_CONTEXT else 1)
-        prefill_attention(query[d:], kv_layer, meta.rest, scale, out[d:])
+        prefill_attention(rest_q, kv_layer, meta.rest, scale, rest_out)
         return out
     return prefill_attention(query, kv_layer, meta, scale, out)
+
+
+def _mixed_views(query: torch.Tensor, out: torch.Tensor, meta: AttentionMetadata) -> tuple:
+    """(query, out, the decode rows' query and output, the rest's query and output, the decode
+    rows' block tables and lengths, their longest context): sliced again for every layer, these
+    cost an eager step's host about as much as a launch."""
+    d = meta.num_decode_seqs
+    return (query, out, query[:d], out[:d], query[d:], out[d:], meta.block_tables[:d],
+            meta.seq_lens[:d], max(meta.seq_lens_cpu[:d]))
 
 
 def rms_norm(x: torch.Tensor | PartialSums, weight: torch.Tensor, eps: float,

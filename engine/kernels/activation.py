@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from tandem.engine.kernels import pdl
+from tandem.engine.kernels.host_math import cdiv
 
 
 @triton.jit
@@ -36,7 +37,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if out is None:
         out = torch.empty(num_tokens, intermediate, dtype=x.dtype, device=x.device)
     block = 1024
-    grid = (num_tokens, triton.cdiv(intermediate, block))
+    grid = (num_tokens, cdiv(intermediate, block))
     _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), intermediate, BLOCK=block,
                                **pdl.launch_options(x))
     return out

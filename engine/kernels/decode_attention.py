@@ -49,6 +49,7 @@ from tandem.engine.kernels.fast_launch import Launcher
 from tandem.engine.kernels.decode_pieces import Pieces, merge_pieces, piece_range, plan_pieces
 from tandem.engine.kernels.qkv_prep import norm_rotate
 from tandem.engine.kernels.rotary import load_rope_row
+from tandem.engine.kernels.host_math import next_power_of_2
 
 _LOG2_E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 64  # one tile: below this a split is only merge overhead
@@ -388,13 +389,13 @@ def decode_attention(query: torch.Tensor, kv_layer: torch.Tensor, block_tables: 
             (num_seqs, num_kv_heads, num_splits),
             query, kv_layer, block_tables, seq_lens, out, part_out, part_lse, *table,
             stride_q_seq, stride_q_head,
-            kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
+            *kv_layer.stride()[:4],
             block_tables.stride(0), out.stride(0), out.stride(1), scale * _LOG2_E, num_splits,
             target, p.positions, p.slot_mapping, p.cos, p.sin, p.cos.stride(0), p.sin.stride(0),
             p.q_weight if has_norm else query, p.k_weight if has_norm else query, p.eps,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, PREP=prep is not None,
             HAS_NORM=has_norm,
-            BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, SINGLE_SPLIT=single,
+            BLOCK_G=max(16, next_power_of_2(group)), BLOCK_N=block_n, SINGLE_SPLIT=single,
             ONE_SEQ=num_seqs == 1 and not single, PREFETCH=pdl.prefetch_weights(query),
             num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(query),
         )

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from tandem.engine.kernels import pdl
 from tandem.engine.kernels.fast_launch import Launcher
+from tandem.engine.kernels.host_math import cdiv, next_power_of_2
 
 _LENS_BLOCK = tl.constexpr(256)   # sequence lengths read at a time
 _SLOT_BLOCK = 64                 # slots each program of the table kernel fills
@@ -143,7 +144,7 @@ def plan_pieces(seq_lens: torch.Tensor, num_kv_heads: int, num_splits: int, alig
         raise ValueError(f"piece table for {pieces.first_slot.shape[0]} sequences is too small "
                          f"for {num_seqs} x {num_splits}")
     _piece_table_launch(
-        (triton.cdiv(num_slots, _SLOT_BLOCK),),
+        (cdiv(num_slots, _SLOT_BLOCK),),
         seq_lens, pieces.slot_seq, pieces.first_slot, pieces.quantum, num_seqs, num_slots,
         target_programs, num_kv_heads, align, SLOT_BLOCK=_SLOT_BLOCK, num_warps=4,
         **pdl.launch_options(seq_lens))
@@ -232,7 +233,7 @@ _merge_launch = Launcher(_merge_pieces_kernel)
 
 
 def merge_tile(num_splits: int) -> int:
-    return min(MERGE_TILES[-1], max(MERGE_TILES[0], triton.next_power_of_2(num_splits)))
+    return min(MERGE_TILES[-1], max(MERGE_TILES[0], next_power_of_2(num_splits)))
 
 
 def merge_pieces(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor,

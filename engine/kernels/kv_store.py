@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from tandem.engine.kernels import pdl
+from tandem.engine.kernels.host_math import next_power_of_2
 
 
 @triton.jit
@@ -68,7 +69,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_layer: torch.Tensor,
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         num_kv_heads, head_dim,
         BLOCK_SIZE=kv_layer.shape[2],
-        BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_H=next_power_of_2(num_kv_heads),
+        BLOCK_D=next_power_of_2(head_dim),
         num_warps=4, **pdl.launch_options(kv_layer),
     )

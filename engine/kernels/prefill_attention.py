@@ -32,6 +32,7 @@ from tandem.engine.attention import AttentionMetadata
 from tandem.engine.kernels import pdl
 from tandem.engine.kernels.fast_launch import Launcher
 from tandem.engine.kernels.decode_attention import check_attention_shapes
+from tandem.engine.kernels.host_math import cdiv
 
 _LOG2_E = 1.4426950408889634
 
@@ -164,12 +165,12 @@ def prefill_attention(query: torch.Tensor, kv_layer: torch.Tensor, meta: Attenti
         return out
     block_m, block_n, num_warps, num_stages = config or default_config(head_dim,
                                                                        meta.max_query_len)
-    grid = (num_heads, triton.cdiv(meta.max_query_len, block_m), meta.num_seqs)
+    grid = (num_heads, cdiv(meta.max_query_len, block_m), meta.num_seqs)
     _prefill_launch(
         grid,
         query, kv_layer, meta.block_tables, meta.query_start_loc, meta.seq_lens, out,
         query.stride(0), query.stride(1),
-        kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
+        *kv_layer.stride()[:4],
         meta.block_tables.stride(0), out.stride(0), out.stride(1), scale * _LOG2_E,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from tandem.engine.kernels import pdl
 from tandem.engine.kernels.rotary import load_rope_row, rotate_halves
+from tandem.engine.kernels.host_math import next_power_of_2
 
 
 @triton.jit
@@ -118,8 +119,8 @@ def prepare_qkv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, s
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         eps, num_heads, num_kv_heads,
         HAS_NORM=has_norm, HALF=half,
-        BLOCK_H=triton.next_power_of_2(num_heads),
-        BLOCK_KV_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_H=next_power_of_2(num_heads),
+        BLOCK_KV_H=next_power_of_2(num_kv_heads),
         BLOCK_SIZE=kv_layer.shape[2],
         num_warps=4, **pdl.launch_options(qkv),
     )

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from tandem.engine.kernels import pdl
 from tandem.engine.kernels.partial_sums import PartialSums
+from tandem.engine.kernels.host_math import next_power_of_2
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -99,14 +100,14 @@ def rms_norm(x: torch.Tensor | PartialSums, weight: torch.Tensor, eps: float,
     num_rows = rows.shape[0]
     if num_rows == 0:
         return out, residual_out
-    block = triton.next_power_of_2(hidden_size)
+    block = next_power_of_2(hidden_size)
     _rms_norm_kernel[(num_rows,)](
         rows, residual_rows, weight, out_rows, residual_out_rows,
         rows.stride(0), stride_part, residual_rows.stride(0), out_rows.stride(0),
         residual_out_rows.stride(0), hidden_size, eps,
         HAS_RESIDUAL=residual is not None, WRITE_SUM=residual is not None or num_parts > 1,
         NUM_PARTS=num_parts, X_DTYPE=_TL_DTYPES[x_dtype], BLOCK=block,
-        num_warps=min(triton.next_power_of_2(max(block * num_parts // 256, 1)), 16),
+        num_warps=min(next_power_of_2(max(block * num_parts // 256, 1)), 16),
         **pdl.launch_options(rows),
     )
     return out, residual_out

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from tandem.engine.kernels import pdl
+from tandem.engine.kernels.host_math import next_power_of_2
 
 
 @triton.jit
@@ -89,8 +90,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos:
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         num_heads, num_kv_heads,
         HALF=half,
-        BLOCK_H=triton.next_power_of_2(num_heads),
-        BLOCK_KV_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_H=next_power_of_2(num_heads),
+        BLOCK_KV_H=next_power_of_2(num_kv_heads),
         num_warps=4, **pdl.launch_options(q),
     )
     return q, k

@@ -46,6 +46,7 @@ import triton.language as tl
 
 from tandem.engine.kernels import pdl
 from tandem.engine.kernels.partial_sums import PartialSums
+from tandem.engine.kernels.host_math import next_power_of_2
 
 MAX_ROWS = 64       # past this a step is compute-heavy enough for cuBLAS's large tiles
 _MARGIN = 0.9       # Triton is chosen only when it takes under 90% of cuBLAS's time
@@ -238,7 +239,7 @@ def allow_timing():
 
 
 def _row_tile(num_rows: int) -> int:
-    return max(16, triton.next_power_of_2(num_rows))
+    return max(16, next_power_of_2(num_rows))
 
 
 def nearest_choice(key: tuple) -> Choice | None:

@@ -99,3 +99,35 @@ def test_decode_rows_go_first_in_a_mixed_step():
     assert order([1, 1, 7]) is None      # already first
     assert order([1, 1]) is None         # decode only
     assert order([9, 4]) is None         # no decode rows
+
+
+def test_a_mixed_step_slices_its_rows_once_for_every_layer(monkeypatch):
+    # The kernels are stood in for: what matters is what each layer's launches are given.
+    from tandem.engine.kernels import decode_attention, prefill_attention
+
+    calls = []
+    monkeypatch.setattr(kernels, "is_triton_usable", lambda tensor: True)
+    monkeypatch.setattr(decode_attention, "decode_attention",
+                        lambda q, kv, tables, lens, scale, out, longest, num_splits:
+                        calls.append(("decode", q, out, tables, lens, longest, num_splits)))
+    monkeypatch.setattr(prefill_attention, "prefill_attention",
+                        lambda q, kv, meta, scale, out: calls.append(("prefill", q, out, meta)))
+    batch = make_paged_batch([500, 9000, 3000], [1, 1, 30], 4, 2, 16, block_size=4,
+                             dtype=torch.float32, device="cpu")
+    mixed_metadata(batch)
+    out = torch.empty_like(batch.query)
+    for _ in range(3):   # three layers, one query and output buffer
+        kernels.paged_attention(batch.query, batch.kv_layer, batch.meta, 0.1, out)
+    decodes, prefills = calls[0::2], calls[1::2]
+    assert all(call[1:] == decodes[0][1:] for call in decodes)   # the very same views
+    assert all(call[1:] == prefills[0][1:] for call in prefills)
+    _, q, dout, tables, lens, longest, splits = decodes[0]
+    assert torch.equal(q, batch.query[:2]) and q.data_ptr() == batch.query.data_ptr()
+    assert dout.data_ptr() == out.data_ptr() and torch.equal(lens, batch.meta.seq_lens[:2])
+    assert torch.equal(tables, batch.meta.block_tables[:2])
+    assert longest == 9000 and splits is None    # past the mixed split threshold
+    assert prefills[0][1].data_ptr() == batch.query[2:].data_ptr()
+    assert prefills[0][3] is batch.meta.rest
+    other = torch.empty_like(out)                # another buffer: sliced again
+    kernels.paged_attention(batch.query, batch.kv_layer, batch.meta, 0.1, other)
+    assert calls[-2][2].data_ptr() == other.data_ptr()
