@@ -65,12 +65,13 @@ class Launcher:
     """`launcher(grid, *args, **kwargs)` launches `kernel[grid](*args, **kwargs)`: directly when the
     arguments specialize as the last full launch's did (the module docstring)."""
 
-    __slots__ = ("kernel", "compiled", "key", "names", "defaults")
+    __slots__ = ("kernel", "kept", "names", "defaults")
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self.compiled = None
-        self.key: tuple | None = None
+        # (key, compiled variant) of the last full launch, one attribute so that a launch from
+        # another thread never pairs one launch's key with another's variant
+        self.kept: tuple | None = None
         params = inspect.signature(kernel.fn).parameters
         self.names = tuple(params)
         self.defaults = {name: p.default for name, p in params.items()
@@ -82,17 +83,18 @@ class Launcher:
                 or torch.cuda.is_current_stream_capturing()):
             return self.kernel[grid](*args, **kwargs)
         key = (device.index, _shape_of(args), tuple(kwargs.items()))
-        if key == self.key and not _hooked():
-            return self._run(grid, device, args, kwargs)
+        kept = self.kept
+        if kept is not None and kept[0] == key and not _hooked():
+            return self._run(kept[1], grid, device, args, kwargs)
         compiled = self.kernel[grid](*args, **kwargs)
         fast = compiled is not None and hasattr(compiled, "packed_metadata")
-        self.compiled, self.key = (compiled, key) if fast else (None, None)
+        self.kept = (key, compiled) if fast else None
         return compiled
 
-    def _run(self, grid: tuple[int, ...], device: torch.device, args: tuple, kwargs: dict):
+    def _run(self, compiled, grid: tuple[int, ...], device: torch.device, args: tuple,
+             kwargs: dict):
         """The kept variant launched with these arguments: every parameter in signature order
         (constexprs included, as Triton passes them), on the current stream."""
-        compiled = self.compiled
         values = list(args)
         for name in self.names[len(args):]:
             values.append(kwargs[name] if name in kwargs else self.defaults[name])
