@@ -135,6 +135,9 @@ def run_profile(settings: ProfileSettings, progress: bool = True) -> dict:
     # other processes on the host compete for the cores that launch the kernels: say how many
     profile["host_load_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     profile["host_num_cpus"] = os.cpu_count()
+    # a small model's eager steps are bound by the host's launches: the same GPU behind another
+    # CPU measured its prompt steps 5-10% apart (benchmarks/RESULTS.md)
+    profile["host_cpu"] = host_cpu_name()
     # where the wall time went: transfer and engine start-up, then each kind's points
     profile["phase_s"] = {"setup": round(setup_s, 2),
                           **{kind: round(s, 2) for kind, s in measure_s.items()}}
@@ -186,6 +189,18 @@ def device_name(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     return f"{name} ({os.cpu_count()} cores)"
+
+
+def host_cpu_name() -> str | None:
+    """The host CPU's model name (Linux), None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _version() -> str:

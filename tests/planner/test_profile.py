@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +65,9 @@ def test_profile_writes_a_valid_profile_on_cpu(tmp_path, capsys):
                 "kv_bytes_per_token", "wall_s", "fit"):
         assert key in profile, key
     assert profile["model"] == "random:tiny" and profile["block_size"] == 16
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "model name" in cpuinfo.read_text():
+        assert profile["host_cpu"] and profile["host_cpu"] in cpuinfo.read_text()
     assert profile["engine"]["resolved_device"] == "cpu"
     # no CUDA graphs on a CPU: every point ran at its own row count
     assert profile["engine"]["step_graph_max_tokens"] is None
