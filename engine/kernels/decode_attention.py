@@ -45,11 +45,11 @@ import triton
 import triton.language as tl
 
 from tandem.engine.kernels import pdl
-from tandem.engine.kernels.fast_launch import Launcher
 from tandem.engine.kernels.decode_pieces import Pieces, merge_pieces, piece_range, plan_pieces
+from tandem.engine.kernels.fast_launch import Launcher
+from tandem.engine.kernels.host_math import next_power_of_2
 from tandem.engine.kernels.qkv_prep import norm_rotate
 from tandem.engine.kernels.rotary import load_rope_row
-from tandem.engine.kernels.host_math import next_power_of_2
 
 _LOG2_E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 64  # one tile: below this a split is only merge overhead

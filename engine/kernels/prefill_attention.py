@@ -30,8 +30,8 @@ import triton.language as tl
 
 from tandem.engine.attention import AttentionMetadata
 from tandem.engine.kernels import pdl
-from tandem.engine.kernels.fast_launch import Launcher
 from tandem.engine.kernels.decode_attention import check_attention_shapes
+from tandem.engine.kernels.fast_launch import Launcher
 from tandem.engine.kernels.host_math import cdiv
 
 _LOG2_E = 1.4426950408889634

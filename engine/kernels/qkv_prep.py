@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from tandem.engine.kernels import pdl
-from tandem.engine.kernels.rotary import load_rope_row, rotate_halves
 from tandem.engine.kernels.host_math import next_power_of_2
+from tandem.engine.kernels.rotary import load_rope_row, rotate_halves
 
 
 @triton.jit

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from tandem.engine.kernels import pdl
-from tandem.engine.kernels.partial_sums import PartialSums
 from tandem.engine.kernels.host_math import next_power_of_2
+from tandem.engine.kernels.partial_sums import PartialSums
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 

@@ -45,8 +45,8 @@ import triton
 import triton.language as tl
 
 from tandem.engine.kernels import pdl
-from tandem.engine.kernels.partial_sums import PartialSums
 from tandem.engine.kernels.host_math import next_power_of_2
+from tandem.engine.kernels.partial_sums import PartialSums
 
 MAX_ROWS = 64       # past this a step is compute-heavy enough for cuBLAS's large tiles
 _MARGIN = 0.9       # Triton is chosen only when it takes under 90% of cuBLAS's time
